@@ -1,0 +1,166 @@
+"""Backend: lower the rewritten IR to this rank's module on torch.distributed process groups.
+
+The IR is rank-generic (SPMD): collectives name mesh axes ("tp", "dp") and parameters carry
+a ParamSharding. Lowering (1) builds the (dp, tp) DeviceMesh, (2) copies the graph module,
+broadcasts rank 0's weights and keeps this rank's shard of each split parameter, (3) binds
+the axis names in the collective nodes to this mesh's process groups. Data parallelism
+averages gradients over the dp group after backward.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+from torch.distributed.device_mesh import init_device_mesh
+
+from pcompile import collectives
+from pcompile.errors import PcompileError
+from pcompile.ir import IR
+from pcompile.plan import Plan
+
+_COMPILE_IDS = itertools.count()
+AXES = ("dp", "tp")
+
+
+def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in collectives.COLLECTIVES:
+            node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
+    gm.recompile()
+
+
+class CompiledModel:
+    """This rank's part of the parallel program (or the plan alone when no ranks run)."""
+
+    def __init__(self, ir: IR, plan: Plan, model: torch.nn.Module, report: list[str]):
+        self.ir, self.plan, self.report = ir, plan, report
+        self._model = model
+        self._lowered = False
+
+    # -- lowering --------------------------------------------------------------------------
+    def lower(self) -> "CompiledModel":
+        plan = self.plan
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world != plan.num_devices:
+            raise PcompileError(
+                f"the plan needs {plan.num_devices} ranks but {world} are running",
+                f"launch with torchrun --nproc-per-node {plan.num_devices} or pcompile.launch(fn, "
+                f"{plan.num_devices}), or plan for Cluster.local({world})")
+        self.dp, self.tp = plan.default.dp, plan.default.tp
+        gm = copy.deepcopy(self.ir.gm)
+        self.device = torch.device("cpu")
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        gm.to(self.device)
+        if world > 1:
+            mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=AXES)
+            self.groups = {axis: mesh.get_group(axis) for axis in AXES}
+            self.coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
+            uid = next(_COMPILE_IDS)
+            keys = {axis: f"pcompile{uid}/{axis}" for axis in AXES}
+            for axis in AXES:
+                collectives.bind_group(keys[axis], self.groups[axis])
+            for tensor in itertools.chain(gm.parameters(), gm.buffers()):
+                dist.broadcast(tensor.data, src=0)
+            _bind_axes(gm, keys)
+        else:
+            self.groups, self.coords = {}, {axis: 0 for axis in AXES}
+        for name, sharding in self.ir.param_shardings.items():
+            owner, attr = _owner(gm, name)
+            full = getattr(owner, attr)
+            local = full.detach().chunk(sharding.size, dim=sharding.dim)[self.coords[sharding.axis]].clone()
+            setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
+        self.gm = gm
+        self._lowered = True
+        return self
+
+    def _check_lowered(self) -> None:
+        if not self._lowered:
+            raise PcompileError("this compiled model was planned but not lowered (no process group)",
+                                "call pcompile.compile under torchrun or pcompile.launch, or use plan() only")
+
+    # -- training --------------------------------------------------------------------------
+    def _local_batch(self, inputs: tuple) -> tuple:
+        if self.dp == 1:
+            return tuple(x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs)
+        local = []
+        for x in inputs:
+            if isinstance(x, torch.Tensor) and x.dim() > 0:
+                if x.shape[0] % self.dp:
+                    raise PcompileError(f"batch of {x.shape[0]} is not divisible by dp={self.dp}",
+                                        f"use a global batch that is a multiple of {self.dp}")
+                x = x.chunk(self.dp)[self.coords["dp"]]
+            local.append(x.to(self.device) if isinstance(x, torch.Tensor) else x)
+        return tuple(local)
+
+    def train_step(self, *inputs) -> torch.Tensor:
+        """Forward + backward of this rank's part on the global batch; returns the global loss.
+        Gradients accumulate into .grad like loss.backward() (call zero_grad between steps)."""
+        self._check_lowered()
+        params = list(self.parameters())
+        previous = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        loss = self.gm(*self._local_batch(inputs))
+        loss.backward()
+        if self.dp > 1:
+            group = self.groups["dp"]
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=group)
+                    p.grad.div_(self.dp)
+        for p, old in zip(params, previous):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad + old
+        loss = loss.detach().clone()
+        if self.dp > 1:
+            dist.all_reduce(loss, group=self.groups["dp"])
+            loss /= self.dp
+        return loss
+
+    def parameters(self):
+        self._check_lowered()
+        return self.gm.parameters()
+
+    def named_parameters(self):
+        self._check_lowered()
+        return self.gm.named_parameters()
+
+    # -- full (unsharded) views, collective ------------------------------------------------
+    def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        sharding = self.ir.param_shardings.get(name)
+        if sharding is None or sharding.size == 1:
+            return local.detach().clone()
+        parts = [torch.empty_like(local) for _ in range(sharding.size)]
+        dist.all_gather(parts, local.detach().contiguous(), group=self.groups[sharding.axis])
+        return torch.cat(parts, dim=sharding.dim)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every rank gets the full tensors, named as in the original model's state_dict()."""
+        self._check_lowered()
+        local = self.gm.state_dict()
+        out = {}
+        for name, original in self._model.state_dict().items():
+            out[name] = self._full(name, local[name]).cpu() if name in local else original.detach().clone()
+        return out
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        """Full gradients named as in the original model's named_parameters()."""
+        self._check_lowered()
+        local = dict(self.gm.named_parameters(remove_duplicate=False))
+        out = {}
+        for name, _ in self._model.named_parameters():
+            p = local.get(name)
+            out[name] = None if p is None or p.grad is None else self._full(name, p.grad).cpu()
+        return out
+
+    def __repr__(self) -> str:
+        return f"CompiledModel(\n{self.plan}\n)"

@@ -1,0 +1,52 @@
+"""Analysis: forward and backward FLOPs per node, counted by FlopCounterMode on fake tensors.
+
+FlopCounterMode has no formula for CPU scaled_dot_product_attention kernels (it counts 0),
+so attention is counted by its own formula: two batched matmuls of B*H*L*S*E each.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from pcompile.ir import IR
+from pcompile.passmanager import PassContext, register_pass
+from pcompile.passes._fake import fake_run
+
+# Backward of a matmul-like op is two matmuls (input grad + weight grad) of the forward's size.
+BACKWARD_FACTOR = 2
+
+
+def sdpa_flops(q_shape, k_shape) -> int:
+    *batch, length, dim = q_shape
+    source = k_shape[-2]
+    count = 1
+    for b in batch:
+        count *= b
+    return 2 * 2 * count * length * source * dim
+
+
+@register_pass("flops", kind="analysis")
+def flops(ir: IR, ctx: PassContext) -> IR:
+    """FLOPs per node (forward exact from FlopCounterMode; backward = 2x forward)."""
+    counted: dict[fx.Node, int] = {}
+
+    @contextmanager
+    def count(node: fx.Node):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            yield
+        counted[node] = counter.get_total_flops()
+
+    fake_run(ir, ctx.example_inputs, lambda node, value: None, hook=count, grad=False)
+    for node in ir.graph.nodes:
+        meta = ir.meta(node)
+        meta.flops = counted.get(node, 0)
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            q, k = node.args[0], node.args[1]
+            meta.flops = sdpa_flops(ir.meta(q).shape, ir.meta(k).shape)
+        meta.bwd_flops = BACKWARD_FACTOR * meta.flops
+    return ir

@@ -1,0 +1,195 @@
+"""Rewrite: Megatron tensor parallelism made explicit in the graph.
+
+From the sharding propagation (tp_rules): column-parallel Linears get their weight (and
+bias) split along the output features and their input passed through `tp_copy` (all-reduce
+in backward); row-parallel Linears become `linear(x, W_shard)` -> `tp_reduce` -> `+ bias`;
+views get their split dim's size divided; shape queries on split tensors return the full
+shape; replicated operands meeting split ones are sliced with `tp_scatter`. After the
+rewrite the graph is run on fake tensors with the local shard shapes to check every node's
+local shape is its global shape with the split dim divided.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from pcompile import collectives
+from pcompile.errors import PcompileError
+from pcompile.ir import IR, NodeMeta, ParamSharding
+from pcompile.passmanager import PassContext, register_pass
+from pcompile.passes._fake import fake_run
+from pcompile.passes.tp_rules import Propagation, linear_parts, plan_tensor_parallel
+
+AXIS = "tp"
+
+
+def layer_degrees(ir: IR, ctx: PassContext) -> dict[str, int]:
+    return {layer: ctx.plan.strategy_for(layer).tp for layer in ir.layers}
+
+
+def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None, tensor: bool = True) -> NodeMeta:
+    """Metadata for an inserted node: `like`'s layer and (for tensors) shape and bytes."""
+    meta = ir.meta(node)
+    meta.layer, meta.sharding = ir.meta(like).layer, sharding
+    if tensor:
+        meta.shape, meta.dtype = ir.meta(like).shape, ir.meta(like).dtype
+        meta.output_bytes = ir.meta(like).output_bytes
+    return meta
+
+
+def _annotate_param(ir: IR, node: fx.Node, like: fx.Node, name: str, sharding: str) -> None:
+    param = ir.gm.get_parameter(name)
+    meta = _annotate(ir, node, like, sharding, tensor=False)
+    meta.shape, meta.dtype = tuple(param.shape), str(param.dtype)
+    meta.output_bytes = param.numel() * param.element_size()
+
+
+def _insert_copies(ir: IR, p: Propagation) -> None:
+    """One tp_copy per distinct input of column Linears (q, k, v share one)."""
+    copies: dict[fx.Node, fx.Node] = {}
+    for node in [n for n in ir.graph.nodes if n in p.column]:
+        source = node.args[0]
+        if source not in copies:
+            with ir.graph.inserting_after(source):
+                copies[source] = ir.graph.call_function(collectives.tp_copy, (source, AXIS, p.degree[node]))
+            _annotate(ir, copies[source], source, "R")
+        node.args = (copies[source],) + tuple(node.args[1:])
+
+
+def _rewrite_row(ir: IR, node: fx.Node, degree: int) -> None:
+    parts = linear_parts(ir.gm, node)
+    graph = ir.graph
+    with graph.inserting_before(node):
+        weight = graph.get_attr(parts.weight)
+        local = graph.call_function(F.linear, (parts.input, weight))
+        reduced = graph.call_function(collectives.tp_reduce, (local, AXIS, degree))
+        out = reduced
+        if parts.bias is not None:
+            bias = graph.get_attr(parts.bias)
+            out = graph.call_function(operator.add, (reduced, bias))
+            _annotate_param(ir, bias, node, parts.bias, "R")
+    _annotate_param(ir, weight, node, parts.weight, f"S(1)@{AXIS}")
+    ir.meta(weight).param_bytes = ir.meta(node).param_bytes
+    for attr in ("flops", "bwd_flops", "saved_bytes"):
+        setattr(ir.meta(local), attr, getattr(ir.meta(node), attr))
+    _annotate(ir, local, node, f"P@{AXIS}")
+    _annotate(ir, reduced, node, "R")
+    if out is not reduced:
+        _annotate(ir, out, node, "R")
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def _divide(graph: fx.Graph, node: fx.Node, value, degree: int):
+    if isinstance(value, int):
+        return value if value == -1 else value // degree
+    with graph.inserting_before(node):
+        return graph.call_function(operator.floordiv, (value, degree))
+
+
+def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
+    head = 1 if node.op == "call_method" or node.target is torch.reshape else 0
+    sizes = node.args[head:]
+    packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
+    sizes = list(sizes[0]) if packed else list(sizes)
+    if len(sizes) == 1 and isinstance(sizes[0], fx.Node):
+        raise PcompileError(f"view {node.name} takes its shape from one value; pcompile cannot divide it for tp",
+                            "write view(a, b, c) with separate sizes")
+    sizes[out_dim] = _divide(ir.graph, node, sizes[out_dim], degree)
+    for new in sizes:
+        if isinstance(new, fx.Node) and not ir.has_meta(new):
+            _annotate(ir, new, node, None, tensor=False)
+    rest = tuple(sizes) if not packed else (tuple(sizes),)
+    node.args = tuple(node.args[:head]) + rest
+
+
+def _rewrite_size(ir: IR, node: fx.Node, dim: int, degree: int) -> None:
+    source = node.args[0]
+    index = tuple(node.args[1:]) if node.op == "call_method" else ()
+    with ir.graph.inserting_before(node):
+        full = ir.graph.call_function(collectives.global_size, (source, dim, degree) + index)
+    _annotate(ir, full, node, None, tensor=False).value = ir.meta(node).value
+    node.replace_all_uses_with(full)
+    ir.graph.erase_node(node)
+
+
+def _rewrite_scatter(ir: IR, p: Propagation, user: fx.Node, source: fx.Node, dim: int, degree: int) -> None:
+    with ir.graph.inserting_before(user):
+        local = ir.graph.call_function(collectives.tp_scatter, (source, dim, AXIS, degree))
+    _annotate(ir, local, source, f"S({dim})@{AXIS}")
+    p.split_dim[local], p.degree[local] = dim, degree
+    user.replace_input_with(source, local)
+
+
+def local_shape(shape, sharding: ParamSharding | None):
+    if sharding is None:
+        return shape
+    shape = list(shape)
+    shape[sharding.dim] //= sharding.size
+    return torch.Size(shape)
+
+
+def check_local_shapes(ir: IR, inputs: tuple, p: Propagation) -> None:
+    """Every split node's local shape must be its global shape divided along the split dim."""
+    def shard(name, shape):
+        return local_shape(shape, ir.param_shardings.get(name))
+
+    def check(node: fx.Node, value) -> None:
+        meta = ir.meta(node)
+        if not isinstance(value, torch.Tensor) or meta.shape is None or node.op == "get_attr":
+            return
+        expected = list(meta.shape)
+        if node in p.split_dim:
+            expected[p.split_dim[node]] //= p.degree[node]
+        if list(value.shape) != expected:
+            raise PcompileError(f"internal error: after tensor parallelism node {node.name} has local shape "
+                                f"{list(value.shape)}, expected {expected}", "this is a pcompile bug; please report it")
+
+    with collectives.simulate():
+        fake_run(ir, inputs, check, shard=shard, grad=False)
+
+
+@register_pass("tensor_parallel", kind="rewrite")
+def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
+    """Split column/row-parallel Linear pairs over the tp axis with explicit tp_copy/tp_reduce nodes."""
+    degrees = layer_degrees(ir, ctx)
+    if all(d == 1 for d in degrees.values()):
+        return ir
+    p, reasons = plan_tensor_parallel(ir, degrees)
+    for layer in ir.block_layers or ir.layers:
+        if degrees.get(layer, 1) > 1 and layer in reasons:
+            raise PcompileError(
+                f"tp={degrees[layer]} cannot split layer {layer!r}: {reasons[layer]}",
+                "choose a tp degree that divides the number of attention heads and the hidden sizes "
+                "(or let pcompile search the plan)")
+    shardings = dict(ir.param_shardings)
+    for node in p.column:
+        parts = linear_parts(ir.gm, node)
+        shardings[parts.weight] = ParamSharding(AXIS, 0, p.degree[node])
+        if parts.bias:
+            shardings[parts.bias] = ParamSharding(AXIS, 0, p.degree[node])
+    for node in p.row:
+        parts = linear_parts(ir.gm, node)
+        shardings[parts.weight] = ParamSharding(AXIS, 1, p.degree[parts.input])
+    ir = ir.replace(param_shardings=shardings)
+    for node, dim in p.split_dim.items():
+        ir.meta(node).sharding = f"S({dim})@{AXIS}"
+    # Record the inputs' degrees before nodes are replaced.
+    row_degree = {node: p.degree[node.args[0]] for node in p.row}
+    _insert_copies(ir, p)
+    for node, out_dim in p.view_dims.items():
+        _rewrite_view(ir, node, out_dim, p.degree[node])
+    for node, dim in p.size_nodes.items():
+        _rewrite_size(ir, node, dim, p.degree[node.args[0]])
+    for user, source, dim in p.scatters:
+        _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
+    for node, degree in row_degree.items():
+        _rewrite_row(ir, node, degree)
+    ir.graph.lint()
+    ir.gm.recompile()
+    check_local_shapes(ir, ctx.example_inputs, p)
+    ctx.report.append(f"tensor parallel: {len(p.column)} column-parallel and {len(row_degree)} row-parallel Linears")
+    return ir

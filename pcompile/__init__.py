@@ -1,0 +1,10 @@
+"""pcompile: turn a single-device PyTorch training model into a multi-device program."""
+from pcompile.api import compile, fingerprint, plan
+from pcompile.cluster import Cluster, Device, NodeGroup
+from pcompile.errors import PcompileError
+from pcompile.ir import IR, NodeMeta
+from pcompile.launch import launch
+from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
+
+__all__ = ["compile", "plan", "fingerprint", "launch", "Cluster", "Device", "NodeGroup", "PcompileError", "IR",
+           "NodeMeta", "Plan", "Strategy", "Estimate", "Candidate", "LayerAssignment"]

@@ -1,0 +1,5 @@
+import sys
+
+from pcompile.cli import main
+
+sys.exit(main())

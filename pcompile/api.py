@@ -1,0 +1,96 @@
+"""Public API: `compile()` reads as the pipeline; `plan()` stops after the search."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+
+import torch
+
+from pcompile.cluster import Cluster
+from pcompile.errors import PcompileError
+from pcompile.ir import IR
+from pcompile.passmanager import PassContext, PassManager
+from pcompile.plan import Plan
+
+PIPELINE = [
+    "trace",            # capture the model as an fx graph: everything after is a pass over it
+    "shapes",           # fake-tensor shapes first: every cost below is a function of them
+    "flops",            # compute per node, for the search's time estimate
+    "memory",           # saved activations and parameter bytes, for the memory constraint
+    "layers",           # the units the search assigns strategies to
+    "search",           # the plan (or the user's forced plan, checked and costed)
+    "tensor_parallel",  # make the plan's tp real: split weights, insert tp_copy / tp_reduce
+]
+PLAN_PIPELINE = PIPELINE[: PIPELINE.index("search") + 1]
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Identifies a model architecture by its parameter names and shapes (not values)."""
+    digest = hashlib.sha256()
+    for name, p in model.state_dict().items():
+        digest.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _context(model, cluster, example_inputs, plan, capture) -> PassContext:
+    if not isinstance(model, torch.nn.Module):
+        raise PcompileError(f"compile() needs an nn.Module, got {type(model).__name__}",
+                            "pass the model object whose forward returns the loss")
+    if not isinstance(cluster, Cluster):
+        raise PcompileError(f"cluster must be a pcompile.Cluster, got {type(cluster).__name__}",
+                            "use pcompile.Cluster.preset('8xA100-80GB') or pcompile.Cluster.local(n)")
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise PcompileError("example_inputs must be a non-empty tuple, e.g. (inputs, targets)",
+                            "pass example_inputs=(x, y) with the global batch")
+    if plan is not None and not isinstance(plan, Plan):
+        raise PcompileError(f"plan must be a pcompile.Plan, got {type(plan).__name__}",
+                            "use pcompile.Plan.uniform(dp=..., tp=...) or Plan.from_json(...)")
+    model_id = fingerprint(model)
+    if plan is not None and plan.model and plan.model != model_id:
+        raise PcompileError("the plan was made for another model (its parameter names or shapes differ)",
+                            "re-plan for this model with pcompile.plan(...) or `pcompile plan`")
+    ctx = PassContext(model=model, cluster=cluster, example_inputs=tuple(example_inputs), plan=plan,
+                      capture=capture)
+    ctx.options["fingerprint"] = model_id
+    return ctx
+
+
+def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify):
+    ctx = _context(model, cluster, example_inputs, plan, capture)
+    if debug_dir is not None:
+        os.makedirs(debug_dir, exist_ok=True)
+    manager = PassManager(names, verify_each=verify, debug_dir=debug_dir, stop_after=stop_after)
+    ir = manager.run(None, ctx)
+    if ctx.plan is not None:
+        ctx.plan = dataclasses.replace(ctx.plan, model=ctx.options["fingerprint"])
+    return ir, ctx, manager
+
+
+def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
+         debug_dir: str | None = None) -> Plan:
+    """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched."""
+    _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True)
+    return ctx.plan
+
+
+def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
+            debug_dir: str | None = None, capture: str = "auto", stop_after: str | None = None,
+            verify: bool = True):
+    """Plan (or take `plan`), rewrite and lower `model` for `cluster`.
+
+    Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
+    """
+    from pcompile.backends import CompiledModel
+
+    ir, ctx, manager = _run(PIPELINE, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify)
+    if stop_after is not None:
+        return ir
+    compiled = CompiledModel(ir, ctx.plan, model, ctx.report)
+    compiled.timings = manager.timings
+    if torch.distributed.is_initialized() or ctx.plan.num_devices == 1:
+        compiled.lower()
+    return compiled
+
+
+__all__ = ["compile", "plan", "fingerprint", "IR"]

@@ -1,0 +1,189 @@
+"""Cluster: the devices a plan runs on, as plain frozen data that round-trips through JSON.
+
+A cluster is a list of node groups (each: a device type, how many nodes, devices per node)
+plus the links between devices. Ranks are numbered node by node, so ranks
+[k * devices_per_node, (k + 1) * devices_per_node) share node k and its fast links.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from pcompile.errors import PcompileError
+
+GB = 1024**3
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: int
+    peak_flops: float  # dense FLOP/s at the training dtype, datasheet x stated efficiency
+    memory_bandwidth: float  # bytes/s
+
+
+@dataclass(frozen=True)
+class NodeGroup:
+    device: Device
+    num_nodes: int
+    devices_per_node: int
+
+
+@dataclass(frozen=True)
+class Cluster:
+    node_groups: tuple[NodeGroup, ...]
+    intra_node_bandwidth: float  # bytes/s per device, e.g. NVLink
+    intra_node_latency: float  # seconds per message
+    inter_node_bandwidth: float  # bytes/s per device, e.g. InfiniBand
+    inter_node_latency: float
+    backend: str = "nccl"  # "nccl" or "gloo"
+    name: str = "custom"
+
+    def __post_init__(self):
+        if not self.node_groups:
+            raise PcompileError("the cluster has no node groups (0 devices)",
+                                "give at least one NodeGroup with num_nodes >= 1 and devices_per_node >= 1")
+        for group in self.node_groups:
+            if group.num_nodes < 1 or group.devices_per_node < 1:
+                raise PcompileError(
+                    f"cluster {self.name!r} has a node group with {group.num_nodes} node(s) x "
+                    f"{group.devices_per_node} device(s): a cluster needs at least one device",
+                    "use Cluster.preset(...) or Cluster.local(n) with n >= 1")
+            if group.device.memory_bytes <= 0:
+                raise PcompileError(f"device {group.device.name!r} has {group.device.memory_bytes} bytes of memory",
+                                    "give the device's real memory size in bytes (e.g. 80 * 2**30)")
+            if group.device.peak_flops <= 0 or group.device.memory_bandwidth <= 0:
+                raise PcompileError(f"device {group.device.name!r} has non-positive FLOP/s or bandwidth",
+                                    "give positive peak_flops and memory_bandwidth")
+        sizes = {g.devices_per_node for g in self.node_groups}
+        if len(sizes) > 1:
+            raise PcompileError(f"cluster {self.name!r} mixes node sizes {sorted(sizes)} devices per node",
+                                "every node must hold the same number of devices; split the job or "
+                                "use the smallest node size for all groups")
+        for field in ("intra_node_bandwidth", "inter_node_bandwidth"):
+            if getattr(self, field) <= 0:
+                raise PcompileError(f"cluster {self.name!r} has {field}={getattr(self, field)}",
+                                    "give link bandwidths in bytes/s (> 0)")
+        if self.backend not in ("nccl", "gloo"):
+            raise PcompileError(f"unknown backend {self.backend!r}", "use 'nccl' (GPUs) or 'gloo' (CPUs)")
+
+    # -- shape -----------------------------------------------------------------------------
+    @property
+    def num_devices(self) -> int:
+        return sum(g.num_nodes * g.devices_per_node for g in self.node_groups)
+
+    @property
+    def devices_per_node(self) -> int:
+        return self.node_groups[0].devices_per_node
+
+    @property
+    def num_nodes(self) -> int:
+        return sum(g.num_nodes for g in self.node_groups)
+
+    def device_of(self, rank: int) -> Device:
+        for group in self.node_groups:
+            count = group.num_nodes * group.devices_per_node
+            if rank < count:
+                return group.device
+            rank -= count
+        raise IndexError(rank)
+
+    @property
+    def is_homogeneous(self) -> bool:
+        return len({g.device for g in self.node_groups}) == 1
+
+    def min_device(self) -> Device:
+        """The slowest, smallest device: a uniform plan must fit and wait for it."""
+        devices = [g.device for g in self.node_groups]
+        return Device(name=min(d.name for d in devices), memory_bytes=min(d.memory_bytes for d in devices),
+                      peak_flops=min(d.peak_flops for d in devices),
+                      memory_bandwidth=min(d.memory_bandwidth for d in devices))
+
+    def link(self, group_size: int, stride: int = 1) -> tuple[float, float]:
+        """(bandwidth, latency) for a group of `group_size` ranks spaced `stride` apart."""
+        span = (group_size - 1) * stride + 1
+        if span <= self.devices_per_node:
+            return self.intra_node_bandwidth, self.intra_node_latency
+        return self.inter_node_bandwidth, self.inter_node_latency
+
+    def with_memory(self, memory_bytes: int) -> "Cluster":
+        """The same cluster with every device's memory budget set to `memory_bytes`."""
+        groups = tuple(dataclasses.replace(g, device=dataclasses.replace(g.device, memory_bytes=int(memory_bytes)))
+                       for g in self.node_groups)
+        return dataclasses.replace(self, node_groups=groups)
+
+    # -- constructors ----------------------------------------------------------------------
+    @staticmethod
+    def preset(name: str) -> "Cluster":
+        if name not in PRESETS:
+            raise PcompileError(f"unknown cluster preset {name!r}",
+                                f"use one of {sorted(PRESETS)} or build a Cluster(...)")
+        return PRESETS[name]
+
+    @staticmethod
+    def local(num_devices: int, memory_bytes: int | None = None) -> "Cluster":
+        """`num_devices` processes on this machine: GPUs with NCCL when enough are present, else CPU with gloo."""
+        import torch
+
+        if num_devices < 1:
+            raise PcompileError(f"Cluster.local({num_devices}): a cluster needs at least one device",
+                                "ask for Cluster.local(n) with n >= 1")
+        if torch.cuda.is_available() and torch.cuda.device_count() >= num_devices:
+            props = torch.cuda.get_device_properties(0)
+            device = Device(name=props.name, memory_bytes=memory_bytes or props.total_memory,
+                            peak_flops=_GPU_FLOPS.get(props.name, 100e12) * EFFICIENCY,
+                            memory_bandwidth=2.0e12)
+            return Cluster((NodeGroup(device, 1, num_devices),), 200e9, 10e-6, 25e9, 20e-6, "nccl",
+                           f"local{num_devices}-cuda")
+        # CPU ranks share this machine's cores and memory: figures of a 2-core box with gloo
+        # over loopback; `pcompile profile` measures the real ones (Cluster.from_profile).
+        device = Device(name="cpu", memory_bytes=memory_bytes or 4 * GB, peak_flops=20e9, memory_bandwidth=10e9)
+        return Cluster((NodeGroup(device, 1, num_devices),), 1.0e9, 50e-6, 1.0e9, 50e-6, "gloo",
+                       f"local{num_devices}-cpu")
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict) -> "Cluster":
+        try:
+            groups = tuple(NodeGroup(Device(**g["device"]), g["num_nodes"], g["devices_per_node"])
+                           for g in data["node_groups"])
+            fields = {k: v for k, v in data.items() if k != "node_groups"}
+            return Cluster(node_groups=groups, **fields)
+        except (KeyError, TypeError) as exc:
+            raise PcompileError(f"malformed cluster JSON: {exc}", "write it with Cluster.to_json()") from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_json(text: str) -> "Cluster":
+        return Cluster.from_dict(json.loads(text))
+
+
+# Datasheet dense bf16 peaks times a stated efficiency: large GEMMs reach ~70% of peak in practice.
+EFFICIENCY = 0.7
+_GPU_FLOPS = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+A100_80GB = Device("A100-80GB", 80 * GB, 312e12 * EFFICIENCY, 2.0e12)
+H100_80GB = Device("H100-80GB", 80 * GB, 989e12 * EFFICIENCY, 3.35e12)
+V100_32GB = Device("V100-32GB", 32 * GB, 125e12 * EFFICIENCY, 0.9e12)
+
+
+def _nvlink_cluster(name: str, device: Device, num_nodes: int, nvlink: float) -> Cluster:
+    # NVLink bus bandwidth per GPU; 200 Gb/s InfiniBand per GPU = 25 GB/s between nodes.
+    return Cluster((NodeGroup(device, num_nodes, 8),), nvlink, 5e-6, 25e9, 10e-6, "nccl", name)
+
+
+PRESETS: dict[str, Cluster] = {
+    "8xA100-80GB": _nvlink_cluster("8xA100-80GB", A100_80GB, 1, 300e9),
+    "8xH100-80GB": _nvlink_cluster("8xH100-80GB", H100_80GB, 1, 450e9),
+    "2x8xA100-80GB": _nvlink_cluster("2x8xA100-80GB", A100_80GB, 2, 300e9),
+    "16xA100-80GB": _nvlink_cluster("16xA100-80GB", A100_80GB, 2, 300e9),
+    "128x8xA100-80GB": _nvlink_cluster("128x8xA100-80GB", A100_80GB, 128, 300e9),
+    "4xA100-80GB+4xV100-32GB": Cluster(
+        (NodeGroup(A100_80GB, 1, 4), NodeGroup(V100_32GB, 1, 4)), 150e9, 5e-6, 12.5e9, 10e-6, "nccl",
+        "4xA100-80GB+4xV100-32GB"),
+}

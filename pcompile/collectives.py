@@ -1,0 +1,143 @@
+"""Collectives as plain module-level functions, so they can be fx `call_function` targets and
+show up as nodes in the IR. Each takes the mesh axis name and its size; the backend binds axis
+names to this rank's process groups with `bind_group` before running a graph.
+
+Why hand-written autograd Functions: torch's functional collectives differentiate as if the
+loss were summed over ranks, but in tensor parallelism every rank of the group computes the
+*same* loss. Megatron's conjugate pair is what keeps gradients exact:
+  tp_copy   (f): forward identity,   backward all-reduce
+  tp_reduce (g): forward all-reduce, backward identity
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+import torch.distributed as dist
+
+_GROUPS: dict[str, dist.ProcessGroup] = {}
+_SIMULATE = threading.local()
+
+
+def bind_group(key: str, group: dist.ProcessGroup) -> None:
+    _GROUPS[key] = group
+
+
+@contextlib.contextmanager
+def simulate():
+    """Run graphs without process groups (shape checks on fake tensors): collectives keep
+    shapes right but not values. Only analysis passes use this."""
+    previous = getattr(_SIMULATE, "on", False)
+    _SIMULATE.on = True
+    try:
+        yield
+    finally:
+        _SIMULATE.on = previous
+
+
+def _group(key: str) -> dist.ProcessGroup | None:
+    if getattr(_SIMULATE, "on", False):
+        return None
+    if key not in _GROUPS:
+        raise RuntimeError(f"pcompile: collective on group {key!r} but no process group is bound to it; "
+                           "run the graph through a compiled model (pcompile.compile) under torch.distributed")
+    return _GROUPS[key]
+
+
+def _all_reduce(x: torch.Tensor, key: str) -> torch.Tensor:
+    group = _group(key)
+    if group is None:
+        return x.clone()
+    out = x.contiguous().clone()
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, dim: int, key: str, size: int) -> torch.Tensor:
+    group = _group(key)
+    if group is None:
+        return torch.cat([x] * size, dim=dim)
+    parts = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _local_chunk(x: torch.Tensor, dim: int, key: str, size: int) -> torch.Tensor:
+    group = _group(key)
+    rank = 0 if group is None else dist.get_rank(group)
+    return x.chunk(size, dim=dim)[rank].contiguous()
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key, size):
+        ctx.key = key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.key), None, None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key, size):
+        return _all_reduce(x, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key, size):
+        ctx.dim, ctx.key, ctx.size = dim, key, size
+        return _all_gather(x, dim, key, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _local_chunk(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+
+
+class _Scatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key, size):
+        ctx.dim, ctx.key, ctx.size = dim, key, size
+        return _local_chunk(x, dim, key, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+
+
+def tp_copy(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
+    """Enter a tensor-parallel region: identity forward, all-reduce of the gradient backward."""
+    return _Copy.apply(x, axis, size)
+
+
+def tp_reduce(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
+    """Leave a tensor-parallel region: all-reduce the partial sums forward, identity backward."""
+    return _Reduce.apply(x, axis, size)
+
+
+def tp_gather(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Sharded along `dim` -> replicated: all-gather forward, keep the local chunk backward."""
+    return _Gather.apply(x, dim, axis, size)
+
+
+def tp_scatter(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Replicated -> sharded along `dim`: local chunk forward, all-gather backward."""
+    return _Scatter.apply(x, dim, axis, size)
+
+
+def global_size(x: torch.Tensor, dim: int, size: int, *index: int):
+    """`x.shape` / `x.size(i)` of the full tensor when `x` holds a 1/size shard along `dim`."""
+    shape = list(x.shape)
+    shape[dim] *= size
+    full = torch.Size(shape)
+    return full[index[0]] if index else full
+
+
+COLLECTIVES = (tp_copy, tp_reduce, tp_gather, tp_scatter)

@@ -1,0 +1,87 @@
+"""`launch(fn, world_size, *args)`: run `fn` on `world_size` local ranks with a process group.
+
+Ranks are forked from a forkserver that has already imported torch, so each rank starts in
+well under a second instead of re-importing torch (about 2 s per process on this machine).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pcompile.errors import PcompileError
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, fn, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+    torch.set_num_threads(threads)
+    try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:  # report every failure, including assertion errors, to the parent
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: float = 600.0) -> list:
+    """Start `world_size` ranks, call `fn(*args)` on each, return their results in rank order.
+
+    `fn` must be picklable (a module-level function or a functools.partial of one). Raises
+    RuntimeError with the failing rank's traceback if any rank fails.
+    """
+    if world_size < 1:
+        raise PcompileError(f"launch(world_size={world_size}) needs at least one rank", "pass world_size >= 1")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "pcompile"])
+    queue = context.SimpleQueue()
+    threads = max(1, (os.cpu_count() or 1) // world_size)
+    port = _free_port()
+    processes = [context.Process(target=_worker, args=(rank, world_size, port, backend, threads, fn, args, queue),
+                                 daemon=True) for rank in range(world_size)]
+    for process in processes:
+        process.start()
+    results: dict[int, object] = {}
+    failure = None
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and failure is None:
+        if not queue.empty():
+            rank, ok, value = queue.get()
+            if ok:
+                results[rank] = value
+            else:
+                failure = (rank, value)
+            continue
+        if time.monotonic() > deadline:
+            failure = (-1, f"timed out after {timeout:.0f} s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+        elif any(p.exitcode not in (None, 0) for p in processes) and queue.empty():
+            dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
+            time.sleep(0.2)
+            if queue.empty():
+                failure = (dead[0], f"rank {dead[0]} died with exit code {processes[dead[0]].exitcode}")
+        time.sleep(0.01)
+    for process in processes:
+        if failure is not None and process.is_alive():
+            process.terminate()
+        process.join(timeout=30)
+    if failure is not None:
+        raise RuntimeError(f"rank {failure[0]} failed:\n{failure[1]}")
+    return [results[rank] for rank in range(world_size)]

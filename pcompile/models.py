@@ -1,0 +1,162 @@
+"""Built-in models, built from configs with random weights (nothing is downloaded).
+
+Every model's forward takes (inputs, targets) and returns the scalar training loss, which is
+what pcompile compiles. The GPT traces with torch.fx as written: its causal mask is built from
+torch.arange so it depends on the traced sequence length only through shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 256
+    seq_len: int = 32
+    hidden: int = 64
+    num_heads: int = 4
+    num_layers: int = 2
+    mlp_ratio: int = 4
+    tie_head: bool = True  # GPT-2 ties the LM head to the token embedding
+    dropout: float = 0.0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q = nn.Linear(cfg.hidden, cfg.hidden)
+        self.k = nn.Linear(cfg.hidden, cfg.hidden)
+        self.v = nn.Linear(cfg.hidden, cfg.hidden)
+        self.proj = nn.Linear(cfg.hidden, cfg.hidden)
+        self.dropout = cfg.dropout
+
+    def forward(self, x):
+        batch, length, width = x.shape
+        head_dim = width // self.num_heads
+        q = self.q(x).view(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        k = self.k(x).view(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        v = self.v(x).view(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(batch, length, width)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, ratio: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden, ratio * hidden)
+        self.out = nn.Linear(ratio * hidden, hidden)
+
+    def forward(self, x):
+        return self.out(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.mlp = MLP(cfg.hidden, cfg.mlp_ratio)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_head:
+            self.head.weight = self.tok_emb.weight
+        self.apply(_init)
+
+    def forward(self, idx, targets):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_f(x))
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _init(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.normal_(module.bias, std=0.02)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    width: int = 64
+    hidden: int = 256
+    num_layers: int = 2
+    num_classes: int = 8
+
+
+class ResidualMLPBlock(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.down(F.relu(self.up(self.norm(x))))
+
+
+class MLPModel(nn.Module):
+    """An MLP only: residual up/down blocks and a classifier; regression-free cross-entropy loss."""
+
+    def __init__(self, cfg: MLPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.blocks = nn.ModuleList([ResidualMLPBlock(cfg.width, cfg.hidden) for _ in range(cfg.num_layers)])
+        self.classifier = nn.Linear(cfg.width, cfg.num_classes)
+
+    def forward(self, x, targets):
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(self.classifier(x), targets)
+
+
+def gpt_inputs(cfg: GPTConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=generator)
+    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=generator)
+    return idx, targets
+
+
+def mlp_inputs(cfg: MLPConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, cfg.width, generator=generator),
+            torch.randint(0, cfg.num_classes, (batch,), generator=generator))
+
+
+# Named configs for the CLI and benchmarks (analysed on the meta device: no weights).
+GPT_CONFIGS = {
+    "gpt-tiny": GPTConfig(),
+    "gpt-small": GPTConfig(vocab_size=50304, seq_len=1024, hidden=768, num_heads=12, num_layers=12),
+    "gpt-1.3b": GPTConfig(vocab_size=50304, seq_len=2048, hidden=2048, num_heads=16, num_layers=24),
+    "gpt-7b": GPTConfig(vocab_size=32000, seq_len=2048, hidden=4096, num_heads=32, num_layers=32, tie_head=False),
+    "gpt3-175b": GPTConfig(vocab_size=50304, seq_len=2048, hidden=12288, num_heads=96, num_layers=96),
+}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

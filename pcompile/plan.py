@@ -1,0 +1,167 @@
+"""Plan: which layer gets which parallelism, as frozen data that prints and round-trips JSON."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from pcompile.errors import PcompileError
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How one layer runs: tp-way tensor parallel inside a dp-way data-parallel group."""
+
+    dp: int = 1
+    tp: int = 1
+    sdp: bool = False  # data-parallel group shards parameters (ZeRO-3) instead of replicating them
+    sp: bool = False  # sequence parallel in the tp group's layernorm/dropout regions
+    checkpoint: bool = False  # recompute the layer's activations in backward
+    split: int = 1  # operator split: large Linears run as `split` chunks
+
+    def __post_init__(self):
+        for name in ("dp", "tp", "split"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PcompileError(f"strategy field {name}={value!r} must be a positive integer",
+                                    f"set {name} to 1 or more")
+
+    @property
+    def num_devices(self) -> int:
+        return self.dp * self.tp
+
+    def describe(self) -> str:
+        parts = [f"{'sdp' if self.sdp else 'dp'}{self.dp}", f"tp{self.tp}"]
+        if self.sp:
+            parts.append("sp")
+        if self.checkpoint:
+            parts.append("ckpt")
+        if self.split > 1:
+            parts.append(f"split{self.split}")
+        return "·".join(parts)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What the cost model predicts for a plan (seconds and bytes per device)."""
+
+    step_time: float
+    peak_memory: int
+    compute_time: float = 0.0
+    comm_time: float = 0.0
+    memory_budget: int = 0
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A plan the search weighed: its strategy, its estimate, and why it lost (if it did)."""
+
+    strategy: Strategy
+    estimate: Estimate | None
+    verdict: str  # "chosen", "slower", "out of memory: ...", "invalid: ..."
+
+
+@dataclass(frozen=True)
+class LayerAssignment:
+    layer: str
+    strategy: Strategy
+    stage: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_devices: int
+    default: Strategy = Strategy()
+    layers: tuple[LayerAssignment, ...] = ()
+    pp: int = 1
+    num_microbatches: int = 1
+    schedule: str = "1F1B"
+    model: str = ""  # fingerprint of the model the plan was made for ("" = any)
+    estimate: Estimate | None = None
+    candidates: tuple[Candidate, ...] = field(default=(), compare=False)
+    reason: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.default.num_devices * self.pp != self.num_devices:
+            raise PcompileError(
+                f"plan uses dp={self.default.dp} x tp={self.default.tp} x pp={self.pp} = "
+                f"{self.default.num_devices * self.pp} devices but says num_devices={self.num_devices}",
+                "make dp * tp * pp equal the number of devices")
+        if self.schedule not in ("GPipe", "1F1B", "Interleaved1F1B"):
+            raise PcompileError(f"unknown pipeline schedule {self.schedule!r}",
+                                "use 'GPipe', '1F1B' or 'Interleaved1F1B'")
+
+    @staticmethod
+    def uniform(dp: int = 1, tp: int = 1, pp: int = 1, **strategy) -> "Plan":
+        """One strategy for every layer, e.g. Plan.uniform(dp=2, tp=2)."""
+        default = Strategy(dp=dp, tp=tp, **strategy)
+        return Plan(num_devices=dp * tp * pp, default=default, pp=pp)
+
+    def strategy_for(self, layer: str) -> Strategy:
+        for assignment in self.layers:
+            if assignment.layer == layer:
+                return assignment.strategy
+        return self.default
+
+    # -- text ------------------------------------------------------------------------------
+    def __str__(self) -> str:
+        lines = [f"Plan for {self.num_devices} device(s): {self.default.describe()}"
+                 + (f" x pp{self.pp}" if self.pp > 1 else "")]
+        for assignment in self.layers:
+            lines.append(f"  {assignment.layer:<24} {assignment.strategy.describe():<20} stage {assignment.stage}")
+        if self.estimate is not None:
+            e = self.estimate
+            lines.append(f"  predicted step {e.step_time * 1e3:.2f} ms (compute {e.compute_time * 1e3:.2f} ms, "
+                         f"communication {e.comm_time * 1e3:.2f} ms), peak memory "
+                         f"{e.peak_memory / 2**30:.3f} GiB of {e.memory_budget / 2**30:.1f} GiB")
+        if self.reason:
+            lines.append(f"  why: {self.reason}")
+        if self.candidates:
+            lines.append("  candidates:")
+            for c in self.candidates:
+                time = f"{c.estimate.step_time * 1e3:9.2f} ms" if c.estimate else " " * 12
+                mem = f"{c.estimate.peak_memory / 2**30:8.3f} GiB" if c.estimate else ""
+                lines.append(f"    {c.strategy.describe():<14} {time} {mem}  {c.verdict}")
+        return "\n".join(lines)
+
+    # -- JSON ------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @staticmethod
+    def from_dict(data: dict) -> "Plan":
+        try:
+            def estimate(e):
+                return None if e is None else Estimate(**e)
+
+            return Plan(
+                num_devices=data["num_devices"],
+                default=Strategy(**data["default"]),
+                layers=tuple(LayerAssignment(a["layer"], Strategy(**a["strategy"]), a.get("stage", 0))
+                             for a in data.get("layers", ())),
+                pp=data.get("pp", 1),
+                num_microbatches=data.get("num_microbatches", 1),
+                schedule=data.get("schedule", "1F1B"),
+                model=data.get("model", ""),
+                estimate=estimate(data.get("estimate")),
+                candidates=tuple(Candidate(Strategy(**c["strategy"]), estimate(c["estimate"]), c["verdict"])
+                                 for c in data.get("candidates", ())),
+                reason=data.get("reason", ""),
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise PcompileError(f"malformed plan: {type(exc).__name__}: {exc}",
+                                "write plans with Plan.to_json() (or `pcompile plan --out`) and do not edit "
+                                "their structure by hand") from None
+
+    @staticmethod
+    def from_json(text: str) -> "Plan":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PcompileError(f"plan is not valid JSON: {exc}", "write plans with Plan.to_json()") from None
+        if not isinstance(data, dict):
+            raise PcompileError("plan JSON is not an object", "write plans with Plan.to_json()")
+        return Plan.from_dict(data)

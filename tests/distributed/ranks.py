@@ -1,0 +1,60 @@
+"""Rank functions for pcompile.launch (module-level so they pickle), shared by the tests."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import pcompile
+from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
+
+MODELS = {
+    "gpt": (lambda: GPT(GPTConfig()), lambda seed: gpt_inputs(GPTConfig(), 8, seed)),
+    "gpt-untied": (lambda: GPT(GPTConfig(tie_head=False)), lambda seed: gpt_inputs(GPTConfig(), 8, seed)),
+    "mlp": (lambda: MLPModel(MLPConfig()), lambda seed: mlp_inputs(MLPConfig(), 16, seed)),
+}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    worst = 0.0
+    for name, expected in b.items():
+        got = a[name]
+        if (got is None) != (expected is None):
+            return float("inf")
+        if got is not None:
+            worst = max(worst, (got.float() - expected.float()).abs().max().item())
+    return worst
+
+
+def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
+    """Train `steps` AdamW steps in parallel and serially; report the worst differences."""
+    build, inputs = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    serial = copy.deepcopy(model)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cm = pcompile.compile(model, pcompile.Cluster.local(world), inputs(0), plan=plan)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
+    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
+    loss_diff = grad_diff = 0.0
+    losses = []
+    for step in range(steps):
+        x, y = inputs(step)
+        loss = cm.train_step(x, y)
+        expected = serial(x, y)
+        expected.backward()
+        losses.append((loss.item(), expected.item()))
+        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
+        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
+        optimizer.step()
+        optimizer.zero_grad()
+        serial_optimizer.step()
+        serial_optimizer.zero_grad()
+    param_diff = _max_diff(cm.full_state_dict(), serial.state_dict())
+    return {"model": model_name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
+            "param_diff": param_diff, "losses": losses}
+
+
+def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:
+    return [compare_with_serial(name, plan) for name, plan in cases]
