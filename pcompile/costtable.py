@@ -1,0 +1,40 @@
+"""The contract between the cost model and the search: per-layer costs of every strategy.
+
+The cost model (pcompile.cost) fills a `CostTable` for one pipeline setting (devices per
+stage, micro-batch size); the search (pcompile.search_dp) only reads tables, so it can be
+tested on random tables against an exhaustive oracle.
+
+Arrays are numpy, indexed [layer, strategy]; an impossible (layer, strategy) pair has
+time = inf. Times are seconds, memory is bytes per device.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pcompile.plan import Strategy
+
+
+@dataclass(frozen=True)
+class CostTable:
+    layers: tuple[str, ...]  # in graph order: "pre", blocks..., "post"
+    strategies: tuple[Strategy, ...]  # the same candidate list for every layer
+    devices_per_stage: int
+    microbatch_size: int
+    fwd_time: np.ndarray  # [L, S] forward time of one micro-batch (compute + tp/sp comm)
+    bwd_time: np.ndarray  # [L, S] backward time of one micro-batch (incl. recompute if checkpointed)
+    sync_time: np.ndarray  # [L, S] per-step gradient communication (dp all-reduce / sdp gather + reduce-scatter), not overlapped
+    state_memory: np.ndarray  # [L, S] params + grads + optimizer states per device
+    activation_memory: np.ndarray  # [L, S] bytes kept for backward per in-flight micro-batch
+    temp_memory: np.ndarray  # [L, S] transient peak while the layer runs (gathered weights, largest op)
+    switch_time: np.ndarray  # [L-1, S, S] resharding the activation between layer i (strategy a) and i+1 (b)
+    boundary_bytes: np.ndarray  # [L-1] activation bytes crossing from layer i to i+1 (pipeline p2p sends)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_strategies(self) -> int:
+        return len(self.strategies)
