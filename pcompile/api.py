@@ -76,14 +76,16 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
 
 def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
             debug_dir: str | None = None, capture: str = "auto", stop_after: str | None = None,
-            verify: bool = True):
+            verify: bool = True, passes: list[str] | None = None):
     """Plan (or take `plan`), rewrite and lower `model` for `cluster`.
 
     Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
+    `passes` replaces the default pipeline (a list of registered pass names) for experiments.
     """
     from pcompile.backends import CompiledModel
 
-    ir, ctx, manager = _run(PIPELINE, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify)
+    names = PIPELINE if passes is None else list(passes)
+    ir, ctx, manager = _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify)
     if stop_after is not None:
         return ir
     compiled = CompiledModel(ir, ctx.plan, model, ctx.report)
