@@ -1,0 +1,73 @@
+"""Plan: frozen, printable, JSON round-trip (also a searched plan with its candidates)."""
+import dataclasses
+
+import pytest
+
+import pcompile
+from pcompile import Cluster, LayerAssignment, PcompileError, Plan, Strategy
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+
+
+@pytest.fixture(scope="module")
+def searched() -> Plan:
+    cfg = GPTConfig(num_layers=2)
+    return pcompile.plan(GPT(cfg), Cluster.local(4), gpt_inputs(cfg, 8))
+
+
+def test_uniform_plan():
+    p = Plan.uniform(dp=2, tp=2)
+    assert p.num_devices == 4 and p.default == Strategy(dp=2, tp=2)
+    assert p.strategy_for("blocks.0") == p.default
+    assert str(p).splitlines()[0] == "Plan for 4 device(s): dp2·tp2"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.num_devices = 8
+
+
+def test_strategy_describe_and_validation():
+    assert Strategy(dp=4, tp=2, sdp=True, checkpoint=True).describe() == "sdp4·tp2·ckpt"
+    with pytest.raises(PcompileError, match="strategy field tp=0 must be a positive integer"):
+        Strategy(tp=0)
+
+
+def test_plan_device_count_must_match():
+    with pytest.raises(PcompileError, match="dp=2 x tp=2 x pp=1 = 4 devices but says num_devices=8"):
+        Plan(num_devices=8, default=Strategy(dp=2, tp=2))
+
+
+def test_json_round_trip_with_layers():
+    p = Plan(num_devices=4, default=Strategy(dp=2, tp=2),
+             layers=(LayerAssignment("blocks.0", Strategy(dp=4, tp=1, checkpoint=True)),), model="abc")
+    back = Plan.from_json(p.to_json())
+    assert back == p and back.strategy_for("blocks.0").checkpoint and back.model == "abc"
+    assert back.to_json() == p.to_json()
+
+
+def test_searched_plan_round_trips_with_candidates(searched):
+    assert searched.num_devices == 4
+    assert searched.model == pcompile.fingerprint(GPT(GPTConfig(num_layers=2)))
+    assert searched.estimate is not None and searched.estimate.step_time > 0
+    strategies = {c.strategy.describe() for c in searched.candidates}
+    assert strategies == {"dp4·tp1", "dp2·tp2", "dp1·tp4"}
+    assert [c.verdict for c in searched.candidates].count("chosen") == 1
+    chosen = next(c for c in searched.candidates if c.verdict == "chosen")
+    assert chosen.strategy == searched.default
+    back = Plan.from_json(searched.to_json())
+    assert back == searched
+    # candidates and reason are compare=False: check them explicitly
+    assert back.candidates == searched.candidates and back.reason == searched.reason
+    assert str(back) == str(searched)
+
+
+def test_searched_plan_prints_the_choice_and_the_losers(searched):
+    text = str(searched)
+    assert "why: fastest of" in text and "candidates:" in text
+    assert "chosen" in text and "predicted step" in text
+
+
+def test_malformed_plan_json():
+    with pytest.raises(PcompileError, match="plan is not valid JSON"):
+        Plan.from_json("{nope")
+    with pytest.raises(PcompileError, match="malformed plan"):
+        Plan.from_json('{"default": {"dp": 1}}')
+    with pytest.raises(PcompileError, match="not an object"):
+        Plan.from_json("[1]")
