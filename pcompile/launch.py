@@ -6,6 +6,7 @@ well under a second instead of re-importing torch (about 2 s per process on this
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -31,7 +32,9 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, f
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-        result = fn(*args)
+        # Plain pickle, not the queue's ForkingPickler: tensors then travel by value rather than
+        # as shared-memory handles that die with this process.
+        result = pickle.dumps(fn(*args))
         queue.put((rank, True, result))
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, False, traceback.format_exc()))
@@ -66,7 +69,7 @@ def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: 
         if not queue.empty():
             rank, ok, value = queue.get()
             if ok:
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 failure = (rank, value)
             continue

@@ -1,0 +1,181 @@
+"""Distributed checkpoints with torch.distributed.checkpoint (DCP), plan-independent.
+
+Every tensor is saved under the ORIGINAL model's parameter name ("model.<name>",
+"optim.<name>.<state>"); a parameter split by the plan is saved as a DTensor with a Shard
+placement on its mesh axis, so DCP records where each chunk sits in the full tensor. Loading
+under another plan (other dp/tp/pp, other world size) or into the serial model
+(`load_full`) asks DCP for the chunks that plan needs; DCP reshards.
+
+Atomicity: a checkpoint is written to `DIR/step-N.tmp`, renamed to `DIR/step-N` once every
+rank has finished, and only then does `DIR/latest` (replaced atomically with os.replace) point
+to it. A crash at any moment leaves `latest` naming a complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from pcompile.errors import PcompileError
+
+LATEST = "latest"
+META = "pcompile.json"
+
+
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _placed(cm, name: str, local: torch.Tensor):
+    """The local tensor as a DTensor when the plan splits it, else as is (replicated)."""
+    sharding = cm.ir.param_shardings.get(name)
+    if sharding is None or sharding.size == 1 or not _distributed():
+        return local
+    mesh = DeviceMesh.from_group(cm.groups[sharding.axis], local.device.type)
+    return DTensor.from_local(local, mesh, [Shard(sharding.dim)], run_check=False)
+
+
+def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dict:
+    state = {}
+    for name, p in cm.named_parameters():
+        state[f"model.{name}"] = _placed(cm, name, p.detach())
+        if optimizer is None:
+            continue
+        slots = optimizer.state.get(p, {})
+        if not slots and optim_keys:  # fresh optimizer: make room for the saved states
+            for key in optim_keys.get(name, []):
+                slots[key] = torch.zeros((), dtype=torch.float32) if key == "step" else torch.zeros_like(p)
+            optimizer.state[p] = slots
+        for key, value in slots.items():
+            if isinstance(value, torch.Tensor):
+                state[f"optim.{name}.{key}"] = _placed(cm, name, value) if value.shape == p.shape else value
+    for name, b in cm.gm.named_buffers():
+        state[f"buffer.{name}"] = b
+    return state
+
+
+def _aliases(model: torch.nn.Module) -> dict[str, str]:
+    """Tied parameters: every extra name -> the name named_parameters() keeps."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
+def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> str:
+    """Collective: save parameters (and optimizer states) as the plan holds them. Returns the path."""
+    final = os.path.join(directory, f"step-{step:08d}")
+    tmp = final + ".tmp"
+    if _rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    dcp.save(_state(cm, optimizer), checkpoint_id=tmp, no_dist=not _distributed())
+    _barrier()
+    if _rank() == 0:
+        with open(os.path.join(tmp, META), "w") as f:
+            json.dump({"step": step, "plan": cm.plan.to_dict(), "aliases": _aliases(cm._model)}, f, sort_keys=True)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        pointer = os.path.join(directory, LATEST + ".tmp")
+        with open(pointer, "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(pointer, os.path.join(directory, LATEST))
+    _barrier()
+    return final
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory, or a run directory whose `latest` names one."""
+    if os.path.exists(os.path.join(path, META)):
+        return path
+    pointer = os.path.join(path, LATEST)
+    if os.path.exists(pointer):
+        with open(pointer) as f:
+            return os.path.join(path, f.read().strip())
+    raise PcompileError(f"no complete checkpoint at {path!r} (no {META} and no {LATEST} pointer)",
+                        "pass the directory given to cm.save(), or a step-N directory inside it")
+
+
+def _meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)
+
+
+def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
+    path = resolve(path)
+    keys = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
+    optim_keys: dict[str, list[str]] = {}
+    for key in keys:
+        if key.startswith("optim."):
+            name, _, slot = key[len("optim."):].rpartition(".")
+            optim_keys.setdefault(name, []).append(slot)
+    state = _state(cm, optimizer, optim_keys)
+    missing = [k for k in state if k not in keys and not k.startswith("optim.")]
+    if missing:
+        raise PcompileError(f"checkpoint {path!r} lacks {missing[:3]}{'...' if len(missing) > 3 else ''}",
+                            "load a checkpoint saved from the same model architecture")
+    wanted = {k: v for k, v in state.items() if k in keys}
+    dcp.load(wanted, checkpoint_id=path, no_dist=not _distributed())
+    with torch.no_grad():
+        for name, p in cm.named_parameters():
+            value = wanted[f"model.{name}"]
+            p.copy_(value.to_local() if isinstance(value, DTensor) else value)
+            for slot, target in (optimizer.state.get(p, {}).items() if optimizer else ()):
+                loaded = wanted.get(f"optim.{name}.{slot}")
+                if loaded is not None and isinstance(target, torch.Tensor):
+                    target.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+    _barrier()
+    return _meta(path)["step"]
+
+
+def load_full(path: str, with_optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """The checkpoint as a plain full state_dict in the original model's names (no process group)."""
+    path = resolve(path)
+    metadata = FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {}
+    for key, item in metadata.items():
+        if key.startswith("optim.") and not with_optimizer:
+            continue
+        if hasattr(item, "size"):
+            state[key] = torch.empty(item.size, dtype=item.properties.dtype)
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    out = {}
+    for key, value in state.items():
+        kind, _, name = key.partition(".")
+        out[name if kind in ("model", "buffer") else key] = value
+    for alias, name in _meta(path)["aliases"].items():
+        out[alias] = out[name]
+    return out
+
+
+def full_optimizer_state(cm, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Collective: optimizer states as full tensors, keyed "optim.<param name>.<state>" as saved."""
+    out = {}
+    for name, p in cm.named_parameters():
+        for slot, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                full = cm._full(name, value) if value.shape == p.shape else value.detach().clone()
+                out[f"optim.{name}.{slot}"] = full.cpu()
+    return out

@@ -1,0 +1,45 @@
+"""Rank functions for the checkpoint tests (module-level so they pickle)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import pcompile
+from pcompile import checkpoint
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+
+CONFIG = GPTConfig(num_layers=2)
+BATCH = 8
+
+
+def build(plan: pcompile.Plan, seed: int = 0):
+    torch.manual_seed(seed)
+    model = GPT(CONFIG)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    cm = pcompile.compile(model, pcompile.Cluster.local(world), gpt_inputs(CONFIG, BATCH), plan=plan)
+    return cm, torch.optim.AdamW(cm.parameters(), lr=1e-2)
+
+
+def train(cm, optimizer, steps: range) -> list[float]:
+    losses = []
+    for step in steps:
+        losses.append(cm.train_step(*gpt_inputs(CONFIG, BATCH, seed=step)).item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def save_after(plan: pcompile.Plan, directory: str, steps: int) -> dict:
+    cm, optimizer = build(plan)
+    losses = train(cm, optimizer, range(steps))
+    checkpoint.save(cm, directory, optimizer, step=steps)
+    return {"losses": losses, "state": cm.full_state_dict(),
+            "optim": checkpoint.full_optimizer_state(cm, optimizer)}
+
+
+def load_and_continue(plan: pcompile.Plan, directory: str, steps: range) -> dict:
+    cm, optimizer = build(plan, seed=123)  # different initial weights: the load must overwrite them
+    step = checkpoint.load(cm, directory, optimizer)
+    state = cm.full_state_dict()
+    optim = checkpoint.full_optimizer_state(cm, optimizer)
+    return {"step": step, "state": state, "optim": optim, "losses": train(cm, optimizer, steps)}
