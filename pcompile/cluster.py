@@ -3,6 +3,12 @@
 A cluster is a list of node groups (each: a device type, how many nodes, devices per node)
 plus the links between devices. Ranks are numbered node by node, so ranks
 [k * devices_per_node, (k + 1) * devices_per_node) share node k and its fast links.
+
+Calibration is data too: a Device may carry its measured matmul curve and per-op overhead,
+a Cluster its measured collective fits (alpha-beta per collective, group size and link) and
+the measured overlap efficiency of communication with compute. Presets carry datasheet
+figures times a stated efficiency; `Cluster.from_profile(path)` loads what
+`pcompile.profile.profile_cluster` measured on the machine at hand.
 """
 from __future__ import annotations
 
@@ -21,6 +27,22 @@ class Device:
     memory_bytes: int
     peak_flops: float  # dense FLOP/s at the training dtype, datasheet x stated efficiency
     memory_bandwidth: float  # bytes/s
+    op_overhead: float = 0.0  # seconds of fixed cost per executed op (dispatch / kernel launch), profiled
+    # Measured matmul throughput: (FLOPs of one matmul, achieved FLOP/s), sorted by FLOPs. Empty = peak_flops.
+    matmul_curve: tuple[tuple[float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class CollectiveFit:
+    """Measured alpha-beta fit of one collective: time = latency + bytes * seconds_per_byte,
+    for `group_size` ranks on one link kind ("intra" = inside a node, "inter" = across nodes).
+    `bytes` is the per-rank input size (all_reduce, reduce_scatter) or output size (all_gather)."""
+
+    op: str  # "all_reduce", "all_gather", "reduce_scatter", "send"
+    group_size: int
+    link: str  # "intra" or "inter"
+    latency: float
+    seconds_per_byte: float
 
 
 @dataclass(frozen=True)
@@ -39,6 +61,10 @@ class Cluster:
     inter_node_latency: float
     backend: str = "nccl"  # "nccl" or "gloo"
     name: str = "custom"
+    collectives: tuple[CollectiveFit, ...] = ()  # measured fits; the ring model on the links otherwise
+    # Overlap efficiency eta of communication running concurrently with compute: the pair takes
+    # max(c, m) + (1 - eta) * min(c, m). Measured by profiling; presets state a guess.
+    overlap: float = 0.5
 
     def __post_init__(self):
         if not self.node_groups:
@@ -65,6 +91,9 @@ class Cluster:
             if getattr(self, field) <= 0:
                 raise PcompileError(f"cluster {self.name!r} has {field}={getattr(self, field)}",
                                     "give link bandwidths in bytes/s (> 0)")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise PcompileError(f"cluster {self.name!r} has overlap={self.overlap}",
+                                "overlap is an efficiency between 0 (none) and 1 (fully hidden)")
         if self.backend not in ("nccl", "gloo"):
             raise PcompileError(f"unknown backend {self.backend!r}", "use 'nccl' (GPUs) or 'gloo' (CPUs)")
 
@@ -88,6 +117,45 @@ class Cluster:
                 return group.device
             rank -= count
         raise IndexError(rank)
+
+    def node_of(self, rank: int) -> int:
+        if not 0 <= rank < self.num_devices:
+            raise IndexError(rank)
+        return rank // self.devices_per_node
+
+    def link_kind(self, ranks) -> str:
+        """"intra" when every rank of the group sits in one node, else "inter"."""
+        return "intra" if len({self.node_of(r) for r in ranks}) <= 1 else "inter"
+
+    def link_of(self, ranks) -> tuple[float, float]:
+        """(bandwidth, latency) of the slowest link a group of these exact ranks uses."""
+        if self.link_kind(ranks) == "intra":
+            return self.intra_node_bandwidth, self.intra_node_latency
+        return self.inter_node_bandwidth, self.inter_node_latency
+
+    def collective_time(self, op: str, nbytes: float, groups) -> float:
+        """Seconds of collective `op` run by every group of `groups` (lists of ranks) at once: the
+        slowest group's. `nbytes` is per rank (the input of all_reduce / reduce_scatter, the
+        output of all_gather, the message of send). A measured fit for (op, group size, link)
+        wins; otherwise the ring on the link: all_reduce 2(n-1) alpha + 2(n-1)/n B / bw,
+        all_gather and reduce_scatter (n-1) alpha + (n-1)/n B / bw, send alpha + B / bw."""
+        worst = 0.0
+        for kind, size in {(self.link_kind(g), len(g)) for g in groups}:
+            worst = max(worst, self._collective(op, nbytes, size, kind))
+        return worst
+
+    def _collective(self, op: str, nbytes: float, size: int, kind: str) -> float:
+        if nbytes <= 0 or (size <= 1 and op != "send"):
+            return 0.0
+        fit = next((f for f in self.collectives if (f.op, f.group_size, f.link) == (op, size, kind)), None)
+        if fit is not None:
+            return fit.latency + nbytes * fit.seconds_per_byte
+        bandwidth, latency = ((self.intra_node_bandwidth, self.intra_node_latency) if kind == "intra" else
+                              (self.inter_node_bandwidth, self.inter_node_latency))
+        if op == "send":
+            return latency + nbytes / bandwidth
+        steps = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}[op] * (size - 1)
+        return steps * latency + steps / size * nbytes / bandwidth
 
     @property
     def is_homogeneous(self) -> bool:
@@ -142,6 +210,20 @@ class Cluster:
         return Cluster((NodeGroup(device, 1, num_devices),), 1.0e9, 50e-6, 1.0e9, 50e-6, "gloo",
                        f"local{num_devices}-cpu")
 
+    @staticmethod
+    def from_profile(path) -> "Cluster":
+        """The cluster measured by `pcompile.profile.profile_cluster` (its JSON file at `path`)."""
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PcompileError(f"cannot read cluster profile {str(path)!r}: {exc}",
+                                "write one with pcompile.profile.profile_cluster(path=...)") from None
+        if "cluster" not in data:
+            raise PcompileError(f"{str(path)!r} is not a cluster profile (no 'cluster' entry)",
+                                "write one with pcompile.profile.profile_cluster(path=...)")
+        return Cluster.from_dict(data["cluster"])
+
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -149,10 +231,11 @@ class Cluster:
     @staticmethod
     def from_dict(data: dict) -> "Cluster":
         try:
-            groups = tuple(NodeGroup(Device(**g["device"]), g["num_nodes"], g["devices_per_node"])
+            groups = tuple(NodeGroup(_device(g["device"]), g["num_nodes"], g["devices_per_node"])
                            for g in data["node_groups"])
-            fields = {k: v for k, v in data.items() if k != "node_groups"}
-            return Cluster(node_groups=groups, **fields)
+            fields = {k: v for k, v in data.items() if k not in ("node_groups", "collectives")}
+            fits = tuple(CollectiveFit(**c) for c in data.get("collectives", ()))
+            return Cluster(node_groups=groups, collectives=fits, **fields)
         except (KeyError, TypeError) as exc:
             raise PcompileError(f"malformed cluster JSON: {exc}", "write it with Cluster.to_json()") from None
 
@@ -162,6 +245,12 @@ class Cluster:
     @staticmethod
     def from_json(text: str) -> "Cluster":
         return Cluster.from_dict(json.loads(text))
+
+
+def _device(data: dict) -> Device:
+    fields = dict(data)
+    fields["matmul_curve"] = tuple(tuple(point) for point in fields.get("matmul_curve", ()))
+    return Device(**fields)
 
 
 # Datasheet dense bf16 peaks times a stated efficiency: large GEMMs reach ~70% of peak in practice.

@@ -1,30 +1,426 @@
-"""Cost model (first version): time and memory of one uniform (dp, tp) strategy on a cluster.
+"""Cost model: time and memory of every layer under every strategy, derived from the annotated IR.
 
-  compute  = sum over nodes of max(FLOPs_local / peak FLOP/s, bytes_local / memory bandwidth),
-             FLOPs_local = (forward + backward FLOPs) / dp, and / tp on nodes split over tp
-  tp comm  = one all-reduce of the activation per tp_copy (backward) and per row-parallel
-             Linear (forward), on the tp group's link
-  dp comm  = one all-reduce of this rank's gradients on the dp group's link (ranks tp apart)
-  memory   = 4 x local parameter bytes (parameter, gradient, Adam m and v, all fp32)
-             + saved activations / dp (/ tp where split)
+Everything below is per device of one pipeline stage, for one micro-batch of `microbatch_size`
+samples (global to the stage: a layer with dp ranks runs microbatch_size / dp of them). The IR's
+figures are for the example batch; every activation, FLOP and byte count is linear in the batch
+(one sample's work does not depend on the others), so they are scaled by samples / example batch.
 
-All-reduce time is the ring's alpha-beta cost: 2 (n-1) alpha + 2 (n-1)/n * bytes / bandwidth.
+time of one op  = k * (overhead + max(FLOPs / (k * rate(FLOPs / k)), bytes / bandwidth))
+                  rate() is the device's measured matmul curve (peak FLOP/s without one), k the
+                  operator split of Linears (1 elsewhere); backward = 2x forward's FLOPs and bytes
+checkpointing   : backward += forward (recompute, tp collectives included); keeps the layer input only
+tp (Megatron)   : forward all-reduce after each row Linear, backward all-reduce at each column
+                  Linear's input; sp turns each into all-gather + reduce-scatter and divides the
+                  layernorm / residual regions (and their activations) by tp as well
+dp              : per step, all-reduce of the layer's gradients over the dp group (ranks tp apart),
+                  exposed part c - eta * min(c, backward) when the runtime overlaps it (eta = the
+                  cluster's calibrated overlap efficiency, or CostOptions.overlap)
+sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch an all-gather of the
+                  weights in forward and in backward and a reduce-scatter of the gradients (what
+                  FSDP does with gradient accumulation); a gathered buffer of the layer's weights
+                  (of one 1/k slice of the largest Linear when split k) is a transient
+collectives     : alpha-beta; a measured fit for (op, group size, link) when the cluster has one,
+                  else the ring: all-reduce 2(n-1) alpha + 2(n-1)/n B / bw, all-gather and
+                  reduce-scatter (n-1) alpha + (n-1)/n B / bw, on the intra-node link when every
+                  rank of the group is in one node, else the inter-node link
+memory          : params, grads and optimizer states (bytes per element from CostOptions), saved
+                  activations per in-flight micro-batch, and a transient: the largest op's output
+                  and gradient, the sdp gathered weights, the recomputed activations when checkpointed
+Ranks: tp innermost (contiguous), then dp, then pp outermost; a stage starting at
+`CostOptions.first_rank` is charged on its own devices (the slowest one's time) and links.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+import torch.fx as fx
+
 from pcompile.cluster import Cluster
+from pcompile.costtable import CostTable
+from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.plan import Estimate, Strategy
 
 # Parameter + gradient + Adam's two moments, all fp32: 4 copies of the parameter bytes.
 ADAM_STATE_COPIES = 4
-# Forward reads inputs and writes the output; backward reads and writes about twice that.
-BYTES_TOUCHED_FACTOR = 3
+MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 
 
+@dataclass(frozen=True)
+class CostOptions:
+    optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
+    mixed_precision: bool = False  # bf16 params, grads and activations, fp32 master weights + moments
+    overlap_grad_sync: bool = True  # the runtime runs gradient sync concurrently with backward
+    bucket_bytes: int | None = None  # gradient sync message size; None = one collective per parameter tensor
+    overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
+    first_rank: int = 0  # first rank of the stage whose devices and links are charged
+
+    def __post_init__(self):
+        if self.optimizer not in MOMENTS:
+            raise PcompileError(f"unknown optimizer {self.optimizer!r}", f"use one of {sorted(MOMENTS)}")
+
+    def state_bytes(self) -> tuple[float, float, float]:
+        """(parameter, gradient, optimizer) bytes per parameter element."""
+        moments = MOMENTS[self.optimizer]
+        if self.mixed_precision:
+            return 2.0, 2.0, 4.0 * (moments + 1)  # fp32 master copy + moments
+        return 4.0, 4.0, 4.0 * moments
+
+    @property
+    def activation_scale(self) -> float:
+        """Activation / moved-byte scale relative to the fp32 IR."""
+        return 0.5 if self.mixed_precision else 1.0
+
+
+@dataclass(frozen=True)
+class LayerMemory:
+    """One layer's memory under one strategy, bytes per device (a breakdown of the CostTable)."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float  # per in-flight micro-batch
+    temp: float
+
+
+# -- what a layer does, for one tp degree (full example batch) -----------------------------------
+ZERO_COPY_METHODS = {"view", "transpose", "permute", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
+                     "size", "t", "split", "chunk", "narrow", "select", "as_strided", "view_as"}
+
+
+@dataclass(frozen=True)
+class OpWork:
+    flops: float  # forward FLOPs on this rank (after tp division), example batch
+    moved: float  # activation bytes read + written in forward (scales with the batch)
+    param_moved: float  # parameter bytes read in forward (does not)
+    linear: bool  # a Linear: operator split runs it as k chunks
+    grad: bool  # autograd runs a backward op for it
+    sp: bool  # outside the tp-split region of a tp layer: sequence parallel divides it by tp
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    ops: tuple[OpWork, ...]
+    saved: float  # activation bytes saved for backward on this rank (tp-split ones divided), example batch
+    saved_sp: float  # the same with sequence parallelism (every activation of a tp layer divided)
+    input_bytes: float  # activations entering the layer: what checkpointing keeps
+    largest_output: float  # the largest op output on this rank
+    param_numels: tuple[int, ...]  # parameter tensors charged to this layer, elements on this rank
+    largest_linear: int  # elements of the largest Linear weight on this rank
+    reduce_fwd: tuple[float, ...] = ()  # tp all-reduce per row Linear (full activation bytes)
+    reduce_bwd: tuple[float, ...] = ()  # tp all-reduce per column Linear input, in backward
+    gather_bwd: tuple[float, ...] = ()  # tp all-gather of a scattered replicated operand's gradient
+
+
+def example_batch(ir: IR) -> int:
+    """The example batch the IR's figures are for: dim 0 of the first tensor input."""
+    for node in ir.graph.nodes:
+        if node.op == "placeholder" and ir.has_meta(node) and ir.meta(node).shape:
+            return int(ir.meta(node).shape[0])
+    return 1
+
+
+def _linear(ir: IR, node: fx.Node):
+    from pcompile.passes.tp_rules import linear_parts
+
+    return linear_parts(ir.gm, node)
+
+
+def _is_tensor_op(ir: IR, node: fx.Node) -> bool:
+    return (node.op in ("call_module", "call_function", "call_method") and ir.has_meta(node)
+            and ir.meta(node).shape is not None)
+
+
+def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
+    if node.op == "call_module":
+        return [(f"{node.target}.{n}", p) for n, p in ir.gm.get_submodule(node.target).named_parameters()]
+    if node.op == "get_attr":
+        try:
+            return [(node.target, ir.gm.get_parameter(node.target))]
+        except AttributeError:
+            return []
+    return []
+
+
+def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
+    """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
+    (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
+    from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel  # passes import this module
+
+    split_out, row, column, scatters = set(), set(), set(), []
+    if tp > 1:
+        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+        split_out, row, column, scatters = set(p.split_dim), p.row, p.column, p.scatters
+    split_params = set()
+    for node in column | row:
+        parts = linear_parts(ir.gm, node)
+        split_params |= {parts.weight} | ({parts.bias} if parts.bias and node in column else set())
+    tp_layers = {ir.meta(n).layer for n in column}
+
+    def local(node) -> float:
+        return ir.meta(node).output_bytes / (tp if node in split_out else 1)
+
+    acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
+                       fwd=[], bwd=[], gather=[]) for layer in ir.layers}
+    seen_params: set[int] = set()
+    for node in ir.graph.nodes:
+        if not ir.has_meta(node) or ir.meta(node).layer not in acc:
+            continue
+        meta, a = ir.meta(node), acc[ir.meta(node).layer]
+        for name, param in _param_tensors(ir, node):
+            if id(param) not in seen_params:
+                seen_params.add(id(param))
+                a["params"].append(param.numel() // (tp if name in split_params else 1))
+        if not _is_tensor_op(ir, node):
+            continue
+        for source in node.all_input_nodes:
+            if ir.has_meta(source) and ir.meta(source).layer != meta.layer and source.op not in ("placeholder",
+                                                                                                "get_attr"):
+                a["inputs"].add(source)
+        is_linear = _linear(ir, node) is not None
+        divided = node in split_out or node in row
+        saved_split = (node in row) if is_linear else node in split_out
+        a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
+        a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
+        zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
+        moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
+                                                        if ir.has_meta(i) and ir.meta(i).shape is not None)
+        params = sum(param.numel() * param.element_size() / (tp if name in split_params else 1)
+                     for name, param in _param_tensors(ir, node))
+        grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
+        a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
+                               sp=meta.layer in tp_layers and not divided and not is_linear))
+        a["largest"] = max(a["largest"], local(node))
+        if is_linear:
+            weight = ir.gm.get_parameter(linear_parts(ir.gm, node).weight)
+            a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
+        if node in row:
+            a["fwd"].append(float(meta.output_bytes))
+    for source in {n.args[0] for n in column}:
+        acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
+            float(ir.meta(source).output_bytes))
+    for user, source, _ in scatters:
+        acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
+    return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
+                             float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
+                             tuple(a["params"]), a["linear"], tuple(a["fwd"]), tuple(a["bwd"]), tuple(a["gather"]))
+            for layer, a in acc.items()}
+
+
+def boundary_bytes(ir: IR) -> list[float]:
+    """Activation bytes crossing from layer i to layers after it (the pipeline's p2p sends),
+    example batch; graph inputs are excluded (every stage reads its own)."""
+    index = {layer: i for i, layer in enumerate(ir.layers)}
+    out = [0.0] * max(len(ir.layers) - 1, 0)
+    for node in ir.graph.nodes:
+        if not ir.has_meta(node) or node.op in ("placeholder", "get_attr") or ir.meta(node).layer not in index:
+            continue
+        here = index[ir.meta(node).layer]
+        last = max((index.get(ir.meta(u).layer, here) for u in node.users if ir.has_meta(u)), default=here)
+        for i in range(here, last):
+            out[i] += ir.meta(node).output_bytes
+    return out
+
+
+def group_ranks(first: int, dp: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
+    """(tp groups, dp groups) of a stage starting at rank `first`: tp contiguous, dp tp apart."""
+    tp_groups = [[first + d * tp + t for t in range(tp)] for d in range(dp)]
+    dp_groups = [[first + d * tp + t for d in range(dp)] for t in range(tp)]
+    return tp_groups, dp_groups
+
+
+# -- compute -------------------------------------------------------------------------------------
+def matmul_rate(device, flops: float) -> float:
+    """Achieved FLOP/s for a matmul of `flops`: log-log interpolation of the measured curve."""
+    curve = device.matmul_curve
+    if not curve:
+        return device.peak_flops
+    xs = np.log([p[0] for p in curve])
+    ys = np.log([p[1] for p in curve])
+    return float(np.exp(np.interp(np.log(max(flops, 1.0)), xs, ys)))
+
+
+def op_time(device, flops: float, moved: float, chunks: int = 1) -> float:
+    """Roofline of one op run as `chunks` equal pieces, plus the fixed per-op overhead."""
+    if flops <= 0 and moved <= 0:
+        return device.op_overhead
+    piece = flops / chunks
+    compute = piece / matmul_rate(device, piece) if flops > 0 else 0.0
+    return chunks * (device.op_overhead + max(compute, moved / chunks / device.memory_bandwidth))
+
+
+def compute_times(work: LayerWork, device, scale: float, s: Strategy, act: float) -> tuple[float, float]:
+    """(forward, backward) compute seconds of the layer's ops with `scale` x the example batch;
+    backward runs each differentiable op's two matmuls (input and weight gradient), 2x the work."""
+    fwd = bwd = 0.0
+    for w in work.ops:
+        k = s.split if w.linear else 1
+        div = s.tp if (s.sp and w.sp) else 1
+        t = op_time(device, w.flops * scale / div, (w.moved * scale / div + w.param_moved) * act, k)
+        fwd += t
+        if w.grad:
+            bwd += 2 * t - (device.op_overhead * k if w.flops <= 0 else 0.0)
+    return fwd, bwd
+
+
+# -- one (layer, strategy) -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerCost:
+    fwd: float  # per micro-batch, compute + tp / sdp communication
+    bwd: float
+    sync: float  # per step
+    comm: float  # the communication part of fwd + bwd
+    memory: LayerMemory
+
+
+def _exposed(comm: float, compute: float, eta: float) -> float:
+    """Comm left visible when it runs alongside `compute`: max(c, m) + (1 - eta) min(c, m) - m."""
+    return comm - eta * min(comm, compute)
+
+
+def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float) -> tuple[float, float]:
+    """(forward, backward) tp collectives of one micro-batch: Megatron's all-reduces, or with
+    sequence parallelism an all-gather + reduce-scatter pair in their place (same volume)."""
+    def t(op, nbytes):
+        return cluster.collective_time(op, nbytes * scale, groups)
+
+    fwd = bwd = 0.0
+    for nbytes in work.reduce_fwd:
+        fwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
+        bwd += t("all_gather", nbytes) if s.sp else 0.0
+    for nbytes in work.reduce_bwd:
+        fwd += t("all_gather", nbytes) if s.sp else 0.0
+        bwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
+    bwd += sum(t("all_gather", nbytes) for nbytes in work.gather_bwd)
+    return fwd, bwd
+
+
+def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, batch: int,
+               options: CostOptions) -> LayerCost:
+    first = options.first_rank
+    devices = {cluster.device_of(r) for r in range(first, first + s.num_devices)}
+    eta = cluster.overlap if options.overlap is None else options.overlap
+    act = options.activation_scale
+    scale = microbatch / batch / s.dp  # samples of one rank relative to the example batch
+    times = [compute_times(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
+    fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
+    tp_groups, dp_groups = group_ranks(first, s.dp, s.tp)
+    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale * act) if s.tp > 1 else (0.0, 0.0)
+    p_bytes, g_bytes, o_bytes = options.state_bytes()
+    elements = sum(work.param_numels)
+    grads = _messages(work.param_numels, g_bytes, options.bucket_bytes)
+    sync = sdp_fwd = sdp_bwd = 0.0
+    if s.dp > 1 and s.sdp:
+        gathers = _messages(work.param_numels, p_bytes, options.bucket_bytes)
+        gather = sum(cluster.collective_time("all_gather", b, dp_groups) for b in gathers)
+        scatter = sum(cluster.collective_time("reduce_scatter", b, dp_groups) for b in grads)
+        sdp_fwd = _exposed(gather, fwd, eta)
+        sdp_bwd = _exposed(gather + scatter, bwd, eta)
+    elif s.dp > 1:
+        comm = sum(cluster.collective_time("all_reduce", b, dp_groups) for b in grads)
+        sync = _exposed(comm, bwd, eta) if options.overlap_grad_sync else comm
+    fwd_comm = tp_fwd + sdp_fwd
+    recompute = (fwd + fwd_comm) if s.checkpoint else 0.0
+    bwd_comm = tp_bwd + sdp_bwd + (fwd_comm if s.checkpoint else 0.0)
+    shard = s.dp if s.sdp else 1
+    saved = (work.saved_sp if s.sp else work.saved) * scale * act
+    kept = work.input_bytes * scale * act / (s.tp if s.sp else 1) if s.checkpoint else saved
+    gathered = 0.0
+    if s.sdp and s.dp > 1:  # one FSDP unit per layer; with split k, one 1/k slice of a Linear at a time
+        unit = max(work.largest_linear / s.split, elements - work.largest_linear) if s.split > 1 else elements
+        gathered = unit * p_bytes
+    temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
+    memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / shard,
+                         optimizer=elements * o_bytes / shard, activations=kept, temp=temp)
+    return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
+
+
+def _messages(numels: tuple[int, ...], bytes_per: float, bucket: int | None) -> list[float]:
+    """Gradient sync message sizes: one per tensor, or tensors packed into buckets of `bucket` bytes."""
+    sizes = [n * bytes_per for n in numels if n]
+    if bucket is None or not sizes:
+        return sizes
+    total = sum(sizes)
+    full, rest = divmod(total, bucket)
+    return [float(bucket)] * int(full) + ([rest] if rest else [])
+
+
+def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int) -> float:
+    """Resharding the boundary activation from layer strategy `a` to `b` (forward + backward).
+
+    A rank holds 1/n of the micro-batch's boundary tensor, n = dp (x tp with sp). With tp
+    innermost the finer layout nests inside the coarser one, so going finer is a local slice
+    (its backward all-gathers the gradient) and going coarser an all-gather: either way one
+    all-gather over n_fine / n_coarse ranks spaced devices / n_fine apart."""
+    na, nb = a.dp * (a.tp if a.sp else 1), b.dp * (b.tp if b.sp else 1)
+    if na == nb:
+        return 0.0
+    fine, coarse = max(na, nb), min(na, nb)
+    devices = a.num_devices
+    stride = devices // fine
+    groups = [[first + base + k * stride for k in range(fine // coarse)]
+              for base in _group_bases(devices, stride, fine // coarse)]
+    return cluster.collective_time("all_gather", nbytes / coarse, groups)
+
+
+def _group_bases(devices: int, stride: int, size: int) -> list[int]:
+    return [r for r in range(devices) if (r // stride) % size == 0]
+
+
+# -- the table -----------------------------------------------------------------------------------
+def cost_table(ir: IR, cluster: Cluster, devices_per_stage: int, microbatch_size: int,
+               strategies, options: CostOptions | None = None) -> CostTable:
+    """Per-layer, per-strategy costs of one stage of `devices_per_stage` devices (from
+    options.first_rank). Impossible pairs (dp * tp != devices, micro-batch not divisible by dp,
+    sp without tp) get time = inf."""
+    options = options or CostOptions()
+    strategies = tuple(strategies)
+    if options.first_rank + devices_per_stage > cluster.num_devices:
+        raise PcompileError(f"a stage of {devices_per_stage} devices from rank {options.first_rank} does not fit "
+                            f"the cluster's {cluster.num_devices} devices", "lower devices_per_stage or first_rank")
+    layers = tuple(ir.layers)
+    L, S = len(layers), len(strategies)
+    batch = example_batch(ir)
+    works = {}
+    arrays = {k: np.zeros((L, S)) for k in ("fwd", "bwd", "sync", "state", "act", "temp")}
+    for j, s in enumerate(strategies):
+        valid = (s.num_devices == devices_per_stage and microbatch_size % s.dp == 0 and (s.tp > 1 or not s.sp))
+        for i, layer in enumerate(layers):
+            if not valid:
+                for key in ("fwd", "bwd", "sync"):
+                    arrays[key][i, j] = np.inf
+                continue
+            key = (s.tp, layer)
+            if key not in works:
+                works.update({(s.tp, name): w for name, w in layer_work(ir, s.tp).items()})
+            c = layer_cost(works[key], cluster, s, microbatch_size, batch, options)
+            m = c.memory
+            values = (c.fwd, c.bwd, c.sync, m.params + m.grads + m.optimizer, m.activations, m.temp)
+            for name, value in zip(("fwd", "bwd", "sync", "state", "act", "temp"), values):
+                arrays[name][i, j] = value
+    bounds = np.array(boundary_bytes(ir), dtype=float) * microbatch_size / batch * options.activation_scale
+    switch = np.zeros((max(L - 1, 0), S, S))
+    for i in range(L - 1):
+        for a, sa in enumerate(strategies):
+            for b, sb in enumerate(strategies):
+                if sa.num_devices == sb.num_devices == devices_per_stage:
+                    switch[i, a, b] = switch_time(cluster, bounds[i], sa, sb, options.first_rank)
+    return CostTable(layers=layers, strategies=strategies, devices_per_stage=devices_per_stage,
+                     microbatch_size=microbatch_size, fwd_time=arrays["fwd"], bwd_time=arrays["bwd"],
+                     sync_time=arrays["sync"], state_memory=arrays["state"], activation_memory=arrays["act"],
+                     temp_memory=arrays["temp"], switch_time=switch, boundary_bytes=bounds)
+
+
+def stage_memory_budget(cluster: Cluster, first_rank: int, devices: int) -> int:
+    """The memory a stage's plan must fit: its smallest device's (never an average)."""
+    return min(cluster.device_of(r).memory_bytes for r in range(first_rank, first_rank + devices))
+
+
+# -- the first search's uniform estimate (kept for passes/search.py) -----------------------------
 def ring_allreduce_time(num_bytes: float, group_size: int, bandwidth: float, latency: float) -> float:
+    """Ring all-reduce: 2 (n-1) latency + 2 (n-1)/n * bytes / bandwidth."""
     if group_size <= 1 or num_bytes <= 0:
         return 0.0
     steps = 2 * (group_size - 1)
@@ -39,24 +435,20 @@ class SplitInfo:
     reduce_bytes: int  # activation bytes all-reduced per step over tp (forward + backward), full batch
 
 
-def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, split: SplitInfo) -> Estimate:
-    device = cluster.min_device()
-    dp, tp = strategy.dp, strategy.tp
-    compute = 0.0
-    param_bytes = 0.0
-    activation_bytes = 0.0
-    for node in ir.graph.nodes:
-        meta = ir.meta(node)
-        divide = tp if node.name in split.split_nodes else 1
-        flops = (meta.flops + meta.bwd_flops) / dp / divide
-        touched = BYTES_TOUCHED_FACTOR * meta.output_bytes / dp / divide
-        compute += max(flops / device.peak_flops, touched / device.memory_bandwidth)
-        param_bytes += meta.param_bytes / divide
-        activation_bytes += meta.saved_bytes / dp / divide
-    tp_bw, tp_lat = cluster.link(tp, 1)
-    dp_bw, dp_lat = cluster.link(dp, tp)
-    comm = ring_allreduce_time(split.reduce_bytes / dp, tp, tp_bw, tp_lat) if tp > 1 else 0.0
-    comm += ring_allreduce_time(param_bytes, dp, dp_bw, dp_lat)
-    memory = int(ADAM_STATE_COPIES * param_bytes + activation_bytes)
-    return Estimate(step_time=compute + comm, peak_memory=memory, compute_time=compute, comm_time=comm,
-                    memory_budget=device.memory_bytes)
+def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, split: SplitInfo | None = None,
+                     options: CostOptions | None = None) -> Estimate:
+    """One strategy for every layer, one micro-batch = the example batch: the layer costs
+    summed, peak memory by `pcompile.pipeline_cost.backward_peak`. (`split` is accepted for the
+    first search's call; the layer work derives the same tp split from tp_rules itself.)"""
+    from pcompile.pipeline_cost import backward_peak
+
+    options = options or CostOptions()
+    batch = example_batch(ir)
+    works = layer_work(ir, strategy.tp)
+    costs = [layer_cost(works[layer], cluster, strategy, batch, batch, options) for layer in ir.layers]
+    comm = sum(c.sync + c.comm for c in costs)
+    compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
+    peak = backward_peak([c.memory for c in costs], in_flight=1)
+    budget = stage_memory_budget(cluster, options.first_rank, strategy.num_devices)
+    return Estimate(step_time=compute + comm, peak_memory=int(peak), compute_time=compute, comm_time=comm,
+                    memory_budget=budget)
