@@ -1,0 +1,427 @@
+"""Export each rank's rewritten graph to ONNX, collectives as nodes of a custom `pcompile` domain.
+
+Why a hand-built translation instead of torch.onnx: the IR is already an fx graph with every
+shape known (fake-tensor analysis), so each fx node maps to a few ONNX nodes directly. That
+keeps the fx node names as the ONNX node and value names, puts each node's pcompile metadata
+(layer, sharding) on exactly the ONNX nodes it produced, lets the collectives become
+`pcompile` domain nodes without registering custom torch ops, and takes milliseconds per
+rank (torch.onnx re-traces the module: seconds per rank, and its node names and metadata
+no longer line up with the IR). The cost: only the ops pcompile's models use are translated;
+any other op is a PcompileError naming it.
+
+The graph is static: sizes computed from shapes (`x.shape[1] // 4`) are folded to the local
+(this rank's) values, so each rank's file has its own concrete shapes. Parameters are
+initializers holding this rank's shard (or typed graph inputs when the model lives on the
+meta device and has no values). The forward graph is exported (it returns the loss);
+dropout is exported as identity (ONNX inference semantics).
+
+Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp), the layout of
+`backends/distributed.py`'s DeviceMesh(("dp", "tp")).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+import os
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+
+from pcompile import collectives
+from pcompile.errors import PcompileError
+from pcompile.ir import IR, target_name
+from pcompile.passes._fake import fake_run
+from pcompile.passes.tensor_parallel import local_shape
+from pcompile.plan import Plan
+
+DOMAIN = "pcompile"
+OPSET = 20  # Gelu and LayerNormalization are standard from here
+COLLECTIVE_OPS = {collectives.tp_copy: "TpCopy", collectives.tp_reduce: "TpReduce",
+                  collectives.tp_gather: "TpGather", collectives.tp_scatter: "TpScatter"}
+_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
+           torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
+           torch.bool: TensorProto.BOOL}
+
+
+# -- a rank's module, without a process group ------------------------------------------------
+def mesh_coords(plan: Plan, rank: int) -> dict[str, int]:
+    """(dp, tp) coordinates of `rank` in the row-major (dp, tp) mesh."""
+    if plan.pp != 1:
+        raise PcompileError(f"ONNX export of a pipeline plan (pp={plan.pp}) is not supported yet",
+                            "export a plan with pp=1")
+    if not 0 <= rank < plan.num_devices:
+        raise PcompileError(f"rank {rank} is outside the plan's {plan.num_devices} devices",
+                            f"use a rank in 0..{plan.num_devices - 1}")
+    dp_index, tp_index = divmod(rank, plan.default.tp)
+    return {"dp": dp_index, "tp": tp_index}
+
+
+def group_ranks(plan: Plan, rank: int, axis: str) -> list[int]:
+    """Global ranks of the `axis` group that `rank` belongs to."""
+    coords, tp = mesh_coords(plan, rank), plan.default.tp
+    if axis == "tp":
+        return [coords["dp"] * tp + j for j in range(tp)]
+    return [i * tp + coords["tp"] for i in range(plan.default.dp)]
+
+
+def rank_module(ir: IR, plan: Plan, rank: int) -> fx.GraphModule:
+    """The graph module `rank` runs: a copy of ir.gm holding that rank's shard of each split
+    parameter (as CompiledModel.lower builds it, but for any rank and with no process group)."""
+    coords = mesh_coords(plan, rank)
+    gm = copy.deepcopy(ir.gm)
+    for name, sharding in ir.param_shardings.items():
+        path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(path) if path else gm
+        full = getattr(owner, attr)
+        local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
+        setattr(owner, attr, nn.Parameter(local, requires_grad=full.requires_grad))
+    return gm
+
+
+def local_inputs(ir: IR, plan: Plan) -> list[torch.Tensor]:
+    """Meta tensors shaped like one rank's inputs: the global batch split over dp along dim 0."""
+    inputs = []
+    for node in ir.graph.find_nodes(op="placeholder"):
+        meta = ir.meta(node)
+        shape = list(meta.shape)
+        if shape:
+            shape[0] //= plan.default.dp
+        inputs.append(torch.empty(shape, dtype=getattr(torch, meta.dtype.replace("torch.", "")), device="meta"))
+    return inputs
+
+
+def _observe(ir: IR, plan: Plan) -> dict[str, object]:
+    """Every node's local value on fake tensors: tensors (shape, dtype) and folded python values."""
+    values: dict[str, object] = {}
+
+    def record(node, value):
+        values[node.name] = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+
+    def shard(name, shape):
+        return local_shape(shape, ir.param_shardings.get(name))
+
+    with collectives.simulate():
+        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=shard, grad=False)
+    return values
+
+
+# -- the graph builder -----------------------------------------------------------------------
+class _Graph:
+    """ONNX nodes, initializers and typed values for one rank, built fx node by fx node."""
+
+    def __init__(self, ir: IR, gm: fx.GraphModule, plan: Plan, rank: int, values: dict[str, object]):
+        self.ir, self.gm, self.plan, self.rank, self.values = ir, gm, plan, rank, values
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
+        self.names: dict[str, str] = {}  # fx node name -> ONNX value name
+        self.canonical = {id(p): n for n, p in gm.named_parameters()} | {id(b): n for n, b in gm.named_buffers()}
+        self.current: fx.Node | None = None
+        self.count = 0
+
+    def props(self) -> dict[str, str]:
+        node, meta = self.current, self.ir.meta(self.current)
+        return {"pcompile.node": node.name, "pcompile.target": target_name(node), "pcompile.layer": meta.layer or "-",
+                "pcompile.sharding": meta.sharding or "R"}
+
+    def add(self, op: str, inputs: list[str], output: str | None = None, domain: str = "", **attrs) -> str:
+        self.count += 1
+        output = output or f"{self.current.name}/{op.lower()}_{self.count}"
+        node = helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs)
+        helper.set_metadata_props(node, self.props())
+        self.nodes.append(node)
+        return output
+
+    def const(self, array: np.ndarray) -> str:
+        return self.add("Constant", [], value=numpy_helper.from_array(np.asarray(array)))
+
+    def arg(self, value, like: np.dtype = np.float32) -> str:
+        """The ONNX name of an fx argument: a node's value, or a constant for a python scalar."""
+        if isinstance(value, fx.Node):
+            if value.name not in self.names:
+                folded = self.values.get(value.name)
+                return self.const(np.asarray(folded, dtype=like))
+            return self.names[value.name]
+        return self.const(np.asarray(value, dtype=like))
+
+    def parameter(self, tensor: torch.Tensor, sharding: str = "R") -> str:
+        """An initializer holding this rank's tensor (a typed input when it lives on meta)."""
+        name = self.canonical[id(tensor)]
+        if name not in self.initializers and name not in {i.name for i in self.inputs}:
+            spec = self.ir.param_shardings.get(name)
+            props = {"pcompile.sharding": sharding if spec is None else f"S({spec.dim})@{spec.axis}",
+                     "pcompile.shard_of": str(spec.size if spec else 1)}
+            if tensor.is_meta:
+                info = helper.make_tensor_value_info(name, _DTYPES[tensor.dtype], list(tensor.shape))
+                helper.set_metadata_props(info, props)
+                self.inputs.append(info)
+            else:
+                init = numpy_helper.from_array(tensor.detach().cpu().float().numpy()
+                                               if tensor.dtype == torch.bfloat16 else tensor.detach().cpu().numpy(), name)
+                helper.set_metadata_props(init, props)
+                self.initializers[name] = init
+        return name
+
+    def shape(self, node: fx.Node) -> tuple[int, ...]:
+        return self.values[node.name][0]
+
+    def typed(self, node: fx.Node, name: str) -> onnx.ValueInfoProto:
+        shape, dtype = self.values[node.name]
+        if dtype not in _DTYPES:
+            raise PcompileError(f"ONNX export: node {node.name} has dtype {dtype}, which has no ONNX type here",
+                                f"use one of {sorted(str(d) for d in _DTYPES)}")
+        info = helper.make_tensor_value_info(name, _DTYPES[dtype], list(shape))
+        helper.set_metadata_props(info, {"pcompile.sharding": self.ir.meta(node).sharding or "R"})
+        return info
+
+
+# -- translations: fx node -> ONNX nodes (each returns the output value's name) ---------------
+def _linear(g: _Graph, x: str, weight: str, bias: str | None, out: str) -> str:
+    weight_t = g.add("Transpose", [weight], perm=[1, 0])
+    if bias is None:
+        return g.add("MatMul", [x, weight_t], out)
+    return g.add("Add", [g.add("MatMul", [x, weight_t]), bias], out)
+
+
+def _module(g: _Graph, node: fx.Node, out: str) -> str:
+    module = g.gm.get_submodule(node.target)
+    x = g.arg(node.args[0])
+    if isinstance(module, nn.Linear):
+        bias = g.parameter(module.bias) if module.bias is not None else None
+        return _linear(g, x, g.parameter(module.weight), bias, out)
+    if isinstance(module, nn.LayerNorm):
+        return _layer_norm(g, x, module.normalized_shape, module.weight, module.bias, module.eps, out)
+    if isinstance(module, nn.Embedding):
+        return g.add("Gather", [g.parameter(module.weight), x], out, axis=0)
+    if isinstance(module, nn.Dropout | nn.Identity):
+        return g.add("Identity", [x], out)
+    if isinstance(module, nn.ReLU | nn.GELU):
+        return _activation(g, x, "relu" if isinstance(module, nn.ReLU) else "gelu",
+                           getattr(module, "approximate", "none"), out)
+    raise _unsupported(node, type(module).__name__)
+
+
+def _layer_norm(g: _Graph, x: str, normalized, weight, bias, eps: float, out: str) -> str:
+    scale = g.parameter(weight) if weight is not None else g.const(np.ones(normalized, np.float32))
+    shift = g.parameter(bias) if bias is not None else g.const(np.zeros(normalized, np.float32))
+    return g.add("LayerNormalization", [x, scale, shift], out, axis=-len(normalized), epsilon=float(eps))
+
+
+def _activation(g: _Graph, x: str, kind: str, approximate: str, out: str) -> str:
+    if kind == "relu":
+        return g.add("Relu", [x], out)
+    return g.add("Gelu", [x], out, approximate=approximate)
+
+
+def _causal_mask(g: _Graph, length: int, source: int) -> str:
+    """-inf above the diagonal, 0 elsewhere, built by ops (a stored T x T constant would be
+    16 MB per layer at T=2048) and shared by every attention of the rank."""
+    key = f"causal_mask_{length}x{source}"
+    if key not in g.names:
+        full = g.add("ConstantOfShape", [g.const(np.array([length, source], np.int64))],
+                     value=numpy_helper.from_array(np.array([-np.inf], np.float32)))
+        g.names[key] = g.add("Trilu", [full, g.const(np.int64(1))], upper=1)
+    return g.names[key]
+
+
+def _attention(g: _Graph, node: fx.Node, out: str) -> str:
+    """softmax(q k^T * scale + causal mask) v, the math SDPA computes (dropout exported as identity)."""
+    q, k, v = (g.arg(a) for a in node.args[:3])
+    kwargs = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:])) | node.kwargs
+    if kwargs.get("attn_mask") is not None:
+        raise _unsupported(node, "scaled_dot_product_attention with an explicit attn_mask")
+    q_shape, k_shape = g.shape(node.args[0]), g.shape(node.args[1])
+    scale = kwargs.get("scale") or 1.0 / math.sqrt(q_shape[-1])
+    k_t = g.add("Transpose", [k], perm=list(range(len(k_shape) - 2)) + [len(k_shape) - 1, len(k_shape) - 2])
+    scores = g.add("Mul", [g.add("MatMul", [q, k_t]), g.const(np.float32(scale))])
+    if kwargs.get("is_causal"):
+        scores = g.add("Add", [scores, _causal_mask(g, q_shape[-2], k_shape[-2])])
+    return g.add("MatMul", [g.add("Softmax", [scores], axis=-1), v], out)
+
+
+def _cross_entropy(g: _Graph, node: fx.Node, out: str) -> str:
+    kwargs = dict(zip(("weight", "size_average", "ignore_index", "reduce", "reduction", "label_smoothing"),
+                      node.args[2:])) | node.kwargs
+    if kwargs.get("weight") is not None or kwargs.get("label_smoothing", 0.0):
+        raise _unsupported(node, "cross_entropy with class weights or label smoothing")
+    logits = g.add("LogSoftmax", [g.arg(node.args[0])], axis=1)
+    return g.add("NegativeLogLikelihoodLoss", [logits, g.arg(node.args[1])], out,
+                 reduction=kwargs.get("reduction", "mean"), ignore_index=int(kwargs.get("ignore_index", -100)))
+
+
+def _collective(g: _Graph, node: fx.Node, out: str) -> str:
+    """A pcompile-domain node: axis, group size, this rank's group and the local output shape."""
+    fn = node.target
+    if fn in (collectives.tp_gather, collectives.tp_scatter):
+        x, dim, axis, size = node.args
+        extra = {"dim": int(dim)}
+    else:
+        x, axis, size = node.args
+        extra = {}
+    ranks = group_ranks(g.plan, g.rank, axis)
+    return g.add(COLLECTIVE_OPS[fn], [g.arg(x)], out, domain=DOMAIN, axis=axis, group_size=int(size),
+                 group_ranks=ranks, rank_in_group=ranks.index(g.rank), shape=list(g.shape(node)),
+                 input_shape=list(g.shape(x)), **extra)
+
+
+def _reshape(g: _Graph, node: fx.Node, out: str) -> str:
+    return g.add("Reshape", [g.arg(node.args[0]), g.const(np.array(g.shape(node), np.int64))], out)
+
+
+def _transpose(g: _Graph, node: fx.Node, out: str) -> str:
+    rank = len(g.shape(node))
+    if node.target == "permute":
+        dims = node.args[1:] if not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        perm = [d % rank for d in dims]
+    else:
+        a, b = (d % rank for d in node.args[1:3])
+        perm = list(range(rank))
+        perm[a], perm[b] = perm[b], perm[a]
+    return g.add("Transpose", [g.arg(node.args[0])], out, perm=perm)
+
+
+def _binary(op: str):
+    def translate(g: _Graph, node: fx.Node, out: str) -> str:
+        like = np.dtype(str(g.values[node.name][1]).replace("torch.", ""))
+        return g.add(op, [g.arg(node.args[0], like), g.arg(node.args[1], like)], out)
+    return translate
+
+
+def _arange(g: _Graph, node: fx.Node, out: str) -> str:
+    bounds = [g.values[a.name] if isinstance(a, fx.Node) else a for a in node.args]
+    start, end, step = (0, bounds[0], 1) if len(bounds) == 1 else (tuple(bounds) + (1,))[:3]
+    return g.add("Range", [g.const(np.int64(start)), g.const(np.int64(end)), g.const(np.int64(step))], out)
+
+
+def _linear_call(g: _Graph, node: fx.Node, out: str) -> str:
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return _linear(g, g.arg(node.args[0]), g.arg(node.args[1]), None if bias is None else g.arg(bias), out)
+
+
+FUNCTIONS = {
+    operator.add: _binary("Add"), operator.sub: _binary("Sub"), operator.mul: _binary("Mul"),
+    operator.truediv: _binary("Div"), torch.add: _binary("Add"), torch.matmul: _binary("MatMul"),
+    operator.matmul: _binary("MatMul"),
+    F.linear: _linear_call, torch._C._nn.linear: _linear_call,
+    F.gelu: lambda g, n, out: _activation(g, g.arg(n.args[0]), "gelu", n.kwargs.get("approximate", "none"), out),
+    torch._C._nn.gelu: lambda g, n, out: _activation(g, g.arg(n.args[0]), "gelu",
+                                                      n.kwargs.get("approximate", "none"), out),
+    F.relu: lambda g, n, out: _activation(g, g.arg(n.args[0]), "relu", "none", out),
+    torch.relu: lambda g, n, out: _activation(g, g.arg(n.args[0]), "relu", "none", out),
+    F.scaled_dot_product_attention: _attention, torch._C._nn.scaled_dot_product_attention: _attention,
+    F.cross_entropy: _cross_entropy, torch.arange: _arange,
+    torch.reshape: _reshape, torch.flatten: _reshape,
+    F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out),
+    **{fn: _collective for fn in COLLECTIVE_OPS},
+}
+METHODS = {"view": _reshape, "reshape": _reshape, "flatten": _reshape, "transpose": _transpose,
+           "permute": _transpose, "contiguous": lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out)}
+
+
+def _unsupported(node: fx.Node, what: str) -> PcompileError:
+    return PcompileError(f"ONNX export: no translation for {what} (node {node.name})",
+                         "export a model made of Linear/LayerNorm/Embedding/GELU/ReLU/SDPA/cross_entropy and views, "
+                         "or add a translation to pcompile/backends/onnx.py")
+
+
+def _translate(g: _Graph, node: fx.Node) -> None:
+    g.current = node
+    value = g.values.get(node.name)
+    if node.op == "output":
+        return
+    if node.op == "placeholder":
+        g.inputs.append(g.typed(node, node.name))
+        g.names[node.name] = node.name
+        return
+    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype)):
+        return  # a folded python value (a size, a device): consumers read it from g.values
+    if node.op == "get_attr":
+        g.names[node.name] = g.parameter(g.gm.get_parameter(node.target) if node.target in dict(
+            g.gm.named_parameters()) else g.gm.get_buffer(node.target), g.ir.meta(node).sharding or "R")
+        return
+    if node.op == "call_module":
+        translate = _module
+    elif node.op == "call_method":
+        translate = METHODS.get(node.target)
+    else:
+        translate = FUNCTIONS.get(node.target)
+    if translate is None:
+        raise _unsupported(node, f"{node.op} {target_name(node)}")
+    g.names[node.name] = translate(g, node, node.name)
+    g.value_info.append(g.typed(node, node.name))
+
+
+# -- public API ------------------------------------------------------------------------------
+def export_rank(ir: IR, plan: Plan, rank: int, path: str | os.PathLike | None = None, *,
+                _values: dict | None = None) -> onnx.ModelProto:
+    """The ONNX model of `rank`'s forward graph (checked with onnx.checker); written to `path` if given."""
+    gm = rank_module(ir, plan, rank)
+    g = _Graph(ir, gm, plan, rank, _values or _observe(ir, plan))
+    for node in ir.graph.nodes:
+        _translate(g, node)
+    (output_node,) = ir.graph.find_nodes(op="output")
+    results = output_node.args[0] if isinstance(output_node.args[0], (tuple, list)) else (output_node.args[0],)
+    outputs = [g.typed(r, g.names[r.name]) for r in results]
+    value_info = [v for v in g.value_info if v.name not in {o.name for o in outputs}]
+    graph = helper.make_graph(g.nodes, f"rank{rank}", g.inputs, outputs, list(g.initializers.values()),
+                              value_info=value_info)
+    model = helper.make_model(graph, producer_name="pcompile",
+                              opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
+    coords = mesh_coords(plan, rank)
+    helper.set_model_props(model, {
+        "pcompile.rank": str(rank), "pcompile.coords": ",".join(f"{k}={v}" for k, v in coords.items()),
+        "pcompile.plan": plan.default.describe(), "pcompile.num_devices": str(plan.num_devices),
+        "pcompile.dp_group": ",".join(map(str, group_ranks(plan, rank, "dp"))),
+        "pcompile.note": "forward graph (returns the loss); after backward, gradients are averaged over dp_group"})
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, os.fspath(path))
+    return model
+
+
+def export(ir: IR, plan: Plan, directory: str | os.PathLike) -> list[str]:
+    """Write `rank{r}.onnx` for every rank of `plan` into `directory`; returns the paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths, values = [], _observe(ir, plan)  # every rank has the same local shapes
+    for rank in range(plan.num_devices):
+        path = os.path.join(directory, f"rank{rank}.onnx")
+        export_rank(ir, plan, rank, path, _values=values)
+        paths.append(path)
+    return paths
+
+
+def reference_ops():
+    """onnx.reference implementations of the pcompile ops as one rank sees them without peers
+    (the semantics of `pcompile.collectives.simulate()`): copy/reduce are identities, gather
+    repeats the local shard, scatter keeps chunk `rank_in_group`."""
+    from onnx.reference.op_run import OpRun
+
+    class TpCopy(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, x, **attrs):
+            return (x.copy(),)
+
+    class TpReduce(TpCopy):
+        pass
+
+    class TpGather(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, x, dim=None, group_size=None, **attrs):
+            return (np.concatenate([x] * group_size, axis=dim),)
+
+    class TpScatter(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, x, dim=None, group_size=None, rank_in_group=None, **attrs):
+            return (np.array_split(x, group_size, axis=dim)[rank_in_group].copy(),)
+
+    return [TpCopy, TpReduce, TpGather, TpScatter]

@@ -1,0 +1,135 @@
+"""ONNX export of a 4-rank dp2 x tp2 plan: every rank's file passes onnx.checker, holds the
+collectives as `pcompile` domain nodes with their group and shape, carries each node's
+sharding, and evaluates (onnx.reference) to the values torch computes on that rank's graph
+with `collectives.simulate()` (collectives as one rank sees them alone) — node by node."""
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.fx as fx
+from onnx.reference import ReferenceEvaluator
+
+import pcompile
+from pcompile import collectives
+from pcompile.backends import onnx as export_onnx
+from pcompile.errors import PcompileError
+from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
+
+PLAN = pcompile.Plan.uniform(dp=2, tp=2)
+MODELS = {"gpt": (lambda: GPT(GPTConfig()), lambda: gpt_inputs(GPTConfig(), 8)),
+          "mlp": (lambda: MLPModel(MLPConfig()), lambda: mlp_inputs(MLPConfig(), 16))}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(request, tmp_path_factory):
+    build, inputs = MODELS[request.param]
+    torch.manual_seed(0)
+    example = inputs()
+    cm = pcompile.compile(build(), pcompile.Cluster.local(4), example, plan=PLAN)  # no process group: not lowered
+    paths = export_onnx.export(cm.ir, cm.plan, tmp_path_factory.mktemp(request.param))
+    return cm, example, paths
+
+
+def _torch_values(gm: fx.GraphModule, inputs) -> dict[str, torch.Tensor]:
+    """Every tensor an fx node produces when this rank's graph runs alone."""
+    values = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, n):
+            values[n.name] = result = super().run_node(n)
+            return result
+
+    with collectives.simulate(), torch.no_grad():
+        Record(gm).run(*inputs)
+    return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+
+
+def test_every_rank_passes_the_checker_and_holds_the_collectives(exported):
+    cm, _, paths = exported
+    ir_collectives = [n for n in cm.ir.graph.nodes if n.target in collectives.COLLECTIVES]
+    assert len(paths) == 4 and ir_collectives
+    for rank, path in enumerate(paths):
+        onnx.checker.check_model(path, full_check=True)
+        model = onnx.load(path)
+        nodes = [n for n in model.graph.node if n.domain == "pcompile"]
+        assert [n.name for n in nodes] == [n.name for n in ir_collectives]
+        dp_index, tp_index = divmod(rank, 2)
+        for node, fx_node in zip(nodes, ir_collectives):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert node.op_type == {"tp_copy": "TpCopy", "tp_reduce": "TpReduce"}[fx_node.target.__name__]
+            assert attrs["axis"] == b"tp" and attrs["group_size"] == 2
+            assert attrs["group_ranks"] == [2 * dp_index, 2 * dp_index + 1]
+            assert attrs["rank_in_group"] == tp_index
+            global_shape = list(cm.ir.meta(fx_node).shape)
+            global_shape[0] //= 2  # this rank's half of the batch
+            if cm.ir.meta(fx_node).sharding.startswith("S("):
+                dim = int(cm.ir.meta(fx_node).sharding[2])
+                global_shape[dim] //= 2
+            assert attrs["shape"] == global_shape
+
+
+def test_node_sharding_and_shards_are_recorded(exported):
+    cm, _, paths = exported
+    model = onnx.load(paths[3])
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        fx_node = next(n for n in cm.ir.graph.nodes if n.name == props["pcompile.node"])
+        assert props["pcompile.sharding"] == (cm.ir.meta(fx_node).sharding or "R")
+        assert props["pcompile.layer"] == cm.ir.meta(fx_node).layer
+    full = dict(cm.ir.gm.named_parameters())
+    initializers = {t.name: t for t in model.graph.initializer}
+    for name, spec in cm.ir.param_shardings.items():
+        local = onnx.numpy_helper.to_array(initializers[name])
+        expected = full[name].detach().chunk(2, dim=spec.dim)[1].numpy()  # rank 3 is tp index 1
+        np.testing.assert_array_equal(local, expected)
+        assert {p.key: p.value for p in initializers[name].metadata_props}["pcompile.sharding"] == \
+            f"S({spec.dim})@tp"
+
+
+def test_each_rank_evaluates_like_torch_node_by_node(exported):
+    cm, example, paths = exported
+    for rank, path in enumerate(paths):
+        model = onnx.load(path)
+        dp_index = rank // 2
+        local = [x.chunk(2)[dp_index] for x in example]
+        expected = _torch_values(export_onnx.rank_module(cm.ir, cm.plan, rank), local)
+        names = [v.name for v in model.graph.value_info] + [o.name for o in model.graph.output]
+        assert len(names) > 10
+        feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
+        got = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(names, feeds)
+        for name, value in zip(names, got):
+            np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+        loss = got[names.index(model.graph.output[0].name)]
+        assert abs(float(loss) - expected[model.graph.output[0].name].item()) < 1e-5
+
+
+def test_a_meta_model_exports_its_structure_without_weights(tmp_path):
+    cfg = GPTConfig(vocab_size=512, seq_len=64, hidden=128, num_heads=4, num_layers=2)
+    with torch.device("meta"):
+        model = GPT(cfg)
+    x = torch.zeros(8, cfg.seq_len, dtype=torch.long, device="meta")
+    cm = pcompile.compile(model, pcompile.Cluster.local(4), (x, x), plan=PLAN)
+    model_proto = export_onnx.export_rank(cm.ir, cm.plan, 1, tmp_path / "rank1.onnx")
+    assert not model_proto.graph.initializer
+    inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model_proto.graph.input}
+    assert inputs["idx"] == [4, 64]
+    assert inputs["blocks.0.mlp.fc.weight"] == [256, 128]  # column-parallel: half the 512 outputs
+    assert inputs["blocks.0.mlp.out.weight"] == [128, 256]  # row-parallel: half the 512 inputs
+    assert (tmp_path / "rank1.onnx").stat().st_size < 200_000
+
+
+class _Sine(torch.nn.Module):
+    def forward(self, x, y):
+        return torch.sin(x).sum() + y.sum()
+
+
+def test_an_untranslated_op_is_named():
+    cm = pcompile.compile(_Sine(), pcompile.Cluster.local(1), (torch.ones(4, 2), torch.ones(4)))
+    with pytest.raises(PcompileError, match="torch.sin"):
+        export_onnx.export_rank(cm.ir, cm.plan, 0)
+
+
+def test_ranks_outside_the_plan_are_refused():
+    cm = pcompile.compile(MLPModel(MLPConfig()), pcompile.Cluster.local(4), mlp_inputs(MLPConfig(), 16), plan=PLAN)
+    with pytest.raises(PcompileError, match="rank 4 is outside"):
+        export_onnx.rank_module(cm.ir, cm.plan, 4)
