@@ -1,5 +1,6 @@
 """Front end: fx capture keeps the model's names, computes the same loss, and the IR text
 form lists every node and parses back."""
+import pytest
 import torch
 
 from pcompile.ir import IR, target_name
@@ -53,3 +54,15 @@ def test_gpt_trace_parses_back_to_the_graph_node_list():
                and t.split(".")[-1] in ("q", "k", "v", "proj", "fc", "out")]
     assert len(linears) == 12 and linears[0] == "blocks.0.attn.q" and linears[-1] == "blocks.1.mlp.out"
     assert ir.capture == "fx"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: IR.format pads with ljust but never truncates, so names longer than "
+                                       "the column (scaled_dot_product_attention_1: 30 > 28, target "
+                                       "torch._C._nn.scaled_dot_product_attention: 41 > 34) shift the row")
+def test_format_columns_are_fixed():
+    cfg = GPTConfig(num_layers=2)
+    ir = analyse(GPT(cfg), gpt_inputs(cfg, 2))
+    lines = ir.format().splitlines()
+    start = lines[0].index("shape")
+    for line in lines[1:]:
+        assert line[start - 1] == " " and line[start] != " ", line
