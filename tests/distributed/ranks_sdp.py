@@ -19,7 +19,13 @@ from pcompile import collectives, sdp
 from pcompile.api import PIPELINE
 from pcompile.backends.distributed import CompiledModel
 from pcompile.passes.tensor_parallel import local_shape
-from tests.distributed.ranks import MODELS, _max_diff
+from pcompile.models import MLPConfig, MLPModel, mlp_inputs
+from tests.distributed.ranks import MODELS as _MODELS, _max_diff
+
+# "mlp6": a classifier of 6 classes, so with dp=4 its weight shards along dim 1 and its bias
+# (no dim divisible by 4) stays replicated inside an sdp layer.
+MODELS = dict(_MODELS, mlp6=(lambda: MLPModel(MLPConfig(num_classes=6)),
+                             lambda seed: mlp_inputs(MLPConfig(num_classes=6), 16, seed)))
 
 SDP_PIPELINE = PIPELINE + ["sharded_data_parallel"] if "sharded_data_parallel" not in PIPELINE else PIPELINE
 _KEYS = itertools.count()
@@ -73,9 +79,16 @@ def compile_sdp(model: torch.nn.Module, plan: pcompile.Plan, inputs: tuple) -> S
     return SdpCompiledModel(ir, plan, model, []).lower()
 
 
-def replicated_numel(cm: CompiledModel) -> int:
-    """Parameter elements per rank if the sdp layers were plain dp (tensor-parallel slices only)."""
-    return sum(local_shape(p.shape, cm.ir.param_shardings.get(n)).numel() for n, p in cm.ir.gm.named_parameters())
+def numel_per_rank(cm: SdpCompiledModel) -> tuple[int, int]:
+    """Parameter elements per rank expected under ZeRO-3 (sdp parameters 1/dp of their tensor-
+    parallel slice) and if every layer were plain dp (tensor-parallel slices only)."""
+    shardings = sdp.param_shardings(cm.ir.gm)
+    expected = replicated = 0
+    for name, p in cm.ir.gm.named_parameters():
+        local = local_shape(p.shape, cm.ir.param_shardings.get(name)).numel()
+        replicated += local
+        expected += local // shardings[name].size if name in shardings else local
+    return expected, replicated
 
 
 def gathered_alive_after_forward(cm: SdpCompiledModel, inputs: tuple) -> int:
@@ -102,17 +115,18 @@ def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr
     for step in range(steps):
         x, y = inputs(step)
         loss = cm.train_step(x, y)
-        expected = serial(x, y)
-        expected.backward()
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
+        serial_loss = serial(x, y)
+        serial_loss.backward()
+        loss_diff = max(loss_diff, abs(loss.item() - serial_loss.item()))
         grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
         optimizer.step()
         optimizer.zero_grad()
         serial_optimizer.step()
         serial_optimizer.zero_grad()
+    expected_numel, replicated = numel_per_rank(cm)
     return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()),
-            "numel": sum(p.numel() for p in cm.parameters()), "replicated_numel": replicated_numel(cm),
+            "numel": sum(p.numel() for p in cm.parameters()), "expected_numel": expected_numel, "replicated_numel": replicated,
             "sharded": len(sdp.param_shardings(cm.ir.gm)), "alive_after_forward": alive}
 
 
