@@ -6,7 +6,7 @@ import pcompile
 from tests.distributed.ranks_properties import EXPLICIT, run_properties
 
 TOLERANCE = 1e-5
-EXAMPLES = 15
+EXAMPLES = 10
 
 
 def test_random_configs_and_factorisations_match_serial():
