@@ -88,3 +88,29 @@ def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: 
     if failure is not None:
         raise RuntimeError(f"rank {failure[0]} failed:\n{failure[1]}")
     return [results[rank] for rank in range(world_size)]
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> None:
+    """`init_process_group` from torchrun's environment, safe across `--max-restarts`.
+
+    Why not plain init_process_group("gloo"): under torchrun (torch 2.13) a restarted group
+    reuses the agent's TCPStore on the same port and gloo reads the previous attempt's peer
+    addresses from it, then times out connecting. Prefixing the store with the restart count
+    gives every attempt fresh keys.
+    """
+    if dist.is_initialized():
+        return
+    from datetime import timedelta
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=(not agent_store and rank == 0), timeout=timedelta(seconds=timeout_s),
+                          multi_tenant=not agent_store)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend, store=dist.PrefixStore(f"/pcompile/attempt_{attempt}", store), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
