@@ -1,0 +1,321 @@
+"""The plan search: per-stage knapsack DPs under a min-max stage partition, over every setting.
+
+Per stage (a layer sequence, its CostTable, in-flight count r, bottleneck factor c, budget M):
+Galvatron's multiple-choice knapsack with switching cost, memory on a grid of `cells` steps
+of M / cells:
+    f[l][v][s] = c t[l,s] + sync[l,s] + min_s' (f[l-1][v - w[l,s]][s'] + c switch[l-1,s',s])
+    w[l,s] = state + r act (in cells); a stage's value = min_s f[last][cells(M - theta)][s]
+The peak adds max_l temp[l, s_l], which is not a sum: for each threshold theta (a distinct
+temp value) the layers may only use strategies with temp <= theta and the budget is M - theta;
+the stage's value is the minimum over theta, searched best-first with the bound
+unrestricted_f[cells(M - theta)] (more strategies never hurt, less memory never helps).
+`min_s'` is taken per class of identical switch rows (strategies with the same activation
+layout), V x C x S instead of V x S x S. States are memoised by the signature of the layer
+sequence, so identical blocks share them (a 96-block model has ~100 distinct stage prefixes).
+
+Stages: F[k][j] = min_i max(F[k-1][i], g_k(i, j)) over contiguous partitions (g monotone in
+j and in -i, which prunes the scan at the incumbent); interleaved 1F1B uses the even chunks.
+Settings are visited in order of a lower bound (c * sum of per-layer minimum times / pp) and
+cut at the incumbent.
+
+Grid exactness: rounding weights down makes a relaxation (every true plan stays feasible),
+rounding up a restriction (every plan found fits). The floor search's plan, checked exactly,
+is optimal when it fits; otherwise the ceil search's plan is optimal when its time equals the
+floor bound; otherwise the grid is halved (`SearchResult.certified` says which happened).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from pcompile.costtable import CostTable
+from pcompile.errors import PcompileError
+from pcompile.search_space import Setting, even_segments, p2p_time
+
+FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's first layer (no switch)
+
+
+@dataclass(frozen=True)
+class _Key:
+    parent: int
+    layer: int
+    incoming: int  # boundary index (switch between layer-1 and layer), FIRST or SEAM
+    thetas: np.ndarray  # distinct temp values of the valid strategies of the sequence's layers
+
+    @property
+    def max_temp(self) -> float:
+        return float(self.thetas[-1]) if len(self.thetas) else -math.inf
+
+
+class TableIndex:
+    """A CostTable prepared for the DP: time/sync/memory rows, row and switch signatures,
+    switch matrices compressed to classes of identical source rows, interned sequence keys."""
+
+    def __init__(self, table: CostTable):
+        _check_table(table)
+        self.table = table
+        self.time = np.where(np.isfinite(table.fwd_time + table.bwd_time), table.fwd_time + table.bwd_time, np.inf)
+        valid = np.isfinite(self.time) & np.isfinite(table.sync_time)
+        self.temps = [np.unique(table.temp_memory[l, valid[l]]) for l in range(table.num_layers)]
+        rows = np.stack([self.time, table.sync_time, table.state_memory, table.activation_memory,
+                         table.temp_memory], axis=1)
+        self.row_sig = _signatures([rows[l].tobytes() for l in range(table.num_layers)])
+        self.switch_sig = _signatures([table.switch_time[b].tobytes() for b in range(table.num_layers - 1)])
+        self.switch_classes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.keys: dict[tuple[int, int, int], int] = {}
+        self.info: list[_Key] = [_Key(-1, -1, FIRST, np.empty(0))]
+
+    def child(self, parent: int, layer: int, incoming: int) -> int:
+        """The key of sequence `parent` + `layer` (entered through `incoming`)."""
+        edge = self.switch_sig[incoming] if incoming >= 0 else incoming
+        sig = (parent, edge, self.row_sig[layer])
+        key = self.keys.get(sig)
+        if key is None:
+            key = len(self.info)
+            self.keys[sig] = key
+            self.info.append(_Key(parent, layer, incoming, np.union1d(self.info[parent].thetas, self.temps[layer])))
+        return key
+
+    def sequence(self, segments) -> int:
+        key = 0
+        for a, b in segments:
+            for layer in range(a, b):
+                key = self.child(key, layer, FIRST if key == 0 else (SEAM if layer == a else layer - 1))
+        return key
+
+    def compressed_switch(self, boundary: int):
+        """(order, starts, rows): min over s' of f[:, s'] + sw[s', s] = min over classes."""
+        sig = self.switch_sig[boundary]
+        if sig not in self.switch_classes:
+            rows, labels = np.unique(self.table.switch_time[boundary], axis=0, return_inverse=True)
+            labels = labels.reshape(-1)
+            order = np.argsort(labels, kind="stable")
+            starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
+            self.switch_classes[sig] = (order, starts, rows)
+        return self.switch_classes[sig]
+
+
+def _signatures(blobs: list[bytes]) -> list[int]:
+    ids: dict[bytes, int] = {}
+    return [ids.setdefault(b, len(ids)) for b in blobs]
+
+
+def _check_table(t: CostTable) -> None:
+    L, S = t.num_layers, t.num_strategies
+    shapes = {"fwd_time": (L, S), "bwd_time": (L, S), "sync_time": (L, S), "state_memory": (L, S),
+              "activation_memory": (L, S), "temp_memory": (L, S), "switch_time": (max(L - 1, 0), S, S),
+              "boundary_bytes": (max(L - 1, 0),)}
+    for name, shape in shapes.items():
+        got = np.shape(getattr(t, name))
+        if got != shape:
+            raise PcompileError(f"CostTable.{name} has shape {got}, expected {shape} ({L} layers x {S} strategies)",
+                                "fill every array for every (layer, strategy) of the table")
+    for name in ("state_memory", "activation_memory", "temp_memory", "switch_time", "boundary_bytes"):
+        arr = np.asarray(getattr(t, name))
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise PcompileError(f"CostTable.{name} has negative or non-finite entries",
+                                "memory, switch times and boundary bytes must be finite and >= 0 "
+                                "(mark impossible strategies with time = inf instead)")
+
+
+class StageSolver:
+    """The knapsack DP of one stage kind: (table, in-flight r, factor c, budget M, rounding)."""
+
+    def __init__(self, index: TableIndex, in_flight: float, coefficient: float, budget: float, cells: int,
+                 ceil: bool):
+        self.index, self.c, self.budget = index, coefficient, budget
+        table = index.table
+        self.step = budget / cells if budget > 0 else 1.0
+        self.V = cells + 1
+        weight = (table.state_memory + in_flight * table.activation_memory) / self.step
+        cells_used = np.ceil(weight) if ceil else np.floor(weight)
+        self.w = np.minimum(cells_used, self.V).astype(np.int64)
+        sync = np.where(np.isfinite(table.sync_time), table.sync_time, np.inf)
+        self.cost = coefficient * index.time + sync
+        self.states: dict[tuple[int, float], np.ndarray] = {}
+        self.values: dict[int, tuple[float, float]] = {}
+        self._rows = np.arange(self.V)[:, None]
+
+    def cells(self, theta: float) -> int:
+        """Budget cells left once the transient theta is reserved (-1: nothing fits)."""
+        if theta > self.budget:
+            return -1
+        return min(self.V - 1, int(math.floor((self.budget - theta) / self.step)))
+
+    def _norm(self, key: int, theta: float) -> float:
+        return math.inf if theta >= self.index.info[key].max_temp else theta
+
+    def state(self, key: int, theta: float) -> np.ndarray:
+        """f[v, s] of the sequence `key` with strategies restricted to temp <= theta."""
+        chain = []
+        k = key
+        while k and (k, self._norm(k, theta)) not in self.states:
+            chain.append(k)
+            k = self.index.info[k].parent
+        f = self.states[(k, self._norm(k, theta))] if k else None
+        for k in reversed(chain):
+            f = self._extend(f, k, theta)
+            self.states[(k, self._norm(k, theta))] = f
+        return f
+
+    def _extend(self, prev: np.ndarray | None, key: int, theta: float) -> np.ndarray:
+        info = self.index.info[key]
+        layer = info.layer
+        cost = self.cost[layer]
+        if theta < math.inf:
+            cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
+        w = self.w[layer]
+        if prev is None:
+            return np.where(self._rows >= w[None, :], cost[None, :], np.inf)
+        if info.incoming == SEAM:
+            h = np.broadcast_to(prev.min(axis=1)[:, None], prev.shape)
+        else:
+            order, starts, rows = self.index.compressed_switch(info.incoming)
+            g = np.minimum.reduceat(prev[:, order], starts, axis=1)
+            h = (g[:, :, None] + self.c * rows[None, :, :]).min(axis=1)
+        src = self._rows - w[None, :]
+        shifted = np.take_along_axis(h, np.maximum(src, 0), axis=0)
+        return np.where(src >= 0, shifted + cost[None, :], np.inf)
+
+    def value(self, key: int) -> tuple[float, float]:
+        """(min over plans of c T + S for the sequence within budget, the theta achieving it)."""
+        got = self.values.get(key)
+        if got is not None:
+            return got
+        thetas = self.index.info[key].thetas
+        best, arg = math.inf, math.inf
+        if len(thetas):
+            free = self.state(key, math.inf).min(axis=1)
+            top = self.cells(float(thetas[-1]))
+            if top >= 0:
+                best = float(free[top])
+            bounds = sorted((float(free[v]), float(t)) for t in thetas[:-1] if (v := self.cells(float(t))) >= 0)
+            for bound, theta in bounds:
+                if bound >= best:
+                    break
+                val = float(self.state(key, theta)[self.cells(theta)].min())
+                if val < best:
+                    best, arg = val, theta
+        self.values[key] = (best, arg)
+        return best, arg
+
+    def strategies(self, key: int) -> list[int]:
+        """The optimal strategy index per layer of the sequence (backtracking the memo)."""
+        _, theta = self.value(key)
+        info = self.index.info
+        v = self.cells(info[key].max_temp if theta == math.inf else theta)
+        f = self.state(key, theta)
+        s = int(np.argmin(f[v]))
+        out, k = [s], key
+        while info[k].parent:
+            v -= int(self.w[info[k].layer, s])
+            prev = self.state(info[k].parent, theta)
+            if info[k].incoming == SEAM:
+                s = int(np.argmin(prev[v]))
+            else:
+                s = int(np.argmin(prev[v] + self.c * self.index.table.switch_time[info[k].incoming][:, s]))
+            out.append(s)
+            k = info[k].parent
+        return out[::-1]
+
+
+@dataclass(frozen=True)
+class SettingPlan:
+    setting: Setting
+    value: float  # the objective as the DP computed it
+    segments: tuple[tuple[tuple[int, int], ...], ...]  # per stage, its layer ranges
+    choice: tuple[int, ...]  # strategy index per layer
+
+
+class SettingSolver:
+    """All stages of one setting: their tables, budgets and DP solvers."""
+
+    def __init__(self, setting: Setting, indexes: list[TableIndex], budgets: list[float], cells: int, ceil: bool,
+                 p2p_bandwidth: float, p2p_latency: float, solver_cache: dict):
+        self.setting, self.indexes = setting, indexes
+        c = setting.coefficient
+        self.solvers = []
+        for k, (index, budget) in enumerate(zip(indexes, budgets)):
+            r = setting.in_flight(k)
+            cache_key = (id(index), r, c, budget, cells, ceil)
+            if cache_key not in solver_cache:
+                solver_cache[cache_key] = StageSolver(index, r, c, budget, cells, ceil)
+            self.solvers.append(solver_cache[cache_key])
+        L = indexes[0].table.num_layers
+        self.p2p = [np.array([c * p2p_time(ix.table, l, p2p_bandwidth, p2p_latency) for l in range(L - 1)] + [0.0])
+                    for ix in indexes]
+
+    def fixed(self, segments) -> SettingPlan | None:
+        """The best plan with these stage segments (even split, interleaved chunks)."""
+        if segments is None:
+            return None
+        total, keys = 0.0, []
+        for k, segs in enumerate(segments):
+            key = self.indexes[k].sequence(segs)
+            val = self.solvers[k].value(key)[0] + sum(self.p2p[k][b - 1] for _, b in segs)
+            total, keys = max(total, val), keys + [key]
+        if total == math.inf:
+            return None
+        return self._plan(total, segments, keys)
+
+    def _plan(self, value, segments, keys) -> SettingPlan:
+        choice = []
+        for k, key in enumerate(keys):
+            choice += self.solvers[k].strategies(key)
+        return SettingPlan(self.setting, value, tuple(segments), tuple(choice))
+
+    def best(self, bound: float) -> SettingPlan | None:
+        """The optimal plan of this setting if its value is <= bound (min-max partition DP)."""
+        s = self.setting
+        if s.chunks > 1:
+            plan = self.fixed(even_segments(self.indexes[0].table.layers, s.pp, s.chunks))
+            return plan if plan is not None and plan.value <= bound else None
+        even = self.fixed(even_segments(self.indexes[0].table.layers, s.pp))
+        if even is not None:
+            bound = min(bound, even.value)
+        L, pp = self.indexes[0].table.num_layers, s.pp
+        F = np.full(L + 1, math.inf)
+        F[0] = 0.0
+        back = []
+        for k in range(pp):
+            index, solver, p2p = self.indexes[k], self.solvers[k], self.p2p[k]
+            G = np.full(L + 1, math.inf)
+            arg = np.full(L + 1, -1)
+            if k < pp - 1:
+                stop = L - (pp - 1 - k)
+                for i in range(k, stop):
+                    if F[i] > bound:
+                        continue
+                    key = 0
+                    for j in range(i + 1, stop + 1):
+                        key = index.child(key, j - 1, FIRST if key == 0 else j - 2)
+                        val = solver.value(key)[0]
+                        if val > bound:
+                            break
+                        cand = max(F[i], val + p2p[j - 1])
+                        if cand < G[j]:
+                            G[j], arg[j] = cand, i
+            else:
+                for i in range(L - 1, k - 1, -1):
+                    if F[i] > bound:
+                        continue
+                    val = solver.value(index.sequence([(i, L)]))[0]
+                    if val > bound:
+                        break
+                    cand = max(F[i], val)
+                    if cand < G[L]:
+                        G[L], arg[L] = cand, i
+            F = G
+            back.append(arg)
+        if not F[L] <= bound or F[L] == math.inf:
+            return None
+        bounds = [L]
+        for k in range(pp - 1, -1, -1):
+            bounds.append(int(back[k][bounds[-1]]))
+        bounds = bounds[::-1]
+        segments = tuple(((bounds[k], bounds[k + 1]),) for k in range(pp))
+        keys = [self.indexes[k].sequence(segments[k]) for k in range(pp)]
+        return self._plan(float(F[L]), segments, keys)
+

@@ -1,0 +1,171 @@
+"""The plan search's entry point: `search(SearchProblem) -> SearchResult`.
+
+The caller states the problem (layers, devices, batch, per-rank memory, a callback that
+returns the CostTable of any stage, the space and the pruning rules); the search asks for
+the tables of every setting, runs the DPs of pcompile.search_dp with branch and bound over
+settings, certifies the optimum on the memory grid, and returns the plan with per-layer
+explanation and the baselines of pcompile.baselines.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from pcompile.baselines import baselines, no_fit_error
+from pcompile.costtable import CostTable
+from pcompile.errors import PcompileError
+from pcompile.plan import Strategy
+from pcompile.search_dp import SettingPlan, SettingSolver, TableIndex
+from pcompile.search_result import SearchResult, StagePlan, layer_choices
+from pcompile.search_space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, settings,
+                                   strategies_for)
+@dataclass(frozen=True)
+class StageQuery:
+    """What the cost callback is asked for: the CostTable of stage `stage` of `pp` (ranks
+    first_rank .. first_rank + devices_per_stage - 1) at this micro-batch size, for these strategies."""
+
+    pp: int
+    stage: int
+    first_rank: int
+    devices_per_stage: int
+    microbatch_size: int  # samples per micro-batch (the whole stage's; a layer's dp ranks split it)
+    strategies: tuple[Strategy, ...]
+
+
+@dataclass(frozen=True)
+class SearchProblem:
+    layers: tuple[str, ...]  # "pre", blocks..., "post" (the DP treats every entry as a layer)
+    num_devices: int
+    devices_per_node: int
+    global_batch: int
+    cost: Callable[[StageQuery], CostTable] = field(compare=False)  # cache it: it is asked per stage
+    device_memory: tuple[float, ...]  # memory budget of each rank (bytes); a stage gets its smallest
+    p2p_bandwidth: float = 25e9  # bytes/s between consecutive stages
+    p2p_latency: float = 1e-5
+    space: SearchSpace = SearchSpace()
+    rules: SearchRules = SearchRules()
+    grid_cells: int = 1000  # memory grid: a stage's budget / grid_cells per cell (refined if needed)
+
+    def __post_init__(self):
+        if len(self.device_memory) != self.num_devices:
+            raise PcompileError(f"device_memory lists {len(self.device_memory)} ranks for {self.num_devices} devices",
+                                "give one memory budget per rank")
+
+    def budgets(self, pp: int) -> list[float]:
+        d = self.num_devices // pp
+        return [float(min(self.device_memory[k * d:(k + 1) * d])) for k in range(pp)]
+
+
+class SearchContext:
+    """Settings, their cost tables (asked once) and DP solvers (memoised across calls)."""
+
+    def __init__(self, problem: SearchProblem):
+        self.problem = problem
+        p = problem
+        self.settings = settings(p.num_devices, p.devices_per_node, p.global_batch, p.layers, p.space, p.rules)
+        self._tables: dict[tuple[int, int], list[CostTable] | None] = {}
+        self._indexes: dict[int, TableIndex] = {}
+        self._solvers: dict = {}
+
+    def tables(self, setting: Setting) -> list[CostTable] | None:
+        p = self.problem
+        key = (setting.pp, setting.microbatches)
+        if key not in self._tables:
+            d, mb = p.num_devices // setting.pp, p.global_batch // setting.microbatches
+            strategies = strategies_for(d, p.devices_per_node, mb, p.space, p.rules)
+            tables = None
+            if strategies:
+                tables = [p.cost(StageQuery(setting.pp, k, k * d, d, mb, strategies)) for k in range(setting.pp)]
+                for t in tables:
+                    if t.strategies != strategies or t.layers != p.layers:
+                        raise PcompileError("the cost callback returned a table for other layers or strategies "
+                                            "than it was asked for", "build the table from query.strategies "
+                                                                     "and the problem's layers, in that order")
+            self._tables[key] = tables
+        return self._tables[key]
+
+    def index(self, table: CostTable) -> TableIndex:
+        if id(table) not in self._indexes:
+            self._indexes[id(table)] = TableIndex(table)
+        return self._indexes[id(table)]
+
+    def solver(self, setting: Setting, cells: int, ceil: bool) -> SettingSolver:
+        tables = self.tables(setting)
+        return SettingSolver(setting, [self.index(t) for t in tables], self.problem.budgets(setting.pp), cells, ceil,
+                             self.problem.p2p_bandwidth, self.problem.p2p_latency, self._solvers)
+
+    def lower_bound(self, setting: Setting) -> float:
+        """c * max(sum_l min t / pp, max_l min t): memory, switches, sends and sync ignored."""
+        tables = self.tables(setting)
+        if tables is None:
+            return math.inf
+        fastest = np.min([self.index(t).time.min(axis=1) for t in tables], axis=0)
+        return setting.coefficient * max(fastest.sum() / setting.pp, fastest.max())
+
+    def ordered(self) -> list[tuple[float, Setting]]:
+        return sorted(((self.lower_bound(s), s) for s in self.settings), key=lambda x: x[0])
+
+    def cost_of(self, plan: SettingPlan) -> PlanCost:
+        p = self.problem
+        return evaluate(plan.setting, self.tables(plan.setting), p.budgets(plan.setting.pp), plan.segments,
+                        list(plan.choice), p.p2p_bandwidth, p.p2p_latency)
+
+
+def best_plan(ctx: SearchContext, cells: int, ceil: bool, settings_filter=None) -> tuple[SettingPlan | None, int]:
+    """Branch and bound over settings (best lower bound first): (best plan, settings solved)."""
+    best, solved = None, 0
+    for bound, setting in ctx.ordered():
+        if settings_filter is not None and not settings_filter(setting):
+            continue
+        incumbent = best.value if best else math.inf
+        if bound >= incumbent or bound == math.inf:
+            break
+        solved += 1
+        plan = ctx.solver(setting, cells, ceil).best(incumbent)
+        if plan is not None and plan.value < incumbent:
+            best = plan
+    return best, solved
+
+
+def certified_plan(ctx: SearchContext, settings_filter=None, refinements: int = 3):
+    """(plan, its exact cost, certified, grid cells, settings solved); see the module docstring."""
+    cells, solved = ctx.problem.grid_cells, 0
+    up = None
+    for _ in range(refinements + 1):
+        low, n = best_plan(ctx, cells, ceil=False, settings_filter=settings_filter)
+        solved += n
+        if low is None:
+            return None, None, True, cells, solved
+        cost = ctx.cost_of(low)
+        if cost.fits:
+            return low, cost, True, cells, solved
+        up, n = best_plan(ctx, cells, ceil=True, settings_filter=settings_filter)
+        solved += n
+        if up is not None and up.value <= low.value * (1 + 1e-9):
+            return up, ctx.cost_of(up), True, cells, solved
+        cells *= 2
+    return up, (ctx.cost_of(up) if up else None), False, cells // 2, solved
+
+
+def search(problem: SearchProblem) -> SearchResult:
+    """The fastest plan of the problem's space that fits every stage's memory, with baselines
+    and an explanation. Raises PcompileError (with the leanest plan) when nothing fits."""
+    start = time.perf_counter()
+    ctx = SearchContext(problem)
+    plan, cost, certified, cells, solved = certified_plan(ctx)
+    if plan is None:
+        raise no_fit_error(ctx)
+    tables = ctx.tables(plan.setting)
+    layers, binding = layer_choices(plan.setting, tables, plan.segments, plan.choice, cost)
+    d = problem.num_devices // plan.setting.pp
+    stages = tuple(StagePlan(k, tuple(problem.layers[l] for a, b in segs for l in range(a, b)), k * d, d,
+                             cost.in_flight[k], cost.stage_time[k], cost.stage_sync[k], cost.stage_memory[k],
+                             cost.budgets[k]) for k, segs in enumerate(plan.segments))
+    found = baselines(ctx)
+    return SearchResult(plan.setting, problem.global_batch // plan.setting.microbatches, cost.step_time, stages,
+                        layers, found, binding, certified, cells, solved, len(ctx.settings),
+                        time.perf_counter() - start)
