@@ -66,6 +66,10 @@ def search(ir: IR, ctx: PassContext) -> IR:
     num_devices = ctx.cluster.num_devices
     if ctx.plan is not None:
         forced = ctx.plan
+        unknown = [a.layer for a in forced.layers if a.layer not in ir.layers]
+        if unknown:
+            raise PcompileError(f"the plan names layer(s) {unknown} that this model does not have "
+                                f"(its layers: {ir.layers})", "re-plan for this model, or fix the layer names")
         if forced.num_devices != num_devices:
             raise PcompileError(f"the plan is for {forced.num_devices} devices but the cluster has {num_devices}",
                                 "make dp * tp * pp equal the cluster's device count")

@@ -25,6 +25,12 @@ class Strategy:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"strategy field {name}={value!r} must be a positive integer",
                                     f"set {name} to 1 or more")
+        for name in ("sdp", "sp", "checkpoint"):
+            if not isinstance(getattr(self, name), bool):
+                raise PcompileError(f"strategy field {name}={getattr(self, name)!r} must be true or false",
+                                    f"set {name} to true or false")
+        if self.sp and self.tp == 1:
+            raise PcompileError("sequence parallelism (sp) needs tp > 1", "set sp=false or tp >= 2")
 
     @property
     def num_devices(self) -> int:
@@ -82,6 +88,24 @@ class Plan:
     reason: str = field(default="", compare=False)
 
     def __post_init__(self):
+        for name in ("num_devices", "pp", "num_microbatches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PcompileError(f"plan field {name}={value!r} must be a positive integer",
+                                    f"set {name} to 1 or more")
+        for assignment in self.layers:
+            if not isinstance(assignment.stage, int) or not 0 <= assignment.stage < self.pp:
+                raise PcompileError(f"layer {assignment.layer!r} is assigned to stage {assignment.stage!r} "
+                                    f"but the plan has pp={self.pp} stages", f"use stages 0..{self.pp - 1}")
+            if assignment.strategy.num_devices * self.pp != self.num_devices:
+                raise PcompileError(
+                    f"layer {assignment.layer!r} uses {assignment.strategy.describe()} = "
+                    f"{assignment.strategy.num_devices} devices per stage, but the plan has "
+                    f"{self.num_devices // self.pp} per stage", "make every layer's dp * tp equal devices / pp")
+        stages = [a.stage for a in self.layers]
+        if stages != sorted(stages):
+            raise PcompileError("the plan's layers are not in stage order (stages must be contiguous)",
+                                "list layers in model order with non-decreasing stage numbers")
         if self.default.num_devices * self.pp != self.num_devices:
             raise PcompileError(
                 f"plan uses dp={self.default.dp} x tp={self.default.tp} x pp={self.pp} = "
