@@ -69,7 +69,8 @@ class SliceBuffer(nn.Module):
 
 
 def _trace(model, inputs):
-    return pcompile.compile(model, Cluster.local(1), inputs, stop_after="trace")
+    """The fx front end's errors (capture='fx': no fallback to another capture path)."""
+    return pcompile.compile(model, Cluster.local(1), inputs, stop_after="trace", capture="fx")
 
 
 def _pair(*shape):
