@@ -1,21 +1,473 @@
-"""The `pcompile` command (also `python -m pcompile`)."""
+"""The `pcompile` command (also `python -m pcompile`).
+
+  pcompile plan MODEL --cluster 8xA100-80GB [--memory 16GB] [--batch 8 --seq 2048] [--out plan.json]
+                [--json] [--debug-dir DIR] [--onnx DIR] [--plot DIR]
+  pcompile explain plan.json
+  pcompile run MODEL --plan plan.json [--local N] [--steps K]     (or under torchrun --nproc-per-node N)
+  pcompile profile | pcompile demo
+
+MODEL is a built-in name (see `pcompile.cli.BUILTINS`) or `path/file.py:factory`. The factory
+is called with `batch=` and `seq=` when the user gave them and its signature takes them; it
+returns `(model, example_inputs)` (the model's forward(*example_inputs) returns the loss), or a
+model alone when the model is a pcompile GPT or MLPModel (inputs are then built from its cfg).
+Built-in models are built on the meta device for planning (no weights are allocated), so a
+laptop plans gpt3-175b; `run` builds real weights. Cluster: a preset name, `localN` (N ranks on
+this machine) or a cluster JSON file. Sizes: `16GB` means 16 GiB (GPU memory is quoted in GiB).
+
+User errors (unknown model or preset, a malformed or mismatched plan) print one line on stderr
+and exit with status 2. Output is rich tables on a terminal and plain text when piped; `--json`
+prints machine-readable JSON only.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import inspect
+import json
+import os
+import re
 import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+BUILTINS = ("gpt-tiny", "gpt-small", "gpt-1.3b", "gpt-7b", "llama-7b", "gpt3-175b")
+ALIASES = {"llama-7b": "gpt-7b"}
+UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
+         "tb": 2**40, "tib": 2**40}
+
+
+def _error(cause: str, fix: str):
+    from pcompile.errors import PcompileError
+
+    return PcompileError(cause, fix)
+
+
+# -- inputs: models, clusters, sizes, plans -------------------------------------------------------
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: torch.nn.Module
+    inputs: tuple
+    tokens: int  # tokens (or samples) per global batch
+    unit: str  # "tokens" or "samples"
+    builtin: str | None = None  # GPT_CONFIGS key, to draw fresh random batches
+
+
+def _tokens(inputs: tuple) -> tuple[int, str]:
+    first = inputs[0]
+    if isinstance(first, torch.Tensor) and not first.dtype.is_floating_point and first.dim() >= 2:
+        return first.numel(), "tokens"
+    return (int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1), "samples"
+
+
+def _builtin(name: str, batch: int | None, seq: int | None, meta: bool) -> Workload:
+    from pcompile.models import GPT, GPT_CONFIGS
+
+    cfg = GPT_CONFIGS[ALIASES.get(name, name)]
+    if seq is not None:
+        cfg = dataclasses.replace(cfg, seq_len=seq)
+    batch = batch or 8
+    device = torch.device("meta" if meta else "cpu")
+    with device:
+        model = GPT(cfg)
+    x = torch.zeros(batch, cfg.seq_len, dtype=torch.long, device=device)
+    return Workload(name, model, (x, x), batch * cfg.seq_len, "tokens", ALIASES.get(name, name))
+
+
+def _from_file(spec: str, batch: int | None, seq: int | None) -> Workload:
+    path, _, factory_name = spec.rpartition(":")
+    if not os.path.isfile(path):
+        raise _error(f"model file {path!r} does not exist", "give MODEL as path/file.py:factory or a built-in name")
+    module_spec = importlib.util.spec_from_file_location(f"pcompile_user_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    factory = getattr(module, factory_name, None)
+    if not callable(factory):
+        raise _error(f"{path} has no function {factory_name!r}", f"define def {factory_name}(): return model, inputs")
+    accepted = inspect.signature(factory).parameters
+    kwargs = {k: v for k, v in (("batch", batch), ("seq", seq)) if v is not None and k in accepted}
+    made = factory(**kwargs)
+    model, inputs = made if isinstance(made, tuple) else (made, _default_inputs(made, batch))
+    if not isinstance(model, torch.nn.Module):
+        raise _error(f"{spec} returned {type(model).__name__}, not an nn.Module",
+                     "return (model, example_inputs) from the factory")
+    return Workload(spec, model, tuple(inputs), *_tokens(tuple(inputs)))
+
+
+def _default_inputs(model, batch: int | None) -> tuple:
+    from pcompile.models import GPTConfig, MLPConfig, gpt_inputs, mlp_inputs
+
+    cfg = getattr(model, "cfg", None)
+    if isinstance(cfg, GPTConfig):
+        return gpt_inputs(cfg, batch or 8)
+    if isinstance(cfg, MLPConfig):
+        return mlp_inputs(cfg, batch or 16)
+    raise _error(f"the factory returned a {type(model).__name__} without example inputs",
+                 "return (model, example_inputs) from the factory")
+
+
+def load_workload(spec: str, batch: int | None = None, seq: int | None = None, meta: bool = False) -> Workload:
+    """MODEL argument -> model and example inputs (see the module docstring for the convention)."""
+    if spec in BUILTINS:
+        return _builtin(spec, batch, seq, meta)
+    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+        return _from_file(spec, batch, seq)
+    raise _error(f"unknown model {spec!r}", f"use one of {', '.join(BUILTINS)} or path/file.py:factory")
+
+
+def load_cluster(spec: str, memory: str | None):
+    from pcompile.cluster import Cluster
+
+    match = re.fullmatch(r"local(\d+)", spec)
+    if match:
+        cluster = Cluster.local(int(match.group(1)))
+    elif spec.endswith(".json") and os.path.isfile(spec):
+        with open(spec) as f:
+            cluster = Cluster.from_json(f.read())
+    else:
+        cluster = Cluster.preset(spec)
+    return cluster.with_memory(parse_bytes(memory)) if memory else cluster
+
+
+def parse_bytes(text: str) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in UNITS:
+        raise _error(f"cannot read memory size {text!r}", "write it like 16GB, 512MB or 17179869184")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
+
+
+def read_plan(path: str):
+    from pcompile.plan import Plan
+
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise _error(f"cannot read plan {path!r}: {exc.strerror}", "write one with pcompile plan MODEL --out plan.json")
+    return Plan.from_json(text)
+
+
+def check_plan_matches(plan, workload: Workload) -> None:
+    from pcompile.api import fingerprint
+
+    if plan.model and plan.model != fingerprint(workload.model):
+        raise _error(f"the plan was made for another model than {workload.name} (parameter names or shapes differ)",
+                     f"re-plan with pcompile plan {workload.name} --out plan.json")
+
+
+# -- output -------------------------------------------------------------------------------------
+def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for h in headers:
+            table.add_column(h)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    print(title)
+    for row in [headers] + rows:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@contextlib.contextmanager
+def _progress(description: str):
+    """A spinner on stderr while `description` runs (only on a terminal)."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        progress.add_task(description, total=None)
+        yield
+
+
+def _human(value: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}{unit}"
+    return f"{value:.3g}{unit}"
+
+
+def _bytes(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def print_plan(plan, workload: Workload, cluster, flops: float) -> None:
+    params = sum(p.numel() for p in workload.model.parameters())
+    device = cluster.min_device()
+    print(f"pcompile plan: {workload.name} ({_human(params)} parameters), global batch {workload.tokens} "
+          f"{workload.unit}, on {cluster.name} ({cluster.num_devices} x {device.name}, "
+          f"{device.memory_bytes / 2**30:.1f} GiB each)")
+    if plan.layers:
+        _table("per-layer strategies", ["layer", "strategy", "stage"],
+               [[a.layer, a.strategy.describe(), str(a.stage)] for a in plan.layers])
+    else:
+        print(f"strategy: {plan.default.describe()} for every layer"
+              + (f", pp{plan.pp} {plan.schedule} x {plan.num_microbatches} micro-batches" if plan.pp > 1 else ""))
+    e = plan.estimate
+    if e is not None:
+        print(f"predicted: step {e.step_time * 1e3:.2f} ms (compute {e.compute_time * 1e3:.2f} ms, communication "
+              f"{e.comm_time * 1e3:.2f} ms), peak memory {_bytes(e.peak_memory)} of {_bytes(e.memory_budget)} "
+              f"per device")
+        print(f"           {_human(workload.tokens / e.step_time)} {workload.unit}/s, "
+              f"{_human(flops / e.step_time / plan.num_devices, 'FLOP/s')} per device")
+    if plan.reason:
+        print(f"why: {plan.reason}")
+    costed = [c for c in plan.candidates if c.estimate is not None]
+    rows = [[c.strategy.describe(), f"{c.estimate.step_time * 1e3:.2f}" if c.estimate else "-",
+             _human(workload.tokens / c.estimate.step_time) if c.estimate else "-",
+             _bytes(c.estimate.peak_memory) if c.estimate else "-", c.verdict] for c in plan.candidates]
+    if rows:
+        _table("candidates (baselines)", ["strategy", "step ms", f"{workload.unit}/s", "memory/device", "verdict"],
+               rows)
+    print(gain_line(plan, costed))
+
+
+def gain_line(plan, costed) -> str:
+    others = [c for c in costed if c.verdict not in ("chosen",) and not c.verdict.startswith("out of memory")]
+    if plan.estimate is None or not others:
+        return "gain: no other fitting strategy to compare with"
+    best = min(others, key=lambda c: c.estimate.step_time)
+    worst = max(others, key=lambda c: c.estimate.step_time)
+    line = f"gain: {best.estimate.step_time / plan.estimate.step_time:.2f}x over the best other strategy " \
+           f"({best.strategy.describe()})"
+    if worst is not best:
+        line += f", {worst.estimate.step_time / plan.estimate.step_time:.2f}x over the worst ({worst.strategy.describe()})"
+    return line
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_plan(args) -> int:
+    import pcompile
+    from pcompile.api import PIPELINE
+
+    cluster = load_cluster(args.cluster, args.memory)
+    with _progress("building the model"):
+        workload = load_workload(args.model, args.batch, args.seq, meta=args.model != "gpt-tiny")
+    with _progress("tracing, analysing (shapes, FLOPs, memory, layers) and searching"):
+        plan = pcompile.plan(workload.model, cluster, workload.inputs)
+    with _progress("rewriting the graph for the plan"):
+        ir = pcompile.compile(workload.model, cluster, workload.inputs, plan=plan, debug_dir=args.debug_dir,
+                              stop_after=PIPELINE[-1])
+    flops = ir.total("flops") + ir.total("bwd_flops")
+    notes = []
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(plan.to_json() + "\n")
+        notes.append(f"plan written to {args.out}")
+    if args.onnx:
+        from pcompile.backends import onnx as onnx_export
+
+        with _progress("exporting each rank's graph to ONNX"):
+            paths = onnx_export.export(ir, plan, args.onnx)
+        notes.append(f"ONNX: {len(paths)} rank files in {args.onnx}")
+    if args.plot:
+        from pcompile import report
+
+        with _progress("plotting"):
+            paths = report.write_plots(plan, args.plot, ir, cluster)
+        notes.append("plots: " + ", ".join(paths))
+    if args.debug_dir:
+        notes.append(f"IR after each pass: {args.debug_dir}/passes.md")
+    if args.json:
+        print(plan.to_json())
+    else:
+        print_plan(plan, workload, cluster, flops)
+    for note in notes:
+        print(note, file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_explain(args) -> int:
+    plan = read_plan(args.plan)
+    print(plan.explain() if hasattr(plan, "explain") else plan)
+    return 0
+
+
+def _peak_memory() -> tuple[int, str]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated(), "CUDA allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS"
+
+
+def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: int | None, lr: float,
+               log: str) -> dict:
+    """One rank of `pcompile run`: compile with the plan, train `steps` AdamW steps on random data."""
+    import torch.distributed as dist
+
+    import pcompile
+    from pcompile.cluster import EFFICIENCY
+    from pcompile.models import GPT_CONFIGS, gpt_inputs
+    from pcompile.plan import Plan
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    torch.manual_seed(0)
+    workload = load_workload(spec, batch, seq)
+    cluster = pcompile.Cluster.local(world)
+    cm = pcompile.compile(workload.model, cluster, workload.inputs, plan=Plan.from_json(plan_json))
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
+    flops = cm.ir.total("flops") + cm.ir.total("bwd_flops")
+    cuda = cm.device.type == "cuda"
+    peak_device = cluster.device_of(rank).peak_flops / EFFICIENCY if cuda else None  # datasheet peak, for MFU
+    stream = sys.stdout if log == "stdout" else sys.stderr
+    records = []
+    for step in range(steps):
+        inputs = workload.inputs
+        if workload.builtin:
+            inputs = gpt_inputs(dataclasses.replace(GPT_CONFIGS[workload.builtin], seq_len=inputs[0].shape[1]),
+                                inputs[0].shape[0], seed=step)
+        start = time.perf_counter()
+        loss = cm.train_step(*inputs)
+        optimizer.step()
+        optimizer.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        record = {"step": step, "loss": loss.item(), "seconds": seconds, f"{workload.unit}_per_s": workload.tokens / seconds,
+                  "tflops_per_device": flops / seconds / world / 1e12}
+        if peak_device:
+            record["mfu"] = flops / seconds / world / peak_device
+        records.append(record)
+        if rank == 0:
+            print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {seconds * 1e3:.1f} ms  "
+                  f"{_human(workload.tokens / seconds)} {workload.unit}/s  "
+                  f"{record['tflops_per_device']:.4f} TFLOP/s per device"
+                  + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""), file=stream, flush=True)
+    peak, kind = _peak_memory()
+    return {"rank": rank, "plan": cm.plan.default.describe(), "steps": records, "peak_memory": peak,
+            "memory_kind": kind, "unit": workload.unit}
+
+
+def _launched(args, plan) -> list[dict]:
+    import torch.distributed as dist
+
+    import pcompile
+
+    call = (args.model, plan.to_json(), args.steps, args.batch, args.seq, args.lr,
+            "stderr" if args.json else "stdout")
+    if args.local:
+        if args.local != plan.num_devices:
+            raise _error(f"the plan needs {plan.num_devices} ranks but --local {args.local} was given",
+                         f"use --local {plan.num_devices} or re-plan for --cluster local{args.local}")
+        try:
+            return pcompile.launch(train_rank, args.local, *call)
+        except RuntimeError as exc:
+            found = re.search(r"PcompileError: (.*)", str(exc))
+            if found:
+                raise _error(found.group(1), "see the plan and the model") from None
+            raise
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        result = train_rank(*call)
+        results = [None] * dist.get_world_size()
+        dist.all_gather_object(results, result)
+        return results if dist.get_rank() == 0 else []
+    if plan.num_devices != 1:
+        raise _error(f"the plan needs {plan.num_devices} ranks and no process group is running",
+                     f"run under torchrun --nproc-per-node {plan.num_devices} or pass --local {plan.num_devices}")
+    return [train_rank(*call)]
+
+
+def cmd_run(args) -> int:
+    plan = read_plan(args.plan)
+    check_plan_matches(plan, load_workload(args.model, args.batch, args.seq, meta=args.model in BUILTINS))
+    results = _launched(args, plan)
+    if not results:  # a torchrun rank other than 0
+        return 0
+    if args.json:
+        print(json.dumps({"plan": results[0]["plan"], "world_size": len(results), "ranks": results}, indent=2))
+        return 0
+    steady = results[0]["steps"][1:] or results[0]["steps"]
+    mean = sum(s["seconds"] for s in steady) / len(steady)
+    print(f"trained {len(results[0]['steps'])} steps with {results[0]['plan']} on {len(results)} rank(s): "
+          f"mean step {mean * 1e3:.1f} ms (after the first), final loss {results[0]['steps'][-1]['loss']:.4f}")
+    _table("peak memory per rank", ["rank", results[0]["memory_kind"]],
+           [[str(r["rank"]), _bytes(r["peak_memory"])] for r in results])
+    return 0
+
+
+def cmd_profile(args) -> int:
+    try:
+        from pcompile.profile import profile_cluster
+    except ModuleNotFoundError:
+        raise _error("this pcompile has no cluster profiler (pcompile.profile is missing)",
+                     "use a cluster preset (--cluster 8xA100-80GB) or update pcompile") from None
+    result = profile_cluster()
+    print(result.to_json() if hasattr(result, "to_json") else result)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from pcompile.demo import main as demo_main
+
+    return demo_main(args.ranks)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pcompile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    plan = commands.add_parser("plan", help="search a parallel plan (no GPU needed)")
+    plan.add_argument("model")
+    plan.add_argument("--cluster", required=True, help="preset (e.g. 8xA100-80GB), localN, or a cluster .json")
+    plan.add_argument("--memory", help="memory budget per device, e.g. 16GB")
+    plan.add_argument("--batch", type=int, help="global batch (default 8 for built-in models)")
+    plan.add_argument("--seq", type=int, help="sequence length (built-in GPTs)")
+    plan.add_argument("--out", help="write the plan JSON here")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON only")
+    plan.add_argument("--debug-dir", help="write the IR after every pass here")
+    plan.add_argument("--onnx", help="write each rank's graph as ONNX here")
+    plan.add_argument("--plot", help="write timeline/memory/gain PNGs here")
+    explain = commands.add_parser("explain", help="why the plan is what it is")
+    explain.add_argument("plan")
+    run = commands.add_parser("run", help="train with a plan (--local N, or under torchrun)")
+    run.add_argument("model")
+    run.add_argument("--plan", required=True)
+    run.add_argument("--local", type=int, help="spawn N local ranks")
+    run.add_argument("--steps", type=int, default=5)
+    run.add_argument("--batch", type=int)
+    run.add_argument("--seq", type=int)
+    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--json", action="store_true", help="print per-rank results as JSON")
+    commands.add_parser("profile", help="measure this cluster's devices and links")
+    demo = commands.add_parser("demo", help="plan, train and check a small GPT on 4 local ranks")
+    demo.add_argument("--ranks", type=int, default=4)
+    return p
+
+
+COMMANDS = {"plan": cmd_plan, "explain": cmd_explain, "run": cmd_run, "profile": cmd_profile, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pcompile", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="plan, train and check a small GPT on 4 local ranks")
-    demo.add_argument("--ranks", type=int, default=4)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        from pcompile.demo import main as demo_main
+    from pcompile.errors import PcompileError
 
-        return demo_main(args.ranks)
-    return 2
+    args = parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PcompileError as exc:
+        line = f"pcompile {args.command}: error: {exc.cause}" + (f" (fix: {exc.fix})" if exc.fix else "")
+        print(" ".join(line.split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
