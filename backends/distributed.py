@@ -4,7 +4,8 @@ The IR is rank-generic (SPMD): collectives name mesh axes ("tp", "dp") and param
 a ParamSharding. Lowering (1) builds the (dp, tp) DeviceMesh, (2) copies the graph module,
 broadcasts rank 0's weights and keeps this rank's shard of each split parameter, (3) binds
 the axis names in the collective nodes to this mesh's process groups. Data parallelism
-averages gradients over the dp group after backward.
+averages gradients over the dp group after backward. Plans with pp > 1 are lowered by
+`backends/pipeline.py` on a (pp, dp, tp) mesh from the stages `pipeline_split` cut.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from pcompile import collectives
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.passes.pipeline_split import pipeline_of
 from pcompile.plan import Plan
 
 _COMPILE_IDS = itertools.count()
@@ -44,6 +46,7 @@ class CompiledModel:
         self.ir, self.plan, self.report = ir, plan, report
         self._model = model
         self._lowered = False
+        self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
 
     # -- lowering --------------------------------------------------------------------------
     def lower(self) -> "CompiledModel":
@@ -55,10 +58,12 @@ class CompiledModel:
                 f"launch with torchrun --nproc-per-node {plan.num_devices} or pcompile.launch(fn, "
                 f"{plan.num_devices}), or plan for Cluster.local({world})")
         self.dp, self.tp = plan.default.dp, plan.default.tp
-        gm = copy.deepcopy(self.ir.gm)
         self.device = torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
+        if plan.pp > 1:
+            return self._lower_pipeline()
+        gm = copy.deepcopy(self.ir.gm)
         gm.to(self.device)
         if world > 1:
             mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=AXES)
@@ -79,6 +84,19 @@ class CompiledModel:
             local = full.detach().chunk(sharding.size, dim=sharding.dim)[self.coords[sharding.axis]].clone()
             setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
         self.gm = gm
+        self._lowered = True
+        return self
+
+    def _lower_pipeline(self) -> "CompiledModel":
+        from pcompile.backends.pipeline import PipelineRuntime
+
+        split = pipeline_of(self.ir)
+        if split is None:
+            raise PcompileError(f"the plan has pp={self.plan.pp} but the IR was not cut into pipeline stages",
+                                "run the 'pipeline_split' pass last among the rewrites (pcompile.api.PIPELINE)")
+        self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device,
+                                         next(_COMPILE_IDS), _bind_axes)
+        self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
         self._lowered = True
         return self
 
@@ -109,7 +127,15 @@ class CompiledModel:
         previous = [p.grad for p in params]
         for p in params:
             p.grad = None
-        loss = self.gm(*self._local_batch(inputs))
+        local = self._local_batch(inputs)
+        loss = self._step(local, params) if self._pipeline is None else self._pipeline.train_step(local)
+        for p, old in zip(params, previous):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad + old
+        return loss
+
+    def _step(self, local: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        loss = self.gm(*local)
         loss.backward()
         if self.dp > 1:
             group = self.groups["dp"]
@@ -117,9 +143,6 @@ class CompiledModel:
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=group)
                     p.grad.div_(self.dp)
-        for p, old in zip(params, previous):
-            if old is not None:
-                p.grad = old if p.grad is None else p.grad + old
         loss = loss.detach().clone()
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
@@ -128,11 +151,11 @@ class CompiledModel:
 
     def parameters(self):
         self._check_lowered()
-        return self.gm.parameters()
+        return self.gm.parameters() if self._pipeline is None else self._pipeline.parameters()
 
     def named_parameters(self):
         self._check_lowered()
-        return self.gm.named_parameters()
+        return self.gm.named_parameters() if self._pipeline is None else self._pipeline.named_parameters()
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
@@ -146,6 +169,8 @@ class CompiledModel:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank gets the full tensors, named as in the original model's state_dict()."""
         self._check_lowered()
+        if self._pipeline is not None:
+            return self._pipeline.full_state_dict()
         local = self.gm.state_dict()
         out = {}
         for name, original in self._model.state_dict().items():
@@ -155,6 +180,8 @@ class CompiledModel:
     def full_grads(self) -> dict[str, torch.Tensor | None]:
         """Full gradients named as in the original model's named_parameters()."""
         self._check_lowered()
+        if self._pipeline is not None:
+            return self._pipeline.full_grads()
         local = dict(self.gm.named_parameters(remove_duplicate=False))
         out = {}
         for name, _ in self._model.named_parameters():

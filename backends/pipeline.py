@@ -1,0 +1,231 @@
+"""Backend for pipelined plans: this rank's stages on a (pp, dp, tp) DeviceMesh, run by
+torch.distributed.pipelining schedules (GPipe, 1F1B, interleaved 1F1B).
+
+Mesh: pp outermost, tp innermost (tp ranks contiguous), so global rank = (p dp + d) tp + t.
+Each pp rank p runs the stages s with s mod pp = p (`passes/pipeline_split.py` cut them).
+Inside a stage the (dp, tp) lowering of `backends/distributed.py` applies: rank 0's weights
+are broadcast, split parameters keep this rank's tp shard, tp collectives are bound to the
+stage's tp group and gradients are averaged over the dp group after the schedule ran.
+
+Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
+stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
+mean of the n micro-batch losses, and with `scale_grads` the schedule divides the summed
+micro-batch gradients by n: both equal the serial model's on the whole batch (for a loss
+that is a mean over equally many elements per micro-batch). A parameter tied between stages
+on different pp ranks (GPT's embedding = LM head) gets each copy's partial gradient; their
+sum over the owning ranks is the full gradient, after which the copies see the same update.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+
+from pcompile import collectives
+from pcompile.errors import PcompileError
+from pcompile.ir import IR
+from pcompile.passes.pipeline_split import PipelineSplit
+from pcompile.plan import Plan
+
+AXES = ("pp", "dp", "tp")
+SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
+
+
+def output_is_loss(output: torch.Tensor, target) -> torch.Tensor:
+    """The last stage already computed the loss (the model's forward returns it)."""
+    return output
+
+
+def _shard_parameters(modules: list[torch.nn.Module], ir: IR, coords: dict[str, int]) -> None:
+    """Keep this rank's chunk of every split parameter, once per owning module (stages may share one)."""
+    done: set[tuple[int, str]] = set()
+    for module in modules:
+        for name, _ in list(module.named_parameters(remove_duplicate=False)):
+            sharding = ir.param_shardings.get(name)
+            path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(path) if path else module
+            if sharding is None or (id(owner), attr) in done:
+                continue
+            done.add((id(owner), attr))
+            full = getattr(owner, attr)
+            local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
+            setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
+
+
+def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None, group=None,
+                        group_src: int | None = None) -> None:
+    """Broadcast `tensors` in place with one collective per dtype (one per tensor costs ~1 ms each on gloo)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for same in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in same])
+        dist.broadcast(flat, src=src_rank, group=group, group_src=group_src)
+        offset = 0
+        for t in same:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def _owners(split: PipelineSplit) -> dict[str, int]:
+    """state_dict key (aliases included) -> the first stage holding it."""
+    owners: dict[str, int] = {}
+    for stage in split.stages:
+        for name in stage.gm.state_dict():
+            owners.setdefault(name, stage.index)
+    return owners
+
+
+class PipelineRuntime:
+    """This rank's stages, its schedule, and the groups they use."""
+
+    def __init__(self, ir: IR, plan: Plan, split: PipelineSplit, model: torch.nn.Module, device: torch.device,
+                 uid: int, bind_axes):
+        self.ir, self.plan, self.split, self._model, self.device = ir, plan, split, model, device
+        self.pp, self.dp, self.tp = plan.pp, plan.default.dp, plan.default.tp
+        self.mesh = init_device_mesh(device.type, (self.pp, self.dp, self.tp), mesh_dim_names=AXES)
+        self.groups = {axis: self.mesh.get_group(axis) for axis in AXES}
+        self.coords = {axis: self.mesh.get_local_rank(axis) for axis in AXES}
+        keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp")}
+        for axis, key in keys.items():
+            collectives.bind_group(key, self.groups[axis])
+        full, stage_gms = copy.deepcopy((ir.gm, [s.gm for s in split.stages]))  # one copy: ties stay shared
+        full.to(device)
+        with torch.no_grad():
+            broadcast_coalesced([t.data for t in itertools.chain(full.parameters(), full.buffers())], src_rank=0)
+        mine = [s for s in split.stages if s.rank == self.coords["pp"]]
+        self.modules = [stage_gms[s.index] for s in mine]
+        _shard_parameters(self.modules, ir, self.coords)
+        for module in self.modules:
+            bind_axes(module, keys)
+        self.owners = _owners(split)
+        self.tie_groups = self._tie_groups()
+        num_stages = len(split.stages)
+        self.stages = [PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"])
+                       for m, s in zip(self.modules, mine)]
+        self.is_last = any(s.index == num_stages - 1 for s in mine)
+        schedule = SCHEDULES[plan.schedule]
+        target = self.stages if plan.schedule == "Interleaved1F1B" else self.stages[0]
+        self.schedule = schedule(target, n_microbatches=plan.num_microbatches, loss_fn=output_is_loss)
+
+    # -- groups ----------------------------------------------------------------------------
+    def _tie_groups(self) -> list[tuple[str, dist.ProcessGroup | None]]:
+        """For each tied parameter: the group of ranks (same dp, tp coords) whose stages hold a copy.
+        Every rank creates every group (new_group is collective), in the same order."""
+        ranks = self.mesh.mesh  # [pp, dp, tp] -> global rank
+        out = []
+        for name in self.split.tied:
+            holders = sorted({s.rank for s in self.split.stages
+                              if any(self.split.canonical.get(n, n) == name
+                                     for n, _ in s.gm.named_parameters(remove_duplicate=False))})
+            mine = None
+            for d, t in itertools.product(range(self.dp), range(self.tp)):
+                members = [int(ranks[p, d, t]) for p in holders]
+                group = dist.new_group(members)
+                if d == self.coords["dp"] and t == self.coords["tp"] and self.coords["pp"] in holders:
+                    mine = group
+            out.append((name, mine))
+        return out
+
+    # -- parameters ------------------------------------------------------------------------
+    def named_parameters(self):
+        """This rank's parameters under the model's (deduplicated) names."""
+        seen: set[int] = set()
+        for module in self.modules:
+            for name, p in module.named_parameters(remove_duplicate=False):
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield self.split.canonical.get(name, name), p
+
+    def parameters(self):
+        for _, p in self.named_parameters():
+            yield p
+
+    # -- training --------------------------------------------------------------------------
+    def train_step(self, local_inputs: tuple) -> torch.Tensor:
+        n = self.plan.num_microbatches
+        batch = local_inputs[0].shape[0]
+        if batch % n:
+            raise PcompileError(f"this rank's batch of {batch} does not split into {n} micro-batches",
+                                f"use a global batch that is a multiple of dp x num_microbatches = {self.dp * n}")
+        if len(local_inputs) != len(self.split.model_inputs):
+            raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
+                                f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
+        params = dict(self.named_parameters())
+        losses: list[torch.Tensor] = []
+        self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
+                           **dict(zip(self.split.model_inputs, local_inputs)))
+        for name, group in self.tie_groups:
+            grad = params[name].grad if name in params else None
+            if group is not None and grad is not None:
+                dist.all_reduce(grad, group=group)
+        if self.dp > 1:
+            for p in params.values():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, group=self.groups["dp"])
+                    p.grad.div_(self.dp)
+        loss = torch.stack([x.detach() for x in losses]).mean() if self.is_last else torch.zeros((), device=self.device)
+        dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
+        if self.dp > 1:
+            dist.all_reduce(loss, group=self.groups["dp"])
+            loss /= self.dp
+        return loss
+
+    # -- full views, collective over every rank ----------------------------------------------
+    def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        sharding = self.ir.param_shardings.get(name)
+        if sharding is None or sharding.size == 1:
+            return local.detach().clone()
+        parts = [torch.empty_like(local) for _ in range(sharding.size)]
+        dist.all_gather(parts, local.detach().contiguous(), group=self.groups[sharding.axis])
+        return torch.cat(parts, dim=sharding.dim)
+
+    def _from_owners(self, items: list[tuple[str, torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
+        """Full tensors for (state_dict key, local tensor or None, tensor of the full shape) items:
+        each is assembled (tp all-gather) on the pp rank of its first stage, then every owner
+        broadcasts its items over the pp group in one collective per dtype."""
+        out = []
+        for name, local, like in items:
+            owner = self.split.stages[self.owners[name]].rank
+            mine = owner == self.coords["pp"]
+            out.append(self._full(name, local).to(self.device) if mine else
+                       torch.empty(like.shape, dtype=like.dtype, device=self.device))
+        for pp_rank in range(self.pp):
+            tensors = [t for (name, _, _), t in zip(items, out) if self.split.stages[self.owners[name]].rank == pp_rank]
+            broadcast_coalesced(tensors, group=self.groups["pp"], group_src=pp_rank)
+        return [t.cpu() for t in out]
+
+    def _local_state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for module in self.modules:
+            state.update(module.state_dict(keep_vars=True))
+        return state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        local = self._local_state()
+        model_state = self._model.state_dict()
+        held = [(name, local.get(name), t) for name, t in model_state.items() if name in self.owners]
+        full = dict(zip([name for name, _, _ in held], self._from_owners(held)))
+        return {name: full[name] if name in full else t.detach().clone() for name, t in model_state.items()}
+
+    def full_grads(self) -> dict[str, torch.Tensor | None]:
+        local = self._local_state()
+        named = list(self._model.named_parameters())
+        keys = [self._holder(name) for name, _ in named]
+        present = torch.tensor([float(key is not None and key in local and local[key].grad is not None
+                                      and self.split.stages[self.owners[key]].rank == self.coords["pp"])
+                                for key in keys])
+        dist.all_reduce(present, group=self.groups["pp"])
+        items = [(key, local[key].grad if key in local else None, p)
+                 for key, (_, p), has in zip(keys, named, present.tolist()) if has]
+        full = iter(self._from_owners(items))
+        return {name: next(full) if has else None for (name, _), has in zip(named, present.tolist())}
+
+    def _holder(self, canonical: str) -> str | None:
+        """The state_dict key (the name itself or an alias) under which the first stage holds it."""
+        keys = [k for k, c in self.split.canonical.items() if c == canonical and k in self.owners]
+        return min(keys, key=lambda k: self.owners[k]) if keys else None

@@ -1,0 +1,268 @@
+"""Rewrite: cut the graph into pipeline stages (plan.pp > 1).
+
+Stage assignment. `plan.layers[i].stage` when the plan gives stages, else a balanced split:
+the repeated blocks are cut into contiguous runs minimising the largest stage cost
+max_s sum_{l in s} (fwd + bwd FLOPs of l), with "pre" counted in the first stage and "post"
+in the last (dynamic programme over cut points, O(S L^2)). With the interleaved schedule
+each pp rank runs 2 model chunks, so there are S = 2 pp stages and stage s runs on pp rank
+s mod pp (the looped placement torch's ScheduleInterleaved1F1B expects).
+
+Cut. Each stage becomes its own fx.GraphModule whose positional inputs are the activations
+live across its left boundary (tensors computed in an earlier stage and used here or later;
+values that skip a stage pass through it) and whose keyword inputs are the model's inputs
+(every stage may read them, e.g. the targets in the last stage: torch.distributed.pipelining
+passes keyword arguments to every stage). Parameters and buffers are read through get_attr /
+call_module under their original names, so a stage's state_dict keys are the model's.
+The last stage returns the model's output: the loss of its micro-batch.
+
+The flat graph stays `ir.gm` (other passes and the debug dump read it); the cut is recorded
+as a `PipelineSplit` in `ir.gm.meta[PIPELINE_KEY]`, and for GPipe / 1F1B (one stage per pp
+rank) also as the layers' stages in `plan.layers`.
+Tied parameters (GPT's embedding = LM head) end up in two stages on different ranks:
+the backend all-reduces their gradient between the owning ranks after backward, so the
+copies receive the same update (`PipelineSplit.tied`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from pcompile.errors import PcompileError
+from pcompile.ir import IR
+from pcompile.passmanager import PassContext, register_pass
+from pcompile.plan import LayerAssignment, Plan
+
+PIPELINE_KEY = "pcompile.pipeline"
+FREE_OPS = ("placeholder", "get_attr")  # re-created in every stage that reads them, never sent
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int
+    rank: int  # pp coordinate of the rank that runs it
+    layers: tuple[str, ...]
+    inputs: tuple[str, ...]  # activations received from the previous stage, in order
+    outputs: tuple[str, ...]  # activations sent to the next stage (the loss for the last)
+    gm: fx.GraphModule = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PipelineSplit:
+    pp: int
+    stages: tuple[Stage, ...]
+    model_inputs: tuple[str, ...]  # placeholder names: keyword arguments of every stage
+    canonical: dict[str, str] = field(compare=False)  # every parameter name -> the model's deduplicated name
+    tied: tuple[str, ...] = ()  # canonical names of parameters held by stages on more than one pp rank
+
+
+def pipeline_of(ir: IR) -> PipelineSplit | None:
+    return ir.gm.meta.get(PIPELINE_KEY)
+
+
+def virtual_stages(plan: Plan) -> int:
+    """Model chunks per pp rank: 2 for the interleaved schedule, else 1."""
+    return 2 if plan.schedule == "Interleaved1F1B" else 1
+
+
+# -- assignment ----------------------------------------------------------------------------
+def balanced_split(costs: list[float], num_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+    """Stage of each unit: contiguous runs minimising the largest stage cost, where the first
+    stage also pays `first` and the last `last`."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def seg(i: int, j: int, k: int) -> float:
+        return prefix[j] - prefix[i] + (first if k == 0 else 0.0) + (last if k == num_stages - 1 else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]  # best[k][j]: units [0, j) in k stages
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for j in range(k, n - (num_stages - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], seg(i, j, k - 1))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    stages, j = [0] * n, n
+    for k in range(num_stages, 0, -1):
+        i = cut[k][j]
+        stages[i:j] = [k - 1] * (j - i)
+        j = i
+    return stages
+
+
+def _units(ir: IR) -> list[str]:
+    return [layer for layer in ir.layers if layer not in ("pre", "post")]
+
+
+def assign_stages(ir: IR, plan: Plan, num_stages: int) -> dict[str, int]:
+    """layer -> stage, from the plan's LayerAssignments or balanced by FLOPs."""
+    units = _units(ir)
+    given = {a.layer: a.stage for a in plan.layers}
+    if any(stage for stage in given.values()):
+        if num_stages != plan.pp:
+            raise PcompileError("the plan gives layer stages (one contiguous stage per pp rank) but schedule "
+                                f"Interleaved1F1B runs {num_stages // plan.pp} chunks per rank, placed round-robin",
+                                "leave the layers' stages at 0 so pcompile balances the chunks, or use 1F1B / GPipe")
+        stages = {layer: given.get(layer, 0 if layer == "pre" else num_stages - 1 if layer == "post" else None)
+                  for layer in ir.layers}
+        missing = [layer for layer, s in stages.items() if s is None]
+        order = [stages[layer] for layer in ir.layers if stages[layer] is not None]
+        if missing or order != sorted(order) or set(order) != set(range(num_stages)):
+            raise PcompileError(f"the plan's stages {[(layer, stages[layer]) for layer in ir.layers]} are not a "
+                                f"contiguous cut of the layers into stages 0..{num_stages - 1}",
+                                "give every layer a stage, non-decreasing along the layers, with every stage used")
+        return stages
+    if len(units) < num_stages:
+        raise PcompileError(f"the model has {len(units)} layers to cut but the plan needs {num_stages} pipeline "
+                            f"stages (pp={plan.pp}, schedule {plan.schedule})",
+                            "use a smaller pp, a non-interleaved schedule, or a model with more blocks")
+    costs = [ir.total("flops", u) + ir.total("bwd_flops", u) for u in units]
+    first = ir.total("flops", "pre") + ir.total("bwd_flops", "pre") if "pre" in ir.layers else 0
+    last = ir.total("flops", "post") + ir.total("bwd_flops", "post") if "post" in ir.layers else 0
+    if not any(costs):
+        costs = [1.0] * len(units)
+    stages = dict(zip(units, balanced_split(costs, num_stages, first, last)))
+    stages.update({"pre": 0, "post": num_stages - 1})
+    return {layer: stages[layer] for layer in ir.layers}
+
+
+def check_schedule(plan: Plan, batch: int) -> None:
+    """torch's schedules' own limits, said at compile time rather than on the ranks."""
+    n, pp = plan.num_microbatches, plan.pp
+    if plan.schedule == "1F1B" and n < pp:
+        raise PcompileError(f"schedule 1F1B with pp={pp} needs at least {pp} micro-batches, the plan has {n}",
+                            f"set num_microbatches={2 * pp} (dataclasses.replace(plan, num_microbatches=...)) "
+                            "or use schedule='GPipe'")
+    if plan.schedule == "Interleaved1F1B" and n % max(1, n // pp):
+        raise PcompileError(f"schedule Interleaved1F1B needs num_microbatches to be a multiple of "
+                            f"{max(1, n // pp)} (rounds of pp={pp}), the plan has {n}",
+                            f"set num_microbatches to a multiple of pp={pp}")
+    if batch % (plan.default.dp * n):
+        raise PcompileError(f"global batch {batch} does not split into dp={plan.default.dp} x {n} micro-batches",
+                            f"use a batch that is a multiple of {plan.default.dp * n}")
+
+
+# -- cut -----------------------------------------------------------------------------------
+def _stage_of_nodes(ir: IR, layer_stage: dict[str, int]) -> dict[fx.Node, int]:
+    return {n: layer_stage[ir.meta(n).layer] for n in ir.graph.nodes if n.op not in FREE_OPS}
+
+
+def live_inputs(ir: IR, stage_of: dict[fx.Node, int], num_stages: int) -> list[list[fx.Node]]:
+    """For each stage, the values computed in an earlier stage and used in it or later."""
+    carried: list[list[fx.Node]] = [[] for _ in range(num_stages)]
+    for node, stage in stage_of.items():
+        if node.op == "output":
+            continue
+        last_use = max((stage_of[u] for u in node.users), default=stage)
+        for user in node.users:
+            if stage_of[user] < stage:
+                raise PcompileError(f"internal error: {user.name} (stage {stage_of[user]}) uses {node.name} "
+                                    f"from the later stage {stage}", "this is a pcompile bug; please report it")
+        if last_use > stage and ir.meta(node).shape is None:
+            raise PcompileError(
+                f"{node.name} ({ir.meta(node).layer}) is a Python value, not a tensor, and is used in a later "
+                "pipeline stage; stages exchange tensors only",
+                "compute sizes from the tensors inside the layer that uses them (e.g. x.shape in the block)")
+        for b in range(stage + 1, last_use + 1):
+            carried[b].append(node)
+    return carried
+
+
+def build_stage(ir: IR, stage_of: dict[fx.Node, int], index: int, inputs: list[fx.Node],
+                outputs: list[fx.Node] | None) -> fx.GraphModule:
+    """The stage's GraphModule: forward(*inputs, **model_inputs) -> tuple(outputs) (or the loss)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in inputs:
+        env[node] = graph.placeholder(node.name)
+    for node in ir.graph.nodes:
+        if node.op == "placeholder":
+            default = node.args[0] if node.args else inspect.Signature.empty
+            env[node] = graph.placeholder(node.target, default_value=default)
+    attrs: dict[fx.Node, fx.Node] = {}
+
+    def value(arg: fx.Node) -> fx.Node:
+        if arg.op == "get_attr":
+            if arg not in attrs:
+                attrs[arg] = graph.get_attr(arg.target)
+            return attrs[arg]
+        return env[arg]
+
+    for node in ir.graph.nodes:
+        if node.op in FREE_OPS or stage_of[node] != index:
+            continue
+        if node.op == "output":
+            graph.output(fx.map_arg(node.args[0], value))
+            continue
+        env[node] = graph.node_copy(node, value)
+    if outputs is not None:
+        graph.output(tuple(env[n] for n in outputs))
+    graph.lint()
+    return fx.GraphModule(ir.gm, graph, class_name=f"Stage{index}")
+
+
+def _canonical(ctx: PassContext) -> dict[str, str]:
+    first: dict[int, str] = {}
+    names = {}
+    for name, p in ctx.model.named_parameters(remove_duplicate=False):
+        names[name] = first.setdefault(id(p), name)
+    return names
+
+
+def _check_output(ir: IR) -> None:
+    out = next(n for n in ir.graph.nodes if n.op == "output").args[0]
+    if not isinstance(out, fx.Node) or ir.meta(out).shape != ():
+        raise PcompileError("pipeline parallelism needs the model's forward to return the scalar loss; it returns "
+                            f"{out!r}", "return only the loss (a 0-dim tensor) from forward")
+
+
+def split(ir: IR, plan: Plan, canonical: dict[str, str]) -> PipelineSplit:
+    num_stages = plan.pp * virtual_stages(plan)
+    layer_stage = assign_stages(ir, plan, num_stages)
+    stage_of = _stage_of_nodes(ir, layer_stage)
+    carried = live_inputs(ir, stage_of, num_stages)
+    stages = []
+    for s in range(num_stages):
+        outputs = carried[s + 1] if s + 1 < num_stages else None
+        gm = build_stage(ir, stage_of, s, carried[s], outputs)
+        stages.append(Stage(s, s % plan.pp, tuple(layer for layer in ir.layers if layer_stage[layer] == s),
+                            tuple(n.name for n in carried[s]),
+                            tuple(n.name for n in outputs) if outputs else ("loss",), gm))
+    holders: dict[str, set[int]] = {}
+    for stage in stages:
+        for name, _ in stage.gm.named_parameters(remove_duplicate=False):
+            holders.setdefault(canonical.get(name, name), set()).add(stage.rank)
+    tied = tuple(sorted(name for name, ranks in holders.items() if len(ranks) > 1))
+    model_inputs = tuple(n.target for n in ir.graph.nodes if n.op == "placeholder")
+    return PipelineSplit(plan.pp, tuple(stages), model_inputs, canonical, tied)
+
+
+@register_pass("pipeline_split", kind="rewrite")
+def pipeline_split(ir: IR, ctx: PassContext) -> IR:
+    """Cut the graph into pipeline stages (pp x chunks) at layer boundaries, balanced by FLOPs."""
+    plan = ctx.plan
+    if plan is None or plan.pp == 1:
+        return ir
+    _check_output(ir)
+    first = ctx.example_inputs[0]
+    check_schedule(plan, int(first.shape[0]) if getattr(first, "ndim", 0) else 1)
+    result = split(ir, plan, _canonical(ctx))
+    ir.gm.meta[PIPELINE_KEY] = result
+    if virtual_stages(plan) == 1:  # Plan.layers' stage is the pp rank: interleaved chunks are not expressible
+        stage_of = {layer: s.index for s in result.stages for layer in s.layers}
+        ctx.plan = dataclasses.replace(plan, layers=tuple(
+            LayerAssignment(layer, plan.strategy_for(layer), stage_of[layer]) for layer in ir.layers))
+    for s in result.stages:
+        ctx.report.append(f"pipeline stage {s.index} on pp rank {s.rank}: {s.layers[0]}..{s.layers[-1]}, "
+                          f"receives {list(s.inputs) or 'the model inputs'}")
+    if result.tied:
+        ctx.report.append(f"tied parameters {list(result.tied)} live in stages on different ranks: their "
+                          "gradients are all-reduced between the owning ranks after backward")
+    return ir

@@ -1,0 +1,119 @@
+"""Pipeline parallelism == serial: loss after each of 3 AdamW steps and full gradients within
+1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B at pp=2 and pp=4, and pp x dp, pp x tp,
+on the built-in GPT (tied and untied head) and the MLP. One 2-rank and one 4-rank launch.
+Plus the pass's pure parts (balanced cut, stage assignment, errors) without ranks."""
+import dataclasses
+
+import pytest
+import torch
+
+import pcompile
+from pcompile.errors import PcompileError
+from pcompile.models import GPT, gpt_inputs
+from pcompile.passes.pipeline_split import (assign_stages, balanced_split, check_schedule, pipeline_of,
+                                            virtual_stages)
+from pcompile.plan import LayerAssignment
+from tests.distributed.ranks_pipeline import GPT4, MODELS, PASSES, compare_many, describe, pipeline_plan
+
+TOLERANCE = 1e-5
+PARAM_TOLERANCE = 3e-3  # 3 Adam steps of lr=1e-3 on entries whose gradient is rounding noise
+
+CASES = {
+    2: [("gpt4", pipeline_plan(2, "GPipe", 2)),
+        ("gpt4", pipeline_plan(2, "1F1B", 4)),
+        ("gpt4", pipeline_plan(2, "Interleaved1F1B", 4)),
+        ("gpt4-untied", pipeline_plan(2, "1F1B", 2)),
+        ("mlp4", pipeline_plan(2, "GPipe", 2)),
+        ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2))],
+    4: [("gpt4", pipeline_plan(4, "GPipe", 4)),
+        ("gpt4", pipeline_plan(4, "1F1B", 4)),
+        ("gpt8", pipeline_plan(4, "Interleaved1F1B", 4)),
+        ("mlp8", pipeline_plan(4, "Interleaved1F1B", 8)),
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2)),
+        ("gpt4", pipeline_plan(2, "Interleaved1F1B", 2, tp=2)),
+        ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2)),
+        ("mlp4", pipeline_plan(2, "1F1B", 2, tp=2))],
+}
+
+
+@pytest.mark.parametrize("world", sorted(CASES))
+def test_pipeline_plans_match_serial(world):
+    cases = CASES[world]
+    per_rank = pcompile.launch(compare_many, world, cases)
+    assert len(per_rank) == world
+    for (name, plan), *results in zip(cases, *per_rank):
+        total = sum(p.numel() for p in MODELS[name][0]().parameters())
+        for r in results:
+            assert (r["model"], r["plan"]) == (name, describe(plan))
+            assert r["loss_diff"] < TOLERANCE, r
+            assert r["grad_diff"] < TOLERANCE, r
+            assert r["param_diff"] < PARAM_TOLERANCE, r
+            assert r["keys"], r
+            stages = r["stages"]
+            assert stages == sorted(stages) and set(stages) == set(range(plan.pp * virtual_stages(plan))), r
+            if plan.schedule != "Interleaved1F1B":  # one stage per pp rank, recorded in the plan too
+                assert r["plan_stages"] == stages, r
+            assert r["local_params"] < total, r  # each rank holds only its stages' parameters
+        assert len({(r["loss_diff"], r["grad_diff"]) for r in results}) == 1  # every rank got the same views
+        if name == "gpt4-untied" and plan.num_devices == plan.pp:
+            assert sum(r["local_params"] for r in results) == total
+
+
+# -- the pass alone (no ranks) -------------------------------------------------------------
+def test_balanced_split_minimises_the_largest_stage():
+    assert balanced_split([1, 1, 1, 1], 2) == [0, 0, 1, 1]
+    assert balanced_split([1, 1, 1, 1], 2, last=2) == [0, 0, 0, 1]  # the head's FLOPs weigh on the last stage
+    assert balanced_split([1, 1, 1, 1], 4) == [0, 1, 2, 3]
+    assert balanced_split([5, 1, 1, 1, 1, 1], 2) == [0, 1, 1, 1, 1, 1]  # 5 | 5 beats 6 | 4
+
+
+@pytest.fixture(scope="module")
+def gpt_ir():
+    torch.manual_seed(0)
+    model = GPT(GPT4)
+    x, y = gpt_inputs(GPT4, 8)
+    plan = pipeline_plan(2, "Interleaved1F1B", 4)
+    ir = pcompile.compile(model, pcompile.Cluster.local(2), (x, y), plan=plan, passes=PASSES,
+                          stop_after="pipeline_split")
+    return model, ir, (x, y)
+
+
+def test_stages_chain_to_the_serial_loss(gpt_ir):
+    model, ir, (x, y) = gpt_ir
+    split = pipeline_of(ir)
+    assert [s.rank for s in split.stages] == [0, 1, 0, 1]
+    assert split.tied == ("tok_emb.weight",)  # embedding (stage 0) = head (stage 3): different ranks
+    assert split.stages[0].layers[0] == "pre" and split.stages[-1].layers[-1] == "post"
+    acts: tuple = ()
+    with torch.no_grad():
+        for stage in split.stages:
+            out = stage.gm(*acts, idx=x, targets=y)
+            acts = out if isinstance(out, tuple) else (out,)
+            assert bool(stage.inputs) == (stage.index > 0)  # activations only: model inputs are keywords
+        assert torch.equal(acts[0], model(x, y))
+    names = {n for s in split.stages for n, _ in s.gm.named_parameters(remove_duplicate=False)}
+    assert {n for n, _ in model.named_parameters(remove_duplicate=False)} == names  # original names kept
+
+
+def test_given_stages_are_used_and_checked(gpt_ir):
+    _, ir, _ = gpt_ir
+    base = pipeline_plan(2, "GPipe", 2)
+    layers = ("pre", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "post")
+    given = dataclasses.replace(base, layers=tuple(
+        LayerAssignment(layer, base.default, stage) for layer, stage in zip(layers, (0, 0, 1, 1, 1, 1))))
+    assert [assign_stages(ir, given, 2)[layer] for layer in layers] == [0, 0, 1, 1, 1, 1]
+    empty_first = dataclasses.replace(base, layers=tuple(LayerAssignment(layer, base.default, 1) for layer in layers))
+    with pytest.raises(PcompileError, match="every stage used"):
+        assign_stages(ir, empty_first, 2)
+    with pytest.raises(PcompileError, match="round-robin"):
+        assign_stages(ir, dataclasses.replace(given, schedule="Interleaved1F1B", num_microbatches=4), 4)
+    with pytest.raises(PcompileError, match="4 layers to cut but the plan needs 8"):
+        assign_stages(ir, pipeline_plan(4, "Interleaved1F1B", 4), 8)
+
+
+def test_schedule_limits_are_errors_at_compile_time():
+    with pytest.raises(PcompileError, match="1F1B with pp=4 needs at least 4 micro-batches"):
+        check_schedule(pipeline_plan(4, "1F1B", 2), 8)
+    with pytest.raises(PcompileError, match="does not split into dp=2 x 8 micro-batches"):
+        check_schedule(pipeline_plan(2, "GPipe", 8, dp=2), 8)
+    check_schedule(pipeline_plan(2, "Interleaved1F1B", 4), 8)
