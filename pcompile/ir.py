@@ -96,7 +96,10 @@ class IR:
             rows.append((node.name, node.op, target_name(node), shape, _short_dtype(m.dtype),
                          _human(m.flops), _human(m.output_bytes), _human(m.saved_bytes), _human(m.param_bytes),
                          m.layer or "-", m.sharding or "-"))
-        return "\n".join(" ".join(str(v).ljust(w) for v, w in zip(row, self.WIDTHS)).rstrip() for row in rows)
+        # Columns as wide as their longest cell (at least WIDTHS): aligned, never truncated, so
+        # parse() gets every name back whole.
+        widths = [max([w] + [len(str(row[i])) + 1 for row in rows]) for i, w in enumerate(self.WIDTHS)]
+        return "\n".join(" ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 
     def print(self) -> None:
         print(self.format())
