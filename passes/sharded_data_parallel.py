@@ -1,18 +1,23 @@
 """Rewrite: sharded data parallelism (ZeRO-3) for the layers whose strategy has sdp=True.
 
 A parameter read by an sdp layer lives sharded over the "dp" mesh axis: each rank keeps a
-1/dp chunk along one dim. Every read of it becomes an explicit `sdp_gather` node (all-gather
-forward, reduce-scatter averaged over dp backward, see pcompile/sdp.py), placed right before
-the op that reads it, so one op's weights are gathered at a time. The op itself runs through
-`sdp_module` (a leaf module, as a functional call with the gathered parameters) or
-`sdp_function` / `sdp_method`, which keep autograd from holding the gathered weights until
-backward. Parameters keep their names in gm.named_parameters(); the graph's sdp_gather nodes
-say how each is sharded (`pcompile.sdp.param_shardings`), on top of any tensor-parallel split.
+1/dp chunk along one dim. Its reads become explicit graph collectives: one `sdp_gather` node
+per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/sdp.py)
+placed right before the unit's first op, and a getitem per parameter, freed after its last
+use. A unit is a layer by default (one collective per layer and direction, as FSDP per
+block); options["sdp_unit"] = "op" gathers per op instead (one op's weights at a time, for
+operator splitting). The ops themselves run through `sdp_module` (a leaf module, as a
+functional call with the gathered parameters) or `sdp_function` / `sdp_method`, which keep
+autograd from holding gathered weights until backward. Parameters keep their names in
+gm.named_parameters(); the sdp_gather nodes say how each is sharded
+(`pcompile.sdp.param_shardings`), on top of any tensor-parallel split.
 
 A tied parameter read by an sdp layer and a dp layer is sharded (the dp layer gathers it
 too). A parameter with no dim divisible by dp stays replicated and data parallel.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -26,6 +31,7 @@ from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 
 AXIS = "dp"
+UNITS = ("layer", "op")
 
 
 def sdp_layers(ir: IR, ctx: PassContext) -> dict[str, int]:
@@ -100,16 +106,35 @@ def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None,
         meta.output_bytes = param.numel() * param.element_size()
 
 
-def _gather(ir: IR, consumer: fx.Node, name: str, sharding: ParamSharding) -> fx.Node:
-    """get_attr(name) -> sdp_gather, inserted before `consumer`."""
-    tp = ir.param_shardings.get(name)
-    tp_text = f"S({tp.dim})@{tp.axis}," if tp is not None else ""
-    with ir.graph.inserting_before(consumer):
-        shard = ir.graph.get_attr(name)
-        full = ir.graph.call_function(sdp.sdp_gather, (shard, sharding.dim, AXIS, sharding.size))
-    _annotate(ir, shard, consumer, f"{tp_text}S({sharding.dim})@{AXIS}", name)
-    _annotate(ir, full, consumer, f"S({tp.dim})@{tp.axis}" if tp is not None else "R", name)
-    return full
+def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, unit: str) -> list[list[fx.Node]]:
+    """The ops reading sharded parameters, in graph order, grouped into units whose parameters are
+    gathered together: one unit per layer (FSDP's granularity: one collective per layer and
+    direction) or one per op (the least gathered memory: one op's weights at a time)."""
+    if unit not in UNITS:
+        raise PcompileError(f"unknown sdp unit {unit!r}", f"set options['sdp_unit'] to one of {UNITS}")
+    units: dict[object, list[fx.Node]] = {}
+    for node in ir.graph.nodes:
+        if any(name in shardings for name in reads.get(node, {}).values()):
+            units.setdefault(ir.meta(node).layer if unit == "layer" else node, []).append(node)
+    return list(units.values())
+
+
+def _gather(ir: IR, consumers: list[fx.Node], names: list[str], shardings: dict) -> dict[str, fx.Node]:
+    """get_attr of each shard -> one sdp_gather -> getitem per parameter, before the unit's first op."""
+    first = consumers[0]
+    with ir.graph.inserting_before(first):
+        shards = tuple(ir.graph.get_attr(name) for name in names)
+        dims = tuple(shardings[name].dim for name in names)
+        gather = ir.graph.call_function(sdp.sdp_gather, (shards, dims, AXIS, shardings[names[0]].size))
+        items = {name: ir.graph.create_node("call_function", operator.getitem, (gather, i),
+                                            name=name.replace(".", "_") + "_full") for i, name in enumerate(names)}
+    _annotate(ir, gather, first)
+    for shard, name in zip(shards, names):
+        tp = ir.param_shardings.get(name)
+        tp_text = f"S({tp.dim})@{tp.axis}," if tp is not None else ""
+        _annotate(ir, shard, first, f"{tp_text}S({shardings[name].dim})@{AXIS}", name)
+        _annotate(ir, items[name], first, f"S({tp.dim})@{tp.axis}" if tp is not None else "R", name)
+    return items
 
 
 def _wrap(ir: IR, node: fx.Node, gathered: dict) -> fx.Node:
@@ -157,11 +182,11 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
 
     def check(node: fx.Node, value) -> None:
         if node.op == "call_function" and node.target is sdp.sdp_gather:
-            name = node.args[0].target
-            expected = tp_local[name]
-            if tuple(value.shape) != tuple(expected):
-                raise PcompileError(f"internal error: {node.name} gathers {name} to {list(value.shape)}, "
-                                    f"expected {list(expected)}", "this is a pcompile bug; please report it")
+            for shard, full in zip(node.args[0], value):
+                expected = tp_local[shard.target]
+                if tuple(full.shape) != tuple(expected):
+                    raise PcompileError(f"internal error: {node.name} gathers {shard.target} to {list(full.shape)}, "
+                                        f"expected {list(expected)}", "this is a pcompile bug; please report it")
 
     with collectives.simulate():
         fake_run(ir, inputs, check, shard=shard, grad=False)
@@ -175,13 +200,11 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
         return ir
     reads = parameter_reads(ir, canonical_names(ir.gm))
     shardings, replicated = choose_shardings(ir, reads, layers)
-    for node, slots in reads.items():
-        gathered = {}
-        for slot, name in slots.items():
-            if name in shardings:
-                gathered[slot] = _gather(ir, node, name, shardings[name])
-        if gathered:
-            _wrap(ir, node, gathered)
+    for consumers in gather_units(ir, reads, shardings, ctx.options.get("sdp_unit", "layer")):
+        names = list(dict.fromkeys(n for c in consumers for n in reads[c].values() if n in shardings))
+        items = _gather(ir, consumers, names, shardings)
+        for node in consumers:
+            _wrap(ir, node, {slot: items[name] for slot, name in reads[node].items() if name in shardings})
     stale = {slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)}
     for node in stale:
         if not node.users:  # a replicated read that the gathers replaced

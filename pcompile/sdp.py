@@ -1,20 +1,24 @@
 """ZeRO-3 (sharded data parallelism) at run time: the functions the `sharded_data_parallel`
 pass puts into the graph, and the lowering helpers the backend uses for sharded parameters.
 
-Each rank of the dp group stores 1/dp of a sharded parameter (a chunk along `dim`).
-  sdp_gather(shard, dim, "dp", dp)   forward: all-gather the chunks -> the full parameter
-                                     backward: reduce-scatter the gradient, divided by dp
+Each rank of the dp group stores 1/dp of a sharded parameter (a chunk along its `dim`).
+Parameters are gathered in *units* (by default all of one layer's, as FSDP does per block),
+one collective per unit and direction:
+  sdp_gather((s1, s2, ..), (d1, d2, ..), "dp", dp)
+      forward:  one all-gather of the concatenated shards -> the full parameters (a tuple)
+      backward: one reduce-scatter of the concatenated gradient chunks, divided by dp
 Why the division: every dp rank computes the mean loss of its 1/dp of the batch, so the
 serial gradient (mean over the whole batch) is the average of the ranks' gradients; the
 reduce-scatter leaves each rank its chunk of the sum, and /dp makes it the average.
 
-ZeRO-3 also frees the gathered parameter after use. The graph drops its own reference after
-the last use, but autograd would keep it alive until backward wherever an op saves it (a
-Linear saves its weight to compute the input's gradient). So every op that reads a gathered
-parameter runs through `sdp_module` / `sdp_function` / `sdp_method`, which install
-saved-tensor hooks: a saved tensor that lives in a gathered parameter's storage (the
-parameter or a view of it) is packed as a reference to the shard and re-gathered when
-backward unpacks it. Peak parameter memory is then one op's gathered weights, not all.
+ZeRO-3 also frees the gathered parameters after use. The graph drops its references after
+each parameter's last use, but autograd would keep them alive until backward wherever an op
+saves one (a Linear saves its weight to compute the input's gradient). So every op that
+reads a gathered parameter runs through `sdp_module` / `sdp_function` / `sdp_method`, which
+install saved-tensor hooks: a saved tensor that lives in a gathered parameter's storage (the
+parameter or a view of it) is packed as a reference to its unit, and backward re-gathers the
+unit once (one all-gather) when it first unpacks one, and frees it when the unit's
+reduce-scatter runs, i.e. when the backward of every op of the unit is done.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import contextlib
 import functools
 import importlib
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -35,55 +39,92 @@ from pcompile.ir import ParamSharding
 _LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # gathered parameters alive right now
 
 
-@dataclass(frozen=True, eq=False)
-class _Source:
-    """Where a gathered parameter comes from, so that backward can gather it again."""
+def _all_gather_flat(shards: tuple[torch.Tensor, ...], dims: tuple[int, ...], key: str,
+                     size: int) -> list[torch.Tensor]:
+    """The full tensors of `shards` (chunks along `dims`) with one all-gather of their concatenation."""
+    group = collectives._group(key)
+    flat = torch.cat([s.reshape(-1) for s in shards])
+    if group is None:
+        parts = [flat] * size
+    else:
+        parts = [torch.empty_like(flat) for _ in range(size)]
+        dist.all_gather(parts, flat, group=group)
+    out, offset = [], 0
+    for shard, dim in zip(shards, dims):
+        n = shard.numel()
+        out.append(torch.cat([part[offset:offset + n].view(shard.shape) for part in parts], dim=dim))
+        offset += n
+    return out
 
-    shard: torch.Tensor
-    dim: int
+
+def _reduce_scatter_flat(grads: tuple[torch.Tensor, ...], dims: tuple[int, ...], key: str,
+                         size: int) -> list[torch.Tensor]:
+    """This rank's chunk of each gradient averaged over the group, with one reduce-scatter."""
+    group = collectives._group(key)
+    chunks = [g.chunk(size, dim=d) for g, d in zip(grads, dims)]
+    inputs = [torch.cat([c[rank].reshape(-1) for c in chunks]) for rank in range(size)]
+    if group is None:
+        flat = inputs[0].clone()
+    else:
+        flat = torch.empty_like(inputs[0])
+        dist.reduce_scatter(flat, inputs, group=group)
+    flat.div_(size)
+    out, offset = [], 0
+    for c in chunks:
+        n = c[0].numel()
+        out.append(flat[offset:offset + n].view(c[0].shape))
+        offset += n
+    return out
+
+
+@dataclass(eq=False)
+class _Unit:
+    """Parameters gathered together; `full` caches their re-gathered values during backward."""
+
+    shards: tuple[torch.Tensor, ...]
+    dims: tuple[int, ...]
     key: str
     size: int
+    full: list[torch.Tensor] | None = field(default=None, repr=False)
 
-    def gather(self) -> torch.Tensor:
-        return collectives._all_gather(self.shard, self.dim, self.key, self.size)
+    def regathered(self) -> list[torch.Tensor]:
+        if self.full is None:
+            self.full = _all_gather_flat(self.shards, self.dims, self.key, self.size)
+        return self.full
 
 
 @dataclass(frozen=True, eq=False)
 class _Saved:
-    """A saved tensor that was (a view of) a gathered parameter: its source and its view."""
+    """A saved tensor that was (a view of) gathered parameter `index` of `unit`."""
 
-    source: _Source
+    unit: _Unit
+    index: int
     size: torch.Size
     stride: tuple[int, ...]
     offset: int
 
 
-def _reduce_scatter_mean(grad: torch.Tensor, dim: int, key: str, size: int) -> torch.Tensor:
-    group = collectives._group(key)
-    parts = [part.contiguous() for part in grad.chunk(size, dim=dim)]
-    if group is None:
-        return parts[0].clone()
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out.div_(size)
-
-
 class _Gather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, shard, dim, key, size):
-        ctx.dim, ctx.key, ctx.size = dim, key, size
-        return collectives._all_gather(shard, dim, key, size)
+    def forward(ctx, unit: _Unit, *shards):
+        ctx.unit = unit
+        return tuple(_all_gather_flat(shards, unit.dims, unit.key, unit.size))
 
     @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_mean(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+    def backward(ctx, *grads):
+        unit = ctx.unit
+        unit.full = None  # every op of the unit is done with backward: free the re-gathered weights
+        return (None,) + tuple(_reduce_scatter_flat(grads, unit.dims, unit.key, unit.size))
 
 
-def sdp_gather(shard: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
-    """Sharded parameter -> full parameter: all-gather forward, reduce-scatter / size backward."""
-    full = _Gather.apply(shard, dim, axis, size)
-    full._pcompile_sdp = _Source(shard.detach(), dim, axis, size)
-    _LIVE.add(full)
+def sdp_gather(shards: tuple[torch.Tensor, ...], dims: tuple[int, ...], axis: str,
+               size: int) -> tuple[torch.Tensor, ...]:
+    """Sharded parameters -> full parameters: one all-gather forward, one reduce-scatter / size backward."""
+    unit = _Unit(tuple(s.detach() for s in shards), tuple(dims), axis, size)
+    full = _Gather.apply(unit, *shards)
+    for index, tensor in enumerate(full):
+        tensor._pcompile_sdp = (unit, index)
+        _LIVE.add(tensor)
     return full
 
 
@@ -109,12 +150,12 @@ def _saved_as_shards(gathered: list[torch.Tensor]):
         if t.layout == torch.strided:
             source = sources.get(t.untyped_storage().data_ptr())
             if source is not None:
-                return _Saved(source, t.size(), t.stride(), t.storage_offset())
+                return _Saved(*source, t.size(), t.stride(), t.storage_offset())
         return t
 
     def unpack(saved):
         if isinstance(saved, _Saved):
-            return saved.source.gather().as_strided(saved.size, saved.stride, saved.offset)
+            return saved.unit.regathered()[saved.index].as_strided(saved.size, saved.stride, saved.offset)
         return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
@@ -156,8 +197,9 @@ def param_shardings(gm: fx.GraphModule) -> dict[str, ParamSharding]:
     out = {}
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is sdp_gather:
-            shard, dim, axis, size = node.args
-            out[shard.target] = ParamSharding(axis, dim, size)
+            shards, dims, axis, size = node.args
+            for shard, dim in zip(shards, dims):
+                out[shard.target] = ParamSharding(axis, dim, size)
     return out
 
 
