@@ -27,7 +27,8 @@ class Device:
     memory_bytes: int
     peak_flops: float  # dense FLOP/s at the training dtype, datasheet x stated efficiency
     memory_bandwidth: float  # bytes/s
-    op_overhead: float = 0.0  # seconds of fixed cost per executed op (dispatch / kernel launch), profiled
+    op_overhead: float = 0.0  # seconds of fixed cost per forward op (dispatch / kernel launch), profiled
+    backward_overhead: float = 0.0  # the same per backward op (autograd node)
     # Measured matmul throughput: (FLOPs of one matmul, achieved FLOP/s), sorted by FLOPs. Empty = peak_flops.
     matmul_curve: tuple[tuple[float, float], ...] = ()
 

@@ -1,0 +1,261 @@
+"""Profile the machine at hand into a Cluster: `profile_cluster(world_size, path)`.
+
+Every figure is measured with all `world_size` ranks running at once (as they do in
+training), so ranks that share cores or a link are measured sharing them:
+- matmul throughput of square fp32 matmuls by size (the Device's matmul curve; bf16 too in
+  the full mode, recorded in the measurements),
+- memory bandwidth (a large copy: read + write bytes / s),
+- the fixed per-op cost (a chain of tiny differentiable ops, forward),
+- all_reduce, all_gather and reduce_scatter by group size (the world split into equal
+  contiguous groups, all busy) and message size, and point-to-point sends, each fitted as
+  time = latency + bytes * seconds_per_byte (least squares on relative error),
+- the overlap efficiency eta of an async all-reduce running under a matmul loop:
+  eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1].
+
+Medians over repeats; per-rank figures are combined as the median rank for compute and the
+slowest rank for collectives. The JSON holds {"cluster": Cluster.to_dict(), "measurements":
+...}; `Cluster.from_profile(path)` loads it. The quick mode (tests) takes well under 30 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pcompile.cluster import GB, Cluster, CollectiveFit, Device, NodeGroup
+
+SIZES = {"quick": (64, 128, 256), "full": (32, 64, 128, 256, 512, 1024)}
+MESSAGES = {"quick": (4096, 65536, 1 << 20), "full": (1024, 8192, 65536, 262144, 1 << 20, 4 << 20)}
+
+
+def _device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+MIN_SECONDS = 0.01  # a timed sample loops fn for at least this long: ranks sharing cores get time-sliced
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of one `fn()`, over `repeats` samples of back-to-back calls after a warm-up."""
+    start = time.perf_counter()
+    fn()
+    calls = torch.tensor([max(1, int(MIN_SECONDS / max(time.perf_counter() - start, 1e-7)))], device=device)
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)  # every rank makes the same number of (collective) calls
+    calls = int(calls.item())
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
+def _matmul_curve(device, dtype, sizes, repeats) -> list[tuple[float, float]]:
+    curve = []
+    for n in sizes:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        dist.barrier()
+        seconds = _timed(lambda: torch.mm(a, b), repeats, device)
+        curve.append((2.0 * n ** 3, 2.0 * n ** 3 / seconds))
+    return curve
+
+
+def _bandwidth(device, repeats) -> float:
+    x = torch.empty(8 << 20, device=device)  # 32 MB
+    y = torch.empty_like(x)
+    dist.barrier()
+    return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), repeats, device)
+
+
+def _op_overhead(device, repeats) -> tuple[float, float]:
+    """(forward, backward) seconds per op of a chain of tiny Linear modules and functions."""
+    chain = torch.nn.Sequential(*[m for _ in range(16) for m in (torch.nn.Linear(4, 4), torch.nn.GELU())]).to(device)
+    x = torch.ones(2, 4, device=device)
+    ops = len(chain)
+
+    def forward():
+        return chain(x).sum()
+
+    dist.barrier()
+    fwd = _timed(forward, repeats, device)
+    both = _timed(lambda: forward().backward(), repeats, device)
+    return fwd / ops, max(both - fwd, 0.0) / ops
+
+
+def _groups(world: int, size: int):
+    """The world split into contiguous groups of `size` (every rank calls new_group for all)."""
+    mine = None
+    for start in range(0, world, size):
+        group = dist.new_group(list(range(start, start + size)))
+        if start <= dist.get_rank() < start + size:
+            mine = group
+    return mine
+
+
+def _collective(op: str, nbytes: int, group, size: int, device):
+    elements = max(nbytes // 4, size)
+    elements -= elements % size
+    x = torch.ones(elements, device=device)
+    if op == "all_reduce":
+        return lambda: dist.all_reduce(x, group=group)
+    if op == "all_gather":  # nbytes = the gathered output per rank
+        part, out = x[: elements // size].clone(), torch.empty(elements, device=device)
+        return lambda: dist.all_gather_into_tensor(out, part, group=group)
+    part = torch.empty(elements // size, device=device)  # reduce_scatter: nbytes = the input per rank
+    return lambda: dist.reduce_scatter_tensor(part, x, group=group)
+
+
+def _send(nbytes: int, device):
+    x = torch.ones(max(nbytes // 4, 1), device=device)
+    rank = dist.get_rank()
+    peer = rank ^ 1
+
+    def run():
+        if rank % 2 == 0:
+            dist.send(x, peer)
+            dist.recv(x, peer)
+        else:
+            dist.recv(x, peer)
+            dist.send(x, peer)
+    return run  # a round trip: two sends
+
+
+def _overlap(device, repeats) -> float:
+    n = 256
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    x = torch.ones(256 << 10, device=device)  # 1 MB
+
+    def compute():
+        for _ in range(8):
+            torch.mm(a, b)
+
+    def comm():
+        dist.all_reduce(x)
+
+    def both():
+        work = dist.all_reduce(x, async_op=True)
+        compute()
+        work.wait()
+
+    dist.barrier()
+    t_c, t_m, t_b = (_timed(f, repeats, device) for f in (compute, comm, both))
+    return float(np.clip((t_c + t_m - t_b) / min(t_c, t_m), 0.0, 1.0))
+
+
+def measure_rank(mode: str = "quick") -> dict:
+    """Run on every rank of a launched world: this rank's measurements."""
+    device = _device()
+    world = dist.get_world_size()
+    repeats = 5 if mode == "quick" else 15
+    out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode], repeats),
+           "memory_bandwidth": _bandwidth(device, repeats), "op_overhead": _op_overhead(device, repeats)}
+    if mode == "full":
+        out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode], repeats)
+    sizes = [s for s in (2, 4, 8, 16) if s <= world and world % s == 0]
+    out["collectives"] = []
+    for size in sizes:
+        group = _groups(world, size)
+        for op in ("all_reduce", "all_gather", "reduce_scatter"):
+            for nbytes in MESSAGES[mode]:
+                fn = _collective(op, nbytes, group, size, device)
+                dist.barrier()
+                out["collectives"].append((op, size, nbytes, _timed(fn, repeats, device)))
+    if world % 2 == 0 and world > 1:
+        for nbytes in MESSAGES[mode]:
+            fn = _send(nbytes, device)
+            dist.barrier()
+            out["collectives"].append(("send", 2, nbytes, _timed(fn, repeats, device) / 2))
+    out["overlap"] = _overlap(device, repeats) if world > 1 else 0.0
+    return out
+
+
+def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(latency, seconds per byte) minimising the relative error of latency + bytes * spb."""
+    x = np.array([p[0] for p in points], dtype=float)
+    t = np.array([p[1] for p in points], dtype=float)
+    w = 1.0 / t
+    (latency, spb), *_ = np.linalg.lstsq(np.stack([w, x * w], axis=1), np.ones_like(t), rcond=None)
+    if latency < 0:  # keep both non-negative: refit the other alone
+        return 0.0, float(np.sum(x * w) / np.sum((x * w) ** 2))
+    if spb < 0:
+        return float(np.sum(w) / np.sum(w ** 2)), 0.0
+    return float(latency), float(spb)
+
+
+def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: int | None = None) -> Cluster:
+    """Combine every rank's measurements into a one-node Cluster of `world` devices."""
+    def median_curve(key):
+        return tuple((per_rank[0][key][i][0], statistics.median(r[key][i][1] for r in per_rank))
+                     for i in range(len(per_rank[0][key])))
+
+    curve = median_curve("matmul_fp32")
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world if hasattr(
+            os, "sysconf") else 4 * GB
+    device = Device(name=f"{backend}-profiled", memory_bytes=int(memory_bytes),
+                    peak_flops=max(rate for _, rate in curve),
+                    memory_bandwidth=statistics.median(r["memory_bandwidth"] for r in per_rank),
+                    op_overhead=statistics.median(r["op_overhead"][0] for r in per_rank),
+                    backward_overhead=statistics.median(r["op_overhead"][1] for r in per_rank), matmul_curve=curve)
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for i, (op, size, nbytes, _) in enumerate(per_rank[0]["collectives"]):
+        slowest = max(r["collectives"][i][3] for r in per_rank)
+        samples.setdefault((op, size), []).append((nbytes, slowest))
+    fits = tuple(CollectiveFit(op, size, "intra", *fit_alpha_beta(points)) for (op, size), points in samples.items())
+    bandwidth, latency = 1e9, 50e-6
+    ring = [f for f in fits if f.op == "all_reduce"]
+    if ring:  # the ring's link figures, from the largest measured all-reduce group
+        f = max(ring, key=lambda f: f.group_size)
+        steps = 2 * (f.group_size - 1)
+        latency = f.latency / steps
+        bandwidth = steps / f.group_size / f.seconds_per_byte if f.seconds_per_byte > 0 else bandwidth
+    overlap = statistics.median(r["overlap"] for r in per_rank)
+    return Cluster((NodeGroup(device, 1, world),), bandwidth, latency, bandwidth, latency, backend,
+                   f"profiled{world}-{backend}", fits, overlap)
+
+
+def profile_cluster(world_size: int = 4, path: str | os.PathLike | None = None, quick: bool = False,
+                    memory_bytes: int | None = None) -> Cluster:
+    """Measure this machine with `world_size` local ranks; write the profile JSON to `path`."""
+    from pcompile.launch import launch
+
+    mode = "quick" if quick else "full"
+    start = time.perf_counter()
+    if world_size == 1:
+        per_rank = [_single_rank(mode)]
+        backend = "gloo"
+    else:
+        per_rank = launch(measure_rank, world_size, mode)
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    cluster = build_cluster(per_rank, world_size, backend, memory_bytes)
+    if path is not None:
+        with open(path, "w") as f:
+            json.dump({"cluster": cluster.to_dict(), "world_size": world_size, "mode": mode,
+                       "seconds": time.perf_counter() - start, "measurements": per_rank}, f, indent=1)
+    return cluster
+
+
+def _single_rank(mode: str) -> dict:
+    """One rank, no process group: compute figures only."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        store = dist.FileStore(f.name, 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        return measure_rank(mode)
+    finally:
+        dist.destroy_process_group()
