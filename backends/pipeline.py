@@ -117,18 +117,19 @@ class PipelineRuntime:
         """For each tied parameter: the group of ranks (same dp, tp coords) whose stages hold a copy.
         Every rank creates every group (new_group is collective), in the same order."""
         ranks = self.mesh.mesh  # [pp, dp, tp] -> global rank
+        by_holders: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
         out = []
         for name in self.split.tied:
-            holders = sorted({s.rank for s in self.split.stages
-                              if any(self.split.canonical.get(n, n) == name
-                                     for n, _ in s.gm.named_parameters(remove_duplicate=False))})
-            mine = None
-            for d, t in itertools.product(range(self.dp), range(self.tp)):
-                members = [int(ranks[p, d, t]) for p in holders]
-                group = dist.new_group(members)
-                if d == self.coords["dp"] and t == self.coords["tp"] and self.coords["pp"] in holders:
-                    mine = group
-            out.append((name, mine))
+            holders = tuple(sorted({s.rank for s in self.split.stages
+                                    if any(self.split.canonical.get(n, n) == name
+                                           for n, _ in s.gm.named_parameters(remove_duplicate=False))}))
+            if holders not in by_holders:
+                by_holders[holders] = None
+                for d, t in itertools.product(range(self.dp), range(self.tp)):
+                    group = dist.new_group([int(ranks[p, d, t]) for p in holders])
+                    if (d, t) == (self.coords["dp"], self.coords["tp"]) and self.coords["pp"] in holders:
+                        by_holders[holders] = group
+            out.append((name, by_holders[holders]))
         return out
 
     # -- parameters ------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class PipelineRuntime:
         keys = [self._holder(name) for name, _ in named]
         present = torch.tensor([float(key is not None and key in local and local[key].grad is not None
                                       and self.split.stages[self.owners[key]].rank == self.coords["pp"])
-                                for key in keys])
+                                for key in keys], device=self.device)
         dist.all_reduce(present, group=self.groups["pp"])
         items = [(key, local[key].grad if key in local else None, p)
                  for key, (_, p), has in zip(keys, named, present.tolist()) if has]
