@@ -4,13 +4,12 @@ A parameter read by an sdp layer lives sharded over the "dp" mesh axis: each ran
 1/dp chunk along one dim. Its reads become explicit graph collectives: one `sdp_gather` node
 per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/sdp.py)
 placed right before the unit's first op, and a getitem per parameter, freed after its last
-use. A unit is a layer by default (one collective per layer and direction, as FSDP per
-block); options["sdp_unit"] = "op" gathers per op instead (one op's weights at a time, for
-operator splitting). The ops themselves run through `sdp_module` (a leaf module, as a
-functional call with the gathered parameters) or `sdp_function` / `sdp_method`, which keep
-autograd from holding gathered weights until backward. Parameters keep their names in
-gm.named_parameters(); the sdp_gather nodes say how each is sharded
-(`pcompile.sdp.param_shardings`), on top of any tensor-parallel split.
+use. A unit is a layer (one collective per layer and direction, as FSDP per block), or one
+op in layers with operator splitting (split > 1: one op's weights at a time). The ops run
+through `sdp_module` (a leaf module, as a functional call with the gathered parameters) or
+`sdp_function` / `sdp_method`, which keep autograd from holding gathered weights until
+backward. Parameters keep their names in gm.named_parameters(); the sdp_gather nodes say how
+each is sharded (`pcompile.sdp.param_shardings`), on top of any tensor-parallel split.
 
 A tied parameter read by an sdp layer and a dp layer is sharded (the dp layer gathers it
 too). A parameter with no dim divisible by dp stays replicated and data parallel.
@@ -31,7 +30,6 @@ from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 
 AXIS = "dp"
-UNITS = ("layer", "op")
 
 
 def sdp_layers(ir: IR, ctx: PassContext) -> dict[str, int]:
@@ -106,16 +104,16 @@ def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None,
         meta.output_bytes = param.numel() * param.element_size()
 
 
-def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, unit: str) -> list[list[fx.Node]]:
+def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: set[str]) -> list[list[fx.Node]]:
     """The ops reading sharded parameters, in graph order, grouped into units whose parameters are
     gathered together: one unit per layer (FSDP's granularity: one collective per layer and
-    direction) or one per op (the least gathered memory: one op's weights at a time)."""
-    if unit not in UNITS:
-        raise PcompileError(f"unknown sdp unit {unit!r}", f"set options['sdp_unit'] to one of {UNITS}")
+    direction), or one per op in the layers of `per_op` (operator splitting: one op's weights,
+    1/k of a split Linear's, are gathered at a time)."""
     units: dict[object, list[fx.Node]] = {}
     for node in ir.graph.nodes:
         if any(name in shardings for name in reads.get(node, {}).values()):
-            units.setdefault(ir.meta(node).layer if unit == "layer" else node, []).append(node)
+            layer = ir.meta(node).layer
+            units.setdefault(node if layer in per_op else layer, []).append(node)
     return list(units.values())
 
 
@@ -200,7 +198,8 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
         return ir
     reads = parameter_reads(ir, canonical_names(ir.gm))
     shardings, replicated = choose_shardings(ir, reads, layers)
-    for consumers in gather_units(ir, reads, shardings, ctx.options.get("sdp_unit", "layer")):
+    per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
+    for consumers in gather_units(ir, reads, shardings, per_op):
         names = list(dict.fromkeys(n for c in consumers for n in reads[c].values() if n in shardings))
         items = _gather(ir, consumers, names, shardings)
         for node in consumers:

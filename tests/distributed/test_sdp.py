@@ -28,6 +28,7 @@ CASES = [
     ("gpt", Plan.uniform(dp=2, tp=2, sdp=True)),
     ("gpt", mixed(4, ("blocks.1", "post"))),  # the head's weight is tied to the (dp) embedding
     ("mlp6", mixed(4, ("blocks.0", "post"))),  # classifier weight sharded on dim 1, its bias replicated
+    ("gpt", Plan.uniform(dp=4, sdp=True, split=2)),  # operator splitting: gathered per op, not per layer
 ]
 
 
@@ -68,8 +69,18 @@ def test_pass_gathers_every_read_of_sdp_parameters_and_keeps_names():
         reads = _reads(ir.gm, name)
         assert reads and all(u.target is sdp.sdp_gather for u in reads), name
     assert len(_reads(ir.gm, "tok_emb.weight")) == 2  # gathered once for the embedding, once for the head
+    gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
+    assert [ir.meta(n).layer for n in gathers] == ["pre", "blocks.1", "post"]  # one collective per layer
     assert not any(n.op == "call_module" and n.target.startswith("blocks.1.") for n in ir.graph.nodes)
     assert any(n.op == "call_module" and n.target.startswith("blocks.0.") for n in ir.graph.nodes)
+
+
+def test_layers_with_operator_splitting_gather_per_op():
+    ir = _rewritten(Plan.uniform(dp=4, sdp=True, split=2))
+    gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
+    reading_ops = [n for n in ir.graph.nodes if n.target in (sdp.sdp_module, sdp.sdp_function, sdp.sdp_method)]
+    assert len(gathers) == len(reading_ops) == 20  # 2 x (6 Linears + 2 LayerNorms), 2 embeddings, ln_f, head
+    assert all(len(g.users) == len(g.args[0]) for g in gathers)
 
 
 def test_pass_is_a_no_op_without_sdp():
