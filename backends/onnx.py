@@ -163,8 +163,8 @@ class _Graph:
                 helper.set_metadata_props(info, props)
                 self.inputs.append(info)
             else:
-                init = numpy_helper.from_array(tensor.detach().cpu().float().numpy()
-                                               if tensor.dtype == torch.bfloat16 else tensor.detach().cpu().numpy(), name)
+                array = tensor.detach().cpu()
+                init = numpy_helper.from_array((array.float() if array.dtype == torch.bfloat16 else array).numpy(), name)
                 helper.set_metadata_props(init, props)
                 self.initializers[name] = init
         return name

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pcompile import report
+
 BUILTINS = ("gpt-tiny", "gpt-small", "gpt-1.3b", "gpt-7b", "llama-7b", "gpt3-175b")
 ALIASES = {"llama-7b": "gpt-7b"}
 UNITS = {"": 1, "b": 1, "kb": 2**10, "kib": 2**10, "mb": 2**20, "mib": 2**20, "gb": 2**30, "gib": 2**30,
@@ -159,25 +161,7 @@ def check_plan_matches(plan, workload: Workload) -> None:
                      f"re-plan with pcompile plan {workload.name} --out plan.json")
 
 
-# -- output -------------------------------------------------------------------------------------
-def _table(title: str, headers: list[str], rows: list[list[str]]) -> None:
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left")
-        for h in headers:
-            table.add_column(h)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-        return
-    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
-    print(title)
-    for row in [headers] + rows:
-        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
-
-
+# -- output ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _progress(description: str):
     """A spinner on stderr while `description` runs (only on a terminal)."""
@@ -191,61 +175,6 @@ def _progress(description: str):
                   console=Console(stderr=True), transient=True) as progress:
         progress.add_task(description, total=None)
         yield
-
-
-def _human(value: float, unit: str = "") -> str:
-    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}{unit}"
-    return f"{value:.3g}{unit}"
-
-
-def _bytes(value: float) -> str:
-    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
-
-
-def print_plan(plan, workload: Workload, cluster, flops: float) -> None:
-    params = sum(p.numel() for p in workload.model.parameters())
-    device = cluster.min_device()
-    print(f"pcompile plan: {workload.name} ({_human(params)} parameters), global batch {workload.tokens} "
-          f"{workload.unit}, on {cluster.name} ({cluster.num_devices} x {device.name}, "
-          f"{device.memory_bytes / 2**30:.1f} GiB each)")
-    if plan.layers:
-        _table("per-layer strategies", ["layer", "strategy", "stage"],
-               [[a.layer, a.strategy.describe(), str(a.stage)] for a in plan.layers])
-    else:
-        print(f"strategy: {plan.default.describe()} for every layer"
-              + (f", pp{plan.pp} {plan.schedule} x {plan.num_microbatches} micro-batches" if plan.pp > 1 else ""))
-    e = plan.estimate
-    if e is not None:
-        print(f"predicted: step {e.step_time * 1e3:.2f} ms (compute {e.compute_time * 1e3:.2f} ms, communication "
-              f"{e.comm_time * 1e3:.2f} ms), peak memory {_bytes(e.peak_memory)} of {_bytes(e.memory_budget)} "
-              f"per device")
-        print(f"           {_human(workload.tokens / e.step_time)} {workload.unit}/s, "
-              f"{_human(flops / e.step_time / plan.num_devices, 'FLOP/s')} per device")
-    if plan.reason:
-        print(f"why: {plan.reason}")
-    costed = [c for c in plan.candidates if c.estimate is not None]
-    rows = [[c.strategy.describe(), f"{c.estimate.step_time * 1e3:.2f}" if c.estimate else "-",
-             _human(workload.tokens / c.estimate.step_time) if c.estimate else "-",
-             _bytes(c.estimate.peak_memory) if c.estimate else "-", c.verdict] for c in plan.candidates]
-    if rows:
-        _table("candidates (baselines)", ["strategy", "step ms", f"{workload.unit}/s", "memory/device", "verdict"],
-               rows)
-    print(gain_line(plan, costed))
-
-
-def gain_line(plan, costed) -> str:
-    others = [c for c in costed if c.verdict not in ("chosen",) and not c.verdict.startswith("out of memory")]
-    if plan.estimate is None or not others:
-        return "gain: no other fitting strategy to compare with"
-    best = min(others, key=lambda c: c.estimate.step_time)
-    worst = max(others, key=lambda c: c.estimate.step_time)
-    line = f"gain: {best.estimate.step_time / plan.estimate.step_time:.2f}x over the best other strategy " \
-           f"({best.strategy.describe()})"
-    if worst is not best:
-        line += f", {worst.estimate.step_time / plan.estimate.step_time:.2f}x over the worst ({worst.strategy.describe()})"
-    return line
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -274,8 +203,6 @@ def cmd_plan(args) -> int:
             paths = onnx_export.export(ir, plan, args.onnx)
         notes.append(f"ONNX: {len(paths)} rank files in {args.onnx}")
     if args.plot:
-        from pcompile import report
-
         with _progress("plotting"):
             paths = report.write_plots(plan, args.plot, ir, cluster)
         notes.append("plots: " + ", ".join(paths))
@@ -284,7 +211,7 @@ def cmd_plan(args) -> int:
     if args.json:
         print(plan.to_json())
     else:
-        print_plan(plan, workload, cluster, flops)
+        report.print_plan(plan, workload, cluster, flops)
     for note in notes:
         print(note, file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -338,15 +265,16 @@ def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: in
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        record = {"step": step, "loss": loss.item(), "seconds": seconds, f"{workload.unit}_per_s": workload.tokens / seconds,
+        record = {"step": step, "loss": loss.item(), "seconds": seconds,
+                  f"{workload.unit}_per_s": workload.tokens / seconds,
                   "tflops_per_device": flops / seconds / world / 1e12}
         if peak_device:
             record["mfu"] = flops / seconds / world / peak_device
         records.append(record)
         if rank == 0:
             print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {seconds * 1e3:.1f} ms  "
-                  f"{_human(workload.tokens / seconds)} {workload.unit}/s  "
-                  f"{record['tflops_per_device']:.4f} TFLOP/s per device"
+                  f"{report.human(workload.tokens / seconds)} {workload.unit}/s  "
+                  f"{report.human(record['tflops_per_device'] * 1e12, 'FLOP/s')} per device"
                   + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""), file=stream, flush=True)
     peak, kind = _peak_memory()
     return {"rank": rank, "plan": cm.plan.default.describe(), "steps": records, "peak_memory": peak,
@@ -371,16 +299,20 @@ def _launched(args, plan) -> list[dict]:
             if found:
                 raise _error(found.group(1), "see the plan and the model") from None
             raise
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():  # under torchrun
+    created = "WORLD_SIZE" in os.environ and not dist.is_initialized()  # under torchrun
+    if created:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group(backend)
     if dist.is_initialized():
-        result = train_rank(*call)
-        results = [None] * dist.get_world_size()
-        dist.all_gather_object(results, result)
-        return results if dist.get_rank() == 0 else []
+        try:
+            results = [None] * dist.get_world_size()
+            dist.all_gather_object(results, train_rank(*call))
+            return results if dist.get_rank() == 0 else []
+        finally:
+            if created:
+                dist.destroy_process_group()
     if plan.num_devices != 1:
         raise _error(f"the plan needs {plan.num_devices} ranks and no process group is running",
                      f"run under torchrun --nproc-per-node {plan.num_devices} or pass --local {plan.num_devices}")
@@ -400,8 +332,8 @@ def cmd_run(args) -> int:
     mean = sum(s["seconds"] for s in steady) / len(steady)
     print(f"trained {len(results[0]['steps'])} steps with {results[0]['plan']} on {len(results)} rank(s): "
           f"mean step {mean * 1e3:.1f} ms (after the first), final loss {results[0]['steps'][-1]['loss']:.4f}")
-    _table("peak memory per rank", ["rank", results[0]["memory_kind"]],
-           [[str(r["rank"]), _bytes(r["peak_memory"])] for r in results])
+    report.table("peak memory per rank", ["rank", results[0]["memory_kind"]],
+                 [[str(r["rank"]), report.human_bytes(r["peak_memory"])] for r in results])
     return 0
 
 
@@ -423,7 +355,8 @@ def cmd_demo(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pcompile", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="pcompile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest="command", required=True)
     plan = commands.add_parser("plan", help="search a parallel plan (no GPU needed)")
     plan.add_argument("model")

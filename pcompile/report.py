@@ -1,4 +1,8 @@
-"""Pictures of a plan (PNG, matplotlib: the optional "plot" extra).
+"""Reports of a plan: the text `pcompile plan` prints, and pictures (PNG, matplotlib: the
+optional "plot" extra).
+
+Text: the strategies, predicted step time, throughput and memory, every candidate the search
+costed and the chosen plan's gain over them; rich tables on a terminal, plain when piped.
 
 Three figures, from what the Plan and its Estimate hold (plus the IR and the cluster when
 given):
@@ -18,6 +22,7 @@ given):
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 from pcompile.cluster import Cluster
@@ -129,6 +134,82 @@ def device_memory(plan: Plan, ir: IR | None = None, cluster: Cluster | None = No
         out.append(DeviceMemory(rank, states["params"], states["grads"], states["optimizer"],
                                 max(0.0, estimate.peak_memory - sum(states.values())), budget))
     return out
+
+
+# -- text (the plan as `pcompile plan` prints it) ---------------------------------------------
+def table(title: str, headers: list[str], rows: list[list[str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title, title_justify="left")
+        for h in headers:
+            table.add_column(h)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(str(c)) for c in column) for column in zip(headers, *rows)]
+    print(title)
+    for row in [headers] + rows:
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def human(value: float, unit: str = "") -> str:
+    for suffix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{' ' if unit else ''}{suffix}{unit}"
+    return f"{value:.3g}{' ' if unit else ''}{unit}"
+
+
+def human_bytes(value: float) -> str:
+    return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.1f} MiB"
+
+
+def print_plan(plan, workload, cluster, flops: float) -> None:
+    """The plan as `pcompile plan` prints it: strategies, predicted figures, candidates and the gain."""
+    params = sum(p.numel() for p in workload.model.parameters())
+    device = cluster.min_device()
+    print(f"pcompile plan: {workload.name} ({human(params)} parameters), global batch {workload.tokens} "
+          f"{workload.unit}, on {cluster.name} ({cluster.num_devices} x {device.name}, "
+          f"{device.memory_bytes / 2**30:.1f} GiB each)")
+    if plan.layers:
+        table("per-layer strategies", ["layer", "strategy", "stage"],
+              [[a.layer, a.strategy.describe(), str(a.stage)] for a in plan.layers])
+    else:
+        print(f"strategy: {plan.default.describe()} for every layer"
+              + (f", pp{plan.pp} {plan.schedule} x {plan.num_microbatches} micro-batches" if plan.pp > 1 else ""))
+    e = plan.estimate
+    if e is not None:
+        print(f"predicted: step {e.step_time * 1e3:.2f} ms (compute {e.compute_time * 1e3:.2f} ms, communication "
+              f"{e.comm_time * 1e3:.2f} ms), peak memory {human_bytes(e.peak_memory)} of "
+              f"{human_bytes(e.memory_budget)} per device")
+        print(f"           {human(workload.tokens / e.step_time)} {workload.unit}/s, "
+              f"{human(flops / e.step_time / plan.num_devices, 'FLOP/s')} per device")
+    if plan.reason:
+        print(f"why: {plan.reason}")
+    costed = [c for c in plan.candidates if c.estimate is not None]
+    rows = [[c.strategy.describe(), f"{c.estimate.step_time * 1e3:.2f}" if c.estimate else "-",
+             human(workload.tokens / c.estimate.step_time) if c.estimate else "-",
+             human_bytes(c.estimate.peak_memory) if c.estimate else "-", c.verdict] for c in plan.candidates]
+    if rows:
+        table("candidates (baselines)", ["strategy", "step ms", f"{workload.unit}/s", "memory/device", "verdict"],
+              rows)
+    print(gain_line(plan, costed))
+
+
+def gain_line(plan, costed) -> str:
+    others = [c for c in costed if c.verdict not in ("chosen",) and not c.verdict.startswith("out of memory")]
+    if plan.estimate is None or not others:
+        return "gain: no other fitting strategy to compare with"
+    best = min(others, key=lambda c: c.estimate.step_time)
+    worst = max(others, key=lambda c: c.estimate.step_time)
+    line = f"gain: {best.estimate.step_time / plan.estimate.step_time:.2f}x over the best other strategy " \
+           f"({best.strategy.describe()})"
+    if worst is not best:
+        line += (f", {worst.estimate.step_time / plan.estimate.step_time:.2f}x over the worst "
+                 f"({worst.strategy.describe()})")
+    return line
 
 
 # -- figures ---------------------------------------------------------------------------------
