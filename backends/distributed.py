@@ -33,10 +33,13 @@ def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
 
 
 def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in collectives.COLLECTIVES:
-            node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
-    gm.recompile()
+    for module in gm.modules():  # nested GraphModules too (checkpoint regions, pipeline stages)
+        if not isinstance(module, fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in collectives.COLLECTIVES:
+                node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
+        module.recompile()
 
 
 class CompiledModel:

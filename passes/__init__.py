@@ -2,3 +2,4 @@
 from pcompile.passes import flops, layers, memory, search, shapes, sharded_data_parallel, tensor_parallel, trace  # noqa: F401
 from pcompile.passes import checkpoint, operator_split  # noqa: F401
 from pcompile.passes import symbolic  # noqa: F401
+from pcompile.passes import pipeline_split  # noqa: F401
