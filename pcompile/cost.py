@@ -56,6 +56,10 @@ class CostOptions:
     bucket_bytes: int | None = None  # gradient sync message size; None = one collective per parameter tensor
     overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
     first_rank: int = 0  # first rank of the stage whose devices and links are charged
+    # Optimizer-step transient. torch's foreach Adam (its default on GPUs) materialises sqrt(v)
+    # for every parameter at once: one fp32 copy of all of them; the per-tensor loop (its
+    # default on CPUs) two temporaries of one tensor at a time. None = foreach on NCCL clusters.
+    optimizer_foreach: bool | None = None
 
     def __post_init__(self):
         if self.optimizer not in MOMENTS:
@@ -82,7 +86,8 @@ class LayerMemory:
     grads: float
     optimizer: float
     activations: float  # per in-flight micro-batch
-    temp: float
+    temp: float  # while the layer runs (forward or backward)
+    step_temp: float = 0.0  # during the optimizer step
 
 
 # -- what a layer does, for one tp degree (full example batch) -----------------------------------
@@ -109,6 +114,7 @@ class LayerWork:
     largest_output: float  # the largest op output on this rank
     param_numels: tuple[int, ...]  # parameter tensors charged to this layer, elements on this rank
     largest_linear: int  # elements of the largest Linear weight on this rank
+    largest_param: int  # elements of the largest parameter tensor on this rank
     reduce_fwd: tuple[float, ...] = ()  # tp all-reduce per row Linear (full activation bytes)
     reduce_bwd: tuple[float, ...] = ()  # tp all-reduce per column Linear input, in backward
     gather_bwd: tuple[float, ...] = ()  # tp all-gather of a scattered replicated operand's gradient
@@ -205,7 +211,8 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
     return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
                              float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
-                             tuple(a["params"]), a["linear"], tuple(a["fwd"]), tuple(a["bwd"]), tuple(a["gather"]))
+                             tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
+                             tuple(a["bwd"]), tuple(a["gather"]))
             for layer, a in acc.items()}
 
 
@@ -242,26 +249,27 @@ def matmul_rate(device, flops: float) -> float:
     return float(np.exp(np.interp(np.log(max(flops, 1.0)), xs, ys)))
 
 
-def op_time(device, flops: float, moved: float, chunks: int = 1) -> float:
-    """Roofline of one op run as `chunks` equal pieces, plus the fixed per-op overhead."""
-    if flops <= 0 and moved <= 0:
-        return device.op_overhead
+def op_time(device, flops: float, moved: float, chunks: int = 1, overhead: float | None = None) -> float:
+    """Roofline of one op run as `chunks` equal pieces, plus a fixed overhead per piece."""
+    overhead = device.op_overhead if overhead is None else overhead
     piece = flops / chunks
     compute = piece / matmul_rate(device, piece) if flops > 0 else 0.0
-    return chunks * (device.op_overhead + max(compute, moved / chunks / device.memory_bandwidth))
+    return chunks * (overhead + max(compute, moved / chunks / device.memory_bandwidth))
 
 
 def compute_times(work: LayerWork, device, scale: float, s: Strategy, act: float) -> tuple[float, float]:
-    """(forward, backward) compute seconds of the layer's ops with `scale` x the example batch;
-    backward runs each differentiable op's two matmuls (input and weight gradient), 2x the work."""
+    """(forward, backward) compute seconds of the layer's ops with `scale` x the example batch.
+    Backward does twice the work of forward: a matmul's input and weight gradients are two
+    matmuls (two backward ops' overhead), an elementwise op reads and writes twice the bytes."""
     fwd = bwd = 0.0
     for w in work.ops:
         k = s.split if w.linear else 1
         div = s.tp if (s.sp and w.sp) else 1
-        t = op_time(device, w.flops * scale / div, (w.moved * scale / div + w.param_moved) * act, k)
-        fwd += t
+        flops, moved = w.flops * scale / div, (w.moved * scale / div + w.param_moved) * act
+        fwd += op_time(device, flops, moved, k)
         if w.grad:
-            bwd += 2 * t - (device.op_overhead * k if w.flops <= 0 else 0.0)
+            pieces = 2 * k if flops > 0 else k
+            bwd += op_time(device, 2 * flops, 2 * moved, pieces, device.backward_overhead)
     return fwd, bwd
 
 
@@ -333,8 +341,17 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         gathered = unit * p_bytes
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
     memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / shard,
-                         optimizer=elements * o_bytes / shard, activations=kept, temp=temp)
+                         optimizer=elements * o_bytes / shard, activations=kept, temp=temp,
+                         step_temp=_step_temp(work, options, cluster) / shard)
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
+
+
+def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float:
+    """fp32 bytes the optimizer step allocates for this layer (see CostOptions.optimizer_foreach)."""
+    if not MOMENTS[options.optimizer]:
+        return 0.0
+    foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
+    return 4.0 * sum(work.param_numels) if foreach else 2 * 4.0 * work.largest_param
 
 
 def _messages(numels: tuple[int, ...], bytes_per: float, bucket: int | None) -> list[float]:
@@ -373,8 +390,8 @@ def _group_bases(devices: int, stride: int, size: int) -> list[int]:
 def cost_table(ir: IR, cluster: Cluster, devices_per_stage: int, microbatch_size: int,
                strategies, options: CostOptions | None = None) -> CostTable:
     """Per-layer, per-strategy costs of one stage of `devices_per_stage` devices (from
-    options.first_rank). Impossible pairs (dp * tp != devices, micro-batch not divisible by dp,
-    sp without tp) get time = inf."""
+    options.first_rank). Impossible pairs (dp * tp != devices, micro-batch not divisible by dp)
+    get time = inf."""
     options = options or CostOptions()
     strategies = tuple(strategies)
     if options.first_rank + devices_per_stage > cluster.num_devices:
@@ -386,7 +403,7 @@ def cost_table(ir: IR, cluster: Cluster, devices_per_stage: int, microbatch_size
     works = {}
     arrays = {k: np.zeros((L, S)) for k in ("fwd", "bwd", "sync", "state", "act", "temp")}
     for j, s in enumerate(strategies):
-        valid = (s.num_devices == devices_per_stage and microbatch_size % s.dp == 0 and (s.tp > 1 or not s.sp))
+        valid = s.num_devices == devices_per_stage and microbatch_size % s.dp == 0
         for i, layer in enumerate(layers):
             if not valid:
                 for key in ("fwd", "bwd", "sync"):
@@ -448,7 +465,8 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, split: SplitI
     costs = [layer_cost(works[layer], cluster, strategy, batch, batch, options) for layer in ir.layers]
     comm = sum(c.sync + c.comm for c in costs)
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
-    peak = backward_peak([c.memory for c in costs], in_flight=1)
+    foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
+    peak = backward_peak([c.memory for c in costs], in_flight=1, foreach=foreach)
     budget = stage_memory_budget(cluster, options.first_rank, strategy.num_devices)
     return Estimate(step_time=compute + comm, peak_memory=int(peak), compute_time=compute, comm_time=comm,
                     memory_budget=budget)

@@ -128,13 +128,15 @@ def peak_in_flight(order: list[tuple[str, int, int]], chunks: int = 1) -> float:
     return peak / chunks
 
 
-def backward_peak(memories, in_flight: float = 1.0, accumulating: bool = False) -> float:
+def backward_peak(memories, in_flight: float = 1.0, accumulating: bool = False, foreach: bool = True) -> float:
     """Peak bytes of one stage over a step, layer by layer through backward (layers in order).
 
     Parameters and optimizer states live throughout; all in-flight activations are held when
     backward starts; walking backward, layer l's gradients appear while its activations (and
     earlier layers') are still held, plus its transient. With gradient accumulation
-    (`accumulating`, m > 1) every gradient is alive from the first micro-batch on."""
+    (`accumulating`, m > 1) every gradient is alive from the first micro-batch on. The
+    optimizer step then holds states, gradients and its transient: every layer's `step_temp`
+    at once when it runs `foreach`, else one layer's (the largest) at a time."""
     memories = list(memories)
     if not memories:
         return 0.0
@@ -146,4 +148,5 @@ def backward_peak(memories, in_flight: float = 1.0, accumulating: bool = False) 
             grads += x.grads
         peak = max(peak, state + grads + held + x.temp)
         held -= x.activations * in_flight
-    return max(peak, state + grads_all)
+    step = sum(x.step_temp for x in memories) if foreach else max(x.step_temp for x in memories)
+    return max(peak, state + grads_all + step)

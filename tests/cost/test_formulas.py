@@ -1,0 +1,118 @@
+"""Hand-computed cases of the cost model's formulas."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pcompile
+from pcompile.cost import CostOptions, cost_table, group_ranks, ring_allreduce_time, switch_time
+from pcompile.pipeline_cost import StageCost, simulate
+from pcompile.plan import Strategy
+from tests.cost.conftest import OneLinear, analyse
+
+
+@pytest.fixture(scope="module")
+def linear_ir():
+    return analyse(OneLinear(12, 5), (torch.randn(4, 12), torch.randn(4, 5)))[0]
+
+
+def _fc_row(table, ir):
+    fc = next(n for n in ir.graph.nodes if n.target == "fc")
+    return table.layers.index(ir.meta(fc).layer)
+
+
+def test_linear_params_grads_adam_bytes(linear_ir):
+    elements = 12 * 5 + 5
+    s = [Strategy(dp=1, tp=1), Strategy(dp=2, tp=1, sdp=True)]
+    fp32 = cost_table(linear_ir, pcompile.Cluster.local(1), 1, 4, s[:1])
+    assert fp32.state_memory[_fc_row(fp32, linear_ir), 0] == elements * (4 + 4 + 8)  # param + grad + Adam m, v
+    sgd = cost_table(linear_ir, pcompile.Cluster.local(1), 1, 4, s[:1], CostOptions(optimizer="sgd"))
+    assert sgd.state_memory[_fc_row(sgd, linear_ir), 0] == elements * (4 + 4)
+    mixed = cost_table(linear_ir, pcompile.Cluster.local(1), 1, 4, s[:1],
+                       CostOptions(mixed_precision=True, optimizer="sgd"))
+    assert mixed.state_memory[_fc_row(mixed, linear_ir), 0] == elements * (2 + 2 + 4)  # bf16 param, grad, fp32 master
+    zero3 = cost_table(linear_ir, pcompile.Cluster.local(2), 2, 4, s[1:])
+    assert zero3.state_memory[_fc_row(zero3, linear_ir), 0] == elements * 16 / 2
+
+
+def test_linear_saved_activation_is_its_input(linear_ir):
+    table = cost_table(linear_ir, pcompile.Cluster.local(2), 2, 8, [Strategy(dp=2, tp=1)])
+    # the Linear saves its input x, the loss its input and the targets: 8 samples / dp 2 = 4 rows each
+    x, y = 4 * 12 * 4, 4 * 5 * 4
+    assert table.activation_memory[_fc_row(table, linear_ir), 0] == x + y + y
+
+
+def test_ring_all_reduce_time():
+    cluster = pcompile.Cluster.local(4)
+    n, nbytes = 4, 8e6
+    bw, lat = cluster.intra_node_bandwidth, cluster.intra_node_latency
+    expected = 2 * (n - 1) * lat + 2 * (n - 1) / n * nbytes / bw
+    assert math.isclose(ring_allreduce_time(nbytes, n, bw, lat), expected)
+    assert math.isclose(cluster.collective_time("all_reduce", nbytes, [[0, 1, 2, 3]]), expected)
+    assert math.isclose(cluster.collective_time("all_gather", nbytes, [[0, 1, 2, 3]]), expected / 2)
+
+
+def test_groups_across_nodes_use_the_inter_node_link():
+    cluster = pcompile.Cluster.preset("2x8xA100-80GB")
+    inside = cluster.collective_time("all_reduce", 1e9, [[0, 1]])
+    across = cluster.collective_time("all_reduce", 1e9, [[7, 8]])
+    assert math.isclose(inside, 2 * 5e-6 + 1e9 / 300e9)
+    assert math.isclose(across, 2 * 10e-6 + 1e9 / 25e9)
+    # tp innermost: on 16 devices with tp=8 the tp groups fill a node, the dp groups (ranks 8 apart) span two
+    tp_groups, dp_groups = group_ranks(0, 2, 8)
+    assert {cluster.link_kind(g) for g in tp_groups} == {"intra"}
+    assert {cluster.link_kind(g) for g in dp_groups} == {"inter"}
+    assert group_ranks(4, 2, 2) == ([[4, 5], [6, 7]], [[4, 6], [5, 7]])
+
+
+def test_one_f_one_b_bubble_hand_computed():
+    f, b, pp, m = 1.0, 2.0, 4, 8
+    stages = [StageCost(f, b) for _ in range(pp)]
+    for schedule in ("GPipe", "1F1B"):
+        assert math.isclose(simulate(schedule, stages, m).step_time, (m + pp - 1) * (f + b))
+    interleaved = simulate("Interleaved1F1B", stages, m, chunks=2).step_time
+    assert math.isclose(interleaved, m * (f + b) + (pp - 1) * (f + b) / 2)
+    # two stages, one micro-batch, sends of c each way: F0 c F1 B1 c B0
+    c = 0.25
+    two = simulate("1F1B", [StageCost(f, b, send=c), StageCost(f, b, send=c)], 1)
+    assert math.isclose(two.step_time, 2 * f + 2 * b + 2 * c)
+    with_sync = simulate("1F1B", [StageCost(f, b, sync=0.5), StageCost(f, b)], 1)
+    assert math.isclose(with_sync.step_time, 2 * f + 2 * b + 0.5)
+
+
+def test_gpipe_holds_every_micro_batch_1f1b_only_pp_minus_stage():
+    pp, m, act = 4, 8, 100.0
+    stages = [StageCost(1.0, 2.0, state_memory=10.0, activation_memory=act) for _ in range(pp)]
+    gpipe = simulate("GPipe", stages, m)
+    one = simulate("1F1B", stages, m)
+    assert gpipe.in_flight == (m,) * pp
+    assert one.in_flight == tuple(min(pp - s, m) for s in range(pp))
+    assert one.peak_memory[0] == 10.0 + pp * act < gpipe.peak_memory[0] == 10.0 + m * act
+    interleaved = simulate("Interleaved1F1B", stages, m, chunks=2)  # Megatron: pp (1 + (pp-1)/(pp v)) on stage 0
+    assert math.isclose(interleaved.in_flight[0], pp * (1 + (pp - 1) / (pp * 2)))
+    with pytest.raises(pcompile.PcompileError, match="multiple of pp"):
+        simulate("Interleaved1F1B", stages, 6, chunks=2)
+
+
+def test_switching_strategy_costs_one_all_gather(gpt_ir):
+    ir, _ = gpt_ir
+    cluster = pcompile.Cluster.local(4)
+    a, b = Strategy(dp=4, tp=1), Strategy(dp=2, tp=2)
+    table = cost_table(ir, cluster, 4, 8, [a, b])
+    nbytes = table.boundary_bytes[1]
+    assert nbytes == 8 * 32 * 64 * 4  # the residual stream of blocks.0 -> blocks.1
+    expected = cluster.collective_time("all_gather", nbytes / 2, [[0, 1], [2, 3]])
+    assert table.switch_time[1, 0, 0] == table.switch_time[1, 1, 1] == 0.0
+    assert math.isclose(table.switch_time[1, 0, 1], expected)
+    assert math.isclose(table.switch_time[1, 1, 0], switch_time(cluster, nbytes, b, a, 0))
+
+
+def test_impossible_pairs_cost_infinity(gpt_ir):
+    ir, _ = gpt_ir
+    table = cost_table(ir, pcompile.Cluster.local(4), 4, 6,
+                       [Strategy(dp=4, tp=1), Strategy(dp=2, tp=2), Strategy(dp=1, tp=2)])
+    assert math.isinf(table.fwd_time[1, 0])  # 6 samples over dp=4
+    assert math.isfinite(table.fwd_time[1, 1])
+    assert math.isinf(table.fwd_time[1, 2])  # 2 devices, stage has 4
