@@ -51,34 +51,33 @@ def uniform_costs(setting: Setting, tables, budgets, segments, p2p_bandwidth: fl
     return np.max(steps, axis=0), np.array(mems)
 
 
-def _uniform_family(ctx, name: str, keep) -> Baseline:
-    """Best fitting uniform plan over settings of strategies with keep(setting, strategy, tps)."""
+def _uniform_families(ctx, families: dict) -> list[Baseline]:
+    """Per family (name -> keep(setting, strategy, tp degrees)): its best fitting uniform plan
+    over all settings, or its leanest peak when none fits."""
     p = ctx.problem
-    best = (math.inf, math.inf, "", None)
-    leanest = math.inf
+    best = {name: (math.inf, math.inf, "", None) for name in families}
+    leanest = {name: math.inf for name in families}
     for setting in ctx.settings:
         tables = ctx.tables(setting)
         segments = even_segments(p.layers, setting.pp, setting.chunks)
         if tables is None or segments is None:
             continue
-        tps = [s.tp for s in tables[0].strategies]
-        mask = np.array([keep(setting, s, tps) for s in tables[0].strategies])
-        if not mask.any():
-            continue
         budgets = p.budgets(setting.pp)
         step, mem = uniform_costs(setting, tables, budgets, segments, p.p2p_bandwidth, p.p2p_latency)
         peak = mem.max(axis=0)
-        valid = mask & np.isfinite(step)
-        if valid.any():
-            leanest = min(leanest, float(peak[valid].min()))
-        fits = valid & np.all(mem <= np.array(budgets)[:, None], axis=0)
-        if fits.any():
-            j = int(np.flatnonzero(fits)[np.argmin(step[fits])])
-            if step[j] < best[0]:
-                best = (float(step[j]), float(peak[j]), setting.describe(), tables[0].strategies[j])
-    if best[0] == math.inf:
-        return Baseline(name, DESCRIPTIONS[name], math.inf, leanest)
-    return Baseline(name, DESCRIPTIONS[name], best[0], best[1], best[2], best[3])
+        fits = np.isfinite(step) & np.all(mem <= np.array(budgets)[:, None], axis=0)
+        tps = [s.tp for s in tables[0].strategies]
+        for name, keep in families.items():
+            mask = np.array([keep(setting, s, tps) for s in tables[0].strategies]) & np.isfinite(step)
+            if mask.any():
+                leanest[name] = min(leanest[name], float(peak[mask].min()))
+            ok = mask & fits
+            if ok.any():
+                j = int(np.flatnonzero(ok)[np.argmin(step[ok])])
+                if step[j] < best[name][0]:
+                    best[name] = (float(step[j]), float(peak[j]), setting.describe(), tables[0].strategies[j])
+    return [Baseline(name, DESCRIPTIONS[name], *best[name]) if best[name][0] < math.inf
+            else Baseline(name, DESCRIPTIONS[name], math.inf, leanest[name]) for name in families]
 
 
 def _pipeline_even(ctx) -> Baseline:
@@ -101,14 +100,14 @@ def _pipeline_even(ctx) -> Baseline:
 
 def baselines(ctx) -> tuple[Baseline, ...]:
     dpn = ctx.problem.devices_per_node
-    return (
-        _uniform_family(ctx, "dp", lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and s.split == 1),
-        _uniform_family(ctx, "zero3", lambda st, s, tps: st.pp == 1 and s.tp == 1 and s.sdp and s.split == 1),
-        _uniform_family(ctx, "megatron", lambda st, s, tps: st.pp == 1 and not s.sdp and s.split == 1
-                        and s.tp == max(t for t in tps if t <= dpn)),
-        _uniform_family(ctx, "uniform_3d", lambda st, s, tps: True),
-        _pipeline_even(ctx),
-    )
+    families = {
+        "dp": lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and s.split == 1,
+        "zero3": lambda st, s, tps: st.pp == 1 and s.tp == 1 and s.sdp and s.split == 1,
+        "megatron": lambda st, s, tps: (st.pp == 1 and not s.sdp and s.split == 1
+                                        and s.tp == max(t for t in tps if t <= dpn)),
+        "uniform_3d": lambda st, s, tps: True,
+    }
+    return tuple(_uniform_families(ctx, families)) + (_pipeline_even(ctx),)
 
 
 # -- the leanest plan ----------------------------------------------------------------------------

@@ -136,7 +136,8 @@ class StageSolver:
         self.cost = coefficient * index.time + sync
         self.states: dict[tuple[int, float], np.ndarray] = {}
         self.values: dict[int, tuple[float, float]] = {}
-        self._rows = np.arange(self.V)[:, None]
+        self._unlimited: dict[int, np.ndarray] = {}
+        self._bounds_memo: dict[int, tuple] = {}
 
     def cells(self, theta: float) -> int:
         """Budget cells left once the transient theta is reserved (-1: nothing fits)."""
@@ -148,7 +149,7 @@ class StageSolver:
         return math.inf if theta >= self.index.info[key].max_temp else theta
 
     def state(self, key: int, theta: float) -> np.ndarray:
-        """f[v, s] of the sequence `key` with strategies restricted to temp <= theta."""
+        """f[s, v] of the sequence `key` with strategies restricted to temp <= theta."""
         chain = []
         k = key
         while k and (k, self._norm(k, theta)) not in self.states:
@@ -161,61 +162,122 @@ class StageSolver:
         return f
 
     def _extend(self, prev: np.ndarray | None, key: int, theta: float) -> np.ndarray:
+        """One layer of the recurrence; states are laid out [strategy, cells] (rows contiguous)."""
         info = self.index.info[key]
         layer = info.layer
         cost = self.cost[layer]
         if theta < math.inf:
             cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
         w = self.w[layer]
+        out = np.full((len(cost), self.V), np.inf)
         if prev is None:
-            return np.where(self._rows >= w[None, :], cost[None, :], np.inf)
+            for s in np.flatnonzero(np.isfinite(cost) & (w < self.V)):
+                out[s, w[s]:] = cost[s]
+            return out
         if info.incoming == SEAM:
-            h = np.broadcast_to(prev.min(axis=1)[:, None], prev.shape)
+            best = prev.min(axis=0)
+            h = np.broadcast_to(best, prev.shape)
         else:
             order, starts, rows = self.index.compressed_switch(info.incoming)
-            g = np.minimum.reduceat(prev[:, order], starts, axis=1)
-            h = (g[:, :, None] + self.c * rows[None, :, :]).min(axis=1)
-        src = self._rows - w[None, :]
-        shifted = np.take_along_axis(h, np.maximum(src, 0), axis=0)
-        return np.where(src >= 0, shifted + cost[None, :], np.inf)
+            g = np.minimum.reduceat(prev[order], starts, axis=0)
+            rows = self.c * rows
+            h = g[0][None, :] + rows[0][:, None]
+            for c in range(1, len(starts)):
+                np.minimum(h, g[c][None, :] + rows[c][:, None], out=h)
+        for s in np.flatnonzero(np.isfinite(cost) & (w < self.V)):
+            np.add(h[s, :self.V - w[s]], cost[s], out=out[s, w[s]:])
+        return out
 
-    def value(self, key: int) -> tuple[float, float]:
-        """(min over plans of c T + S for the sequence within budget, the theta achieving it)."""
+    def unlimited(self, key: int) -> np.ndarray:
+        """Per theta of the sequence: sum over its layers of the cheapest strategy with temp <=
+        theta, memory and switches ignored (a lower bound of the restricted DP)."""
+        got = self._unlimited.get(key)
+        if got is None:
+            info = self.index.info[key]
+            temp, cost = self.index.table.temp_memory[info.layer], self.cost[info.layer]
+            order = np.argsort(temp, kind="stable")
+            at = np.searchsorted(temp[order], info.thetas, side="right") - 1
+            cheapest = np.minimum.accumulate(cost[order])
+            got = np.where(at >= 0, cheapest[np.maximum(at, 0)], np.inf)
+            if info.parent:
+                parent = self.index.info[info.parent].thetas
+                at = np.searchsorted(parent, info.thetas, side="right") - 1
+                got = got + np.where(at >= 0, self.unlimited(info.parent)[np.maximum(at, 0)], np.inf)
+            self._unlimited[key] = got
+        return got
+
+    def _bounds(self, key: int):
+        """(upper, lower, sorted (bound, theta)): the unrestricted DP at budget M - max temp is
+        a plan (upper); min over theta of max(unrestricted at M - theta, memory-free restricted)
+        bounds every plan (lower)."""
+        got = self._bounds_memo.get(key)
+        if got is None:
+            thetas = self.index.info[key].thetas
+            upper, bounds = math.inf, []
+            if len(thetas):
+                free = self.state(key, math.inf).min(axis=0)
+                top = self.cells(float(thetas[-1]))
+                upper = float(free[top]) if top >= 0 else math.inf
+                unlimited = self.unlimited(key)
+                bounds = sorted((max(float(free[v]), float(u)), float(t))
+                                for t, u in zip(thetas[:-1], unlimited[:-1]) if (v := self.cells(float(t))) >= 0)
+            lower = min(upper, bounds[0][0]) if bounds else upper
+            got = self._bounds_memo[key] = (upper, lower, bounds)
+        return got
+
+    def upper(self, key: int) -> float:
+        return self._bounds(key)[0]
+
+    def lower(self, key: int) -> float:
+        return self._bounds(key)[1]
+
+    def value(self, key: int) -> tuple[float, tuple[float, float]]:
+        """(min over plans of c T + S for the sequence within budget, (theta reserved, theta
+        restricting temps) of the DP state that achieves it)."""
         got = self.values.get(key)
         if got is not None:
             return got
         thetas = self.index.info[key].thetas
-        best, arg = math.inf, math.inf
-        if len(thetas):
-            free = self.state(key, math.inf).min(axis=1)
-            top = self.cells(float(thetas[-1]))
-            if top >= 0:
-                best = float(free[top])
-            bounds = sorted((float(free[v]), float(t)) for t in thetas[:-1] if (v := self.cells(float(t))) >= 0)
-            for bound, theta in bounds:
-                if bound >= best:
-                    break
-                val = float(self.state(key, theta)[self.cells(theta)].min())
-                if val < best:
-                    best, arg = val, theta
+        best, _, bounds = self._bounds(key)
+        arg = (float(thetas[-1]) if len(thetas) else math.inf, math.inf)
+        for bound, theta in bounds:
+            if bound >= best:
+                break
+            # the unrestricted optimum at this budget may already keep its temps <= theta
+            if self._max_temp(key, self.trace(key, theta, math.inf)) <= theta:
+                best, arg = bound, (theta, math.inf)
+                continue
+            val = float(self.state(key, theta)[:, self.cells(theta)].min())
+            if val < best:
+                best, arg = val, (theta, theta)
         self.values[key] = (best, arg)
         return best, arg
 
+    def _max_temp(self, key: int, choice: list[int]) -> float:
+        layers = []
+        while key:
+            layers.append(self.index.info[key].layer)
+            key = self.index.info[key].parent
+        return max(self.index.table.temp_memory[l, s] for l, s in zip(layers[::-1], choice))
+
     def strategies(self, key: int) -> list[int]:
-        """The optimal strategy index per layer of the sequence (backtracking the memo)."""
-        _, theta = self.value(key)
+        """The optimal strategy index per layer of the sequence."""
+        reserve, restrict = self.value(key)[1]
+        return self.trace(key, reserve, restrict)
+
+    def trace(self, key: int, reserve: float, restrict: float) -> list[int]:
+        """Backtrack the memo: the best plan with budget M - reserve and temps <= restrict."""
         info = self.index.info
-        v = self.cells(info[key].max_temp if theta == math.inf else theta)
-        f = self.state(key, theta)
-        s = int(np.argmin(f[v]))
+        v = self.cells(reserve)
+        s = int(np.argmin(self.state(key, restrict)[:, v]))
         out, k = [s], key
         while info[k].parent:
             v -= int(self.w[info[k].layer, s])
-            prev = self.state(info[k].parent, theta)
+            prev = self.state(info[k].parent, restrict)
             if info[k].incoming == SEAM:
-                s = int(np.argmin(prev[v]))
+                s = int(np.argmin(prev[:, v]))
             else:
-                s = int(np.argmin(prev[v] + self.c * self.index.table.switch_time[info[k].incoming][:, s]))
+                s = int(np.argmin(prev[:, v] + self.c * self.index.table.switch_time[info[k].incoming][:, s]))
             out.append(s)
             k = info[k].parent
         return out[::-1]
@@ -266,6 +328,18 @@ class SettingSolver:
             choice += self.solvers[k].strategies(key)
         return SettingPlan(self.setting, value, tuple(segments), tuple(choice))
 
+    def lower_bound(self, bound: float) -> float:
+        """A lower bound of this setting's optimum from unrestricted DP states only (no
+        temp-threshold passes); inf when it exceeds `bound`."""
+        s = self.setting
+        if s.chunks > 1:
+            segments = even_segments(self.indexes[0].table.layers, s.pp, s.chunks)
+            if segments is None:
+                return math.inf
+            return max(self.solvers[k].lower(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
+                       for k, segs in enumerate(segments))
+        return float(self._partition(bound, exact=False)[0][-1])
+
     def best(self, bound: float) -> SettingPlan | None:
         """The optimal plan of this setting if its value is <= bound (min-max partition DP)."""
         s = self.setting
@@ -275,40 +349,8 @@ class SettingSolver:
         even = self.fixed(even_segments(self.indexes[0].table.layers, s.pp))
         if even is not None:
             bound = min(bound, even.value)
-        L, pp = self.indexes[0].table.num_layers, s.pp
-        F = np.full(L + 1, math.inf)
-        F[0] = 0.0
-        back = []
-        for k in range(pp):
-            index, solver, p2p = self.indexes[k], self.solvers[k], self.p2p[k]
-            G = np.full(L + 1, math.inf)
-            arg = np.full(L + 1, -1)
-            if k < pp - 1:
-                stop = L - (pp - 1 - k)
-                for i in range(k, stop):
-                    if F[i] > bound:
-                        continue
-                    key = 0
-                    for j in range(i + 1, stop + 1):
-                        key = index.child(key, j - 1, FIRST if key == 0 else j - 2)
-                        val = solver.value(key)[0]
-                        if val > bound:
-                            break
-                        cand = max(F[i], val + p2p[j - 1])
-                        if cand < G[j]:
-                            G[j], arg[j] = cand, i
-            else:
-                for i in range(L - 1, k - 1, -1):
-                    if F[i] > bound:
-                        continue
-                    val = solver.value(index.sequence([(i, L)]))[0]
-                    if val > bound:
-                        break
-                    cand = max(F[i], val)
-                    if cand < G[L]:
-                        G[L], arg[L] = cand, i
-            F = G
-            back.append(arg)
+        F, back = self._partition(bound, exact=True)
+        L, pp = len(F) - 1, s.pp
         if not F[L] <= bound or F[L] == math.inf:
             return None
         bounds = [L]
@@ -319,3 +361,44 @@ class SettingSolver:
         keys = [self.indexes[k].sequence(segments[k]) for k in range(pp)]
         return self._plan(float(F[L]), segments, keys)
 
+    def _partition(self, bound: float, exact: bool):
+        """F[k][j] = min_i max(F[k-1][i], g_k(i, j)) with g exact (or its lower bound), pruned
+        at `bound`: g_k(i, j) grows with j and shrinks with i, so scans stop past the bound."""
+        L, pp = self.indexes[0].table.num_layers, self.setting.pp
+        F = np.full(L + 1, math.inf)
+        F[0] = 0.0
+        back = []
+        for k in range(pp):
+            index, solver, p2p = self.indexes[k], self.solvers[k], self.p2p[k]
+            G = np.full(L + 1, math.inf)
+            arg = np.full(L + 1, -1)
+            last = k == pp - 1
+            stop = L - (pp - 1 - k)
+            for i in (range(L - 1, k - 1, -1) if last else range(k, stop)):
+                if F[i] > bound:
+                    continue
+                key = 0 if not last else index.sequence([(i, L)])
+                for j in ((L,) if last else range(i + 1, stop + 1)):
+                    if not last:
+                        key = index.child(key, j - 1, FIRST if key == 0 else j - 2)
+                    low = solver.lower(key)
+                    if low > bound:
+                        break
+                    if max(F[i], low + p2p[j - 1]) >= G[j]:
+                        continue  # cannot improve G[j]
+                    if not exact:
+                        val = low
+                    elif solver.upper(key) + p2p[j - 1] <= F[i]:
+                        val = solver.upper(key)  # not this partial plan's max: its exact value is moot
+                    else:
+                        val = solver.value(key)[0]
+                        if val > bound:
+                            break
+                    cand = max(F[i], val + p2p[j - 1])
+                    if cand < G[j]:
+                        G[j], arg[j] = cand, i
+                if last and solver.lower(key) > bound:
+                    break  # a longer last stage (smaller i) costs at least as much
+            F = G
+            back.append(arg)
+        return F, back

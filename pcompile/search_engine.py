@@ -8,6 +8,7 @@ explanation and the baselines of pcompile.baselines.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,8 @@ class SearchProblem:
     p2p_latency: float = 1e-5
     space: SearchSpace = SearchSpace()
     rules: SearchRules = SearchRules()
-    grid_cells: int = 1000  # memory grid: a stage's budget / grid_cells per cell (refined if needed)
+    grid_cells: int = 1000  # memory grid: a stage's budget / grid_cells per cell
+    refinements: int = 1  # times the grid step is halved while optimality is not proven
 
     def __post_init__(self):
         if len(self.device_memory) != self.num_devices:
@@ -115,40 +117,64 @@ class SearchContext:
                         list(plan.choice), p.p2p_bandwidth, p.p2p_latency)
 
 
-def best_plan(ctx: SearchContext, cells: int, ceil: bool, settings_filter=None) -> tuple[SettingPlan | None, int]:
-    """Branch and bound over settings (best lower bound first): (best plan, settings solved)."""
-    best, solved = None, 0
-    for bound, setting in ctx.ordered():
+def best_plan(ctx: SearchContext, cells: int, ceil: bool, incumbent: float = math.inf,
+              settings_filter=None) -> tuple[SettingPlan | None, int]:
+    """Best-first branch and bound over settings: (the best plan strictly below `incumbent`,
+    or None; settings solved exactly). Settings come in order of the cheap bound
+    (lower_bound); each gets the DP bound from unrestricted states, and is solved exactly
+    only while that bound is below the incumbent."""
+    best, solved, queue = None, 0, []
+
+    def solve_until(limit: float):
+        nonlocal best, incumbent, solved
+        while queue and queue[0][0] <= limit and queue[0][0] < incumbent:
+            _, _, solver = heapq.heappop(queue)
+            solved += 1
+            plan = solver.best(incumbent)
+            if plan is not None and plan.value < incumbent:
+                best, incumbent = plan, plan.value
+
+    for n, (bound, setting) in enumerate(ctx.ordered()):
         if settings_filter is not None and not settings_filter(setting):
             continue
-        incumbent = best.value if best else math.inf
+        solve_until(bound)
         if bound >= incumbent or bound == math.inf:
             break
-        solved += 1
-        plan = ctx.solver(setting, cells, ceil).best(incumbent)
-        if plan is not None and plan.value < incumbent:
-            best = plan
+        solver = ctx.solver(setting, cells, ceil)
+        relaxed = solver.lower_bound(incumbent)
+        if relaxed < incumbent:
+            heapq.heappush(queue, (relaxed, n, solver))
+    solve_until(math.inf)
     return best, solved
 
 
-def certified_plan(ctx: SearchContext, settings_filter=None, refinements: int = 3):
-    """(plan, its exact cost, certified, grid cells, settings solved); see the module docstring."""
-    cells, solved = ctx.problem.grid_cells, 0
-    up = None
-    for _ in range(refinements + 1):
-        low, n = best_plan(ctx, cells, ceil=False, settings_filter=settings_filter)
+@dataclass(frozen=True)
+class Outcome:
+    plan: SettingPlan | None
+    cost: PlanCost | None
+    certified: bool  # proven optimal (within float tolerance) despite the memory grid
+    gap: float  # plan time / lower bound - 1 (0 when certified)
+    cells: int
+    solved: int
+
+
+def certified_plan(ctx: SearchContext, settings_filter=None) -> Outcome:
+    """Ceil grid (feasible plans), then floor grid (a relaxation) bounded by the ceil plan:
+    nothing below it -> certified; its plan fits exactly -> certified; else halve the grid
+    step, up to problem.refinements times, and report the remaining gap."""
+    cells, solved, up, low = ctx.problem.grid_cells, 0, None, None
+    for _ in range(ctx.problem.refinements + 1):
+        found, n = best_plan(ctx, cells, True, up.value if up else math.inf, settings_filter)
+        up, solved = found or up, solved + n
+        low, n = best_plan(ctx, cells, False, up.value * (1 - 1e-9) if up else math.inf, settings_filter)
         solved += n
         if low is None:
-            return None, None, True, cells, solved
-        cost = ctx.cost_of(low)
-        if cost.fits:
-            return low, cost, True, cells, solved
-        up, n = best_plan(ctx, cells, ceil=True, settings_filter=settings_filter)
-        solved += n
-        if up is not None and up.value <= low.value * (1 + 1e-9):
-            return up, ctx.cost_of(up), True, cells, solved
+            return Outcome(up, ctx.cost_of(up) if up else None, True, 0.0, cells, solved)
+        if ctx.cost_of(low).fits:
+            return Outcome(low, ctx.cost_of(low), True, 0.0, cells, solved)
         cells *= 2
-    return up, (ctx.cost_of(up) if up else None), False, cells // 2, solved
+    cost = ctx.cost_of(up) if up else None
+    return Outcome(up, cost, False, (up.value / low.value - 1) if up else math.inf, cells // 2, solved)
 
 
 def search(problem: SearchProblem) -> SearchResult:
@@ -156,7 +182,8 @@ def search(problem: SearchProblem) -> SearchResult:
     and an explanation. Raises PcompileError (with the leanest plan) when nothing fits."""
     start = time.perf_counter()
     ctx = SearchContext(problem)
-    plan, cost, certified, cells, solved = certified_plan(ctx)
+    out = certified_plan(ctx)
+    plan, cost = out.plan, out.cost
     if plan is None:
         raise no_fit_error(ctx)
     tables = ctx.tables(plan.setting)
@@ -167,5 +194,5 @@ def search(problem: SearchProblem) -> SearchResult:
                              cost.budgets[k]) for k, segs in enumerate(plan.segments))
     found = baselines(ctx)
     return SearchResult(plan.setting, problem.global_batch // plan.setting.microbatches, cost.step_time, stages,
-                        layers, found, binding, certified, cells, solved, len(ctx.settings),
+                        layers, found, binding, out.certified, out.gap, out.cells, out.solved, len(ctx.settings),
                         time.perf_counter() - start)

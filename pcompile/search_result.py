@@ -74,7 +74,8 @@ class SearchResult:
     layers: tuple[LayerChoice, ...]
     baselines: tuple[Baseline, ...]
     binding: str  # which memory constraint shapes the plan
-    certified: bool  # optimality proven on the memory grid (see search_dp)
+    certified: bool  # proven optimal despite the memory grid (see search_dp)
+    gap: float  # step time / proven lower bound - 1 (0 when certified)
     grid_cells: int
     settings_searched: int  # settings whose DP ran
     settings_total: int
@@ -93,7 +94,8 @@ class SearchResult:
         s = self.setting
         lines = [f"plan: {s.describe()}, micro-batch {self.microbatch_size}, predicted step "
                  f"{self.step_time * 1e3:.2f} ms, peak {self.peak_memory / GIB:.2f} GiB"
-                 + ("" if self.certified else " (optimality not proven on the memory grid)")]
+                 + ("" if self.certified else f" (within {self.gap:.2%} of optimal: memory grid "
+                                                f"{self.grid_cells} cells per budget)")]
         for st in self.stages:
             lines.append(f"stage {st.stage} (ranks {st.first_rank}-{st.first_rank + st.devices - 1}): "
                          f"{len(st.layers)} layers, {st.microbatch_time * 1e3:.2f} ms per micro-batch, sync "
