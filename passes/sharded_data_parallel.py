@@ -16,7 +16,9 @@ too). A parameter with no dim divisible by dp stays replicated and data parallel
 """
 from __future__ import annotations
 
+import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
@@ -30,6 +32,16 @@ from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 
 AXIS = "dp"
+SHARDINGS_KEY = sdp.SHARDINGS_KEY
+
+
+@dataclass(frozen=True)
+class Read:
+    """A parameter an op reads: whole, or `piece` = (k, dim, i), i.e. torch.chunk(param, k, dim)[i]
+    (operator splitting reads a weight as k pieces: each is gathered alone, 1/k of the weight)."""
+
+    name: str
+    piece: tuple[int, int, int] | None = None
 
 
 def sdp_layers(ir: IR, ctx: PassContext) -> dict[str, int]:
@@ -46,62 +58,78 @@ def sdp_layers(ir: IR, ctx: PassContext) -> dict[str, int]:
     return out
 
 
-def canonical_names(gm: fx.GraphModule) -> dict[int, str]:
-    """id(parameter) -> the one name gm.named_parameters() lists it under (tied weights have one)."""
-    return {id(p): name for name, p in gm.named_parameters()}
-
-
-def parameter_reads(ir: IR, names: dict[int, str]) -> dict[fx.Node, dict]:
-    """For every op reading parameters: {slot: name}, where a slot is the get_attr node the op
-    takes as an argument, or (for a leaf module) the parameter's name inside the module."""
-    reads: dict[fx.Node, dict] = {}
-    for node in ir.graph.nodes:
-        if node.op == "get_attr" and isinstance(getattr_or_none(ir.gm, node.target), torch.nn.Parameter):
-            name = names[id(ir.gm.get_parameter(node.target))]
-            for user in node.users:
-                reads.setdefault(user, {})[node] = name
-        elif node.op == "call_module":
-            for rel, p in ir.gm.get_submodule(node.target).named_parameters():
-                reads.setdefault(node, {})[rel] = names[id(p)]
-    return reads
-
-
-def getattr_or_none(gm: fx.GraphModule, target: str):
+def _parameter(gm: fx.GraphModule, target: str) -> torch.nn.Parameter | None:
     try:
         return gm.get_parameter(target)
     except AttributeError:
         return None
 
 
-def shard_dim(shape, size: int) -> int | None:
-    """The first dim that `size` ranks can split evenly (dim 0 keeps chunks contiguous)."""
-    return next((d for d, n in enumerate(shape) if n % size == 0 and n >= size), None)
+def _pieces(node: fx.Node) -> list[tuple[fx.Node, tuple[int, int, int]]] | None:
+    """[(getitem, (k, dim, i))] when `node` is torch.chunk(param, k, dim) read only by getitems."""
+    if node.op != "call_function" or node.target is not torch.chunk or node.kwargs:
+        return None
+    k, dim = node.args[1], node.args[2] if len(node.args) > 2 else 0
+    users = list(node.users)
+    if not isinstance(k, int) or not isinstance(dim, int) or dim < 0 or not all(
+            u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int) for u in users):
+        return None
+    return [(u, (k, dim, u.args[1])) for u in users]
+
+
+def parameter_reads(ir: IR) -> dict[fx.Node, dict]:
+    """For every op reading parameters: {slot: Read}, where a slot is the graph value the op takes
+    as an argument (a get_attr, or a getitem of a chunked get_attr), or, for a leaf module, the
+    parameter's name inside the module. Names are canonical (tied weights have one)."""
+    names = {id(p): name for name, p in ir.gm.named_parameters()}
+    reads: dict[fx.Node, dict] = {}
+    for node in ir.graph.nodes:
+        param = _parameter(ir.gm, node.target) if node.op == "get_attr" else None
+        if param is not None:
+            for user in node.users:
+                pieces = _pieces(user) if user.args and user.args[0] is node else None
+                for slot, piece in pieces or [(node, None)]:
+                    for consumer in (slot.users if pieces else [user]):
+                        reads.setdefault(consumer, {})[slot] = Read(names[id(param)], piece)
+        elif node.op == "call_module":
+            for rel, p in ir.gm.get_submodule(node.target).named_parameters():
+                reads.setdefault(node, {})[rel] = Read(names[id(p)])
+    return reads
+
+
+def shard_dim(shape, size: int, avoid: set[int]) -> int | None:
+    """The first dim that `size` ranks can split evenly, not one the parameter is chunked along
+    (dim 0 keeps the shards contiguous)."""
+    return next((d for d, n in enumerate(shape) if d not in avoid and n % size == 0 and n >= size), None)
 
 
 def choose_shardings(ir: IR, reads: dict[fx.Node, dict], layers: dict[str, int]) -> tuple[dict, list[str]]:
     """name -> ParamSharding over dp for parameters read in sdp layers; and those left replicated."""
-    shardings, replicated = {}, []
+    sizes: dict[str, int] = {}
+    avoid: dict[str, set[int]] = {}
     for node, slots in reads.items():
-        size = layers.get(ir.meta(node).layer)
-        for name in slots.values():
-            if size is None or name in shardings or name in replicated:
-                continue
-            shape = local_shape(ir.gm.get_parameter(name).shape, ir.param_shardings.get(name))
-            dim = shard_dim(shape, size)
-            if dim is None:
-                replicated.append(name)
-            else:
-                shardings[name] = ParamSharding(AXIS, dim, size)
+        for read in slots.values():
+            avoid.setdefault(read.name, set()).update({read.piece[1]} if read.piece else set())
+            if ir.meta(node).layer in layers:
+                sizes[read.name] = layers[ir.meta(node).layer]
+    shardings, replicated = {}, []
+    for name, size in sizes.items():
+        shape = local_shape(ir.gm.get_parameter(name).shape, ir.param_shardings.get(name))
+        dim = shard_dim(shape, size, avoid[name])
+        if dim is None:
+            replicated.append(name)
+        else:
+            shardings[name] = ParamSharding(AXIS, dim, size)
     return shardings, replicated
 
 
-def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None, name: str | None = None) -> None:
+def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None, shape=None, dtype=None) -> fx.Node:
     meta = ir.meta(node)
     meta.layer, meta.sharding = ir.meta(like).layer, sharding
-    if name is not None:
-        param = ir.gm.get_parameter(name)
-        meta.shape, meta.dtype = tuple(param.shape), str(param.dtype)
-        meta.output_bytes = param.numel() * param.element_size()
+    if shape is not None:
+        meta.shape, meta.dtype = tuple(shape), str(dtype)
+        meta.output_bytes = math.prod(shape) * dtype.itemsize
+    return node
 
 
 def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: set[str]) -> list[list[fx.Node]]:
@@ -111,32 +139,57 @@ def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: se
     1/k of a split Linear's, are gathered at a time)."""
     units: dict[object, list[fx.Node]] = {}
     for node in ir.graph.nodes:
-        if any(name in shardings for name in reads.get(node, {}).values()):
+        if any(read.name in shardings for read in reads.get(node, {}).values()):
             layer = ir.meta(node).layer
             units.setdefault(node if layer in per_op else layer, []).append(node)
     return list(units.values())
 
 
-def _gather(ir: IR, consumers: list[fx.Node], names: list[str], shardings: dict) -> dict[str, fx.Node]:
-    """get_attr of each shard -> one sdp_gather -> getitem per parameter, before the unit's first op."""
-    first = consumers[0]
-    with ir.graph.inserting_before(first):
-        shards = tuple(ir.graph.get_attr(name) for name in names)
-        dims = tuple(shardings[name].dim for name in names)
-        gather = ir.graph.call_function(sdp.sdp_gather, (shards, dims, AXIS, shardings[names[0]].size))
-        items = {name: ir.graph.create_node("call_function", operator.getitem, (gather, i),
-                                            name=name.replace(".", "_") + "_full") for i, name in enumerate(names)}
-    _annotate(ir, gather, first)
-    for shard, name in zip(shards, names):
-        tp = ir.param_shardings.get(name)
-        tp_text = f"S({tp.dim})@{tp.axis}," if tp is not None else ""
-        _annotate(ir, shard, first, f"{tp_text}S({shardings[name].dim})@{AXIS}", name)
-        _annotate(ir, items[name], first, f"S({tp.dim})@{tp.axis}" if tp is not None else "R", name)
-    return items
+def full_shape(ir: IR, read: Read) -> torch.Size:
+    """The shape a gather of `read` rebuilds: the tensor-parallel local shape (of the piece)."""
+    shape = local_shape(ir.gm.get_parameter(read.name).shape, ir.param_shardings.get(read.name))
+    if read.piece is None:
+        return shape
+    k, dim, _ = read.piece
+    return local_shape(shape, ParamSharding(AXIS, dim, k))
 
 
-def _wrap(ir: IR, node: fx.Node, gathered: dict) -> fx.Node:
-    """The op `node` rewritten to read gathered parameters through an sdp_* runner."""
+def _gather(ir: IR, consumers: list[fx.Node], wanted: list[Read],
+            shardings: dict) -> tuple[fx.Node, dict[Read, fx.Node]]:
+    """Shards (or pieces of shards) -> one sdp_gather -> a getitem per read, before the unit's first op."""
+    first, graph = consumers[0], ir.graph
+    with graph.inserting_before(first):
+        params = {}
+        for name in dict.fromkeys(r.name for r in wanted):
+            p, tp = ir.gm.get_parameter(name), ir.param_shardings.get(name)
+            text = (f"S({tp.dim})@{tp.axis}," if tp is not None else "") + f"S({shardings[name].dim})@{AXIS}"
+            params[name] = _annotate(ir, graph.get_attr(name), first, text, p.shape, p.dtype)
+        shards = []
+        for read in wanted:
+            shard = params[read.name]
+            if read.piece is not None:
+                k, dim, i = read.piece
+                pieces = _annotate(ir, graph.call_function(torch.chunk, (shard, k, dim)), first)
+                shard = _annotate(ir, graph.call_function(operator.getitem, (pieces, i)), first)
+            shards.append(shard)
+        dims = tuple(shardings[r.name].dim for r in wanted)
+        gather = graph.call_function(sdp.sdp_gather, (tuple(shards), dims, AXIS, shardings[wanted[0].name].size))
+        _annotate(ir, gather, first)
+        items = {}
+        for i, read in enumerate(wanted):
+            tp, dtype = ir.param_shardings.get(read.name), ir.gm.get_parameter(read.name).dtype
+            label = f"_piece{read.piece[2]}" if read.piece else "_full"
+            item = graph.create_node("call_function", operator.getitem, (gather, i),
+                                     name=read.name.replace(".", "_") + label)
+            text = f"S({tp.dim})@{tp.axis}" if tp is not None else "R"
+            items[read] = _annotate(ir, item, first, text, full_shape(ir, read), dtype)
+    return gather, items
+
+
+def _wrap(ir: IR, node: fx.Node, gathered: dict, recomputed: bool) -> fx.Node:
+    """The op `node` rewritten to read gathered parameters: through an sdp_* runner that keeps
+    autograd from holding them, or plainly in a checkpointed layer (`recomputed`: checkpointing
+    already frees what the layer saves, gathered weights included, and recomputes it)."""
     graph = ir.graph
     args = tuple(gathered.get(a, a) if isinstance(a, fx.Node) else a for a in node.args)
     kwargs = {k: gathered.get(v, v) if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
@@ -145,21 +198,15 @@ def _wrap(ir: IR, node: fx.Node, gathered: dict) -> fx.Node:
             module = graph.get_attr(node.target)
             _annotate(ir, module, node)
             own = {slot: g for slot, g in gathered.items() if isinstance(slot, str)}
-            new = graph.call_function(sdp.sdp_module, (module, own) + args, kwargs)
+            runner = sdp.module_with if recomputed else sdp.sdp_module
+            new = graph.call_function(runner, (module, own) + args, kwargs)
+        elif recomputed:
+            node.args, node.kwargs = args, kwargs
+            return node
         elif node.op == "call_method":
             new = graph.call_function(sdp.sdp_method, (node.target,) + args, kwargs)
         elif node.op == "call_function":
-            qualname = _get_qualified_name(node.target)
-            try:
-                resolved = sdp.resolve(qualname)
-            except (ImportError, AttributeError):
-                resolved = None
-            if resolved is not node.target:
-                raise PcompileError(f"op {node.name} ({qualname}) reads a sharded parameter but pcompile cannot "
-                                    "name the function to call it under ZeRO-3",
-                                    "use a module-level function or a torch op in the model, or do not shard "
-                                    "this layer (sdp=False)")
-            new = graph.call_function(sdp.sdp_function, (qualname,) + args, kwargs)
+            new = graph.call_function(sdp.sdp_function, (_qualified_name(node),) + args, kwargs)
         else:
             raise PcompileError(f"node {node.name} ({node.op}) reads a parameter and cannot run under ZeRO-3",
                                 "do not shard this layer (sdp=False)")
@@ -171,7 +218,32 @@ def _wrap(ir: IR, node: fx.Node, gathered: dict) -> fx.Node:
     return new
 
 
-def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamSharding]) -> None:
+def _qualified_name(node: fx.Node) -> str:
+    qualname = _get_qualified_name(node.target)
+    try:
+        resolved = sdp.resolve(qualname)
+    except (ImportError, AttributeError):
+        resolved = None
+    if resolved is not node.target:
+        raise PcompileError(f"op {node.name} ({qualname}) reads a sharded parameter but pcompile cannot name the "
+                            "function to call it under ZeRO-3", "use a module-level function or a torch op in the "
+                            "model, or do not shard this layer (sdp=False)")
+    return qualname
+
+
+def _erase_dead(ir: IR, slots: list[fx.Node]) -> None:
+    """Erase the replaced reads (get_attr, or get_attr -> chunk -> getitem) nothing uses any more."""
+    candidates = set(slots)
+    for slot in slots:
+        if slot.op == "call_function":  # a piece: getitem(chunk(get_attr))
+            candidates.update({slot.args[0], slot.args[0].args[0]})
+    for node in reversed(list(ir.graph.nodes)):
+        if node in candidates and not node.users:
+            ir.graph.erase_node(node)
+
+
+def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamSharding],
+                          expected: dict[fx.Node, list[torch.Size]]) -> None:
     """Run the graph on fake per-rank shards: every gather must rebuild the tensor-parallel local shape."""
     tp_local = {name: local_shape(p.shape, ir.param_shardings.get(name)) for name, p in ir.gm.named_parameters()}
 
@@ -179,12 +251,9 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
         return local_shape(tp_local[name], shardings.get(name))
 
     def check(node: fx.Node, value) -> None:
-        if node.op == "call_function" and node.target is sdp.sdp_gather:
-            for shard, full in zip(node.args[0], value):
-                expected = tp_local[shard.target]
-                if tuple(full.shape) != tuple(expected):
-                    raise PcompileError(f"internal error: {node.name} gathers {shard.target} to {list(full.shape)}, "
-                                        f"expected {list(expected)}", "this is a pcompile bug; please report it")
+        if node in expected and [tuple(v.shape) for v in value] != [tuple(s) for s in expected[node]]:
+            raise PcompileError(f"internal error: {node.name} gathers shapes {[list(v.shape) for v in value]}, "
+                                f"expected {[list(s) for s in expected[node]]}", "this is a pcompile bug; please report it")
 
     with collectives.simulate():
         fake_run(ir, inputs, check, shard=shard, grad=False)
@@ -192,25 +261,27 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
 
 @register_pass("sharded_data_parallel", kind="rewrite")
 def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
-    """ZeRO-3 for sdp layers: parameters sharded over dp, sdp_gather before each use (reduce-scatter backward)."""
+    """ZeRO-3 for sdp layers: parameters sharded over dp, one sdp_gather per unit (reduce-scatter backward)."""
     layers = sdp_layers(ir, ctx)
     if not layers:
         return ir
-    reads = parameter_reads(ir, canonical_names(ir.gm))
+    reads = parameter_reads(ir)
     shardings, replicated = choose_shardings(ir, reads, layers)
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
+    recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}
+    expected = {}
     for consumers in gather_units(ir, reads, shardings, per_op):
-        names = list(dict.fromkeys(n for c in consumers for n in reads[c].values() if n in shardings))
-        items = _gather(ir, consumers, names, shardings)
+        wanted = list(dict.fromkeys(r for c in consumers for r in reads[c].values() if r.name in shardings))
+        gather, items = _gather(ir, consumers, wanted, shardings)
+        expected[gather] = [full_shape(ir, r) for r in wanted]
         for node in consumers:
-            _wrap(ir, node, {slot: items[name] for slot, name in reads[node].items() if name in shardings})
-    stale = {slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)}
-    for node in stale:
-        if not node.users:  # a replicated read that the gathers replaced
-            ir.graph.erase_node(node)
+            gathered = {slot: items[read] for slot, read in reads[node].items() if read.name in shardings}
+            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed)
+    _erase_dead(ir, [slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)])
     ir.graph.lint()
     ir.gm.recompile()
-    check_gathered_shapes(ir, ctx.example_inputs, shardings)
+    check_gathered_shapes(ir, ctx.example_inputs, shardings, expected)
+    ir.gm.meta[SHARDINGS_KEY] = dict(shardings)
     numel = sum(ir.gm.get_parameter(n).numel() for n in shardings)
     ctx.report.append(f"sharded data parallel (ZeRO-3) in {len(layers)} layer(s): {len(shardings)} parameters "
                       f"({numel} elements) sharded over dp={max(layers.values())}"

@@ -36,6 +36,7 @@ import torch.utils._pytree as pytree
 from pcompile import collectives
 from pcompile.ir import ParamSharding
 
+SHARDINGS_KEY = "pcompile.sdp"  # gm.meta[SHARDINGS_KEY]: parameter name -> ParamSharding over dp
 _LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # gathered parameters alive right now
 
 
@@ -162,10 +163,16 @@ def _saved_as_shards(gathered: list[torch.Tensor]):
         yield
 
 
+def module_with(module: torch.nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
+    """`module(*args, **kwargs)` with some of its parameters replaced by `params` (gathered ones).
+    Used as is in checkpointed layers, where checkpointing frees and recomputes what ops save."""
+    return torch.func.functional_call(module, dict(params), args, kwargs)
+
+
 def sdp_module(module: torch.nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
-    """`module(*args, **kwargs)` with some of its parameters replaced by gathered ones."""
+    """`module_with`, autograd saving the gathered parameters as references to their unit."""
     with _saved_as_shards(list(params.values())):
-        return torch.func.functional_call(module, dict(params), args, kwargs)
+        return module_with(module, params, *args, **kwargs)
 
 
 @functools.cache
@@ -192,15 +199,10 @@ COLLECTIVES = (sdp_gather,)  # nodes whose axis-name arguments the backend binds
 
 # -- lowering helpers (the backend's part) ---------------------------------------------------
 def param_shardings(gm: fx.GraphModule) -> dict[str, ParamSharding]:
-    """How each sdp parameter is sharded, read from the graph's sdp_gather nodes. It applies to
-    the tensor left after IR.param_shardings (tensor parallelism) took this rank's slice."""
-    out = {}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target is sdp_gather:
-            shards, dims, axis, size = node.args
-            for shard, dim in zip(shards, dims):
-                out[shard.target] = ParamSharding(axis, dim, size)
-    return out
+    """How each sdp parameter is sharded over dp (recorded by the pass in gm.meta, as the pipeline
+    split records its cut). It applies to the tensor left after IR.param_shardings (tensor
+    parallelism) took this rank's slice."""
+    return dict(gm.meta.get(SHARDINGS_KEY, {}))
 
 
 def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
@@ -215,7 +217,8 @@ def shard_parameters(gm: torch.nn.Module, shardings: dict[str, ParamSharding],
     by_alias = {}
     for name, sharding in shardings.items():
         full = gm.get_parameter(name)
-        chunk = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
+        chunk = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]]
+        chunk = chunk.clone(memory_format=torch.contiguous_format)
         local = torch.nn.Parameter(chunk, requires_grad=full.requires_grad)
         aliases = [alias for alias, p in gm.named_parameters(remove_duplicate=False) if p is full]
         for alias in aliases:

@@ -13,6 +13,7 @@ import itertools
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 
 import pcompile
 from pcompile import collectives, sdp
@@ -27,7 +28,15 @@ from tests.distributed.ranks import MODELS as _MODELS, _max_diff
 MODELS = dict(_MODELS, mlp6=(lambda: MLPModel(MLPConfig(num_classes=6)),
                              lambda seed: mlp_inputs(MLPConfig(num_classes=6), 16, seed)))
 
-SDP_PIPELINE = PIPELINE + ["sharded_data_parallel"] if "sharded_data_parallel" not in PIPELINE else PIPELINE
+def _with_sdp(pipeline: list[str]) -> list[str]:
+    """The pipeline with sharded_data_parallel after the rewrites it must see (tp, operator split)."""
+    if "sharded_data_parallel" in pipeline:
+        return list(pipeline)
+    at = pipeline.index("operator_split" if "operator_split" in pipeline else "tensor_parallel") + 1
+    return pipeline[:at] + ["sharded_data_parallel"] + pipeline[at:]
+
+
+SDP_PIPELINE = _with_sdp(PIPELINE)
 _KEYS = itertools.count()
 
 
@@ -37,10 +46,12 @@ class SdpCompiledModel(CompiledModel):
         if self.groups:
             key = f"sdp-test{next(_KEYS)}/dp"
             collectives.bind_group(key, self.groups["dp"])
-            for node in self.gm.graph.nodes:
-                if node.op == "call_function" and node.target in sdp.COLLECTIVES:
-                    node.args = tuple(key if a == "dp" else a for a in node.args)
-            self.gm.recompile()
+            for module in self.gm.modules():  # checkpoint regions are nested GraphModules
+                if isinstance(module, fx.GraphModule):
+                    for node in module.graph.nodes:
+                        if node.op == "call_function" and node.target in sdp.COLLECTIVES:
+                            node.args = tuple(key if a == "dp" else a for a in node.args)
+                    module.recompile()
         self.sdp_shardings = sdp.shard_parameters(self.gm, sdp.param_shardings(self.ir.gm), self.coords)
         return self
 
@@ -75,7 +86,7 @@ class SdpCompiledModel(CompiledModel):
 def compile_sdp(model: torch.nn.Module, plan: pcompile.Plan, inputs: tuple) -> SdpCompiledModel:
     world = dist.get_world_size() if dist.is_initialized() else 1
     ir = pcompile.compile(model, pcompile.Cluster.local(world), inputs, plan=plan, passes=SDP_PIPELINE,
-                          stop_after="sharded_data_parallel")
+                          stop_after=SDP_PIPELINE[-1])
     return SdpCompiledModel(ir, plan, model, []).lower()
 
 
