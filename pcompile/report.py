@@ -267,7 +267,7 @@ def plot_memory(plan: Plan, path: str, ir: IR | None = None, cluster: Cluster | 
         ax.hlines(d.budget / GiB, d.rank - 0.45, d.rank + 0.45, colors="black", linestyles="dashed")
     ax.plot([], [], "k--", label="budget")
     top = max(max(bottom), max(d.budget for d in devices) / GiB)
-    ax.set_ylim(0, top * 1.15)
+    ax.set_ylim(0, (top or 1.0) * 1.15)  # an all-zero plan (no estimate figures) still draws
     ax.set_xticks(ranks, [f"rank {r}" for r in ranks], rotation=45 if len(ranks) > 8 else 0, fontsize=8)
     ax.set_ylabel("GiB per device")
     ax.set_title(f"Memory per device: {plan.default.describe()}" + (f" x pp{plan.pp}" if plan.pp > 1 else ""),
