@@ -16,8 +16,10 @@ The last line holds the headline figures as key=value pairs.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -105,6 +107,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", help="load this cluster profile instead of profiling")
     parser.add_argument("--quick-profile", action="store_true", help="the < 30 s profile")
+    parser.add_argument("--save-profile", default=os.path.join(tempfile.gettempdir(), "pcompile_cluster_profile.json"),
+                        help="where to write the measured profile")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
@@ -114,13 +118,13 @@ def main(argv=None) -> None:
     else:
         from pcompile.profile import profile_cluster
 
-        cluster = profile_cluster(WORLD, "cluster_profile.json", quick=args.quick_profile)
+        cluster = profile_cluster(WORLD, args.save_profile, quick=args.quick_profile)
     device = cluster.device_of(0)
     print(f"profiled in {time.perf_counter() - start:.1f} s: peak {device.peak_flops / 1e9:.1f} GFLOP/s, "
           f"{device.memory_bandwidth / 1e9:.2f} GB/s, op overhead {device.op_overhead * 1e6:.1f} / "
           f"{device.backward_overhead * 1e6:.1f} us, overlap {cluster.overlap:.2f}")
     plans = [(name, dp, tp) for name in MODELS for dp, tp in SPLITS]
-    ranks = pcompile.launch(measure, WORLD, plans, args.warmup, args.steps)
+    ranks = pcompile.launch(measure, WORLD, plans, args.warmup, args.steps, timeout=3000.0)
     rows = []
     print(f"{'plan':<24} {'pred ms':>9} {'meas ms':>9} {'err %':>7} {'pred MB':>9} {'meas MB':>9} {'err %':>7}")
     for i, (name, dp, tp) in enumerate(plans):

@@ -8,7 +8,9 @@ training), so ranks that share cores or a link are measured sharing them:
 - the fixed per-op cost (a chain of tiny differentiable ops, forward),
 - all_reduce, all_gather and reduce_scatter by group size (the world split into equal
   contiguous groups, all busy) and message size, and point-to-point sends, each fitted as
-  time = latency + bytes * seconds_per_byte (least squares on relative error),
+  time = latency + bytes * seconds_per_byte (least squares on relative error). Each call
+  follows a short burst of compute, as in training, and the burst's own time is subtracted:
+  ranks that share cores pay the wake-up of a waiting peer, which back-to-back calls hide,
 - the overlap efficiency eta of an async all-reduce running under a matmul loop:
   eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1].
 
@@ -118,6 +120,20 @@ def _collective(op: str, nbytes: int, group, size: int, device):
     return lambda: dist.reduce_scatter_tensor(part, x, group=group)
 
 
+def _after_compute(fn, device):
+    """(fn preceded by ~a layer's worth of compute, the compute alone)."""
+    a = torch.randn(128, 128, device=device)
+
+    def burst():
+        for _ in range(4):
+            torch.mm(a, a)
+
+    def both():
+        burst()
+        fn()
+    return both, burst
+
+
 def _send(nbytes: int, device):
     x = torch.ones(max(nbytes // 4, 1), device=device)
     rank = dist.get_rank()
@@ -170,14 +186,16 @@ def measure_rank(mode: str = "quick") -> dict:
         group = _groups(world, size)
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             for nbytes in MESSAGES[mode]:
-                fn = _collective(op, nbytes, group, size, device)
+                both, burst = _after_compute(_collective(op, nbytes, group, size, device), device)
                 dist.barrier()
-                out["collectives"].append((op, size, nbytes, _timed(fn, repeats, device)))
+                seconds = _timed(both, repeats, device) - _timed(burst, repeats, device)
+                out["collectives"].append((op, size, nbytes, max(seconds, 0.0)))
     if world % 2 == 0 and world > 1:
         for nbytes in MESSAGES[mode]:
-            fn = _send(nbytes, device)
+            both, burst = _after_compute(_send(nbytes, device), device)
             dist.barrier()
-            out["collectives"].append(("send", 2, nbytes, _timed(fn, repeats, device) / 2))
+            seconds = _timed(both, repeats, device) - _timed(burst, repeats, device)
+            out["collectives"].append(("send", 2, nbytes, max(seconds, 0.0) / 2))
     out["overlap"] = _overlap(device, repeats) if world > 1 else 0.0
     return out
 
