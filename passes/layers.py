@@ -2,11 +2,19 @@
 "pre" (embedding and whatever runs before the first block) and "post" (head, loss).
 
 A block is a child of a container whose children are numbered 0..N-1 and share a class
-(ModuleList / Sequential). The container with the most such children wins; a model without
-any gets one layer per top-level child (the search still has units to assign).
+(ModuleList / Sequential). The container with the most such children wins, together with
+every other outermost container of blocks of the same class (an encoder-decoder such as T5 has
+`encoder.block.*` and `decoder.block.*`); blocks are ordered as the graph runs them. A model
+without any gets one layer per top-level child, looking through single-child wrappers (the
+search still has units to assign).
+
+Nodes are matched to blocks by module path: the call_module / get_attr target, or the
+`nn_module_stack` both fx and torch.export record on every other node. A parameter read
+(get_attr) belongs to the layer of its first user.
 """
 from __future__ import annotations
 
+import itertools
 import re
 from collections import defaultdict
 
@@ -19,20 +27,41 @@ from pcompile.passmanager import PassContext, register_pass
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
 
-def find_block_prefix(model: torch.nn.Module) -> str | None:
-    """The module path whose numbered children are the repeated blocks, or None."""
+def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
+    """Containers whose children are numbered 0..N-1 (N >= 2) and share one class: prefix -> (N, class)."""
     children: dict[str, list[tuple[int, type]]] = defaultdict(list)
     for name, module in model.named_modules():
         match = _NUMBERED.match(name) if "." in name else (re.match(r"^()(\d+)$", name))
         if match:
             children[match.group(1)].append((int(match.group(2)), type(module)))
-    best, best_count = None, 1
+    found = {}
     for prefix, items in children.items():
         indices = sorted(i for i, _ in items)
-        same_class = len({cls for _, cls in items}) == 1
-        if same_class and indices == list(range(len(indices))) and len(indices) > best_count:
-            best, best_count = prefix, len(indices)
-    return best
+        classes = {cls for _, cls in items}
+        if len(classes) == 1 and indices == list(range(len(indices))) and len(indices) > 1:
+            found[prefix] = (len(indices), classes.pop())
+    return found
+
+
+def find_block_prefixes(model: torch.nn.Module) -> list[str]:
+    """The container with the most repeated blocks, plus every other outermost container of
+    blocks of the same class (e.g. T5's encoder.block and decoder.block); [] if none."""
+    found = _containers(model)
+    if not found:
+        return []
+    best = max(found, key=lambda prefix: found[prefix][0])  # first of the largest (model order)
+    block_class = found[best][1]
+
+    def nested(prefix: str) -> bool:
+        return any(other != prefix and (other == "" or prefix.startswith(other + ".")) for other in found)
+
+    return [prefix for prefix in found if prefix == best or (found[prefix][1] is block_class and not nested(prefix))]
+
+
+def find_block_prefix(model: torch.nn.Module) -> str | None:
+    """The module path whose numbered children are the repeated blocks, or None."""
+    found = _containers(model)
+    return max(found, key=lambda prefix: found[prefix][0]) if found else None
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -50,19 +79,43 @@ def block_of(node: fx.Node, names: list[str]) -> str | None:
     return None
 
 
+def _top_level(model: torch.nn.Module) -> list[str]:
+    """Children of the model, looking through wrappers with a single child (e.g. a loss wrapper
+    around a HuggingFace model)."""
+    prefix, module = "", model
+    while len(children := list(module.named_children())) == 1:
+        name, module = children[0]
+        prefix = f"{prefix}{name}."
+    return [prefix + name for name, _ in children]
+
+
 def _blocks(model: torch.nn.Module) -> tuple[list[str], bool]:
-    """(block names in order, whether they are repeated blocks rather than top-level children)."""
-    prefix = find_block_prefix(model)
-    if prefix is None:
-        return [name for name, _ in model.named_children()], False
+    """(block names, whether they are repeated blocks rather than top-level children)."""
+    prefixes = find_block_prefixes(model)
+    if not prefixes:
+        return _top_level(model), False
     names = []
-    while True:
-        name = f"{prefix}.{len(names)}" if prefix else str(len(names))
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            return names, True
-        names.append(name)
+    for prefix in prefixes:
+        for index in itertools.count():
+            name = f"{prefix}.{index}" if prefix else str(index)
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                break
+            names.append(name)
+    return names, True
+
+
+def _explicit_blocks(nodes: list[fx.Node], blocks: list[str]) -> list[str | None]:
+    """The block each node's module path names (None for nodes of no block); a get_attr takes
+    its first user's block (export reads every parameter at the top of the graph)."""
+    explicit = [None if node.op == "get_attr" else block_of(node, blocks) for node in nodes]
+    index = {node: i for i, node in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        if node.op == "get_attr":
+            users = sorted(index[u] for u in node.users)
+            explicit[i] = explicit[users[0]] if users else block_of(node, blocks)
+    return explicit
 
 
 @register_pass("layers", kind="analysis", establishes=("layers",))
@@ -70,7 +123,7 @@ def layers(ir: IR, ctx: PassContext) -> IR:
     """Layer of every node: pre, the repeated blocks in order, post."""
     blocks, repeated = _blocks(ctx.model)
     nodes = list(ir.graph.nodes)
-    explicit = [block_of(node, blocks) for node in nodes]
+    explicit = _explicit_blocks(nodes, blocks)
     marked = [i for i, block in enumerate(explicit) if block is not None]
     first, last = (marked[0], marked[-1]) if marked else (len(nodes), len(nodes))
     current = "pre"
@@ -80,7 +133,9 @@ def layers(ir: IR, ctx: PassContext) -> IR:
         if explicit[i] is not None:
             current = explicit[i]
         ir.meta(node).layer = "pre" if i < first else "post" if i > last else current
-    used = {ir.meta(n).layer for n in nodes}
-    ordered = ["pre"] + blocks + ["post"]
-    return ir.replace(layers=[layer for layer in ordered if layer in used],
-                      block_layers=[b for b in blocks if b in used] if repeated else [])
+    order: dict[str, int] = {}
+    for node in nodes:
+        order.setdefault(ir.meta(node).layer, len(order))
+    ordered = [b for b in sorted(blocks, key=lambda b: order.get(b, len(order))) if b in order]
+    return ir.replace(layers=["pre"] * ("pre" in order) + ordered + ["post"] * ("post" in order),
+                      block_layers=ordered if repeated else [])

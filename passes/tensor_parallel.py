@@ -51,27 +51,29 @@ def _insert_copies(ir: IR, p: Propagation) -> None:
     """One tp_copy per distinct input of column Linears (q, k, v share one)."""
     copies: dict[fx.Node, fx.Node] = {}
     for node in [n for n in ir.graph.nodes if n in p.column]:
-        source = node.args[0]
+        source = linear_parts(ir.gm, node).input
         if source not in copies:
             with ir.graph.inserting_after(source):
                 copies[source] = ir.graph.call_function(collectives.tp_copy, (source, AXIS, p.degree[node]))
             _annotate(ir, copies[source], source, "R")
-        node.args = (copies[source],) + tuple(node.args[1:])
+        node.replace_input_with(source, copies[source])
 
 
 def _rewrite_row(ir: IR, node: fx.Node, degree: int) -> None:
+    """linear(x, W) or addmm(b, x, W) with x and W split along the input features: the local
+    product is a partial sum; all-reduce it, then add the (replicated) bias once."""
     parts = linear_parts(ir.gm, node)
     graph = ir.graph
     with graph.inserting_before(node):
         weight = graph.get_attr(parts.weight)
-        local = graph.call_function(F.linear, (parts.input, weight))
+        local = graph.call_function(F.linear if parts.out_dim == 0 else torch.mm, (parts.input, weight))
         reduced = graph.call_function(collectives.tp_reduce, (local, AXIS, degree))
         out = reduced
         if parts.bias is not None:
             bias = graph.get_attr(parts.bias)
             out = graph.call_function(operator.add, (reduced, bias))
             _annotate_param(ir, bias, node, parts.bias, "R")
-    _annotate_param(ir, weight, node, parts.weight, f"S(1)@{AXIS}")
+    _annotate_param(ir, weight, node, parts.weight, f"S({1 - parts.out_dim})@{AXIS}")
     ir.meta(weight).param_bytes = ir.meta(node).param_bytes
     for attr in ("flops", "bwd_flops", "saved_bytes"):
         setattr(ir.meta(local), attr, getattr(ir.meta(node), attr))
@@ -91,7 +93,8 @@ def _divide(graph: fx.Graph, node: fx.Node, value, degree: int):
 
 
 def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
-    head = 1 if node.op == "call_method" or node.target is torch.reshape else 0
+    """view / reshape / expand (x, sizes) or (x, *sizes): divide the size of the split dim."""
+    head = 1
     sizes = node.args[head:]
     packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
     sizes = list(sizes[0]) if packed else list(sizes)
@@ -108,7 +111,7 @@ def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
 
 def _rewrite_size(ir: IR, node: fx.Node, dim: int, degree: int) -> None:
     source = node.args[0]
-    index = tuple(node.args[1:]) if node.op == "call_method" else ()
+    index = tuple(node.args[1:]) if node.op == "call_method" or node.target is torch.ops.aten.sym_size.int else ()
     with ir.graph.inserting_before(node):
         full = ir.graph.call_function(collectives.global_size, (source, dim, degree) + index)
     _annotate(ir, full, node, None, tensor=False).value = ir.meta(node).value
@@ -168,23 +171,23 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     shardings = dict(ir.param_shardings)
     for node in p.column:
         parts = linear_parts(ir.gm, node)
-        shardings[parts.weight] = ParamSharding(AXIS, 0, p.degree[node])
+        shardings[parts.weight] = ParamSharding(AXIS, parts.out_dim, p.degree[node])
         if parts.bias:
             shardings[parts.bias] = ParamSharding(AXIS, 0, p.degree[node])
     for node in p.row:
         parts = linear_parts(ir.gm, node)
-        shardings[parts.weight] = ParamSharding(AXIS, 1, p.degree[parts.input])
+        shardings[parts.weight] = ParamSharding(AXIS, 1 - parts.out_dim, p.degree[parts.input])
     ir = ir.replace(param_shardings=shardings)
     for node, dim in p.split_dim.items():
         ir.meta(node).sharding = f"S({dim})@{AXIS}"
     # Record the inputs' degrees before nodes are replaced.
-    row_degree = {node: p.degree[node.args[0]] for node in p.row}
+    row_degree = {node: p.degree[linear_parts(ir.gm, node).input] for node in p.row}
     _insert_copies(ir, p)
     for node, out_dim in p.view_dims.items():
         _rewrite_view(ir, node, out_dim, p.degree[node])
     for node, dim in p.size_nodes.items():
         _rewrite_size(ir, node, dim, p.degree[node.args[0]])
-    for user, source, dim in p.scatters:
+    for user, source, dim in dict.fromkeys(p.scatters):
         _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
     for node, degree in row_degree.items():
         _rewrite_row(ir, node, degree)

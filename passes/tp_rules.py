@@ -9,6 +9,13 @@ transpose, softmax off the split dim, attention and batched matmul over a split 
 An op that cannot take a split input means the column Linears that produced it must stay
 replicated: `plan_tensor_parallel` drops them and propagates again, until a fixed point. The
 result is Megatron's pairing found from the graph rather than written per model.
+
+The rules read both IRs: fx captures (call_module Linear, F.linear, tensor methods) and
+torch.export captures (aten.linear, aten.addmm of GPT-2's Conv1D with its [in, out] weight,
+aten.view / expand / unsqueeze / slice / cat / split, aten.scaled_dot_product_attention).
+Attention whose k/v heads cannot be split (grouped-query attention with fewer kv heads than
+tp) keeps k/v replicated and slices the expanded heads at the attention (`scatters`); an
+attention bias that varies per head (T5's relative position bias) is sliced the same way.
 """
 from __future__ import annotations
 
@@ -23,16 +30,36 @@ import torch.nn.functional as F
 
 from pcompile.ir import IR
 
+aten = torch.ops.aten
 UNARY_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, F.tanh, F.sigmoid, torch.tanh, torch.sigmoid, torch.exp,
-                   torch.relu, operator.neg, torch.neg, F.leaky_relu, F.elu, F.mish}
+                   torch.relu, operator.neg, torch.neg, F.leaky_relu, F.elu, F.mish,
+                   aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+                   aten.exp.default, aten.neg.default, aten.dropout.default, aten.contiguous.default,
+                   aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout,
+                   aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.detach.default}
 UNARY_METHODS = {"relu", "gelu", "tanh", "sigmoid", "exp", "contiguous", "float", "half", "bfloat16", "to",
                  "type_as", "clone", "neg", "detach"}
 UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.LeakyReLU, nn.Mish)
 BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-                    torch.div, torch.where, torch.masked_fill}
+                    torch.div, torch.where, torch.masked_fill, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+                    aten.div.Tensor, aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor}
 BINARY_METHODS = {"add", "sub", "mul", "div", "masked_fill", "where"}
 VIEW_METHODS = {"view", "reshape"}
-SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
+SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, aten.softmax.int, aten._softmax.default,
+           aten.log_softmax.int, aten._log_softmax.default}
+LINEARS = {F.linear, torch._C._nn.linear, aten.linear.default}  # weight [out, in]
+ADDMMS = {torch.addmm, aten.addmm.default}  # addmm(bias, x, weight): weight [in, out] (GPT-2's Conv1D)
+FUNCTION_KINDS = {
+    torch.reshape: "view", aten.view.default: "view", aten.reshape.default: "view", aten._unsafe_view.default: "view",
+    aten.expand.default: "expand", torch.transpose: "transpose", aten.transpose.int: "transpose",
+    torch.permute: "permute", aten.permute.default: "permute", torch.flatten: "flatten",
+    aten.flatten.using_ints: "flatten", F.scaled_dot_product_attention: "sdpa",
+    aten.scaled_dot_product_attention.default: "sdpa", torch.matmul: "matmul", operator.matmul: "matmul",
+    torch.bmm: "matmul", aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.sym_size.int: "size",
+    aten.unsqueeze.default: "unsqueeze", aten.slice.Tensor: "slice", aten.select.int: "select",
+    aten.cat.default: "cat", torch.cat: "cat", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
+    operator.getitem: "getitem",
+}
 
 
 @dataclass
@@ -55,6 +82,11 @@ class LinearParts:
     bias: str | None
     in_features: int
     out_features: int
+    out_dim: int = 0  # the weight's output-feature dim: 0 for Linear's [out, in], 1 for addmm's [in, out]
+
+
+def _param_attr(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
@@ -62,13 +94,19 @@ def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
         m = gm.get_submodule(node.target)
         return LinearParts(node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
                            m.in_features, m.out_features)
-    if node.op == "call_function" and node.target in (F.linear, torch._C._nn.linear):
+    if node.op != "call_function":
+        return None
+    if node.target in LINEARS:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if isinstance(weight, fx.Node) and weight.op == "get_attr" and (bias is None or (
-                isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        if _param_attr(weight) and (bias is None or _param_attr(bias)):
             out_f, in_f = gm.get_parameter(weight.target).shape
             return LinearParts(node.args[0], weight.target, bias.target if bias is not None else None, in_f, out_f)
+    if node.target in ADDMMS and len(node.args) == 3 and not node.kwargs:
+        bias, source, weight = node.args
+        if _param_attr(weight) and _param_attr(bias) and gm.get_parameter(weight.target).dim() == 2:
+            in_f, out_f = gm.get_parameter(weight.target).shape
+            return LinearParts(source, weight.target, bias.target, in_f, out_f, out_dim=1)
     return None
 
 
@@ -129,29 +167,17 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
         return "unary" if isinstance(module, UNARY_MODULES) else "other"
     if node.op == "call_function":
         t = node.target
-        if t in (F.linear, torch._C._nn.linear):
-            return "linear"
+        if t in LINEARS or t in ADDMMS:
+            return "linear" if linear_parts(gm, node) is not None else "other"
         if t in UNARY_FUNCTIONS:
             return "unary"
         if t in BINARY_FUNCTIONS:
             return "binary"
-        if t in (torch.reshape,):
-            return "view"
-        if t in (torch.transpose,):
-            return "transpose"
-        if t in (torch.permute,):
-            return "permute"
-        if t in (torch.flatten,):
-            return "flatten"
         if t in SOFTMAX:
             return "softmax"
-        if t is F.scaled_dot_product_attention:
-            return "sdpa"
-        if t in (torch.matmul, operator.matmul, torch.bmm):
-            return "matmul"
         if t is builtins.getattr and node.args[1] == "shape":
             return "size"
-        return "other"
+        return FUNCTION_KINDS.get(t, "other")
     if node.op == "call_method":
         m = node.target
         if m in UNARY_METHODS:
@@ -174,14 +200,14 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _set(ir: IR, p: Propagation, node: fx.Node, dim: int, degree: int, origins: frozenset) -> None:
+    p.split_dim[node], p.degree[node], p.origins[node] = dim % max(_ndim(ir, node), 1), degree, origins
+
+
 def propagate(ir: IR, candidates: dict[fx.Node, int]) -> Propagation:
     """One pass of sharding propagation with `candidates` (Linear -> tp degree) as column-parallel."""
     gm = ir.gm
     p = Propagation(degree={}, split_dim={}, origins={})
-
-    def split(node: fx.Node, dim: int, degree: int, origins: frozenset) -> None:
-        p.split_dim[node], p.degree[node], p.origins[node] = dim % max(_ndim(ir, node), 1), degree, origins
-
     for node in ir.graph.nodes:
         ins = [a for a in _tensor_args(node) if a in p.split_dim]
         kind = _kind(gm, node)
@@ -198,7 +224,7 @@ def propagate(ir: IR, candidates: dict[fx.Node, int]) -> Propagation:
                     return _fail(p, node, f"Linear with {parts.out_features} output features is not "
                                           f"divisible by tp={candidates[node]}", origins=frozenset({node}))
                 p.column.add(node)
-                split(node, -1, candidates[node], frozenset({node}))
+                _set(ir, p, node, -1, candidates[node], frozenset({node}))
             continue
         if not ins:
             continue
@@ -209,68 +235,161 @@ def propagate(ir: IR, candidates: dict[fx.Node, int]) -> Propagation:
         degree = degrees.pop()
         first = node.args[0] if node.args else None
         dim = p.split_dim.get(first) if isinstance(first, fx.Node) else None
-        if kind == "unary":
-            split(node, dim, degree, origins)
-        elif kind == "binary":
-            problem = _binary(ir, p, node, degree, origins)
-            if problem:
-                return _fail(p, node, problem, origins=origins)
-        elif kind == "view" and first in p.split_dim:
-            out_dim, why = view_split_dim(ir.meta(first).shape, ir.meta(node).shape, dim, degree)
-            if out_dim is None:
-                return _fail(p, node, why, origins=origins)
-            p.view_dims[node] = out_dim
-            split(node, out_dim, degree, origins)
-        elif kind == "transpose" and first in p.split_dim:
-            n = _ndim(ir, first)
-            a, b = (x % n for x in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
-            split(node, b if dim == a else a if dim == b else dim, degree, origins)
-        elif kind == "permute" and first in p.split_dim:
-            order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
-            order = [d % _ndim(ir, first) for d in order]
-            split(node, order.index(dim), degree, origins)
-        elif kind == "flatten" and first in p.split_dim:
-            n = _ndim(ir, first)
-            start, end = _arg(node, 1, "start_dim", 0) % n, _arg(node, 2, "end_dim", -1) % n
-            if dim < start:
-                split(node, dim, degree, origins)
-            elif dim > end:
-                split(node, dim - (end - start), degree, origins)
-            elif view_split_dim(ir.meta(first).shape, ir.meta(node).shape, dim, degree)[0] is not None:
-                split(node, start, degree, origins)
-            else:
-                return _fail(p, node, "flatten moves the split dim inside a merged dim", origins=origins)
-        elif kind == "softmax":
-            soft_dim = _arg(node, 1, "dim")
-            if soft_dim is None or soft_dim % _ndim(ir, first) == dim:
-                return _fail(p, node, "softmax along the split dim", origins=origins)
-            split(node, dim, degree, origins)
-        elif kind == "sdpa":
-            q, k, v = node.args[:3]
-            dims = {p.split_dim.get(t) for t in (q, k, v)}
-            mask = _arg(node, 3, "attn_mask")
-            if len(dims) != 1 or dim is None or dim >= _ndim(ir, q) - 2:
-                return _fail(p, node, "attention with q, k, v not all split along the same head dim", origins)
-            if isinstance(mask, fx.Node) and (mask in p.split_dim or _size_at(ir, mask, dim, _ndim(ir, q)) != 1):
-                return _fail(p, node, "attention mask varies along the split head dim", origins=origins)
-            split(node, dim, degree, origins)
-        elif kind == "matmul":
-            a, b = node.args[:2]
-            out_n = _ndim(ir, node)
-            aligned = {p.split_dim[t] + out_n - _ndim(ir, t) for t in (a, b) if t in p.split_dim}
-            if len(aligned) != 1 or next(iter(aligned)) >= out_n - 2:
-                return _fail(p, node, "matmul over a split contraction dim", origins=origins)
-            out_dim = aligned.pop()
-            for t in (a, b):
-                if t not in p.split_dim and _size_at(ir, t, out_dim, out_n) != 1:
-                    return _fail(p, node, "matmul of a split and a replicated batch", origins=origins)
-            split(node, out_dim, degree, origins)
-        elif kind == "size" and first in p.split_dim:
-            p.size_nodes[node] = dim
-        else:
+        rule = RULES.get(kind)
+        if rule is None or (dim is None and kind not in ("binary", "cat")):
             return _fail(p, node, f"{node.op} {getattr(node.target, '__name__', node.target)} cannot take a "
                                   "tensor split across the tp group", origins=origins)
+        problem = rule(ir, p, node, dim, degree, origins)
+        if isinstance(problem, tuple):  # (why, the split inputs to blame)
+            return _fail(p, node, problem[0], origins=frozenset().union(*(p.origins[t] for t in problem[1])))
+        if problem:
+            return _fail(p, node, problem, origins=origins)
     return p
+
+
+# -- one rule per op kind: set the output's split (or record a rewrite), or say why not --------
+def _unary(ir, p, node, dim, degree, origins):
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _view(ir, p, node, dim, degree, origins):
+    out_dim, why = view_split_dim(ir.meta(node.args[0]).shape, ir.meta(node).shape, dim, degree)
+    if out_dim is None:
+        return why
+    p.view_dims[node] = out_dim
+    _set(ir, p, node, out_dim, degree, origins)
+
+
+def _expand(ir, p, node, dim, degree, origins):
+    """expand(x, sizes): the split dim keeps its size (-1 or the same); new leading dims shift it."""
+    sizes, in_shape = list(node.args[1]), ir.meta(node.args[0]).shape
+    out_dim = dim + len(sizes) - len(in_shape)
+    if not (isinstance(sizes[out_dim], int) and sizes[out_dim] in (-1, in_shape[dim])):
+        return "expand along the split dim"
+    p.view_dims[node] = out_dim
+    _set(ir, p, node, out_dim, degree, origins)
+
+
+def _unsqueeze(ir, p, node, dim, degree, origins):
+    new = node.args[1] % (_ndim(ir, node.args[0]) + 1)
+    _set(ir, p, node, dim if dim < new else dim + 1, degree, origins)
+
+
+def _slice(ir, p, node, dim, degree, origins):
+    n = _ndim(ir, node.args[0])
+    along, start, end = _arg(node, 1, "dim", 0) % n, _arg(node, 2, "start", None), _arg(node, 3, "end", None)
+    whole = start in (None, 0) and (end is None or (isinstance(end, int) and end >= ir.meta(node.args[0]).shape[dim]))
+    if along == dim and not whole:
+        return "slice of the split dim (e.g. rotary halves across heads)"
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _select(ir, p, node, dim, degree, origins):
+    along = node.args[1] % _ndim(ir, node.args[0])
+    if along == dim:
+        return "select along the split dim"
+    _set(ir, p, node, dim if dim < along else dim - 1, degree, origins)
+
+
+def _cat(ir, p, node, dim, degree, origins):
+    tensors = list(node.args[0])
+    dims = {p.split_dim.get(t) for t in tensors}
+    along = _arg(node, 1, "dim", 0) % max(_ndim(ir, node), 1)
+    if len(dims) != 1 or None in dims:
+        return "cat of split and replicated tensors"
+    if dims.pop() == along:
+        return "cat along the split dim"
+    _set(ir, p, node, p.split_dim[tensors[0]], degree, origins)
+
+
+def _split(ir, p, node, dim, degree, origins):
+    along = _arg(node, 2, "dim", 0) % _ndim(ir, node.args[0])
+    if along == dim:
+        return ("split along the split dim (a fused projection such as GPT-2's c_attn: its q, k, v "
+                "blocks would need an interleaved weight layout)")
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _getitem(ir, p, node, dim, degree, origins):
+    if _kind(ir.gm, node.args[0]) != "split":
+        return "indexing a split tensor"
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _transpose(ir, p, node, dim, degree, origins):
+    n = _ndim(ir, node.args[0])
+    a, b = (x % n for x in (_arg(node, 1, "dim0"), _arg(node, 2, "dim1")))
+    _set(ir, p, node, b if dim == a else a if dim == b else dim, degree, origins)
+
+
+def _permute(ir, p, node, dim, degree, origins):
+    order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (tuple, list)) else node.args[1:]
+    order = [d % _ndim(ir, node.args[0]) for d in order]
+    _set(ir, p, node, order.index(dim), degree, origins)
+
+
+def _flatten(ir, p, node, dim, degree, origins):
+    first = node.args[0]
+    n = _ndim(ir, first)
+    start, end = _arg(node, 1, "start_dim", 0) % n, _arg(node, 2, "end_dim", -1) % n
+    if dim < start:
+        _set(ir, p, node, dim, degree, origins)
+    elif dim > end:
+        _set(ir, p, node, dim - (end - start), degree, origins)
+    elif view_split_dim(ir.meta(first).shape, ir.meta(node).shape, dim, degree)[0] is not None:
+        _set(ir, p, node, start, degree, origins)
+    else:
+        return "flatten moves the split dim inside a merged dim"
+
+
+def _softmax(ir, p, node, dim, degree, origins):
+    soft_dim = _arg(node, 1, "dim")
+    if soft_dim is None or soft_dim % _ndim(ir, node.args[0]) == dim:
+        return "softmax along the split dim"
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _sdpa(ir, p, node, dim, degree, origins):
+    """Heads split: q, k, v split along the same head dim. A replicated k/v (or attention bias)
+    holding every head is sliced to this rank's heads (grouped-query kv that tp cannot split,
+    T5's per-head position bias); a bias broadcast over heads (size 1) is used as is."""
+    q, k, v = node.args[:3]
+    n = _ndim(ir, q)
+    if dim >= n - 2:
+        return "attention with q split along its sequence or feature dim"
+    heads = ir.meta(q).shape[dim]
+    mask = _arg(node, 3, "attn_mask")
+    scatter = []
+    for t, role in ((k, "k/v"), (v, "k/v"), (mask, "mask")):
+        if not isinstance(t, fx.Node):
+            continue
+        if t in p.split_dim:
+            if p.split_dim[t] + n - _ndim(ir, t) != dim:
+                return f"attention with {role} split along another dim than q's heads", [t]
+        elif _size_at(ir, t, dim, n) == heads:
+            scatter.append(t)
+        elif _size_at(ir, t, dim, n) != 1 or role != "mask":
+            return f"attention {role} with {_size_at(ir, t, dim, n)} heads against q's {heads}"
+    for t in dict.fromkeys(scatter):
+        p.scatters.append((node, t, dim - (n - _ndim(ir, t))))
+    _set(ir, p, node, dim, degree, origins)
+
+
+def _matmul(ir, p, node, dim, degree, origins):
+    a, b = node.args[:2]
+    out_n = _ndim(ir, node)
+    aligned = {p.split_dim[t] + out_n - _ndim(ir, t) for t in (a, b) if t in p.split_dim}
+    if len(aligned) != 1 or next(iter(aligned)) >= out_n - 2:
+        return "matmul over a split contraction dim"
+    out_dim = aligned.pop()
+    for t in (a, b):
+        if t not in p.split_dim and _size_at(ir, t, out_dim, out_n) != 1:
+            return "matmul of a split and a replicated batch"
+    _set(ir, p, node, out_dim, degree, origins)
+
+
+def _size(ir, p, node, dim, degree, origins):
+    p.size_nodes[node] = dim
 
 
 def _size_at(ir: IR, node: fx.Node, out_dim: int, out_ndim: int) -> int:
@@ -280,7 +399,7 @@ def _size_at(ir: IR, node: fx.Node, out_dim: int, out_ndim: int) -> int:
     return 1 if index < 0 else shape[index]
 
 
-def _binary(ir: IR, p: Propagation, node: fx.Node, degree: int, origins: frozenset) -> str | None:
+def _binary(ir: IR, p: Propagation, node: fx.Node, dim, degree: int, origins: frozenset) -> str | None:
     out_n = _ndim(ir, node)
     tensors = [a for a in node.args if isinstance(a, fx.Node) and ir.meta(a).shape is not None]
     aligned = {p.split_dim[t] + out_n - _ndim(ir, t) for t in tensors if t in p.split_dim}
@@ -293,6 +412,12 @@ def _binary(ir: IR, p: Propagation, node: fx.Node, degree: int, origins: frozens
             p.scatters.append((node, t, out_dim - (out_n - _ndim(ir, t))))
     p.split_dim[node], p.degree[node], p.origins[node] = out_dim, degree, origins
     return None
+
+
+RULES = {"unary": _unary, "binary": _binary, "view": _view, "expand": _expand, "unsqueeze": _unsqueeze,
+         "slice": _slice, "select": _select, "cat": _cat, "split": _split, "getitem": _getitem,
+         "transpose": _transpose, "permute": _permute, "flatten": _flatten, "softmax": _softmax, "sdpa": _sdpa,
+         "matmul": _matmul, "size": _size}
 
 
 def _fail(p: Propagation, node: fx.Node, why: str, source: fx.Node | None = None,

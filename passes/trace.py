@@ -1,5 +1,13 @@
-"""Front end: capture an nn.Module into an fx GraphModule, turning fx's failures into
-errors that name the module path, the construct, and the fix."""
+"""Front end: capture an nn.Module into an fx GraphModule, by one of two paths.
+
+  fx      torch.fx.symbolic_trace: Python-level ops (call_module Linear, F.linear, view methods)
+  export  torch.export (passes/export.py): aten-level ops, for models fx cannot trace
+          (HuggingFace transformers, control flow on config or sizes)
+
+`capture="auto"` tries fx first (its graph keeps the model's own modules) and falls back to
+export, reporting which path was used and why; `capture="fx"|"export"` forces one. Failures
+become one PcompileError naming the module path, the construct, and the fix.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,7 +15,10 @@ import torch.fx as fx
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.passes.export import export_graph
 from pcompile.passmanager import PassContext, register_pass
+
+CAPTURES = ("auto", "fx", "export")
 
 
 class _PathTracer(fx.Tracer):
@@ -16,11 +27,16 @@ class _PathTracer(fx.Tracer):
     def __init__(self):
         super().__init__()
         self.current_path = ""
+        self.failed_path: str | None = None  # innermost module running when tracing failed
 
     def call_module(self, m, forward, args, kwargs):
         previous, self.current_path = self.current_path, self.path_of_module(m)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_path is None:
+                self.failed_path = self.current_path
+            raise
         finally:
             self.current_path = previous
 
@@ -47,15 +63,52 @@ def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises TraceError, TypeError, RuntimeError... from user code
-        raise explain_trace_failure(exc, tracer.current_path, model) from exc
+        raise explain_trace_failure(exc, tracer.failed_path or "", model) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _forward_of(model: torch.nn.Module) -> str:
+    return f"{type(model).__name__}.forward"
+
+
+def _check_loss_output(gm: fx.GraphModule, how: str) -> None:
+    """The graph must return one tensor (the loss): a tuple, dict or ModelOutput cannot be trained."""
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    value = outputs[0].args[0] if outputs else None
+    if how == "export":  # the graph's output is flat; the module rebuilds the structure from _out_spec
+        spec = getattr(gm, "_out_spec", None)
+        value = value[0] if spec is not None and spec.is_leaf() else spec
+    if not isinstance(value, fx.Node):
+        raise PcompileError(f"the model's forward returns {type(value).__name__}, not the loss tensor",
+                            "wrap the model: forward(inputs, targets) returns the scalar loss (for HuggingFace "
+                            "models: `return self.model(x, labels=y, use_cache=False, return_dict=False)[0]`)")
+
+
+def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphModule, str, list[str]]:
+    """(graph module, path used, report lines)."""
+    if how == "fx":
+        return symbolic_trace(model), "fx", ["captured with torch.fx.symbolic_trace (forced: capture='fx')"]
+    if how == "export":
+        gm, notes = export_graph(model, inputs)
+        return gm, "export", ["captured with torch.export (forced: capture='export')"] + notes
+    try:
+        return symbolic_trace(model), "fx", ["captured with torch.fx.symbolic_trace"]
+    except PcompileError as fx_error:
+        why = fx_error.cause
+    try:
+        gm, notes = export_graph(model, inputs)
+    except PcompileError as export_error:
+        raise PcompileError(f"neither capture path works for {_forward_of(model)}.\n  torch.fx: {why}\n"
+                            f"  torch.export: {export_error.cause}", export_error.fix) from export_error
+    return gm, "export", [f"captured with torch.export because torch.fx.symbolic_trace failed: {why}"] + notes
 
 
 @register_pass("trace", kind="frontend")
 def trace(ir: IR | None, ctx: PassContext) -> IR:
-    """Capture the model with torch.fx.symbolic_trace (parameters keep their original names)."""
-    if ctx.capture not in ("auto", "fx"):
-        raise PcompileError(f"capture={ctx.capture!r} is not available yet", "use capture='fx' or 'auto'")
-    gm = symbolic_trace(ctx.model)
-    ctx.report.append("captured with torch.fx.symbolic_trace")
-    return IR(gm=gm, capture="fx")
+    """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names."""
+    if ctx.capture not in CAPTURES:
+        raise PcompileError(f"capture={ctx.capture!r} is not a capture path", f"use one of {CAPTURES}")
+    gm, how, notes = capture(ctx.model, ctx.example_inputs, ctx.capture)
+    _check_loss_output(gm, how)
+    ctx.report.extend(notes)
+    return IR(gm=gm, capture=how)

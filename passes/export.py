@@ -1,0 +1,203 @@
+"""Front end, second path: capture with torch.export for models torch.fx cannot trace
+(HuggingFace transformers and anything with Python control flow on sizes or config).
+
+The result is made to look like an fx capture so every later pass works on it unchanged:
+  * `ep.module()` is an fx GraphModule whose parameters are the model's own Parameter objects,
+    under the model's own names (full_state_dict / full_grads look them up by those names);
+  * the batch dimension (dim 0 of every tensor input) is exported symbolic (`Dim.AUTO`), so the
+    same graph runs on a data-parallel rank's slice of the batch;
+  * export's input guard module and its dtype assertions are dropped (the backend slices the
+    batch; the assertions compute nothing), and every parameter read (get_attr) is moved to just
+    before its first use, so layers stay contiguous in graph order as they are in fx captures;
+  * `config.use_cache` of HuggingFace models is off during capture (a training step never uses
+    the KV cache; with it on, export fails on the cache object);
+  * a model on the meta device is exported on fake CPU tensors, then the graph is given the
+    model's meta parameters back: a 175B-parameter model is captured without its weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import logging
+import re
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.export import Dim
+
+from pcompile.errors import PcompileError
+
+_DROPPED_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
+_NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+SUPPORTED = "torch 2.13 and transformers 5.x"
+
+
+@contextlib.contextmanager
+def cache_disabled(model: torch.nn.Module):
+    """Set `config.use_cache = False` on every submodule that has one, restoring it afterwards."""
+    changed = []
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "use_cache", False) is True:
+            config.use_cache = False
+            changed.append(config)
+    try:
+        yield len(changed)
+    finally:
+        for config in changed:
+            config.use_cache = True
+
+
+@contextlib.contextmanager
+def _quiet():
+    """export logs whole graphs at WARNING level on failures; the PcompileError says what matters."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def dynamic_batch(inputs: tuple) -> tuple:
+    """dim 0 of every tensor input symbolic (export keeps it static if the model needs it static)."""
+    return tuple({0: Dim.AUTO} if isinstance(x, torch.Tensor) and x.dim() else None for x in inputs)
+
+
+def _on_meta(model: torch.nn.Module) -> bool:
+    return any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def _export(model: torch.nn.Module, inputs: tuple):
+    shapes = dynamic_batch(inputs)
+    if not _on_meta(model):
+        return torch.export.export(model, tuple(inputs), dynamic_shapes=shapes, strict=False)
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_model = copy.deepcopy(model)  # meta tensors: no memory
+    with mode:
+        fake_model = fake_model.to_empty(device="cpu")
+        fake_inputs = tuple(torch.empty(x.shape, dtype=x.dtype) if isinstance(x, torch.Tensor) else x
+                            for x in inputs)
+        return torch.export.export(fake_model, fake_inputs, dynamic_shapes=shapes, strict=False)
+
+
+def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+def _restore_state(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """Give the graph the model's own parameters and buffers (by name): shared storage, tied
+    weights tied again, meta tensors instead of the fakes export ran on."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(model.named_buffers(remove_duplicate=False))
+    for name, tensor in itertools.chain(gm.named_parameters(remove_duplicate=False),
+                                        gm.named_buffers(remove_duplicate=False)):
+        if name in state and state[name] is not tensor:
+            owner, attr = _owner(gm, name)
+            if isinstance(tensor, torch.nn.Parameter):
+                owner._parameters[attr] = state[name]
+            else:
+                owner._buffers[attr] = state[name]
+
+
+def normalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Drop export's guard call and dtype assertions; read each parameter just before its first use."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if (node.op == "call_module" and node.target == "_guards_fn") or (
+                node.op == "call_function" and node.target in _DROPPED_TARGETS and not node.users):
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in [n for n in graph.nodes if n.op == "get_attr" and n.users]:
+        min(node.users, key=order.__getitem__).prepend(node)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def batch_is_dynamic(gm: fx.GraphModule) -> bool:
+    """Whether export kept dim 0 of the tensor inputs symbolic (needed to run dp > 1)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if node.op == "placeholder" and isinstance(value, torch.Tensor) and value.dim():
+            if not isinstance(value.shape[0], torch.SymInt):
+                return False
+    return True
+
+
+def export_graph(model: torch.nn.Module, inputs: tuple) -> tuple[fx.GraphModule, list[str]]:
+    """torch.export capture as an fx GraphModule named like `model`, plus notes for the report."""
+    notes = []
+    with cache_disabled(model) as caches, _quiet():
+        try:
+            program = _export(model, inputs)
+        except Exception as exc:  # export raises many types (UserError, GuardOnDataDependentSymNode, ...)
+            raise explain_export_failure(exc, model) from exc
+    if caches:
+        notes.append("use_cache=False during capture (a training step needs no KV cache)")
+    gm = program.module()
+    _restore_state(gm, model)
+    gm = normalize(gm)
+    if not batch_is_dynamic(gm):
+        notes.append("the model needs a static batch size (export specialised dim 0): data parallelism "
+                     "must keep the example batch per rank")
+    return gm, notes
+
+
+# -- errors ------------------------------------------------------------------------------------
+def failing_module(exc: BaseException, model: torch.nn.Module) -> str | None:
+    """Path of the innermost module of `model` whose code is on the exception's traceback."""
+    paths = {id(m): name for name, m in model.named_modules()}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        first = code.co_varnames[0] if code.co_argcount else None
+        owner = tb.tb_frame.f_locals.get(first) if first else None
+        if owner is not None and id(owner) in paths:
+            found = paths[id(owner)]
+        tb = tb.tb_next
+    return found
+
+
+def _user_line(text: str) -> str:
+    match = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s+(.+)', text)
+    return f" at {match.group(1)}:{match.group(2)} `{match.group(4).strip()}`" if match else ""
+
+
+def construct_of(text: str) -> tuple[str, str]:
+    """(the construct export could not capture, what to do about it) from export's message."""
+    lower = text.lower()
+    if "data-dependent" in lower or "guard on data" in lower:
+        return ("Python control flow or a shape that depends on tensor values (e.g. `if x.sum() > 0`, "
+                "`x[mask]`, `.item()`)",
+                "make the branch depend on config or shapes only (torch.where / torch.cond for values), "
+                "or move the data-dependent part out of the model's forward")
+    if "cache" in lower:
+        return ("a KV-cache object in the model's inputs or outputs",
+                "call the HuggingFace model with use_cache=False (and return_dict=False) in your forward")
+    if "unsupported" in lower or "not supported" in lower or "no fake impl" in lower or "meta" in lower:
+        return ("an operator torch.export cannot run on fake tensors (a custom op or extension without a "
+                "meta/fake implementation)",
+                "register a fake implementation (torch.library.register_fake) or replace the op, "
+                f"and check the versions (pcompile is tested with {SUPPORTED})")
+    return ("Python code torch.export could not trace",
+            f"simplify that module's forward, or check the versions (pcompile is tested with {SUPPORTED})")
+
+
+def explain_export_failure(exc: Exception, model: torch.nn.Module) -> PcompileError:
+    text = f"{type(exc).__name__}: {exc}"
+    path = failing_module(exc, model)
+    where = (f"module {path!r} ({type(model.get_submodule(path)).__name__})" if path else
+             f"the top-level module ({type(model).__name__})")
+    construct, fix = construct_of(text)
+    return PcompileError(f"torch.export cannot capture {where}: {construct}{_user_line(text)}. "
+                         f"torch.export said: {text.splitlines()[0][:300]}", fix)
