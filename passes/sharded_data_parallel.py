@@ -5,14 +5,21 @@ A parameter read by an sdp layer lives sharded over the "dp" mesh axis: each ran
 per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/sdp.py)
 placed right before the unit's first op, and a getitem per parameter, freed after its last
 use. A unit is a layer (one collective per layer and direction, as FSDP per block), or one
-op in layers with operator splitting (split > 1: one op's weights at a time). The ops run
-through `sdp_module` (a leaf module, as a functional call with the gathered parameters) or
-`sdp_function` / `sdp_method`, which keep autograd from holding gathered weights until
-backward. Parameters keep their names in gm.named_parameters(); the sdp_gather nodes say how
-each is sharded (`pcompile.sdp.param_shardings`), on top of any tensor-parallel split.
+op in layers with operator splitting (split > 1): a weight the split reads as k pieces
+(chunk along the input features) is sharded along another dim, so each piece is gathered
+alone and only 1/k of the weight is materialised at a time.
+
+The ops run through `sdp_module` (a leaf module, as a functional call with the gathered
+parameters) or `sdp_function` / `sdp_method`, which keep autograd from holding gathered
+weights until backward; in checkpointed layers they run plainly (checkpointing already frees
+and recomputes what the layer saves, the gathers included). Parameters keep their names in
+gm.named_parameters(); gm.meta[sdp.SHARDINGS_KEY] records each one's ParamSharding over dp,
+applied after any tensor-parallel split (`pcompile.sdp.param_shardings`).
 
 A tied parameter read by an sdp layer and a dp layer is sharded (the dp layer gathers it
 too). A parameter with no dim divisible by dp stays replicated and data parallel.
+Ordering: after tensor_parallel and operator_split (it rewrites their Linears' reads), before
+checkpoint and pipeline_split (they move the gathers into regions and stages).
 """
 from __future__ import annotations
 
@@ -32,7 +39,6 @@ from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 
 AXIS = "dp"
-SHARDINGS_KEY = sdp.SHARDINGS_KEY
 
 
 @dataclass(frozen=True)
@@ -281,7 +287,7 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     ir.graph.lint()
     ir.gm.recompile()
     check_gathered_shapes(ir, ctx.example_inputs, shardings, expected)
-    ir.gm.meta[SHARDINGS_KEY] = dict(shardings)
+    ir.gm.meta[sdp.SHARDINGS_KEY] = dict(shardings)
     numel = sum(ir.gm.get_parameter(n).numel() for n in shardings)
     ctx.report.append(f"sharded data parallel (ZeRO-3) in {len(layers)} layer(s): {len(shardings)} parameters "
                       f"({numel} elements) sharded over dp={max(layers.values())}"
