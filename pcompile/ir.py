@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
 META_KEY = "pcompile"
+SYMBOLIC_KEY = "pcompile_symbolic"  # {quantity: sympy expr in b, s}, written by passes/symbolic.py
 
 
 @dataclass
@@ -85,7 +86,7 @@ class IR:
     COLUMNS = ("node", "op", "target", "shape", "dtype", "flops", "out", "saved", "params", "layer", "sharding")
     WIDTHS = (28, 13, 34, 18, 8, 9, 9, 9, 9, 10, 10)
 
-    def format(self) -> str:
+    def format(self, formulas: bool = False) -> str:
         rows = [self.COLUMNS]
         for node in self.graph.nodes:
             m = node.meta.get(META_KEY)
@@ -99,10 +100,15 @@ class IR:
         # Columns as wide as their longest cell (at least WIDTHS): aligned, never truncated, so
         # parse() gets every name back whole.
         widths = [max([w] + [len(str(row[i])) + 1 for row in rows]) for i, w in enumerate(self.WIDTHS)]
-        return "\n".join(" ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+        text = "\n".join(" ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
+        if formulas:  # costs as sympy expressions in batch b and sequence length s
+            text += "\n\n" + "\n".join(
+                f"{n.name:<28} flops={f['flops']}  saved={f['saved_bytes']}  out={f['output_bytes']}"
+                for n in self.graph.nodes if (f := n.meta.get(SYMBOLIC_KEY)) and (f["flops"] or f["saved_bytes"]))
+        return text
 
-    def print(self) -> None:
-        print(self.format())
+    def print(self, formulas: bool = False) -> None:
+        print(self.format(formulas))
 
     def summary(self) -> str:
         lines = [f"{len(self.graph.nodes)} nodes, {len(self.layers)} layers "
@@ -117,7 +123,7 @@ class IR:
     def parse(text: str) -> list[tuple[str, str, str]]:
         """(node, op, target) for every row of `format()`'s output."""
         rows = []
-        for line in text.splitlines()[1:]:
+        for line in text.split("\n\n")[0].splitlines()[1:]:
             name, op, target = line.split()[:3]
             rows.append((name, op, target))
         return rows
