@@ -11,8 +11,10 @@ alone and only 1/k of the weight is materialised at a time.
 
 The ops run through `sdp_module` (a leaf module, as a functional call with the gathered
 parameters) or `sdp_function` / `sdp_method`, which keep autograd from holding gathered
-weights until backward; in checkpointed layers they run plainly (checkpointing already frees
-and recomputes what the layer saves, the gathers included). Parameters keep their names in
+weights until backward. They run plainly in checkpointed layers (checkpointing already frees
+and recomputes what the layer saves, the gathers included) and in the last unit of forward:
+backward starts with it, so re-gathering it would only cost time (FSDP2 likewise keeps its
+root unsharded between forward and backward). Parameters keep their names in
 gm.named_parameters(); gm.meta[sdp.SHARDINGS_KEY] records each one's ParamSharding over dp,
 applied after any tensor-parallel split (`pcompile.sdp.param_shardings`).
 
@@ -192,10 +194,9 @@ def _gather(ir: IR, consumers: list[fx.Node], wanted: list[Read],
     return gather, items
 
 
-def _wrap(ir: IR, node: fx.Node, gathered: dict, recomputed: bool) -> fx.Node:
+def _wrap(ir: IR, node: fx.Node, gathered: dict, plain: bool) -> fx.Node:
     """The op `node` rewritten to read gathered parameters: through an sdp_* runner that keeps
-    autograd from holding them, or plainly in a checkpointed layer (`recomputed`: checkpointing
-    already frees what the layer saves, gathered weights included, and recomputes it)."""
+    autograd from holding them, or `plain`ly where autograd may hold them (see the pass)."""
     graph = ir.graph
     args = tuple(gathered.get(a, a) if isinstance(a, fx.Node) else a for a in node.args)
     kwargs = {k: gathered.get(v, v) if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
@@ -204,9 +205,9 @@ def _wrap(ir: IR, node: fx.Node, gathered: dict, recomputed: bool) -> fx.Node:
             module = graph.get_attr(node.target)
             _annotate(ir, module, node)
             own = {slot: g for slot, g in gathered.items() if isinstance(slot, str)}
-            runner = sdp.module_with if recomputed else sdp.sdp_module
+            runner = sdp.module_with if plain else sdp.sdp_module
             new = graph.call_function(runner, (module, own) + args, kwargs)
-        elif recomputed:
+        elif plain:
             node.args, node.kwargs = args, kwargs
             return node
         elif node.op == "call_method":
@@ -276,13 +277,14 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
     recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}
     expected = {}
-    for consumers in gather_units(ir, reads, shardings, per_op):
+    units = gather_units(ir, reads, shardings, per_op)
+    for consumers in units:
         wanted = list(dict.fromkeys(r for c in consumers for r in reads[c].values() if r.name in shardings))
         gather, items = _gather(ir, consumers, wanted, shardings)
         expected[gather] = [full_shape(ir, r) for r in wanted]
         for node in consumers:
             gathered = {slot: items[read] for slot, read in reads[node].items() if read.name in shardings}
-            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed)
+            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed or consumers is units[-1])
     _erase_dead(ir, [slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)])
     ir.graph.lint()
     ir.gm.recompile()

@@ -102,10 +102,12 @@ def numel_per_rank(cm: SdpCompiledModel) -> tuple[int, int]:
     return expected, replicated
 
 
-def gathered_alive_after_forward(cm: SdpCompiledModel, inputs: tuple) -> int:
-    """Gathered parameters still alive between forward and backward (ZeRO-3: none)."""
+def gathered_alive_after_forward(cm: SdpCompiledModel, inputs: tuple) -> tuple[int, int]:
+    """Gathered parameters alive between forward and backward (ZeRO-3: at most those of the last
+    unit, which backward needs first), and how many the last unit gathers."""
+    last = [n for n in cm.ir.graph.nodes if n.target is sdp.sdp_gather][-1]
     loss = cm.gm(*cm._local_batch(inputs))
-    alive = sdp.live_gathered()
+    alive = sdp.live_gathered(), len(last.args[0])
     loss.backward()
     for p in cm.parameters():
         p.grad = None
@@ -138,7 +140,7 @@ def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr
     return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()),
             "numel": sum(p.numel() for p in cm.parameters()), "expected_numel": expected_numel, "replicated_numel": replicated,
-            "sharded": len(sdp.param_shardings(cm.ir.gm)), "alive_after_forward": alive}
+            "sharded": len(sdp.param_shardings(cm.ir.gm)), "alive_after_forward": alive[0], "last_unit": alive[1]}
 
 
 def describe(plan: pcompile.Plan) -> str:

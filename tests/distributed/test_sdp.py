@@ -1,8 +1,9 @@
 """ZeRO-3 (sharded data parallel) == serial: loss after each of 3 AdamW steps and full gradients
 within 1e-5 (fp32), for sdp on every layer (dp=4, dp=2 x tp=2) and mixed plans (some layers
 sdp, some dp, a tied weight shared by both), on the built-in GPT and MLP models. Also: each
-rank stores 1/dp of the sdp parameters, and no gathered parameter outlives its op (ZeRO-3,
-not ZeRO-1: autograd keeps shards, not gathered weights, until backward)."""
+rank stores 1/dp of the sdp parameters, and between forward and backward no gathered parameter
+is alive but those of the last unit (ZeRO-3, not ZeRO-1: autograd keeps references to shards,
+not gathered weights)."""
 import torch
 import torch.fx as fx
 
@@ -46,7 +47,7 @@ def test_sdp_plans_match_serial():
             assert r["numel"] == r["expected_numel"] < r["replicated_numel"], r
             if plan.default.sdp:  # every layer sdp and every parameter divisible: exactly 1/dp
                 assert r["numel"] * plan.default.dp == r["replicated_numel"], r
-            assert r["alive_after_forward"] == 0, r
+            assert r["alive_after_forward"] <= r["last_unit"] <= 3, r  # ZeRO-1 would keep ~all 36
 
 
 def _rewritten(plan: Plan) -> pcompile.IR:
@@ -81,8 +82,9 @@ def test_layers_with_operator_splitting_gather_one_piece_per_op():
     ir = _rewritten(Plan.uniform(dp=4, sdp=True, split=2))
     gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
     reading_ops = [n for n in ir.graph.nodes if n.target in (sdp.sdp_module, sdp.sdp_function, sdp.sdp_method)]
-    # 2 blocks x (6 Linears x 2 pieces + 2 LayerNorms), 2 embeddings, ln_f, head x 2 pieces
-    assert len(gathers) == len(reading_ops) == 33
+    # 2 blocks x (6 Linears x 2 pieces + 2 LayerNorms), 2 embeddings, ln_f, head x 2 pieces; the
+    # last op (the head's second half) runs plainly: backward needs its weights first
+    assert len(gathers) == len(reading_ops) + 1 == 33
     model = GPT(GPTConfig())
     canonical = {id(p): name.replace(".", "_") for name, p in model.named_parameters()}  # head.weight -> tok_emb
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
