@@ -81,21 +81,28 @@ def _uniform_families(ctx, families: dict) -> list[Baseline]:
 
 
 def _pipeline_even(ctx) -> Baseline:
+    """Branch and bound over settings with pp > 1: exact DP only where the even split's bound
+    from unrestricted DP states can beat the best so far."""
     p = ctx.problem
-    best, leanest = None, math.inf
+    best = None
     for bound, setting in ctx.ordered():
         if setting.pp == 1 or bound == math.inf or (best is not None and bound >= best[0]):
             continue
-        plan = ctx.solver(setting, p.grid_cells, ceil=True).fixed(even_segments(p.layers, setting.pp,
-                                                                                setting.chunks))
+        segments = even_segments(p.layers, setting.pp, setting.chunks)
+        if segments is None:
+            continue
+        solver = ctx.solver(setting, p.grid_cells, ceil=True)
+        if best is not None and solver.fixed_lower(segments) >= best[0]:
+            continue
+        plan = solver.fixed(segments)
         if plan is None:
             continue
         cost = ctx.cost_of(plan)
         if cost.fits and (best is None or cost.step_time < best[0]):
             best = (cost.step_time, max(cost.stage_memory), setting.describe())
     if best is None:
-        return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], math.inf, leanest)
-    return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], best[0], best[1], best[2])
+        return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], math.inf, math.inf)
+    return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], *best)
 
 
 def baselines(ctx) -> tuple[Baseline, ...]:

@@ -86,14 +86,18 @@ class TableIndex:
         return key
 
     def compressed_switch(self, boundary: int):
-        """(order, starts, rows): min over s' of f[:, s'] + sw[s', s] = min over classes."""
+        """(order, starts, rows, targets): strategies grouped by identical switch rows (source
+        classes, `order`/`starts` for reduceat) and by identical columns (target classes,
+        `targets[s]`); rows[c, t] is the switch time from source class c to target class t.
+        min over s' of f[s'] + sw[s', s] = min over c of (min over s' in c of f[s']) + rows[c, t(s)]."""
         sig = self.switch_sig[boundary]
         if sig not in self.switch_classes:
             rows, labels = np.unique(self.table.switch_time[boundary], axis=0, return_inverse=True)
             labels = labels.reshape(-1)
             order = np.argsort(labels, kind="stable")
             starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
-            self.switch_classes[sig] = (order, starts, rows)
+            cols, targets = np.unique(rows, axis=1, return_inverse=True)
+            self.switch_classes[sig] = (order, starts, cols, targets.reshape(-1))
         return self.switch_classes[sig]
 
 
@@ -130,7 +134,8 @@ class StageSolver:
         self.step = budget / cells if budget > 0 else 1.0
         self.V = cells + 1
         weight = (table.state_memory + in_flight * table.activation_memory) / self.step
-        cells_used = np.ceil(weight) if ceil else np.floor(weight)
+        self.ceil = ceil
+        cells_used = np.ceil(weight * (1 + 1e-12)) if ceil else np.floor(weight)
         self.w = np.minimum(cells_used, self.V).astype(np.int64)
         sync = np.where(np.isfinite(table.sync_time), table.sync_time, np.inf)
         self.cost = coefficient * index.time + sync
@@ -143,7 +148,9 @@ class StageSolver:
         """Budget cells left once the transient theta is reserved (-1: nothing fits)."""
         if theta > self.budget:
             return -1
-        return min(self.V - 1, int(math.floor((self.budget - theta) / self.step)))
+        reserved = theta / self.step
+        reserved = math.ceil(reserved * (1 + 1e-12)) if self.ceil else math.floor(reserved)
+        return self.V - 1 - reserved if reserved < self.V else -1
 
     def _norm(self, key: int, theta: float) -> float:
         return math.inf if theta >= self.index.info[key].max_temp else theta
@@ -175,17 +182,16 @@ class StageSolver:
                 out[s, w[s]:] = cost[s]
             return out
         if info.incoming == SEAM:
-            best = prev.min(axis=0)
-            h = np.broadcast_to(best, prev.shape)
+            h, targets = prev.min(axis=0)[None, :], np.zeros(len(cost), dtype=np.int64)
         else:
-            order, starts, rows = self.index.compressed_switch(info.incoming)
+            order, starts, rows, targets = self.index.compressed_switch(info.incoming)
             g = np.minimum.reduceat(prev[order], starts, axis=0)
             rows = self.c * rows
             h = g[0][None, :] + rows[0][:, None]
             for c in range(1, len(starts)):
                 np.minimum(h, g[c][None, :] + rows[c][:, None], out=h)
         for s in np.flatnonzero(np.isfinite(cost) & (w < self.V)):
-            np.add(h[s, :self.V - w[s]], cost[s], out=out[s, w[s]:])
+            np.add(h[targets[s], :self.V - w[s]], cost[s], out=out[s, w[s]:])
         return out
 
     def unlimited(self, key: int) -> np.ndarray:
@@ -219,8 +225,12 @@ class StageSolver:
                 top = self.cells(float(thetas[-1]))
                 upper = float(free[top]) if top >= 0 else math.inf
                 unlimited = self.unlimited(key)
-                bounds = sorted((max(float(free[v]), float(u)), float(t))
-                                for t, u in zip(thetas[:-1], unlimited[:-1]) if (v := self.cells(float(t))) >= 0)
+                # thresholds that reserve the same cells: only the largest (most strategies) counts
+                group: dict[int, tuple[float, float]] = {}
+                for t, u in zip(thetas[:-1], unlimited[:-1]):
+                    if (v := self.cells(float(t))) >= 0 and v != top:
+                        group[v] = (max(float(free[v]), float(u)), float(t))
+                bounds = sorted(group.values())
             lower = min(upper, bounds[0][0]) if bounds else upper
             got = self._bounds_memo[key] = (upper, lower, bounds)
         return got
@@ -244,7 +254,7 @@ class StageSolver:
             if bound >= best:
                 break
             # the unrestricted optimum at this budget may already keep its temps <= theta
-            if self._max_temp(key, self.trace(key, theta, math.inf)) <= theta:
+            if self.cells(self._max_temp(key, self.trace(key, theta, math.inf))) >= self.cells(theta):
                 best, arg = bound, (theta, math.inf)
                 continue
             val = float(self.state(key, theta)[:, self.cells(theta)].min())
@@ -328,6 +338,21 @@ class SettingSolver:
             choice += self.solvers[k].strategies(key)
         return SettingPlan(self.setting, value, tuple(segments), tuple(choice))
 
+    def fixed_lower(self, segments) -> float:
+        """A lower bound of fixed(segments) from unrestricted DP states only."""
+        return max(self.solvers[k].lower(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
+                   for k, segs in enumerate(segments))
+
+    def even_upper(self) -> float:
+        """The value of a real plan (even stages, each stage's unrestricted DP at budget M minus
+        its largest temp) from unrestricted states only: an upper bound of this setting."""
+        s = self.setting
+        segments = even_segments(self.indexes[0].table.layers, s.pp, s.chunks)
+        if segments is None:
+            return math.inf
+        return max(self.solvers[k].upper(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
+                   for k, segs in enumerate(segments))
+
     def lower_bound(self, bound: float) -> float:
         """A lower bound of this setting's optimum from unrestricted DP states only (no
         temp-threshold passes); inf when it exceeds `bound`."""
@@ -346,9 +371,7 @@ class SettingSolver:
         if s.chunks > 1:
             plan = self.fixed(even_segments(self.indexes[0].table.layers, s.pp, s.chunks))
             return plan if plan is not None and plan.value <= bound else None
-        even = self.fixed(even_segments(self.indexes[0].table.layers, s.pp))
-        if even is not None:
-            bound = min(bound, even.value)
+        bound = min(bound, self.even_upper())
         F, back = self._partition(bound, exact=True)
         L, pp = len(F) - 1, s.pp
         if not F[L] <= bound or F[L] == math.inf:

@@ -101,12 +101,33 @@ class SearchContext:
                              self.problem.p2p_bandwidth, self.problem.p2p_latency, self._solvers)
 
     def lower_bound(self, setting: Setting) -> float:
-        """c * max(sum_l min t / pp, max_l min t): memory, switches, sends and sync ignored."""
+        """A cheap lower bound of the setting's optimum (switches, sends and temps dropped):
+        max_k value_k >= (1/pp) sum_l (c t + sync)[l, s_l] over plans whose weights
+        (state + r_min act) sum to at most the budgets' total, bounded by Lagrangian duality:
+        for every lambda >= 0, sum_l min_s (cost + lambda w) - lambda B; and by the largest
+        single layer's cheapest strategy that fits a stage alone."""
         tables = self.tables(setting)
         if tables is None:
             return math.inf
-        fastest = np.min([self.index(t).time.min(axis=1) for t in tables], axis=0)
-        return setting.coefficient * max(fastest.sum() / setting.pp, fastest.max())
+        c, budgets, pp = setting.coefficient, self.problem.budgets(setting.pp), setting.pp
+        flights = [setting.in_flight(k) for k in range(pp)]
+        alone, cost, weight = [], [], []
+        for k, t in enumerate(tables):
+            ck = np.where(np.isfinite(self.index(t).time), c * self.index(t).time + t.sync_time, np.inf)
+            fits = t.state_memory + flights[k] * t.activation_memory + t.temp_memory <= budgets[k]
+            alone.append(np.where(fits, ck, np.inf).min(axis=1))
+            cost.append(ck)
+            weight.append(t.state_memory + min(flights) * t.activation_memory)
+        single = float(np.min(alone, axis=0).max())
+        cost, weight = np.min(cost, axis=0), np.min(weight, axis=0)
+        if not np.isfinite(single):
+            return math.inf
+        total = sum(budgets)
+        finite = np.isfinite(cost)
+        scale = np.median(cost[finite]) / max(np.median(weight[finite]), 1e-30)
+        lams = np.r_[0.0, scale * np.geomspace(1e-4, 1e4, 48)]
+        dual = [np.where(finite, cost + lam * weight, np.inf).min(axis=1).sum() - lam * total for lam in lams]
+        return max(single, float(max(dual)) / pp)
 
     def ordered(self) -> list[tuple[float, Setting]]:
         return sorted(((self.lower_bound(s), s) for s in self.settings), key=lambda x: x[0])
@@ -121,16 +142,17 @@ def best_plan(ctx: SearchContext, cells: int, ceil: bool, incumbent: float = mat
               settings_filter=None) -> tuple[SettingPlan | None, int]:
     """Best-first branch and bound over settings: (the best plan strictly below `incumbent`,
     or None; settings solved exactly). Settings come in order of the cheap bound
-    (lower_bound); each gets the DP bound from unrestricted states, and is solved exactly
-    only while that bound is below the incumbent."""
-    best, solved, queue = None, 0, []
+    (lower_bound); each gets an upper bound (even_upper, a real plan's value, so settings
+    above it are cut) and the DP's bound from unrestricted states, and is solved exactly
+    only while that bound can still beat both."""
+    best, solved, queue, upper = None, 0, [], math.inf
 
     def solve_until(limit: float):
         nonlocal best, incumbent, solved
-        while queue and queue[0][0] <= limit and queue[0][0] < incumbent:
+        while queue and queue[0][0] <= min(limit, upper) and queue[0][0] < incumbent:
             _, _, solver = heapq.heappop(queue)
             solved += 1
-            plan = solver.best(incumbent)
+            plan = solver.best(min(incumbent, upper))
             if plan is not None and plan.value < incumbent:
                 best, incumbent = plan, plan.value
 
@@ -138,11 +160,12 @@ def best_plan(ctx: SearchContext, cells: int, ceil: bool, incumbent: float = mat
         if settings_filter is not None and not settings_filter(setting):
             continue
         solve_until(bound)
-        if bound >= incumbent or bound == math.inf:
+        if bound >= incumbent or bound > upper or bound == math.inf:
             break
         solver = ctx.solver(setting, cells, ceil)
-        relaxed = solver.lower_bound(incumbent)
-        if relaxed < incumbent:
+        upper = min(upper, solver.even_upper())
+        relaxed = solver.lower_bound(min(incumbent, upper))
+        if relaxed < incumbent and relaxed <= upper:
             heapq.heappush(queue, (relaxed, n, solver))
     solve_until(math.inf)
     return best, solved
@@ -189,7 +212,7 @@ def search(problem: SearchProblem) -> SearchResult:
     tables = ctx.tables(plan.setting)
     layers, binding = layer_choices(plan.setting, tables, plan.segments, plan.choice, cost)
     d = problem.num_devices // plan.setting.pp
-    stages = tuple(StagePlan(k, tuple(problem.layers[l] for a, b in segs for l in range(a, b)), k * d, d,
+    stages = tuple(StagePlan(k, tuple(problem.layers[l] for a, b in segs for l in range(a, b)), segs, k * d, d,
                              cost.in_flight[k], cost.stage_time[k], cost.stage_sync[k], cost.stage_memory[k],
                              cost.budgets[k]) for k, segs in enumerate(plan.segments))
     found = baselines(ctx)

@@ -42,6 +42,7 @@ class LayerChoice:
 class StagePlan:
     stage: int
     layers: tuple[str, ...]
+    ranges: tuple[tuple[int, int], ...]  # its [start, stop) layer index ranges (one per chunk)
     first_rank: int
     devices: int
     in_flight: float  # micro-batches of activations held at the peak
@@ -154,6 +155,7 @@ def layer_choices(setting: Setting, tables: list[CostTable], segments, choice, c
             out.append(LayerChoice(tab.layers[l], k, tab.strategies[s], float(tab.fwd_time[l, s] + tab.bwd_time[l, s]),
                                    float(tab.sync_time[l, s]), float(w[s]), float(tab.temp_memory[l, s]),
                                    tuple(a for a in alts if a.fits)[:top]))
+    out.sort(key=lambda x: tables[0].layers.index(x.layer))
     tight = max(range(len(segments)), key=lambda k: cost.stage_memory[k] / cost.budgets[k])
     head = (f"stage {tight} is the fullest: {cost.stage_memory[tight] / GIB:.2f} of "
             f"{cost.budgets[tight] / GIB:.2f} GiB")

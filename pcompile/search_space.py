@@ -22,6 +22,7 @@ A plan fits when mem_k <= stage k's budget (its smallest device) for every k.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,14 +103,18 @@ class Setting:
         return self.microbatches + (self.pp - 1) / self.chunks
 
     def in_flight(self, stage: int) -> float:
-        order = schedule_order(self.schedule, self.pp, self.microbatches, stage, self.chunks)
-        return peak_in_flight(order, self.chunks)
+        return _in_flight(self.schedule, self.pp, self.microbatches, stage, self.chunks)
 
     def describe(self) -> str:
         text = f"pp{self.pp} m{self.microbatches}"
         if self.pp > 1:
             text += f" {self.schedule}" + (f"(v={self.chunks})" if self.chunks > 1 else "")
         return text
+
+
+@functools.lru_cache(maxsize=65536)
+def _in_flight(schedule: str, pp: int, m: int, stage: int, chunks: int) -> float:
+    return peak_in_flight(schedule_order(schedule, pp, m, stage, chunks), chunks)
 
 
 def _divisors(n: int) -> list[int]:

@@ -1,0 +1,125 @@
+"""The search against the exhaustive oracle on random cost tables, budgets and clusters."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pcompile.baselines import leanest_plan
+from pcompile.errors import PcompileError
+from pcompile.search_engine import SearchContext, SearchProblem, search
+from pcompile.search_result import to_plan
+from pcompile.search_space import SCHEDULES, SearchRules, SearchSpace, evaluate
+from pcompile.plan import Plan
+from tests.search.oracle import oracle, partitions
+from tests.search.tables import RandomCosts
+
+REL = 1e-9
+
+
+@st.composite
+def problems(draw, max_plans: int = 60_000):
+    devices = draw(st.sampled_from([1, 2, 4, 8]))
+    per_node = draw(st.sampled_from([d for d in (1, 2, 4, 8) if d <= devices]))
+    named = draw(st.booleans())
+    blocks = draw(st.integers(1 if named else 2, 3 if named else 5))
+    layers = (("pre",) if named else ()) + tuple(f"blocks.{i}" for i in range(blocks)) + (("post",) if named else ())
+    space = SearchSpace(
+        tp_degrees=tuple(draw(st.sets(st.sampled_from([1, 2, 4, 8]), min_size=1))),
+        microbatch_counts=None if draw(st.booleans()) else tuple(draw(st.sets(st.sampled_from([1, 2, 4, 8]), min_size=1))),
+        schedules=tuple(draw(st.sets(st.sampled_from(SCHEDULES), min_size=1))),
+        splits=tuple(draw(st.sets(st.sampled_from([1, 2, 4]), min_size=1))),
+        sdp=(False, True) if draw(st.booleans()) else (False,),
+        sp=(False, True) if draw(st.booleans()) else (False,),
+        checkpoint=(False, True) if draw(st.booleans()) else (False,),
+    )
+    rules = SearchRules(tp_within_node=draw(st.booleans()), pp_across_nodes=draw(st.booleans()),
+                        split_only_with_sdp=draw(st.booleans()), gpipe_dominated=draw(st.booleans()),
+                        microbatches_at_least_pp=draw(st.booleans()))
+    hetero = draw(st.booleans())
+    costs = RandomCosts(layers, draw(st.integers(0, 10**6)), same_blocks=draw(st.booleans()), hetero=hetero)
+    budget = draw(st.floats(3.0, 60.0))
+    memory = tuple(budget * (draw(st.sampled_from([0.6, 1.0, 1.4])) if hetero else 1.0) for _ in range(devices))
+    problem = SearchProblem(layers, devices, per_node, draw(st.sampled_from([1, 2, 4, 8, 16])), costs, memory,
+                            p2p_bandwidth=1e10, p2p_latency=1e-3, space=space, rules=rules, grid_cells=400,
+                            refinements=6)
+    ctx = SearchContext(problem)
+    size = 0
+    for s in ctx.settings:
+        tables = ctx.tables(s)
+        if tables is not None:
+            size += tables[0].num_strategies ** len(layers) * sum(1 for _ in partitions(len(layers), s.pp))
+    if size > max_plans:
+        from hypothesis import assume
+        assume(False)
+    return problem
+
+
+def _check(problem) -> None:
+    best, *_ = oracle(problem)
+    if best == math.inf:
+        with pytest.raises(PcompileError, match="GiB per device"):
+            search(problem)
+        return
+    result = search(problem)
+    assert result.step_time <= best * (1 + REL + result.gap)
+    assert result.step_time >= best * (1 - REL)
+    if result.certified:
+        assert result.step_time == pytest.approx(best, rel=REL)
+    # the plan is what it says: re-evaluated from scratch it fits and takes the stated time
+    ctx = SearchContext(problem)
+    tables = ctx.tables(result.setting)
+    chosen = {c.layer: c.strategy for c in result.layers}
+    choice = [tables[0].strategies.index(chosen[name]) for name in problem.layers]
+    segments = tuple(stage.ranges for stage in result.stages)
+    cost = evaluate(result.setting, tables, problem.budgets(result.setting.pp), segments, choice,
+                    problem.p2p_bandwidth, problem.p2p_latency)
+    assert cost.fits
+    assert cost.step_time == pytest.approx(result.step_time, rel=REL)
+    for base in result.baselines:
+        if base.fits:
+            assert result.step_time <= base.step_time * (1 + REL + result.gap)
+    for layer in result.layers:
+        assert all(a.fits for a in layer.runner_ups)
+    plan = to_plan(result)
+    assert Plan.from_json(plan.to_json()) == plan
+    assert plan.pp == result.setting.pp and len(plan.layers) == len(problem.layers)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(problems())
+def test_search_matches_exhaustive_oracle(problem):
+    _check(problem)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(problems(), st.floats(0.05, 0.6))
+def test_nothing_fits_states_the_memory_that_would(problem, shrink):
+    """Budgets below the leanest plan: the error names a memory that makes the search succeed."""
+    need, setting, _ = leanest_plan(SearchContext(problem))
+    if setting is None:
+        return
+    tight = SearchProblem(**{**problem.__dict__, "device_memory": (need * shrink,) * problem.num_devices})
+    with pytest.raises(PcompileError, match=f"needs {need / 2**30:.2f} GiB per device"):
+        search(tight)
+    enough = SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 + 1e-9),) * problem.num_devices})
+    assert search(enough).peak_memory <= need * (1 + 1e-9)
+    if "Interleaved1F1B" not in problem.space.schedules:  # exact there (an upper bound with chunks)
+        assert oracle(SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 - 1e-6),) * problem.num_devices}))[0] == math.inf
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(problems())
+def test_halving_the_memory_grid_step_keeps_the_plan(problem):
+    try:
+        coarse = search(SearchProblem(**{**problem.__dict__, "grid_cells": 1000, "refinements": 0}))
+    except PcompileError:
+        return
+    fine = search(SearchProblem(**{**problem.__dict__, "grid_cells": 2000, "refinements": 0}))
+    if coarse.certified and fine.certified:
+        assert fine.step_time == pytest.approx(coarse.step_time, rel=REL)
+        assert [c.strategy for c in fine.layers] == [c.strategy for c in coarse.layers]
+    else:  # the finer grid may only find a faster plan, never a slower one
+        assert fine.step_time <= coarse.step_time * (1 + REL)
