@@ -272,6 +272,9 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     layers = sdp_layers(ir, ctx)
     if not layers:
         return ir
+    if ctx.plan.pp > 1:
+        raise PcompileError("sharded data parallelism (sdp) inside pipeline stages is not lowered yet",
+                            "use sdp=False in plans with pp > 1, or pp=1 with sdp")
     reads = parameter_reads(ir)
     shardings, replicated = choose_shardings(ir, reads, layers)
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}

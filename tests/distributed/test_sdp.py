@@ -4,6 +4,7 @@ sdp, some dp, a tied weight shared by both), on the built-in GPT and MLP models.
 rank stores 1/dp of the sdp parameters, and between forward and backward no gathered parameter
 is alive but those of the last unit (ZeRO-3, not ZeRO-1: autograd keeps references to shards,
 not gathered weights)."""
+import pytest
 import torch
 import torch.fx as fx
 
@@ -98,3 +99,11 @@ def test_layers_with_operator_splitting_gather_one_piece_per_op():
 def test_pass_is_a_no_op_without_sdp():
     ir = _rewritten(Plan.uniform(dp=4))
     assert not any(n.target is sdp.sdp_gather for n in ir.graph.nodes)
+
+
+def test_sdp_with_pipeline_stages_is_refused_with_a_fix():
+    cfg = GPTConfig(num_layers=4)
+    with pytest.raises(pcompile.PcompileError, match="pipeline stages") as info:
+        pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=Plan.uniform(dp=2, pp=2, sdp=True),
+                         passes=SDP_PIPELINE, stop_after=SDP_PIPELINE[-1])
+    assert info.value.fix
