@@ -260,7 +260,8 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
     def check(node: fx.Node, value) -> None:
         if node in expected and [tuple(v.shape) for v in value] != [tuple(s) for s in expected[node]]:
             raise PcompileError(f"internal error: {node.name} gathers shapes {[list(v.shape) for v in value]}, "
-                                f"expected {[list(s) for s in expected[node]]}", "this is a pcompile bug; please report it")
+                                f"expected {[list(s) for s in expected[node]]}",
+                                "this is a pcompile bug; please report it")
 
     with collectives.simulate():
         fake_run(ir, inputs, check, shard=shard, grad=False)

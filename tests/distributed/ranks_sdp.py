@@ -4,7 +4,8 @@
 for sdp parameters (the change proposed for backends/distributed.py): keep this rank's dp
 chunk of each sdp parameter after the tensor-parallel slice, bind the sdp_gather axis names,
 skip the dp all-reduce of their gradients (already reduce-scattered), and unshard them in
-full_grads / full_state_dict. Remove it once the backend does this itself.
+full_grads / full_state_dict. Used until pcompile.api.PIPELINE runs the sdp pass (then the
+backend is expected to do this, and `compile_sdp` uses it); delete it then.
 """
 from __future__ import annotations
 
@@ -83,8 +84,11 @@ class SdpCompiledModel(CompiledModel):
         return super()._full(name, local)
 
 
-def compile_sdp(model: torch.nn.Module, plan: pcompile.Plan, inputs: tuple) -> SdpCompiledModel:
+def compile_sdp(model: torch.nn.Module, plan: pcompile.Plan, inputs: tuple) -> CompiledModel:
+    """The compiled model for this rank: the real backend once the pipeline runs the sdp pass."""
     world = dist.get_world_size() if dist.is_initialized() else 1
+    if "sharded_data_parallel" in PIPELINE:
+        return pcompile.compile(model, pcompile.Cluster.local(world), inputs, plan=plan)
     ir = pcompile.compile(model, pcompile.Cluster.local(world), inputs, plan=plan, passes=SDP_PIPELINE,
                           stop_after=SDP_PIPELINE[-1])
     return SdpCompiledModel(ir, plan, model, []).lower()
@@ -139,7 +143,8 @@ def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr
     expected_numel, replicated = numel_per_rank(cm)
     return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()),
-            "numel": sum(p.numel() for p in cm.parameters()), "expected_numel": expected_numel, "replicated_numel": replicated,
+            "numel": sum(p.numel() for p in cm.parameters()), "expected_numel": expected_numel,
+            "replicated_numel": replicated,
             "sharded": len(sdp.param_shardings(cm.ir.gm)), "alive_after_forward": alive[0], "last_unit": alive[1]}
 
 

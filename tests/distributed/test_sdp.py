@@ -104,6 +104,6 @@ def test_pass_is_a_no_op_without_sdp():
 def test_sdp_with_pipeline_stages_is_refused_with_a_fix():
     cfg = GPTConfig(num_layers=4)
     with pytest.raises(pcompile.PcompileError, match="pipeline stages") as info:
-        pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=Plan.uniform(dp=2, pp=2, sdp=True),
-                         passes=SDP_PIPELINE, stop_after=SDP_PIPELINE[-1])
+        pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8),
+                         plan=Plan.uniform(dp=2, pp=2, sdp=True), passes=SDP_PIPELINE, stop_after=SDP_PIPELINE[-1])
     assert info.value.fix
