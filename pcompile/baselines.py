@@ -111,7 +111,7 @@ def baselines(ctx) -> tuple[Baseline, ...]:
         "dp": lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and s.split == 1,
         "zero3": lambda st, s, tps: st.pp == 1 and s.tp == 1 and s.sdp and s.split == 1,
         "megatron": lambda st, s, tps: (st.pp == 1 and not s.sdp and s.split == 1
-                                        and s.tp == max(t for t in tps if t <= dpn)),
+                                        and s.tp == max([t for t in tps if t <= dpn], default=0)),
         "uniform_3d": lambda st, s, tps: True,
     }
     return tuple(_uniform_families(ctx, families)) + (_pipeline_even(ctx),)

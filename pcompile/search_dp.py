@@ -333,9 +333,11 @@ class SettingSolver:
         return self._plan(total, segments, keys)
 
     def _plan(self, value, segments, keys) -> SettingPlan:
-        choice = []
+        choice = [0] * self.indexes[0].table.num_layers
         for k, key in enumerate(keys):
-            choice += self.solvers[k].strategies(key)
+            layers = [l for a, b in segments[k] for l in range(a, b)]
+            for layer, s in zip(layers, self.solvers[k].strategies(key)):
+                choice[layer] = s
         return SettingPlan(self.setting, value, tuple(segments), tuple(choice))
 
     def fixed_lower(self, segments) -> float:

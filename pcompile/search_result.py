@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcompile.costtable import CostTable
+from pcompile.errors import PcompileError
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
 from pcompile.search_space import PlanCost, Setting
 
@@ -183,8 +184,22 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
                   f"baseline {b.name}: x{result.gain(b.name):.2f} slower [{b.setting}]" if b.fits else
                   f"baseline {b.name}: out of memory (leanest needs {b.peak_memory / GIB:.2f} GiB)")
         for b in result.baselines)
+    chunk_of = {}
+    for st in result.stages:
+        for c, (a, b) in enumerate(st.ranges):
+            for layer in range(a, b):
+                chunk_of[layer] = c * len(result.stages) + st.stage  # virtual stage (= stage when v = 1)
+    extra = {}
+    if result.setting.chunks > 1:
+        if "virtual_stages" not in Plan.__dataclass_fields__:
+            raise PcompileError(f"the plan uses interleaved 1F1B with {result.setting.chunks} chunks per device, "
+                                "which pcompile.plan.Plan cannot express yet",
+                                "search with SearchSpace(schedules=('1F1B',)) until Plan has virtual_stages")
+        extra["virtual_stages"] = result.setting.chunks
+    names = [c.layer for c in result.layers]
     return Plan(num_devices=devices, default=default,
-                layers=tuple(LayerAssignment(c.layer, c.strategy, c.stage) for c in result.layers),
+                layers=tuple(LayerAssignment(c.layer, c.strategy, chunk_of[names.index(c.layer)])
+                             for c in result.layers),
                 pp=result.setting.pp, num_microbatches=result.setting.microbatches,
                 schedule=result.setting.schedule, model=model, estimate=estimate, candidates=candidates,
-                reason=result.explain().splitlines()[0])
+                reason=result.explain().splitlines()[0], **extra)

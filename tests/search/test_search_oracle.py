@@ -27,8 +27,8 @@ def problems(draw, max_plans: int = 60_000):
     blocks = draw(st.integers(1 if named else 2, 3 if named else 5))
     layers = (("pre",) if named else ()) + tuple(f"blocks.{i}" for i in range(blocks)) + (("post",) if named else ())
     space = SearchSpace(
-        tp_degrees=tuple(draw(st.sets(st.sampled_from([1, 2, 4, 8]), min_size=1))),
-        microbatch_counts=None if draw(st.booleans()) else tuple(draw(st.sets(st.sampled_from([1, 2, 4, 8]), min_size=1))),
+        tp_degrees=(1,) + tuple(draw(st.sets(st.sampled_from([2, 4, 8])))),
+        microbatch_counts=None if draw(st.booleans()) else (1,) + tuple(draw(st.sets(st.sampled_from([2, 4, 8])))),
         schedules=tuple(draw(st.sets(st.sampled_from(SCHEDULES), min_size=1))),
         splits=tuple(draw(st.sets(st.sampled_from([1, 2, 4]), min_size=1))),
         sdp=(False, True) if draw(st.booleans()) else (False,),
@@ -40,9 +40,9 @@ def problems(draw, max_plans: int = 60_000):
                         microbatches_at_least_pp=draw(st.booleans()))
     hetero = draw(st.booleans())
     costs = RandomCosts(layers, draw(st.integers(0, 10**6)), same_blocks=draw(st.booleans()), hetero=hetero)
-    budget = draw(st.floats(3.0, 60.0))
+    budget = draw(st.floats(0.1, 1.0)) * 12.0 * len(layers)  # from nothing fits to nothing binds
     memory = tuple(budget * (draw(st.sampled_from([0.6, 1.0, 1.4])) if hetero else 1.0) for _ in range(devices))
-    problem = SearchProblem(layers, devices, per_node, draw(st.sampled_from([1, 2, 4, 8, 16])), costs, memory,
+    problem = SearchProblem(layers, devices, per_node, draw(st.sampled_from([2, 4, 8, 16, 32])), costs, memory,
                             p2p_bandwidth=1e10, p2p_latency=1e-3, space=space, rules=rules, grid_cells=400,
                             refinements=6)
     ctx = SearchContext(problem)
@@ -60,7 +60,7 @@ def problems(draw, max_plans: int = 60_000):
 def _check(problem) -> None:
     best, *_ = oracle(problem)
     if best == math.inf:
-        with pytest.raises(PcompileError, match="GiB per device"):
+        with pytest.raises(PcompileError, match="GiB per device|no plan is valid"):
             search(problem)
         return
     result = search(problem)
@@ -83,12 +83,16 @@ def _check(problem) -> None:
             assert result.step_time <= base.step_time * (1 + REL + result.gap)
     for layer in result.layers:
         assert all(a.fits for a in layer.runner_ups)
+    if result.setting.chunks > 1 and "virtual_stages" not in Plan.__dataclass_fields__:
+        with pytest.raises(PcompileError, match="interleaved"):
+            to_plan(result)
+        return
     plan = to_plan(result)
     assert Plan.from_json(plan.to_json()) == plan
-    assert plan.pp == result.setting.pp and len(plan.layers) == len(problem.layers)
+    assert plan.pp == result.setting.pp and [a.layer for a in plan.layers] == list(problem.layers)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 @given(problems())
 def test_search_matches_exhaustive_oracle(problem):
     _check(problem)
