@@ -81,6 +81,8 @@ def run_one(name: str, batch: int, seq: int, queue) -> None:
         outcome = f"{preset}: plan {ctx.plan.default.describe()}"
     except pcompile.PcompileError as exc:  # the analysis ran; the search found no fitting plan
         outcome = f"{preset}: no plan: {exc.cause[:100]}"
+    except Exception as exc:  # the search is not what this benchmark measures: report, keep the figures
+        outcome = f"{preset}: search failed: {type(exc).__name__}: {str(exc)[:100]}"
     search_s = time.perf_counter() - start
     queue.put((name, params, elapsed, search_s, peak_rss_gb(), outcome, ir.summary().splitlines()[0], trace_s))
 

@@ -19,47 +19,15 @@ attention bias that varies per head (T5's relative position bias) is sliced the 
 """
 from __future__ import annotations
 
-import builtins
-import operator
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
 from pcompile.ir import IR
+from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts
 
-aten = torch.ops.aten
-UNARY_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, F.tanh, F.sigmoid, torch.tanh, torch.sigmoid, torch.exp,
-                   torch.relu, operator.neg, torch.neg, F.leaky_relu, F.elu, F.mish,
-                   aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
-                   aten.exp.default, aten.neg.default, aten.dropout.default, aten.contiguous.default,
-                   aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout,
-                   aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.detach.default}
-UNARY_METHODS = {"relu", "gelu", "tanh", "sigmoid", "exp", "contiguous", "float", "half", "bfloat16", "to",
-                 "type_as", "clone", "neg", "detach"}
-UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.LeakyReLU, nn.Mish)
-BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-                    torch.div, torch.where, torch.masked_fill, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
-                    aten.div.Tensor, aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor}
-BINARY_METHODS = {"add", "sub", "mul", "div", "masked_fill", "where"}
-VIEW_METHODS = {"view", "reshape"}
-SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, aten.softmax.int, aten._softmax.default,
-           aten.log_softmax.int, aten._log_softmax.default}
-LINEARS = {F.linear, torch._C._nn.linear, aten.linear.default}  # weight [out, in]
-ADDMMS = {torch.addmm, aten.addmm.default}  # addmm(bias, x, weight): weight [in, out] (GPT-2's Conv1D)
-FUNCTION_KINDS = {
-    torch.reshape: "view", aten.view.default: "view", aten.reshape.default: "view", aten._unsafe_view.default: "view",
-    aten.expand.default: "expand", torch.transpose: "transpose", aten.transpose.int: "transpose",
-    torch.permute: "permute", aten.permute.default: "permute", torch.flatten: "flatten",
-    aten.flatten.using_ints: "flatten", F.scaled_dot_product_attention: "sdpa",
-    aten.scaled_dot_product_attention.default: "sdpa", torch.matmul: "matmul", operator.matmul: "matmul",
-    torch.bmm: "matmul", aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.sym_size.int: "size",
-    aten.unsqueeze.default: "unsqueeze", aten.slice.Tensor: "slice", aten.select.int: "select",
-    aten.cat.default: "cat", torch.cat: "cat", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
-    operator.getitem: "getitem",
-}
+__all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "view_groups",
+           "view_split_dim"]
 
 
 @dataclass
@@ -73,41 +41,6 @@ class Propagation:
     size_nodes: dict[fx.Node, int] = field(default_factory=dict)  # shape/size query on a split tensor
     scatters: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)  # (user, replicated input, dim)
     failure: tuple[fx.Node, str, frozenset] | None = None
-
-
-@dataclass(frozen=True)
-class LinearParts:
-    input: fx.Node
-    weight: str
-    bias: str | None
-    in_features: int
-    out_features: int
-    out_dim: int = 0  # the weight's output-feature dim: 0 for Linear's [out, in], 1 for addmm's [in, out]
-
-
-def _param_attr(node) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
-
-
-def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear) and node.args:
-        m = gm.get_submodule(node.target)
-        return LinearParts(node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
-                           m.in_features, m.out_features)
-    if node.op != "call_function":
-        return None
-    if node.target in LINEARS:
-        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if _param_attr(weight) and (bias is None or _param_attr(bias)):
-            out_f, in_f = gm.get_parameter(weight.target).shape
-            return LinearParts(node.args[0], weight.target, bias.target if bias is not None else None, in_f, out_f)
-    if node.target in ADDMMS and len(node.args) == 3 and not node.kwargs:
-        bias, source, weight = node.args
-        if _param_attr(weight) and _param_attr(bias) and gm.get_parameter(weight.target).dim() == 2:
-            in_f, out_f = gm.get_parameter(weight.target).shape
-            return LinearParts(source, weight.target, bias.target, in_f, out_f, out_dim=1)
-    return None
 
 
 def _ndim(ir: IR, node) -> int:
@@ -158,42 +91,6 @@ def view_split_dim(in_shape, out_shape, dim: int, degree: int) -> tuple[int | No
             return first_out, ""
     return None, "view without the split dim"
 
-
-def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Linear):
-            return "linear"
-        return "unary" if isinstance(module, UNARY_MODULES) else "other"
-    if node.op == "call_function":
-        t = node.target
-        if t in LINEARS or t in ADDMMS:
-            return "linear" if linear_parts(gm, node) is not None else "other"
-        if t in UNARY_FUNCTIONS:
-            return "unary"
-        if t in BINARY_FUNCTIONS:
-            return "binary"
-        if t in SOFTMAX:
-            return "softmax"
-        if t is builtins.getattr and node.args[1] == "shape":
-            return "size"
-        return FUNCTION_KINDS.get(t, "other")
-    if node.op == "call_method":
-        m = node.target
-        if m in UNARY_METHODS:
-            return "unary"
-        if m in BINARY_METHODS:
-            return "binary"
-        if m in VIEW_METHODS:
-            return "view"
-        if m in ("transpose", "permute", "flatten", "softmax", "log_softmax", "size"):
-            return {"log_softmax": "softmax"}.get(m, m)
-        if m in ("matmul", "bmm"):
-            return "matmul"
-        return "other"
-    return "source"
-
-
 def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
@@ -204,13 +101,14 @@ def _set(ir: IR, p: Propagation, node: fx.Node, dim: int, degree: int, origins: 
     p.split_dim[node], p.degree[node], p.origins[node] = dim % max(_ndim(ir, node), 1), degree, origins
 
 
-def propagate(ir: IR, candidates: dict[fx.Node, int]) -> Propagation:
-    """One pass of sharding propagation with `candidates` (Linear -> tp degree) as column-parallel."""
+def propagate(ir: IR, candidates: dict[fx.Node, int], p: Propagation | None = None, start: int = 0) -> Propagation:
+    """One pass of sharding propagation with `candidates` (Linear -> tp degree) as column-parallel;
+    with `p` and `start`, resumes from the graph's node number `start` on `p`'s state."""
     gm = ir.gm
-    p = Propagation(degree={}, split_dim={}, origins={})
-    for node in ir.graph.nodes:
+    p = p or Propagation(degree={}, split_dim={}, origins={})
+    for node in list(ir.graph.nodes)[start:]:
         ins = [a for a in _tensor_args(node) if a in p.split_dim]
-        kind = _kind(gm, node)
+        kind = kind_of(gm, node)
         if kind == "linear":
             parts = linear_parts(gm, node)
             source = parts.input
@@ -311,7 +209,7 @@ def _split(ir, p, node, dim, degree, origins):
 
 
 def _getitem(ir, p, node, dim, degree, origins):
-    if _kind(ir.gm, node.args[0]) != "split":
+    if kind_of(ir.gm, node.args[0]) != "split":
         return "indexing a split tensor"
     _set(ir, p, node, dim, degree, origins)
 
@@ -426,23 +324,36 @@ def _fail(p: Propagation, node: fx.Node, why: str, source: fx.Node | None = None
     return p
 
 
+def _before(p: Propagation, index: dict[fx.Node, int], start: int) -> Propagation:
+    """`p`'s facts about the nodes numbered below `start` (scatters are keyed by their user)."""
+    def keep(mapping):
+        return {n: v for n, v in mapping.items() if index[n] < start}
+
+    return Propagation(keep(p.degree), keep(p.split_dim), keep(p.origins),
+                       {n for n in p.column if index[n] < start}, {n for n in p.row if index[n] < start},
+                       keep(p.view_dims), keep(p.size_nodes), [s for s in p.scatters if index[s[0]] < start])
+
+
 def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
     per layer left unsplit, the reason."""
     candidates = {n: layer_degree[ir.meta(n).layer] for n in ir.graph.nodes
-                  if _kind(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1}
+                  if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1}
     reasons: dict[str, str] = {}
-    while True:
-        p = propagate(ir, candidates)
-        if p.failure is None:
-            break
+    index = {node: i for i, node in enumerate(ir.graph.nodes)}
+    p = propagate(ir, candidates)
+    while p.failure is not None:
         node, why, origins = p.failure
         if not origins:
             raise AssertionError(f"sharding propagation failed at {node.name} with no column Linear to drop: {why}")
         for origin in origins:
             candidates.pop(origin, None)
             reasons.setdefault(ir.meta(origin).layer, f"{node.name}: {why}")
+        # Nodes before the first dropped Linear do not depend on it: resume there, not from the top
+        # (one failure per layer of an 80-layer model would otherwise cost 80 whole-graph passes).
+        start = min(index[o] for o in origins)
+        p = propagate(ir, candidates, _before(p, index, start), start)
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
             reasons.setdefault(layer, "no Linear in the layer")

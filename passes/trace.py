@@ -54,8 +54,9 @@ def explain_trace_failure(exc: Exception, path: str, model: torch.nn.Module) -> 
         fix = "build masks and index ranges from torch.arange on the input's device, or register the module as a leaf"
     else:
         construct = "an operation torch.fx cannot record symbolically"
-        fix = "register the module as a leaf, or pass capture='export' to use torch.export"
-    return PcompileError(f"cannot trace {where}: {construct}. torch.fx said: {text}", fix)
+        fix = "register the module as a leaf"
+    return PcompileError(f"cannot trace {where}: {construct}. torch.fx said: {text}",
+                         f"{fix}; or capture with torch.export instead (capture='export', or 'auto' to fall back)")
 
 
 def symbolic_trace(model: torch.nn.Module) -> fx.GraphModule:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ def _worst(got: dict, expected: dict) -> float:
 def compare(model_name: str, plan: pcompile.Plan, steps: int = 2, lr: float = 1e-2) -> dict:
     """`steps` AdamW steps in parallel and serially: worst loss and full-gradient differences."""
     build, batch = MODELS[model_name]
+    start = time.perf_counter()
     torch.manual_seed(0)
     model = build()
     serial = copy.deepcopy(model)
@@ -44,7 +46,8 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 2, lr: float = 1e
     return {"model": model_name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "capture": cm.ir.capture, "layers": list(cm.ir.block_layers), "report": list(cm.report),
             "split": sorted(cm.ir.param_shardings),
-            "collectives": {k.rsplit(".", 1)[-1]: v for k, v in counts.items() if "collectives" in k}}
+            "collectives": {k.rsplit(".", 1)[-1]: v for k, v in counts.items() if "collectives" in k},
+            "seconds": time.perf_counter() - start, "compile_seconds": sum(s for _, s in cm.timings)}
 
 
 def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:

@@ -1,0 +1,117 @@
+"""Which op a graph node is, for tensor-parallel sharding propagation (pure lookups).
+
+Both IRs are classified into the same kinds: fx captures (call_module Linear, F.linear, tensor
+methods) and torch.export captures (aten.linear, aten.addmm of GPT-2's Conv1D with its
+[in, out] weight, aten.view / expand / unsqueeze / slice / cat / split, aten SDPA, ...).
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+aten = torch.ops.aten
+UNARY_FUNCTIONS = {F.gelu, F.relu, F.silu, F.dropout, F.tanh, F.sigmoid, torch.tanh, torch.sigmoid, torch.exp,
+                   torch.relu, operator.neg, torch.neg, F.leaky_relu, F.elu, F.mish,
+                   aten.gelu.default, aten.relu.default, aten.silu.default, aten.tanh.default, aten.sigmoid.default,
+                   aten.exp.default, aten.neg.default, aten.dropout.default, aten.contiguous.default,
+                   aten.clone.default, aten.alias.default, aten.to.dtype, aten.to.dtype_layout,
+                   aten.pow.Tensor_Scalar, aten.rsqrt.default, aten.detach.default}
+UNARY_METHODS = {"relu", "gelu", "tanh", "sigmoid", "exp", "contiguous", "float", "half", "bfloat16", "to",
+                 "type_as", "clone", "neg", "detach"}
+UNARY_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Dropout, nn.Identity, nn.LeakyReLU, nn.Mish)
+BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
+                    torch.div, torch.where, torch.masked_fill, aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor,
+                    aten.div.Tensor, aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor}
+BINARY_METHODS = {"add", "sub", "mul", "div", "masked_fill", "where"}
+VIEW_METHODS = {"view", "reshape"}
+SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, aten.softmax.int, aten._softmax.default,
+           aten.log_softmax.int, aten._log_softmax.default}
+LINEARS = {F.linear, torch._C._nn.linear, aten.linear.default}  # weight [out, in]
+ADDMMS = {torch.addmm, aten.addmm.default}  # addmm(bias, x, weight): weight [in, out] (GPT-2's Conv1D)
+FUNCTION_KINDS = {
+    torch.reshape: "view", aten.view.default: "view", aten.reshape.default: "view", aten._unsafe_view.default: "view",
+    aten.expand.default: "expand", torch.transpose: "transpose", aten.transpose.int: "transpose",
+    torch.permute: "permute", aten.permute.default: "permute", torch.flatten: "flatten",
+    aten.flatten.using_ints: "flatten", F.scaled_dot_product_attention: "sdpa",
+    aten.scaled_dot_product_attention.default: "sdpa", torch.matmul: "matmul", operator.matmul: "matmul",
+    torch.bmm: "matmul", aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.sym_size.int: "size",
+    aten.unsqueeze.default: "unsqueeze", aten.slice.Tensor: "slice", aten.select.int: "select",
+    aten.cat.default: "cat", torch.cat: "cat", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
+    operator.getitem: "getitem",
+}
+
+
+@dataclass(frozen=True)
+class LinearParts:
+    input: fx.Node
+    weight: str
+    bias: str | None
+    in_features: int
+    out_features: int
+    out_dim: int = 0  # the weight's output-feature dim: 0 for Linear's [out, in], 1 for addmm's [in, out]
+
+
+def _param_attr(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Linear) and node.args:
+        m = gm.get_submodule(node.target)
+        return LinearParts(node.args[0], f"{node.target}.weight", f"{node.target}.bias" if m.bias is not None else None,
+                           m.in_features, m.out_features)
+    if node.op != "call_function":
+        return None
+    if node.target in LINEARS:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if _param_attr(weight) and (bias is None or _param_attr(bias)):
+            out_f, in_f = gm.get_parameter(weight.target).shape
+            return LinearParts(node.args[0], weight.target, bias.target if bias is not None else None, in_f, out_f)
+    if node.target in ADDMMS and len(node.args) == 3 and not node.kwargs:
+        bias, source, weight = node.args
+        if _param_attr(weight) and _param_attr(bias) and gm.get_parameter(weight.target).dim() == 2:
+            in_f, out_f = gm.get_parameter(weight.target).shape
+            return LinearParts(source, weight.target, bias.target, in_f, out_f, out_dim=1)
+    return None
+
+
+def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, nn.Linear):
+            return "linear"
+        return "unary" if isinstance(module, UNARY_MODULES) else "other"
+    if node.op == "call_function":
+        t = node.target
+        if t in LINEARS or t in ADDMMS:
+            return "linear" if linear_parts(gm, node) is not None else "other"
+        if t in UNARY_FUNCTIONS:
+            return "unary"
+        if t in BINARY_FUNCTIONS:
+            return "binary"
+        if t in SOFTMAX:
+            return "softmax"
+        if t is builtins.getattr and node.args[1] == "shape":
+            return "size"
+        return FUNCTION_KINDS.get(t, "other")
+    if node.op == "call_method":
+        m = node.target
+        if m in UNARY_METHODS:
+            return "unary"
+        if m in BINARY_METHODS:
+            return "binary"
+        if m in VIEW_METHODS:
+            return "view"
+        if m in ("transpose", "permute", "flatten", "softmax", "log_softmax", "size"):
+            return {"log_softmax": "softmax"}.get(m, m)
+        if m in ("matmul", "bmm"):
+            return "matmul"
+        return "other"
+    return "source"

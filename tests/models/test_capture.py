@@ -1,0 +1,131 @@
+"""The front end on one process: which capture path runs and why, what an exported graph looks
+like to the later passes (original parameter names, parameters read where they are used, a
+symbolic batch), layers from export's module stacks, and the one error a model gets when
+neither path can capture it."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pcompile
+from pcompile import PcompileError, Plan
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+from tests.models.zoo import ResNet, image_batch, llama, token_batch
+
+pytest.importorskip("transformers")
+
+
+def _ir(model, inputs, stop_after="layers", capture="auto", devices=1, plan=None):
+    return pcompile.compile(model, pcompile.Cluster.local(devices), inputs, plan=plan, capture=capture,
+                            stop_after=stop_after)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.sum() > 0:  # a branch on a tensor value: neither fx nor export can capture it
+            return self.fc(x)
+        return x
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([DataDependent(), DataDependent()])
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+        return F.mse_loss(x, y)
+
+
+def test_a_model_neither_path_captures_gets_one_error_naming_module_and_construct():
+    with pytest.raises(PcompileError) as info:
+        _ir(Net(), (torch.randn(2, 4), torch.randn(2, 4)), stop_after="trace")
+    message = str(info.value)
+    assert "neither capture path works for Net.forward" in message
+    assert "module 'blocks.0' (DataDependent)" in message  # both paths name the module
+    assert "depends on tensor values" in message and "if x.sum() > 0" in message  # the construct and its line
+    assert "fix:" in message
+
+
+def test_fx_forced_on_a_hf_model_says_what_failed_and_suggests_export():
+    with pytest.raises(PcompileError) as info:
+        _ir(llama(), token_batch(0), stop_after="trace", capture="fx")
+    assert "module 'model.model' (LlamaModel)" in str(info.value) and "capture='export'" in str(info.value)
+
+
+def test_unknown_capture_and_non_loss_output_are_errors():
+    with pytest.raises(PcompileError, match="not a capture path"):
+        _ir(ResNet(), image_batch(0), stop_after="trace", capture="dynamo")
+
+    class ReturnsTuple(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, y):
+            out = self.fc(x)
+            return F.mse_loss(out, y), out
+
+    for capture in ("fx", "export"):
+        with pytest.raises(PcompileError, match="not the loss tensor"):
+            _ir(ReturnsTuple(), (torch.randn(2, 4), torch.randn(2, 4)), stop_after="trace", capture=capture)
+
+
+def test_export_forced_on_a_plain_model_keeps_names_and_computes_the_same_loss():
+    cfg = GPTConfig(num_layers=2)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = gpt_inputs(cfg, 4)
+    ir = _ir(model, (x, y), capture="export")
+    assert ir.capture == "export"
+    assert dict(ir.gm.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert ir.gm.get_parameter("blocks.0.attn.q.weight") is model.blocks[0].attn.q.weight  # shared, not copied
+    assert torch.equal(ir.gm(x, y), model(x, y))
+    assert torch.allclose(ir.gm(x[:1], y[:1]), model(x[:1], y[:1]))  # symbolic batch: a dp rank's slice runs
+    assert ir.layers == ["pre", "blocks.0", "blocks.1", "post"]
+    # every parameter is read right before its first use, so each block's nodes are contiguous
+    runs = [ir.meta(n).layer for n in ir.graph.nodes]
+    assert [layer for i, layer in enumerate(runs) if i == 0 or runs[i - 1] != layer] == ir.layers
+    assert not any(n.op == "call_module" for n in ir.graph.nodes)  # export's input guard is gone
+
+
+def test_hf_model_falls_back_to_export_with_the_reason_and_cache_note():
+    model = llama()
+    cm = pcompile.compile(model, pcompile.Cluster.local(2), token_batch(0), plan=Plan.uniform(dp=1, tp=2))
+    assert cm.ir.capture == "export"
+    assert cm.report[0].startswith("captured with torch.export because torch.fx.symbolic_trace failed: "
+                                   "cannot trace module 'model.model' (LlamaModel)")
+    assert "use_cache=False during capture" in cm.report[1]
+    assert model.model.config.use_cache is True  # the user's config is restored
+    assert cm.ir.block_layers == ["model.model.layers.0", "model.model.layers.1"]
+
+
+def test_meta_device_hf_model_is_captured_and_planned_without_weights():
+    with torch.device("meta"):
+        model = llama()
+    ids = torch.empty(4, 8, dtype=torch.long, device="meta")
+    ir = _ir(model, (ids, ids))
+    assert ir.capture == "export" and len(ir.block_layers) == 2
+    assert all(p.is_meta for p in ir.gm.parameters())
+    assert ir.total("flops") > 0 and ir.total("param_bytes") == sum(p.numel() * 4 for p in model.parameters())
+
+
+class Wrapped(nn.Module):
+    """A loss wrapper around a model without repeated blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.ModuleDict({"stem": nn.Linear(4, 8), "body": nn.Linear(8, 8), "head": nn.Linear(8, 3)})
+
+    def forward(self, x, y):
+        return F.cross_entropy(self.net["head"](F.relu(self.net["body"](self.net["stem"](x)))), y)
+
+
+def test_without_repeated_blocks_layers_are_the_children_inside_a_wrapper():
+    ir = _ir(Wrapped(), (torch.randn(4, 4), torch.randint(0, 3, (4,))))
+    assert ir.layers == ["pre", "net.stem", "net.body", "net.head", "post"] and ir.block_layers == []
