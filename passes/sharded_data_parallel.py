@@ -141,16 +141,28 @@ def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None,
 
 
 def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: set[str]) -> list[list[fx.Node]]:
-    """The ops reading sharded parameters, in graph order, grouped into units whose parameters are
-    gathered together: one unit per layer (FSDP's granularity: one collective per layer and
-    direction), or one per op in the layers of `per_op` (operator splitting: one op's weights,
-    1/k of a split Linear's, are gathered at a time)."""
-    units: dict[object, list[fx.Node]] = {}
+    """The ops reading sharded parameters, grouped into units whose parameters are gathered
+    together: one unit per layer (FSDP's granularity: one collective per layer and direction),
+    or one per op in the layers of `per_op` (operator splitting: one op's weights, 1/k of a split
+    Linear's, are gathered at a time). Layers that share a parameter (GPT's embedding = LM head)
+    share a unit, gathered once, as FSDP must group tied weights. Each unit's ops are in graph
+    order; units are ordered by their last op."""
+    order = {node: i for i, node in enumerate(ir.graph.nodes)}
+    by_key: dict[object, list[fx.Node]] = {}
     for node in ir.graph.nodes:
         if any(read.name in shardings for read in reads.get(node, {}).values()):
             layer = ir.meta(node).layer
-            units.setdefault(node if layer in per_op else layer, []).append(node)
-    return list(units.values())
+            by_key.setdefault(node if layer in per_op else layer, []).append(node)
+    owner: dict[str, object] = {}  # parameter -> the first layer unit reading it
+    units: dict[object, list[fx.Node]] = {}
+    for key, nodes in by_key.items():
+        if isinstance(key, str):
+            names = {r.name for n in nodes for r in reads[n].values() if r.name in shardings}
+            key = next((owner[name] for name in names if name in owner), key)
+            for name in names:
+                owner.setdefault(name, key)
+        units.setdefault(key, []).extend(nodes)
+    return sorted((sorted(nodes, key=order.__getitem__) for nodes in units.values()), key=lambda u: order[u[-1]])
 
 
 def full_shape(ir: IR, read: Read) -> torch.Size:

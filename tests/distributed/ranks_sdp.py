@@ -109,7 +109,9 @@ def numel_per_rank(cm: SdpCompiledModel) -> tuple[int, int]:
 def gathered_alive_after_forward(cm: SdpCompiledModel, inputs: tuple) -> tuple[int, int]:
     """Gathered parameters alive between forward and backward (ZeRO-3: at most those of the last
     unit, which backward needs first), and how many the last unit gathers."""
-    last = [n for n in cm.ir.graph.nodes if n.target is sdp.sdp_gather][-1]
+    order = {node: i for i, node in enumerate(cm.ir.graph.nodes)}
+    gathers = [n for n in cm.ir.graph.nodes if n.target is sdp.sdp_gather]
+    last = max(gathers, key=lambda g: max(order[op] for item in g.users for op in item.users))
     loss = cm.gm(*cm._local_batch(inputs))
     alive = sdp.live_gathered(), len(last.args[0])
     loss.backward()

@@ -48,7 +48,7 @@ def test_sdp_plans_match_serial():
             assert r["numel"] == r["expected_numel"] < r["replicated_numel"], r
             if plan.default.sdp:  # every layer sdp and every parameter divisible: exactly 1/dp
                 assert r["numel"] * plan.default.dp == r["replicated_numel"], r
-            assert r["alive_after_forward"] <= r["last_unit"] <= 3, r  # ZeRO-1 would keep ~all 36
+            assert r["alive_after_forward"] <= r["last_unit"] <= 4, r  # ZeRO-1 would keep ~all 36
 
 
 def _rewritten(plan: Plan) -> pcompile.IR:
@@ -72,9 +72,10 @@ def test_pass_gathers_every_read_of_sdp_parameters_and_keeps_names():
     for name in shardings:
         reads = _reads(ir.gm, name)
         assert reads and all(u.target is sdp.sdp_gather for u in reads), name
-    assert len(_reads(ir.gm, "tok_emb.weight")) == 2  # gathered once for the embedding, once for the head
     gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
-    assert [ir.meta(n).layer for n in gathers] == ["pre", "blocks.1", "post"]  # one collective per layer
+    # one collective per layer; the tied embedding / head weight is gathered once for both
+    assert [ir.meta(n).layer for n in gathers] == ["pre", "blocks.1"]
+    assert {a.target for a in gathers[0].args[0]} == {"tok_emb.weight", "ln_f.weight", "ln_f.bias"}
     assert not any(n.op == "call_module" and n.target.startswith("blocks.1.") for n in ir.graph.nodes)
     assert any(n.op == "call_module" and n.target.startswith("blocks.0.") for n in ir.graph.nodes)
 
