@@ -45,7 +45,8 @@ def flops(ir: IR, ctx: PassContext) -> IR:
     for node in ir.graph.nodes:
         meta = ir.meta(node)
         meta.flops = counted.get(node, 0)
-        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        if node.op == "call_function" and node.target in (F.scaled_dot_product_attention,
+                                                          torch.ops.aten.scaled_dot_product_attention.default):
             q, k = node.args[0], node.args[1]
             meta.flops = sdpa_flops(ir.meta(q).shape, ir.meta(k).shape)
         meta.bwd_flops = BACKWARD_FACTOR * meta.flops

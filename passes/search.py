@@ -15,7 +15,7 @@ from pcompile.cost import SplitInfo, estimate_uniform
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes.tp_rules import plan_tensor_parallel
+from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
 from pcompile.plan import Candidate, Plan, Strategy
 
 
@@ -24,7 +24,7 @@ def split_info(ir: IR, tp: int) -> tuple[SplitInfo, dict[str, str]]:
         return SplitInfo(frozenset(), 0), {}
     p, reasons = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
     split = {n.name for n in p.split_dim} | {n.name for n in p.row}
-    copied = {n.args[0] for n in p.column}
+    copied = {linear_parts(ir.gm, n).input for n in p.column}
     reduce_bytes = sum(ir.meta(n).output_bytes for n in copied) + sum(ir.meta(n).output_bytes for n in p.row)
     return SplitInfo(frozenset(split), reduce_bytes), reasons
 

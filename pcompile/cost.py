@@ -204,7 +204,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
             a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
         if node in row:
             a["fwd"].append(float(meta.output_bytes))
-    for source in {n.args[0] for n in column}:
+    for source in {linear_parts(ir.gm, n).input for n in column}:
         acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
             float(ir.meta(source).output_bytes))
     for user, source, _ in scatters:

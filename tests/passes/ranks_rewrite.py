@@ -13,9 +13,9 @@ from pcompile.passes.checkpoint import run_checkpointed
 from pcompile.plan import LayerAssignment, Plan, Strategy
 from tests.distributed.ranks import MODELS, _max_diff
 
-# Where the rewrites go: operator_split needs tensor_parallel's row-parallel form; checkpoint
-# must see the layer's final nodes (split Linears, collectives) to wrap them.
-REWRITES = PIPELINE + ["operator_split", "checkpoint"]
+# The default pipeline already runs operator_split after tensor_parallel and checkpoint after
+# both (it must see the layer's final nodes: split Linears, collectives).
+REWRITES = PIPELINE
 
 
 def layer_plan(dp: int, tp: int, per_layer: dict[str, dict]) -> Plan:
