@@ -22,8 +22,10 @@ from pcompile.errors import PcompileError
 from pcompile.plan import Strategy
 from pcompile.search_dp import SettingPlan, SettingSolver, TableIndex
 from pcompile.search_result import SearchResult, StagePlan, layer_choices
-from pcompile.search_space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, settings,
+from pcompile.search_space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, p2p_time, settings,
                                    strategies_for)
+
+
 @dataclass(frozen=True)
 class StageQuery:
     """What the cost callback is asked for: the CostTable of stage `stage` of `pp` (ranks
@@ -72,6 +74,7 @@ class SearchContext:
         self._tables: dict[tuple[int, int], list[CostTable] | None] = {}
         self._indexes: dict[int, TableIndex] = {}
         self._solvers: dict = {}
+        self._ordered: list[tuple[float, Setting]] | None = None
 
     def tables(self, setting: Setting) -> list[CostTable] | None:
         p = self.problem
@@ -101,11 +104,12 @@ class SearchContext:
                              self.problem.p2p_bandwidth, self.problem.p2p_latency, self._solvers)
 
     def lower_bound(self, setting: Setting) -> float:
-        """A cheap lower bound of the setting's optimum (switches, sends and temps dropped):
-        max_k value_k >= (1/pp) sum_l (c t + sync)[l, s_l] over plans whose weights
-        (state + r_min act) sum to at most the budgets' total, bounded by Lagrangian duality:
-        for every lambda >= 0, sum_l min_s (cost + lambda w) - lambda B; and by the largest
-        single layer's cheapest strategy that fits a stage alone."""
+        """A cheap lower bound of the setting's optimum (switches and temps dropped):
+        max_k value_k >= (1/pp) sum_k value_k, and the sum is at least the cheapest
+        sum_l (c t + sync)[l, s_l] whose weights (state + r_min act) fit the budgets' total -
+        bounded by Lagrangian duality, for every lambda >= 0: sum_l min_s (cost + lambda w) -
+        lambda B - plus one p2p send per chunk boundary (pp v - 1 of them, the cheapest each);
+        and at least the costliest layer's cheapest strategy that fits a stage alone."""
         tables = self.tables(setting)
         if tables is None:
             return math.inf
@@ -122,15 +126,19 @@ class SearchContext:
         cost, weight = np.min(cost, axis=0), np.min(weight, axis=0)
         if not np.isfinite(single):
             return math.inf
-        total = sum(budgets)
         finite = np.isfinite(cost)
         scale = np.median(cost[finite]) / max(np.median(weight[finite]), 1e-30)
         lams = np.r_[0.0, scale * np.geomspace(1e-4, 1e4, 48)]
-        dual = [np.where(finite, cost + lam * weight, np.inf).min(axis=1).sum() - lam * total for lam in lams]
-        return max(single, float(max(dual)) / pp)
+        dual = max(np.where(finite, cost + lam * weight, np.inf).min(axis=1).sum() - lam * sum(budgets) for lam in lams)
+        p = self.problem
+        sends = min((p2p_time(t, b, p.p2p_bandwidth, p.p2p_latency) for t in tables for b in range(t.num_layers - 1)),
+                    default=0.0)
+        return max(single, float(dual + (pp * setting.chunks - 1) * c * sends) / pp)
 
     def ordered(self) -> list[tuple[float, Setting]]:
-        return sorted(((self.lower_bound(s), s) for s in self.settings), key=lambda x: x[0])
+        if self._ordered is None:
+            self._ordered = sorted(((self.lower_bound(s), s) for s in self.settings), key=lambda x: x[0])
+        return self._ordered
 
     def cost_of(self, plan: SettingPlan) -> PlanCost:
         p = self.problem
