@@ -15,9 +15,11 @@ Objective (per stage k, costs read from stage k's CostTable at micro-batch size 
           GPipe m, 1F1B min(pp - k, m), interleaved Megatron's warm-up / v)
   step  = max_k (c * T_k + S_k),  c = m + pp - 1 (GPipe, 1F1B), m + (pp - 1) / v (interleaved)
 This is the textbook bubble formula charged at the bottleneck stage: equal to
-pipeline_cost.simulate for equal stages without sends, an upper bound of it otherwise
+pipeline_cost.simulate for equal stages, an upper bound of it without gradient sync
 (sum_k T_k + (m - 1) max_k T_k <= (m + pp - 1) max_k T_k), and - being a max of per-stage
-terms - exactly optimisable by a min-max partition DP over per-stage knapsacks.
+terms - exactly optimisable by a min-max partition DP over per-stage knapsacks. Known gap:
+a stage that is not the slowest but has the largest sync starts it after the drain, which
+the simulator sees and this formula does not (the simulation stays <= c max T + max S).
 A plan fits when mem_k <= stage k's budget (its smallest device) for every k.
 """
 from __future__ import annotations
