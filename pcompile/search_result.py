@@ -196,6 +196,8 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
                                 "which pcompile.plan.Plan cannot express yet",
                                 "search with SearchSpace(schedules=('1F1B',)) until Plan has virtual_stages")
         extra["virtual_stages"] = result.setting.chunks
+    if "explanation" in Plan.__dataclass_fields__:
+        extra["explanation"] = result.explain()
     names = [c.layer for c in result.layers]
     return Plan(num_devices=devices, default=default,
                 layers=tuple(LayerAssignment(c.layer, c.strategy, chunk_of[names.index(c.layer)])
