@@ -1,22 +1,40 @@
-"""Search (first version): one (dp, tp) strategy for the whole model.
+"""Search pass: the plan, from the IR's costs, by the search engine (pcompile.search_engine).
 
-Candidates are every factorisation dp * tp = number of devices whose tp splits every block
-(tp_rules finds column/row Linear pairs; tp must divide heads and hidden sizes) and whose dp
-divides the global batch. Each is costed by `pcompile.cost.estimate_uniform`; the fastest
-that fits every device's memory wins. The plan keeps all candidates with the reason each
-lost, so `print(plan)` explains the choice.
+The engine searches per-layer strategies (dp or sdp, checkpointing, operator split) under a
+global pipeline setting (pp, micro-batches, schedule) and a balanced stage partition, with a
+memory-knapsack DP per stage (see pcompile.search_dp for the maths). This pass states the
+problem from the IR: layers, the cluster's per-rank memory, a cost callback that fills a
+CostTable per stage (pcompile.cost.cost_table), and a search space restricted to what the
+rewrite passes can run today:
+
+- tp must split every block (tp_rules finds the column/row Linear pairs; tp must divide the
+  heads and hidden sizes) and is the same for every layer, because the backend builds one
+  (pp, dp, tp) mesh. So the engine runs once per valid tp degree and the fastest wins;
+  baselines are merged across the runs (each family is best in the run of its own tp).
+- no sequence parallelism yet (no sp rewrite), no sdp until the backend lowers it, and interleaved 1F1B is not searched (its
+  virtual stages cannot be written into a Plan yet).
+
+A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
+uniform estimate.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
-
-from pcompile.cost import SplitInfo, estimate_uniform
+from pcompile.cost import CostOptions, SplitInfo, cost_table, estimate_uniform
+from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
 from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
-from pcompile.plan import Candidate, Plan, Strategy
+from pcompile.passmanager import PassContext, register_pass
+from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
+from pcompile.search_engine import SearchProblem, StageQuery, search as run_engine
+from pcompile.search_result import SearchResult, to_plan
+from pcompile.search_space import SearchSpace
+
+# What the rewrite passes can run (see the module docstring).
+SUPPORTED_SPACE = dict(sp=(False,), sdp=(False,), schedules=("1F1B", "GPipe"))
 
 
 def split_info(ir: IR, tp: int) -> tuple[SplitInfo, dict[str, str]]:
@@ -34,81 +52,145 @@ def batch_size(ctx: PassContext) -> int:
     return int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 1
 
 
-def validity(ir: IR, ctx: PassContext, strategy: Strategy, reasons: dict[str, str]) -> str | None:
-    batch = batch_size(ctx)
-    if batch % strategy.dp:
-        return f"invalid: global batch {batch} is not divisible by dp={strategy.dp}"
-    blocked = [layer for layer in (ir.block_layers or ir.layers) if layer in reasons]
-    if strategy.tp > 1 and blocked:
-        return f"invalid: tp={strategy.tp} cannot split {blocked[0]} ({reasons[blocked[0]]})"
+def tp_problem(ir: IR, tp: int) -> str | None:
+    """Why tp cannot split this model's blocks, or None."""
+    if tp == 1:
+        return None
+    _, reasons = split_info(ir, tp)
+    blocks = ir.block_layers or [layer for layer in ir.layers if layer not in ("pre", "post")]
+    for layer in blocks:
+        if layer in reasons:
+            return f"tp={tp} cannot split {layer} ({reasons[layer]})"
     return None
 
 
-def evaluate(ir: IR, ctx: PassContext, strategy: Strategy) -> Candidate:
-    info, reasons = split_info(ir, strategy.tp)
-    problem = validity(ir, ctx, strategy, reasons)
+def validity(ir: IR, ctx: PassContext, strategy: Strategy, pp: int = 1, microbatches: int = 1) -> str | None:
+    batch = batch_size(ctx)
+    if batch % (strategy.dp * microbatches):
+        return (f"invalid: global batch {batch} is not divisible by dp={strategy.dp} x "
+                f"{microbatches} micro-batch(es)")
+    problem = tp_problem(ir, strategy.tp)
+    return f"invalid: {problem}" if problem else None
+
+
+def _forced(ir: IR, ctx: PassContext) -> None:
+    forced = ctx.plan
+    num_devices = ctx.cluster.num_devices
+    unknown = [a.layer for a in forced.layers if a.layer not in ir.layers]
+    if unknown:
+        raise PcompileError(f"the plan names layer(s) {unknown} that this model does not have "
+                            f"(its layers: {ir.layers})", "re-plan for this model, or fix the layer names")
+    if forced.num_devices != num_devices:
+        raise PcompileError(f"the plan is for {forced.num_devices} devices but the cluster has {num_devices}",
+                            "make dp * tp * pp equal the cluster's device count")
+    problem = validity(ir, ctx, forced.default, forced.pp, forced.num_microbatches)
     if problem:
-        return Candidate(strategy, None, problem)
-    estimate = estimate_uniform(ir, ctx.cluster, strategy, info)
-    if estimate.peak_memory > estimate.memory_budget:
-        return Candidate(strategy, estimate, f"out of memory: needs {estimate.peak_memory / 2**30:.2f} GiB "
-                                             f"of {estimate.memory_budget / 2**30:.2f} GiB")
-    return Candidate(strategy, estimate, "fits")
+        raise PcompileError(f"forced plan {forced.default.describe()} is {problem}",
+                            "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
+                            "to let pcompile search")
+    info, _ = split_info(ir, forced.default.tp)
+    estimate = estimate_uniform(ir, ctx.cluster, forced.default, info)
+    ctx.plan = dataclasses.replace(forced, estimate=estimate,
+                                   candidates=(Candidate(forced.default, estimate, "forced"),),
+                                   reason="forced by the user")
 
 
-def candidate_strategies(num_devices: int) -> list[Strategy]:
-    return [Strategy(dp=num_devices // tp, tp=tp) for tp in range(1, num_devices + 1) if num_devices % tp == 0]
+def trivial_ends(ir: IR) -> tuple[bool, bool]:
+    """Whether "pre" / "post" hold no parameters and no FLOPs (only inputs, or only the output):
+    such a layer is not a unit worth a strategy or a pipeline stage of its own, so the search
+    leaves it out and it follows its neighbour."""
+    def trivial(layer: str) -> bool:
+        return layer in ir.layers and ir.total("param_bytes", layer) == 0 and ir.total("flops", layer) == 0
+    return trivial("pre") and len(ir.layers) > 1, trivial("post") and len(ir.layers) > 1
+
+
+def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTable:
+    rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
+    edges = slice(rows.start, rows.stop - 1)
+    return dataclasses.replace(
+        table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
+        sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
+        activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
+        switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
+
+
+def _cost_callback(ir: IR, ctx: PassContext):
+    cache: dict[tuple, CostTable] = {}
+    drop_first, drop_last = trivial_ends(ir)
+
+    def cost(query: StageQuery) -> CostTable:
+        key = (query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
+        if key not in cache:
+            table = cost_table(ir, ctx.cluster, query.devices_per_stage, query.microbatch_size,
+                               query.strategies, CostOptions(first_rank=query.first_rank))
+            cache[key] = _without_ends(table, drop_first, drop_last)
+        return cache[key]
+    return cost
+
+
+def _with_ends(ir: IR, plan: Plan) -> Plan:
+    """Give the left-out trivial "pre" / "post" their neighbour's strategy and stage."""
+    drop_first, drop_last = trivial_ends(ir)
+    layers = list(plan.layers)
+    if drop_first:
+        layers.insert(0, LayerAssignment("pre", layers[0].strategy, layers[0].stage))
+    if drop_last:
+        layers.append(LayerAssignment("post", layers[-1].strategy, layers[-1].stage))
+    return dataclasses.replace(plan, layers=tuple(layers))
+
+
+def _merge_baselines(results: list[SearchResult]):
+    merged = {}
+    for result in results:
+        for b in result.baselines:
+            if b.name not in merged or (b.step_time, b.peak_memory) < (merged[b.name].step_time,
+                                                                        merged[b.name].peak_memory):
+                merged[b.name] = b
+    return tuple(merged[b.name] for b in results[0].baselines)
+
+
+def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
+    cluster = ctx.cluster
+    devices = cluster.num_devices
+    tps = [t for t in (2**k for k in range(devices.bit_length())) if devices % t == 0]
+    rejected = {t: tp_problem(ir, t) for t in tps}
+    cost = _cost_callback(ir, ctx)
+    results, errors = [], []
+    drop_first, drop_last = trivial_ends(ir)
+    layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
+    for tp in [t for t in tps if rejected[t] is None]:
+        problem = SearchProblem(
+            layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
+            global_batch=batch_size(ctx), cost=cost,
+            device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
+            p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
+            p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
+            space=SearchSpace(tp_degrees=(tp,), **SUPPORTED_SPACE))
+        try:
+            results.append(run_engine(problem))
+        except PcompileError as exc:
+            errors.append(exc)
+    if not results:
+        if errors:
+            raise min(errors, key=lambda e: len(str(e)))
+        raise PcompileError("no tensor-parallel degree splits this model on this cluster: "
+                            + "; ".join(r for r in rejected.values() if r), "use a device count the heads divide")
+    best = min(results, key=lambda r: (r.step_time, r.peak_memory))
+    best = dataclasses.replace(best, baselines=_merge_baselines(results))
+    plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))
+    skipped = [r for r in rejected.values() if r]
+    explanation = best.explain() + ("\nnot searched: " + "; ".join(skipped) if skipped else "")
+    return dataclasses.replace(plan, explanation=explanation), best
 
 
 @register_pass("search", kind="search")
 def search(ir: IR, ctx: PassContext) -> IR:
-    """Choose the fastest (dp, tp) that fits memory (or check and cost the user's forced plan)."""
-    num_devices = ctx.cluster.num_devices
+    """Search per-layer strategies, pipeline stages and micro-batches (or check a forced plan)."""
     if ctx.plan is not None:
-        forced = ctx.plan
-        unknown = [a.layer for a in forced.layers if a.layer not in ir.layers]
-        if unknown:
-            raise PcompileError(f"the plan names layer(s) {unknown} that this model does not have "
-                                f"(its layers: {ir.layers})", "re-plan for this model, or fix the layer names")
-        if forced.num_devices != num_devices:
-            raise PcompileError(f"the plan is for {forced.num_devices} devices but the cluster has {num_devices}",
-                                "make dp * tp * pp equal the cluster's device count")
-        candidate = evaluate(ir, ctx, forced.default)
-        if candidate.verdict.startswith("invalid"):
-            raise PcompileError(f"forced plan {forced.default.describe()} is {candidate.verdict}",
-                                "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
-                                "to let pcompile search")
-        ctx.plan = dataclasses.replace(forced, estimate=candidate.estimate, candidates=(candidate,),
-                                       reason="forced by the user")
+        _forced(ir, ctx)
         return ir
-    candidates = [evaluate(ir, ctx, s) for s in candidate_strategies(num_devices)]
-    fitting = [c for c in candidates if c.verdict == "fits"]
-    if not fitting:
-        costed = [c for c in candidates if c.estimate is not None]
-        if not costed:
-            raise PcompileError("no (dp, tp) split of the model is valid: "
-                                + "; ".join(f"{c.strategy.describe()}: {c.verdict}" for c in candidates),
-                                "change the batch size or device count so dp divides the batch")
-        closest = min(costed, key=lambda c: c.estimate.peak_memory)
-        raise PcompileError(
-            f"the model fits nowhere: the smallest plan ({closest.strategy.describe()}) needs "
-            f"{closest.estimate.peak_memory / 2**30:.2f} GiB per device, the devices have "
-            f"{closest.estimate.memory_budget / 2**30:.2f} GiB",
-            f"use devices with at least {closest.estimate.peak_memory / 2**30:.2f} GiB, more devices, "
-            "or a smaller batch")
-    best = min(fitting, key=lambda c: (c.estimate.step_time, c.strategy.tp))
-    ranked = tuple(dataclasses.replace(c, verdict="chosen" if c is best else
-                                       (f"slower by {c.estimate.step_time / best.estimate.step_time:.2f}x"
-                                        if c.verdict == "fits" else c.verdict))
-                   for c in sorted(candidates, key=_rank))
-    runner_up = next((c for c in ranked if c.verdict.startswith("slower")), None)
-    why = f"fastest of {len(fitting)} fitting (dp, tp) splits"
-    if runner_up:
-        why += f"; runner-up {runner_up.strategy.describe()} is {runner_up.verdict}"
-    ctx.plan = Plan(num_devices=num_devices, default=best.strategy, estimate=best.estimate, candidates=ranked,
-                    reason=why)
+    ctx.plan, result = searched_plan(ir, ctx)
+    ctx.options["search_result"] = result
+    if not math.isfinite(result.step_time):
+        raise PcompileError("the search returned no finite plan", "this is a pcompile bug; please report it")
     return ir
-
-
-def _rank(c: Candidate):
-    return (c.estimate is None, c.estimate.step_time if c.estimate else 0.0, c.strategy.tp)

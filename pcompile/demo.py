@@ -58,7 +58,7 @@ def main(world_size: int = 4) -> int:
     rows = []
     for shown, chosen in ((plan, "searched"), (forced, "forced dp2·tp2")):
         parallel = pcompile.launch(_train, world_size, shown)[0]
-        rows.append((chosen, shown.default.describe(), parallel))
+        rows.append((chosen, shown.default.describe() + (f"·pp{shown.pp}" if shown.pp > 1 else ""), parallel))
     serial = _serial()
     print(f"{'step':<6}{'serial':>12}" + "".join(f"{name + ' ' + desc:>28}" for name, desc, _ in rows))
     worst = 0.0

@@ -86,6 +86,7 @@ class Plan:
     estimate: Estimate | None = None
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
     reason: str = field(default="", compare=False)
+    explanation: str = field(default="", compare=False)  # the search's per-layer reasoning
 
     def __post_init__(self):
         for name in ("num_devices", "pp", "num_microbatches"):
@@ -120,6 +121,11 @@ class Plan:
         """One strategy for every layer, e.g. Plan.uniform(dp=2, tp=2)."""
         default = Strategy(dp=dp, tp=tp, **strategy)
         return Plan(num_devices=dp * tp * pp, default=default, pp=pp)
+
+    def explain(self) -> str:
+        """Per layer: the chosen strategy, its time and memory, the runner-ups, the binding
+        memory constraint, and the gain over each baseline (what the search wrote)."""
+        return self.explanation or str(self)
 
     def strategy_for(self, layer: str) -> Strategy:
         for assignment in self.layers:
@@ -174,6 +180,7 @@ class Plan:
                 candidates=tuple(Candidate(Strategy(**c["strategy"]), estimate(c["estimate"]), c["verdict"])
                                  for c in data.get("candidates", ())),
                 reason=data.get("reason", ""),
+                explanation=data.get("explanation", ""),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise PcompileError(f"malformed plan: {type(exc).__name__}: {exc}",
