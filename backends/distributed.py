@@ -15,9 +15,10 @@ import itertools
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
-from pcompile import collectives
+from pcompile import collectives, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.pipeline_split import pipeline_of
@@ -37,7 +38,8 @@ def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
         if not isinstance(module, fx.GraphModule):
             continue
         for node in module.graph.nodes:
-            if node.op == "call_function" and node.target in collectives.COLLECTIVES:
+            if node.op == "call_function" and (node.target in collectives.COLLECTIVES
+                                               or node.target in sdp.COLLECTIVES):
                 node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
         module.recompile()
 
@@ -86,6 +88,8 @@ class CompiledModel:
             full = getattr(owner, attr)
             local = full.detach().chunk(sharding.size, dim=sharding.dim)[self.coords[sharding.axis]].clone()
             setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
+        # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
+        self.sdp_shardings = sdp.shard_parameters(gm, sdp.param_shardings(self.ir.gm), self.coords)
         self.gm = gm
         self._lowered = True
         return self
@@ -131,26 +135,39 @@ class CompiledModel:
         for p in params:
             p.grad = None
         local = self._local_batch(inputs)
-        loss = self._step(local, params) if self._pipeline is None else self._pipeline.train_step(local)
+        loss = self._step(local) if self._pipeline is None else self._pipeline.train_step(local)
         for p, old in zip(params, previous):
             if old is not None:
                 p.grad = old if p.grad is None else p.grad + old
         return loss
 
-    def _step(self, local: tuple, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    def _step(self, local: tuple) -> torch.Tensor:
         loss = self.gm(*local)
         loss.backward()
-        if self.dp > 1:
-            group = self.groups["dp"]
-            for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, group=group)
-                    p.grad.div_(self.dp)
+        if self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
+            self._average_over_dp([p.grad for name, p in self.gm.named_parameters()
+                                   if p.grad is not None and name not in self.sdp_shardings])
         loss = loss.detach().clone()
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
             loss /= self.dp
         return loss
+
+    def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:
+        """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
+        (as DDP does): per-call latency, not bandwidth, dominates small tensors."""
+        bucket: list[torch.Tensor] = []
+        size = 0
+        for i, grad in enumerate(grads):
+            bucket.append(grad)
+            size += grad.numel() * grad.element_size()
+            if size >= bucket_bytes or i == len(grads) - 1:
+                flat = _flatten_dense_tensors(bucket)
+                dist.all_reduce(flat, group=self.groups["dp"])
+                flat.div_(self.dp)
+                for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                    g.copy_(synced)
+                bucket, size = [], 0
 
     def parameters(self):
         self._check_lowered()
@@ -162,6 +179,7 @@ class CompiledModel:
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        local = sdp.unshard(local, getattr(self, "sdp_shardings", {}).get(name), self.groups.get("dp"))  # dp, then tp
         sharding = self.ir.param_shardings.get(name)
         if sharding is None or sharding.size == 1:
             return local.detach().clone()

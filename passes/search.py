@@ -11,7 +11,9 @@ rewrite passes can run today:
   heads and hidden sizes) and is the same for every layer, because the backend builds one
   (pp, dp, tp) mesh. So the engine runs once per valid tp degree and the fastest wins;
   baselines are merged across the runs (each family is best in the run of its own tp).
-- no sequence parallelism yet (no sp rewrite), no sdp until the backend lowers it, and interleaved 1F1B is not searched (its
+- sdp (ZeRO-3) only without pipelining (the pipeline backend does not shard over dp yet), so
+  the engine runs twice per tp: pp = 1 with sdp, and pp > 1 without;
+- no sequence parallelism yet (no sp rewrite), and interleaved 1F1B is not searched (its
   virtual stages cannot be written into a Plan yet).
 
 A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
@@ -34,7 +36,7 @@ from pcompile.search_result import SearchResult, to_plan
 from pcompile.search_space import SearchSpace
 
 # What the rewrite passes can run (see the module docstring).
-SUPPORTED_SPACE = dict(sp=(False,), sdp=(False,), schedules=("1F1B", "GPipe"))
+SUPPORTED_SPACE = dict(sp=(False,), schedules=("1F1B", "GPipe"))
 
 
 def split_info(ir: IR, tp: int) -> tuple[SplitInfo, dict[str, str]]:
@@ -158,21 +160,24 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     results, errors = [], []
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
-    for tp in [t for t in tps if rejected[t] is None]:
+    pps = [p for p in (2**k for k in range(1, devices.bit_length())) if devices % p == 0]
+    spaces = [dict(pp_degrees=(1,))] + ([dict(pp_degrees=tuple(pps), sdp=(False,))] if pps else [])
+    for tp, extra in [(t, e) for t in tps if rejected[t] is None for e in spaces]:
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
             global_batch=batch_size(ctx), cost=cost,
             device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
             p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
             p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
-            space=SearchSpace(tp_degrees=(tp,), **SUPPORTED_SPACE))
+            space=SearchSpace(tp_degrees=(tp,), **SUPPORTED_SPACE, **extra))
         try:
             results.append(run_engine(problem))
         except PcompileError as exc:
             errors.append(exc)
     if not results:
         if errors:
-            raise min(errors, key=lambda e: len(str(e)))
+            # The memory verdict (it names the minimum memory that would fit) over "no valid plan".
+            raise min(errors, key=lambda e: ("memory" not in str(e), len(str(e))))
         raise PcompileError("no tensor-parallel degree splits this model on this cluster: "
                             + "; ".join(r for r in rejected.values() if r), "use a device count the heads divide")
     best = min(results, key=lambda r: (r.step_time, r.peak_memory))

@@ -22,6 +22,7 @@ PIPELINE = [
     "search",           # the plan (or the user's forced plan, checked and costed)
     "tensor_parallel",  # make the plan's tp real: split weights, insert tp_copy / tp_reduce
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)
+    "sharded_data_parallel",  # ZeRO-3 layers: params sharded over dp, gathered per layer (per op if split)
     "checkpoint",       # wrap each checkpointed layer's final nodes, collectives included, in one region
     "pipeline_split",   # last: cut the final graph, with every inserted collective, into stages
 ]

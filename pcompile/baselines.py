@@ -170,13 +170,21 @@ def leanest_plan(ctx) -> tuple[float, Setting | None, tuple[int, ...]]:
 def no_fit_error(ctx) -> PcompileError:
     need, setting, starts = leanest_plan(ctx)
     budgets = sorted(set(ctx.problem.device_memory))
-    have = f"{budgets[0] / GIB:.2f} GiB" + (f" to {budgets[-1] / GIB:.2f} GiB" if len(budgets) > 1 else "")
+    have = _size(budgets[0]) + (f" to {_size(budgets[-1])}" if len(budgets) > 1 else "")
     if setting is None:
         return PcompileError("no plan is valid: no strategy divides the micro-batches over the devices, or every "
                              "(layer, strategy) pair is marked impossible",
                              "use a global batch divisible by the data-parallel degrees, or widen the space")
     return PcompileError(
         f"no plan fits the devices' memory ({have}): the leanest plan ({setting.describe()}, stages starting at "
-        f"layers {list(starts)}) needs {need / GIB:.2f} GiB per device",
-        f"give every device at least {need / GIB:.2f} GiB, add devices, lower the global batch, or allow "
+        f"layers {list(starts)}) needs {_size(need)} per device",
+        f"give every device at least {_size(need)}, add devices, lower the global batch, or allow "
         "checkpointing / ZeRO-3 in the search space")
+
+
+def _size(num_bytes: float) -> str:
+    """Bytes in the largest binary unit that keeps three significant digits (MiB for small models)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.3g} {unit}"
+    return f"{num_bytes:.0f} B"
