@@ -28,7 +28,7 @@ _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
 
 def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
-    """Containers whose children are numbered 0..N-1 (N >= 2) and share one class: prefix -> (N, class)."""
+    """Containers whose children are numbered 0..N-1 (N >= 2, or 1 in a ModuleList) and share one class: prefix -> (N, class)."""
     children: dict[str, list[tuple[int, type]]] = defaultdict(list)
     for name, module in model.named_modules():
         match = _NUMBERED.match(name) if "." in name else (re.match(r"^()(\d+)$", name))
@@ -38,7 +38,10 @@ def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
     for prefix, items in children.items():
         indices = sorted(i for i, _ in items)
         classes = {cls for _, cls in items}
-        if len(classes) == 1 and indices == list(range(len(indices))) and len(indices) > 1:
+        # One numbered child is a block list only in a ModuleList (a 1-layer model's blocks);
+        # a Sequential of one module is just a wrapper.
+        single_ok = isinstance(model.get_submodule(prefix) if prefix else model, torch.nn.ModuleList)
+        if len(classes) == 1 and indices == list(range(len(indices))) and (len(indices) > 1 or single_ok):
             found[prefix] = (len(indices), classes.pop())
     return found
 

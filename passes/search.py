@@ -141,6 +141,23 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
+def _narrow(space: dict, user: dict) -> dict | None:
+    """`space` intersected with the user's restrictions (None when they leave nothing)."""
+    try:
+        fields = {**SUPPORTED_SPACE, **space}
+        merged = dict(space)
+        for key, values in user.items():
+            allowed = tuple(v for v in values if key not in fields or v in fields[key])
+            if not allowed:
+                return None
+            merged[key] = allowed
+        SearchSpace(**{**SUPPORTED_SPACE, **merged})
+    except TypeError as exc:
+        raise PcompileError(f"unknown search_space option: {exc}",
+                            "use fields of pcompile.search_space.SearchSpace (pp_degrees, tp_degrees, checkpoint, ...)")
+    return merged
+
+
 def _merge_baselines(results: list[SearchResult]):
     merged = {}
     for result in results:
@@ -162,22 +179,36 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
     pps = [p for p in (2**k for k in range(1, devices.bit_length())) if devices % p == 0]
     spaces = [dict(pp_degrees=(1,))] + ([dict(pp_degrees=tuple(pps), sdp=(False,))] if pps else [])
+    user = dict(ctx.options.get("search_space", {}))
+    if "tp_degrees" in user:
+        tps = [t for t in tps if t in user.pop("tp_degrees")]
     for tp, extra in [(t, e) for t in tps if rejected[t] is None for e in spaces]:
+        extra = _narrow(extra, user)
+        if extra is None:
+            continue
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
             global_batch=batch_size(ctx), cost=cost,
             device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
             p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
             p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
-            space=SearchSpace(tp_degrees=(tp,), **SUPPORTED_SPACE, **extra))
+            space=SearchSpace(**{**SUPPORTED_SPACE, "tp_degrees": (tp,), **extra}))
         try:
             results.append(run_engine(problem))
         except PcompileError as exc:
             errors.append(exc)
     if not results:
+        skipped = "; ".join(r for r in rejected.values() if r)
+        memory = [e for e in errors if "memory" in str(e)]
+        if memory:  # the memory verdict names the minimum memory that would fit
+            raise min(memory, key=lambda e: len(str(e)))
         if errors:
-            # The memory verdict (it names the minimum memory that would fit) over "no valid plan".
-            raise min(errors, key=lambda e: ("memory" not in str(e), len(str(e))))
+            raise PcompileError(
+                f"no plan is valid for {devices} devices and a global batch of {batch_size(ctx)}: searched tp="
+                f"{[t for t in tps if rejected[t] is None]}, where {errors[0].cause}"
+                + (f"; not searched: {skipped}" if skipped else ""),
+                "use a global batch divisible by the data-parallel degree (devices / tp), or a device count "
+                "the heads and hidden sizes divide")
         raise PcompileError("no tensor-parallel degree splits this model on this cluster: "
                             + "; ".join(r for r in rejected.values() if r), "use a device count the heads divide")
     best = min(results, key=lambda r: (r.step_time, r.peak_memory))

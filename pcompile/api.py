@@ -37,7 +37,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _context(model, cluster, example_inputs, plan, capture) -> PassContext:
+def _context(model, cluster, example_inputs, plan, capture, search_space=None) -> PassContext:
     if not isinstance(model, torch.nn.Module):
         raise PcompileError(f"compile() needs an nn.Module, got {type(model).__name__}",
                             "pass the model object whose forward returns the loss")
@@ -57,11 +57,12 @@ def _context(model, cluster, example_inputs, plan, capture) -> PassContext:
     ctx = PassContext(model=model, cluster=cluster, example_inputs=tuple(example_inputs), plan=plan,
                       capture=capture)
     ctx.options["fingerprint"] = model_id
+    ctx.options["search_space"] = dict(search_space or {})
     return ctx
 
 
-def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify):
-    ctx = _context(model, cluster, example_inputs, plan, capture)
+def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify, search_space=None):
+    ctx = _context(model, cluster, example_inputs, plan, capture, search_space)
     if debug_dir is not None:
         os.makedirs(debug_dir, exist_ok=True)
     manager = PassManager(names, verify_each=verify, debug_dir=debug_dir, stop_after=stop_after)
@@ -72,15 +73,19 @@ def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_a
 
 
 def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
-         debug_dir: str | None = None) -> Plan:
-    """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched."""
-    _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True)
+         debug_dir: str | None = None, search_space: dict | None = None) -> Plan:
+    """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched.
+
+    `search_space` narrows the search, with the fields of pcompile.search_space.SearchSpace,
+    e.g. {"pp_degrees": (1,)} for no pipelining or {"checkpoint": (False,)}."""
+    _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True,
+                     search_space)
     return ctx.plan
 
 
 def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
             debug_dir: str | None = None, capture: str = "auto", stop_after: str | None = None,
-            verify: bool = True, passes: list[str] | None = None):
+            verify: bool = True, passes: list[str] | None = None, search_space: dict | None = None):
     """Plan (or take `plan`), rewrite and lower `model` for `cluster`.
 
     Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
@@ -89,7 +94,8 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     from pcompile.backends import CompiledModel
 
     names = PIPELINE if passes is None else list(passes)
-    ir, ctx, manager = _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify)
+    ir, ctx, manager = _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify,
+                            search_space)
     if stop_after is not None:
         return ir
     compiled = CompiledModel(ir, ctx.plan, model, ctx.report)

@@ -183,8 +183,10 @@ def no_fit_error(ctx) -> PcompileError:
 
 
 def _size(num_bytes: float) -> str:
-    """Bytes in the largest binary unit that keeps three significant digits (MiB for small models)."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
-        if num_bytes >= scale:
-            return f"{num_bytes / scale:.3g} {unit}"
-    return f"{num_bytes:.0f} B"
+    """Bytes in the largest binary unit, rounded UP to three significant digits: "at least X"
+    must be enough memory."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
+        if num_bytes >= scale or unit == "B":
+            value = num_bytes / scale
+            step = 10 ** (math.floor(math.log10(value)) - 2) if value > 0 else 1
+            return f"{math.ceil(value / step - 1e-9) * step:.3g} {unit}"

@@ -186,7 +186,8 @@ def cmd_plan(args) -> int:
     with _progress("building the model"):
         workload = load_workload(args.model, args.batch, args.seq, meta=args.model != "gpt-tiny")
     with _progress("tracing, analysing (shapes, FLOPs, memory, layers) and searching"):
-        plan = pcompile.plan(workload.model, cluster, workload.inputs)
+        space = {"pp_degrees": tuple(args.pp)} if args.pp else None
+        plan = pcompile.plan(workload.model, cluster, workload.inputs, search_space=space)
     with _progress("rewriting the graph for the plan"):
         ir = pcompile.compile(workload.model, cluster, workload.inputs, plan=plan, debug_dir=args.debug_dir,
                               stop_after=PIPELINE[-1])
@@ -364,6 +365,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", help="memory budget per device, e.g. 16GB")
     plan.add_argument("--batch", type=int, help="global batch (default 8 for built-in models)")
     plan.add_argument("--seq", type=int, help="sequence length (built-in GPTs)")
+    plan.add_argument("--pp", type=int, action="append",
+                      help="allowed pipeline degree (repeat for several; default: searched)")
     plan.add_argument("--out", help="write the plan JSON here")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON only")
     plan.add_argument("--debug-dir", help="write the IR after every pass here")

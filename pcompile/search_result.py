@@ -95,7 +95,7 @@ class SearchResult:
     def explain(self) -> str:
         s = self.setting
         lines = [f"plan: {s.describe()}, micro-batch {self.microbatch_size}, predicted step "
-                 f"{self.step_time * 1e3:.2f} ms, peak {self.peak_memory / GIB:.2f} GiB"
+                 f"{self.step_time * 1e3:.2f} ms, peak {_size(self.peak_memory)}"
                  + ("" if self.certified else f" (within {self.gap:.2%} of optimal: memory grid "
                                                 f"{self.grid_cells} cells per budget)")]
         for st in self.stages:
@@ -113,10 +113,11 @@ class SearchResult:
         for b in self.baselines:
             if b.fits:
                 lines.append(f"  {b.name:<14} {b.step_time * 1e3:10.2f} ms  x{self.gain(b.name):.2f}  "
-                             f"{b.description} [{b.setting}]")
+                             f"{b.description} [{b.setting}{', ' + b.strategy.describe() if b.strategy else ''}]")
             else:
-                lines.append(f"  {b.name:<14} out of memory (leanest needs {b.peak_memory / GIB:.2f} GiB)  "
-                             f"{b.description}")
+                lines.append(f"  {b.name:<14} " + (f"out of memory (leanest needs {_size(b.peak_memory)})"
+                                                    if math.isfinite(b.peak_memory) else "not in the searched space")
+                             + f"  {b.description}" + (f" [{b.strategy.describe()}]" if b.strategy else ""))
         lines.append(f"searched {self.settings_searched} of {self.settings_total} settings in {self.seconds:.2f} s")
         return "\n".join(lines)
 
@@ -182,7 +183,8 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
         Candidate(b.strategy or default,
                   Estimate(b.step_time, int(b.peak_memory)) if b.fits else None,
                   f"baseline {b.name}: x{result.gain(b.name):.2f} slower [{b.setting}]" if b.fits else
-                  f"baseline {b.name}: out of memory (leanest needs {b.peak_memory / GIB:.2f} GiB)")
+                  (f"baseline {b.name}: out of memory (leanest needs {_size(b.peak_memory)})"
+                   if math.isfinite(b.peak_memory) else f"baseline {b.name}: not in the searched space"))
         for b in result.baselines)
     chunk_of = {}
     for st in result.stages:
@@ -205,3 +207,9 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
                 pp=result.setting.pp, num_microbatches=result.setting.microbatches,
                 schedule=result.setting.schedule, model=model, estimate=estimate, candidates=candidates,
                 reason=result.explain().splitlines()[0], **extra)
+
+
+def _size(num_bytes: float) -> str:
+    from pcompile.baselines import _size as size  # baselines imports this module
+
+    return size(num_bytes)

@@ -46,22 +46,25 @@ def test_searched_plan_round_trips_with_candidates(searched):
     assert searched.num_devices == 4
     assert searched.model == pcompile.fingerprint(GPT(GPTConfig(num_layers=2)))
     assert searched.estimate is not None and searched.estimate.step_time > 0
-    strategies = {c.strategy.describe() for c in searched.candidates}
-    assert strategies == {"dp4·tp1", "dp2·tp2", "dp1·tp4"}
-    assert [c.verdict for c in searched.candidates].count("chosen") == 1
-    chosen = next(c for c in searched.candidates if c.verdict == "chosen")
-    assert chosen.strategy == searched.default
+    # The candidates are the baselines, costed by the same model: every family is named.
+    names = [c.verdict.split(":")[0] for c in searched.candidates]
+    assert names == ["baseline dp", "baseline zero3", "baseline megatron", "baseline uniform_3d",
+                     "baseline pipeline_even"]
+    assert all(c.estimate.step_time >= searched.estimate.step_time * (1 - 1e-9)
+               for c in searched.candidates if c.estimate is not None), "never worse than a baseline"
+    assert {a.layer for a in searched.layers} == {"pre", "blocks.0", "blocks.1", "post"}
     back = Plan.from_json(searched.to_json())
     assert back == searched
-    # candidates and reason are compare=False: check them explicitly
+    # candidates, reason and explanation are compare=False: check them explicitly
     assert back.candidates == searched.candidates and back.reason == searched.reason
+    assert back.explain() == searched.explain() and "baselines (same cost tables)" in back.explain()
     assert str(back) == str(searched)
 
 
 def test_searched_plan_prints_the_choice_and_the_losers(searched):
     text = str(searched)
-    assert "why: fastest of" in text and "candidates:" in text
-    assert "chosen" in text and "predicted step" in text
+    assert "why: plan:" in text and "candidates:" in text
+    assert "baseline dp:" in text and "predicted step" in text
 
 
 def test_malformed_plan_json():
