@@ -337,10 +337,12 @@ def _before(p: Propagation, index: dict[fx.Node, int], start: int) -> Propagatio
 def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
-    per layer left unsplit, the reason."""
+    per layer left unsplit (or split only partly because tp does not divide a head count or a
+    feature size), the reason."""
     candidates = {n: layer_degree[ir.meta(n).layer] for n in ir.graph.nodes
                   if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1}
     reasons: dict[str, str] = {}
+    indivisible: dict[str, str] = {}  # a degree that does not divide heads / features is never "partly fine"
     index = {node: i for i, node in enumerate(ir.graph.nodes)}
     p = propagate(ir, candidates)
     while p.failure is not None:
@@ -350,6 +352,8 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
         for origin in origins:
             candidates.pop(origin, None)
             reasons.setdefault(ir.meta(origin).layer, f"{node.name}: {why}")
+            if "not divisible by tp" in why:
+                indivisible.setdefault(ir.meta(origin).layer, f"{node.name}: {why}")
         # Nodes before the first dropped Linear do not depend on it: resume there, not from the top
         # (one failure per layer of an 80-layer model would otherwise cost 80 whole-graph passes).
         start = min(index[o] for o in origins)
@@ -357,6 +361,8 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
             reasons.setdefault(layer, "no Linear in the layer")
+        elif layer in indivisible:
+            reasons[layer] = indivisible[layer]
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):
-            del reasons[layer]  # partly split (e.g. attention but not an odd-sized extra Linear)
+            del reasons[layer]  # partly split (e.g. GPT-2's fused qkv kept whole, its MLP split)
     return p, reasons

@@ -49,7 +49,7 @@ def explain_trace_failure(exc: Exception, path: str, model: torch.nn.Module) -> 
         construct = "Python control flow (if/for/while) on a tensor value"
         fix = ("make the branch static (depend on config, not on tensor values), or register the module "
                "as a leaf so it is not traced into")
-    elif "Proxy" in text or "must be tuple of ints" in text or "int" in text:
+    elif "Proxy" in text or "must be tuple of ints" in text or "int" in text or "positional argument" in text:
         construct = "a tensor size used as a plain Python int (e.g. torch.ones(T, T) or buf[:T, :T] with T from x.shape)"
         fix = "build masks and index ranges from torch.arange on the input's device, or register the module as a leaf"
     else:

@@ -100,9 +100,6 @@ def test_slice_with_a_traced_size():
     assert "torch.arange" in info.value.fix
 
 
-@pytest.mark.xfail(strict=True, reason="bug: fx's 'ones() takes 1 positional argument but 2 were given' is not "
-                                       "recognised (falls to the generic message, which suggests capture='export', "
-                                       "not available), and the module path is lost")
 def test_ones_from_a_traced_size_names_the_construct_module_and_fix():
     with pytest.raises(PcompileError) as info:
         _trace(MaskedNet(), _pair(4, 4))
@@ -138,9 +135,6 @@ def test_forced_tp_that_does_not_divide_the_heads_3():
     assert "heads" in info.value.fix
 
 
-@pytest.mark.xfail(strict=True, reason="bug: with tp=8 and 4 heads the fixed point drops q/k/v and keeps the MLP "
-                                       "split, and a partly split layer counts as split: the forced plan runs "
-                                       "with attention silently replicated instead of raising")
 def test_forced_tp_that_does_not_divide_the_heads_8():
     model, inputs = _gpt()
     with pytest.raises(PcompileError, match=r"tp=8.*heads|heads.*tp=8"):
