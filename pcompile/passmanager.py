@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, META_KEY
+from pcompile.ir import IR, META_KEY, target_name
 from pcompile.plan import Plan
 
 
@@ -158,3 +158,34 @@ def _dump(debug_dir, index: int, info: PassInfo, ir: IR, elapsed: float, change:
         f.write(f"# {elapsed:.3f} s, {len(ir.graph.nodes)} nodes; op count change: {change or 'none'}\n\n")
         f.write(ir.format() + "\n\n")
         f.write(ir.gm.code if isinstance(ir.gm, fx.GraphModule) else "")
+    _render(ir, os.path.join(debug_dir, f"{index:02d}-{info.name}"))
+
+
+def dot_text(ir: IR) -> str:
+    """The graph as Graphviz DOT: one box per node (name, op, shape, layer, sharding), data edges."""
+    lines = ["digraph pcompile {", "  node [shape=box, fontname=monospace, fontsize=9];"]
+    for node in ir.graph.nodes:
+        meta = node.meta.get(META_KEY)
+        detail = ""
+        if meta is not None:
+            shape = "" if meta.shape is None else "[" + ",".join(map(str, meta.shape)) + "]"
+            detail = f"\\n{shape} {meta.layer or ''} {meta.sharding or ''}".rstrip()
+        label = f"{node.name}\\n{node.op} {target_name(node)}{detail}".replace('"', "'")
+        lines.append(f'  "{node.name}" [label="{label}"];')
+        for source in node.all_input_nodes:
+            lines.append(f'  "{source.name}" -> "{node.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _render(ir: IR, stem: str) -> None:
+    """fx's graph drawer (SVG) when pydot is installed, else DOT text for any Graphviz viewer."""
+    try:
+        from torch.fx.passes.graph_drawer import FxGraphDrawer
+
+        svg = FxGraphDrawer(ir.gm, os.path.basename(stem)).get_dot_graph().create_svg()
+        with open(stem + ".svg", "wb") as f:
+            f.write(svg)
+    except Exception:  # no pydot / no graphviz binary: the DOT text is the rendering
+        with open(stem + ".dot", "w") as f:
+            f.write(dot_text(ir))
