@@ -43,7 +43,7 @@ MODELS = {
                                 intermediate_size=4096, vocab_size=30522, max_position_embeddings=512),
                    32, 512, GPTConfig(vocab_size=30522, seq_len=512, hidden=1024, num_heads=16, num_layers=24)),
     "t5-large": ("t5", dict(d_model=1024, d_ff=4096, d_kv=64, num_heads=16, num_layers=24, num_decoder_layers=24,
-                            vocab_size=32128),
+                            vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1),
                  32, 512, GPTConfig(vocab_size=32128, seq_len=512, hidden=1024, num_heads=16, num_layers=48)),
     "vit-huge": ("vit", dict(hidden_size=1280, num_hidden_layers=32, num_attention_heads=16, intermediate_size=5120,
                              image_size=224, patch_size=14, num_labels=1000),
