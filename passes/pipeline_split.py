@@ -199,7 +199,7 @@ def build_stage(ir: IR, stage_of: dict[fx.Node, int], index: int, inputs: list[f
         if node.op in FREE_OPS or stage_of[node] != index:
             continue
         if node.op == "output":
-            graph.output(fx.map_arg(node.args[0], value))
+            graph.output(value(loss_node(ir)))
             continue
         env[node] = graph.node_copy(node, value)
     if outputs is not None:
@@ -216,9 +216,18 @@ def _canonical(ctx: PassContext) -> dict[str, str]:
     return names
 
 
+def loss_node(ir: IR) -> fx.Node | None:
+    """The node of the scalar loss the model returns: the output itself (torch.fx) or the only
+    element of the output tuple (torch.export flattens every output into one)."""
+    out = next(n for n in ir.graph.nodes if n.op == "output").args[0]
+    if isinstance(out, (tuple, list)) and len(out) == 1:
+        out = out[0]
+    return out if isinstance(out, fx.Node) and ir.meta(out).shape == () else None
+
+
 def _check_output(ir: IR) -> None:
     out = next(n for n in ir.graph.nodes if n.op == "output").args[0]
-    if not isinstance(out, fx.Node) or ir.meta(out).shape != ():
+    if loss_node(ir) is None:
         raise PcompileError("pipeline parallelism needs the model's forward to return the scalar loss; it returns "
                             f"{out!r}", "return only the loss (a 0-dim tensor) from forward")
 

@@ -65,9 +65,22 @@ def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dic
         for key, value in slots.items():
             if isinstance(value, torch.Tensor):
                 state[f"optim.{name}.{key}"] = _placed(cm, name, value) if value.shape == p.shape else value
-    for name, b in cm.gm.named_buffers():
+    for name, b in _buffers(cm):
         state[f"buffer.{name}"] = b
     return state
+
+
+def _buffers(cm):
+    """This rank's buffers under their original names (a pipeline rank holds its stages' only)."""
+    pipeline = getattr(cm, "_pipeline", None)
+    if pipeline is None:
+        return list(cm.gm.named_buffers())
+    return [item for module in pipeline.modules for item in module.named_buffers()]
+
+
+def _full(cm, name: str, local: torch.Tensor) -> torch.Tensor:
+    pipeline = getattr(cm, "_pipeline", None)
+    return (cm if pipeline is None else pipeline)._full(name, local)
 
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -171,11 +184,12 @@ def load_full(path: str, with_optimizer: bool = False) -> dict[str, torch.Tensor
 
 
 def full_optimizer_state(cm, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Collective: optimizer states as full tensors, keyed "optim.<param name>.<state>" as saved."""
+    """Collective: optimizer states as full tensors, keyed "optim.<param name>.<state>" as saved.
+    Under pipelining a rank returns the states of its own stages' parameters."""
     out = {}
     for name, p in cm.named_parameters():
         for slot, value in optimizer.state.get(p, {}).items():
             if isinstance(value, torch.Tensor):
-                full = cm._full(name, value) if value.shape == p.shape else value.detach().clone()
+                full = _full(cm, name, value) if value.shape == p.shape else value.detach().clone()
                 out[f"optim.{name}.{slot}"] = full.cpu()
     return out

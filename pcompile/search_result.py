@@ -118,7 +118,7 @@ class SearchResult:
                 lines.append(f"  {b.name:<14} " + (f"out of memory (leanest needs {_size(b.peak_memory)})"
                                                     if math.isfinite(b.peak_memory) else "not in the searched space")
                              + f"  {b.description}" + (f" [{b.strategy.describe()}]" if b.strategy else ""))
-        lines.append(f"searched {self.settings_searched} of {self.settings_total} settings in {self.seconds:.2f} s")
+        lines.append(f"searched {self.settings_searched} of {self.settings_total} settings")  # no timing: plans are byte-stable
         return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import pcompile
-from pcompile import Plan, checkpoint
+from pcompile import Plan, Strategy, checkpoint
 from pcompile.models import GPT
 from tests.distributed import ranks_checkpoint as rc
 
@@ -47,6 +47,21 @@ def test_load_under_another_plan(saved, world, plan):
         # Continued training follows the uninterrupted run (other tp degree: fp32 reassociation only).
         for got, expected in zip(rank_result["losses"], uninterrupted["losses"][SAVED_STEPS:]):
             assert abs(got - expected) < 1e-5
+
+
+def test_load_under_pipelining_on_two_ranks(saved):
+    """Saved under dp2·tp2 on 4 ranks, loaded under pp=2 on 2 ranks (each holds one stage)."""
+    directory, result, uninterrupted = saved
+    plan = Plan(num_devices=2, default=Strategy(), pp=2, num_microbatches=2)
+    loaded = pcompile.launch(rc.load_and_continue, 2, plan, directory, range(SAVED_STEPS, SAVED_STEPS + 2))
+    optim = {}
+    for rank_result in loaded:
+        assert rank_result["step"] == SAVED_STEPS
+        _equal(rank_result["state"], result["state"])  # full_state_dict gathers across stages
+        optim.update(rank_result["optim"])  # each stage's Adam states
+        for got, expected in zip(rank_result["losses"], uninterrupted["losses"][SAVED_STEPS:]):
+            assert abs(got - expected) < 1e-5
+    _equal(optim, result["optim"])
 
 
 def test_load_full_into_serial_model(saved):
