@@ -150,8 +150,23 @@ def check_schedule(plan: Plan, batch: int) -> None:
 
 
 # -- cut -----------------------------------------------------------------------------------
+def free_nodes(ir: IR) -> set[fx.Node]:
+    """Nodes every stage re-creates instead of receiving: placeholders, get_attrs, and the Python
+    values (not tensors) computed from those alone, e.g. torch.export's `sym_size(input_ids, 0)`.
+    Recomputed in a stage from its micro-batch's inputs they give that micro-batch's sizes, which
+    is what the serial model computes on it; stages exchange tensors only, so they cannot be sent.
+    A value with no users (an assertion) stays in its layer's stage."""
+    free: set[fx.Node] = set()
+    for n in ir.graph.nodes:
+        if n.op in FREE_OPS or (n.op in ("call_function", "call_method") and n.users and ir.meta(n).shape is None
+                                and all(a in free for a in n.all_input_nodes)):
+            free.add(n)
+    return free
+
+
 def _stage_of_nodes(ir: IR, layer_stage: dict[str, int]) -> dict[fx.Node, int]:
-    return {n: layer_stage[ir.meta(n).layer] for n in ir.graph.nodes if n.op not in FREE_OPS}
+    free = free_nodes(ir)
+    return {n: layer_stage[ir.meta(n).layer] for n in ir.graph.nodes if n not in free}
 
 
 def live_inputs(ir: IR, stage_of: dict[fx.Node, int], num_stages: int) -> list[list[fx.Node]]:
@@ -186,24 +201,22 @@ def build_stage(ir: IR, stage_of: dict[fx.Node, int], index: int, inputs: list[f
         if node.op == "placeholder":
             default = node.args[0] if node.args else inspect.Signature.empty
             env[node] = graph.placeholder(node.target, default_value=default)
-    attrs: dict[fx.Node, fx.Node] = {}
 
     def value(arg: fx.Node) -> fx.Node:
-        if arg.op == "get_attr":
-            if arg not in attrs:
-                attrs[arg] = graph.get_attr(arg.target)
-            return attrs[arg]
+        """A value this stage reads: its own or a received one, or a free node re-created on first use."""
+        if arg not in env and arg not in stage_of:
+            env[arg] = graph.get_attr(arg.target) if arg.op == "get_attr" else graph.node_copy(arg, value)
         return env[arg]
 
     for node in ir.graph.nodes:
-        if node.op in FREE_OPS or stage_of[node] != index:
+        if node not in stage_of or stage_of[node] != index:
             continue
         if node.op == "output":
             graph.output(value(loss_node(ir)))
             continue
         env[node] = graph.node_copy(node, value)
-    if outputs is not None:
-        graph.output(tuple(env[n] for n in outputs))
+    if outputs is not None:  # sent with gloo/NCCL p2p, which take contiguous tensors only (a no-op if already)
+        graph.output(tuple(graph.call_method("contiguous", (env[n],)) for n in outputs))
     graph.lint()
     return fx.GraphModule(ir.gm, graph, class_name=f"Stage{index}")
 

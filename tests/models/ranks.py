@@ -8,7 +8,15 @@ import torch
 import torch.distributed as dist
 
 import pcompile
+from pcompile.passes.pipeline_split import pipeline_of
 from tests.models.zoo import MODELS
+
+
+def describe(plan: pcompile.Plan) -> str:
+    """The plan's strategy, with the pipeline's degree, schedule and micro-batches when pp > 1."""
+    if plan.pp == 1:
+        return plan.default.describe()
+    return f"pp{plan.pp}·{plan.default.describe()}·{plan.schedule}·mb{plan.num_microbatches}"
 
 
 def _worst(got: dict, expected: dict) -> float:
@@ -43,9 +51,11 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 2, lr: float = 1e
             opt.step()
             opt.zero_grad()
     counts = cm.ir.op_counts()
-    return {"model": model_name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
+    split = pipeline_of(cm.ir)
+    return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "capture": cm.ir.capture, "layers": list(cm.ir.block_layers), "report": list(cm.report),
             "split": sorted(cm.ir.param_shardings),
+            "stages": [list(s.layers) for s in split.stages] if split else [],
             "collectives": {k.rsplit(".", 1)[-1]: v for k, v in counts.items() if "collectives" in k},
             "seconds": time.perf_counter() - start, "compile_seconds": sum(s for _, s in cm.timings)}
 

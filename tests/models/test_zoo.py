@@ -1,17 +1,28 @@
 """HuggingFace GPT-2, Llama (grouped-query attention), BERT, T5 and ViT, and a ResNet-style CNN,
 compiled from the user's model as is (captured with torch.export where torch.fx cannot trace),
-run on 4 gloo ranks, with loss and full gradients equal to the serial model within 1e-5 (fp32)
-after each of 2 AdamW steps. All cases share one 4-rank launch."""
+run on 4 gloo ranks under dp x tp and under a pipeline (pp=2, with dp or tp inside the stages),
+with loss and full gradients equal to the serial model within 1e-5 (fp32) after each of
+2 AdamW steps. All cases share one 4-rank launch."""
+import dataclasses
+
 import pytest
 
 import pcompile
 from pcompile import Plan
-from tests.models.ranks import compare_many
+from tests.models.ranks import compare_many, describe
 
 pytest.importorskip("transformers")
 
 TOLERANCE = 1e-5
 DP_TP = Plan.uniform(dp=2, tp=2)
+
+
+def pipeline(schedule: str, dp: int = 1, tp: int = 1) -> Plan:
+    """pp=2 with 2 micro-batches: a batch of 4 is one sample per micro-batch at dp=2."""
+    return dataclasses.replace(Plan.uniform(dp=dp, tp=tp, pp=2), schedule=schedule, num_microbatches=2)
+
+
+PP_CASES = [(model, pipeline("1F1B", dp=2)) for model in ("gpt2", "llama", "bert", "t5", "vit", "resnet")]
 CASES = [
     ("gpt2", DP_TP),
     ("llama", DP_TP),  # 4 heads, 2 kv heads: tp=2 splits the kv heads too
@@ -20,13 +31,14 @@ CASES = [
     ("t5", DP_TP),
     ("vit", DP_TP),
     ("resnet", Plan.uniform(dp=4, tp=1)),
+    *PP_CASES,
 ]
 
 
 @pytest.fixture(scope="module")
 def results():
     per_rank = pcompile.launch(compare_many, 4, CASES)
-    assert all([(r["model"], r["plan"]) for r in rank] == [(m, p.default.describe()) for m, p in CASES]
+    assert all([(r["model"], r["plan"]) for r in rank] == [(m, describe(p)) for m, p in CASES]
                for rank in per_rank)
     return {(r["model"], r["plan"]): r for r in per_rank[0]}, per_rank
 
@@ -76,3 +88,14 @@ def test_tensor_parallel_patterns(results):
     assert "model.transformer.h.0.mlp.c_fc.weight" in gpt2["split"]  # Conv1D [in, out]: addmm
     vit = by_case[("vit", "dp2·tp2")]
     assert not any("patch_embeddings" in name for name in vit["split"])  # the patch conv stays replicated
+
+
+def test_pipeline_stages_cut_every_model_at_block_boundaries(results):
+    """Two contiguous stages over the model's layers (pre first, post last), each with blocks."""
+    by_case, _ = results
+    for model, plan in PP_CASES:
+        r = by_case[(model, describe(plan))]
+        first, second = r["stages"]
+        assert first[0] == "pre" and second[-1] == "post", r["stages"]
+        assert [layer for layer in first + second if layer not in ("pre", "post")] == r["layers"]
+        assert set(first) & set(r["layers"]) and set(second) & set(r["layers"]), r["stages"]
