@@ -210,5 +210,19 @@ class CompiledModel:
             out[name] = None if p is None or p.grad is None else self._full(name, p.grad).cpu()
         return out
 
+    def close(self) -> None:
+        """Collective: destroy this model's process groups (each compile creates its own; a
+        process that compiles many models, like the fuzz test, would otherwise keep every
+        group's threads alive)."""
+        if not self._lowered or not dist.is_initialized():
+            return
+        groups = self._pipeline.groups if self._pipeline is not None else self.groups
+        seen = set()
+        for group in groups.values():
+            if group is not None and id(group) not in seen and group is not dist.group.WORLD:
+                seen.add(id(group))
+                dist.destroy_process_group(group)
+        self._lowered = False
+
     def __repr__(self) -> str:
         return f"CompiledModel(\n{self.plan}\n)"

@@ -46,6 +46,13 @@ def _compare(cfg: FuzzConfig, plan: pcompile.Plan, world: int) -> str | None:
     except pcompile.PcompileError as exc:
         # Refusing is allowed only for a stated reason the plan really has (tp vs heads/widths).
         return None if "cannot split" in str(exc) and cfg.num_heads % plan.default.tp else f"refused: {exc}"
+    try:
+        return _train_and_compare(cm, serial, cfg, batch)
+    finally:
+        cm.close()  # a thousand compiles in one process: free each one's process groups
+
+
+def _train_and_compare(cm, serial, cfg: FuzzConfig, batch: int) -> str | None:
     for step in range(2):
         x, y = fuzz_inputs(cfg, batch, step)
         loss = cm.train_step(x, y)
