@@ -334,6 +334,22 @@ def _before(p: Propagation, index: dict[fx.Node, int], start: int) -> Propagatio
                        keep(p.view_dims), keep(p.size_nodes), [s for s in p.scatters if index[s[0]] < start])
 
 
+def _feeds_split_work(ir: IR, p: Propagation, origins: list[fx.Node]) -> bool:
+    """Whether the Linears left replicated for indivisibility still feed split work through a
+    local slice (grouped-query k/v with fewer kv heads than tp: replicated, then each rank
+    slices its heads). If not, the degree really does not divide the heads."""
+    sources = {source for _, source, _ in p.scatters}
+    for origin in origins:
+        layer, frontier, seen = ir.meta(origin).layer, [origin], set()
+        while frontier:
+            node = frontier.pop()
+            if node in sources:
+                return True
+            seen.add(node)
+            frontier.extend(u for u in node.users if u not in seen and ir.meta(u).layer == layer)
+    return False
+
+
 def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
@@ -343,6 +359,7 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
                   if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1}
     reasons: dict[str, str] = {}
     indivisible: dict[str, str] = {}  # a degree that does not divide heads / features is never "partly fine"
+    indivisible_origins: dict[str, list[fx.Node]] = {}
     index = {node: i for i, node in enumerate(ir.graph.nodes)}
     p = propagate(ir, candidates)
     while p.failure is not None:
@@ -354,6 +371,7 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
             reasons.setdefault(ir.meta(origin).layer, f"{node.name}: {why}")
             if "not divisible by tp" in why:
                 indivisible.setdefault(ir.meta(origin).layer, f"{node.name}: {why}")
+                indivisible_origins.setdefault(ir.meta(origin).layer, []).append(origin)
         # Nodes before the first dropped Linear do not depend on it: resume there, not from the top
         # (one failure per layer of an 80-layer model would otherwise cost 80 whole-graph passes).
         start = min(index[o] for o in origins)
@@ -361,7 +379,7 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
             reasons.setdefault(layer, "no Linear in the layer")
-        elif layer in indivisible:
+        elif layer in indivisible and not _feeds_split_work(ir, p, indivisible_origins[layer]):
             reasons[layer] = indivisible[layer]
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):
             del reasons[layer]  # partly split (e.g. GPT-2's fused qkv kept whole, its MLP split)
