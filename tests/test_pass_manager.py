@@ -53,7 +53,11 @@ def test_debug_dir_dumps_every_pass(tmp_path):
     assert cm.plan.default.tp == 2
     expected = [f"{i:02d}-{name}.txt" for i, name in enumerate(PIPELINE)]
     assert expected[:5] == ["00-trace.txt", "01-shapes.txt", "02-flops.txt", "03-memory.txt", "04-layers.txt"]
-    assert sorted(os.listdir(tmp_path)) == sorted(expected + ["passes.md"])
+    # each pass: the IR table (.txt) and a graph rendering (.svg with pydot, else .dot)
+    drawings = [name.replace(".txt", ".svg" if (tmp_path / name.replace(".txt", ".svg")).exists() else ".dot")
+                for name in expected]
+    assert sorted(os.listdir(tmp_path)) == sorted(expected + drawings + ["passes.md"])
+    assert (tmp_path / drawings[0]).read_text().startswith("digraph") if drawings[0].endswith(".dot") else True
     trace = (tmp_path / "00-trace.txt").read_text()
     assert trace.startswith("# after pass 'trace' (frontend)")
     tp = (tmp_path / f"{PIPELINE.index('tensor_parallel'):02d}-tensor_parallel.txt").read_text()
@@ -73,8 +77,9 @@ def test_stop_after_returns_the_ir_and_dumps_up_to_there(tmp_path):
     model, inputs = _gpt()
     ir = pcompile.compile(model, Cluster.local(1), inputs, stop_after="layers", debug_dir=str(tmp_path))
     assert isinstance(ir, IR) and ir.layers == ["pre", "blocks.0", "blocks.1", "post"]
-    assert sorted(os.listdir(tmp_path)) == ["00-trace.txt", "01-shapes.txt", "02-flops.txt", "03-memory.txt",
-                                            "04-layers.txt", "passes.md"]
+    tables = sorted(name for name in os.listdir(tmp_path) if name.endswith(".txt"))
+    assert tables == ["00-trace.txt", "01-shapes.txt", "02-flops.txt", "03-memory.txt", "04-layers.txt"]
+    assert len(os.listdir(tmp_path)) == 2 * len(tables) + 1  # + one drawing per pass + passes.md
     assert ir.total("flops") > 0
 
 
