@@ -44,6 +44,15 @@ def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
         module.recompile()
 
 
+def gather_shards(local: torch.Tensor, sharding, groups: dict) -> torch.Tensor:
+    """Collective: the full tensor from every rank's chunk along `sharding.dim` (a copy when unsplit)."""
+    if sharding is None or sharding.size == 1:
+        return local.detach().clone()
+    parts = [torch.empty_like(local) for _ in range(sharding.size)]
+    dist.all_gather(parts, local.detach().contiguous(), group=groups[sharding.axis])
+    return torch.cat(parts, dim=sharding.dim)
+
+
 class CompiledModel:
     """This rank's part of the parallel program (or the plan alone when no ranks run)."""
 
@@ -180,12 +189,7 @@ class CompiledModel:
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         local = sdp.unshard(local, getattr(self, "sdp_shardings", {}).get(name), self.groups.get("dp"))  # dp, then tp
-        sharding = self.ir.param_shardings.get(name)
-        if sharding is None or sharding.size == 1:
-            return local.detach().clone()
-        parts = [torch.empty_like(local) for _ in range(sharding.size)]
-        dist.all_gather(parts, local.detach().contiguous(), group=self.groups[sharding.axis])
-        return torch.cat(parts, dim=sharding.dim)
+        return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank gets the full tensors, named as in the original model's state_dict()."""

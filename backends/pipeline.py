@@ -178,12 +178,9 @@ class PipelineRuntime:
 
     # -- full views, collective over every rank ----------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        sharding = self.ir.param_shardings.get(name)
-        if sharding is None or sharding.size == 1:
-            return local.detach().clone()
-        parts = [torch.empty_like(local) for _ in range(sharding.size)]
-        dist.all_gather(parts, local.detach().contiguous(), group=self.groups[sharding.axis])
-        return torch.cat(parts, dim=sharding.dim)
+        from pcompile.backends.distributed import gather_shards  # distributed imports this module
+
+        return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
 
     def _from_owners(self, items: list[tuple[str, torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
         """Full tensors for (state_dict key, local tensor or None, tensor of the full shape) items:
