@@ -21,6 +21,7 @@ PIPELINE = [
     "layers",           # the units the search assigns strategies to
     "search",           # the plan (or the user's forced plan, checked and costed)
     "tensor_parallel",  # make the plan's tp real: split weights, insert tp_copy / tp_reduce
+    "sequence_parallel",  # sp layers: tp_copy/tp_reduce -> all-gather/reduce-scatter over seq (needs TP's collectives)
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)
     "sharded_data_parallel",  # ZeRO-3 layers: params sharded over dp, gathered per layer (per op if split)
     "checkpoint",       # wrap each checkpointed layer's final nodes, collectives included, in one region

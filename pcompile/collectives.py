@@ -7,6 +7,16 @@ loss were summed over ranks, but in tensor parallelism every rank of the group c
 *same* loss. Megatron's conjugate pair is what keeps gradients exact:
   tp_copy   (f): forward identity,   backward all-reduce
   tp_reduce (g): forward all-reduce, backward identity
+
+Sequence parallelism (Megatron-3) splits the activations *outside* the tp region along the
+sequence dim, so the conjugate pairs become, each with the backward its forward needs:
+  sp_split          : keep this rank's chunk,  backward all-gather      (enter the sp region)
+  sp_gather         : all-gather,              backward reduce-scatter  (sp region -> column Linears)
+  sp_reduce_scatter : reduce-scatter,          backward all-gather      (row Linears -> sp region)
+  sp_unsplit        : all-gather,              backward keep the chunk  (leave the sp region)
+sp_gather's backward sums because the column Linears' input gradients are partial (one per
+weight shard); sp_unsplit's does not because the code after it is replicated, and every rank
+already holds the full gradient there.
 """
 from __future__ import annotations
 
@@ -69,6 +79,17 @@ def _local_chunk(x: torch.Tensor, dim: int, key: str, size: int) -> torch.Tensor
     return x.chunk(size, dim=dim)[rank].contiguous()
 
 
+def _reduce_scatter(x: torch.Tensor, dim: int, key: str, size: int) -> torch.Tensor:
+    group = _group(key)
+    if group is None:
+        return _local_chunk(x, dim, key, size)
+    # The collective scatters along dim 0: move `dim` there and back.
+    moved = x.movedim(dim, 0).contiguous()
+    out = torch.empty((moved.shape[0] // size,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_single(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
 class _Copy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, key, size):
@@ -112,6 +133,28 @@ class _Scatter(torch.autograd.Function):
         return _all_gather(grad, ctx.dim, ctx.key, ctx.size), None, None, None
 
 
+class _SpGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key, size):
+        ctx.dim, ctx.key, ctx.size = dim, key, size
+        return _all_gather(x, dim, key, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+
+
+class _SpReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key, size):
+        ctx.dim, ctx.key, ctx.size = dim, key, size
+        return _reduce_scatter(x, dim, key, size)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+
+
 def tp_copy(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
     """Enter a tensor-parallel region: identity forward, all-reduce of the gradient backward."""
     return _Copy.apply(x, axis, size)
@@ -132,6 +175,29 @@ def tp_scatter(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     return _Scatter.apply(x, dim, axis, size)
 
 
+def sp_split(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Replicated -> this rank's sequence chunk: local chunk forward, all-gather backward."""
+    return _Scatter.apply(x, dim, axis, size)
+
+
+def sp_gather(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Sequence chunks -> the full input of column-parallel Linears: all-gather forward,
+    reduce-scatter of the (partial) gradient backward."""
+    return _SpGather.apply(x, dim, axis, size)
+
+
+def sp_reduce_scatter(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Partial sums of row-parallel Linears -> this rank's sequence chunk of their sum:
+    reduce-scatter forward, all-gather backward."""
+    return _SpReduceScatter.apply(x, dim, axis, size)
+
+
+def sp_unsplit(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
+    """Sequence chunks -> the full tensor for replicated code: all-gather forward, keep this
+    rank's chunk of the (full, replicated) gradient backward."""
+    return _Gather.apply(x, dim, axis, size)
+
+
 def global_size(x: torch.Tensor, dim: int, size: int, *index: int):
     """`x.shape` / `x.size(i)` of the full tensor when `x` holds a 1/size shard along `dim`."""
     shape = list(x.shape)
@@ -140,4 +206,5 @@ def global_size(x: torch.Tensor, dim: int, size: int, *index: int):
     return full[index[0]] if index else full
 
 
-COLLECTIVES = (tp_copy, tp_reduce, tp_gather, tp_scatter)
+COLLECTIVES = (tp_copy, tp_reduce, tp_gather, tp_scatter, sp_split, sp_gather, sp_reduce_scatter, sp_unsplit)
+SP_COLLECTIVES = (sp_split, sp_gather, sp_reduce_scatter, sp_unsplit)  # all take (x, dim, axis, size)
