@@ -221,6 +221,7 @@ class CompiledModel:
         if not self._lowered or not dist.is_initialized():
             return
         groups = self._pipeline.groups if self._pipeline is not None else self.groups
+        collectives.unbind_groups(groups.values())
         seen = set()
         for group in groups.values():
             if group is not None and id(group) not in seen and group is not dist.group.WORLD:

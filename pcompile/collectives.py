@@ -34,6 +34,14 @@ def bind_group(key: str, group: dist.ProcessGroup) -> None:
     _GROUPS[key] = group
 
 
+def unbind_groups(groups) -> None:
+    """Forget every key bound to one of `groups`: a binding keeps its process group (and the
+    group's gloo threads) alive after destroy_process_group."""
+    doomed = {id(g) for g in groups}
+    for key in [k for k, g in _GROUPS.items() if id(g) in doomed]:
+        del _GROUPS[key]
+
+
 @contextlib.contextmanager
 def simulate():
     """Run graphs without process groups (shape checks on fake tensors): collectives keep
