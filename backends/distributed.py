@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
-from pcompile import collectives, sdp
+from pcompile import collectives, precision, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.pipeline_split import pipeline_of
@@ -56,9 +56,12 @@ def gather_shards(local: torch.Tensor, sharding, groups: dict) -> torch.Tensor:
 class CompiledModel:
     """This rank's part of the parallel program (or the plan alone when no ranks run)."""
 
-    def __init__(self, ir: IR, plan: Plan, model: torch.nn.Module, report: list[str]):
+    def __init__(self, ir: IR, plan: Plan, model: torch.nn.Module, report: list[str],
+                 mixed_precision: str | None = None):
         self.ir, self.plan, self.report = ir, plan, report
         self._model = model
+        self.compute_dtype = precision.compute_dtype(mixed_precision)
+        self.masters = None  # precision.MasterWeights under mixed precision (the optimizer's parameters)
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
 
@@ -76,6 +79,10 @@ class CompiledModel:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         if plan.pp > 1:
+            if self.compute_dtype is not None:
+                raise PcompileError("mixed_precision is not supported with pipeline parallelism (pp > 1) yet",
+                                    "use mixed_precision=None, or a plan with pp=1 "
+                                    "(search_space={'pp_degrees': (1,)})")
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)
         gm.to(self.device)
@@ -99,6 +106,8 @@ class CompiledModel:
             setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
         # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
         self.sdp_shardings = sdp.shard_parameters(gm, sdp.param_shardings(self.ir.gm), self.coords)
+        if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
+            self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
         self._lowered = True
         return self
@@ -151,12 +160,17 @@ class CompiledModel:
         return loss
 
     def _step(self, local: tuple) -> torch.Tensor:
+        if self.masters is not None:
+            self.masters.pull()
+            local = self.masters.cast_inputs(local)
         loss = self.gm(*local)
         loss.backward()
+        if self.masters is not None:  # fp32 master grads, then the dp average in fp32 (precision.py)
+            self.masters.push_grads()
         if self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
-            self._average_over_dp([p.grad for name, p in self.gm.named_parameters()
+            self._average_over_dp([p.grad for name, p in self.named_parameters()
                                    if p.grad is not None and name not in self.sdp_shardings])
-        loss = loss.detach().clone()
+        loss = loss.detach().float().clone()  # the loss is fp32 under mixed precision too
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
             loss /= self.dp
@@ -179,12 +193,17 @@ class CompiledModel:
                 bucket, size = [], 0
 
     def parameters(self):
+        """What the optimizer steps: the module's parameters, or their fp32 masters under mixed precision."""
         self._check_lowered()
-        return self.gm.parameters() if self._pipeline is None else self._pipeline.parameters()
+        if self._pipeline is not None:
+            return self._pipeline.parameters()
+        return self.gm.parameters() if self.masters is None else self.masters.parameters()
 
     def named_parameters(self):
         self._check_lowered()
-        return self.gm.named_parameters() if self._pipeline is None else self._pipeline.named_parameters()
+        if self._pipeline is not None:
+            return self._pipeline.named_parameters()
+        return self.gm.named_parameters() if self.masters is None else self.masters.named_parameters()
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
@@ -197,9 +216,12 @@ class CompiledModel:
         if self._pipeline is not None:
             return self._pipeline.full_state_dict()
         local = self.gm.state_dict()
+        if self.masters is not None:  # fp32 masters; bf16 buffers back in their original dtype
+            local.update(self.masters.by_name())
         out = {}
         for name, original in self._model.state_dict().items():
-            out[name] = self._full(name, local[name]).cpu() if name in local else original.detach().clone()
+            out[name] = (self._full(name, local[name]).to(original.dtype).cpu() if name in local
+                         else original.detach().clone())
         return out
 
     def full_grads(self) -> dict[str, torch.Tensor | None]:
@@ -207,7 +229,8 @@ class CompiledModel:
         self._check_lowered()
         if self._pipeline is not None:
             return self._pipeline.full_grads()
-        local = dict(self.gm.named_parameters(remove_duplicate=False))
+        local = dict(self.gm.named_parameters(remove_duplicate=False) if self.masters is None
+                     else self.masters.by_name())
         out = {}
         for name, _ in self._model.named_parameters():
             p = local.get(name)

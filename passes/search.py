@@ -91,7 +91,8 @@ def _forced(ir: IR, ctx: PassContext) -> None:
                             "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
                             "to let pcompile search")
     info, _ = split_info(ir, forced.default.tp)
-    estimate = estimate_uniform(ir, ctx.cluster, forced.default, info)
+    estimate = estimate_uniform(ir, ctx.cluster, forced.default, info,
+                                CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
     ctx.plan = dataclasses.replace(forced, estimate=estimate,
                                    candidates=(Candidate(forced.default, estimate, "forced"),),
                                    reason="forced by the user")
@@ -124,7 +125,8 @@ def _cost_callback(ir: IR, ctx: PassContext):
         key = (query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
         if key not in cache:
             table = cost_table(ir, ctx.cluster, query.devices_per_stage, query.microbatch_size,
-                               query.strategies, CostOptions(first_rank=query.first_rank))
+                               query.strategies, CostOptions(first_rank=query.first_rank,
+                                                             mixed_precision=bool(ctx.options.get("mixed_precision"))))
             cache[key] = _without_ends(table, drop_first, drop_last)
         return cache[key]
     return cost

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from pcompile import precision
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -24,6 +25,7 @@ PIPELINE = [
     "sequence_parallel",  # sp layers: tp_copy/tp_reduce -> all-gather/reduce-scatter over seq (needs TP's collectives)
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)
     "sharded_data_parallel",  # ZeRO-3 layers: params sharded over dp, gathered per layer (per op if split)
+    "reshard",          # layers at other (dp, tp) groupings: degree-named axes, batch regrouped between layers
     "checkpoint",       # wrap each checkpointed layer's final nodes, collectives included, in one region
     "pipeline_split",   # last: cut the final graph, with every inserted collective, into stages
 ]
@@ -38,7 +40,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _context(model, cluster, example_inputs, plan, capture, search_space=None) -> PassContext:
+def _context(model, cluster, example_inputs, plan, capture, search_space=None, mixed_precision=None) -> PassContext:
     if not isinstance(model, torch.nn.Module):
         raise PcompileError(f"compile() needs an nn.Module, got {type(model).__name__}",
                             "pass the model object whose forward returns the loss")
@@ -58,12 +60,15 @@ def _context(model, cluster, example_inputs, plan, capture, search_space=None) -
     ctx = PassContext(model=model, cluster=cluster, example_inputs=tuple(example_inputs), plan=plan,
                       capture=capture)
     ctx.options["fingerprint"] = model_id
-    ctx.options["search_space"] = dict(search_space or {})
+    precision.compute_dtype(mixed_precision)  # an unknown choice fails before any pass runs
+    ctx.options["search_space"] = precision.narrowed_space(mixed_precision, plan, dict(search_space or {}))
+    ctx.options["mixed_precision"] = mixed_precision  # the search costs bf16 states and activations
     return ctx
 
 
-def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify, search_space=None):
-    ctx = _context(model, cluster, example_inputs, plan, capture, search_space)
+def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify, search_space=None,
+         mixed_precision=None):
+    ctx = _context(model, cluster, example_inputs, plan, capture, search_space, mixed_precision)
     if debug_dir is not None:
         os.makedirs(debug_dir, exist_ok=True)
     manager = PassManager(names, verify_each=verify, debug_dir=debug_dir, stop_after=stop_after)
@@ -74,32 +79,39 @@ def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_a
 
 
 def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
-         debug_dir: str | None = None, search_space: dict | None = None) -> Plan:
+         debug_dir: str | None = None, search_space: dict | None = None,
+         mixed_precision: str | None = None) -> Plan:
     """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched.
 
     `search_space` narrows the search, with the fields of pcompile.search_space.SearchSpace,
-    e.g. {"pp_degrees": (1,)} for no pipelining or {"checkpoint": (False,)}."""
+    e.g. {"pp_degrees": (1,)} for no pipelining or {"checkpoint": (False,)}.
+    `mixed_precision` as in compile(): "bf16" costs bf16 parameters, gradients and activations
+    with fp32 master weights and optimizer moments."""
     _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True,
-                     search_space)
+                     search_space, mixed_precision)
     return ctx.plan
 
 
 def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
             debug_dir: str | None = None, capture: str = "auto", stop_after: str | None = None,
-            verify: bool = True, passes: list[str] | None = None, search_space: dict | None = None):
+            verify: bool = True, passes: list[str] | None = None, search_space: dict | None = None,
+            mixed_precision: str | None = None):
     """Plan (or take `plan`), rewrite and lower `model` for `cluster`.
 
     Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
     `passes` replaces the default pipeline (a list of registered pass names) for experiments.
+    `mixed_precision="bf16"`: the rank's module computes in bf16 while cm.parameters() (what the
+    optimizer steps, what full_state_dict / checkpoints hold) are fp32 masters (pcompile.precision);
+    None (the default) runs fp32 throughout.
     """
     from pcompile.backends import CompiledModel
 
     names = PIPELINE if passes is None else list(passes)
     ir, ctx, manager = _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify,
-                            search_space)
+                            search_space, mixed_precision)
     if stop_after is not None:
         return ir
-    compiled = CompiledModel(ir, ctx.plan, model, ctx.report)
+    compiled = CompiledModel(ir, ctx.plan, model, ctx.report, mixed_precision=mixed_precision)
     compiled.timings = manager.timings
     if torch.distributed.is_initialized() or ctx.plan.num_devices == 1:
         compiled.lower()

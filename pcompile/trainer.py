@@ -26,12 +26,15 @@ class StepLog:
 
 def train(model: torch.nn.Module, batch_at: Callable[[int], tuple], plan: pcompile.Plan | None, steps: int, *,
           cluster: pcompile.Cluster | None = None, checkpoint_dir: str | None = None, save_every: int = 0,
-          lr: float = 1e-3, on_step: Callable[[StepLog], None] | None = None) -> list[StepLog]:
+          lr: float = 1e-3, on_step: Callable[[StepLog], None] | None = None,
+          mixed_precision: str | None = None) -> list[StepLog]:
     """Train `steps` steps of AdamW; batch `batch_at(step)` must depend on the step only, so a
-    resumed run sees the same data as an uninterrupted one. Returns this run's step logs."""
+    resumed run sees the same data as an uninterrupted one. Returns this run's step logs.
+    With mixed_precision="bf16" AdamW steps the fp32 masters (cm.parameters()) and checkpoints
+    hold them, so a run may resume with or without mixed precision."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     cluster = cluster or pcompile.Cluster.local(world)
-    cm = pcompile.compile(model, cluster, batch_at(0), plan=plan)
+    cm = pcompile.compile(model, cluster, batch_at(0), plan=plan, mixed_precision=mixed_precision)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
     start = 0
     if checkpoint_dir and os.path.exists(os.path.join(checkpoint_dir, checkpoint.LATEST)):

@@ -1,0 +1,87 @@
+"""Mixed precision: bf16 compute with fp32 master weights (Megatron's Float16Module + its
+mixed-precision optimizer; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)).
+
+`compile(..., mixed_precision="bf16")` lowers the rank's module as usual, then `MasterWeights`
+  1. keeps an fp32 copy (the master) of every local parameter (its tp / ZeRO-3 shard), and
+     casts the module's floating parameters and buffers to bf16 (as Megatron's module.bfloat16():
+     an fp32 buffer would promote bf16 activations back to fp32);
+  2. `pull()` before each forward: the (possibly stepped) masters -> the bf16 parameters;
+  3. `cast_inputs()`: floating inputs to bf16 (FSDP2's cast_forward_inputs); integer ones as is;
+  4. `push_grads()` after backward: the bf16 gradients -> fp32 master gradients (accumulated in
+     fp32 across train_steps, as Megatron's main_grad), the bf16 ones freed.
+The backend then averages the master gradients over dp IN FP32 (cast first, then all-reduce:
+Megatron forces accumulate_allreduce_grads_in_fp32 for bf16) - a bf16 ring all-reduce rounds
+every partial sum to 8 bits, an error that grows with dp; fp32 costs twice the bytes.
+The user's optimizer is built on `CompiledModel.parameters()`, which are the masters, so it
+steps (and keeps its moments) in fp32 and checkpoints save fp32; the next train_step's
+`pull()` is the copy back to bf16 (done lazily so any optimizer and checkpoint.load work).
+"""
+from __future__ import annotations
+
+import torch
+
+from pcompile.errors import PcompileError
+
+DTYPES = {None: None, "bf16": torch.bfloat16}
+
+
+def compute_dtype(mixed_precision: str | None) -> torch.dtype | None:
+    """The compute dtype of a `mixed_precision` option (None: everything fp32)."""
+    if mixed_precision not in DTYPES:
+        raise PcompileError(f"unknown mixed_precision {mixed_precision!r}",
+                            f"use one of {list(DTYPES)} (None = fp32 everywhere, 'bf16' = bf16 compute "
+                            "with fp32 master weights)")
+    return DTYPES[mixed_precision]
+
+
+class MasterWeights:
+    """fp32 masters for a module whose parameters compute in `dtype`."""
+
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        self.dtype = dtype
+        self._module = module
+        self._names = [name for name, _ in module.named_parameters()]  # one name per tensor (tied ones once)
+        self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+                        for _, p in module.named_parameters()]
+        module.to(dtype)  # tied parameters stay one tensor
+        self._low = [p for _, p in module.named_parameters()]
+
+    def named_parameters(self):
+        return zip(self._names, self.masters)
+
+    def parameters(self):
+        return iter(self.masters)
+
+    def by_name(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter name of the module, tied aliases included (as state_dict lists them) -> its master."""
+        by_id = {id(low): master for low, master in zip(self._low, self.masters)}
+        return {name: by_id[id(p)] for name, p in self._module.named_parameters(remove_duplicate=False)}
+
+    def pull(self) -> None:
+        """Masters -> the module's bf16 parameters (after an optimizer step or checkpoint load)."""
+        with torch.no_grad():
+            for low, master in zip(self._low, self.masters):
+                low.copy_(master)
+
+    def cast_inputs(self, inputs: tuple) -> tuple:
+        return tuple(x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+                     for x in inputs)
+
+    def push_grads(self) -> None:
+        """bf16 gradients -> fp32 master gradients, the bf16 ones freed. (CompiledModel.train_step
+        clears the master gradients first and adds the earlier ones back in fp32 afterwards.)"""
+        for low, master in zip(self._low, self.masters):
+            master.grad = None if low.grad is None else low.grad.float()
+            low.grad = None
+
+
+def narrowed_space(mixed_precision: str | None, plan, search_space: dict) -> dict:
+    """The search space compile() can run under `mixed_precision`: the pipeline backend has no
+    mixed precision yet, so a bf16 search stays at pp = 1 and a forced pp > 1 plan is refused."""
+    if mixed_precision is None:
+        return search_space
+    pps = tuple(search_space.get("pp_degrees", (1,)))
+    if (plan is not None and plan.pp > 1) or 1 not in pps:
+        raise PcompileError(f"mixed_precision={mixed_precision!r} is not supported with pipeline parallelism "
+                            "(pp > 1) yet", "use mixed_precision=None, or a plan with pp=1")
+    return {**search_space, "pp_degrees": (1,)}
