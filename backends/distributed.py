@@ -18,19 +18,14 @@ import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
-from pcompile import collectives, precision, sdp
+from pcompile import collectives, precision, sdp, vocab_parallel
 from pcompile.errors import PcompileError
-from pcompile.ir import IR
+from pcompile.ir import IR, take_shards
 from pcompile.passes.pipeline_split import pipeline_of
 from pcompile.plan import Plan
 
 _COMPILE_IDS = itertools.count()
 AXES = ("dp", "tp")
-
-
-def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), attr
 
 
 def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
@@ -39,7 +34,8 @@ def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
             continue
         for node in module.graph.nodes:
             if node.op == "call_function" and (node.target in collectives.COLLECTIVES
-                                               or node.target in sdp.COLLECTIVES):
+                                               or node.target in sdp.COLLECTIVES
+                                               or node.target in vocab_parallel.COLLECTIVES):
                 node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
         module.recompile()
 
@@ -50,7 +46,7 @@ def gather_shards(local: torch.Tensor, sharding, groups: dict) -> torch.Tensor:
         return local.detach().clone()
     parts = [torch.empty_like(local) for _ in range(sharding.size)]
     dist.all_gather(parts, local.detach().contiguous(), group=groups[sharding.axis])
-    return torch.cat(parts, dim=sharding.dim)
+    return sharding.join(parts)
 
 
 class CompiledModel:
@@ -99,11 +95,7 @@ class CompiledModel:
             _bind_axes(gm, keys)
         else:
             self.groups, self.coords = {}, {axis: 0 for axis in AXES}
-        for name, sharding in self.ir.param_shardings.items():
-            owner, attr = _owner(gm, name)
-            full = getattr(owner, attr)
-            local = full.detach().chunk(sharding.size, dim=sharding.dim)[self.coords[sharding.axis]].clone()
-            setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
+        take_shards(gm, self.ir.param_shardings, self.coords)  # tied weights stay one parameter
         # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
         self.sdp_shardings = sdp.shard_parameters(gm, sdp.param_shardings(self.ir.gm), self.coords)
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards

@@ -6,6 +6,10 @@ Each pp rank p runs the stages s with s mod pp = p (`passes/pipeline_split.py` c
 Inside a stage the (dp, tp) lowering of `backends/distributed.py` applies: rank 0's weights
 are broadcast, split parameters keep this rank's tp shard, tp collectives are bound to the
 stage's tp group and gradients are averaged over the dp group after the schedule ran.
+ZeRO-3 (sdp) layers keep this rank's dp chunk of their parameters (of its tp shard); their
+`sdp_gather` nodes are bound to the stage's dp group, so each micro-batch gathers them and
+reduce-scatters (averages over dp) its gradient into the chunk's .grad, where the
+micro-batches accumulate; those gradients skip the dp all-reduce.
 
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
@@ -25,9 +29,9 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from pcompile import collectives
+from pcompile import collectives, sdp
 from pcompile.errors import PcompileError
-from pcompile.ir import IR
+from pcompile.ir import IR, ParamSharding
 from pcompile.passes.pipeline_split import PipelineSplit
 from pcompile.plan import Plan
 
@@ -54,6 +58,33 @@ def _shard_parameters(modules: list[torch.nn.Module], ir: IR, coords: dict[str, 
             full = getattr(owner, attr)
             local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
             setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
+
+
+def sdp_aliases(gm: torch.fx.GraphModule) -> dict[str, ParamSharding]:
+    """Every name (tied aliases included) of each sdp parameter -> its sharding over dp."""
+    shardings = sdp.param_shardings(gm)
+    by_id = {id(gm.get_parameter(name)): sharding for name, sharding in shardings.items()}
+    return {name: by_id[id(p)] for name, p in gm.named_parameters(remove_duplicate=False) if id(p) in by_id}
+
+
+def _shard_sdp(modules: list[torch.nn.Module], shardings: dict[str, ParamSharding],
+               coords: dict[str, int]) -> set[int]:
+    """Keep this rank's dp chunk of every sdp parameter (taken from its tp shard), one chunk per
+    parameter object, so a parameter shared by two of this rank's stages stays shared. Returns
+    the ids of the chunks."""
+    chunks: dict[int, torch.nn.Parameter] = {}
+    for module in modules:
+        for name, full in list(module.named_parameters(remove_duplicate=False)):
+            sharding = shardings.get(name)
+            if sharding is None:
+                continue
+            if id(full) not in chunks:
+                local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]]
+                chunks[id(full)] = torch.nn.Parameter(local.clone(memory_format=torch.contiguous_format),
+                                                      requires_grad=full.requires_grad)
+            path, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(path) if path else module, attr, chunks[id(full)])
+    return {id(p) for p in chunks.values()}
 
 
 def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None, group=None,
@@ -100,6 +131,8 @@ class PipelineRuntime:
         mine = [s for s in split.stages if s.rank == self.coords["pp"]]
         self.modules = [stage_gms[s.index] for s in mine]
         _shard_parameters(self.modules, ir, self.coords)
+        self.sdp_shardings = sdp_aliases(ir.gm)
+        self.sdp_params = _shard_sdp(self.modules, self.sdp_shardings, self.coords)
         for module in self.modules:
             bind_axes(module, keys)
         self.owners = _owners(split)
@@ -164,9 +197,9 @@ class PipelineRuntime:
             grad = params[name].grad if name in params else None
             if group is not None and grad is not None:
                 dist.all_reduce(grad, group=group)
-        if self.dp > 1:
+        if self.dp > 1:  # sdp chunks' gradients were reduce-scattered over dp in backward already
             for p in params.values():
-                if p.grad is not None:
+                if p.grad is not None and id(p) not in self.sdp_params:
                     dist.all_reduce(p.grad, group=self.groups["dp"])
                     p.grad.div_(self.dp)
         loss = torch.stack([x.detach() for x in losses]).mean() if self.is_last else torch.zeros((), device=self.device)
@@ -180,6 +213,7 @@ class PipelineRuntime:
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         from pcompile.backends.distributed import gather_shards  # distributed imports this module
 
+        local = sdp.unshard(local, self.sdp_shardings.get(name), self.groups["dp"])  # dp, then tp
         return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
 
     def _from_owners(self, items: list[tuple[str, torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:

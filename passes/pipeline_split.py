@@ -1,11 +1,12 @@
 """Rewrite: cut the graph into pipeline stages (plan.pp > 1).
 
-Stage assignment. `plan.layers[i].stage` when the plan gives stages, else a balanced split:
-the repeated blocks are cut into contiguous runs minimising the largest stage cost
-max_s sum_{l in s} (fwd + bwd FLOPs of l), with "pre" counted in the first stage and "post"
-in the last (dynamic programme over cut points, O(S L^2)). With the interleaved schedule
-each pp rank runs 2 model chunks, so there are S = 2 pp stages and stage s runs on pp rank
-s mod pp (the looped placement torch's ScheduleInterleaved1F1B expects).
+Stage assignment. There are S = pp * plan.virtual_stages stages (model chunks): each pp rank
+runs v = plan.virtual_stages of them (v > 1 only with interleaved 1F1B), stage s on pp rank
+s mod pp (the looped placement torch's ScheduleInterleaved1F1B expects); with v = 1 a stage
+is a pp rank. `plan.layers[i].stage` (a stage index 0..S-1) when the plan gives stages, else
+a balanced split: the repeated blocks are cut into contiguous runs minimising the largest
+stage cost max_s sum_{l in s} (fwd + bwd FLOPs of l), with "pre" counted in the first stage
+and "post" in the last (dynamic programme over cut points, O(S L^2)).
 
 Cut. Each stage becomes its own fx.GraphModule whose positional inputs are the activations
 live across its left boundary (tensors computed in an earlier stage and used here or later;
@@ -16,8 +17,7 @@ call_module under their original names, so a stage's state_dict keys are the mod
 The last stage returns the model's output: the loss of its micro-batch.
 
 The flat graph stays `ir.gm` (other passes and the debug dump read it); the cut is recorded
-as a `PipelineSplit` in `ir.gm.meta[PIPELINE_KEY]`, and for GPipe / 1F1B (one stage per pp
-rank) also as the layers' stages in `plan.layers`.
+as a `PipelineSplit` in `ir.gm.meta[PIPELINE_KEY]`, and as the layers' stages in `plan.layers`.
 Tied parameters (GPT's embedding = LM head) end up in two stages on different ranks:
 the backend all-reduces their gradient between the owning ranks after backward, so the
 copies receive the same update (`PipelineSplit.tied`).
@@ -63,8 +63,8 @@ def pipeline_of(ir: IR) -> PipelineSplit | None:
 
 
 def virtual_stages(plan: Plan) -> int:
-    """Model chunks per pp rank: 2 for the interleaved schedule, else 1."""
-    return 2 if plan.schedule == "Interleaved1F1B" else 1
+    """Model chunks per pp rank (Plan validates: >= 2 exactly for the interleaved schedule)."""
+    return plan.virtual_stages
 
 
 # -- assignment ----------------------------------------------------------------------------
@@ -106,10 +106,6 @@ def assign_stages(ir: IR, plan: Plan, num_stages: int) -> dict[str, int]:
     units = _units(ir)
     given = {a.layer: a.stage for a in plan.layers}
     if any(stage for stage in given.values()):
-        if num_stages != plan.pp:
-            raise PcompileError("the plan gives layer stages (one contiguous stage per pp rank) but schedule "
-                                f"Interleaved1F1B runs {num_stages // plan.pp} chunks per rank, placed round-robin",
-                                "leave the layers' stages at 0 so pcompile balances the chunks, or use 1F1B / GPipe")
         stages = {layer: given.get(layer, 0 if layer == "pre" else num_stages - 1 if layer == "post" else None)
                   for layer in ir.layers}
         missing = [layer for layer, s in stages.items() if s is None]
@@ -121,8 +117,9 @@ def assign_stages(ir: IR, plan: Plan, num_stages: int) -> dict[str, int]:
         return stages
     if len(units) < num_stages:
         raise PcompileError(f"the model has {len(units)} layers to cut but the plan needs {num_stages} pipeline "
-                            f"stages (pp={plan.pp}, schedule {plan.schedule})",
-                            "use a smaller pp, a non-interleaved schedule, or a model with more blocks")
+                            f"stages (pp={plan.pp} x virtual_stages={plan.virtual_stages})",
+                            "use a smaller pp or virtual_stages, a non-interleaved schedule, or a model with more "
+                            "blocks")
     costs = [ir.total("flops", u) + ir.total("bwd_flops", u) for u in units]
     first = ir.total("flops", "pre") + ir.total("bwd_flops", "pre") if "pre" in ir.layers else 0
     last = ir.total("flops", "post") + ir.total("bwd_flops", "post") if "post" in ir.layers else 0
@@ -277,10 +274,9 @@ def pipeline_split(ir: IR, ctx: PassContext) -> IR:
     check_schedule(plan, int(first.shape[0]) if getattr(first, "ndim", 0) else 1)
     result = split(ir, plan, _canonical(ctx))
     ir.gm.meta[PIPELINE_KEY] = result
-    if virtual_stages(plan) == 1:  # Plan.layers' stage is the pp rank: interleaved chunks are not expressible
-        stage_of = {layer: s.index for s in result.stages for layer in s.layers}
-        ctx.plan = dataclasses.replace(plan, layers=tuple(
-            LayerAssignment(layer, plan.strategy_for(layer), stage_of[layer]) for layer in ir.layers))
+    stage_of = {layer: s.index for s in result.stages for layer in s.layers}
+    ctx.plan = dataclasses.replace(plan, layers=tuple(
+        LayerAssignment(layer, plan.strategy_for(layer), stage_of[layer]) for layer in ir.layers))
     for s in result.stages:
         ctx.report.append(f"pipeline stage {s.index} on pp rank {s.rank}: {s.layers[0]}..{s.layers[-1]}, "
                           f"receives {list(s.inputs) or 'the model inputs'}")

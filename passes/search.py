@@ -11,10 +11,10 @@ rewrite passes can run today:
   heads and hidden sizes) and is the same for every layer, because the backend builds one
   (pp, dp, tp) mesh. So the engine runs once per valid tp degree and the fastest wins;
   baselines are merged across the runs (each family is best in the run of its own tp).
-- sdp (ZeRO-3) only without pipelining (the pipeline backend does not shard over dp yet), so
-  the engine runs twice per tp: pp = 1 with sdp, and pp > 1 without;
-- no sequence parallelism yet (no sp rewrite), and interleaved 1F1B is not searched (its
-  virtual stages cannot be written into a Plan yet).
+- sdp (ZeRO-3) with and without pipelining (the pipeline backend gathers sdp parameters per
+  micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
+  1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
+- no sequence parallelism yet (no sp rewrite).
 
 A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
 uniform estimate.
@@ -36,7 +36,7 @@ from pcompile.search_result import SearchResult, to_plan
 from pcompile.search_space import SearchSpace
 
 # What the rewrite passes can run (see the module docstring).
-SUPPORTED_SPACE = dict(sp=(False,), schedules=("1F1B", "GPipe"))
+SUPPORTED_SPACE = dict(sp=(False,), schedules=("1F1B", "GPipe", "Interleaved1F1B"))
 
 
 def split_info(ir: IR, tp: int) -> tuple[SplitInfo, dict[str, str]]:
@@ -179,15 +179,11 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     results, errors = [], []
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
-    pps = [p for p in (2**k for k in range(1, devices.bit_length())) if devices % p == 0]
-    spaces = [dict(pp_degrees=(1,))] + ([dict(pp_degrees=tuple(pps), sdp=(False,))] if pps else [])
     user = dict(ctx.options.get("search_space", {}))
     if "tp_degrees" in user:
         tps = [t for t in tps if t in user.pop("tp_degrees")]
-    for tp, extra in [(t, e) for t in tps if rejected[t] is None for e in spaces]:
-        extra = _narrow(extra, user)
-        if extra is None:
-            continue
+    extra = _narrow({}, user)  # one engine run per tp covers every pp, with and without sdp
+    for tp in [t for t in tps if rejected[t] is None and extra is not None]:
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
             global_batch=batch_size(ctx), cost=cost,

@@ -21,7 +21,10 @@ applied after any tensor-parallel split (`pcompile.sdp.param_shardings`).
 A tied parameter read by an sdp layer and a dp layer is sharded (the dp layer gathers it
 too). A parameter with no dim divisible by dp stays replicated and data parallel.
 Ordering: after tensor_parallel and operator_split (it rewrites their Linears' reads), before
-checkpoint and pipeline_split (they move the gathers into regions and stages).
+checkpoint and pipeline_split (they move the gathers into regions and stages). With pp > 1 a
+unit never spans layers, so pipeline_split, which cuts at layer boundaries, keeps each gather
+in the stage of its ops: every micro-batch gathers the unit and reduce-scatters its gradient,
+the shards' .grad accumulating the micro-batches' chunks.
 """
 from __future__ import annotations
 
@@ -53,15 +56,12 @@ class Read:
 
 
 def sdp_layers(ir: IR, ctx: PassContext) -> dict[str, int]:
-    """Layer -> dp degree, for the layers the plan runs as ZeRO-3 over more than one rank."""
-    mesh_dp = ctx.plan.default.dp
+    """Layer -> dp degree, for the layers the plan runs as ZeRO-3 over more than one rank (a dp
+    other than the default mesh's gets its own axis in the `reshard` pass)."""
     out = {}
     for layer in ir.layers:
         strategy = ctx.plan.strategy_for(layer)
         if strategy.sdp and strategy.dp > 1:
-            if strategy.dp != mesh_dp:
-                raise PcompileError(f"layer {layer!r} is sdp over dp={strategy.dp} but the mesh's dp axis has "
-                                    f"{mesh_dp} ranks", "give sdp layers the plan's default dp degree")
             out[layer] = strategy.dp
     return out
 
@@ -140,13 +140,17 @@ def _annotate(ir: IR, node: fx.Node, like: fx.Node, sharding: str | None = None,
     return node
 
 
-def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: set[str]) -> list[list[fx.Node]]:
+def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: set[str],
+                 share_tied: bool = True) -> list[list[fx.Node]]:
     """The ops reading sharded parameters, grouped into units whose parameters are gathered
     together: one unit per layer (FSDP's granularity: one collective per layer and direction),
     or one per op in the layers of `per_op` (operator splitting: one op's weights, 1/k of a split
     Linear's, are gathered at a time). Layers that share a parameter (GPT's embedding = LM head)
-    share a unit, gathered once, as FSDP must group tied weights. Each unit's ops are in graph
-    order; units are ordered by their last op."""
+    share a unit, gathered once, as FSDP must group tied weights; not when `share_tied` is off
+    (pipelining: the layers may run in different stages, on different ranks, and a shared unit
+    would send the gathered weight between them; each gathers it, autograd sums both
+    reduce-scattered gradients in the shard). Each unit's ops are in graph order; units are
+    ordered by their last op."""
     order = {node: i for i, node in enumerate(ir.graph.nodes)}
     by_key: dict[object, list[fx.Node]] = {}
     for node in ir.graph.nodes:
@@ -158,7 +162,7 @@ def gather_units(ir: IR, reads: dict[fx.Node, dict], shardings: dict, per_op: se
     for key, nodes in by_key.items():
         if isinstance(key, str):
             names = {r.name for n in nodes for r in reads[n].values() if r.name in shardings}
-            key = next((owner[name] for name in names if name in owner), key)
+            key = next((owner[name] for name in names if name in owner), key) if share_tied else key
             for name in names:
                 owner.setdefault(name, key)
         units.setdefault(key, []).extend(nodes)
@@ -285,22 +289,22 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     layers = sdp_layers(ir, ctx)
     if not layers:
         return ir
-    if ctx.plan.pp > 1:
-        raise PcompileError("sharded data parallelism (sdp) inside pipeline stages is not lowered yet",
-                            "use sdp=False in plans with pp > 1, or pp=1 with sdp")
     reads = parameter_reads(ir)
     shardings, replicated = choose_shardings(ir, reads, layers)
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
     recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}
     expected = {}
-    units = gather_units(ir, reads, shardings, per_op)
+    units = gather_units(ir, reads, shardings, per_op, share_tied=ctx.plan.pp == 1)
     for consumers in units:
         wanted = list(dict.fromkeys(r for c in consumers for r in reads[c].values() if r.name in shardings))
         gather, items = _gather(ir, consumers, wanted, shardings)
         expected[gather] = [full_shape(ir, r) for r in wanted]
         for node in consumers:
             gathered = {slot: items[read] for slot, read in reads[node].items() if read.name in shardings}
-            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed or consumers is units[-1])
+            # A collective reading a parameter (sp's tp_copy of a norm weight) runs plainly: the
+            # backend binds axis names only in collective nodes, not inside sdp_function's arguments.
+            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed or consumers is units[-1]
+                  or node.target in collectives.COLLECTIVES)
     _erase_dead(ir, [slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)])
     ir.graph.lint()
     ir.gm.recompile()

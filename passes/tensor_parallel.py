@@ -4,9 +4,13 @@ From the sharding propagation (tp_rules): column-parallel Linears get their weig
 bias) split along the output features and their input passed through `tp_copy` (all-reduce
 in backward); row-parallel Linears become `linear(x, W_shard)` -> `tp_reduce` -> `+ bias`;
 views get their split dim's size divided; shape queries on split tensors return the full
-shape; replicated operands meeting split ones are sliced with `tp_scatter`. After the
-rewrite the graph is run on fake tensors with the local shard shapes to check every node's
-local shape is its global shape with the split dim divided.
+shape; replicated operands meeting split ones are sliced with `tp_scatter`. Vocab
+parallelism (Megatron): an embedding whose table is split along the vocabulary becomes
+`vocab_embedding` (this rank's rows, others zero) -> `tp_reduce`, and a cross-entropy of
+logits split along the vocabulary (the LM head is a column Linear) becomes
+`vocab_parallel_cross_entropy`; a tied table keeps one sharding under all its names. After
+the rewrite the graph is run on fake tensors with the local shard shapes to check every
+node's local shape is its global shape with the split dim divided.
 """
 from __future__ import annotations
 
@@ -16,12 +20,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from pcompile import collectives
+from pcompile import collectives, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta, ParamSharding
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.passes._fake import fake_run
+from pcompile.passes.tp_ops import embedding_parts, loss_parts
 from pcompile.passes.tp_rules import Propagation, linear_parts, plan_tensor_parallel
+from pcompile.passes.tp_vocab import aliases
 
 AXIS = "tp"
 
@@ -85,6 +91,49 @@ def _rewrite_row(ir: IR, node: fx.Node, degree: int) -> None:
     graph.erase_node(node)
 
 
+def _rewrite_embedding(ir: IR, node: fx.Node, degree: int) -> None:
+    """embedding(ids, W) with W split along the vocabulary: this rank's rows, then the sum."""
+    parts = embedding_parts(ir.gm, node)
+    graph = ir.graph
+    read = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == parts.weight]
+    with graph.inserting_before(node):
+        weight = read[0] if read else graph.get_attr(parts.weight)  # call_module Embedding reads it itself
+        local = graph.call_function(vocab_parallel.vocab_embedding,
+                                    (parts.ids, weight, AXIS, degree, parts.padding_idx))
+        reduced = graph.call_function(collectives.tp_reduce, (local, AXIS, degree))
+    _annotate_param(ir, weight, node, parts.weight, f"S(0)@{AXIS}")
+    ir.meta(weight).param_bytes = ir.meta(node).param_bytes
+    for attr in ("flops", "bwd_flops", "saved_bytes"):
+        setattr(ir.meta(local), attr, getattr(ir.meta(node), attr))
+    _annotate(ir, local, node, f"P@{AXIS}")
+    _annotate(ir, reduced, node, "R")
+    node.replace_all_uses_with(reduced)
+    graph.erase_node(node)
+
+
+def _rewrite_loss(ir: IR, node: fx.Node, degree: int) -> None:
+    """cross_entropy(logits split along the classes, targets) without gathering the logits."""
+    parts = loss_parts(ir.gm, node)
+    with ir.graph.inserting_before(node):
+        loss = ir.graph.call_function(vocab_parallel.vocab_parallel_cross_entropy,
+                                      (parts.logits, parts.target, AXIS, degree, parts.ignore_index, parts.reduction))
+    meta = _annotate(ir, loss, node, "R")
+    for attr in ("flops", "bwd_flops", "saved_bytes"):
+        setattr(meta, attr, getattr(ir.meta(node), attr))
+    node.replace_all_uses_with(loss)
+    ir.graph.erase_node(node)
+
+
+def _with_aliases(ir: IR, shardings: dict[str, ParamSharding]) -> dict[str, ParamSharding]:
+    """The sharding of a tied parameter under every name it has (the planner made its readers
+    agree), so the backend chunks it once and full views find it by any name."""
+    names = aliases(ir)
+    out = dict(shardings)
+    for name, sharding in shardings.items():
+        out.update(dict.fromkeys(names.get(name, [name]), sharding))
+    return out
+
+
 def _divide(graph: fx.Graph, node: fx.Node, value, degree: int):
     if isinstance(value, int):
         return value if value == -1 else value // degree
@@ -128,11 +177,7 @@ def _rewrite_scatter(ir: IR, p: Propagation, user: fx.Node, source: fx.Node, dim
 
 
 def local_shape(shape, sharding: ParamSharding | None):
-    if sharding is None:
-        return shape
-    shape = list(shape)
-    shape[sharding.dim] //= sharding.size
-    return torch.Size(shape)
+    return shape if sharding is None else sharding.local_shape(shape)
 
 
 def check_local_shapes(ir: IR, inputs: tuple, p: Propagation) -> None:
@@ -177,7 +222,9 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     for node in p.row:
         parts = linear_parts(ir.gm, node)
         shardings[parts.weight] = ParamSharding(AXIS, 1 - parts.out_dim, p.degree[parts.input])
-    ir = ir.replace(param_shardings=shardings)
+    for node, degree in p.embeddings.items():
+        shardings[embedding_parts(ir.gm, node).weight] = ParamSharding(AXIS, 0, degree)
+    ir = ir.replace(param_shardings=_with_aliases(ir, shardings))
     for node, dim in p.split_dim.items():
         ir.meta(node).sharding = f"S({dim})@{AXIS}"
     # Record the inputs' degrees before nodes are replaced.
@@ -191,8 +238,14 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
         _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
     for node, degree in row_degree.items():
         _rewrite_row(ir, node, degree)
+    for node, degree in p.embeddings.items():
+        _rewrite_embedding(ir, node, degree)
+    for node, degree in p.losses.items():
+        _rewrite_loss(ir, node, degree)
     ir.graph.lint()
     ir.gm.recompile()
     check_local_shapes(ir, ctx.example_inputs, p)
-    ctx.report.append(f"tensor parallel: {len(p.column)} column-parallel and {len(row_degree)} row-parallel Linears")
+    ctx.report.append(f"tensor parallel: {len(p.column)} column-parallel and {len(row_degree)} row-parallel Linears, "
+                      f"{len(p.embeddings)} vocab-parallel embeddings, {len(p.losses)} vocab-parallel cross-entropies")
+    ctx.report.extend(f"vocab parallel: {note}" for note in p.notes)
     return ir

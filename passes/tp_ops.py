@@ -34,6 +34,9 @@ SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, aten.soft
            aten.log_softmax.int, aten._log_softmax.default}
 LINEARS = {F.linear, torch._C._nn.linear, aten.linear.default}  # weight [out, in]
 ADDMMS = {torch.addmm, aten.addmm.default}  # addmm(bias, x, weight): weight [in, out] (GPT-2's Conv1D)
+EMBEDDINGS = {F.embedding, aten.embedding.default}
+CROSS_ENTROPY = {F.cross_entropy, aten.cross_entropy_loss.default}
+REDUCTIONS = ("none", "mean", "sum")  # aten.cross_entropy_loss numbers them 0, 1, 2
 FUNCTION_KINDS = {
     torch.reshape: "view", aten.view.default: "view", aten.reshape.default: "view", aten._unsafe_view.default: "view",
     aten.expand.default: "expand", torch.transpose: "transpose", aten.transpose.int: "transpose",
@@ -82,11 +85,85 @@ def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
     return None
 
 
+@dataclass(frozen=True)
+class EmbeddingParts:
+    ids: fx.Node
+    weight: str  # the parameter's name as the graph reads it
+    padding_idx: int | None
+    unsupported: str = ""  # why it cannot be split along the vocabulary ("" when it can)
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
+
+
+def embedding_parts(gm: fx.GraphModule, node: fx.Node) -> EmbeddingParts | None:
+    """nn.Embedding, F.embedding(ids, W, padding_idx, max_norm, ...) or aten.embedding(W, ids,
+    padding_idx=-1, scale_grad_by_freq, sparse) reading a parameter table."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.Embedding) and node.args:
+        m = gm.get_submodule(node.target)
+        ids, weight, padding, options = node.args[0], f"{node.target}.weight", m.padding_idx, \
+            (m.max_norm is not None, m.scale_grad_by_freq, m.sparse)
+    elif node.op == "call_function" and node.target is F.embedding:
+        ids, weight, padding = node.args[0], _arg(node, 1, "weight"), _arg(node, 2, "padding_idx")
+        options = (_arg(node, 3, "max_norm") is not None, _arg(node, 5, "scale_grad_by_freq", False),
+                   _arg(node, 6, "sparse", False))
+    elif node.op == "call_function" and node.target is aten.embedding.default:
+        weight, ids, padding = node.args[0], node.args[1], _arg(node, 2, "padding_idx", -1)
+        padding = None if padding == -1 else padding
+        options = (False, _arg(node, 3, "scale_grad_by_freq", False), _arg(node, 4, "sparse", False))
+    else:
+        return None
+    if isinstance(weight, fx.Node):
+        if not _param_attr(weight):
+            return None
+        weight = weight.target
+    why = "" if not any(options) else "max_norm, scale_grad_by_freq or sparse (they need the whole table)"
+    return EmbeddingParts(ids, weight, padding, why)
+
+
+@dataclass(frozen=True)
+class LossParts:
+    logits: fx.Node
+    target: fx.Node
+    ignore_index: int
+    reduction: str
+    unsupported: str = ""  # why the parallel cross-entropy cannot compute it ("" when it can)
+
+
+def loss_parts(gm: fx.GraphModule, node: fx.Node) -> LossParts | None:
+    """F.cross_entropy / nn.CrossEntropyLoss / aten.cross_entropy_loss with its options."""
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.CrossEntropyLoss):
+        m = gm.get_submodule(node.target)
+        logits, target = node.args[0], _arg(node, 1, "target")
+        weight, ignore, reduction, smoothing = m.weight, m.ignore_index, m.reduction, m.label_smoothing
+    elif node.op == "call_function" and node.target is F.cross_entropy:
+        logits, target, weight = node.args[0], _arg(node, 1, "target"), _arg(node, 2, "weight")
+        ignore, smoothing = _arg(node, 4, "ignore_index", -100), _arg(node, 7, "label_smoothing", 0.0)
+        reduction = _arg(node, 6, "reduction", "mean")
+        if _arg(node, 3, "size_average") is not None or _arg(node, 5, "reduce") is not None:
+            reduction = None
+    elif node.op == "call_function" and node.target is aten.cross_entropy_loss.default:
+        logits, target, weight = node.args[0], node.args[1], _arg(node, 2, "weight")
+        reduction = REDUCTIONS[_arg(node, 3, "reduction", 1)]
+        ignore, smoothing = _arg(node, 4, "ignore_index", -100), _arg(node, 5, "label_smoothing", 0.0)
+    else:
+        return None
+    why = ""
+    if weight is not None or smoothing or reduction not in REDUCTIONS or not isinstance(ignore, int):
+        why = "cross-entropy with class weights, label smoothing or the legacy size_average/reduce"
+    return LossParts(logits, target, ignore, reduction, why)
+
+
 def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if isinstance(module, nn.Linear):
             return "linear"
+        if isinstance(module, nn.Embedding):
+            return "embedding"
+        if isinstance(module, nn.CrossEntropyLoss):
+            return "cross_entropy"
         return "unary" if isinstance(module, UNARY_MODULES) else "other"
     if node.op == "call_function":
         t = node.target
@@ -98,6 +175,10 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return "binary"
         if t in SOFTMAX:
             return "softmax"
+        if t in EMBEDDINGS:
+            return "embedding" if embedding_parts(gm, node) is not None else "other"
+        if t in CROSS_ENTROPY:
+            return "cross_entropy"
         if t is builtins.getattr and node.args[1] == "shape":
             return "size"
         return FUNCTION_KINDS.get(t, "other")

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts
+from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts, loss_parts
+from pcompile.passes.tp_vocab import disagreements, vocab_embeddings
 
 __all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "view_groups",
            "view_split_dim"]
@@ -41,6 +42,9 @@ class Propagation:
     size_nodes: dict[fx.Node, int] = field(default_factory=dict)  # shape/size query on a split tensor
     scatters: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)  # (user, replicated input, dim)
     failure: tuple[fx.Node, str, frozenset] | None = None
+    losses: dict[fx.Node, int] = field(default_factory=dict)  # cross-entropy of vocab-split logits -> tp
+    embeddings: dict[fx.Node, int] = field(default_factory=dict)  # embedding split along the vocabulary -> tp
+    notes: list[str] = field(default_factory=list)  # what stayed whole for vocab parallelism, and why
 
 
 def _ndim(ir: IR, node) -> int:
@@ -290,6 +294,19 @@ def _size(ir, p, node, dim, degree, origins):
     p.size_nodes[node] = dim
 
 
+def _cross_entropy(ir, p, node, dim, degree, origins):
+    """Logits split along the class dim (an LM head split along the vocabulary): the parallel
+    cross-entropy (pcompile/vocab_parallel.py) computes the replicated loss from the shards."""
+    parts = loss_parts(ir.gm, node)
+    if parts.unsupported:
+        return parts.unsupported
+    if parts.target in p.split_dim or dim != (1 if _ndim(ir, parts.logits) >= 2 else 0):
+        return "cross-entropy of logits split along another dim than the classes"
+    if "float" in (ir.meta(parts.target).dtype or ""):
+        return "cross-entropy against class probabilities"
+    p.losses[node] = degree
+
+
 def _size_at(ir: IR, node: fx.Node, out_dim: int, out_ndim: int) -> int:
     """Size of `node` at output dim `out_dim` after right-aligned broadcasting (1 if absent)."""
     shape = ir.meta(node).shape or ()
@@ -315,7 +332,7 @@ def _binary(ir: IR, p: Propagation, node: fx.Node, dim, degree: int, origins: fr
 RULES = {"unary": _unary, "binary": _binary, "view": _view, "expand": _expand, "unsqueeze": _unsqueeze,
          "slice": _slice, "select": _select, "cat": _cat, "split": _split, "getitem": _getitem,
          "transpose": _transpose, "permute": _permute, "flatten": _flatten, "softmax": _softmax, "sdpa": _sdpa,
-         "matmul": _matmul, "size": _size}
+         "matmul": _matmul, "size": _size, "cross_entropy": _cross_entropy}
 
 
 def _fail(p: Propagation, node: fx.Node, why: str, source: fx.Node | None = None,
@@ -350,13 +367,35 @@ def _feeds_split_work(ir: IR, p: Propagation, origins: list[fx.Node]) -> bool:
     return False
 
 
+NO_LINEAR = "no Linear in the layer"
+
+
 def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
     per layer left unsplit (or split only partly because tp does not divide a head count or a
-    feature size), the reason."""
+    feature size), the reason. Embeddings split along the vocabulary where every reader of
+    their table (a tied LM head) splits it the same way (tp_vocab); `p.notes` says what did not."""
+    embeddings, notes = vocab_embeddings(ir, layer_degree)
+    dropped: set[fx.Node] = set()
+    while True:
+        p, reasons = _fixed_point(ir, layer_degree, dropped)
+        drop_emb, drop_col, why = disagreements(ir, p, embeddings)
+        if not drop_emb and not drop_col:
+            break
+        notes += why
+        embeddings = {n: d for n, d in embeddings.items() if n not in drop_emb}
+        dropped |= drop_col
+    p.embeddings, p.notes = embeddings, list(dict.fromkeys(notes))
+    for layer in {ir.meta(n).layer for n in embeddings}:
+        if reasons.get(layer) == NO_LINEAR:  # split all the same: its embedding
+            del reasons[layer]
+    return p, reasons
+
+
+def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) -> tuple[Propagation, dict[str, str]]:
     candidates = {n: layer_degree[ir.meta(n).layer] for n in ir.graph.nodes
-                  if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1}
+                  if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1 and n not in dropped}
     reasons: dict[str, str] = {}
     indivisible: dict[str, str] = {}  # a degree that does not divide heads / features is never "partly fine"
     indivisible_origins: dict[str, list[fx.Node]] = {}
@@ -378,7 +417,7 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
         p = propagate(ir, candidates, _before(p, index, start), start)
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
-            reasons.setdefault(layer, "no Linear in the layer")
+            reasons.setdefault(layer, NO_LINEAR)
         elif layer in indivisible and not _feeds_split_work(ir, p, indivisible_origins[layer]):
             reasons[layer] = indivisible[layer]
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
@@ -35,11 +36,58 @@ class NodeMeta:
 
 @dataclass(frozen=True)
 class ParamSharding:
-    """A parameter split into `size` equal chunks along `dim` over mesh `axis`."""
+    """A parameter split into `size` equal chunks along `dim` over mesh `axis`.
+
+    With `blocks` > 1 the parameter is `blocks` equal blocks along `dim` (a fused projection:
+    GPT-2's c_attn holds q, k and v side by side) and each block is chunked by `size`: rank r
+    keeps the r-th chunk of every block, so its local q, k and v are again side by side."""
 
     axis: str
     dim: int
     size: int
+    blocks: int = 1
+
+    def chunk(self, full: torch.Tensor, rank: int) -> torch.Tensor:
+        """Rank `rank`'s part of the full tensor (a view when blocks == 1)."""
+        if self.blocks == 1:
+            return full.chunk(self.size, dim=self.dim)[rank]
+        return torch.cat([block.chunk(self.size, dim=self.dim)[rank]
+                          for block in full.chunk(self.blocks, dim=self.dim)], dim=self.dim)
+
+    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """The full tensor from every rank's part, in rank order (inverse of `chunk`)."""
+        if self.blocks == 1:
+            return torch.cat(parts, dim=self.dim)
+        per_rank = [part.chunk(self.blocks, dim=self.dim) for part in parts]
+        return torch.cat([per_rank[r][b] for b in range(self.blocks) for r in range(len(parts))], dim=self.dim)
+
+    def local_shape(self, shape) -> torch.Size:
+        shape = list(shape)
+        shape[self.dim] //= self.size
+        return torch.Size(shape)
+
+
+def take_shards(module: torch.nn.Module, shardings: dict[str, ParamSharding], coords: dict[str, int]) -> None:
+    """Replace every split parameter of `module` by this rank's part, under every name it has:
+    tied weights (a GPT's embedding and LM head) stay one parameter, chunked once. Names
+    `module` does not hold (another pipeline stage's) are skipped."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    done: set[int] = set()
+    for name, sharding in shardings.items():
+        try:
+            full = module.get_parameter(name)
+        except AttributeError:
+            continue
+        if id(full) in done:
+            continue
+        local = sharding.chunk(full.detach(), coords[sharding.axis]).clone(memory_format=torch.contiguous_format)
+        local = torch.nn.Parameter(local, requires_grad=full.requires_grad)
+        for alias in names[id(full)]:
+            path, _, attr = alias.rpartition(".")
+            setattr(module.get_submodule(path) if path else module, attr, local)
+        done.add(id(local))
 
 
 @dataclass

@@ -82,6 +82,7 @@ class Plan:
     pp: int = 1
     num_microbatches: int = 1
     schedule: str = "1F1B"
+    virtual_stages: int = 1  # model chunks per pp rank (Interleaved1F1B: >= 2); stage s runs on pp rank s mod pp
     model: str = ""  # fingerprint of the model the plan was made for ("" = any)
     estimate: Estimate | None = None
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
@@ -89,15 +90,27 @@ class Plan:
     explanation: str = field(default="", compare=False)  # the search's per-layer reasoning
 
     def __post_init__(self):
-        for name in ("num_devices", "pp", "num_microbatches"):
+        for name in ("num_devices", "pp", "num_microbatches", "virtual_stages"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"plan field {name}={value!r} must be a positive integer",
                                     f"set {name} to 1 or more")
+        if self.schedule not in ("GPipe", "1F1B", "Interleaved1F1B"):
+            raise PcompileError(f"unknown pipeline schedule {self.schedule!r}",
+                                "use 'GPipe', '1F1B' or 'Interleaved1F1B'")
+        if self.schedule == "Interleaved1F1B" and self.virtual_stages < 2:
+            raise PcompileError(f"schedule Interleaved1F1B needs virtual_stages >= 2 (model chunks per pp rank), "
+                                f"the plan has {self.virtual_stages}", "set virtual_stages=2 or use schedule '1F1B'")
+        if self.schedule != "Interleaved1F1B" and self.virtual_stages != 1:
+            raise PcompileError(f"virtual_stages={self.virtual_stages} needs schedule Interleaved1F1B, the plan "
+                                f"uses {self.schedule}", "set schedule='Interleaved1F1B' or virtual_stages=1")
+        num_stages = self.pp * self.virtual_stages  # stages are numbered 0..pp*v-1, stage s on pp rank s mod pp
         for assignment in self.layers:
-            if not isinstance(assignment.stage, int) or not 0 <= assignment.stage < self.pp:
-                raise PcompileError(f"layer {assignment.layer!r} is assigned to stage {assignment.stage!r} "
-                                    f"but the plan has pp={self.pp} stages", f"use stages 0..{self.pp - 1}")
+            if not isinstance(assignment.stage, int) or isinstance(assignment.stage, bool) \
+                    or not 0 <= assignment.stage < num_stages:
+                raise PcompileError(f"layer {assignment.layer!r} is assigned to stage {assignment.stage!r} but the "
+                                    f"plan has pp={self.pp} x virtual_stages={self.virtual_stages} = {num_stages} "
+                                    "stages", f"use stages 0..{num_stages - 1}")
             if assignment.strategy.num_devices * self.pp != self.num_devices:
                 raise PcompileError(
                     f"layer {assignment.layer!r} uses {assignment.strategy.describe()} = "
@@ -112,9 +125,6 @@ class Plan:
                 f"plan uses dp={self.default.dp} x tp={self.default.tp} x pp={self.pp} = "
                 f"{self.default.num_devices * self.pp} devices but says num_devices={self.num_devices}",
                 "make dp * tp * pp equal the number of devices")
-        if self.schedule not in ("GPipe", "1F1B", "Interleaved1F1B"):
-            raise PcompileError(f"unknown pipeline schedule {self.schedule!r}",
-                                "use 'GPipe', '1F1B' or 'Interleaved1F1B'")
 
     @staticmethod
     def uniform(dp: int = 1, tp: int = 1, pp: int = 1, **strategy) -> "Plan":
@@ -133,10 +143,15 @@ class Plan:
                 return assignment.strategy
         return self.default
 
+    def describe_schedule(self) -> str:
+        """e.g. "Interleaved1F1B, 2 virtual stages per rank, 4 micro-batches"."""
+        chunks = f", {self.virtual_stages} virtual stages per rank" if self.virtual_stages > 1 else ""
+        return f"{self.schedule}{chunks}, {self.num_microbatches} micro-batches"
+
     # -- text ------------------------------------------------------------------------------
     def __str__(self) -> str:
         lines = [f"Plan for {self.num_devices} device(s): {self.default.describe()}"
-                 + (f" x pp{self.pp}" if self.pp > 1 else "")]
+                 + (f" x pp{self.pp} ({self.describe_schedule()})" if self.pp > 1 else "")]
         for assignment in self.layers:
             lines.append(f"  {assignment.layer:<24} {assignment.strategy.describe():<20} stage {assignment.stage}")
         if self.estimate is not None:
@@ -175,6 +190,8 @@ class Plan:
                 pp=data.get("pp", 1),
                 num_microbatches=data.get("num_microbatches", 1),
                 schedule=data.get("schedule", "1F1B"),
+                # plans written before the field existed ran interleaved 1F1B with 2 chunks per rank
+                virtual_stages=data.get("virtual_stages", 2 if data.get("schedule") == "Interleaved1F1B" else 1),
                 model=data.get("model", ""),
                 estimate=estimate(data.get("estimate")),
                 candidates=tuple(Candidate(Strategy(**c["strategy"]), estimate(c["estimate"]), c["verdict"])

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcompile.costtable import CostTable
-from pcompile.errors import PcompileError
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
 from pcompile.search_space import PlanCost, Setting
 
@@ -191,22 +190,14 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
         for c, (a, b) in enumerate(st.ranges):
             for layer in range(a, b):
                 chunk_of[layer] = c * len(result.stages) + st.stage  # virtual stage (= stage when v = 1)
-    extra = {}
-    if result.setting.chunks > 1:
-        if "virtual_stages" not in Plan.__dataclass_fields__:
-            raise PcompileError(f"the plan uses interleaved 1F1B with {result.setting.chunks} chunks per device, "
-                                "which pcompile.plan.Plan cannot express yet",
-                                "search with SearchSpace(schedules=('1F1B',)) until Plan has virtual_stages")
-        extra["virtual_stages"] = result.setting.chunks
-    if "explanation" in Plan.__dataclass_fields__:
-        extra["explanation"] = result.explain()
     names = [c.layer for c in result.layers]
     return Plan(num_devices=devices, default=default,
                 layers=tuple(LayerAssignment(c.layer, c.strategy, chunk_of[names.index(c.layer)])
                              for c in result.layers),
                 pp=result.setting.pp, num_microbatches=result.setting.microbatches,
-                schedule=result.setting.schedule, model=model, estimate=estimate, candidates=candidates,
-                reason=result.explain().splitlines()[0], **extra)
+                schedule=result.setting.schedule, virtual_stages=result.setting.chunks, model=model,
+                estimate=estimate, candidates=candidates, reason=result.explain().splitlines()[0],
+                explanation=result.explain())
 
 
 def _size(num_bytes: float) -> str:

@@ -6,11 +6,13 @@ import dataclasses
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
 
 import pcompile
 from pcompile.api import PIPELINE
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.passes.pipeline_split import pipeline_of
+from pcompile.plan import LayerAssignment
 
 GPT4 = GPTConfig(num_layers=4)  # pp=2 interleaved / pp=4: one block per stage
 GPT8 = GPTConfig(num_layers=8)  # pp=4 interleaved: 8 stages
@@ -22,18 +24,27 @@ MODELS = {
     "gpt8": (lambda: GPT(GPT8), lambda seed: gpt_inputs(GPT8, BATCH, seed)),
     "gpt4-untied": (lambda: GPT(dataclasses.replace(GPT4, tie_head=False)), lambda seed: gpt_inputs(GPT4, BATCH, seed)),
     "mlp4": (lambda: MLPModel(MLP4), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
+    "mlp6": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=6)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
     "mlp8": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=8)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
 }
 PASSES = PIPELINE if "pipeline_split" in PIPELINE else PIPELINE + ["pipeline_split"]
 
 
-def pipeline_plan(pp: int, schedule: str, microbatches: int, dp: int = 1, tp: int = 1) -> pcompile.Plan:
-    return dataclasses.replace(pcompile.Plan.uniform(dp=dp, tp=tp, pp=pp), schedule=schedule,
-                               num_microbatches=microbatches)
+def pipeline_plan(pp: int, schedule: str, microbatches: int, dp: int = 1, tp: int = 1, virtual_stages: int = 0,
+                  sdp: bool = False, checkpoint: tuple[str, ...] = ()) -> pcompile.Plan:
+    """A uniform plan; virtual_stages 0 = 2 for the interleaved schedule, else 1; the layers of
+    `checkpoint` also recompute their activations."""
+    v = virtual_stages or (2 if schedule == "Interleaved1F1B" else 1)
+    plan = dataclasses.replace(pcompile.Plan.uniform(dp=dp, tp=tp, pp=pp, sdp=sdp), schedule=schedule,
+                               num_microbatches=microbatches, virtual_stages=v)
+    strategy = dataclasses.replace(plan.default, checkpoint=True)
+    return dataclasses.replace(plan, layers=tuple(LayerAssignment(layer, strategy) for layer in checkpoint))
 
 
 def describe(plan: pcompile.Plan) -> str:
-    return f"pp{plan.pp}·{plan.default.describe()}·{plan.schedule}·mb{plan.num_microbatches}"
+    layers = "".join(f"·{a.layer}:{a.strategy.describe()}" for a in plan.layers)
+    return (f"pp{plan.pp}·{plan.default.describe()}·{plan.schedule}·v{plan.virtual_stages}·mb{plan.num_microbatches}"
+            + layers)
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -78,7 +89,11 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e
     return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(state, serial.state_dict()), "keys": sorted(state) == sorted(serial.state_dict()),
             "stages": [s.index for s in pipeline_of(cm.ir).stages for _ in s.layers],
-            "plan_stages": [a.stage for a in cm.plan.layers], "local_params": sum(p.numel() for p in cm.parameters())}
+            "plan_stages": [a.stage for a in cm.plan.layers], "local_params": sum(p.numel() for p in cm.parameters()),
+            "sdp_chunks": len(cm._pipeline.sdp_params),
+            "regions": sum(isinstance(m, fx.GraphModule) and m is not module  # checkpointed layers
+                           for module in cm._pipeline.modules for m in module.modules()),
+            "checkpointed": sorted(a.layer for a in cm.plan.layers if a.strategy.checkpoint)}
 
 
 def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:

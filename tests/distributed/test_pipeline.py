@@ -1,7 +1,9 @@
 """Pipeline parallelism == serial: loss after each of 3 AdamW steps and full gradients within
-1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B at pp=2 and pp=4, and pp x dp, pp x tp,
-on the built-in GPT (tied and untied head) and the MLP. One 2-rank and one 4-rank launch.
-Plus the pass's pure parts (balanced cut, stage assignment, errors) without ranks."""
+1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B (2 and 3 virtual stages) at pp=2 and pp=4,
+pp x dp, pp x tp, and ZeRO-3 inside stages (pp x sdp, with activation checkpointing, mixed
+with dp layers over a tied weight, interleaved), on the built-in GPT (tied and untied head)
+and the MLP. One 2-rank and one 4-rank launch. Plus the pass's pure parts (balanced cut,
+stage assignment, errors) without ranks."""
 import dataclasses
 
 import pytest
@@ -12,7 +14,7 @@ from pcompile.errors import PcompileError
 from pcompile.models import GPT, gpt_inputs
 from pcompile.passes.pipeline_split import (assign_stages, balanced_split, check_schedule, pipeline_of,
                                             virtual_stages)
-from pcompile.plan import LayerAssignment
+from pcompile.plan import LayerAssignment, Strategy
 from tests.distributed.ranks_pipeline import GPT4, MODELS, PASSES, compare_many, describe, pipeline_plan
 
 TOLERANCE = 1e-5
@@ -24,7 +26,8 @@ CASES = {
         ("gpt4", pipeline_plan(2, "Interleaved1F1B", 4)),
         ("gpt4-untied", pipeline_plan(2, "1F1B", 2)),
         ("mlp4", pipeline_plan(2, "GPipe", 2)),
-        ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2))],
+        ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2)),
+        ("mlp6", pipeline_plan(2, "Interleaved1F1B", 2, virtual_stages=3))],
     4: [("gpt4", pipeline_plan(4, "GPipe", 4)),
         ("gpt4", pipeline_plan(4, "1F1B", 4)),
         ("gpt8", pipeline_plan(4, "Interleaved1F1B", 4)),
@@ -32,7 +35,12 @@ CASES = {
         ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2)),
         ("gpt4", pipeline_plan(2, "Interleaved1F1B", 2, tp=2)),
         ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2)),
-        ("mlp4", pipeline_plan(2, "1F1B", 2, tp=2))],
+        ("mlp4", pipeline_plan(2, "1F1B", 2, tp=2)),
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, sdp=True)),
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, sdp=True, checkpoint=("blocks.0", "blocks.3"))),
+        ("gpt4", dataclasses.replace(pipeline_plan(2, "GPipe", 2, dp=2), layers=(  # head sdp, tied embedding dp
+            LayerAssignment("blocks.2", Strategy(dp=2, sdp=True)), LayerAssignment("post", Strategy(dp=2, sdp=True))))),
+        ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, sdp=True))],
 }
 
 
@@ -51,10 +59,13 @@ def test_pipeline_plans_match_serial(world):
             assert r["keys"], r
             stages = r["stages"]
             assert stages == sorted(stages) and set(stages) == set(range(plan.pp * virtual_stages(plan))), r
-            if plan.schedule != "Interleaved1F1B":  # one stage per pp rank, recorded in the plan too
-                assert r["plan_stages"] == stages, r
+            assert r["plan_stages"] == stages, r  # the cut is recorded in the plan (virtual stage indices)
             assert r["local_params"] < total, r  # each rank holds only its stages' parameters
+            checkpointed = sorted(a.layer for a in plan.layers if a.strategy.checkpoint)
+            assert r["checkpointed"] == checkpointed and (r["regions"] > 0) == bool(checkpointed), r
         assert len({(r["loss_diff"], r["grad_diff"]) for r in results}) == 1  # every rank got the same views
+        sharded = plan.default.sdp or any(a.strategy.sdp for a in plan.layers)
+        assert (sum(r["sdp_chunks"] for r in results) > 0) == sharded  # sdp layers keep a dp chunk only
         if name == "gpt4-untied" and plan.num_devices == plan.pp:
             assert sum(r["local_params"] for r in results) == total
 
@@ -105,8 +116,13 @@ def test_given_stages_are_used_and_checked(gpt_ir):
     empty_first = dataclasses.replace(base, layers=tuple(LayerAssignment(layer, base.default, 1) for layer in layers))
     with pytest.raises(PcompileError, match="every stage used"):
         assign_stages(ir, empty_first, 2)
-    with pytest.raises(PcompileError, match="round-robin"):
-        assign_stages(ir, dataclasses.replace(given, schedule="Interleaved1F1B", num_microbatches=4), 4)
+    interleaved = dataclasses.replace(given, schedule="Interleaved1F1B", virtual_stages=2, num_microbatches=4,
+                                      layers=tuple(LayerAssignment(layer, base.default, stage)
+                                                   for layer, stage in zip(layers, (0, 0, 1, 2, 3, 3))))
+    assert [assign_stages(ir, interleaved, 4)[layer] for layer in layers] == [0, 0, 1, 2, 3, 3]
+    with pytest.raises(PcompileError, match="every stage used"):  # stage 3 (pp rank 1's second chunk) empty
+        assign_stages(ir, dataclasses.replace(interleaved, layers=tuple(
+            LayerAssignment(layer, base.default, stage) for layer, stage in zip(layers, (0, 0, 1, 2, 2, 2)))), 4)
     with pytest.raises(PcompileError, match="4 layers to cut but the plan needs 8"):
         assign_stages(ir, pipeline_plan(4, "Interleaved1F1B", 4), 8)
 

@@ -61,16 +61,17 @@ def test_attention_splits_heads():
     assert {n.name: d for n, d in p.view_dims.items()} == {"view": 2, "view_1": 2, "view_2": 2, "reshape": 2}
 
 
-def test_gpt_pairs_per_block_and_embedding_head_stay_replicated():
+def test_gpt_pairs_per_block_and_vocab_parallel_embedding_and_head():
     cfg = GPTConfig(num_layers=2)
     ir = analyse(GPT(cfg), gpt_inputs(cfg, 2))
     p, reasons = plan_tensor_parallel(ir, {layer: 2 for layer in ir.layers})
     for b in (0, 1):
         assert {f"blocks_{b}_attn_{x}" for x in "qkv"} | {f"blocks_{b}_mlp_fc"} <= {n.name for n in p.column}
-    assert len(p.column) == 8 and len(p.row) == 4
-    # the tied LM head feeds cross-entropy over the vocabulary: left replicated, with a reason
-    assert "post" in reasons and "cross_entropy" in reasons["post"]
-    assert "blocks.0" not in reasons and "blocks.1" not in reasons
+    # the tied LM head is column-parallel over the vocabulary, its cross-entropy computed from
+    # the split logits, and the token embedding (not the positions') split the same way
+    assert len(p.column) == 9 and "head" in _names(p.column) and len(p.row) == 4
+    assert _names(p.losses) == ["cross_entropy"] and _names(p.embeddings) == ["tok_emb"]
+    assert not reasons
 
 
 def test_heads_not_divisible_drop_attention_with_the_reason():
@@ -91,10 +92,10 @@ def test_softmax_along_the_split_dim_keeps_the_linear_replicated():
     assert "softmax along the split dim" in reasons["fc"]
 
 
-def test_mlp_model_blocks_split_classifier_does_not():
+def test_mlp_model_blocks_split_and_classifier_over_its_classes():
     cfg = MLPConfig(num_layers=2)
     ir = analyse(MLPModel(cfg), mlp_inputs(cfg, 4))
     p, reasons = plan_tensor_parallel(ir, {layer: 4 for layer in ir.layers})
-    assert _names(p.column) == ["blocks_0_up", "blocks_1_up"]
+    assert _names(p.column) == ["blocks_0_up", "blocks_1_up", "classifier"]  # 8 classes: the parallel loss
     assert _names(p.row) == ["blocks_0_down", "blocks_1_down"]
-    assert "post" in reasons
+    assert _names(p.losses) == ["cross_entropy"] and "post" not in reasons
