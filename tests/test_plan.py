@@ -74,3 +74,40 @@ def test_malformed_plan_json():
         Plan.from_json('{"default": {"dp": 1}}')
     with pytest.raises(PcompileError, match="not an object"):
         Plan.from_json("[1]")
+
+
+def _interleaved(v: int, stages: tuple[int, ...] = ()) -> Plan:
+    layers = tuple(LayerAssignment(f"blocks.{i}", Strategy(dp=2), s) for i, s in enumerate(stages))
+    return Plan(num_devices=4, default=Strategy(dp=2), pp=2, num_microbatches=4, schedule="Interleaved1F1B",
+                virtual_stages=v, layers=layers)
+
+
+def test_virtual_stages_validation():
+    assert _interleaved(2, (0, 1, 2, 3)).virtual_stages == 2  # stages 0..pp*v-1, stage s on pp rank s mod pp
+    assert _interleaved(3, (0, 1, 2, 3, 4, 5)).virtual_stages == 3
+    assert Plan.uniform(dp=2, pp=2).virtual_stages == 1
+    with pytest.raises(PcompileError, match="Interleaved1F1B needs virtual_stages >= 2"):
+        _interleaved(1)
+    with pytest.raises(PcompileError, match="virtual_stages=2 needs schedule Interleaved1F1B"):
+        dataclasses.replace(Plan.uniform(dp=2, pp=2), virtual_stages=2)
+    with pytest.raises(PcompileError, match="plan field virtual_stages=0 must be a positive integer"):
+        dataclasses.replace(Plan.uniform(dp=2, pp=2), virtual_stages=0)
+    with pytest.raises(PcompileError, match=r"stage 4 but the plan has pp=2 x virtual_stages=2 = 4 stages"):
+        _interleaved(2, (0, 1, 2, 4))
+    with pytest.raises(PcompileError, match="stage 2 but the plan has pp=2 x virtual_stages=1 = 2 stages"):
+        Plan(num_devices=4, default=Strategy(dp=2), pp=2, layers=(LayerAssignment("blocks.0", Strategy(dp=2), 2),))
+
+
+def test_virtual_stages_json_round_trip_and_text():
+    p = _interleaved(3, (0, 1, 2, 3, 4, 5))
+    back = Plan.from_json(p.to_json())
+    assert back == p and back.virtual_stages == 3 and '"virtual_stages": 3' in p.to_json()
+    assert str(p).splitlines()[0] == ("Plan for 4 device(s): dp2·tp1 x pp2 (Interleaved1F1B, 3 virtual stages "
+                                      "per rank, 4 micro-batches)")
+    assert p.explain() == str(p)  # an unsearched plan explains itself by its text
+    old = p.to_dict()  # written before the field existed: interleaved plans ran 2 chunks per rank
+    del old["virtual_stages"]
+    old["layers"] = []
+    assert Plan.from_dict(old).virtual_stages == 2
+    assert Plan.from_dict({k: v for k, v in Plan.uniform(dp=2, pp=2).to_dict().items()
+                           if k != "virtual_stages"}).virtual_stages == 1
