@@ -94,26 +94,37 @@ def tokenwise(ir: IR, node: fx.Node) -> bool:
     return False
 
 
-def layer_sequence(ir: IR, layer: str) -> int | None:
-    """The sequence length of `layer`: dim 1 of its last Linear's output (None: no Linear)."""
-    linears = [n for n in ir.nodes_of(layer) if kind_of(ir.gm, n) == "linear" and _shape(ir, n)]
-    if not linears:
+def sequence_length(reduce_shapes: list, copy_shapes: list) -> int | None:
+    """A layer's sequence length from the shapes tensor parallelism all-reduces (row Linears'
+    outputs) and copies (column Linears' inputs): dim 1 of [batch, seq, ...]. None: the layer
+    has no tp collective; 0: they have no sequence dim. The reduces decide, as the copies of a
+    cross-attention also read the other sequence (the encoder's)."""
+    shapes = reduce_shapes or copy_shapes
+    if not shapes:
         return None
-    shape = _shape(ir, linears[-1])
-    return shape[SEQ_DIM] if len(shape) > SEQ_DIM + 1 else 0
+    lengths = [s[SEQ_DIM] for s in shapes if s is not None and len(s) > SEQ_DIM + 1]
+    return lengths[-1] if lengths else 0
 
 
-def sp_problem(ir: IR, layer: str, tp: int) -> str | None:
-    """Why sequence parallelism cannot run `layer` at tp degree `tp` (None: it can). Works on
-    the IR before or after tensor_parallel, so a search can ask it too."""
-    length = layer_sequence(ir, layer)
+def sp_problem(reduce_shapes: list, copy_shapes: list, layer: str, tp: int) -> str | None:
+    """Why sequence parallelism cannot run `layer` at tp degree `tp` (None: it can). The search
+    can ask before the rewrite, with the shapes its sharding propagation found (row Linears'
+    outputs, column Linears' inputs)."""
+    length = sequence_length(reduce_shapes, copy_shapes)
     if length == 0:
-        shape = _shape(ir, [n for n in ir.nodes_of(layer) if kind_of(ir.gm, n) == "linear"][-1])
-        return (f"layer {layer!r} has no sequence dim (its Linears output {list(shape)}; sequence parallelism "
-                "splits [batch, seq, hidden] activations along seq)")
+        shape = (reduce_shapes or copy_shapes)[-1]
+        return (f"layer {layer!r} has no sequence dim (tensor parallelism reduces {list(shape)}; sequence "
+                "parallelism splits [batch, seq, hidden] activations along seq)")
     if length and length % tp:
         return f"layer {layer!r} has a sequence of {length} tokens, which tp={tp} does not divide"
     return None
+
+
+def collective_shapes(ir: IR, layer: str) -> tuple[list, list]:
+    """(shapes of the layer's tp_reduce outputs, shapes of its tp_copy inputs) after tensor_parallel."""
+    nodes = ir.nodes_of(layer)
+    return ([_shape(ir, n) for n in nodes if _is(n, collectives.tp_reduce)],
+            [_shape(ir, n.args[0]) for n in nodes if _is(n, collectives.tp_copy)])
 
 
 # -- the rewrite ----------------------------------------------------------------------------------
@@ -299,19 +310,21 @@ def sequence_parallel(ir: IR, ctx: PassContext) -> IR:
     degree = {layer: ctx.plan.strategy_for(layer).tp for layer in ir.layers if ctx.plan.strategy_for(layer).sp}
     if not degree:
         return ir
+    shapes = {layer: collective_shapes(ir, layer) for layer in degree}
     for layer, tp in degree.items():
-        problem = sp_problem(ir, layer, tp)
+        problem = sp_problem(*shapes[layer], layer, tp)
         if problem:
             raise PcompileError(f"sequence parallelism (sp) cannot run: {problem}",
                                 f"set sp=False for layer {layer!r} (or let pcompile search the plan)")
-    lengths = {layer: layer_sequence(ir, layer) for layer in degree}
+    lengths = {layer: sequence_length(*shapes[layer]) for layer in degree}
     known = sorted({n for n in lengths.values() if n})
-    # Layers without a Linear (a trivial "pre" / "post") shard at the sequence length of the others.
+    # A layer without tp collectives (a "pre" / "post" tp left whole) shards its token-wise ops
+    # at the sequence length of the others, so the sp region runs on into it.
     length = {layer: n if n is not None else (known[0] if len(known) == 1 else 0) for layer, n in lengths.items()}
     for layer, n in length.items():
-        if n and n % degree[layer]:
-            raise PcompileError(f"sequence parallelism (sp) cannot run: layer {layer!r} has a sequence of {n} "
-                                f"tokens, which tp={degree[layer]} does not divide",
+        problem = sp_problem([(1, n, 1)] if n else [], [], layer, degree[layer])
+        if problem:
+            raise PcompileError(f"sequence parallelism (sp) cannot run: {problem}",
                                 f"use a sequence length divisible by {degree[layer]}, or set sp=False")
     candidates = sharded_candidates(ir, degree, length)
     rewriter = _Rewriter(ir, degree)

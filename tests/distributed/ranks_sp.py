@@ -1,0 +1,78 @@
+"""Rank functions for the sequence-parallel equivalence test (module-level so they pickle):
+forced sp plans on the built-in GPT and a Hugging Face ViT (captured with torch.export),
+compared with the serial model step by step."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+
+import pcompile
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+from tests.distributed.ranks import _max_diff
+
+SP_OPS = ("sp_split", "sp_gather", "sp_reduce_scatter", "sp_unsplit")
+GPT_CFG = GPTConfig(num_layers=3)
+
+
+def vit() -> torch.nn.Module:
+    """A 3x3-patch ViT: 9 patches + the class token = 10 tokens, which tp=2 divides."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from tests.models.zoo import MaskedLM
+
+    cfg = ViTConfig(image_size=12, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=4, intermediate_size=64, num_labels=5, hidden_dropout_prob=0.0,
+                    attention_probs_dropout_prob=0.0)
+    return MaskedLM(ViTForImageClassification(cfg))
+
+
+def vit_inputs(seed: int):
+    from tests.models.zoo import image_batch
+
+    return image_batch(seed, batch=4, size=12)
+
+
+MODELS = {
+    "gpt": (lambda: GPT(GPT_CFG), lambda seed: gpt_inputs(GPT_CFG, 8, seed)),
+    "vit": (vit, vit_inputs),
+}
+
+
+def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
+    """`steps` AdamW steps under `plan` and serially: worst loss and gradient differences, and
+    how many sp collectives the compiled graph holds (so a plan that silently ran without sp fails)."""
+    build, inputs = MODELS[model_name]
+    torch.manual_seed(0)
+    model = build()
+    serial = copy.deepcopy(model)
+    cm = pcompile.compile(model, pcompile.Cluster.local(dist.get_world_size()), inputs(0), plan=plan)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
+    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
+    loss_diff = grad_diff = 0.0
+    for step in range(steps):
+        x, y = inputs(step)
+        loss = cm.train_step(x, y)
+        expected = serial(x, y)
+        expected.backward()
+        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
+        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
+        optimizer.step()
+        optimizer.zero_grad()
+        serial_optimizer.step()
+        serial_optimizer.zero_grad()
+    counts = cm.ir.op_counts()
+    for module in cm.ir.gm.modules():  # checkpoint regions hold their layer's collectives
+        if isinstance(module, torch.fx.GraphModule) and module is not cm.ir.gm:
+            for node in module.graph.nodes:
+                key = f"{node.op}:{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
+                counts[key] = counts.get(key, 0) + 1
+    sp = {op: counts.get(f"call_function:pcompile.collectives.{op}", 0) for op in SP_OPS}
+    cm.close()
+    return {"model": model_name, "plan": str(plan).splitlines()[0], "loss_diff": loss_diff, "grad_diff": grad_diff,
+            "sp_ops": sp}
+
+
+def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:
+    return [compare(name, plan) for name, plan in cases]
