@@ -12,6 +12,12 @@ mixed-precision optimizer; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce
 The backend then averages the master gradients over dp IN FP32 (cast first, then all-reduce:
 Megatron forces accumulate_allreduce_grads_in_fp32 for bf16) - a bf16 ring all-reduce rounds
 every partial sum to 8 bits, an error that grows with dp; fp32 costs twice the bytes.
+ZeRO-3 (sdp) parameters are the exception: their gradients are reduce-scattered inside the
+graph (pcompile.sdp) in the gradient's dtype, bf16 (FSDP2's default reduce_dtype = param_dtype),
+and become fp32 master gradients after that. Known gaps against pcompile.cost, which charges
+2-byte gradients: the dp all-reduce moves 4-byte ones, and from push_grads() to zero_grad()
+each parameter holds a 4-byte fp32 master gradient (18 bytes per parameter with Adam at the
+step, not 16).
 The user's optimizer is built on `CompiledModel.parameters()`, which are the masters, so it
 steps (and keeps its moments) in fp32 and checkpoints save fp32; the next train_step's
 `pull()` is the copy back to bf16 (done lazily so any optimizer and checkpoint.load work).

@@ -36,7 +36,8 @@ import pcompile
 from pcompile import Plan
 from pcompile.errors import PcompileError
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from tests.distributed.ranks_mixed_precision import run_all
+from tests.distributed.ranks import MODELS
+from tests.distributed.ranks_mixed_precision import LR, STEPS, run_all, serial_bf16
 
 LOSS_VS_BF16, LOSS_VS_FP32 = 2e-2, 3e-2
 FLOOR_FACTOR, FIRST_GRADS, LATER_GRADS = 3.0, 2e-2, 0.1
@@ -111,3 +112,20 @@ def test_unknown_precision_and_pipelines_are_refused():
     with pytest.raises(PcompileError, match="pipeline"):
         pcompile.compile(model, pcompile.Cluster.local(2), inputs, plan=Plan.uniform(pp=2), mixed_precision="bf16")
     assert pcompile.plan(model, pcompile.Cluster.local(4), inputs, mixed_precision="bf16").pp == 1
+
+
+def test_one_process_bf16_is_the_serial_policy():
+    """On one process the compiled graph runs the model's own ops in the same order, so the
+    policy must reproduce the written-out serial bf16 reference exactly."""
+    build, inputs = MODELS["mlp"]
+    torch.manual_seed(0)
+    model = build()
+    ref_losses, ref_grads = serial_bf16(model, inputs)
+    cm = pcompile.compile(model, pcompile.Cluster.local(1), inputs(0), plan=Plan.uniform(), mixed_precision="bf16")
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=LR)
+    for step in range(STEPS):
+        assert cm.train_step(*inputs(step)).item() == ref_losses[step]
+        grads = cm.full_grads()
+        assert all(torch.equal(grads[n], g) for n, g in ref_grads[step].items())
+        optimizer.step()
+        optimizer.zero_grad()
