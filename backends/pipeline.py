@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from pcompile import collectives, sdp
+from pcompile import collectives, precision, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, ParamSharding
 from pcompile.passes.pipeline_split import PipelineSplit
@@ -56,7 +56,7 @@ def _shard_parameters(modules: list[torch.nn.Module], ir: IR, coords: dict[str, 
                 continue
             done.add((id(owner), attr))
             full = getattr(owner, attr)
-            local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
+            local = sharding.chunk(full.detach(), coords[sharding.axis]).clone()
             setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
 
 
@@ -79,7 +79,7 @@ def _shard_sdp(modules: list[torch.nn.Module], shardings: dict[str, ParamShardin
             if sharding is None:
                 continue
             if id(full) not in chunks:
-                local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]]
+                local = sharding.chunk(full.detach(), coords[sharding.axis])
                 chunks[id(full)] = torch.nn.Parameter(local.clone(memory_format=torch.contiguous_format),
                                                       requires_grad=full.requires_grad)
             path, _, attr = name.rpartition(".")
@@ -115,7 +115,7 @@ class PipelineRuntime:
     """This rank's stages, its schedule, and the groups they use."""
 
     def __init__(self, ir: IR, plan: Plan, split: PipelineSplit, model: torch.nn.Module, device: torch.device,
-                 uid: int, bind_axes):
+                 uid: int, bind_axes, compute_dtype: torch.dtype | None = None):
         self.ir, self.plan, self.split, self._model, self.device = ir, plan, split, model, device
         self.pp, self.dp, self.tp = plan.pp, plan.default.dp, plan.default.tp
         self.mesh = init_device_mesh(device.type, (self.pp, self.dp, self.tp), mesh_dim_names=AXES)
@@ -133,6 +133,11 @@ class PipelineRuntime:
         _shard_parameters(self.modules, ir, self.coords)
         self.sdp_shardings = sdp_aliases(ir.gm)
         self.sdp_params = _shard_sdp(self.modules, self.sdp_shardings, self.coords)
+        self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.precision)
+        if compute_dtype is not None:
+            self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)
+            self.sdp_params = {id(self.masters.master(p)) for m in self.modules for p in m.parameters()
+                               if id(p) in self.sdp_params}
         for module in self.modules:
             bind_axes(module, keys)
         self.owners = _owners(split)
@@ -173,7 +178,7 @@ class PipelineRuntime:
             for name, p in module.named_parameters(remove_duplicate=False):
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield self.split.canonical.get(name, name), p
+                    yield self.split.canonical.get(name, name), p if self.masters is None else self.masters.master(p)
 
     def parameters(self):
         for _, p in self.named_parameters():
@@ -190,9 +195,14 @@ class PipelineRuntime:
             raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
                                 f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
         params = dict(self.named_parameters())
+        if self.masters is not None:
+            self.masters.pull()
+            local_inputs = self.masters.cast_inputs(local_inputs)
         losses: list[torch.Tensor] = []
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
                            **dict(zip(self.split.model_inputs, local_inputs)))
+        if self.masters is not None:  # then tie and dp reductions run on the fp32 master grads
+            self.masters.push_grads()
         for name, group in self.tie_groups:
             grad = params[name].grad if name in params else None
             if group is not None and grad is not None:
@@ -202,7 +212,7 @@ class PipelineRuntime:
                 if p.grad is not None and id(p) not in self.sdp_params:
                     dist.all_reduce(p.grad, group=self.groups["dp"])
                     p.grad.div_(self.dp)
-        loss = torch.stack([x.detach() for x in losses]).mean() if self.is_last else torch.zeros((), device=self.device)
+        loss = torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else torch.zeros((), device=self.device)
         dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
@@ -224,7 +234,7 @@ class PipelineRuntime:
         for name, local, like in items:
             owner = self.split.stages[self.owners[name]].rank
             mine = owner == self.coords["pp"]
-            out.append(self._full(name, local).to(self.device) if mine else
+            out.append(self._full(name, local).to(self.device, like.dtype) if mine else
                        torch.empty(like.shape, dtype=like.dtype, device=self.device))
         for pp_rank in range(self.pp):
             tensors = [t for (name, _, _), t in zip(items, out) if self.split.stages[self.owners[name]].rank == pp_rank]
@@ -235,7 +245,7 @@ class PipelineRuntime:
         state: dict[str, torch.Tensor] = {}
         for module in self.modules:
             state.update(module.state_dict(keep_vars=True))
-        return state
+        return state if self.masters is None else {k: self.masters.master(v) for k, v in state.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         local = self._local_state()

@@ -2,7 +2,9 @@
 
 Every tensor is saved under the ORIGINAL model's parameter name ("model.<name>",
 "optim.<name>.<state>"); a parameter split by the plan is saved as a DTensor with a Shard
-placement on its mesh axis, so DCP records where each chunk sits in the full tensor. Loading
+placement on each mesh axis that cut it (tp, then dp for ZeRO-3 layers: a 2-D (tp, dp) mesh
+when both did, pipeline stages included), so DCP records where each chunk sits in the full
+tensor. Loading
 under another plan (other dp/tp/pp, other world size) or into the serial model
 (`load_full`) asks DCP for the chunks that plan needs; DCP reshards.
 
@@ -42,19 +44,42 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _placed(cm, name: str, local: torch.Tensor):
-    """The local tensor as a DTensor when the plan splits it, else as is (replicated)."""
-    sharding = cm.ir.param_shardings.get(name)
-    if sharding is None or sharding.size == 1 or not _distributed():
+def _sdp_shardings(cm) -> dict:
+    """How the plan shards each ZeRO-3 parameter over dp (every name of it), after tp."""
+    pipeline = getattr(cm, "_pipeline", None)
+    return getattr(pipeline if pipeline is not None else cm, "sdp_shardings", {})
+
+
+def _mesh(cm, axes: tuple[str, ...], device_type: str) -> DeviceMesh:
+    """This rank's mesh over `axes` ("tp" and/or "dp", in that order) from the plan's groups.
+    Global rank of stage p's (d, t) = (p dp + d) tp + t (backends: pp outermost, tp innermost)."""
+    if len(axes) == 1:
+        return DeviceMesh.from_group(cm.groups[axes[0]], device_type)
+    p, dp, tp = cm.coords.get("pp", 0), cm.plan.default.dp, cm.plan.default.tp
+    ranks = torch.tensor([[(p * dp + d) * tp + t for d in range(dp)] for t in range(tp)], dtype=torch.int)
+    return DeviceMesh.from_group([cm.groups["tp"], cm.groups["dp"]], device_type, mesh=ranks,
+                                 mesh_dim_names=("tp", "dp"))
+
+
+def _placed(cm, name: str, local: torch.Tensor, meshes: dict):
+    """The local tensor as a DTensor when the plan splits it, else as is (replicated). The
+    placements follow the cut: tp's chunk first, then dp's chunk of it (DTensor shards along
+    its mesh dims in order, so a dim cut by both is described exactly)."""
+    cuts = [s for s in (cm.ir.param_shardings.get(name), _sdp_shardings(cm).get(name))
+            if s is not None and s.size > 1]
+    if not cuts or not _distributed():
         return local
-    mesh = DeviceMesh.from_group(cm.groups[sharding.axis], local.device.type)
-    return DTensor.from_local(local, mesh, [Shard(sharding.dim)], run_check=False)
+    axes = tuple(c.axis for c in cuts)
+    if axes not in meshes:
+        meshes[axes] = _mesh(cm, axes, local.device.type)
+    return DTensor.from_local(local, meshes[axes], [Shard(c.dim) for c in cuts], run_check=False)
 
 
 def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dict:
     state = {}
+    meshes: dict = {}
     for name, p in cm.named_parameters():
-        state[f"model.{name}"] = _placed(cm, name, p.detach())
+        state[f"model.{name}"] = _placed(cm, name, p.detach(), meshes)
         if optimizer is None:
             continue
         slots = optimizer.state.get(p, {})
@@ -64,7 +89,7 @@ def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dic
             optimizer.state[p] = slots
         for key, value in slots.items():
             if isinstance(value, torch.Tensor):
-                state[f"optim.{name}.{key}"] = _placed(cm, name, value) if value.shape == p.shape else value
+                state[f"optim.{name}.{key}"] = _placed(cm, name, value, meshes) if value.shape == p.shape else value
     for name, b in _buffers(cm):
         state[f"buffer.{name}"] = b
     return state

@@ -43,3 +43,18 @@ def load_and_continue(plan: pcompile.Plan, directory: str, steps: range) -> dict
     state = cm.full_state_dict()
     optim = checkpoint.full_optimizer_state(cm, optimizer)
     return {"step": step, "state": state, "optim": optim, "losses": train(cm, optimizer, steps)}
+
+
+
+def load_continue_save(plans: list[pcompile.Plan], directory: str, steps: range, out: str) -> list[dict]:
+    """For each plan: load `directory`, train `steps`, save to `out`/<index>; what it held then."""
+    results = []
+    for index, plan in enumerate(plans):
+        cm, optimizer = build(plan, seed=123)
+        step = checkpoint.load(cm, directory, optimizer)
+        loaded = {"step": step, "state": cm.full_state_dict(), "optim": checkpoint.full_optimizer_state(cm, optimizer)}
+        losses = train(cm, optimizer, steps)
+        checkpoint.save(cm, f"{out}/{index}", optimizer, step=steps.stop)
+        results.append({**loaded, "losses": losses, "after": cm.full_state_dict(),
+                        "optim_after": checkpoint.full_optimizer_state(cm, optimizer)})
+    return results
