@@ -75,14 +75,15 @@ def test_tensor_parallel_patterns(results):
     for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):  # GQA kv split, SwiGLU
         assert f"model.model.layers.1.{proj}.weight" in llama["split"]
-    assert llama["collectives"] == {"tp_copy": 4, "tp_reduce": 4}
+    assert llama["collectives"] == {"tp_copy": 4 + 1, "tp_reduce": 4 + 1}  # + LM head's copy, embedding's reduce
     replicated_kv = by_case[("llama", "dp1·tp4")]
     assert "model.model.layers.0.self_attn.k_proj.weight" not in replicated_kv["split"]
     assert "model.model.layers.0.self_attn.q_proj.weight" in replicated_kv["split"]
     assert replicated_kv["collectives"]["tp_scatter"] == 4  # k and v of 2 layers
     t5 = by_case[("t5", "dp2·tp2")]
     assert "model.decoder.block.1.layer.1.EncDecAttention.q.weight" in t5["split"]  # cross-attention
-    assert t5["collectives"]["tp_reduce"] == 10  # 4 self-, 2 cross-attention, 4 feed-forward
+    # 4 self-, 2 cross-attention, 4 feed-forward, 2 vocab-parallel lookups of the shared table
+    assert t5["collectives"]["tp_reduce"] == 12
     assert t5["collectives"]["tp_scatter"] == 6  # per-head position bias of every attention
     gpt2 = by_case[("gpt2", "dp2·tp2")]
     assert "model.transformer.h.0.mlp.c_fc.weight" in gpt2["split"]  # Conv1D [in, out]: addmm
