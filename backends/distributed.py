@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
-from pcompile import collectives, precision, sdp, vocab_parallel
+from pcompile import collectives, layer_groups, precision, reshard, sdp, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, take_shards
 from pcompile.passes.pipeline_split import pipeline_of
@@ -35,7 +35,8 @@ def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
         for node in module.graph.nodes:
             if node.op == "call_function" and (node.target in collectives.COLLECTIVES
                                                or node.target in sdp.COLLECTIVES
-                                               or node.target in vocab_parallel.COLLECTIVES):
+                                               or node.target in vocab_parallel.COLLECTIVES
+                                               or node.target in reshard.COLLECTIVES):
                 node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
         module.recompile()
 
@@ -71,6 +72,7 @@ class CompiledModel:
                 f"launch with torchrun --nproc-per-node {plan.num_devices} or pcompile.launch(fn, "
                 f"{plan.num_devices}), or plan for Cluster.local({world})")
         self.dp, self.tp = plan.default.dp, plan.default.tp
+        self.layout = layer_groups.layout_of(self.ir)  # per-layer (dp, tp) groupings, or None
         self.device = torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -86,9 +88,10 @@ class CompiledModel:
             mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=AXES)
             self.groups = {axis: mesh.get_group(axis) for axis in AXES}
             self.coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
+            layer_groups.add_axes(self.ir, self.groups, self.coords)  # layers at other (dp, tp) groupings
             uid = next(_COMPILE_IDS)
-            keys = {axis: f"pcompile{uid}/{axis}" for axis in AXES}
-            for axis in AXES:
+            keys = {axis: f"pcompile{uid}/{axis}" for axis in self.groups}
+            for axis in self.groups:
                 collectives.bind_group(keys[axis], self.groups[axis])
             for tensor in itertools.chain(gm.parameters(), gm.buffers()):
                 dist.broadcast(tensor.data, src=0)
@@ -124,7 +127,9 @@ class CompiledModel:
 
     # -- training --------------------------------------------------------------------------
     def _local_batch(self, inputs: tuple) -> tuple:
-        if self.dp == 1:
+        if self.layout is not None:  # split by the first layer's dp
+            inputs = layer_groups.local_batch(self.layout, self.coords, inputs)
+        if self.dp == 1 or self.layout is not None:
             return tuple(x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs)
         local = []
         for x in inputs:
@@ -159,6 +164,9 @@ class CompiledModel:
         loss.backward()
         if self.masters is not None:  # fp32 master grads, then the dp average in fp32 (precision.py)
             self.masters.push_grads()
+        if self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp
+            layer_groups.sync_grads(self.layout, self.named_parameters(), self.sdp_shardings, self.groups)
+            return layer_groups.global_loss(self.layout, loss, self.groups)
         if self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
             self._average_over_dp([p.grad for name, p in self.named_parameters()
                                    if p.grad is not None and name not in self.sdp_shardings])
@@ -199,7 +207,8 @@ class CompiledModel:
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        local = sdp.unshard(local, getattr(self, "sdp_shardings", {}).get(name), self.groups.get("dp"))  # dp, then tp
+        sharding = getattr(self, "sdp_shardings", {}).get(name)
+        local = sdp.unshard(local, sharding, self.groups.get(sharding.axis if sharding else "dp"))  # dp, then tp
         return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -3,3 +3,4 @@ from pcompile.passes import flops, layers, memory, search, shapes, sharded_data_
 from pcompile.passes import checkpoint, operator_split, sequence_parallel  # noqa: F401
 from pcompile.passes import symbolic  # noqa: F401
 from pcompile.passes import pipeline_split  # noqa: F401
+from pcompile.passes import reshard  # noqa: F401

@@ -25,6 +25,7 @@ PIPELINE = [
     "sequence_parallel",  # sp layers: tp_copy/tp_reduce -> all-gather/reduce-scatter over seq (needs TP's collectives)
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)
     "sharded_data_parallel",  # ZeRO-3 layers: params sharded over dp, gathered per layer (per op if split)
+    "reshard",          # layers at other (dp, tp) groupings: degree-named axes, batch regrouped between layers
     "checkpoint",       # wrap each checkpointed layer's final nodes, collectives included, in one region
     "pipeline_split",   # last: cut the final graph, with every inserted collective, into stages
 ]
