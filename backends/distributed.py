@@ -77,10 +77,6 @@ class CompiledModel:
         if dist.is_initialized() and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
         if plan.pp > 1:
-            if self.compute_dtype is not None:
-                raise PcompileError("mixed_precision is not supported with pipeline parallelism (pp > 1) yet",
-                                    "use mixed_precision=None, or a plan with pp=1 "
-                                    "(search_space={'pp_degrees': (1,)})")
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)
         gm.to(self.device)
@@ -115,7 +111,7 @@ class CompiledModel:
             raise PcompileError(f"the plan has pp={self.plan.pp} but the IR was not cut into pipeline stages",
                                 "run the 'pipeline_split' pass last among the rewrites (pcompile.api.PIPELINE)")
         self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device,
-                                         next(_COMPILE_IDS), _bind_axes)
+                                         next(_COMPILE_IDS), _bind_axes, self.compute_dtype)
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
         self._lowered = True
         return self

@@ -61,7 +61,7 @@ def _context(model, cluster, example_inputs, plan, capture, search_space=None, m
                       capture=capture)
     ctx.options["fingerprint"] = model_id
     precision.compute_dtype(mixed_precision)  # an unknown choice fails before any pass runs
-    ctx.options["search_space"] = precision.narrowed_space(mixed_precision, plan, dict(search_space or {}))
+    ctx.options["search_space"] = dict(search_space or {})
     ctx.options["mixed_precision"] = mixed_precision  # the search costs bf16 states and activations
     return ctx
 

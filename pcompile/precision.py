@@ -1,7 +1,8 @@
 """Mixed precision: bf16 compute with fp32 master weights (Megatron's Float16Module + its
 mixed-precision optimizer; FSDP2's MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)).
 
-`compile(..., mixed_precision="bf16")` lowers the rank's module as usual, then `MasterWeights`
+`compile(..., mixed_precision="bf16")` lowers the rank's module (a pipeline rank: its stages) as
+usual, then `MasterWeights`
   1. keeps an fp32 copy (the master) of every local parameter (its tp / ZeRO-3 shard), and
      casts the module's floating parameters and buffers to bf16 (as Megatron's module.bfloat16():
      an fp32 buffer would promote bf16 activations back to fp32);
@@ -51,6 +52,7 @@ class MasterWeights:
                         for _, p in module.named_parameters()]
         module.to(dtype)  # tied parameters stay one tensor
         self._low = [p for _, p in module.named_parameters()]
+        self._by_id = {id(low): master for low, master in zip(self._low, self.masters)}
 
     def named_parameters(self):
         return zip(self._names, self.masters)
@@ -58,10 +60,13 @@ class MasterWeights:
     def parameters(self):
         return iter(self.masters)
 
+    def master(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The master of one of the module's parameters; any other tensor (a buffer) as it is."""
+        return self._by_id.get(id(tensor), tensor)
+
     def by_name(self) -> dict[str, torch.nn.Parameter]:
         """Every parameter name of the module, tied aliases included (as state_dict lists them) -> its master."""
-        by_id = {id(low): master for low, master in zip(self._low, self.masters)}
-        return {name: by_id[id(p)] for name, p in self._module.named_parameters(remove_duplicate=False)}
+        return {name: self.master(p) for name, p in self._module.named_parameters(remove_duplicate=False)}
 
     def pull(self) -> None:
         """Masters -> the module's bf16 parameters (after an optimizer step or checkpoint load)."""
@@ -80,14 +85,3 @@ class MasterWeights:
             master.grad = None if low.grad is None else low.grad.float()
             low.grad = None
 
-
-def narrowed_space(mixed_precision: str | None, plan, search_space: dict) -> dict:
-    """The search space compile() can run under `mixed_precision`: the pipeline backend has no
-    mixed precision yet, so a bf16 search stays at pp = 1 and a forced pp > 1 plan is refused."""
-    if mixed_precision is None:
-        return search_space
-    pps = tuple(search_space.get("pp_degrees", (1,)))
-    if (plan is not None and plan.pp > 1) or 1 not in pps:
-        raise PcompileError(f"mixed_precision={mixed_precision!r} is not supported with pipeline parallelism "
-                            "(pp > 1) yet", "use mixed_precision=None, or a plan with pp=1")
-    return {**search_space, "pp_degrees": (1,)}

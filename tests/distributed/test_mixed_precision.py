@@ -1,6 +1,6 @@
 """Mixed precision (compile(..., mixed_precision="bf16")): bf16 compute, fp32 master weights.
 
-One 4-rank launch runs every plan (dp2·tp2, dp4, ZeRO-3 sdp4 on the GPT with tied weights,
+One 4-rank launch runs every plan (dp2·tp2, dp4, ZeRO-3 sdp4, pp2·dp2 1F1B on the GPT with tied weights,
 dp2·tp2 on the MLP whose float inputs are cast) against two serial references written out in
 ranks_mixed_precision.py: the same bf16 policy on one process, and plain fp32.
 
@@ -26,9 +26,11 @@ the serial bf16 program. Hence:
   points. Observed max 4.4e-2 (dp2·tp2, step 3).
 - loss vs serial fp32, rtol 3e-2: bf16 forward rounding (a few u) plus the drift of two
   noisier updates. Observed max 2.1e-3.
-Checkpoints hold the fp32 masters and AdamW states, so a bf16 save loads under fp32 and the
-reverse bit for bit (max diff 0).
+Checkpoints hold the fp32 masters and AdamW states, so a bf16 save (dp2·tp2) loads under fp32
+(dp4) and an fp32 save (dp4) under bf16 (pp2·dp2) bit for bit (max diff 0).
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -41,10 +43,11 @@ from tests.distributed.ranks_mixed_precision import LR, STEPS, run_all, serial_b
 
 LOSS_VS_BF16, LOSS_VS_FP32 = 2e-2, 3e-2
 FLOOR_FACTOR, FIRST_GRADS, LATER_GRADS = 3.0, 2e-2, 0.1
+PP2 = dataclasses.replace(Plan.uniform(dp=2, pp=2), schedule="1F1B", num_microbatches=2)
 CASES = [("gpt", Plan.uniform(dp=2, tp=2)), ("gpt", Plan.uniform(dp=4)), ("gpt", Plan.uniform(dp=4, sdp=True)),
-         ("mlp", Plan.uniform(dp=2, tp=2))]
+         ("gpt", PP2), ("mlp", Plan.uniform(dp=2, tp=2))]
 LOADS = [("gpt", (Plan.uniform(dp=2, tp=2), "bf16"), (Plan.uniform(dp=4), None)),
-         ("gpt", (Plan.uniform(dp=4), None), (Plan.uniform(dp=2, tp=2), "bf16"))]
+         ("gpt", (Plan.uniform(dp=4), None), (PP2, "bf16"))]
 
 
 def _relative(got: list[float], expected: list[float]) -> float:
@@ -82,6 +85,7 @@ def test_checkpoints_cross_load_between_bf16_and_fp32(results):
             assert r["step"] == 2
             assert r["param_diff"] == 0.0 and r["state_diff"] == 0.0, r
             assert r["dtypes"] == {torch.float32}, r
+            assert _relative(*([x] for x in r["next_losses"])) < LOSS_VS_FP32, r  # one bf16, one fp32
 
 
 # -- without ranks ------------------------------------------------------------------------------
@@ -101,17 +105,11 @@ def test_plan_costs_bf16_activations():
     assert bf16.estimate.peak_memory < fp32.estimate.peak_memory
 
 
-def test_unknown_precision_and_pipelines_are_refused():
+def test_unknown_precision_is_refused():
     model, inputs = _gpt()
     with pytest.raises(PcompileError, match="unknown mixed_precision 'fp16'") as info:
         pcompile.compile(model, pcompile.Cluster.local(1), inputs, mixed_precision="fp16")
     assert "'bf16'" in info.value.fix
-    with pytest.raises(PcompileError, match="pipeline"):
-        pcompile.plan(model, pcompile.Cluster.local(4), inputs, search_space={"pp_degrees": (2,)},
-                      mixed_precision="bf16")
-    with pytest.raises(PcompileError, match="pipeline"):
-        pcompile.compile(model, pcompile.Cluster.local(2), inputs, plan=Plan.uniform(pp=2), mixed_precision="bf16")
-    assert pcompile.plan(model, pcompile.Cluster.local(4), inputs, mixed_precision="bf16").pp == 1
 
 
 def test_one_process_bf16_is_the_serial_policy():
