@@ -96,11 +96,14 @@ def _rewrite_embedding(ir: IR, node: fx.Node, degree: int) -> None:
     parts = embedding_parts(ir.gm, node)
     graph = ir.graph
     read = [a for a in node.args if isinstance(a, fx.Node) and a.op == "get_attr" and a.target == parts.weight]
+    vocab = ir.gm.get_parameter(parts.weight).shape[0]
+    padding = None if parts.padding_idx is None else parts.padding_idx % vocab
     with graph.inserting_before(node):
         weight = read[0] if read else graph.get_attr(parts.weight)  # call_module Embedding reads it itself
-        local = graph.call_function(vocab_parallel.vocab_embedding,
-                                    (parts.ids, weight, AXIS, degree, parts.padding_idx))
+        start = graph.call_function(vocab_parallel.vocab_start, (AXIS, degree, vocab // degree))
+        local = graph.call_function(vocab_parallel.vocab_embedding, (parts.ids, weight, start, padding))
         reduced = graph.call_function(collectives.tp_reduce, (local, AXIS, degree))
+    _annotate(ir, start, node, None, tensor=False)
     _annotate_param(ir, weight, node, parts.weight, f"S(0)@{AXIS}")
     ir.meta(weight).param_bytes = ir.meta(node).param_bytes
     for attr in ("flops", "bwd_flops", "saved_bytes"):

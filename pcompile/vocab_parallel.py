@@ -2,8 +2,9 @@
 vocab_parallel_cross_entropy): the functions `passes/tensor_parallel.py` puts into the graph
 when the embedding table [V, H] and the LM head are split along the vocabulary over tp.
 
-  vocab_embedding(ids, W_local, "tp", n)     each rank looks up the ids in its vocab range
-      (others -> row 0, then zeroed): a partial sum, all-reduced by the tp_reduce after it
+  vocab_embedding(ids, W_local, vocab_start("tp", n, V/n))     each rank looks up the ids in
+      its vocab range (others -> row 0, then zeroed): a partial sum, all-reduced by the
+      tp_reduce after it
   vocab_parallel_cross_entropy(logits_local, target, "tp", n, ignore_index, reduction)
       cross-entropy of logits split along the class dim, without gathering them
 
@@ -34,17 +35,20 @@ def _all_reduce(x: torch.Tensor, key: str, op=dist.ReduceOp.SUM) -> torch.Tensor
     return x
 
 
-def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, axis: str, size: int,
-                    padding_idx: int | None = None) -> torch.Tensor:
-    """This rank's part of embedding(ids, W) where `weight` holds rows [r·V/n, (r+1)·V/n):
+def vocab_start(axis: str, size: int, rows: int) -> int:
+    """The first vocabulary row this rank of the `axis` group holds ([r·rows, (r+1)·rows)).
+    A node of its own, so the lookup that uses it reads no group (ZeRO-3 may wrap the lookup)."""
+    return _rank(axis) * rows
+
+
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, padding_idx: int | None = None) -> torch.Tensor:
+    """This rank's part of embedding(ids, W) where `weight` holds rows [start, start + rows):
     rows of other ranks' ids are zero, so the tp all-reduce after it gives the full lookup."""
     rows = weight.shape[0]
-    start = _rank(axis) * rows
     outside = (ids < start) | (ids >= start + rows)
     local = (ids - start).masked_fill(outside, 0)
-    if padding_idx is not None:  # global index; its row's gradient stays zero on its owner
-        padding_idx = padding_idx % (rows * size) - start
-        padding_idx = padding_idx if 0 <= padding_idx < rows else None
+    if padding_idx is not None:  # a global row (>= 0); its gradient stays zero on its owner
+        padding_idx = padding_idx - start if start <= padding_idx < start + rows else None
     out = F.embedding(local, weight, padding_idx)
     return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
@@ -97,4 +101,4 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, axi
     return losses.sum() / (flat != ignore_index).sum().to(losses.dtype)
 
 
-COLLECTIVES = (vocab_embedding, vocab_parallel_cross_entropy)  # the backend binds their axis names
+COLLECTIVES = (vocab_start, vocab_parallel_cross_entropy)  # the backend binds their axis names

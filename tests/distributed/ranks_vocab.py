@@ -70,7 +70,8 @@ def compare(name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) ->
             opt.step()
             opt.zero_grad()
     counts = {k.rsplit(".", 1)[-1]: v for k, v in cm.ir.op_counts().items() if "vocab_parallel" in k}
-    local = dict(cm.gm.named_parameters(remove_duplicate=False))
+    module = cm.gm if cm.plan.pp == 1 else nn.Module()  # a pipeline holds one module per stage
+    local = dict(module.named_parameters(remove_duplicate=False))
     return {"model": name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()), "vocab_ops": counts,
             "shardings": {n: s for n, s in cm.ir.param_shardings.items() if "emb" in n or "head" in n or "wte" in n},

@@ -1,8 +1,11 @@
 """Vocab parallelism == serial: embeddings and LM heads split along the vocabulary, the loss
 from split logits, on one 4-rank launch with several forced plans (tied and untied GPT, a
 vocabulary tp cannot divide, nn.CrossEntropyLoss on [b, V, s] logits with ignore_index and
-a sum, HuggingFace GPT-2 captured with torch.export). Loss after each of 3 AdamW steps and
-full gradients within 1e-5 of the serial model (fp32)."""
+a sum, HuggingFace GPT-2 captured with torch.export; with ZeRO-3 and with the tied table on
+two pipeline stages). Loss after each of 3 AdamW steps and full gradients within 1e-5 of the
+serial model (fp32)."""
+import dataclasses
+
 import pytest
 
 import pcompile
@@ -12,10 +15,12 @@ from tests.distributed.ranks_vocab import compare_many
 
 TOLERANCE = 1e-5
 PARAM_TOLERANCE = 3 * 1e-2  # see test_equivalence: Adam's steps on ~0 gradients
-CASES = [("gpt", Plan.uniform(dp=1, tp=4)), ("gpt", Plan.uniform(dp=2, tp=2)),
-         ("gpt-untied", Plan.uniform(dp=1, tp=4)), ("gpt-untied", Plan.uniform(dp=2, tp=2)),
+VOCAB_OPS = {"vocab_start": 1, "vocab_embedding": 1, "vocab_parallel_cross_entropy": 1}
+PP2_TP2 = dataclasses.replace(Plan.uniform(tp=2, pp=2), num_microbatches=2)  # embedding and head on 2 stages
+CASES = [("gpt", Plan.uniform(dp=1, tp=4)), ("gpt", Plan.uniform(dp=2, tp=2)), ("gpt", PP2_TP2),
+         ("gpt", Plan.uniform(dp=2, tp=2, sdp=True)), ("gpt-untied", Plan.uniform(dp=2, tp=2)),
          ("gpt-v250", Plan.uniform(dp=1, tp=4)), ("gpt-classdim", Plan.uniform(dp=1, tp=4)),
-         ("hf-gpt2", Plan.uniform(dp=2, tp=2)), ("hf-gpt2", Plan.uniform(dp=1, tp=4))]
+         ("hf-gpt2", Plan.uniform(dp=2, tp=2))]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +43,7 @@ def test_every_plan_matches_serial_on_every_rank(results):
 def test_embedding_and_head_are_split_along_the_vocabulary(results):
     by_case = {(r["model"], r["plan"]): r for r in results[0]}
     tied = by_case[("gpt", "dp1·tp4")]
-    assert tied["vocab_ops"] == {"vocab_embedding": 1, "vocab_parallel_cross_entropy": 1}
+    assert tied["vocab_ops"] == VOCAB_OPS
     # one parameter under both names, one sharding, each rank a quarter of the rows
     assert tied["shardings"] == {"tok_emb.weight": ParamSharding("tp", 0, 4), "head.weight": ParamSharding("tp", 0, 4)}
     assert tied["local_shapes"]["tok_emb.weight"] == tied["local_shapes"]["head.weight"] == (64, 64)
@@ -47,9 +52,9 @@ def test_embedding_and_head_are_split_along_the_vocabulary(results):
     untied = by_case[("gpt-untied", "dp2·tp2")]
     assert untied["local_shapes"]["tok_emb.weight"] == untied["local_shapes"]["head.weight"] == (128, 64)
     assert untied["parameters"] == untied["serial_parameters"]
-    for case in [("gpt-classdim", "dp1·tp4"), ("hf-gpt2", "dp2·tp2"), ("hf-gpt2", "dp1·tp4")]:
-        assert by_case[case]["vocab_ops"] == {"vocab_embedding": 1, "vocab_parallel_cross_entropy": 1}, case
-    assert by_case[("hf-gpt2", "dp1·tp4")]["local_shapes"]["model.transformer.wte.weight"] == (24, 32)
+    for case in [("gpt-classdim", "dp1·tp4"), ("hf-gpt2", "dp2·tp2"), ("gpt", "dp1·tp2"), ("gpt", "sdp2·tp2")]:
+        assert by_case[case]["vocab_ops"] == VOCAB_OPS, case
+    assert by_case[("hf-gpt2", "dp2·tp2")]["local_shapes"]["model.transformer.wte.weight"] == (48, 32)
 
 
 def test_indivisible_vocabulary_stays_replicated_and_says_why(results):

@@ -11,7 +11,7 @@ from pcompile.ir import ParamSharding
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.passes._fake import fake_run
 from pcompile.passes.tp_rules import plan_tensor_parallel
-from pcompile.vocab_parallel import vocab_embedding, vocab_parallel_cross_entropy
+from pcompile.vocab_parallel import vocab_embedding, vocab_parallel_cross_entropy, vocab_start
 from tests.models import zoo
 from tests.toy import analyse, node, rows
 
@@ -24,7 +24,8 @@ def _gpt(tp: int, vocab: int = 256, tie: bool = True, stop_after: str = "tensor_
 def test_tied_gpt_ir_has_vocab_embedding_reduce_and_parallel_loss():
     ir = _gpt(tp=2)
     emb = node(ir, "vocab_embedding")
-    assert emb.args == (node(ir, "idx"), node(ir, "tok_emb_weight"), "tp", 2, None)
+    assert emb.args == (node(ir, "idx"), node(ir, "tok_emb_weight"), node(ir, "vocab_start"), None)
+    assert node(ir, "vocab_start").args == ("tp", 2, 128)  # this rank's first row: rank * 256 / 2
     (reduce,) = emb.users
     assert reduce.target is collectives.tp_reduce and reduce.args[1:] == ("tp", 2)
     assert node(ir, "pos_emb").op == "call_module"  # positions: a small table, kept whole
@@ -81,7 +82,8 @@ def test_exported_gpt2_uses_aten_embedding_and_cross_entropy_loss():
     build, batch = zoo.MODELS["gpt2"]
     ir = analyse(build(), batch(0), stop_after="tensor_parallel", devices=2, plan=Plan.uniform(tp=2))
     emb, loss = node(ir, "vocab_embedding"), node(ir, "vocab_parallel_cross_entropy")
-    assert emb.args[1].target == "model.lm_head.weight" and emb.args[2:] == ("tp", 2, None)
+    assert emb.args[1].target == "model.lm_head.weight" and emb.args[3] is None
+    assert emb.args[2].args == ("tp", 2, 48)
     assert loss.args[2:] == ("tp", 2, -100, "mean")  # HF's shifted labels pad with -100
     counts = ir.op_counts()
     assert counts["call_function:torch.ops.aten.embedding.default"] == 1  # wpe, the positions' table
@@ -118,7 +120,8 @@ def _check_functions() -> float:
         full = table.clone().requires_grad_()
         local = table.chunk(size)[rank].clone().requires_grad_()
         expected = F.embedding(ids, full, padding_idx=padding)
-        got = collectives.tp_reduce(vocab_embedding(ids, local, "vp-test", size, padding), "vp-test", size)
+        start = vocab_start("vp-test", size, 10 // size)
+        got = collectives.tp_reduce(vocab_embedding(ids, local, start, padding), "vp-test", size)
         expected.pow(2).sum().backward()
         got.pow(2).sum().backward()
         worst = max(worst, (got - expected).abs().max().item(),
