@@ -43,7 +43,9 @@ from pcompile.plan import Plan
 DOMAIN = "pcompile"
 OPSET = 20  # Gelu and LayerNormalization are standard from here
 COLLECTIVE_OPS = {collectives.tp_copy: "TpCopy", collectives.tp_reduce: "TpReduce",
-                  collectives.tp_gather: "TpGather", collectives.tp_scatter: "TpScatter"}
+                  collectives.tp_gather: "TpGather", collectives.tp_scatter: "TpScatter",
+                  collectives.sp_split: "SpSplit", collectives.sp_gather: "SpGather",
+                  collectives.sp_reduce_scatter: "SpReduceScatter", collectives.sp_unsplit: "SpUnsplit"}
 _DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
            torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
            torch.bool: TensorProto.BOOL}
@@ -214,6 +216,15 @@ def _layer_norm(g: _Graph, x: str, normalized, weight, bias, eps: float, out: st
     return g.add("LayerNormalization", [x, scale, shift], out, axis=-len(normalized), epsilon=float(eps))
 
 
+def _layer_norm_call(g: _Graph, node: fx.Node, out: str) -> str:
+    """F.layer_norm(x, shape, weight, bias, eps) on graph values (sequence parallelism's form)."""
+    x, normalized, weight, bias, eps = (list(node.args) + [None, None, 1e-5])[:5]
+    weight, bias, eps = node.kwargs.get("weight", weight), node.kwargs.get("bias", bias), node.kwargs.get("eps", eps)
+    scale = g.arg(weight) if weight is not None else g.const(np.ones(normalized, np.float32))
+    shift = g.arg(bias) if bias is not None else g.const(np.zeros(normalized, np.float32))
+    return g.add("LayerNormalization", [g.arg(x), scale, shift], out, axis=-len(normalized), epsilon=float(eps))
+
+
 def _activation(g: _Graph, x: str, kind: str, approximate: str, out: str) -> str:
     if kind == "relu":
         return g.add("Relu", [x], out)
@@ -259,7 +270,7 @@ def _cross_entropy(g: _Graph, node: fx.Node, out: str) -> str:
 def _collective(g: _Graph, node: fx.Node, out: str) -> str:
     """A pcompile-domain node: axis, group size, this rank's group and the local output shape."""
     fn = node.target
-    if fn in (collectives.tp_gather, collectives.tp_scatter):
+    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES:
         x, dim, axis, size = node.args
         extra = {"dim": int(dim)}
     else:
@@ -318,7 +329,7 @@ FUNCTIONS = {
     F.scaled_dot_product_attention: _attention, torch._C._nn.scaled_dot_product_attention: _attention,
     F.cross_entropy: _cross_entropy, torch.arange: _arange,
     torch.reshape: _reshape, torch.flatten: _reshape,
-    F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out),
+    F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), F.layer_norm: _layer_norm_call,
     **{fn: _collective for fn in COLLECTIVE_OPS},
 }
 METHODS = {"view": _reshape, "reshape": _reshape, "flatten": _reshape, "transpose": _transpose,
@@ -424,4 +435,16 @@ def reference_ops():
         def _run(self, x, dim=None, group_size=None, rank_in_group=None, **attrs):
             return (np.array_split(x, group_size, axis=dim)[rank_in_group].copy(),)
 
-    return [TpCopy, TpReduce, TpGather, TpScatter]
+    class SpSplit(TpScatter):
+        pass
+
+    class SpReduceScatter(TpScatter):  # alone, the sum over the group is this rank's own partial sum
+        pass
+
+    class SpGather(TpGather):
+        pass
+
+    class SpUnsplit(TpGather):
+        pass
+
+    return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit]

@@ -1,12 +1,15 @@
 """Rank functions for the sequence-parallel equivalence test (module-level so they pickle):
-forced sp plans on the built-in GPT and a Hugging Face ViT (captured with torch.export),
-compared with the serial model step by step."""
+forced sp plans on the built-in GPT, a Hugging Face ViT (captured with torch.export) and a
+token MLP, compared with the serial model step by step."""
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
@@ -34,15 +37,48 @@ def vit_inputs(seed: int):
     return image_batch(seed, batch=4, size=12)
 
 
+class TokenBlock(nn.Module):
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.up = nn.Linear(width, hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(self.norm(x))))
+
+
+class TokenMLP(nn.Module):
+    """Pre-norm residual MLP blocks on [batch, seq, width] tokens, each token's width-way
+    cross-entropy as the loss: the sp region starts at the model's input and ends at the loss
+    (no embedding, no head)."""
+
+    def __init__(self, width: int = 16, hidden: int = 32, layers: int = 2):
+        super().__init__()
+        self.blocks = nn.ModuleList(TokenBlock(width, hidden) for _ in range(layers))
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(x.flatten(0, 1), y.flatten())
+
+
+def token_batch(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 8, 16, generator=g), torch.randint(0, 16, (4, 8), generator=g)
+
+
 MODELS = {
     "gpt": (lambda: GPT(GPT_CFG), lambda seed: gpt_inputs(GPT_CFG, 8, seed)),
     "vit": (vit, vit_inputs),
+    "tokens": (TokenMLP, token_batch),
 }
 
 
 def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
     """`steps` AdamW steps under `plan` and serially: worst loss and gradient differences, and
     how many sp collectives the compiled graph holds (so a plan that silently ran without sp fails)."""
+    start = time.perf_counter()
     build, inputs = MODELS[model_name]
     torch.manual_seed(0)
     model = build()
@@ -71,7 +107,7 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e
     sp = {op: counts.get(f"call_function:pcompile.collectives.{op}", 0) for op in SP_OPS}
     cm.close()
     return {"model": model_name, "plan": str(plan).splitlines()[0], "loss_diff": loss_diff, "grad_diff": grad_diff,
-            "sp_ops": sp}
+            "sp_ops": sp, "seconds": time.perf_counter() - start}
 
 
 def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:

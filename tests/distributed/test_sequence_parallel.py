@@ -1,7 +1,7 @@
 """Sequence parallelism == serial: loss after each of 3 AdamW steps and every full gradient
 within 1e-5 (fp32), in ONE 4-rank launch over the plans below, on the built-in GPT (fx) and a
 Hugging Face ViT (torch.export, aten ops, a class token and a position-embedding parameter
-that holds the sequence dim)."""
+that holds the sequence dim), and a token MLP whose sp region runs from its input to its loss."""
 import dataclasses
 
 import pcompile
@@ -28,6 +28,7 @@ CASES = [
     ("gpt", Plan.uniform(dp=2, tp=2, sp=True, sdp=True)),
     ("gpt", dataclasses.replace(Plan.uniform(tp=2, pp=2, sp=True), num_microbatches=2)),
     ("vit", Plan.uniform(dp=2, tp=2, sp=True)),
+    ("tokens", Plan.uniform(tp=4, sp=True)),  # the sp region runs from the model's input to the loss
 ]
 
 
@@ -43,4 +44,5 @@ def test_sequence_parallel_plans_match_serial():
             assert r["sp_ops"]["sp_gather"] >= 2 and r["sp_ops"]["sp_reduce_scatter"] >= 2, r
         partial = results[2]["sp_ops"]
         assert partial["sp_split"] == 2 and partial["sp_unsplit"] == 2, partial  # two runs of sp layers
-        assert results[-1]["sp_ops"]["sp_split"] >= 1, results[-1]  # ViT: the residual stream enters split
+        assert results[-2]["sp_ops"]["sp_split"] >= 1, results[-2]  # ViT: the residual stream enters split
+        assert results[-1]["sp_ops"]["sp_split"] == results[-1]["sp_ops"]["sp_unsplit"] == 1, results[-1]

@@ -4,15 +4,20 @@ S(1)@tp, one sp_split enters a run of sp layers and one sp_unsplit leaves it, no
 biases read through tp_copy (their gradient summed over tp); local shapes checked on fake
 tensors. "pre" and "post" stay tp without sp here, so the counts do not depend on how tensor
 parallelism treats the embedding and the head."""
+import onnx
 import pytest
 import torch
+from onnx.reference import ReferenceEvaluator
 
+import pcompile
 from pcompile import Plan, PcompileError, collectives
+from pcompile.backends import onnx as export_onnx
 from pcompile.ir import IR
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 from pcompile.plan import LayerAssignment, Strategy
+from tests.distributed.ranks_sp import TokenMLP, token_batch
 from tests.toy import analyse, rows
 
 BLOCK = ["tp_copy", "tp_copy", "sp_gather", "sp_reduce_scatter", "tp_copy",  # ln1 w, b; attention; proj bias
@@ -115,3 +120,24 @@ def test_model_without_sequence_dim_is_refused():
     with pytest.raises(PcompileError, match=r"no sequence dim .*reduces \[4, 64\]"):
         analyse(MLPModel(cfg), mlp_inputs(cfg, 4), stop_after="sequence_parallel", devices=2,
                 plan=Plan.uniform(tp=2, sp=True))
+
+
+def test_sp_from_the_input_to_the_loss_and_its_onnx_export(tmp_path):
+    plan = Plan.uniform(dp=2, tp=2, sp=True)
+    cm = pcompile.compile(TokenMLP(), pcompile.Cluster.local(4), token_batch(0), plan=plan)  # not lowered
+    assert _collectives(cm.ir, "blocks.0") == ["sp_split", "tp_copy", "tp_copy", "sp_gather", "sp_reduce_scatter",
+                                               "tp_copy"]
+    assert _collectives(cm.ir, "blocks.1")[-1] == "sp_unsplit"  # the loss reads the full output
+    paths = export_onnx.export(cm.ir, cm.plan, tmp_path)
+    for path in paths:
+        onnx.checker.check_model(path, full_check=True)
+    model = onnx.load(paths[0])
+    ops = [n.op_type for n in model.graph.node if n.domain == "pcompile"]
+    assert {"SpSplit", "SpGather", "SpReduceScatter", "SpUnsplit"} <= set(ops)
+    # rank 0 alone (peers absent: gathers repeat its chunk, reduce-scatters keep chunk 0) == torch's graph
+    local = [t.chunk(2)[0] for t in token_batch(0)]
+    with collectives.simulate():
+        expected = export_onnx.rank_module(cm.ir, cm.plan, 0)(*local)
+    feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
+    (loss,) = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(None, feeds)
+    assert abs(float(loss) - expected.item()) < 1e-5
