@@ -55,10 +55,10 @@ def _mesh(cm, axes: tuple[str, ...], device_type: str) -> DeviceMesh:
     Global rank of stage p's (d, t) = (p dp + d) tp + t (backends: pp outermost, tp innermost)."""
     if len(axes) == 1:
         return DeviceMesh.from_group(cm.groups[axes[0]], device_type)
-    p, dp, tp = cm.coords.get("pp", 0), cm.plan.default.dp, cm.plan.default.tp
+    p = cm.coords.get("pp", 0)
+    tp, dp = (dist.get_world_size(cm.groups[axis]) for axis in axes)  # a layer's own grouping (passes/reshard.py)
     ranks = torch.tensor([[(p * dp + d) * tp + t for d in range(dp)] for t in range(tp)], dtype=torch.int)
-    return DeviceMesh.from_group([cm.groups["tp"], cm.groups["dp"]], device_type, mesh=ranks,
-                                 mesh_dim_names=("tp", "dp"))
+    return DeviceMesh.from_group([cm.groups[axis] for axis in axes], device_type, mesh=ranks, mesh_dim_names=axes)
 
 
 def _placed(cm, name: str, local: torch.Tensor, meshes: dict):

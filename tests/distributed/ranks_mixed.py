@@ -7,8 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pcompile
+from pcompile import checkpoint
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.plan import LayerAssignment, Plan, Strategy
+from tests.distributed import ranks_checkpoint as rc
 from tests.distributed.ranks import MODELS, compare_with_serial
 
 GPT4 = GPTConfig(num_layers=4)
@@ -74,6 +76,9 @@ CASES = [
     # blocks whose first op is a column Linear on the previous layer's output: the batch is
     # regrouped before that Linear's tp_copy (dp4 -> dp2·tp2 -> dp1·tp4 -> dp4)
     ("linear-first", mixed(DP4TP1, blocks_0=DP2TP2, blocks_1=DP1TP4)),
+    # ZeRO-3 and tp both off the default grouping (sdp over "dp2", tp over "tp2"): also saved and
+    # loaded by test_mixed_plans (a checkpoint places such parameters on their own 2-d mesh)
+    ("gpt", mixed(DP4TP1, blocks_0=Strategy(dp=2, tp=2, sdp=True), blocks_1=DP1TP4, post=Strategy(dp=4, sdp=True))),
 ]
 
 
@@ -85,6 +90,22 @@ def compare_cases(indices: list[int]) -> list[dict]:
         result["plan"] = str(plan)
         out.append(result)
     return out
+
+
+def checkpoint_roundtrip(plan: Plan, directory: str) -> dict:
+    """Train 2 steps under `plan`, save; load into a model built from other weights: what each held."""
+    saved, optimizer = rc.build(plan)
+    rc.train(saved, optimizer, range(2))
+    checkpoint.save(saved, directory, optimizer, step=2)
+    loaded, fresh = rc.build(plan, seed=123)
+    step = checkpoint.load(loaded, directory, fresh)
+    return {"step": step, "saved": saved.full_state_dict(), "saved_optim": checkpoint.full_optimizer_state(saved, optimizer),
+            "loaded": loaded.full_state_dict(), "loaded_optim": checkpoint.full_optimizer_state(loaded, fresh)}
+
+
+def run_all(indices: list[int], directory: str) -> dict:
+    """Every case against serial, then the last case's plan through a checkpoint (one launch)."""
+    return {"cases": compare_cases(indices), "checkpoint": checkpoint_roundtrip(CASES[-1][1], directory)}
 
 
 if __name__ == "__main__":

@@ -1,20 +1,37 @@
-"""Plans whose layers use different (dp, tp) groupings inside one stage (tp2 -> tp4 -> tp1,
-dp vs sdp across layers, with checkpointing) == serial: loss after each of 3 AdamW steps and
-all full gradients within 1e-5 (fp32), on the built-in GPT (tied head) and the residual MLP.
-All plans run inside one 4-rank launch."""
+"""Plans whose layers use different (dp, tp) groupings inside one stage == serial: loss after
+each of 3 AdamW steps and all full gradients within 1e-5 (fp32), for tp2 -> tp4 -> tp1 on the
+4-block GPT (tied head read at two dp degrees), dp vs sdp across groupings, mixing with
+checkpointing, a residual MLP, blocks that start with a column Linear, and ZeRO-3 with tp off
+the default grouping; that last plan also saves a checkpoint that loads back exactly (into the
+same plan and into the serial model). All in one 4-rank launch."""
+import torch
+
 import pcompile
-from tests.distributed.ranks_mixed import CASES, compare_cases
+from pcompile import checkpoint
+from tests.distributed.ranks_mixed import CASES, run_all
 
 TOLERANCE = 1e-5
 PARAM_TOLERANCE = 3 * 1e-2  # Adam on ~0 gradients, see test_equivalence.py
 
 
-def test_mixed_plans_match_serial():
-    per_rank = pcompile.launch(compare_cases, 4, list(range(len(CASES))))
+def _equal(got: dict, expected: dict) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_mixed_plans_match_serial_and_checkpoint(tmp_path):
+    per_rank = pcompile.launch(run_all, 4, list(range(len(CASES))), str(tmp_path))
     assert len(per_rank) == 4
-    for results in per_rank:
-        assert len(results) == len(CASES)
-        for r in results:
+    for result in per_rank:
+        assert len(result["cases"]) == len(CASES)
+        for r in result["cases"]:
             assert r["loss_diff"] < TOLERANCE, r
             assert r["grad_diff"] < TOLERANCE, r
             assert r["param_diff"] < PARAM_TOLERANCE, r
+        saved = result["checkpoint"]
+        assert saved["step"] == 2
+        _equal(saved["loaded"], saved["saved"])
+        _equal(saved["loaded_optim"], saved["saved_optim"])
+    full = checkpoint.load_full(str(tmp_path))
+    _equal({name: full[name] for name in per_rank[0]["checkpoint"]["saved"]}, per_rank[0]["checkpoint"]["saved"])
