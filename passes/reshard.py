@@ -12,7 +12,10 @@ batch dim, placed in the reading layer before its first use (a checkpointed laye
 it). The batch dim of every value is found by running the graph twice on fake tensors, at
 the full batch and at a fraction of it: the dim that shrinks. Values that do not depend on
 the batch (positions, masks) cross unchanged; a batch-dependent non-tensor (a batch size read
-in one layer, used in another) cannot be resharded and is refused.
+in one layer, used in another) cannot be resharded and is refused. A tp_copy that
+tensor_parallel labelled with its source's layer but that enters the reader's tp region (a
+column Linear reading the previous layer's output directly) moves into the reader's layer
+first, so the batch is regrouped before it.
 
 Gradients (the backend's part, from the `MixedLayout` this pass records): every rank ends
 backward with the gradient of the sum of the last layer's part losses; a parameter's exact
