@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import pcompile
+from pcompile.cluster import Device, NodeGroup
 from pcompile.errors import PcompileError
 from pcompile.models import GPT, gpt_inputs
 from pcompile.passes.pipeline_split import (assign_stages, balanced_split, check_schedule, pipeline_of,
@@ -44,9 +45,31 @@ CASES = {
 }
 
 
+def two_nodes(memory_mib: float, inter_node: tuple[float, float]) -> pcompile.Cluster:
+    """2 nodes x 2 CPU devices with fast links inside a node and `inter_node` (bytes/s, s) between."""
+    device = Device(name="cpu", memory_bytes=int(memory_mib * 2**20), peak_flops=20e9, memory_bandwidth=10e9)
+    return pcompile.Cluster((NodeGroup(device, 2, 2),), 1e11, 1e-7, *inter_node, "gloo", "2x2")
+
+
+SLOW, FAST = (1e8, 1e-4), (1e10, 1e-6)
+# The search under tight memory: pp across the slow inter-node link with ZeRO-3 inside a node,
+# and interleaved 1F1B when the link is fast enough for its extra sends (asserted below).
+SEARCHED = [("gpt4", two_nodes(1.7, SLOW)), ("gpt4", two_nodes(1.2, FAST)), ("mlp8", two_nodes(2.0, FAST))]
+
+
+def searched_cases() -> list[tuple[str, pcompile.Plan]]:
+    cases = [(name, pcompile.plan(MODELS[name][0](), cluster, MODELS[name][1](0))) for name, cluster in SEARCHED]
+    (_, zero3), (_, gpt_interleaved), (_, mlp_interleaved) = cases
+    assert zero3.pp == 2 and any(a.strategy.sdp for a in zero3.layers), str(zero3)
+    for plan in (gpt_interleaved, mlp_interleaved):
+        assert plan.pp == 2 and (plan.schedule, plan.virtual_stages) == ("Interleaved1F1B", 2), str(plan)
+    return cases
+
+
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_pipeline_plans_match_serial(world):
-    cases = CASES[world]
+    """The 4-rank launch also runs plans the search chose (`searched_cases`)."""
+    cases = CASES[world] + (searched_cases() if world == 4 else [])
     per_rank = pcompile.launch(compare_many, world, cases)
     assert len(per_rank) == world
     for (name, plan), *results in zip(cases, *per_rank):
@@ -62,10 +85,11 @@ def test_pipeline_plans_match_serial(world):
             assert r["plan_stages"] == stages, r  # the cut is recorded in the plan (virtual stage indices)
             assert r["local_params"] < total, r  # each rank holds only its stages' parameters
             checkpointed = sorted(a.layer for a in plan.layers if a.strategy.checkpoint)
-            assert r["checkpointed"] == checkpointed and (r["regions"] > 0) == bool(checkpointed), r
+            assert r["checkpointed"] == checkpointed, r
         assert len({(r["loss_diff"], r["grad_diff"]) for r in results}) == 1  # every rank got the same views
         sharded = plan.default.sdp or any(a.strategy.sdp for a in plan.layers)
         assert (sum(r["sdp_chunks"] for r in results) > 0) == sharded  # sdp layers keep a dp chunk only
+        assert (sum(r["regions"] for r in results) > 0) == bool(checkpointed)  # their stages hold the regions
         if name == "gpt4-untied" and plan.num_devices == plan.pp:
             assert sum(r["local_params"] for r in results) == total
 
