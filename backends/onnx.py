@@ -81,7 +81,7 @@ def rank_module(ir: IR, plan: Plan, rank: int) -> fx.GraphModule:
         path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(path) if path else gm
         full = getattr(owner, attr)
-        local = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]].clone()
+        local = sharding.chunk(full.detach(), coords[sharding.axis]).clone()
         setattr(owner, attr, nn.Parameter(local, requires_grad=full.requires_grad))
     return gm
 

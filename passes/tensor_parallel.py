@@ -3,8 +3,9 @@
 From the sharding propagation (tp_rules): column-parallel Linears get their weight (and
 bias) split along the output features and their input passed through `tp_copy` (all-reduce
 in backward); row-parallel Linears become `linear(x, W_shard)` -> `tp_reduce` -> `+ bias`;
-views get their split dim's size divided; shape queries on split tensors return the full
-shape; replicated operands meeting split ones are sliced with `tp_scatter`. Vocab
+views get their split dim's size divided, and so do the equal blocks a fused projection's
+output is split into (tp_fused: its weight split block-wise); shape queries on split tensors
+return the full shape; replicated operands meeting split ones are sliced with `tp_scatter`. Vocab
 parallelism (Megatron): an embedding whose table is split along the vocabulary becomes
 `vocab_embedding` (this rank's rows, others zero) -> `tp_reduce`, and a cross-entropy of
 logits split along the vocabulary (the LM head is a column Linear) becomes
@@ -25,6 +26,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta, ParamSharding
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.passes._fake import fake_run
+from pcompile.passes.tp_fused import divided_sizes
 from pcompile.passes.tp_ops import embedding_parts, loss_parts
 from pcompile.passes.tp_rules import Propagation, linear_parts, plan_tensor_parallel
 from pcompile.passes.tp_vocab import aliases
@@ -217,11 +219,13 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
                 "choose a tp degree that divides the number of attention heads and the hidden sizes "
                 "(or let pcompile search the plan)")
     shardings = dict(ir.param_shardings)
+    fused = p.fused
     for node in p.column:
         parts = linear_parts(ir.gm, node)
-        shardings[parts.weight] = ParamSharding(AXIS, parts.out_dim, p.degree[node])
+        blocks = fused.get(node, 1)  # q, k, v side by side: each block chunked (tp_fused)
+        shardings[parts.weight] = ParamSharding(AXIS, parts.out_dim, p.degree[node], blocks)
         if parts.bias:
-            shardings[parts.bias] = ParamSharding(AXIS, 0, p.degree[node])
+            shardings[parts.bias] = ParamSharding(AXIS, 0, p.degree[node], blocks)
     for node in p.row:
         parts = linear_parts(ir.gm, node)
         shardings[parts.weight] = ParamSharding(AXIS, 1 - parts.out_dim, p.degree[parts.input])
@@ -237,6 +241,8 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
         _rewrite_view(ir, node, out_dim, p.degree[node])
     for node, dim in p.size_nodes.items():
         _rewrite_size(ir, node, dim, p.degree[node.args[0]])
+    for node in p.split_sizes:
+        node.args = divided_sizes(ir, node, p.degree[node])
     for user, source, dim in dict.fromkeys(p.scatters):
         _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
     for node, degree in row_degree.items():

@@ -46,6 +46,7 @@ FUNCTION_KINDS = {
     torch.bmm: "matmul", aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.sym_size.int: "size",
     aten.unsqueeze.default: "unsqueeze", aten.slice.Tensor: "slice", aten.select.int: "select",
     aten.cat.default: "cat", torch.cat: "cat", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
+    torch.split: "split", torch.chunk: "chunk", aten.chunk.default: "chunk",
     operator.getitem: "getitem",
 }
 
@@ -194,5 +195,7 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return {"log_softmax": "softmax"}.get(m, m)
         if m in ("matmul", "bmm"):
             return "matmul"
+        if m in ("split", "chunk"):
+            return m
         return "other"
     return "source"

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from pcompile.ir import IR
 from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts, loss_parts
+from pcompile.passes.tp_fused import equal_blocks, only_layout_from
 from pcompile.passes.tp_vocab import disagreements, vocab_embeddings
 
 __all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "view_groups",
@@ -45,6 +46,13 @@ class Propagation:
     losses: dict[fx.Node, int] = field(default_factory=dict)  # cross-entropy of vocab-split logits -> tp
     embeddings: dict[fx.Node, int] = field(default_factory=dict)  # embedding split along the vocabulary -> tp
     notes: list[str] = field(default_factory=list)  # what stayed whole for vocab parallelism, and why
+    split_sizes: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # split of a fused
+    # projection's output (tp_fused) -> (its column Linear, the number of equal blocks): sizes divide by tp
+
+    @property
+    def fused(self) -> dict[fx.Node, int]:
+        """Column Linear -> the equal blocks its weight is split by (ParamSharding.blocks)."""
+        return dict(self.split_sizes.values())
 
 
 def _ndim(ir: IR, node) -> int:
@@ -205,15 +213,22 @@ def _cat(ir, p, node, dim, degree, origins):
 
 
 def _split(ir, p, node, dim, degree, origins):
+    """split / chunk: along another dim, each piece keeps the split; along the split dim, a
+    fused projection's equal blocks (tp_fused): the Linear is then split block-wise."""
     along = _arg(node, 2, "dim", 0) % _ndim(ir, node.args[0])
     if along == dim:
-        return ("split along the split dim (a fused projection such as GPT-2's c_attn: its q, k, v "
-                "blocks would need an interleaved weight layout)")
+        blocks = equal_blocks(ir, node, along)
+        source = node.args[0]
+        if blocks is None or (ir.meta(source).shape[dim] // blocks) % degree:
+            return f"split of the split dim into pieces that are not equal blocks divisible by tp={degree}"
+        if len(origins) != 1 or not only_layout_from(ir, p.split_dim, source, next(iter(origins))):
+            return "split of the split dim of a tensor read elsewhere or reshaped on the way from its Linear"
+        p.split_sizes[node] = (next(iter(origins)), blocks)
     _set(ir, p, node, dim, degree, origins)
 
 
 def _getitem(ir, p, node, dim, degree, origins):
-    if kind_of(ir.gm, node.args[0]) != "split":
+    if kind_of(ir.gm, node.args[0]) not in ("split", "chunk"):
         return "indexing a split tensor"
     _set(ir, p, node, dim, degree, origins)
 
@@ -330,7 +345,7 @@ def _binary(ir: IR, p: Propagation, node: fx.Node, dim, degree: int, origins: fr
 
 
 RULES = {"unary": _unary, "binary": _binary, "view": _view, "expand": _expand, "unsqueeze": _unsqueeze,
-         "slice": _slice, "select": _select, "cat": _cat, "split": _split, "getitem": _getitem,
+         "slice": _slice, "select": _select, "cat": _cat, "split": _split, "chunk": _split, "getitem": _getitem,
          "transpose": _transpose, "permute": _permute, "flatten": _flatten, "softmax": _softmax, "sdpa": _sdpa,
          "matmul": _matmul, "size": _size, "cross_entropy": _cross_entropy}
 
@@ -348,7 +363,8 @@ def _before(p: Propagation, index: dict[fx.Node, int], start: int) -> Propagatio
 
     return Propagation(keep(p.degree), keep(p.split_dim), keep(p.origins),
                        {n for n in p.column if index[n] < start}, {n for n in p.row if index[n] < start},
-                       keep(p.view_dims), keep(p.size_nodes), [s for s in p.scatters if index[s[0]] < start])
+                       keep(p.view_dims), keep(p.size_nodes), [s for s in p.scatters if index[s[0]] < start],
+                       losses=keep(p.losses), split_sizes=keep(p.split_sizes))
 
 
 def _feeds_split_work(ir: IR, p: Propagation, origins: list[fx.Node]) -> bool:
