@@ -43,7 +43,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
 from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
-from pcompile.passes.tp_ops import kind_of
+from pcompile.passes.tp_ops import kind_of, linear_parts
 from pcompile.passmanager import PassContext, register_pass
 
 aten = torch.ops.aten
@@ -118,6 +118,16 @@ def sp_problem(reduce_shapes: list, copy_shapes: list, layer: str, tp: int) -> s
     if length and length % tp:
         return f"layer {layer!r} has a sequence of {length} tokens, which tp={tp} does not divide"
     return None
+
+
+def planned_shapes(ir: IR, p, layer: str) -> tuple[list, list]:
+    """`collective_shapes` before the rewrite, from a sharding propagation `p`
+    (tp_rules.plan_tensor_parallel): row Linears' outputs, column Linears' inputs. For the
+    search: sp_problem(*planned_shapes(ir, p, layer), layer, tp)."""
+    order = {n: i for i, n in enumerate(ir.graph.nodes)}
+    rows = sorted((n for n in p.row if ir.meta(n).layer == layer), key=order.__getitem__)
+    columns = sorted((n for n in p.column if ir.meta(n).layer == layer), key=order.__getitem__)
+    return [_shape(ir, n) for n in rows], [_shape(ir, linear_parts(ir.gm, n).input) for n in columns]
 
 
 def collective_shapes(ir: IR, layer: str) -> tuple[list, list]:

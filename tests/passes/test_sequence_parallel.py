@@ -141,3 +141,19 @@ def test_sp_from_the_input_to_the_loss_and_its_onnx_export(tmp_path):
     feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
     (loss,) = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(None, feeds)
     assert abs(float(loss) - expected.item()) < 1e-5
+
+
+def test_the_search_can_ask_before_the_rewrite():
+    """planned_shapes (from the propagation the search already runs) gives sp_problem the
+    verdict the pass reaches after tensor_parallel."""
+    from pcompile.passes.sequence_parallel import planned_shapes, sp_problem
+    from pcompile.passes.tp_rules import plan_tensor_parallel
+
+    cases = [(GPT(GPTConfig(seq_len=32)), gpt_inputs(GPTConfig(seq_len=32), 4), 4, None),
+             (GPT(GPTConfig(seq_len=30)), gpt_inputs(GPTConfig(seq_len=30), 4), 4, "sequence of 30 tokens"),
+             (MLPModel(MLPConfig()), mlp_inputs(MLPConfig(), 4), 2, "no sequence dim")]
+    for model, inputs, tp, expected in cases:
+        ir = analyse(model, inputs, stop_after="layers", devices=tp)
+        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+        problem = sp_problem(*planned_shapes(ir, p, "blocks.0"), "blocks.0", tp)
+        assert (problem is None) if expected is None else (expected in problem), problem
