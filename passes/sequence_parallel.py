@@ -25,6 +25,14 @@ they meet the sharded region:
   `sp_unsplit` (all-gather forward, keep the chunk backward): the exit of the run;
 - shape queries of a sharded value return the full shape (`global_size`).
 
+A layer's sequence length is dim 1 of what its tp collectives carry; a [batch, hidden]
+layer (an MLP, or GPT-2's Conv1D on flattened tokens) has none and is refused, as is a
+sequence tp does not divide (`sp_problem`, which the search can ask before the rewrite via
+`planned_shapes`). An sp layer without tp collectives (a "pre" / "post" whose Linears tp left
+whole) shards its token-wise ops at the other layers' sequence length, so the region runs on
+into it. Dropout in the region draws each rank's mask for its own chunk, so equality with the
+serial model holds for dropout 0 (as for tensor parallelism).
+
 The result is checked on fake tensors: every node's local shape is its global shape with the
 dim its sharding names divided by tp.
 """
