@@ -26,8 +26,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta, ParamSharding
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.passes._fake import fake_run
-from pcompile.passes.tp_fused import divided_sizes
-from pcompile.passes.tp_ops import embedding_parts, loss_parts
+from pcompile.passes.tp_ops import embedding_parts, kind_of, loss_parts
 from pcompile.passes.tp_rules import Propagation, linear_parts, plan_tensor_parallel
 from pcompile.passes.tp_vocab import aliases
 
@@ -163,6 +162,20 @@ def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
     node.args = tuple(node.args[:head]) + rest
 
 
+def _rewrite_split(ir: IR, node: fx.Node, degree: int) -> None:
+    """split(x, size | [sizes], ..) of a fused projection's blocks: each block's local size
+    (chunk(x, n) keeps its count)."""
+    if kind_of(ir.gm, node) == "chunk":
+        return
+    sizes = node.args[1]
+    local = (type(sizes)(_divide(ir.graph, node, s, degree) for s in sizes) if isinstance(sizes, (list, tuple))
+             else _divide(ir.graph, node, sizes, degree))
+    for new in local if isinstance(local, (list, tuple)) else (local,):
+        if isinstance(new, fx.Node) and not ir.has_meta(new):
+            _annotate(ir, new, node, None, tensor=False)
+    node.args = (node.args[0], local) + tuple(node.args[2:])
+
+
 def _rewrite_size(ir: IR, node: fx.Node, dim: int, degree: int) -> None:
     source = node.args[0]
     index = tuple(node.args[1:]) if node.op == "call_method" or node.target is torch.ops.aten.sym_size.int else ()
@@ -242,7 +255,7 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     for node, dim in p.size_nodes.items():
         _rewrite_size(ir, node, dim, p.degree[node.args[0]])
     for node in p.split_sizes:
-        node.args = divided_sizes(ir, node, p.degree[node])
+        _rewrite_split(ir, node, p.degree[node])
     for user, source, dim in dict.fromkeys(p.scatters):
         _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
     for node, degree in row_degree.items():

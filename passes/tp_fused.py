@@ -19,17 +19,23 @@ from pcompile.passes.tp_ops import kind_of
 _LAYOUT_KEEPING = ("unary", "view", "transpose", "permute", "unsqueeze")
 
 
+def _value(ir: IR, arg):
+    """A size as an int: fx records sizes read from shapes as nodes, with their traced value."""
+    return ir.meta(arg).value if isinstance(arg, fx.Node) else arg
+
+
 def equal_blocks(ir: IR, node: fx.Node, along: int) -> int | None:
     """How many equal blocks split/chunk `node` cuts along dim `along`; None when unequal or
     the sizes are not the plain second argument (split(x, size | [sizes], dim), chunk(x, n, dim))."""
     if len(node.args) < 2:
         return None
-    full, arg = ir.meta(node.args[0]).shape[along], node.args[1]
+    full, arg = ir.meta(node.args[0]).shape[along], _value(ir, node.args[1])
     if kind_of(ir.gm, node) == "chunk":
         return arg if isinstance(arg, int) and full % arg == 0 else None
     if isinstance(arg, int):
         return full // arg if full % arg == 0 else None
-    if isinstance(arg, (list, tuple)) and all(isinstance(s, int) for s in arg) and len(set(arg)) == 1:
+    arg = [_value(ir, size) for size in arg] if isinstance(arg, (list, tuple)) else arg
+    if isinstance(arg, list) and all(isinstance(s, int) for s in arg) and len(set(arg)) == 1:
         return len(arg)
     return None
 
@@ -47,12 +53,3 @@ def only_layout_from(ir: IR, split_dim: dict[fx.Node, int], source: fx.Node, ori
                 or ir.meta(previous).shape[split_dim[previous]] != ir.meta(node).shape[split_dim[node]]):
             return False
         node = previous
-
-
-def divided_sizes(ir: IR, node: fx.Node, degree: int) -> tuple:
-    """The split's arguments on the local shard: each block's size divided by tp (chunk keeps its count)."""
-    if kind_of(ir.gm, node) == "chunk":
-        return node.args
-    arg = node.args[1]
-    local = arg // degree if isinstance(arg, int) else type(arg)(s // degree for s in arg)
-    return (node.args[0], local) + tuple(node.args[2:])

@@ -6,12 +6,14 @@ import copy
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from tests.distributed.ranks import _max_diff
 from tests.models import zoo
 
+WATCHED = ("emb", "head", "wte", "qkv", "c_attn")  # parameters whose sharding the tests look at
 ODD = GPTConfig(vocab_size=250)  # 250 rows: tp=4 cannot split the vocabulary
 
 
@@ -32,6 +34,41 @@ class ClassDimGPT(GPT):
         return self.loss(self.head(self.ln_f(x)).transpose(1, 2), targets) / 100
 
 
+class FusedAttention(nn.Module):
+    """One Linear for q, k and v, cut by split(width) or chunk(3); `peek` also reads the fused
+    output directly (its contiguous layout would then be needed: the Linear must stay whole)."""
+
+    def __init__(self, width: int = 16, heads: int = 4, cut: str = "split", peek: bool = False):
+        super().__init__()
+        self.heads, self.cut, self.peek = heads, cut, peek
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, t, w = x.shape
+        fused = self.qkv(x)
+        q, k, v = fused.split(w, dim=2) if self.cut == "split" else fused.chunk(3, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, w // self.heads).transpose(1, 2) for z in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, w)
+        return self.proj(out) + fused.mean() if self.peek else self.proj(out)
+
+
+class OneBlock(nn.Module):
+    """The attention as the model's one block (a ModuleList of one), then an MSE loss."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.blocks = nn.ModuleList([FusedAttention(**options)])
+
+    def forward(self, x, y):
+        return F.mse_loss(self.blocks[0](x), y)
+
+
+def fused_inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 6, 16, generator=g), torch.randn(4, 6, 16, generator=g)
+
+
 def _ignored(cfg: GPTConfig):
     """Batches whose targets are token 0 in about a tenth of the positions."""
     def batch(seed: int):
@@ -46,6 +83,8 @@ MODELS = {
     "gpt-v250": (lambda: GPT(ODD), lambda seed: gpt_inputs(ODD, 8, seed)),
     "gpt-classdim": (lambda: ClassDimGPT(GPTConfig()), _ignored(GPTConfig())),
     "hf-gpt2": (zoo.gpt2, zoo.token_batch),
+    "fused-split": (lambda: OneBlock(cut="split"), fused_inputs),
+    "fused-chunk": (lambda: OneBlock(cut="chunk"), fused_inputs),
 }
 
 
@@ -74,8 +113,8 @@ def compare(name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) ->
     local = dict(module.named_parameters(remove_duplicate=False))
     return {"model": name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()), "vocab_ops": counts,
-            "shardings": {n: s for n, s in cm.ir.param_shardings.items() if "emb" in n or "head" in n or "wte" in n},
-            "local_shapes": {n: tuple(p.shape) for n, p in local.items() if "emb" in n or "head" in n or "wte" in n},
+            "shardings": {n: s for n, s in cm.ir.param_shardings.items() if any(k in n for k in WATCHED)},
+            "local_shapes": {n: tuple(p.shape) for n, p in local.items() if any(k in n for k in WATCHED)},
             "parameters": len(list(cm.parameters())), "serial_parameters": len(list(serial.parameters())),
             "report": [line for line in cm.report if "vocab" in line]}
 

@@ -3,7 +3,8 @@ from split logits, on one 4-rank launch with several forced plans (tied and unti
 vocabulary tp cannot divide, nn.CrossEntropyLoss on [b, V, s] logits with ignore_index and
 a sum, HuggingFace GPT-2 captured with torch.export; with ZeRO-3 and with the tied table on
 two pipeline stages). Loss after each of 3 AdamW steps and full gradients within 1e-5 of the
-serial model (fp32)."""
+serial model (fp32). In the same launch: fused q/k/v projections split block-wise
+(passes/tp_fused.py), GPT-2's c_attn and a toy attention cut by split and by chunk."""
 import dataclasses
 
 import pytest
@@ -20,7 +21,8 @@ PP2_TP2 = dataclasses.replace(Plan.uniform(tp=2, pp=2), num_microbatches=2)  # e
 CASES = [("gpt", Plan.uniform(dp=1, tp=4)), ("gpt", Plan.uniform(dp=2, tp=2)), ("gpt", PP2_TP2),
          ("gpt", Plan.uniform(dp=2, tp=2, sdp=True)), ("gpt-untied", Plan.uniform(dp=2, tp=2)),
          ("gpt-v250", Plan.uniform(dp=1, tp=4)), ("gpt-classdim", Plan.uniform(dp=1, tp=4)),
-         ("hf-gpt2", Plan.uniform(dp=2, tp=2))]
+         ("hf-gpt2", Plan.uniform(dp=2, tp=2)), ("hf-gpt2", Plan.uniform(dp=1, tp=4)),
+         ("fused-split", Plan.uniform(dp=2, tp=2)), ("fused-chunk", Plan.uniform(dp=1, tp=4))]
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +63,12 @@ def test_indivisible_vocabulary_stays_replicated_and_says_why(results):
     odd = {(r["model"], r["plan"]): r for r in results[0]}[("gpt-v250", "dp1·tp4")]
     assert odd["vocab_ops"] == {} and odd["shardings"] == {}
     assert any("250 rows" in line and "not divisible by tp=4" in line for line in odd["report"]), odd["report"]
+
+
+def test_fused_projections_are_split_block_wise(results):
+    by_case = {(r["model"], r["plan"]): r for r in results[0]}
+    gpt2 = by_case[("hf-gpt2", "dp1·tp4")]
+    assert gpt2["shardings"]["model.transformer.h.1.attn.c_attn.weight"] == ParamSharding("tp", 1, 4, blocks=3)
+    assert gpt2["local_shapes"]["model.transformer.h.1.attn.c_attn.weight"] == (32, 24)  # q, k, v: 8 each
+    for case, tp in ((("fused-split", "dp2·tp2"), 2), (("fused-chunk", "dp1·tp4"), 4)):
+        assert by_case[case]["shardings"]["blocks.0.qkv.weight"] == ParamSharding("tp", 0, tp, blocks=3), case
