@@ -178,7 +178,7 @@ def print_plan(plan, workload, cluster, flops: float) -> None:
               [[a.layer, a.strategy.describe(), str(a.stage)] for a in plan.layers])
     else:
         print(f"strategy: {plan.default.describe()} for every layer"
-              + (f", pp{plan.pp} {plan.schedule} x {plan.num_microbatches} micro-batches" if plan.pp > 1 else ""))
+              + (f", pp{plan.pp} {plan.describe_schedule()}" if plan.pp > 1 else ""))
     e = plan.estimate
     if e is not None:
         print(f"predicted: step {e.step_time * 1e3:.2f} ms (compute {e.compute_time * 1e3:.2f} ms, communication "
@@ -242,7 +242,7 @@ def plot_timeline(plan: Plan, path: str) -> str:
     ax.set_yticks(range(plan.pp), [f"stage {s}" for s in range(plan.pp)])
     ax.invert_yaxis()
     ax.set_xlabel("time (ms, predicted)")
-    label = f"{plan.default.describe()}" + (f" x pp{plan.pp}, {plan.schedule}, {plan.num_microbatches} micro-batches"
+    label = f"{plan.default.describe()}" + (f" x pp{plan.pp}, {plan.describe_schedule()}"
                                             if plan.pp > 1 else " (no pipeline: one stage)")
     ax.set_title(f"Schedule per stage: {label}; equal stage costs assumed", fontsize=10)
     handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in ("F", "B", "comm", "bubble")]
