@@ -102,9 +102,15 @@ def test_pass_is_a_no_op_without_sdp():
     assert not any(n.target is sdp.sdp_gather for n in ir.graph.nodes)
 
 
-def test_sdp_with_pipeline_stages_is_refused_with_a_fix():
+def test_with_pipeline_stages_each_layer_gathers_its_own_unit():
+    """pp > 1: a tied weight is gathered in each layer that reads it (the layers may run on
+    different pp ranks), never once for both as at pp = 1."""
     cfg = GPTConfig(num_layers=4)
-    with pytest.raises(pcompile.PcompileError, match="pipeline stages") as info:
-        pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8),
-                         plan=Plan.uniform(dp=2, pp=2, sdp=True), passes=SDP_PIPELINE, stop_after=SDP_PIPELINE[-1])
-    assert info.value.fix
+    plan = Plan(num_devices=4, default=Strategy(dp=2), pp=2, num_microbatches=2,
+                layers=(LayerAssignment("post", Strategy(dp=2, sdp=True)),))
+    ir = pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=plan, passes=SDP_PIPELINE,
+                          stop_after=SDP_PIPELINE[-1])
+    gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
+    assert [ir.meta(n).layer for n in gathers] == ["pre", "post"]
+    assert {a.target for a in gathers[0].args[0]} == {"tok_emb.weight"}
+    assert {a.target for a in gathers[1].args[0]} == {"tok_emb.weight", "ln_f.weight", "ln_f.bias"}
