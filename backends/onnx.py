@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from pcompile import collectives
+from pcompile import collectives, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, target_name
 from pcompile.passes._fake import fake_run
@@ -282,6 +282,23 @@ def _collective(g: _Graph, node: fx.Node, out: str) -> str:
                  input_shape=list(g.shape(x)), **extra)
 
 
+def _vocab(g: _Graph, node: fx.Node, out: str) -> str:
+    """A vocab-parallel lookup or cross-entropy (pcompile/vocab_parallel.py) as a pcompile-domain
+    node, with this rank's first vocabulary row (`start`)."""
+    if node.target is vocab_parallel.vocab_embedding:
+        ids, weight, start, padding = node.args
+        axis, size, rows = start.args
+        op, inputs, extra = "VocabEmbedding", [g.arg(ids), g.arg(weight)], {}
+    else:
+        logits, target, axis, size, ignore, reduction = node.args
+        rows = g.shape(logits)[1 if len(g.shape(logits)) > 1 else 0]
+        op, inputs = "VocabParallelCrossEntropy", [g.arg(logits), g.arg(target)]
+        extra = {"ignore_index": int(ignore), "reduction": reduction}
+    ranks = group_ranks(g.plan, g.rank, axis)
+    return g.add(op, inputs, out, domain=DOMAIN, axis=axis, group_size=int(size), group_ranks=ranks,
+                 rank_in_group=ranks.index(g.rank), start=ranks.index(g.rank) * int(rows), **extra)
+
+
 def _reshape(g: _Graph, node: fx.Node, out: str) -> str:
     return g.add("Reshape", [g.arg(node.args[0]), g.const(np.array(g.shape(node), np.int64))], out)
 
@@ -331,6 +348,7 @@ FUNCTIONS = {
     torch.reshape: _reshape, torch.flatten: _reshape,
     F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), F.layer_norm: _layer_norm_call,
     **{fn: _collective for fn in COLLECTIVE_OPS},
+    vocab_parallel.vocab_embedding: _vocab, vocab_parallel.vocab_parallel_cross_entropy: _vocab,
 }
 METHODS = {"view": _reshape, "reshape": _reshape, "flatten": _reshape, "transpose": _transpose,
            "permute": _transpose, "contiguous": lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out)}
@@ -447,4 +465,32 @@ def reference_ops():
     class SpUnsplit(TpGather):
         pass
 
-    return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit]
+    class VocabEmbedding(OpRun):  # this rank's rows [start, start + rows); other ids give zeros
+        op_domain = DOMAIN
+
+        def _run(self, ids, weight, start=None, **attrs):
+            outside = (ids < start) | (ids >= start + weight.shape[0])
+            out = weight[np.where(outside, 0, ids - start)]
+            out[outside] = 0
+            return (out,)
+
+    class VocabParallelCrossEntropy(OpRun):  # alone, the sums over the group are this rank's own
+        op_domain = DOMAIN
+
+        def _run(self, logits, target, start=None, ignore_index=None, reduction=None, **attrs):
+            rows = logits.reshape(-1, logits.shape[-1]) if logits.ndim == 1 else \
+                np.moveaxis(logits, 1, -1).reshape(-1, logits.shape[1])
+            flat = target.reshape(-1)
+            shifted = rows - rows.max(axis=-1, keepdims=True)
+            outside = (flat < start) | (flat >= start + rows.shape[-1])
+            picked = np.take_along_axis(shifted, np.where(outside, 0, flat - start)[:, None], -1)[:, 0]
+            kept = flat != ignore_index
+            loss = np.where(kept, np.log(np.exp(shifted).sum(-1)) - np.where(outside, 0, picked), 0)
+            reduction = reduction.decode() if isinstance(reduction, bytes) else reduction
+            if reduction == "none":
+                return (loss.reshape(target.shape).astype(logits.dtype),)
+            total = loss.sum() / (kept.sum() if reduction == "mean" else 1)
+            return (np.array(total, dtype=logits.dtype),)
+
+    return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit, VocabEmbedding,
+            VocabParallelCrossEntropy]

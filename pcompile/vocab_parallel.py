@@ -16,6 +16,9 @@ to this rank's logits is (softmax - one-hot) on the local shard, exactly.
 """
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,9 +26,24 @@ import torch.nn.functional as F
 from pcompile import collectives
 
 
+_SIMULATED = threading.local()
+
+
+@contextlib.contextmanager
+def as_rank(rank: int):
+    """Under collectives.simulate(), look up vocabulary rows as rank `rank` of the group would
+    (a rank's graph run alone, e.g. to compare with its ONNX export)."""
+    previous = getattr(_SIMULATED, "rank", 0)
+    _SIMULATED.rank = rank
+    try:
+        yield
+    finally:
+        _SIMULATED.rank = previous
+
+
 def _rank(key: str) -> int:
     group = collectives._group(key)
-    return 0 if group is None else dist.get_rank(group)
+    return getattr(_SIMULATED, "rank", 0) if group is None else dist.get_rank(group)
 
 
 def _all_reduce(x: torch.Tensor, key: str, op=dist.ReduceOp.SUM) -> torch.Tensor:
