@@ -51,7 +51,7 @@ MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 @dataclass(frozen=True)
 class CostOptions:
     optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
-    mixed_precision: bool = False  # bf16 params, grads and activations, fp32 master weights + moments
+    mixed_precision: bool = False  # bf16 params and activations, fp32 master weights, grads and moments
     overlap_grad_sync: bool = True  # the runtime runs gradient sync concurrently with backward
     bucket_bytes: int | None = None  # gradient sync message size; None = one collective per parameter tensor
     overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
@@ -66,10 +66,14 @@ class CostOptions:
             raise PcompileError(f"unknown optimizer {self.optimizer!r}", f"use one of {sorted(MOMENTS)}")
 
     def state_bytes(self) -> tuple[float, float, float]:
-        """(parameter, gradient, optimizer) bytes per parameter element."""
+        """(parameter, gradient, optimizer) bytes per parameter element.
+
+        Mixed precision as pcompile.precision runs it (Megatron's bf16 default): the module's
+        bf16 parameters, fp32 master gradients (the bf16 ones are cast and freed after backward,
+        and the dp all-reduce moves the fp32 ones), the fp32 master copy + moments: 2 + 4 + 12."""
         moments = MOMENTS[self.optimizer]
         if self.mixed_precision:
-            return 2.0, 2.0, 4.0 * (moments + 1)  # fp32 master copy + moments
+            return 2.0, 4.0, 4.0 * (moments + 1)
         return 4.0, 4.0, 4.0 * moments
 
     @property
@@ -321,9 +325,10 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     grads = _messages(work.param_numels, g_bytes, options.bucket_bytes)
     sync = sdp_fwd = sdp_bwd = 0.0
     if s.dp > 1 and s.sdp:
+        # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
         gathers = _messages(work.param_numels, p_bytes, options.bucket_bytes)
         gather = sum(cluster.collective_time("all_gather", b, dp_groups) for b in gathers)
-        scatter = sum(cluster.collective_time("reduce_scatter", b, dp_groups) for b in grads)
+        scatter = sum(cluster.collective_time("reduce_scatter", b, dp_groups) for b in gathers)
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(gather + scatter, bwd, eta)
     elif s.dp > 1:

@@ -201,7 +201,13 @@ def measure_rank(mode: str = "quick") -> dict:
 
 
 def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
-    """(latency, seconds per byte) minimising the relative error of latency + bytes * spb."""
+    """(latency, seconds per byte) minimising the relative error of latency + bytes * spb.
+
+    Points timed at 0 (a noisy machine: the burst alone took as long as burst + collective)
+    carry no information and would weigh 1/0: they are left out."""
+    points = [p for p in points if p[1] > 0]
+    if not points:
+        return 0.0, 0.0
     x = np.array([p[0] for p in points], dtype=float)
     t = np.array([p[1] for p in points], dtype=float)
     w = 1.0 / t

@@ -32,7 +32,7 @@ def test_linear_params_grads_adam_bytes(linear_ir):
     assert sgd.state_memory[_fc_row(sgd, linear_ir), 0] == elements * (4 + 4)
     mixed = cost_table(linear_ir, pcompile.Cluster.local(1), 1, 4, s[:1],
                        CostOptions(mixed_precision=True, optimizer="sgd"))
-    assert mixed.state_memory[_fc_row(mixed, linear_ir), 0] == elements * (2 + 2 + 4)  # bf16 param, grad, fp32 master
+    assert mixed.state_memory[_fc_row(mixed, linear_ir), 0] == elements * (2 + 4 + 4)  # bf16 param, fp32 master grad and weight
     zero3 = cost_table(linear_ir, pcompile.Cluster.local(2), 2, 4, s[1:])
     assert zero3.state_memory[_fc_row(zero3, linear_ir), 0] == elements * 16 / 2
 

@@ -11,6 +11,14 @@ def test_fit_alpha_beta_recovers_a_line():
     assert abs(latency - 2e-4) < 1e-9 and abs(spb - 3e-9) < 1e-15
 
 
+def test_fit_alpha_beta_ignores_points_timed_at_zero():
+    # a loaded machine can time a collective at 0 (clamped): such points must not break the fit
+    points = [(1.0, 0.0), (1e3, 1e-6 + 1e3 * 1e-9), (1e6, 1e-6 + 1e6 * 1e-9)]
+    latency, spb = fit_alpha_beta(points)
+    assert abs(latency - 1e-6) < 1e-9 and abs(spb - 1e-9) < 1e-12
+    assert fit_alpha_beta([(1.0, 0.0)]) == (0.0, 0.0)
+
+
 def test_quick_profile_round_trips(tmp_path):
     path = tmp_path / "cluster.json"
     cluster = profile_cluster(2, path, quick=True)
