@@ -1,4 +1,5 @@
-"""Which op a graph node is, for tensor-parallel sharding propagation (pure lookups).
+"""Which op a graph node is, for tensor-parallel sharding propagation (pure lookups), and how
+a view moves a split dim (view_groups / view_split_dim).
 
 Both IRs are classified into the same kinds: fx captures (call_module Linear, F.linear, tensor
 methods) and torch.export captures (aten.linear, aten.addmm of GPT-2's Conv1D with its
@@ -199,3 +200,44 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return m
         return "other"
     return "source"
+
+
+def view_groups(in_shape, out_shape):
+    """Pairs (input dims, output dims) whose sizes multiply to the same value, in order."""
+    groups, i, j = [], 0, 0
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj = [i] if i < len(in_shape) else [], [j] if j < len(out_shape) else []
+        pi = in_shape[i] if i < len(in_shape) else 1
+        pj = out_shape[j] if j < len(out_shape) else 1
+        i, j = i + bool(gi), j + bool(gj)
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            elif j < len(out_shape):
+                pj *= out_shape[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def view_split_dim(in_shape, out_shape, dim: int, degree: int) -> tuple[int | None, str]:
+    """Output dim carrying the split of input `dim` through a view, or (None, why not)."""
+    groups = view_groups(list(in_shape), list(out_shape))
+    if groups is None:
+        return None, "view with sizes that do not line up"
+    for gi, gj in groups:
+        if dim in gi:
+            first_in = next((d for d in gi if in_shape[d] != 1), None)
+            first_out = next((d for d in gj if out_shape[d] != 1), None)
+            if first_in != dim or first_out is None:
+                return None, f"view/reshape moves split dim {dim} of {list(in_shape)} inside {list(out_shape)}"
+            if out_shape[first_out] % degree:
+                return None, (f"view/reshape to {list(out_shape)}: dim {first_out} of size {out_shape[first_out]} "
+                              f"(e.g. the number of heads) is not divisible by tp={degree}")
+            return first_out, ""
+    return None, "view without the split dim"

@@ -4,7 +4,9 @@ Given the Linear nodes chosen as *column-parallel* (output features split over t
 walk the graph in order and work out, for every tensor, whether it is replicated (None) or
 split along one dim. A Linear fed a tensor split along its last dim is *row-parallel*: its
 partial sums are all-reduced. Ops in between follow shape rules (elementwise, view/reshape,
-transpose, softmax off the split dim, attention and batched matmul over a split head dim).
+transpose, softmax off the split dim, attention and batched matmul over a split head dim,
+a cross-entropy of logits split along the classes: the vocab-parallel LM head, a split of a
+fused projection's output into equal q/k/v blocks: tp_fused).
 
 An op that cannot take a split input means the column Linears that produced it must stay
 replicated: `plan_tensor_parallel` drops them and propagates again, until a fixed point. The
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts, loss_parts
+from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
 from pcompile.passes.tp_fused import equal_blocks, only_layout_from
 from pcompile.passes.tp_vocab import disagreements, vocab_embeddings
 
@@ -62,46 +64,6 @@ def _ndim(ir: IR, node) -> int:
 def _tensor_args(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes]
 
-
-def view_groups(in_shape, out_shape):
-    """Pairs (input dims, output dims) whose sizes multiply to the same value, in order."""
-    groups, i, j = [], 0, 0
-    while i < len(in_shape) or j < len(out_shape):
-        gi, gj = [i] if i < len(in_shape) else [], [j] if j < len(out_shape) else []
-        pi = in_shape[i] if i < len(in_shape) else 1
-        pj = out_shape[j] if j < len(out_shape) else 1
-        i, j = i + bool(gi), j + bool(gj)
-        while pi != pj:
-            if pi < pj and i < len(in_shape):
-                pi *= in_shape[i]
-                gi.append(i)
-                i += 1
-            elif j < len(out_shape):
-                pj *= out_shape[j]
-                gj.append(j)
-                j += 1
-            else:
-                return None
-        groups.append((gi, gj))
-    return groups
-
-
-def view_split_dim(in_shape, out_shape, dim: int, degree: int) -> tuple[int | None, str]:
-    """Output dim carrying the split of input `dim` through a view, or (None, why not)."""
-    groups = view_groups(list(in_shape), list(out_shape))
-    if groups is None:
-        return None, "view with sizes that do not line up"
-    for gi, gj in groups:
-        if dim in gi:
-            first_in = next((d for d in gi if in_shape[d] != 1), None)
-            first_out = next((d for d in gj if out_shape[d] != 1), None)
-            if first_in != dim or first_out is None:
-                return None, f"view/reshape moves split dim {dim} of {list(in_shape)} inside {list(out_shape)}"
-            if out_shape[first_out] % degree:
-                return None, (f"view/reshape to {list(out_shape)}: dim {first_out} of size {out_shape[first_out]} "
-                              f"(e.g. the number of heads) is not divisible by tp={degree}")
-            return first_out, ""
-    return None, "view without the split dim"
 
 def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
