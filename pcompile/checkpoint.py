@@ -69,6 +69,8 @@ def _placed(cm, name: str, local: torch.Tensor, meshes: dict):
             if s is not None and s.size > 1]
     if not cuts or not _distributed():
         return local
+    if any(c.blocks > 1 for c in cuts):  # block-wise (fused qkv): no DTensor placement says so; saved whole
+        return _full(cm, name, local)
     axes = tuple(c.axis for c in cuts)
     if axes not in meshes:
         meshes[axes] = _mesh(cm, axes, local.device.type)
@@ -160,6 +162,16 @@ def _meta(path: str) -> dict:
         return json.load(f)
 
 
+def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a loaded value: a DTensor's shard, or a whole block-wise split one's chunks."""
+    if isinstance(value, DTensor):
+        return value.to_local()
+    for cut in (cm.ir.param_shardings.get(name), _sdp_shardings(cm).get(name)):
+        if value.shape != like.shape and cut is not None and cut.size > 1:
+            value = cut.chunk(value, cm.coords[cut.axis])
+    return value
+
+
 def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
     path = resolve(path)
@@ -179,11 +191,11 @@ def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     with torch.no_grad():
         for name, p in cm.named_parameters():
             value = wanted[f"model.{name}"]
-            p.copy_(value.to_local() if isinstance(value, DTensor) else value)
+            p.copy_(_local(cm, name, value, p))
             for slot, target in (optimizer.state.get(p, {}).items() if optimizer else ()):
                 loaded = wanted.get(f"optim.{name}.{slot}")
                 if loaded is not None and isinstance(target, torch.Tensor):
-                    target.copy_(loaded.to_local() if isinstance(loaded, DTensor) else loaded)
+                    target.copy_(_local(cm, name, loaded, target))
     _barrier()
     return _meta(path)["step"]
 

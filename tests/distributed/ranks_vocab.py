@@ -121,3 +121,27 @@ def compare(name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) ->
 
 def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:
     return [compare(name, plan) for name, plan in cases]
+
+
+def fused_checkpoint(directory: str) -> tuple[float, float]:
+    """HF GPT-2 at tp=2 (c_attn split block-wise) after one step: a checkpoint read back whole
+    (load_full) and into a fresh tp=2 model; worst differences from the saved model's full state."""
+    from pcompile import checkpoint
+
+    def compiled(seed: int):
+        torch.manual_seed(seed)
+        return pcompile.compile(zoo.gpt2(), pcompile.Cluster.local(dist.get_world_size()), zoo.token_batch(0),
+                                plan=pcompile.Plan.uniform(tp=dist.get_world_size()))
+
+    cm = compiled(0)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+    cm.train_step(*zoo.token_batch(0))
+    optimizer.step()
+    path = checkpoint.save(cm, directory, optimizer, step=1)
+    expected = cm.full_state_dict()
+    whole = checkpoint.load_full(path)
+    fresh = compiled(1)
+    checkpoint.load(fresh, path)
+    again = fresh.full_state_dict()
+    return (max((whole[k] - v).abs().max().item() for k, v in expected.items()),
+            max((again[k] - v).abs().max().item() for k, v in expected.items()))
