@@ -1,17 +1,24 @@
 """Cost-model fidelity: predicted vs measured step time and peak memory on Cluster.local(4).
 
 1. Profile this machine with 4 gloo ranks (pcompile.profile.profile_cluster) -> a Cluster.
-2. For each plan (GPT and MLPModel of several sizes and batches, x (dp, tp) in {(4,1), (2,2),
-   (1,4)}): compile, train with AdamW, time `train_step` (forward + backward + gradient sync;
+2. The plans: every (dp, tp) in {(4,1), (2,2), (1,4)} for GPT and MLPModel of several sizes and
+   batches, and the other strategies on a 4-block GPT and MLP: ZeRO-3 (sdp), ZeRO-3 with
+   operator split, activation checkpointing (with dp and with tp), sequence parallelism, and
+   pipelines found by the search narrowed to pp2 (1F1B, and interleaved 1F1B with 2 chunks
+   per rank for the GPT).
+3. For each: compile, train with AdamW, time `train_step` (forward + backward + gradient sync;
    median over steps of the slowest rank, after warm-up) and record the peak memory per rank
    by tensor accounting (MemTracker over a whole step, optimizer step included).
-3. Predict each with `pcompile.cost.estimate_uniform` on the profiled cluster (the runtime
-   syncs gradients after backward, one all-reduce per parameter: overlap_grad_sync=False,
-   bucket_bytes=None) and print predicted vs measured, the mean absolute % error of step
-   times, the Spearman rank correlation of step times and the mean / worst % error of peak memory.
+4. Predict each on the profiled cluster. pp = 1 plans: `pcompile.cost.estimate_uniform` with
+   the runtime's gradient sync (after backward, in 25 MB buckets: overlap_grad_sync=False,
+   bucket_bytes=25 MiB). Pipelines: the estimate the search wrote into the plan (its
+   objective over the stages' cost tables, pcompile.search_space.evaluate). Print predicted
+   vs measured, the mean absolute % error of step times, the Spearman rank correlation of
+   step times and the mean / worst % error of peak memory.
 
-Run: python benchmarks/cost_model_fidelity.py [--quick-profile] [--profile PATH] [--steps N]
-The last line holds the headline figures as key=value pairs.
+Run: python benchmarks/cost_model_fidelity.py [--quick-profile] [--profile PATH] [--steps N] [--only a,b]
+(`--only` keeps the plans whose label contains one of the comma-separated words, e.g.
+`--only sdp,ckpt,pp2`). The last line holds the headline figures as key=value pairs.
 """
 from __future__ import annotations
 
@@ -21,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,9 +37,11 @@ import torch.distributed as dist
 import pcompile
 from pcompile.cost import CostOptions, estimate_uniform
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
-from pcompile.plan import Strategy
+from pcompile.plan import Plan
 
 WORLD = 4
+BUCKET_BYTES = 25 * 2**20  # the backend's dp gradient bucket (backends/distributed.py _average_over_dp)
+GPT4 = dict(hidden=256, num_heads=8, num_layers=4, seq_len=64, vocab_size=512)
 MODELS = {
     "gpt-h64-b8": ("gpt", dict(hidden=64, num_heads=4, num_layers=2, seq_len=32), 8),
     "gpt-h128-b16": ("gpt", dict(hidden=128, num_heads=4, num_layers=2, seq_len=64), 16),
@@ -39,8 +49,34 @@ MODELS = {
     "gpt-h256-b32": ("gpt", dict(hidden=256, num_heads=8, num_layers=2, seq_len=64, vocab_size=512), 32),
     "mlp-w256-b64": ("mlp", dict(width=256, hidden=1024, num_layers=4, num_classes=16), 64),
     "mlp-w512-b512": ("mlp", dict(width=512, hidden=2048, num_layers=2, num_classes=16), 512),
+    "gpt4-h256-b32": ("gpt", GPT4, 32),
+    "mlp4-w512-b256": ("mlp", dict(width=512, hidden=2048, num_layers=4, num_classes=16), 256),
 }
 SPLITS = ((4, 1), (2, 2), (1, 4))
+# (model, label, Strategy fields of a pp = 1 plan) or (model, label, the search space narrowed to a pipeline)
+# (no tp_degrees: passes/search.py searched_plan pops it inside a list comprehension, a KeyError
+# on a second tp candidate; the search may pick tp2 inside the stages)
+PIPE = dict(pp_degrees=(2,), sdp=(False,), checkpoint=(False,), splits=(1,))
+FEATURES = (
+    ("gpt4-h256-b32", "sdp4", dict(dp=4, sdp=True)),
+    ("gpt4-h256-b32", "sdp4·split2", dict(dp=4, sdp=True, split=2)),
+    ("gpt4-h256-b32", "dp4·ckpt", dict(dp=4, checkpoint=True)),
+    ("gpt4-h256-b32", "dp2·tp2·ckpt", dict(dp=2, tp=2, checkpoint=True)),
+    ("gpt4-h256-b32", "dp2·tp2·sp", dict(dp=2, tp=2, sp=True)),
+    ("gpt4-h256-b32", "pp2 1F1B", dict(PIPE, schedules=("1F1B",))),
+    ("gpt4-h256-b32", "pp2 interleaved", dict(PIPE, schedules=("Interleaved1F1B",))),
+    ("mlp4-w512-b256", "sdp4·split2", dict(dp=4, sdp=True, split=2)),
+    ("mlp4-w512-b256", "dp4·ckpt", dict(dp=4, checkpoint=True)),
+    ("mlp4-w512-b256", "pp2 1F1B", dict(PIPE, schedules=("1F1B",))),
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    label: str
+    model: str
+    plan: Plan
+    searched: bool  # the plan (and its estimate) came from the narrowed search
 
 
 def build(name: str):
@@ -53,14 +89,52 @@ def build(name: str):
     return MLPModel(cfg), mlp_inputs(cfg, batch)
 
 
-def measure(plans: list[tuple[str, int, int]], warmup: int, steps: int) -> list[dict]:
-    """On every rank: per plan, this rank's step times and peak bytes."""
+def cases(cluster: pcompile.Cluster) -> list[Case]:
+    """Every plan; the pipelines are searched on the profiled cluster (their estimate is the search's)."""
+    out = [Case(f"{name} dp{dp}·tp{tp}", name, Plan.uniform(dp=dp, tp=tp), False)
+           for name in list(MODELS)[:6] for dp, tp in SPLITS]
+    for name, label, how in FEATURES:
+        if "pp_degrees" not in how:
+            out.append(Case(f"{name} {label}", name, Plan.uniform(**how), False))
+            continue
+        model, inputs = build(name)
+        plan = pcompile.plan(model, cluster, inputs, search_space=how)
+        shape = f"pp{plan.pp} m{plan.num_microbatches} {plan.schedule}" + (
+            f"(v={plan.virtual_stages})" if plan.virtual_stages > 1 else "")
+        out.append(Case(f"{name} {plan.default.describe()} {shape}", name, plan, True))
+    return out
+
+
+def _tracker():
+    """MemTracker counting every tensor storage of the step, without its per-module bookkeeping:
+    a pipeline stage's module runs once per micro-batch in one step (MemTracker refuses repeated
+    calls) and the ZeRO-3 rewrite puts non-leaf gathered weights in its modules (torch refuses
+    the gradient hooks MemTracker installs there). Those hooks only attribute memory to modules
+    and label gradients; the process-wide peak, which this benchmark reads, counts every
+    storage created under the tracker's dispatch mode plus the tracked modules and optimizer."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    class Tracker(MemTracker):
+        def _pre_fw_hook(self, module, inputs):
+            pass
+
+        def _post_fw_hook(self, module, inputs, outputs):
+            pass
+
+        def _pre_bw_hook(self, module, args):
+            pass
+
+        def _post_bw_hook(self, module, args):
+            pass
+    return Tracker()
+
+
+def measure(plans: list[tuple[str, Plan]], warmup: int, steps: int) -> list[dict]:
+    """On every rank: per plan, this rank's step times and peak bytes."""
     out = []
-    for name, dp, tp in plans:
+    for name, plan in plans:
         model, (x, y) = build(name)
-        cm = pcompile.compile(model, pcompile.Cluster.local(WORLD), (x, y), plan=pcompile.Plan.uniform(dp=dp, tp=tp))
+        cm = pcompile.compile(model, pcompile.Cluster.local(WORLD), (x, y), plan=plan)
         optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
 
         def step():
@@ -78,24 +152,30 @@ def measure(plans: list[tuple[str, int, int]], warmup: int, steps: int) -> list[
             times.append(time.perf_counter() - start)
             optimizer.step()
             optimizer.zero_grad()
-        tracker = MemTracker()
-        tracker.track_external(cm.gm, optimizer)
+        tracker = _tracker()
+        # the rank's modules: its graph, or its pipeline stages' graphs
+        modules = [cm.gm] if cm._pipeline is None else cm._pipeline.modules
+        tracker.track_external(*modules, optimizer)
         with tracker:
             step()
             tracker.reset_mod_stats()
             step()
         snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-        out.append({"plan": (name, dp, tp), "times": times, "peak": snapshot["Total"],
+        out.append({"plan": name, "times": times, "peak": snapshot["Total"],
                     "breakdown": {str(k): v for k, v in snapshot.items()}})
         del cm, optimizer, model
     return out
 
 
-def predict(cluster: pcompile.Cluster, name: str, dp: int, tp: int):
-    model, inputs = build(name)
-    ir = pcompile.compile(model, cluster, inputs, plan=pcompile.Plan.uniform(dp=dp, tp=tp), stop_after="layers")
-    options = CostOptions(overlap_grad_sync=False, bucket_bytes=None)
-    return estimate_uniform(ir, cluster, Strategy(dp=dp, tp=tp), options=options)
+def predict(cluster: pcompile.Cluster, case: Case):
+    """(step seconds, peak bytes) the cost model predicts for the case's plan."""
+    if case.searched:
+        return case.plan.estimate.step_time, case.plan.estimate.peak_memory
+    model, inputs = build(case.model)
+    ir = pcompile.compile(model, cluster, inputs, plan=case.plan, stop_after="layers")
+    options = CostOptions(overlap_grad_sync=False, bucket_bytes=BUCKET_BYTES)
+    estimate = estimate_uniform(ir, cluster, case.plan.default, options=options)
+    return estimate.step_time, estimate.peak_memory
 
 
 def spearman(a, b) -> float:
@@ -111,6 +191,7 @@ def main(argv=None) -> None:
                         help="where to write the measured profile")
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--only", help="comma-separated words: keep the plans whose label contains one")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.profile:
@@ -123,25 +204,29 @@ def main(argv=None) -> None:
     print(f"profiled in {time.perf_counter() - start:.1f} s: peak {device.peak_flops / 1e9:.1f} GFLOP/s, "
           f"{device.memory_bandwidth / 1e9:.2f} GB/s, op overhead {device.op_overhead * 1e6:.1f} / "
           f"{device.backward_overhead * 1e6:.1f} us, overlap {cluster.overlap:.2f}")
-    plans = [(name, dp, tp) for name in MODELS for dp, tp in SPLITS]
-    ranks = pcompile.launch(measure, WORLD, plans, args.warmup, args.steps, timeout=3000.0)
+    chosen = cases(cluster)
+    if args.only:
+        chosen = [c for c in chosen if any(word in c.label for word in args.only.split(","))]
+    predictions = [predict(cluster, c) for c in chosen]  # before the launch: a planning error shows at once
+    ranks = pcompile.launch(measure, WORLD, [(c.model, c.plan) for c in chosen], args.warmup, args.steps,
+                            timeout=3000.0)
     rows = []
-    print(f"{'plan':<24} {'pred ms':>9} {'meas ms':>9} {'err %':>7} {'pred MB':>9} {'meas MB':>9} {'err %':>7}")
-    for i, (name, dp, tp) in enumerate(plans):
+    width = max(len(c.label) for c in chosen) + 1
+    print(f"{'plan':<{width}} {'pred ms':>9} {'meas ms':>9} {'err %':>7} {'pred MB':>9} {'meas MB':>9} {'err %':>7}")
+    for i, (case, (step, peak)) in enumerate(zip(chosen, predictions)):
         per_step = [max(r[i]["times"][k] for r in ranks) for k in range(args.steps)]
         measured_time = statistics.median(per_step)
         measured_peak = max(r[i]["peak"] for r in ranks)
-        estimate = predict(cluster, name, dp, tp)
-        t_err = 100 * (estimate.step_time - measured_time) / measured_time
-        m_err = 100 * (estimate.peak_memory - measured_peak) / measured_peak
-        rows.append((estimate.step_time, measured_time, t_err, m_err))
-        print(f"{name + f' dp{dp}·tp{tp}':<24} {estimate.step_time * 1e3:9.2f} {measured_time * 1e3:9.2f} "
-              f"{t_err:7.1f} {estimate.peak_memory / 2**20:9.2f} {measured_peak / 2**20:9.2f} {m_err:7.1f}")
+        t_err = 100 * (step - measured_time) / measured_time
+        m_err = 100 * (peak - measured_peak) / measured_peak
+        rows.append((step, measured_time, t_err, m_err))
+        print(f"{case.label:<{width}} {step * 1e3:9.2f} {measured_time * 1e3:9.2f} {t_err:7.1f} "
+              f"{peak / 2**20:9.2f} {measured_peak / 2**20:9.2f} {m_err:7.1f}" + ("  (search)" if case.searched else ""))
     predicted, measured, t_errs, m_errs = (np.array(c) for c in zip(*rows))
     rho = spearman(predicted, measured)
     print(f"spearman={rho:.3f} time_mape_pct={np.mean(np.abs(t_errs)):.1f} "
           f"mem_err_pct={np.mean(np.abs(m_errs)):.1f} mem_err_max_pct={np.max(np.abs(m_errs)):.1f} "
-          f"plans={len(plans)} seconds={time.perf_counter() - start:.0f}")
+          f"plans={len(chosen)} seconds={time.perf_counter() - start:.0f}")
 
 
 if __name__ == "__main__":
