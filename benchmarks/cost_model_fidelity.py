@@ -52,7 +52,8 @@ MODELS = {
     "gpt4-h256-b32": ("gpt", GPT4, 32),
     "mlp4-w512-b256": ("mlp", dict(width=512, hidden=2048, num_layers=4, num_classes=16), 256),
 }
-SPLITS = ((4, 1), (2, 2), (1, 4))
+SPLITS = ((4, 1), (2, 2), (1, 4))  # (dp, tp) of the uniform plans, for the first six models
+UNIFORM = tuple(m for m in MODELS if not m.startswith(("gpt4", "mlp4")))
 # (model, label, Strategy fields of a pp = 1 plan) or (model, label, the search space narrowed to a pipeline)
 # (no tp_degrees: passes/search.py searched_plan pops it inside a list comprehension, a KeyError
 # on a second tp candidate; the search may pick tp2 inside the stages)
@@ -92,7 +93,7 @@ def build(name: str):
 def cases(cluster: pcompile.Cluster) -> list[Case]:
     """Every plan; the pipelines are searched on the profiled cluster (their estimate is the search's)."""
     out = [Case(f"{name} dp{dp}·tp{tp}", name, Plan.uniform(dp=dp, tp=tp), False)
-           for name in list(MODELS)[:6] for dp, tp in SPLITS]
+           for name in UNIFORM for dp, tp in SPLITS]
     for name, label, how in FEATURES:
         if "pp_degrees" not in how:
             out.append(Case(f"{name} {label}", name, Plan.uniform(**how), False))
