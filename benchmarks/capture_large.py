@@ -7,12 +7,14 @@ analysis (fx is tried and fails on the HF code, torch.export captures it on fake
 the shape, FLOP, memory and layer passes), then the search on their IR. Each config runs in
 its own process so its peak RSS is its own (target: < 4 GB).
 
-Where the time goes (GPT-3 175B, 96 blocks, 5157 nodes, torch 2.13, transformers 5, a shared
-2-core machine): capture + analysis 59 s wall, 18 s CPU, peak RSS 0.47 GB; the capture is 51 s
-of it, nearly all inside torch.export (fake-tensor dispatch of the HF code with a symbolic
-batch dimension: sympy arithmetic on SymInts, and a stack trace recorded per node), growing
-linearly with the blocks; shapes / FLOPs / memory take 2-3 s each. Nothing in the benchmark
-or in pcompile's passes is quadratic. `--profile` prints the analysis's top functions by CPU time.
+Where the time goes (GPT-3 175B, 96 blocks, 5157 nodes, torch 2.13, transformers 5, 2 cores):
+capture + analysis 15.4 s on a quiet machine (peak RSS 0.47 GB), of which the capture is
+11.9 s, nearly all inside torch.export (fake-tensor dispatch of the HF code with a symbolic
+batch dimension: sympy arithmetic on SymInts, and a stack trace recorded per node), linear in
+the blocks; shapes / FLOPs / memory take about 1 s each. Nothing in the benchmark or in
+pcompile's passes is quadratic: the 300 s timeouts seen before were a machine shared by many
+jobs (wall time 15-25x the process's CPU time). `--profile` prints the analysis's top
+functions by CPU time.
 
   python benchmarks/capture_large.py [--only llama7b] [--layers N] [--no-search] [--profile]
 
