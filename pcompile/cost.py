@@ -11,7 +11,11 @@ time of one op  = k * (overhead + max(FLOPs / (k * rate(FLOPs / k)), bytes / ban
 checkpointing   : backward += forward (recompute, tp collectives included); keeps the layer input only
 tp (Megatron)   : forward all-reduce after each row Linear, backward all-reduce at each column
                   Linear's input; sp turns each into all-gather + reduce-scatter and divides the
-                  layernorm / residual regions (and their activations) by tp as well
+                  layernorm / residual regions (and their activations) by tp as well. Vocab
+                  parallelism: an embedding split along the vocabulary holds V/tp rows (a table
+                  tied to the LM head is one parameter, charged once) and all-reduces its
+                  [b, s, H] output in forward; the parallel cross-entropy all-reduces three fp32
+                  [N] vectors (max, sum of exp, target logit) in forward, none in backward
 dp              : per step, all-reduce of the layer's gradients over the dp group (ranks tp apart),
                   exposed part c - eta * min(c, backward) when the runtime overlaps it (eta = the
                   cluster's calibrated overlap efficiency, or CostOptions.overlap)
@@ -31,6 +35,7 @@ Ranks: tp innermost (contiguous), then dp, then pp outermost; a stage starting a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -122,6 +127,7 @@ class LayerWork:
     reduce_fwd: tuple[float, ...] = ()  # tp all-reduce per row Linear (full activation bytes)
     reduce_bwd: tuple[float, ...] = ()  # tp all-reduce per column Linear input, in backward
     gather_bwd: tuple[float, ...] = ()  # tp all-gather of a scattered replicated operand's gradient
+    loss_fwd: tuple[float, ...] = ()  # the vocab-parallel cross-entropy's fp32 all-reduces (every dtype)
 
 
 def example_batch(ir: IR) -> int:
@@ -157,23 +163,28 @@ def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
 def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
-    from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel  # passes import this module
+    from pcompile.passes.tp_ops import embedding_parts, loss_parts  # passes import this module
+    from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
 
-    split_out, row, column, scatters = set(), set(), set(), []
+    split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
     if tp > 1:
         p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
         split_out, row, column, scatters = set(p.split_dim), p.row, p.column, p.scatters
-    split_params = set()
+        embeddings, losses = p.embeddings, p.losses
+    split_names = {embedding_parts(ir.gm, n).weight for n in embeddings}
     for node in column | row:
         parts = linear_parts(ir.gm, node)
-        split_params |= {parts.weight} | ({parts.bias} if parts.bias and node in column else set())
+        split_names |= {parts.weight} | ({parts.bias} if parts.bias and node in column else set())
+    # By tensor, not by name: a tied table is read as tok_emb.weight and as head.weight, and the
+    # layer that first reads it (the embedding's) is charged for it.
+    split_params = {id(ir.gm.get_parameter(name)) for name in split_names}
     tp_layers = {ir.meta(n).layer for n in column}
 
     def local(node) -> float:
         return ir.meta(node).output_bytes / (tp if node in split_out else 1)
 
     acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
-                       fwd=[], bwd=[], gather=[]) for layer in ir.layers}
+                       fwd=[], bwd=[], gather=[], loss=[]) for layer in ir.layers}
     seen_params: set[int] = set()
     for node in ir.graph.nodes:
         if not ir.has_meta(node) or ir.meta(node).layer not in acc:
@@ -182,7 +193,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         for name, param in _param_tensors(ir, node):
             if id(param) not in seen_params:
                 seen_params.add(id(param))
-                a["params"].append(param.numel() // (tp if name in split_params else 1))
+                a["params"].append(param.numel() // (tp if id(param) in split_params else 1))
         if not _is_tensor_op(ir, node):
             continue
         for source in node.all_input_nodes:
@@ -190,15 +201,16 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
                                                                                                 "get_attr"):
                 a["inputs"].add(source)
         is_linear = _linear(ir, node) is not None
-        divided = node in split_out or node in row
-        saved_split = (node in row) if is_linear else node in split_out
+        # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
+        divided = node in split_out or node in row or node in losses
+        saved_split = (node in row) if is_linear else node in split_out or node in losses
         a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
         a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
         zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
         moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
                                                         if ir.has_meta(i) and ir.meta(i).shape is not None)
-        params = sum(param.numel() * param.element_size() / (tp if name in split_params else 1)
-                     for name, param in _param_tensors(ir, node))
+        params = sum(param.numel() * param.element_size() / (tp if id(param) in split_params else 1)
+                     for _, param in _param_tensors(ir, node))
         grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
         a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
                                sp=meta.layer in tp_layers and not divided and not is_linear))
@@ -206,8 +218,11 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         if is_linear:
             weight = ir.gm.get_parameter(linear_parts(ir.gm, node).weight)
             a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
-        if node in row:
+        if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
             a["fwd"].append(float(meta.output_bytes))
+        if node in losses:
+            rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
+            a["loss"] += [4.0 * rows] * 3
     for source in {linear_parts(ir.gm, n).input for n in column}:
         acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
             float(ir.meta(source).output_bytes))
@@ -216,7 +231,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
                              float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
                              tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
-                             tuple(a["bwd"]), tuple(a["gather"]))
+                             tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]))
             for layer, a in acc.items()}
 
 
@@ -292,13 +307,16 @@ def _exposed(comm: float, compute: float, eta: float) -> float:
     return comm - eta * min(comm, compute)
 
 
-def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float) -> tuple[float, float]:
+def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float,
+             act: float) -> tuple[float, float]:
     """(forward, backward) tp collectives of one micro-batch: Megatron's all-reduces, or with
-    sequence parallelism an all-gather + reduce-scatter pair in their place (same volume)."""
-    def t(op, nbytes):
-        return cluster.collective_time(op, nbytes * scale, groups)
+    sequence parallelism an all-gather + reduce-scatter pair in their place (same volume).
+    Activations move in the activation dtype (x act); the cross-entropy's vectors in fp32."""
+    def t(op, nbytes, dtype_scale=act):
+        return cluster.collective_time(op, nbytes * scale * dtype_scale, groups)
 
-    fwd = bwd = 0.0
+    fwd = sum(t("all_reduce", nbytes, 1.0) for nbytes in work.loss_fwd)
+    bwd = 0.0
     for nbytes in work.reduce_fwd:
         fwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
         bwd += t("all_gather", nbytes) if s.sp else 0.0
@@ -319,7 +337,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     times = [compute_times(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
     tp_groups, dp_groups = group_ranks(first, s.dp, s.tp)
-    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale * act) if s.tp > 1 else (0.0, 0.0)
+    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act) if s.tp > 1 else (0.0, 0.0)
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
     grads = _messages(work.param_numels, g_bytes, options.bucket_bytes)

@@ -1,13 +1,16 @@
 """Hand-computed cases of the cost model's formulas."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import pcompile
-from pcompile.cost import CostOptions, cost_table, group_ranks, ring_allreduce_time, switch_time
+from pcompile.cost import (CostOptions, cost_table, group_ranks, layer_cost, layer_work, ring_allreduce_time,
+                           switch_time)
+from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.pipeline_cost import StageCost, simulate
 from pcompile.plan import Strategy
 from tests.cost.conftest import OneLinear, analyse
@@ -116,3 +119,42 @@ def test_impossible_pairs_cost_infinity(gpt_ir):
     assert math.isinf(table.fwd_time[1, 0])  # 6 samples over dp=4
     assert math.isfinite(table.fwd_time[1, 1])
     assert math.isinf(table.fwd_time[1, 2])  # 2 devices, stage has 4
+
+
+@pytest.fixture(scope="module")
+def untied_gpt_ir():
+    cfg = GPTConfig(tie_head=False)
+    return analyse(GPT(cfg), gpt_inputs(cfg, 8))[0]
+
+
+def test_vocab_parallel_state_is_the_vocab_shard(gpt_ir, untied_gpt_ir):
+    """GPT: tok_emb [256, 64], pos_emb [32, 64] (indexed by positions: stays whole), ln_f 2 x 64,
+    head [256, 64] tied to tok_emb or not. Adam fp32: 16 bytes per element."""
+    tok, pos, ln_f, head = 256 * 64, 32 * 64, 2 * 64, 256 * 64
+    for ir, tied in ((gpt_ir[0], True), (untied_gpt_ir, False)):
+        state = {tp: cost_table(ir, pcompile.Cluster.local(tp), tp, 8, [Strategy(dp=1, tp=tp)]).state_memory[:, 0]
+                 for tp in (1, 2)}
+        pre, post = ir.layers.index("pre"), ir.layers.index("post")
+        assert state[1][pre] == (tok + pos) * 16
+        assert state[2][pre] == (tok // 2 + pos) * 16  # the tied table once, in "pre", as at tp=1
+        assert state[1][post] == (ln_f + (0 if tied else head)) * 16
+        assert state[2][post] == (ln_f + (0 if tied else head // 2)) * 16
+
+
+def test_vocab_parallel_collectives_are_charged(gpt_ir):
+    ir = gpt_ir[0]
+    b, s, h, cluster, strategy = 8, 32, 64, pcompile.Cluster.local(2), Strategy(dp=1, tp=2)
+    works = layer_work(ir, 2)
+    pre, post = works["pre"], works["post"]
+    assert pre.reduce_fwd == (b * s * h * 4,)  # the embedding's partial lookups, fp32
+    assert post.loss_fwd == (b * s * 4,) * 3  # max, sum of exp, target logit: one fp32 per row
+    for options, act in ((CostOptions(), 1.0), (CostOptions(mixed_precision=True), 0.5)):
+        def fwd(work):
+            return layer_cost(work, cluster, strategy, b, b, options).fwd
+
+        embedding = cluster.collective_time("all_reduce", b * s * h * 4 * act, [[0, 1]])
+        assert math.isclose(fwd(pre) - fwd(dataclasses.replace(pre, reduce_fwd=())), embedding)
+        loss = 3 * cluster.collective_time("all_reduce", b * s * 4, [[0, 1]])  # fp32 under mixed precision too
+        assert math.isclose(fwd(post) - fwd(dataclasses.replace(post, loss_fwd=())), loss)
+        no_backward = layer_cost(dataclasses.replace(post, loss_fwd=()), cluster, strategy, b, b, options).bwd
+        assert layer_cost(post, cluster, strategy, b, b, options).bwd == no_backward
