@@ -4,3 +4,4 @@ from pcompile.passes import checkpoint, operator_split, sequence_parallel  # noq
 from pcompile.passes import symbolic  # noqa: F401
 from pcompile.passes import pipeline_split  # noqa: F401
 from pcompile.passes import reshard  # noqa: F401
+from pcompile.passes import loss_check  # noqa: F401
