@@ -4,8 +4,8 @@ The engine searches per-layer strategies (dp or sdp, checkpointing, operator spl
 global pipeline setting (pp, micro-batches, schedule) and a balanced stage partition, with a
 memory-knapsack DP per stage (see pcompile.search_dp for the maths). This pass states the
 problem from the IR: layers, the cluster's per-rank memory, a cost callback that fills a
-CostTable per stage (pcompile.cost.cost_table), and a search space restricted to what the
-rewrite passes can run today:
+CostTable per stage (pcompile.cost.cost_table's, built fast by pcompile.stage_costs), and a
+search space restricted to what the rewrite passes can run today:
 
 - tp must split every block (tp_rules finds the column/row Linear pairs; tp must divide the
   heads and hidden sizes) and is the same for every layer, because the backend builds one
@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pcompile.cost import CostOptions, SplitInfo, cost_table, estimate_uniform
+from pcompile.cost import CostOptions, SplitInfo, estimate_uniform
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -34,6 +34,7 @@ from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
 from pcompile.search_engine import SearchProblem, StageQuery, search as run_engine
 from pcompile.search_result import SearchResult, to_plan
 from pcompile.search_space import SearchSpace
+from pcompile.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
 SUPPORTED_SPACE = dict(sp=(False,), schedules=("1F1B", "GPipe", "Interleaved1F1B"))
@@ -118,17 +119,17 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
 
 
 def _cost_callback(ir: IR, ctx: PassContext):
-    cache: dict[tuple, CostTable] = {}
+    """Tables of pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one
+    table per class of equivalent stages) and kept per table so the engine's index memo hits."""
+    costs = StageCosts(ir, ctx.cluster, CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
+    cache: dict[int, CostTable] = {}
     drop_first, drop_last = trivial_ends(ir)
 
     def cost(query: StageQuery) -> CostTable:
-        key = (query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
-        if key not in cache:
-            table = cost_table(ir, ctx.cluster, query.devices_per_stage, query.microbatch_size,
-                               query.strategies, CostOptions(first_rank=query.first_rank,
-                                                             mixed_precision=bool(ctx.options.get("mixed_precision"))))
-            cache[key] = _without_ends(table, drop_first, drop_last)
-        return cache[key]
+        table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
+        if id(table) not in cache:
+            cache[id(table)] = _without_ends(table, drop_first, drop_last)
+        return cache[id(table)]
     return cost
 
 
@@ -181,7 +182,8 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
     user = dict(ctx.options.get("search_space", {}))
     if "tp_degrees" in user:
-        tps = [t for t in tps if t in user.pop("tp_degrees")]
+        wanted = user.pop("tp_degrees")
+        tps = [t for t in tps if t in wanted]
     extra = _narrow({}, user)  # one engine run per tp covers every pp, with and without sdp
     for tp in [t for t in tps if rejected[t] is None and extra is not None]:
         problem = SearchProblem(
