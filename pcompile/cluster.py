@@ -125,8 +125,13 @@ class Cluster:
         return rank // self.devices_per_node
 
     def link_kind(self, ranks) -> str:
-        """"intra" when every rank of the group sits in one node, else "inter"."""
-        return "intra" if len({self.node_of(r) for r in ranks}) <= 1 else "inter"
+        """"intra" when every rank of the group sits in one node, else "inter". Nodes hold
+        consecutive ranks, so the lowest and highest rank decide (the search asks this for
+        groups of hundreds of ranks, hundreds of thousands of times)."""
+        ranks = list(ranks)
+        if not ranks:
+            return "intra"
+        return "intra" if self.node_of(min(ranks)) == self.node_of(max(ranks)) else "inter"
 
     def link_of(self, ranks) -> tuple[float, float]:
         """(bandwidth, latency) of the slowest link a group of these exact ranks uses."""
