@@ -33,7 +33,7 @@ from pcompile.passmanager import PassContext, register_pass
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
 from pcompile.search_engine import SearchProblem, StageQuery, search as run_engine
 from pcompile.search_result import SearchResult, to_plan
-from pcompile.search_space import SearchSpace
+from pcompile.search_space import SearchRules, SearchSpace, tp_options
 from pcompile.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
@@ -174,7 +174,9 @@ def _merge_baselines(results: list[SearchResult]):
 def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     cluster = ctx.cluster
     devices = cluster.num_devices
-    tps = [t for t in (2**k for k in range(devices.bit_length())) if devices % t == 0]
+    # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
+    # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
+    tps = tp_options(devices, cluster.devices_per_node, SearchSpace(), SearchRules())
     rejected = {t: tp_problem(ir, t) for t in tps}
     cost = _cost_callback(ir, ctx)
     results, errors = [], []
