@@ -14,7 +14,8 @@ search space restricted to what the rewrite passes can run today:
 - sdp (ZeRO-3) with and without pipelining (the pipeline backend gathers sdp parameters per
   micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
-- no sequence parallelism yet (no sp rewrite).
+- sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), with
+  pp = 1 only.
 
 A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
 uniform estimate.
@@ -24,10 +25,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from pcompile.cost import CostOptions, SplitInfo, estimate_uniform
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
 from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
@@ -37,13 +41,33 @@ from pcompile.search_space import SearchRules, SearchSpace, tp_options
 from pcompile.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
-SUPPORTED_SPACE = dict(sp=(False,), schedules=("1F1B", "GPipe", "Interleaved1F1B"))
+SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
 
 
-def split_info(ir: IR, tp: int) -> tuple[SplitInfo, dict[str, str]]:
+def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
+    """Per layer, why the sequence_parallel rewrite would refuse sp at this tp (from the shapes
+    tp_rules' propagation `p` gives its collectives: [b, h] MLPs, GPT-2's flattened Conv1D
+    tokens, a sequence tp does not divide). A layer without tp collectives is refused too: the
+    rewrite borrows the other sp layers' sequence length for it, which the per-layer DP cannot
+    promise (and sp there only shards a few token-wise ops)."""
+    if tp == 1:
+        return {}
+    if p is None:
+        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+    out = {}
+    for layer in ir.layers:
+        shapes = planned_shapes(ir, p, layer)
+        if sequence_length(*shapes) is None:
+            out[layer] = f"layer {layer!r} has no tensor-parallel collective for sp to replace"
+        elif problem := sp_problem(*shapes, layer, tp):
+            out[layer] = problem
+    return out
+
+
+def split_info(ir: IR, tp: int, planned=None) -> tuple[SplitInfo, dict[str, str]]:
     if tp == 1:
         return SplitInfo(frozenset(), 0), {}
-    p, reasons = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+    p, reasons = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
     split = {n.name for n in p.split_dim} | {n.name for n in p.row}
     copied = {linear_parts(ir.gm, n).input for n in p.column}
     reduce_bytes = sum(ir.meta(n).output_bytes for n in copied) + sum(ir.meta(n).output_bytes for n in p.row)
@@ -55,11 +79,11 @@ def batch_size(ctx: PassContext) -> int:
     return int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 1
 
 
-def tp_problem(ir: IR, tp: int) -> str | None:
-    """Why tp cannot split this model's blocks, or None."""
+def tp_problem(ir: IR, tp: int, planned=None) -> str | None:
+    """Why tp cannot split this model's blocks, or None (`planned`: plan_tensor_parallel's answer)."""
     if tp == 1:
         return None
-    _, reasons = split_info(ir, tp)
+    _, reasons = split_info(ir, tp, planned)
     blocks = ir.block_layers or [layer for layer in ir.layers if layer not in ("pre", "post")]
     for layer in blocks:
         if layer in reasons:
@@ -72,7 +96,7 @@ def validity(ir: IR, ctx: PassContext, strategy: Strategy, pp: int = 1, microbat
     if batch % (strategy.dp * microbatches):
         return (f"invalid: global batch {batch} is not divisible by dp={strategy.dp} x "
                 f"{microbatches} micro-batch(es)")
-    problem = tp_problem(ir, strategy.tp)
+    problem = tp_problem(ir, strategy.tp)  # a forced plan's sp is checked by the sp rewrite itself
     return f"invalid: {problem}" if problem else None
 
 
@@ -118,18 +142,35 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
         switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
 
 
-def _cost_callback(ir: IR, ctx: PassContext):
+def _without_sp(table: CostTable, refused: dict[str, str], pipelined: bool) -> CostTable:
+    """sp strategies made impossible (time inf) on the layers the rewrite refuses, and on every
+    layer of a pipelined plan (sp across pipeline stages is not run by any test yet)."""
+    sp = [j for j, s in enumerate(table.strategies) if s.sp]
+    rows = [i for i, layer in enumerate(table.layers) if pipelined or layer in refused]
+    if not sp or not rows:
+        return table
+    fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
+    fwd[np.ix_(rows, sp)] = np.inf
+    bwd[np.ix_(rows, sp)] = np.inf
+    return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
+
+
+def _cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]]):
     """Tables of pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one
-    table per class of equivalent stages) and kept per table so the engine's index memo hits."""
+    table per class of equivalent stages) and kept per table so the engine's index memo hits;
+    `refused[tp]`: sp_refusals."""
     costs = StageCosts(ir, ctx.cluster, CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
-    cache: dict[int, CostTable] = {}
+    cache: dict[tuple[int, bool], CostTable] = {}
     drop_first, drop_last = trivial_ends(ir)
 
     def cost(query: StageQuery) -> CostTable:
         table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
-        if id(table) not in cache:
-            cache[id(table)] = _without_ends(table, drop_first, drop_last)
-        return cache[id(table)]
+        key = (id(table), query.pp > 1)
+        if key not in cache:
+            tps = {s.tp for s in query.strategies if s.sp}
+            merged = {layer: why for tp in tps for layer, why in refused.get(tp, {}).items()}
+            cache[key] = _without_ends(_without_sp(table, merged, query.pp > 1), drop_first, drop_last)
+        return cache[key]
     return cost
 
 
@@ -137,10 +178,12 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     """Give the left-out trivial "pre" / "post" their neighbour's strategy and stage."""
     drop_first, drop_last = trivial_ends(ir)
     layers = list(plan.layers)
+    # without sp: a trivial end has no ops for sp to shard, and the rewrite refuses sp on a
+    # layer without tp collectives unless it can borrow a single sequence length
     if drop_first:
-        layers.insert(0, LayerAssignment("pre", layers[0].strategy, layers[0].stage))
+        layers.insert(0, LayerAssignment("pre", dataclasses.replace(layers[0].strategy, sp=False), layers[0].stage))
     if drop_last:
-        layers.append(LayerAssignment("post", layers[-1].strategy, layers[-1].stage))
+        layers.append(LayerAssignment("post", dataclasses.replace(layers[-1].strategy, sp=False), layers[-1].stage))
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
@@ -177,8 +220,10 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
     # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
     tps = tp_options(devices, cluster.devices_per_node, SearchSpace(), SearchRules())
-    rejected = {t: tp_problem(ir, t) for t in tps}
-    cost = _cost_callback(ir, ctx)
+    planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
+    rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
+    refused = {t: sp_refusals(ir, t, planned[t][0]) for t in planned if rejected[t] is None}
+    cost = _cost_callback(ir, ctx, refused)
     results, errors = [], []
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
