@@ -2,23 +2,58 @@
 pays, never on a layer the rewrite refuses, and a searched sp plan compiles."""
 from __future__ import annotations
 
+import copy
+
+import torch
+import torch.distributed as dist
+
 import pcompile
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.passes.search import sp_refusals
 from tests.cost.conftest import analyse
+from tests.distributed.ranks import _max_diff
 
 GPT_CFG = GPTConfig(num_layers=2, hidden=64, seq_len=128)
+TIGHT = 3 * 2**20  # activations must shrink: the search picks sp
+
+
+def searched_sp_vs_serial(steps: int = 3) -> dict:
+    """On each rank: the searched plan (sp) trains next to the serial model."""
+    torch.manual_seed(0)
+    model = GPT(GPT_CFG)
+    serial = copy.deepcopy(model)
+    cluster = pcompile.Cluster.local(dist.get_world_size(), memory_bytes=TIGHT)
+    plan = pcompile.plan(copy.deepcopy(model), cluster, gpt_inputs(GPT_CFG, 8), search_space={"pp_degrees": (1,)})
+    cm = pcompile.compile(model, cluster, gpt_inputs(GPT_CFG, 8), plan=plan)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (cm, serial)]
+    loss_diff = grad_diff = 0.0
+    for step in range(steps):
+        x, y = gpt_inputs(GPT_CFG, 8, seed=step)
+        loss = cm.train_step(x, y)
+        expected = serial(x, y)
+        expected.backward()
+        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
+        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
+        for opt in optimizers:
+            opt.step()
+            opt.zero_grad()
+    return {"sp": [a.layer for a in plan.layers if a.strategy.sp], "loss_diff": loss_diff, "grad_diff": grad_diff}
 
 
 def test_gpt_plan_uses_sp_and_compiles():
     model, inputs = GPT(GPT_CFG), gpt_inputs(GPT_CFG, 8)
-    cluster = pcompile.Cluster.local(4, memory_bytes=3 * 2**20)  # tight: activations must shrink
+    cluster = pcompile.Cluster.local(4, memory_bytes=TIGHT)
     plan = pcompile.plan(model, cluster, inputs, search_space={"pp_degrees": (1,)})
     sp = [a.layer for a in plan.layers if a.strategy.sp]
     assert "blocks.0" in sp and "blocks.1" in sp
     ir = pcompile.compile(model, cluster, inputs, plan=plan, stop_after="sequence_parallel")
     counts = ir.op_counts()
     assert counts.get("call_function:pcompile.collectives.sp_reduce_scatter", 0) >= 2 * len(sp) - 2
+
+
+def test_searched_sp_plan_trains_like_serial():
+    for r in pcompile.launch(searched_sp_vs_serial, 4):
+        assert r["sp"] and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
 
 
 def test_sp_only_without_pipelining():
