@@ -84,7 +84,10 @@ def test_tp_rewrite_of_random_gpts(cfg, tp):
     counts = ir.op_counts()
     copies = counts.get("call_function:pcompile.collectives.tp_copy", 0)
     reduces = counts.get("call_function:pcompile.collectives.tp_reduce", 0)
-    assert (copies, reduces) == ((2 * cfg.num_layers,) * 2 if tp > 1 else (0, 0))
+    # Megatron pairs per block; vocab parallelism adds the LM head's copy and the embedding's
+    # reduce (and shards the token table, tied or not) when tp divides the vocabulary
+    vocab = int(tp > 1 and cfg.vocab_size % tp == 0)
+    assert (copies, reduces) == ((2 * cfg.num_layers + vocab,) * 2 if tp > 1 else (0, 0))
     if tp > 1:
-        assert len(ir.param_shardings) == cfg.num_layers * 10
+        assert len(ir.param_shardings) == cfg.num_layers * 10 + 2 * vocab
     assert IR.parse(ir.format()) == [(n.name, n.op, target_name(n)) for n in ir.graph.nodes]
