@@ -31,7 +31,7 @@ from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.passes.checkpoint import run_checkpointed
 from pcompile.plan import LayerAssignment, Plan, Strategy
 
-PASSES = PIPELINE + ["operator_split", "checkpoint"]
+PASSES = PIPELINE  # the full pipeline: operator_split and checkpoint run as in compile()
 MB = 2**20
 
 
