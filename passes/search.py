@@ -142,16 +142,15 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
         switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
 
 
-def _without_sp(table: CostTable, refused: dict[str, str], pipelined: bool) -> CostTable:
-    """sp strategies made impossible (time inf) on the layers the rewrite refuses, and on every
-    layer of a pipelined plan (sp across pipeline stages is not run by any test yet)."""
-    sp = [j for j, s in enumerate(table.strategies) if s.sp]
-    rows = [i for i, layer in enumerate(table.layers) if pipelined or layer in refused]
-    if not sp or not rows:
-        return table
+def _without_sp(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool) -> CostTable:
+    """sp strategies made impossible (time inf) on the layers the rewrite refuses at their tp
+    (`refused[tp]`: sp_refusals), and on every layer of a pipelined plan (sp across pipeline
+    stages is not run by any test yet)."""
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
-    fwd[np.ix_(rows, sp)] = np.inf
-    bwd[np.ix_(rows, sp)] = np.inf
+    for j, s in enumerate(table.strategies):
+        if s.sp:
+            rows = [i for i, layer in enumerate(table.layers) if pipelined or layer in refused.get(s.tp, {})]
+            fwd[rows, j] = bwd[rows, j] = np.inf
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 
 
@@ -167,9 +166,7 @@ def _cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]])
         table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
         key = (id(table), query.pp > 1)
         if key not in cache:
-            tps = {s.tp for s in query.strategies if s.sp}
-            merged = {layer: why for tp in tps for layer, why in refused.get(tp, {}).items()}
-            cache[key] = _without_ends(_without_sp(table, merged, query.pp > 1), drop_first, drop_last)
+            cache[key] = _without_ends(_without_sp(table, refused, query.pp > 1), drop_first, drop_last)
         return cache[key]
     return cost
 
