@@ -145,11 +145,13 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
 def _without_sp(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool) -> CostTable:
     """sp strategies made impossible (time inf) on the layers the rewrite refuses at their tp
     (`refused[tp]`: sp_refusals), and on every layer of a pipelined plan (sp across pipeline
-    stages is not run by any test yet)."""
+    stages is not run by any test yet); so is sdp with tp > 1 in a pipelined plan (the
+    sharded_data_parallel pass refuses it)."""
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
     for j, s in enumerate(table.strategies):
-        if s.sp:
-            rows = [i for i, layer in enumerate(table.layers) if pipelined or layer in refused.get(s.tp, {})]
+        if s.sp or (pipelined and s.sdp and s.tp > 1):
+            rows = [i for i, layer in enumerate(table.layers)
+                    if pipelined or layer in refused.get(s.tp, {})]
             fwd[rows, j] = bwd[rows, j] = np.inf
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 
