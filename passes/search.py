@@ -145,8 +145,8 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
 def _without_sp(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool) -> CostTable:
     """sp strategies made impossible (time inf) on the layers the rewrite refuses at their tp
     (`refused[tp]`: sp_refusals), and on every layer of a pipelined plan (sp across pipeline
-    stages is not run by any test yet); so is sdp with tp > 1 in a pipelined plan (the
-    sharded_data_parallel pass refuses it)."""
+    stages is not run by any test yet); so is sdp with tp > 1 in a pipelined plan (exact for
+    untied models, but refused by sharded_data_parallel where such layers read a tied weight)."""
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
     for j, s in enumerate(table.strategies):
         if s.sp or (pipelined and s.sdp and s.tp > 1):

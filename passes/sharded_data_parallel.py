@@ -283,20 +283,34 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
         fake_run(ir, inputs, check, shard=shard, grad=False)
 
 
+def _tied_across_tp_sdp_layers(ir: IR, reads: dict, layers: list[str]) -> str | None:
+    """A parameter with several names (tied) read by one of `layers`, or None."""
+    names: dict[int, list[str]] = {}
+    for name, p in ir.gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    tied = {group[0] for group in names.values() if len(group) > 1}  # canonical = first name
+    for node, slots in reads.items():
+        if ir.meta(node).layer in layers:
+            hit = next((r.name for r in slots.values() if r.name in tied), None)
+            if hit:
+                return hit
+    return None
+
+
 @register_pass("sharded_data_parallel", kind="rewrite")
 def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     """ZeRO-3 for sdp layers: parameters sharded over dp, one sdp_gather per unit (reduce-scatter backward)."""
     layers = sdp_layers(ir, ctx)
     if not layers:
         return ir
-    with_tp = [layer for layer in layers if ctx.plan.strategy_for(layer).tp > 1]
-    if ctx.plan.pp > 1 and with_tp:
-        # pp2·sdp2·tp2 on 8 gloo ranks hangs in the pipeline schedule (pp x sdp and pp x tp
-        # alone match serial): refused until the pipeline runtime orders those collectives
-        raise PcompileError(f"ZeRO-3 (sdp) layers with tp > 1 inside pipeline stages are not supported yet "
-                            f"(layers {with_tp[:3]}{'...' if len(with_tp) > 3 else ''})",
-                            "use sdp with tp=1 or dp instead of sdp inside pipeline stages, or pp=1")
     reads = parameter_reads(ir)
+    tied = _tied_across_tp_sdp_layers(ir, reads, [l for l in layers if ctx.plan.strategy_for(l).tp > 1])
+    if ctx.plan.pp > 1 and tied:
+        # pp2·sdp2·tp2 with GPT's tied embedding/head: the head stage's chunk gets no gradient and
+        # the tie all-reduce hangs (untied GPT and the MLP match serial under pp x sdp x tp)
+        raise PcompileError(f"a tied parameter ({tied}) read by ZeRO-3 (sdp) layers with tp > 1 inside pipeline "
+                            "stages is not supported yet",
+                            "use dp instead of sdp (or tp=1) for the layers that read the tied weight, or pp=1")
     shardings, replicated = choose_shardings(ir, reads, layers)
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
     recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}
