@@ -119,48 +119,23 @@ class _Reduce(torch.autograd.Function):
         return grad, None, None
 
 
-class _Gather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key, size):
+def _dim_pair(name: str, forward, backward) -> type:
+    """An autograd Function over (x, dim, key, size) running collective `forward` and, on the
+    gradient, its conjugate `backward` (the four sharded-dim pairs below differ only in these)."""
+    def fwd(ctx, x, dim, key, size):
         ctx.dim, ctx.key, ctx.size = dim, key, size
-        return _all_gather(x, dim, key, size)
+        return forward(x, dim, key, size)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _local_chunk(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.dim, ctx.key, ctx.size), None, None, None
 
-
-class _Scatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key, size):
-        ctx.dim, ctx.key, ctx.size = dim, key, size
-        return _local_chunk(x, dim, key, size)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
 
-class _SpGather(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key, size):
-        ctx.dim, ctx.key, ctx.size = dim, key, size
-        return _all_gather(x, dim, key, size)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.key, ctx.size), None, None, None
-
-
-class _SpReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, dim, key, size):
-        ctx.dim, ctx.key, ctx.size = dim, key, size
-        return _reduce_scatter(x, dim, key, size)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather(grad, ctx.dim, ctx.key, ctx.size), None, None, None
+_Gather = _dim_pair("_Gather", _all_gather, _local_chunk)
+_Scatter = _dim_pair("_Scatter", _local_chunk, _all_gather)
+_SpGather = _dim_pair("_SpGather", _all_gather, _reduce_scatter)
+_SpReduceScatter = _dim_pair("_SpReduceScatter", _reduce_scatter, _all_gather)
 
 
 def tp_copy(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
