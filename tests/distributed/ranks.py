@@ -27,30 +27,34 @@ def _max_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
-    """Train `steps` AdamW steps in parallel and serially; report the worst differences."""
-    build, inputs = MODELS[model_name]
+def train_side_by_side(build, inputs, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2):
+    """Compile `build()` under `plan`, then `steps` AdamW steps in parallel and on a serial copy.
+    Returns (compiled model, serial model, worst loss diff, worst gradient diff, per-step losses)."""
     torch.manual_seed(0)
     model = build()
     serial = copy.deepcopy(model)
     world = dist.get_world_size() if dist.is_initialized() else 1
     cm = pcompile.compile(model, pcompile.Cluster.local(world), inputs(0), plan=plan)
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
-    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
+    optimizers = (torch.optim.AdamW(cm.parameters(), lr=lr), torch.optim.AdamW(serial.parameters(), lr=lr))
     loss_diff = grad_diff = 0.0
     losses = []
     for step in range(steps):
-        x, y = inputs(step)
-        loss = cm.train_step(x, y)
-        expected = serial(x, y)
+        batch = inputs(step)
+        loss = cm.train_step(*batch)
+        expected = serial(*batch)
         expected.backward()
         losses.append((loss.item(), expected.item()))
         loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
         grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
-        optimizer.step()
-        optimizer.zero_grad()
-        serial_optimizer.step()
-        serial_optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    return cm, serial, loss_diff, grad_diff, losses
+
+
+def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
+    """Train `steps` AdamW steps in parallel and serially; report the worst differences."""
+    cm, serial, loss_diff, grad_diff, losses = train_side_by_side(*MODELS[model_name], plan, steps, lr)
     param_diff = _max_diff(cm.full_state_dict(), serial.state_dict())
     return {"model": model_name, "plan": plan.default.describe(), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": param_diff, "losses": losses}

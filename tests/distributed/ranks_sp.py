@@ -3,17 +3,15 @@ forced sp plans on the built-in GPT, a Hugging Face ViT (captured with torch.exp
 token MLP, compared with the serial model step by step."""
 from __future__ import annotations
 
-import copy
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from tests.distributed.ranks import _max_diff
+from tests.distributed.ranks import train_side_by_side
 
 SP_OPS = ("sp_split", "sp_gather", "sp_reduce_scatter", "sp_unsplit")
 GPT_CFG = GPTConfig(num_layers=3)
@@ -79,25 +77,7 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e
     """`steps` AdamW steps under `plan` and serially: worst loss and gradient differences, and
     how many sp collectives the compiled graph holds (so a plan that silently ran without sp fails)."""
     start = time.perf_counter()
-    build, inputs = MODELS[model_name]
-    torch.manual_seed(0)
-    model = build()
-    serial = copy.deepcopy(model)
-    cm = pcompile.compile(model, pcompile.Cluster.local(dist.get_world_size()), inputs(0), plan=plan)
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
-    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
-    loss_diff = grad_diff = 0.0
-    for step in range(steps):
-        x, y = inputs(step)
-        loss = cm.train_step(x, y)
-        expected = serial(x, y)
-        expected.backward()
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
-        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
-        optimizer.step()
-        optimizer.zero_grad()
-        serial_optimizer.step()
-        serial_optimizer.zero_grad()
+    cm, serial, loss_diff, grad_diff, _ = train_side_by_side(*MODELS[model_name], plan, steps, lr)
     counts = cm.ir.op_counts()
     for module in cm.ir.gm.modules():  # checkpoint regions hold their layer's collectives
         if isinstance(module, torch.fx.GraphModule) and module is not cm.ir.gm:

@@ -1,7 +1,6 @@
 """Rank functions for the vocab-parallel tests (module-level so pcompile.launch can pickle them)."""
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.distributed as dist
@@ -10,7 +9,7 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from tests.distributed.ranks import _max_diff
+from tests.distributed.ranks import _max_diff, train_side_by_side
 from tests.models import zoo
 
 WATCHED = ("emb", "head", "wte", "qkv", "c_attn")  # parameters whose sharding the tests look at
@@ -90,24 +89,7 @@ MODELS = {
 
 def compare(name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2) -> dict:
     """`steps` AdamW steps in parallel and serially: worst differences, and what was split."""
-    build, inputs = MODELS[name]
-    torch.manual_seed(0)
-    model = build()
-    serial = copy.deepcopy(model)
-    cm = pcompile.compile(model, pcompile.Cluster.local(dist.get_world_size()), inputs(0), plan=plan)
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
-    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
-    loss_diff = grad_diff = 0.0
-    for step in range(steps):
-        batch = inputs(step)
-        loss = cm.train_step(*batch)
-        expected = serial(*batch)
-        expected.backward()
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
-        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
-        for opt in (optimizer, serial_optimizer):
-            opt.step()
-            opt.zero_grad()
+    cm, serial, loss_diff, grad_diff, _ = train_side_by_side(*MODELS[name], plan, steps, lr)
     counts = {k.rsplit(".", 1)[-1]: v for k, v in cm.ir.op_counts().items() if "vocab_parallel" in k}
     module = cm.gm if cm.plan.pp == 1 else nn.Module()  # a pipeline holds one module per stage
     local = dict(module.named_parameters(remove_duplicate=False))
