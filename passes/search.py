@@ -27,12 +27,12 @@ import math
 
 import numpy as np
 
-from pcompile.cost import CostOptions, SplitInfo, estimate_uniform
+from pcompile.cost import CostOptions, estimate_uniform
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
-from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
+from pcompile.passes.tp_rules import plan_tensor_parallel
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
 from pcompile.search_engine import SearchProblem, StageQuery, search as run_engine
@@ -64,16 +64,6 @@ def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
     return out
 
 
-def split_info(ir: IR, tp: int, planned=None) -> tuple[SplitInfo, dict[str, str]]:
-    if tp == 1:
-        return SplitInfo(frozenset(), 0), {}
-    p, reasons = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
-    split = {n.name for n in p.split_dim} | {n.name for n in p.row}
-    copied = {linear_parts(ir.gm, n).input for n in p.column}
-    reduce_bytes = sum(ir.meta(n).output_bytes for n in copied) + sum(ir.meta(n).output_bytes for n in p.row)
-    return SplitInfo(frozenset(split), reduce_bytes), reasons
-
-
 def batch_size(ctx: PassContext) -> int:
     first = ctx.example_inputs[0]
     return int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 1
@@ -83,7 +73,7 @@ def tp_problem(ir: IR, tp: int, planned=None) -> str | None:
     """Why tp cannot split this model's blocks, or None (`planned`: plan_tensor_parallel's answer)."""
     if tp == 1:
         return None
-    _, reasons = split_info(ir, tp, planned)
+    _, reasons = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
     blocks = ir.block_layers or [layer for layer in ir.layers if layer not in ("pre", "post")]
     for layer in blocks:
         if layer in reasons:
@@ -115,8 +105,7 @@ def _forced(ir: IR, ctx: PassContext) -> None:
         raise PcompileError(f"forced plan {forced.default.describe()} is {problem}",
                             "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
                             "to let pcompile search")
-    info, _ = split_info(ir, forced.default.tp)
-    estimate = estimate_uniform(ir, ctx.cluster, forced.default, info,
+    estimate = estimate_uniform(ir, ctx.cluster, forced.default,
                                 CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
     ctx.plan = dataclasses.replace(forced, estimate=estimate,
                                    candidates=(Candidate(forced.default, estimate, "forced"),),

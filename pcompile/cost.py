@@ -467,19 +467,9 @@ def ring_allreduce_time(num_bytes: float, group_size: int, bandwidth: float, lat
     return steps * latency + steps / group_size * num_bytes / bandwidth
 
 
-@dataclass(frozen=True)
-class SplitInfo:
-    """Which nodes tensor parallelism splits (from tp_rules.plan_tensor_parallel)."""
-
-    split_nodes: frozenset  # node names whose work is divided by tp
-    reduce_bytes: int  # activation bytes all-reduced per step over tp (forward + backward), full batch
-
-
-def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, split: SplitInfo | None = None,
-                     options: CostOptions | None = None) -> Estimate:
+def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
-    summed, peak memory by `pcompile.pipeline_cost.backward_peak`. (`split` is accepted for the
-    first search's call; the layer work derives the same tp split from tp_rules itself.)"""
+    summed, peak memory by `pcompile.pipeline_cost.backward_peak`."""
     from pcompile.pipeline_cost import backward_peak
 
     options = options or CostOptions()
