@@ -29,7 +29,8 @@ collectives     : alpha-beta; a measured fit for (op, group size, link) when the
                   rank of the group is in one node, else the inter-node link
 memory          : params, grads and optimizer states (bytes per element from CostOptions), saved
                   activations per in-flight micro-batch, and a transient: the largest op's output
-                  and gradient, the sdp gathered weights, the recomputed activations when checkpointed
+                  and gradient, the sdp gathered weights, the recomputed activations when checkpointed;
+                  with bucketed dp sync, the flat gradient buckets after backward (estimate_uniform)
 Ranks: tp innermost (contiguous), then dp, then pp outermost; a stage starting at
 `CostOptions.first_rank` is charged on its own devices (the slowest one's time) and links.
 """
@@ -58,7 +59,9 @@ class CostOptions:
     optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
     mixed_precision: bool = False  # bf16 params and activations, fp32 master weights, grads and moments
     overlap_grad_sync: bool = True  # the runtime runs gradient sync concurrently with backward
-    bucket_bytes: int | None = None  # gradient sync message size; None = one collective per parameter tensor
+    # gradient sync message size, flattened into buckets as the runtime does (their flat copies
+    # are a transient of estimate_uniform); None = one in-place collective per parameter tensor
+    bucket_bytes: int | None = None
     overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
     first_rank: int = 0  # first rank of the stage whose devices and links are charged
     # Optimizer-step transient. torch's foreach Adam (its default on GPUs) materialises sqrt(v)
@@ -387,6 +390,27 @@ def _messages(numels: tuple[int, ...], bytes_per: float, bucket: int | None) -> 
     return [float(bucket)] * int(full) + ([rest] if rest else [])
 
 
+def sync_buckets(numels, bytes_per: float, bucket: int) -> list[float]:
+    """The flat gradient buffers the runtime's dp sync allocates (backends/distributed.py
+    _average_over_dp): whole tensors packed in order until a bucket reaches `bucket` bytes."""
+    out, size = [], 0.0
+    for n in numels:
+        size += n * bytes_per
+        if size >= bucket:
+            out.append(size)
+            size = 0.0
+    return out + ([size] if size else [])
+
+
+def sync_transient(numels, bytes_per: float, bucket: int) -> float:
+    """Peak bytes of flat gradient buckets alive at once during the dp sync. Each bucket's flat
+    copy stays bound to the runtime's local until the next one has been built, so two
+    consecutive buckets coexist (measured: MemTracker sees one extra full copy of the gradients
+    when they fit one bucket, e.g. 8.04 MB of TEMP for mlp-w256-b64 dp4)."""
+    sizes = sync_buckets(numels, bytes_per, bucket)
+    return max((a + b for a, b in zip(sizes, sizes[1:])), default=sum(sizes))
+
+
 def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int) -> float:
     """Resharding the boundary activation from layer strategy `a` to `b` (forward + backward).
 
@@ -469,7 +493,8 @@ def ring_allreduce_time(num_bytes: float, group_size: int, bandwidth: float, lat
 
 def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
-    summed, peak memory by `pcompile.pipeline_cost.backward_peak`."""
+    summed, peak memory by `pcompile.pipeline_cost.backward_peak` or, with bucketed dp
+    gradient sync, at the sync's flat buckets (`sync_transient`) if that is higher."""
     from pcompile.pipeline_cost import backward_peak
 
     options = options or CostOptions()
@@ -479,7 +504,13 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     comm = sum(c.sync + c.comm for c in costs)
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
     foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
-    peak = backward_peak([c.memory for c in costs], in_flight=1, foreach=foreach)
+    memories = [c.memory for c in costs]
+    peak = backward_peak(memories, in_flight=1, foreach=foreach)
+    if strategy.dp > 1 and not strategy.sdp and options.bucket_bytes:
+        # after backward (activations freed) the dp sync flattens the gradients into buckets
+        numels = [n for layer in ir.layers for n in works[layer].param_numels]
+        held = sum(m.params + m.grads + m.optimizer for m in memories)
+        peak = max(peak, held + sync_transient(numels, options.state_bytes()[1], options.bucket_bytes))
     budget = stage_memory_budget(cluster, options.first_rank, strategy.num_devices)
     return Estimate(step_time=compute + comm, peak_memory=int(peak), compute_time=compute, comm_time=comm,
                     memory_budget=budget)

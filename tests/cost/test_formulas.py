@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import pcompile
-from pcompile.cost import (CostOptions, cost_table, group_ranks, layer_cost, layer_work, ring_allreduce_time,
-                           switch_time)
+from pcompile.cost import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, layer_work,
+                           ring_allreduce_time, switch_time, sync_buckets, sync_transient)
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.pipeline_cost import StageCost, simulate
 from pcompile.plan import Strategy
@@ -158,3 +158,29 @@ def test_vocab_parallel_collectives_are_charged(gpt_ir):
         assert math.isclose(fwd(post) - fwd(dataclasses.replace(post, loss_fwd=())), loss)
         no_backward = layer_cost(dataclasses.replace(post, loss_fwd=()), cluster, strategy, b, b, options).bwd
         assert layer_cost(post, cluster, strategy, b, b, options).bwd == no_backward
+
+
+def test_sync_buckets_pack_whole_tensors_until_full():
+    # 4-byte elements, 100-byte buckets: 40 + 80 closes the first (120 >= 100), 20 + 120 the second
+    assert sync_buckets([10, 20, 5, 30], 4.0, 100) == [120.0, 140.0]
+    assert sync_buckets([10, 5], 4.0, 100) == [60.0]
+    # two consecutive buckets are alive at once; one bucket alone is the whole gradient
+    assert sync_transient([10, 20, 5, 30, 1], 4.0, 100) == 120 + 140
+    assert sync_transient([10, 5], 4.0, 100) == 60
+
+
+def test_dp_sync_holds_a_flat_copy_of_the_gradients():
+    ir = analyse(OneLinear(64, 64), (torch.randn(2, 64), torch.randn(2, 64)))[0]
+    elements = 64 * 64 + 64
+    cluster = pcompile.Cluster.local(2)
+    sgd = dict(optimizer="sgd")  # no optimizer transient: the sync's copy is the peak
+
+    def peak(strategy, bucket):
+        return estimate_uniform(ir, cluster, strategy, CostOptions(bucket_bytes=bucket, **sgd)).peak_memory
+
+    # param + grad, then one 1 MiB bucket holding every gradient: a third copy
+    assert peak(Strategy(dp=2), 2**20) == elements * (4 + 4 + 4)
+    assert peak(Strategy(dp=2), None) < elements * (4 + 4 + 4)  # in-place per-tensor all-reduces
+    # ZeRO-3 reduce-scatters in the graph and dp = 1 has no sync: no flat copy
+    assert peak(Strategy(dp=2, sdp=True), 2**20) == peak(Strategy(dp=2, sdp=True), None)
+    assert peak(Strategy(dp=1, tp=2), 2**20) == peak(Strategy(dp=1, tp=2), None)
