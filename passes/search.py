@@ -8,14 +8,21 @@ CostTable per stage (pcompile.cost.cost_table's, built fast by pcompile.stage_co
 search space restricted to what the rewrite passes can run today:
 
 - tp must split every block (tp_rules finds the column/row Linear pairs; tp must divide the
-  heads and hidden sizes) and is the same for every layer, because the backend builds one
-  (pp, dp, tp) mesh. So the engine runs once per valid tp degree and the fastest wins;
-  baselines are merged across the runs (each family is best in the run of its own tp).
+  heads and hidden sizes). The engine runs once per valid tp degree with every layer at that
+  tp (all of pp, sdp, sp, schedules), plus "mixed" runs where each layer picks its own tp
+  (the reshard rewrite runs per-layer (dp, tp) groupings and the cost model charges the
+  batch regrouping between them as switch time). The reshard rewrite's limits bound the mixed
+  runs: pp = 1, no sp, dp degrees that divide each other, and layers that share a parameter
+  (a tied embedding / LM head) at one tp - so there is one mixed run per tp of each such
+  group. The fastest plan of all runs wins; baselines are merged across the runs (each
+  family is best in the run of its own tp).
 - sdp (ZeRO-3) with and without pipelining (the pipeline backend gathers sdp parameters per
   micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
 - sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), with
-  pp = 1 only.
+  pp = 1 only;
+- a loss that sums over the batch (loss_check.summed_terms) only with dp = 1 and one
+  micro-batch: averaging would silently divide it.
 
 A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
 uniform estimate.
@@ -23,6 +30,7 @@ uniform estimate.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 
 import numpy as np
@@ -31,6 +39,8 @@ from pcompile.cost import CostOptions, estimate_uniform
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.passes.loss_check import summed_terms
+from pcompile.passes.reshard import param_layers
 from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
 from pcompile.passes.tp_rules import plan_tensor_parallel
 from pcompile.passmanager import PassContext, register_pass
@@ -42,6 +52,8 @@ from pcompile.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
 SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
+MIXED_SPACE = dict(pp_degrees=(1,), sp=(False,))  # what reshard lowers for per-layer tp mixing
+MAX_MIXED_RUNS = 16
 
 
 def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
@@ -131,35 +143,74 @@ def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTa
         switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
 
 
-def _without_sp(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool) -> CostTable:
-    """sp strategies made impossible (time inf) on the layers the rewrite refuses at their tp
-    (`refused[tp]`: sp_refusals), and on every layer of a pipelined plan (sp across pipeline
-    stages is not run by any test yet); so is sdp with tp > 1 in a pipelined plan (exact for
-    untied models, but refused by sharded_data_parallel where such layers read a tied weight)."""
+def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
+                dp_one: bool) -> CostTable:
+    """Strategies made impossible (time inf) where a rewrite cannot run them:
+    - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals), and on
+      every layer of a pipelined plan (sp across pipeline stages is not run by any test yet);
+    - sdp with tp > 1 in a pipelined plan (exact for untied models, but refused by
+      sharded_data_parallel where such layers read a tied weight);
+    - a layer of a mixed run at another tp than its tied group's (`pins`);
+    - dp > 1 when the loss sums over the batch (`dp_one`)."""
+    def forbidden(layer: str, s: Strategy) -> bool:
+        return ((s.sp and (pipelined or layer in refused.get(s.tp, {})))
+                or (pipelined and s.sdp and s.tp > 1)
+                or (layer in pins and s.tp != pins[layer])
+                or (dp_one and s.dp > 1))
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
     for j, s in enumerate(table.strategies):
-        if s.sp or (pipelined and s.sdp and s.tp > 1):
-            rows = [i for i, layer in enumerate(table.layers)
-                    if pipelined or layer in refused.get(s.tp, {})]
-            fwd[rows, j] = bwd[rows, j] = np.inf
+        rows = [i for i, layer in enumerate(table.layers) if forbidden(layer, s)]
+        fwd[rows, j] = bwd[rows, j] = np.inf
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 
 
-def _cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]]):
-    """Tables of pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one
-    table per class of equivalent stages) and kept per table so the engine's index memo hits;
-    `refused[tp]`: sp_refusals."""
+def _cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]], dp_one: bool):
+    """A factory of cost callbacks, one per engine run (its tied-group `pins`): tables of
+    pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one table per class
+    of equivalent stages) and kept per table so the engine's index memo hits."""
     costs = StageCosts(ir, ctx.cluster, CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
-    cache: dict[tuple[int, bool], CostTable] = {}
+    cache: dict[tuple, CostTable] = {}
     drop_first, drop_last = trivial_ends(ir)
 
-    def cost(query: StageQuery) -> CostTable:
-        table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
-        key = (id(table), query.pp > 1)
-        if key not in cache:
-            cache[key] = _without_ends(_without_sp(table, refused, query.pp > 1), drop_first, drop_last)
-        return cache[key]
-    return cost
+    def for_run(pins: dict[str, int]):
+        def cost(query: StageQuery) -> CostTable:
+            table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
+            key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
+            if key not in cache:
+                cache[key] = _without_ends(_restricted(table, refused, query.pp > 1, pins, dp_one),
+                                           drop_first, drop_last)
+            return cache[key]
+        return cost
+    return for_run
+
+
+def tied_groups(ir: IR, layers: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """The searched layers that read one parameter (a tied embedding and LM head), grouped: the
+    reshard rewrite needs such layers at one (dp, tp), a sharded parameter being read at one dp."""
+    groups: list[set[str]] = []
+    for readers in param_layers(ir).values():
+        group = {layer for layer in readers if layer in layers}
+        if len(group) < 2:
+            continue
+        for other in [g for g in groups if g & group]:
+            groups.remove(other)
+            group |= other
+        groups.append(group)
+    return [tuple(sorted(g, key=layers.index)) for g in groups]
+
+
+def mixed_pins(tps: list[int], groups: list[tuple[str, ...]]) -> list[dict[str, int]]:
+    """One mixed run per combination of a tp for each tied group (all groups at one tp each
+    when the combinations would be more than MAX_MIXED_RUNS); [] when the tps cannot mix:
+    fewer than two, or dp = devices / tp degrees that do not divide each other (reshard
+    regroups a batch split into a parts into b only when one divides the other)."""
+    chain = sorted(tps)
+    if len(chain) < 2 or any(b % a for a, b in zip(chain, chain[1:])):
+        return []
+    combos = list(itertools.product(chain, repeat=len(groups)))
+    if len(combos) > MAX_MIXED_RUNS:
+        combos = [(tp,) * len(groups) for tp in chain]
+    return [{layer: tp for group, tp in zip(groups, combo) for layer in group} for combo in combos]
 
 
 def _with_ends(ir: IR, plan: Plan) -> Plan:
@@ -202,55 +253,86 @@ def _merge_baselines(results: list[SearchResult]):
     return tuple(merged[b.name] for b in results[0].baselines)
 
 
+def _runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple[dict, dict]]:
+    """(SearchSpace fields, tied-group pins) of each engine run: one per tp with every layer at
+    it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp)."""
+    user = dict(ctx.options.get("search_space", {}))
+    user.pop("tp_degrees", None)
+    if dp_one:  # several micro-batches average the loss too
+        user["microbatch_counts"] = tuple(m for m in user.get("microbatch_counts", (1,)) if m == 1)
+    runs = []
+    uniform = _narrow({}, user)
+    if uniform is not None:
+        runs += [({**uniform, "tp_degrees": (tp,)}, {}) for tp in tps]
+    mixed = _narrow(MIXED_SPACE, user)
+    if mixed is not None and not dp_one:  # dp = 1 everywhere leaves one tp: nothing to mix
+        runs += [({**mixed, "tp_degrees": tuple(tps)}, pins) for pins in mixed_pins(tps, tied_groups(ir, layers))]
+    return runs
+
+
+def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed) -> PcompileError:
+    skipped = "; ".join(r for r in rejected.values() if r)
+    if summed:
+        terms = ", ".join(f"{node.name} = {how}" for node, how in summed)
+        searched = f"tp={tps}" + (f" ({errors[0].cause})" if errors else "") + (f"; {skipped}" if skipped else "")
+        return PcompileError(f"the loss sums over the batch ({terms}), so only plans without data parallelism "
+                             f"or micro-batches are exact, and none runs on this cluster: searched {searched}",
+                             "use a mean loss (reduction='mean', or divide the sum by the batch size), or a "
+                             "cluster whose node holds the model at tp = devices")
+    memory = [e for e in errors if "memory" in str(e)]
+    if memory:  # the memory verdict names the minimum memory that would fit
+        return min(memory, key=lambda e: len(str(e)))
+    if errors:
+        return PcompileError(
+            f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of {batch_size(ctx)}: "
+            f"searched tp={tps}, where {errors[0].cause}" + (f"; not searched: {skipped}" if skipped else ""),
+            "use a global batch divisible by the data-parallel degree (devices / tp), or a device count "
+            "the heads and hidden sizes divide")
+    return PcompileError("no tensor-parallel degree splits this model on this cluster: " + skipped,
+                         "use a device count the heads divide")
+
+
 def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     cluster = ctx.cluster
     devices = cluster.num_devices
     # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
     # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
     tps = tp_options(devices, cluster.devices_per_node, SearchSpace(), SearchRules())
+    wanted = ctx.options.get("search_space", {}).get("tp_degrees")
+    tps = [t for t in tps if wanted is None or t in wanted]
     planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
     rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
-    refused = {t: sp_refusals(ir, t, planned[t][0]) for t in planned if rejected[t] is None}
-    cost = _cost_callback(ir, ctx, refused)
-    results, errors = [], []
+    tps = [t for t in tps if rejected[t] is None]
+    refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
+    summed = summed_terms(ir)
+    cost = _cost_callback(ir, ctx, refused, dp_one=bool(summed))
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
-    user = dict(ctx.options.get("search_space", {}))
-    if "tp_degrees" in user:
-        wanted = user.pop("tp_degrees")
-        tps = [t for t in tps if t in wanted]
-    extra = _narrow({}, user)  # one engine run per tp covers every pp, with and without sdp
-    for tp in [t for t in tps if rejected[t] is None and extra is not None]:
+    results, errors = [], []
+    for fields, pins in _runs(ir, ctx, tps, layers, bool(summed)):
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
-            global_batch=batch_size(ctx), cost=cost,
+            global_batch=batch_size(ctx), cost=cost(pins),
             device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
             p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
             p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
-            space=SearchSpace(**{**SUPPORTED_SPACE, "tp_degrees": (tp,), **extra}))
+            space=SearchSpace(**{**SUPPORTED_SPACE, **fields}),
+            # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
+            rules=SearchRules(microbatches_at_least_pp=not summed))
         try:
             results.append(run_engine(problem))
         except PcompileError as exc:
             errors.append(exc)
     if not results:
-        skipped = "; ".join(r for r in rejected.values() if r)
-        memory = [e for e in errors if "memory" in str(e)]
-        if memory:  # the memory verdict names the minimum memory that would fit
-            raise min(memory, key=lambda e: len(str(e)))
-        if errors:
-            raise PcompileError(
-                f"no plan is valid for {devices} devices and a global batch of {batch_size(ctx)}: searched tp="
-                f"{[t for t in tps if rejected[t] is None]}, where {errors[0].cause}"
-                + (f"; not searched: {skipped}" if skipped else ""),
-                "use a global batch divisible by the data-parallel degree (devices / tp), or a device count "
-                "the heads and hidden sizes divide")
-        raise PcompileError("no tensor-parallel degree splits this model on this cluster: "
-                            + "; ".join(r for r in rejected.values() if r), "use a device count the heads divide")
+        raise _no_plan(ctx, tps, rejected, errors, summed)
+    # stable min: on a tie a uniform run's plan (listed first) beats a mixed one
     best = min(results, key=lambda r: (r.step_time, r.peak_memory))
     best = dataclasses.replace(best, baselines=_merge_baselines(results))
     plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))
-    skipped = [r for r in rejected.values() if r]
-    explanation = best.explain() + ("\nnot searched: " + "; ".join(skipped) if skipped else "")
+    notes = [r for r in rejected.values() if r]
+    explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")
+    if summed:
+        explanation += "\nthe loss sums over the batch: searched dp = 1 and one micro-batch only (loss_check)"
     return dataclasses.replace(plan, explanation=explanation), best
 
 

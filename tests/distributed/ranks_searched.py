@@ -10,13 +10,13 @@ import pcompile
 from tests.distributed.ranks import MODELS, _max_diff
 
 
-def searched_vs_serial(model_name: str, memory_bytes: int, steps: int = 2) -> dict:
+def searched_vs_serial(model_name: str, memory_bytes: int, search_space: dict | None = None, steps: int = 2) -> dict:
     build, inputs = MODELS[model_name]
     torch.manual_seed(0)
     model = build()
     serial = copy.deepcopy(model)
     cluster = pcompile.Cluster.local(dist.get_world_size(), memory_bytes=memory_bytes)
-    plan = pcompile.plan(copy.deepcopy(model), cluster, inputs(0))
+    plan = pcompile.plan(copy.deepcopy(model), cluster, inputs(0), search_space=search_space)
     cm = pcompile.compile(model, cluster, inputs(0), plan=plan)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
     serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=1e-3)
@@ -35,5 +35,6 @@ def searched_vs_serial(model_name: str, memory_bytes: int, steps: int = 2) -> di
             "peak_memory": plan.estimate.peak_memory}
 
 
-def many(cases: list[tuple[str, int]]) -> list[dict]:
-    return [searched_vs_serial(name, memory) for name, memory in cases]
+def many(cases: list[tuple]) -> list[dict]:
+    """cases: (model name, memory budget[, search space])."""
+    return [searched_vs_serial(*case) for case in cases]

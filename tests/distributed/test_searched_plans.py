@@ -1,6 +1,8 @@
 """The search's plans run for real: on 4 gloo ranks, under a roomy and a tight memory budget,
 the searched plan (whatever per-layer strategies, stages and micro-batches it chose) trains
-with the serial model's losses and gradients, and fits the budget it was given."""
+with the serial model's losses and gradients, and fits the budget it was given. Without
+pipelining the search mixes tp degrees across layers (the tied GPT's embedding and head at
+one grouping, its blocks at another), and those plans run exactly too."""
 import pcompile
 from pcompile.plan import Plan
 from tests.distributed.ranks_searched import many
@@ -10,13 +12,14 @@ ROOMY = 4 * 2**30
 # so the search has to shard, pipeline or checkpoint.
 TIGHT = int(1.2 * 2**20)
 TIGHTER = int(0.8 * 2**20)  # the search must also checkpoint a layer
-CASES = [("gpt", ROOMY), ("gpt", TIGHT), ("gpt", TIGHTER), ("mlp", ROOMY)]
+PP1 = {"pp_degrees": (1,)}
+CASES = [("gpt", ROOMY), ("gpt", TIGHT), ("gpt", TIGHTER), ("mlp", ROOMY), ("gpt", ROOMY, PP1), ("mlp", ROOMY, PP1)]
 
 
 def test_searched_plans_match_serial_and_fit():
     per_rank = pcompile.launch(many, 4, CASES)
     for results in per_rank:
-        for (name, budget), r in zip(CASES, results):
+        for (name, budget, *_), r in zip(CASES, results):
             plan = Plan.from_dict(r["plan"])
             assert plan.estimate.peak_memory <= budget, (name, str(plan))
             assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (name, str(plan), r)
@@ -25,3 +28,6 @@ def test_searched_plans_match_serial_and_fit():
     assert tight_plan != roomy_plan, "a tighter budget must change the plan"
     tighter_plan = Plan.from_dict(per_rank[0][2]["plan"])
     assert any(a.strategy.checkpoint for a in tighter_plan.layers), str(tighter_plan)
+    for r in per_rank[0][4:]:
+        plan = Plan.from_dict(r["plan"])
+        assert len({a.strategy.tp for a in plan.layers}) > 1, f"expected a plan mixing tp degrees: {plan}"
