@@ -19,10 +19,12 @@ tp (Megatron)   : forward all-reduce after each row Linear, backward all-reduce 
 dp              : per step, all-reduce of the layer's gradients over the dp group (ranks tp apart),
                   exposed part c - eta * min(c, backward) when the runtime overlaps it (eta = the
                   cluster's calibrated overlap efficiency, or CostOptions.overlap)
-sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch an all-gather of the
-                  weights in forward and in backward and a reduce-scatter of the gradients (what
-                  FSDP does with gradient accumulation); a gathered buffer of the layer's weights
-                  (of one 1/k slice of the largest Linear when split k) is a transient
+sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch and gathered unit (the
+                  layer; with split k every op reading weights, a Linear k units: `sdp_units`)
+                  an all-gather in forward, a re-gather in backward where an op saved a weight,
+                  and a reduce-scatter of the gradients (what FSDP does with gradient
+                  accumulation); a gathered buffer of the layer's weights (of one 1/k slice of
+                  the largest Linear when split k) is a transient
 collectives     : alpha-beta; a measured fit for (op, group size, link) when the cluster has one,
                   else the ring: all-reduce 2(n-1) alpha + 2(n-1)/n B / bw, all-gather and
                   reduce-scatter (n-1) alpha + (n-1)/n B / bw, on the intra-node link when every
@@ -118,6 +120,16 @@ class OpWork:
 
 
 @dataclass(frozen=True)
+class ParamRead:
+    """An op reading parameters: what ZeRO-3 gathers for it when its layer is split (one unit per op)."""
+
+    numel: int  # elements read on this rank (a tied weight at each of its readers)
+    linear: bool  # operator split reads the weight as k pieces, each its own unit
+    saves: bool  # backward needs the value (the op has a floating-point activation input whose
+    # gradient multiplies by it: Linear, norms; not an Embedding's indices), so ZeRO-3 re-gathers it
+
+
+@dataclass(frozen=True)
 class LayerWork:
     ops: tuple[OpWork, ...]
     saved: float  # activation bytes saved for backward on this rank (tp-split ones divided), example batch
@@ -131,6 +143,8 @@ class LayerWork:
     reduce_bwd: tuple[float, ...] = ()  # tp all-reduce per column Linear input, in backward
     gather_bwd: tuple[float, ...] = ()  # tp all-gather of a scattered replicated operand's gradient
     loss_fwd: tuple[float, ...] = ()  # the vocab-parallel cross-entropy's fp32 all-reduces (every dtype)
+    reads: tuple[ParamRead, ...] = ()  # the ops reading parameters, in graph order
+    last: bool = False  # holds the graph's last parameter read: ZeRO-3's last unit, kept for backward
 
 
 def example_batch(ir: IR) -> int:
@@ -163,6 +177,17 @@ def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
     return []
 
 
+def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
+    """What `node` reads of the parameters (its module's, or get_attr inputs'), or None."""
+    tensors = _param_tensors(ir, node) + [t for i in node.all_input_nodes if i.op == "get_attr"
+                                          for t in _param_tensors(ir, i)]
+    if not tensors:
+        return None
+    floats = any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype)
+                 for i in node.all_input_nodes)
+    return ParamRead(sum(p.numel() // divisor(p) for _, p in tensors), _linear(ir, node) is not None, floats)
+
+
 def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
@@ -186,8 +211,12 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     def local(node) -> float:
         return ir.meta(node).output_bytes / (tp if node in split_out else 1)
 
+    def divisor(param) -> int:
+        return tp if id(param) in split_params else 1
+
     acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
-                       fwd=[], bwd=[], gather=[], loss=[]) for layer in ir.layers}
+                       fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
+    last_reader = None
     seen_params: set[int] = set()
     for node in ir.graph.nodes:
         if not ir.has_meta(node) or ir.meta(node).layer not in acc:
@@ -196,9 +225,13 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         for name, param in _param_tensors(ir, node):
             if id(param) not in seen_params:
                 seen_params.add(id(param))
-                a["params"].append(param.numel() // (tp if id(param) in split_params else 1))
+                a["params"].append(param.numel() // divisor(param))
         if not _is_tensor_op(ir, node):
             continue
+        read = _param_read(ir, node, divisor)
+        if read is not None:
+            a["reads"].append(read)
+            last_reader = meta.layer
         for source in node.all_input_nodes:
             if ir.has_meta(source) and ir.meta(source).layer != meta.layer and source.op not in ("placeholder",
                                                                                                 "get_attr"):
@@ -212,8 +245,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
         moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
                                                         if ir.has_meta(i) and ir.meta(i).shape is not None)
-        params = sum(param.numel() * param.element_size() / (tp if id(param) in split_params else 1)
-                     for _, param in _param_tensors(ir, node))
+        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in _param_tensors(ir, node))
         grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
         a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
                                sp=meta.layer in tp_layers and not divided and not is_linear))
@@ -234,7 +266,8 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
                              float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
                              tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
-                             tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]))
+                             tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]), tuple(a["reads"]),
+                             layer == last_reader)
             for layer, a in acc.items()}
 
 
@@ -347,11 +380,12 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     sync = sdp_fwd = sdp_bwd = 0.0
     if s.dp > 1 and s.sdp:
         # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
-        gathers = _messages(work.param_numels, p_bytes, options.bucket_bytes)
-        gather = sum(cluster.collective_time("all_gather", b, dp_groups) for b in gathers)
-        scatter = sum(cluster.collective_time("reduce_scatter", b, dp_groups) for b in gathers)
+        units = sdp_units(work, s.split)
+        gather = sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, _ in units)
+        regather = sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, again in units if again)
+        scatter = sum(cluster.collective_time("reduce_scatter", n * p_bytes, dp_groups) for n, _ in units)
         sdp_fwd = _exposed(gather, fwd, eta)
-        sdp_bwd = _exposed(gather + scatter, bwd, eta)
+        sdp_bwd = _exposed(regather + scatter, bwd, eta)
     elif s.dp > 1:
         comm = sum(cluster.collective_time("all_reduce", b, dp_groups) for b in grads)
         sync = _exposed(comm, bwd, eta) if options.overlap_grad_sync else comm
@@ -370,6 +404,22 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
                          optimizer=elements * o_bytes / shard, activations=kept, temp=temp,
                          step_temp=_step_temp(work, options, cluster) / shard)
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
+
+
+def sdp_units(work: LayerWork, split: int) -> list[tuple[float, bool]]:
+    """(elements, re-gathered in backward) of each ZeRO-3 unit of the layer, as the
+    sharded_data_parallel pass builds them: each unit is one all-gather of its concatenated
+    shards in forward and one reduce-scatter in backward, plus a re-gather in backward when an
+    op saved a gathered weight (except the graph's last unit, kept from forward to backward).
+    Unsplit: the layer is one unit (its parameters charged once: a tied weight shares the first
+    reader's unit). Split k: every op reading parameters is a unit, a Linear k units of 1/k."""
+    if split == 1:
+        return [(float(sum(work.param_numels)), any(r.saves for r in work.reads) and not work.last)]
+    pieces = [split if r.linear else 1 for r in work.reads]
+    units = [(r.numel / k, r.saves) for r, k in zip(work.reads, pieces) for _ in range(k)]
+    if work.last and units:
+        units[-1] = (units[-1][0], False)
+    return units
 
 
 def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float:

@@ -9,7 +9,7 @@ import torch
 
 import pcompile
 from pcompile.cost import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, layer_work,
-                           ring_allreduce_time, switch_time, sync_buckets, sync_transient)
+                           ring_allreduce_time, sdp_units, switch_time, sync_buckets, sync_transient)
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.pipeline_cost import StageCost, simulate
 from pcompile.plan import Strategy
@@ -184,3 +184,37 @@ def test_dp_sync_holds_a_flat_copy_of_the_gradients():
     # ZeRO-3 reduce-scatters in the graph and dp = 1 has no sync: no flat copy
     assert peak(Strategy(dp=2, sdp=True), 2**20) == peak(Strategy(dp=2, sdp=True), None)
     assert peak(Strategy(dp=1, tp=2), 2**20) == peak(Strategy(dp=1, tp=2), None)
+
+
+def test_sdp_units_are_what_the_zero3_rewrite_gathers(gpt_ir):
+    ir, _ = gpt_ir
+    H, V, S = 64, 256, 32  # GPTConfig(): hidden, vocabulary (head tied to the embedding), sequence
+    work = layer_work(ir, 1)
+    ln, attn, fc, out = 2 * H, H * H + H, 4 * H * H + 4 * H, 4 * H * H + H
+    # unsplit: one unit per layer; the embeddings' backward needs no weight (no re-gather), the
+    # last layer's unit is kept from forward; the tied head weight is charged to 'pre' only
+    assert sdp_units(work["pre"], 1) == [(V * H + S * H, False)]
+    assert sdp_units(work["blocks.0"], 1) == [(2 * ln + 4 * attn + fc + out, True)]
+    assert sdp_units(work["post"], 1) == [(ln, False)]
+    # split 2: one unit per op, a Linear two of half its elements (q, k, v, proj, fc, out)
+    halves = lambda n: [(n / 2, True)] * 2
+    assert sdp_units(work["blocks.0"], 2) == ([(ln, True)] + halves(attn) * 4 + [(ln, True)]
+                                              + halves(fc) + halves(out))
+    assert sdp_units(work["pre"], 2) == [(V * H, False), (S * H, False)]
+    # the head reads the tied table in pieces; its last piece is the graph's last unit
+    assert sdp_units(work["post"], 2) == [(ln, True), (V * H / 2, True), (V * H / 2, False)]
+
+
+def test_sdp_collectives_per_unit(gpt_ir):
+    ir, _ = gpt_ir
+    cluster = pcompile.Cluster.local(2)
+    work = layer_work(ir, 1)["blocks.0"]
+    s = Strategy(dp=2, sdp=True, split=2)
+    options = CostOptions(overlap=0.0)
+    cost, plain = (layer_cost(work, cluster, st, 8, 8, options) for st in (s, Strategy(dp=2)))
+    units = sdp_units(work, 2)
+    t = lambda op, n: cluster.collective_time(op, 4.0 * n, [[0, 1]])  # fp32 shards
+    gather = sum(t("all_gather", n) for n, _ in units)
+    scatter = sum(t("reduce_scatter", n) for n, _ in units)
+    assert math.isclose(cost.comm, gather + gather + scatter)  # every unit of a block is re-gathered
+    assert math.isclose(cost.fwd - plain.fwd, gather, rel_tol=1e-9, abs_tol=1e-3 * gather)
