@@ -541,6 +541,12 @@ def ring_allreduce_time(num_bytes: float, group_size: int, bandwidth: float, lat
     return steps * latency + steps / group_size * num_bytes / bandwidth
 
 
+def _loss_sync(cluster: Cluster, s: Strategy, first: int) -> float:
+    """The runtime averages the step's fp32 loss over dp: one 4-byte all-reduce per step (on
+    gloo with 4 ranks sharing 2 cores its latency alone is ~4 ms, the profile's fit)."""
+    return cluster.collective_time("all_reduce", 4.0, group_ranks(first, s.dp, s.tp)[1]) if s.dp > 1 else 0.0
+
+
 def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
     summed, peak memory by `pcompile.pipeline_cost.backward_peak` or, with bucketed dp
@@ -551,7 +557,7 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     batch = example_batch(ir)
     works = layer_work(ir, strategy.tp)
     costs = [layer_cost(works[layer], cluster, strategy, batch, batch, options) for layer in ir.layers]
-    comm = sum(c.sync + c.comm for c in costs)
+    comm = sum(c.sync + c.comm for c in costs) + _loss_sync(cluster, strategy, options.first_rank)
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
     foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
     memories = [c.memory for c in costs]

@@ -218,3 +218,13 @@ def test_sdp_collectives_per_unit(gpt_ir):
     scatter = sum(t("reduce_scatter", n) for n, _ in units)
     assert math.isclose(cost.comm, gather + gather + scatter)  # every unit of a block is re-gathered
     assert math.isclose(cost.fwd - plain.fwd, gather, rel_tol=1e-9, abs_tol=1e-3 * gather)
+
+
+def test_uniform_estimate_charges_the_loss_all_reduce_over_dp(linear_ir):
+    cluster = pcompile.Cluster.local(2)
+    dp, tp = (estimate_uniform(linear_ir, cluster, s) for s in (Strategy(dp=2), Strategy(dp=1, tp=2)))
+    layers = [layer_cost(w, cluster, Strategy(dp=2), 4, 4, CostOptions()) for w in layer_work(linear_ir, 1).values()]
+    loss = cluster.collective_time("all_reduce", 4.0, [[0, 1]])  # the fp32 loss, averaged over dp
+    assert math.isclose(dp.comm_time, sum(c.sync + c.comm for c in layers) + loss)
+    assert tp.comm_time == sum(c.comm for c in (layer_cost(w, cluster, Strategy(dp=1, tp=2), 4, 4, CostOptions())
+                                                for w in layer_work(linear_ir, 2).values()))
