@@ -16,7 +16,10 @@ meta device and has no values). The forward graph is exported (it returns the lo
 dropout is exported as identity (ONNX inference semantics).
 
 Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp), the layout of
-`backends/distributed.py`'s DeviceMesh(("dp", "tp")).
+`backends/distributed.py`'s DeviceMesh(("dp", "tp")). Plans whose layers use different (dp, tp)
+groupings (passes/reshard.py) also name degree axes ("tp4", "dp1") and batch axes ("batch1:2");
+their groups are the backend's, `pcompile.layer_groups.axis_groups`, and the batch regrouping
+between layers becomes BatchGather / BatchSlice nodes.
 """
 from __future__ import annotations
 
@@ -33,9 +36,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from pcompile import collectives, vocab_parallel
+from pcompile import collectives, reshard, sdp, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, target_name
+from pcompile.layer_groups import axis_groups, layout_of
 from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 from pcompile.plan import Plan
@@ -45,61 +49,76 @@ OPSET = 20  # Gelu and LayerNormalization are standard from here
 COLLECTIVE_OPS = {collectives.tp_copy: "TpCopy", collectives.tp_reduce: "TpReduce",
                   collectives.tp_gather: "TpGather", collectives.tp_scatter: "TpScatter",
                   collectives.sp_split: "SpSplit", collectives.sp_gather: "SpGather",
-                  collectives.sp_reduce_scatter: "SpReduceScatter", collectives.sp_unsplit: "SpUnsplit"}
+                  collectives.sp_reduce_scatter: "SpReduceScatter", collectives.sp_unsplit: "SpUnsplit",
+                  reshard.batch_gather: "BatchGather", reshard.batch_slice: "BatchSlice"}
 _DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
            torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
            torch.bool: TensorProto.BOOL}
 
 
 # -- a rank's module, without a process group ------------------------------------------------
-def mesh_coords(plan: Plan, rank: int) -> dict[str, int]:
-    """(dp, tp) coordinates of `rank` in the row-major (dp, tp) mesh."""
+def _check_rank(plan: Plan, rank: int) -> None:
     if plan.pp != 1:
         raise PcompileError(f"ONNX export of a pipeline plan (pp={plan.pp}) is not supported yet",
                             "export a plan with pp=1")
     if not 0 <= rank < plan.num_devices:
         raise PcompileError(f"rank {rank} is outside the plan's {plan.num_devices} devices",
                             f"use a rank in 0..{plan.num_devices - 1}")
-    dp_index, tp_index = divmod(rank, plan.default.tp)
-    return {"dp": dp_index, "tp": tp_index}
 
 
 def group_ranks(plan: Plan, rank: int, axis: str) -> list[int]:
-    """Global ranks of the `axis` group that `rank` belongs to."""
-    coords, tp = mesh_coords(plan, rank), plan.default.tp
-    if axis == "tp":
-        return [coords["dp"] * tp + j for j in range(tp)]
-    return [i * tp + coords["tp"] for i in range(plan.default.dp)]
+    """Global ranks of the `axis` group that `rank` belongs to. The default mesh's "dp" / "tp"
+    are the degree axes of its own degrees (with pp = 1, the "tp{tp}" groups are the mesh's rows
+    and the "dp{dp}" groups its columns), so every axis resolves through the backend's axis_groups."""
+    _check_rank(plan, rank)
+    degree_axis = {"dp": f"dp{plan.default.dp}", "tp": f"tp{plan.default.tp}"}.get(axis, axis)
+    return next(ranks for ranks in axis_groups(degree_axis, plan.num_devices) if rank in ranks)
+
+
+def coordinate(plan: Plan, rank: int, axis: str) -> int:
+    """`rank`'s index in its `axis` group."""
+    return group_ranks(plan, rank, axis).index(rank)
+
+
+def mesh_coords(plan: Plan, rank: int) -> dict[str, int]:
+    """(dp, tp) coordinates of `rank` in the row-major (dp, tp) mesh."""
+    return {axis: coordinate(plan, rank, axis) for axis in ("dp", "tp")}
 
 
 def rank_module(ir: IR, plan: Plan, rank: int) -> fx.GraphModule:
     """The graph module `rank` runs: a copy of ir.gm holding that rank's shard of each split
     parameter (as CompiledModel.lower builds it, but for any rank and with no process group)."""
-    coords = mesh_coords(plan, rank)
+    _check_rank(plan, rank)
     gm = copy.deepcopy(ir.gm)
     for name, sharding in ir.param_shardings.items():
         path, _, attr = name.rpartition(".")
         owner = gm.get_submodule(path) if path else gm
         full = getattr(owner, attr)
-        local = sharding.chunk(full.detach(), coords[sharding.axis]).clone()
+        local = sharding.chunk(full.detach(), coordinate(plan, rank, sharding.axis)).clone()
         setattr(owner, attr, nn.Parameter(local, requires_grad=full.requires_grad))
     return gm
 
 
 def local_inputs(ir: IR, plan: Plan) -> list[torch.Tensor]:
-    """Meta tensors shaped like one rank's inputs: the global batch split over dp along dim 0."""
+    """Meta tensors shaped like one rank's inputs: the global batch split along dim 0 over dp
+    (a mixed plan's: the first layer's)."""
+    layout = layout_of(ir)
+    dp = plan.default.dp if layout is None else layout.input_dp
     inputs = []
     for node in ir.graph.find_nodes(op="placeholder"):
         meta = ir.meta(node)
         shape = list(meta.shape)
         if shape:
-            shape[0] //= plan.default.dp
+            shape[0] //= dp
         inputs.append(torch.empty(shape, dtype=getattr(torch, meta.dtype.replace("torch.", "")), device="meta"))
     return inputs
 
 
 def _observe(ir: IR, plan: Plan) -> dict[str, object]:
     """Every node's local value on fake tensors: tensors (shape, dtype) and folded python values."""
+    if sdp.param_shardings(ir.gm):  # the first step of every export: refuse before shapes go wrong
+        raise PcompileError("ONNX export of ZeRO-3 (sdp) layers is not supported yet: their parameters are "
+                            "gathered at run time", "export a plan with sdp=false in every layer")
     values: dict[str, object] = {}
 
     def record(node, value):
@@ -127,6 +146,8 @@ class _Graph:
         self.canonical = {id(p): n for n, p in gm.named_parameters()} | {id(b): n for n, b in gm.named_buffers()}
         self.current: fx.Node | None = None
         self.count = 0
+        self.axes: set[str] = set()  # the mesh axes this rank's nodes and parameters name
+        self.layout = layout_of(ir)
 
     def props(self) -> dict[str, str]:
         node, meta = self.current, self.ir.meta(self.current)
@@ -140,6 +161,11 @@ class _Graph:
         helper.set_metadata_props(node, self.props())
         self.nodes.append(node)
         return output
+
+    def group(self, axis: str) -> list[int]:
+        """This rank's `axis` group (global ranks); the axis is recorded for the model's coords."""
+        self.axes.add(axis)
+        return group_ranks(self.plan, self.rank, axis)
 
     def const(self, array: np.ndarray) -> str:
         return self.add("Constant", [], value=numpy_helper.from_array(np.asarray(array)))
@@ -160,6 +186,11 @@ class _Graph:
             spec = self.ir.param_shardings.get(name)
             props = {"pcompile.sharding": sharding if spec is None else f"S({spec.dim})@{spec.axis}",
                      "pcompile.shard_of": str(spec.size if spec else 1)}
+            if spec is not None:
+                self.axes.add(spec.axis)
+            if self.layout is not None and name in self.layout.param_axes:
+                # mixed groupings: each parameter's gradient is summed over its own layer's dp axis
+                props["pcompile.dp_axis"] = self.layout.param_axes[name][0]
             if tensor.is_meta:
                 info = helper.make_tensor_value_info(name, _DTYPES[tensor.dtype], list(tensor.shape))
                 helper.set_metadata_props(info, props)
@@ -193,15 +224,30 @@ def _linear(g: _Graph, x: str, weight: str, bias: str | None, out: str) -> str:
 
 
 def _module(g: _Graph, node: fx.Node, out: str) -> str:
-    module = g.gm.get_submodule(node.target)
-    x = g.arg(node.args[0])
+    return _apply_module(g, node, g.gm.get_submodule(node.target), node.args, {}, out)
+
+
+def _module_with(g: _Graph, node: fx.Node, out: str) -> str:
+    """sdp.module_with(module, {name: value}, *args): the module reading some of its parameters
+    from graph values (how the reshard pass routes a shared parameter through grad_scale)."""
+    ref, params, *args = node.args
+    values = {name: g.arg(value) for name, value in params.items()}
+    return _apply_module(g, node, g.gm.get_submodule(ref.target), args, values, out)
+
+
+def _apply_module(g: _Graph, node: fx.Node, module: nn.Module, args, params: dict[str, str], out: str) -> str:
+    """`module(*args)`: its parameters are initializers, except those `params` maps to ONNX values."""
+    def param(name: str) -> str | None:
+        tensor = getattr(module, name)
+        return None if tensor is None else params.get(name) or g.parameter(tensor)
+
+    x = g.arg(args[0])
     if isinstance(module, nn.Linear):
-        bias = g.parameter(module.bias) if module.bias is not None else None
-        return _linear(g, x, g.parameter(module.weight), bias, out)
+        return _linear(g, x, param("weight"), param("bias"), out)
     if isinstance(module, nn.LayerNorm):
-        return _layer_norm(g, x, module.normalized_shape, module.weight, module.bias, module.eps, out)
+        return _layer_norm(g, x, module.normalized_shape, param("weight"), param("bias"), module.eps, out)
     if isinstance(module, nn.Embedding):
-        return g.add("Gather", [g.parameter(module.weight), x], out, axis=0)
+        return g.add("Gather", [param("weight"), x], out, axis=0)
     if isinstance(module, nn.Dropout | nn.Identity):
         return g.add("Identity", [x], out)
     if isinstance(module, nn.ReLU | nn.GELU):
@@ -210,9 +256,9 @@ def _module(g: _Graph, node: fx.Node, out: str) -> str:
     raise _unsupported(node, type(module).__name__)
 
 
-def _layer_norm(g: _Graph, x: str, normalized, weight, bias, eps: float, out: str) -> str:
-    scale = g.parameter(weight) if weight is not None else g.const(np.ones(normalized, np.float32))
-    shift = g.parameter(bias) if bias is not None else g.const(np.zeros(normalized, np.float32))
+def _layer_norm(g: _Graph, x: str, normalized, weight: str | None, bias: str | None, eps: float, out: str) -> str:
+    scale = weight if weight is not None else g.const(np.ones(normalized, np.float32))
+    shift = bias if bias is not None else g.const(np.zeros(normalized, np.float32))
     return g.add("LayerNormalization", [x, scale, shift], out, axis=-len(normalized), epsilon=float(eps))
 
 
@@ -270,13 +316,13 @@ def _cross_entropy(g: _Graph, node: fx.Node, out: str) -> str:
 def _collective(g: _Graph, node: fx.Node, out: str) -> str:
     """A pcompile-domain node: axis, group size, this rank's group and the local output shape."""
     fn = node.target
-    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES:
+    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES + reshard.COLLECTIVES:
         x, dim, axis, size = node.args
         extra = {"dim": int(dim)}
     else:
         x, axis, size = node.args
         extra = {}
-    ranks = group_ranks(g.plan, g.rank, axis)
+    ranks = g.group(axis)
     return g.add(COLLECTIVE_OPS[fn], [g.arg(x)], out, domain=DOMAIN, axis=axis, group_size=int(size),
                  group_ranks=ranks, rank_in_group=ranks.index(g.rank), shape=list(g.shape(node)),
                  input_shape=list(g.shape(x)), **extra)
@@ -294,7 +340,7 @@ def _vocab(g: _Graph, node: fx.Node, out: str) -> str:
         rows = g.shape(logits)[1 if len(g.shape(logits)) > 1 else 0]
         op, inputs = "VocabParallelCrossEntropy", [g.arg(logits), g.arg(target)]
         extra = {"ignore_index": int(ignore), "reduction": reduction}
-    ranks = group_ranks(g.plan, g.rank, axis)
+    ranks = g.group(axis)
     return g.add(op, inputs, out, domain=DOMAIN, axis=axis, group_size=int(size), group_ranks=ranks,
                  rank_in_group=ranks.index(g.rank), start=ranks.index(g.rank) * int(rows), **extra)
 
@@ -347,6 +393,8 @@ FUNCTIONS = {
     F.cross_entropy: _cross_entropy, torch.arange: _arange,
     torch.reshape: _reshape, torch.flatten: _reshape,
     F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), F.layer_norm: _layer_norm_call,
+    # identity forward; it only scales a shared parameter's gradient in backward
+    reshard.grad_scale: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), sdp.module_with: _module_with,
     **{fn: _collective for fn in COLLECTIVE_OPS},
     vocab_parallel.vocab_embedding: _vocab, vocab_parallel.vocab_parallel_cross_entropy: _vocab,
 }
@@ -403,16 +451,37 @@ def export_rank(ir: IR, plan: Plan, rank: int, path: str | os.PathLike | None = 
                               value_info=value_info)
     model = helper.make_model(graph, producer_name="pcompile",
                               opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)])
-    coords = mesh_coords(plan, rank)
-    helper.set_model_props(model, {
-        "pcompile.rank": str(rank), "pcompile.coords": ",".join(f"{k}={v}" for k, v in coords.items()),
-        "pcompile.plan": plan.default.describe(), "pcompile.num_devices": str(plan.num_devices),
-        "pcompile.dp_group": ",".join(map(str, group_ranks(plan, rank, "dp"))),
-        "pcompile.note": "forward graph (returns the loss); after backward, gradients are averaged over dp_group"})
+    helper.set_model_props(model, _model_props(g))
     onnx.checker.check_model(model)
     if path is not None:
         onnx.save(model, os.fspath(path))
     return model
+
+
+def _model_props(g: _Graph) -> dict[str, str]:
+    """The rank's place in the plan: its coordinate on every axis it uses, and the dp groups
+    its gradients are combined over after backward."""
+    plan, rank, layout = g.plan, g.rank, g.layout
+    props = {"pcompile.rank": str(rank), "pcompile.plan": plan.default.describe(),
+             "pcompile.num_devices": str(plan.num_devices)}
+    if layout is None:
+        axes = ["dp", "tp"]
+        props["pcompile.dp_group"] = ",".join(map(str, group_ranks(plan, rank, "dp")))
+        props["pcompile.note"] = ("forward graph (returns the loss); after backward, gradients are averaged "
+                                  "over dp_group")
+    else:
+        # the input split, the loss parts and the gradient sums use dp axes that no node may name
+        dp_axes = sorted({axis for axis, _ in layout.param_axes.values()})
+        axes = ["dp", "tp"] + sorted((g.axes | {layout.input_axis, layout.loss_axis, *dp_axes}) - {"dp", "tp"})
+        props["pcompile.layers"] = ",".join(f"{layer}={plan.strategy_for(layer).describe()}" for layer in g.ir.layers)
+        props["pcompile.dp_group"] = ";".join(f"{axis}=" + ",".join(map(str, group_ranks(plan, rank, axis)))
+                                              for axis in dp_axes)
+        props["pcompile.note"] = (
+            f"forward graph (returns this rank's part of the loss, the mean of {layout.loss_dp} parts over "
+            f"{layout.loss_axis}); after backward, each parameter's gradient is summed over the dp_group of its "
+            f"pcompile.dp_axis and divided by {layout.loss_dp}")
+    props["pcompile.coords"] = ",".join(f"{axis}={coordinate(plan, rank, axis)}" for axis in axes)
+    return props
 
 
 def export(ir: IR, plan: Plan, directory: str | os.PathLike) -> list[str]:
@@ -429,7 +498,8 @@ def export(ir: IR, plan: Plan, directory: str | os.PathLike) -> list[str]:
 def reference_ops():
     """onnx.reference implementations of the pcompile ops as one rank sees them without peers
     (the semantics of `pcompile.collectives.simulate()`): copy/reduce are identities, gather
-    repeats the local shard, scatter keeps chunk `rank_in_group`."""
+    repeats the local shard, scatter keeps chunk `rank_in_group`; the batch regrouping ops are
+    the same gather / scatter along the batch dim."""
     from onnx.reference.op_run import OpRun
 
     class TpCopy(OpRun):
@@ -454,6 +524,12 @@ def reference_ops():
             return (np.array_split(x, group_size, axis=dim)[rank_in_group].copy(),)
 
     class SpSplit(TpScatter):
+        pass
+
+    class BatchGather(TpGather):
+        pass
+
+    class BatchSlice(TpScatter):
         pass
 
     class SpReduceScatter(TpScatter):  # alone, the sum over the group is this rank's own partial sum
@@ -492,5 +568,5 @@ def reference_ops():
             total = loss.sum() / (kept.sum() if reduction == "mean" else 1)
             return (np.array(total, dtype=logits.dtype),)
 
-    return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit, VocabEmbedding,
-            VocabParallelCrossEntropy]
+    return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit, BatchGather,
+            BatchSlice, VocabEmbedding, VocabParallelCrossEntropy]

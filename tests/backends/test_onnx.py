@@ -1,7 +1,8 @@
 """ONNX export of a 4-rank dp2 x tp2 plan: every rank's file passes onnx.checker, holds the
 collectives as `pcompile` domain nodes with their group and shape, carries each node's
 sharding, and evaluates (onnx.reference) to the values torch computes on that rank's graph
-with `collectives.simulate()` (collectives as one rank sees them alone) — node by node."""
+with `collectives.simulate()` (collectives as one rank sees them alone) — node by node. The
+same for a plan whose layers use different (dp, tp) groupings (batch regrouping nodes)."""
 import numpy as np
 import onnx
 import pytest
@@ -13,11 +14,22 @@ import pcompile
 from pcompile import collectives, vocab_parallel
 from pcompile.backends import onnx as export_onnx
 from pcompile.errors import PcompileError
+from pcompile.layer_groups import layout_of
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
+from pcompile.plan import LayerAssignment, Plan, Strategy
 
 PLAN = pcompile.Plan.uniform(dp=2, tp=2)
 MODELS = {"gpt": (lambda: GPT(GPTConfig()), lambda: gpt_inputs(GPTConfig(), 8)),
           "mlp": (lambda: MLPModel(MLPConfig()), lambda: mlp_inputs(MLPConfig(), 16))}
+DP2TP2, DP1TP4, DP4TP1 = Strategy(dp=2, tp=2), Strategy(dp=1, tp=4), Strategy(dp=4, tp=1)
+
+
+def _mixed(default: Strategy, **layers: Strategy) -> Plan:
+    return Plan(num_devices=4, default=default, layers=tuple(LayerAssignment(n, s) for n, s in layers.items()))
+
+
+# "pre" / "post" at dp2·tp2 around dp1·tp4 blocks: batch gathered into the blocks, sliced after
+MIXED = _mixed(DP1TP4, pre=DP2TP2, post=DP2TP2)
 
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
@@ -41,7 +53,7 @@ def _torch_values(gm: fx.GraphModule, inputs) -> dict[str, torch.Tensor]:
 
     with collectives.simulate(), torch.no_grad():
         Record(gm).run(*inputs)
-    return {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach() for k, v in values.items() if isinstance(v, torch.Tensor)}  # grad_scale: a parameter view
 
 
 def test_every_rank_passes_the_checker_and_holds_the_collectives(exported):
@@ -92,22 +104,70 @@ def test_node_sharding_and_shards_are_recorded(exported):
             f"S({spec.dim})@tp"
 
 
+def _evaluates_like_torch(cm, model: onnx.ModelProto, rank: int, local: list, vocab_rank: int) -> None:
+    """Every value of `model` (onnx.reference) equals torch's on `rank`'s graph run alone."""
+    with vocab_parallel.as_rank(vocab_rank):  # its vocabulary rows
+        expected = _torch_values(export_onnx.rank_module(cm.ir, cm.plan, rank), local)
+    names = [v.name for v in model.graph.value_info] + [o.name for o in model.graph.output]
+    assert len(names) > 10
+    feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
+    got = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(names, feeds)
+    for name, value in zip(names, got):
+        np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    loss = got[names.index(model.graph.output[0].name)]
+    assert abs(float(loss) - expected[model.graph.output[0].name].item()) < 1e-5
+
+
 def test_each_rank_evaluates_like_torch_node_by_node(exported):
     cm, example, paths = exported
     for rank, path in enumerate(paths):
+        local = [x.chunk(2)[rank // 2] for x in example]
+        _evaluates_like_torch(cm, onnx.load(path), rank, local, export_onnx.mesh_coords(cm.plan, rank)["tp"])
+
+
+def _compile_gpt(plan: Plan):
+    torch.manual_seed(0)
+    example = gpt_inputs(GPTConfig(), 8)
+    return pcompile.compile(GPT(GPTConfig()), pcompile.Cluster.local(4), example, plan=plan), example
+
+
+def test_a_mixed_grouping_plan_exports_its_batch_regrouping(tmp_path):
+    cm, example = _compile_gpt(MIXED)
+    layout = layout_of(cm.ir)
+    for rank, path in enumerate(export_onnx.export(cm.ir, cm.plan, tmp_path)):
+        onnx.checker.check_model(path, full_check=True)
         model = onnx.load(path)
-        dp_index = rank // 2
-        local = [x.chunk(2)[dp_index] for x in example]
-        with vocab_parallel.as_rank(export_onnx.mesh_coords(cm.plan, rank)["tp"]):  # its vocabulary rows
-            expected = _torch_values(export_onnx.rank_module(cm.ir, cm.plan, rank), local)
-        names = [v.name for v in model.graph.value_info] + [o.name for o in model.graph.output]
-        assert len(names) > 10
-        feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
-        got = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(names, feeds)
-        for name, value in zip(names, got):
-            np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
-        loss = got[names.index(model.graph.output[0].name)]
-        assert abs(float(loss) - expected[model.graph.output[0].name].item()) < 1e-5
+        regroups = [n for n in model.graph.node if n.op_type in ("BatchGather", "BatchSlice")]
+        assert {n.op_type for n in regroups} == {"BatchGather", "BatchSlice"}
+        # blocks: tp over all 4 ranks; pre/post: tp pairs (0, 1), (2, 3); the batch halves of
+        # the dp2 layers are regrouped between ranks 2 apart (the same tp2 position)
+        pair = rank - rank % 2
+        groups = {"tp": [0, 1, 2, 3], "tp2": [pair, pair + 1], "batch1:2": [rank % 2, rank % 2 + 2]}
+        for node in model.graph.node:
+            if node.domain == "pcompile":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                group = groups[attrs["axis"].decode()]
+                assert attrs["group_ranks"] == group and attrs["rank_in_group"] == group.index(rank)
+        props = {p.key: p.value for p in model.metadata_props}
+        coords = dict(c.split("=") for c in props["pcompile.coords"].split(","))
+        assert coords == {"dp": "0", "tp": str(rank), "batch1:2": str(rank // 2), "dp2": str(rank // 2),
+                          "tp2": str(rank % 2)}
+        assert props["pcompile.dp_group"] == f"dp={rank};dp2={rank % 2},{rank % 2 + 2}"  # blocks' and pre/post's
+        # the input split by the first layer's dp; gathering 2 halves then slicing 2 keeps the rank's own
+        local = [x.chunk(layout.input_dp)[int(coords[layout.input_axis])] for x in example]
+        _evaluates_like_torch(cm, model, rank, local, int(coords["tp2"]))
+
+
+def test_a_table_shared_across_dp_degrees_reads_through_identity():
+    # the tied embedding/head is read at dp2 ("pre") and dp4 ("post"): its embedding read is
+    # rewritten to sdp.module_with(tok_emb, {weight: grad_scale(weight)}, idx)
+    cm, example = _compile_gpt(_mixed(DP2TP2, **{"blocks.1": DP1TP4, "post": DP4TP1}))
+    model = export_onnx.export_rank(cm.ir, cm.plan, 0)
+    scaled = [n for n in model.graph.node if n.name.startswith("grad_scale")]
+    assert scaled and {n.op_type for n in scaled} == {"Identity"}
+    # rank 0 only: it is index 0 of every group, the chunk BatchSlice and simulate() both keep
+    local = [x.chunk(2)[0] for x in example]
+    _evaluates_like_torch(cm, model, 0, local, 0)
 
 
 def test_a_meta_model_exports_its_structure_without_weights(tmp_path):
