@@ -244,18 +244,20 @@ def _narrow(space: dict, user: dict) -> dict | None:
 
 
 def _merge_baselines(results: list[SearchResult]):
+    """Each baseline family at its best over the runs (mixed runs bring none)."""
     merged = {}
+    order = next(r.baselines for r in results if r.baselines)
     for result in results:
         for b in result.baselines:
             if b.name not in merged or (b.step_time, b.peak_memory) < (merged[b.name].step_time,
                                                                         merged[b.name].peak_memory):
                 merged[b.name] = b
-    return tuple(merged[b.name] for b in results[0].baselines)
+    return tuple(merged[b.name] for b in order)
 
 
-def _runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple[dict, dict]]:
-    """(SearchSpace fields, tied-group pins) of each engine run: one per tp with every layer at
-    it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp)."""
+def _runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple]:
+    """(SearchSpace fields, tied-group pins, mixed?) of each engine run: one per tp with every
+    layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp)."""
     user = dict(ctx.options.get("search_space", {}))
     user.pop("tp_degrees", None)
     if dp_one:  # several micro-batches average the loss too
@@ -263,10 +265,10 @@ def _runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_
     runs = []
     uniform = _narrow({}, user)
     if uniform is not None:
-        runs += [({**uniform, "tp_degrees": (tp,)}, {}) for tp in tps]
+        runs += [({**uniform, "tp_degrees": (tp,)}, {}, False) for tp in tps]
     mixed = _narrow(MIXED_SPACE, user)
     if mixed is not None and not dp_one:  # dp = 1 everywhere leaves one tp: nothing to mix
-        runs += [({**mixed, "tp_degrees": tuple(tps)}, pins) for pins in mixed_pins(tps, tied_groups(ir, layers))]
+        runs += [({**mixed, "tp_degrees": tuple(tps)}, pins, True) for pins in mixed_pins(tps, tied_groups(ir, layers))]
     return runs
 
 
@@ -309,7 +311,10 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
     results, errors = [], []
-    for fields, pins in _runs(ir, ctx, tps, layers, bool(summed)):
+    for fields, pins, mixed in _runs(ir, ctx, tps, layers, bool(summed)):
+        # a mixed run only looks for plans faster than the best so far: it has the baselines
+        # of the uniform runs, and branch and bound then cuts most of the mixed space
+        faster_than = min((r.step_time for r in results), default=math.inf) if mixed else math.inf
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
             global_batch=batch_size(ctx), cost=cost(pins),
@@ -320,12 +325,13 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
             # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
             rules=SearchRules(microbatches_at_least_pp=not summed))
         try:
-            results.append(run_engine(problem))
+            found = run_engine(problem, faster_than)
         except PcompileError as exc:
             errors.append(exc)
+            continue
+        results += [found] if found is not None else []
     if not results:
         raise _no_plan(ctx, tps, rejected, errors, summed)
-    # stable min: on a tie a uniform run's plan (listed first) beats a mixed one
     best = min(results, key=lambda r: (r.step_time, r.peak_memory))
     best = dataclasses.replace(best, baselines=_merge_baselines(results))
     plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))

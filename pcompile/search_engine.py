@@ -189,15 +189,16 @@ class Outcome:
     solved: int
 
 
-def certified_plan(ctx: SearchContext, settings_filter=None) -> Outcome:
+def certified_plan(ctx: SearchContext, settings_filter=None, faster_than: float = math.inf) -> Outcome:
     """Ceil grid (feasible plans), then floor grid (a relaxation) bounded by the ceil plan:
     nothing below it -> certified; its plan fits exactly -> certified; else halve the grid
-    step, up to problem.refinements times, and report the remaining gap."""
+    step, up to problem.refinements times, and report the remaining gap. Only plans faster
+    than `faster_than` are looked for (none found: Outcome.plan is None)."""
     cells, solved, up, low = ctx.problem.grid_cells, 0, None, None
     for _ in range(ctx.problem.refinements + 1):
-        found, n = best_plan(ctx, cells, True, up.value if up else math.inf, settings_filter)
+        found, n = best_plan(ctx, cells, True, up.value if up else faster_than, settings_filter)
         up, solved = found or up, solved + n
-        low, n = best_plan(ctx, cells, False, up.value * (1 - 1e-9) if up else math.inf, settings_filter)
+        low, n = best_plan(ctx, cells, False, up.value * (1 - 1e-9) if up else faster_than, settings_filter)
         solved += n
         if low is None:
             return Outcome(up, ctx.cost_of(up) if up else None, True, 0.0, cells, solved)
@@ -208,14 +209,18 @@ def certified_plan(ctx: SearchContext, settings_filter=None) -> Outcome:
     return Outcome(up, cost, False, (up.value / low.value - 1) if up else math.inf, cells // 2, solved)
 
 
-def search(problem: SearchProblem) -> SearchResult:
+def search(problem: SearchProblem, faster_than: float = math.inf) -> SearchResult | None:
     """The fastest plan of the problem's space that fits every stage's memory, with baselines
-    and an explanation. Raises PcompileError (with the leanest plan) when nothing fits."""
+    and an explanation. Raises PcompileError (with the leanest plan) when nothing fits.
+    With a finite `faster_than` (the step time of a plan the caller holds, baselines included):
+    only a faster plan, without baselines, or None."""
     start = time.perf_counter()
     ctx = SearchContext(problem)
-    out = certified_plan(ctx)
+    out = certified_plan(ctx, faster_than=faster_than)
     plan, cost = out.plan, out.cost
     if plan is None:
+        if math.isfinite(faster_than):
+            return None
         raise no_fit_error(ctx)
     tables = ctx.tables(plan.setting)
     layers, binding = layer_choices(plan.setting, tables, plan.segments, plan.choice, cost)
@@ -223,7 +228,7 @@ def search(problem: SearchProblem) -> SearchResult:
     stages = tuple(StagePlan(k, tuple(problem.layers[l] for a, b in segs for l in range(a, b)), segs, k * d, d,
                              cost.in_flight[k], cost.stage_time[k], cost.stage_sync[k], cost.stage_memory[k],
                              cost.budgets[k]) for k, segs in enumerate(plan.segments))
-    found = baselines(ctx)
+    found = baselines(ctx) if math.isinf(faster_than) else ()
     return SearchResult(plan.setting, problem.global_batch // plan.setting.microbatches, cost.step_time, stages,
                         layers, found, binding, out.certified, out.gap, out.cells, out.solved, len(ctx.settings),
                         time.perf_counter() - start)

@@ -11,7 +11,9 @@ the search time. The tables only depend on
 
 and identical blocks have identical LayerWork, so one layer_cost per distinct work and
 strategy fills all their rows, and one switch_time per distinct boundary size and layout
-pair fills the switch matrices. tests/search/test_stage_costs.py checks the tables equal
+pair fills the switch matrices. A strategy's column is kept per (stage class, micro-batch
+size), so a table over the union of other tables' strategies (the search's mixed-tp runs)
+only costs its switch matrices. tests/search/test_stage_costs.py checks the tables equal
 cost_table's entry by entry.
 """
 from __future__ import annotations
@@ -38,6 +40,7 @@ class StageCosts:
         self._works: dict[int, tuple[list, list[int]]] = {}  # tp -> (distinct works, work index per layer)
         self._classes: dict[tuple[int, int], tuple] = {}
         self._tables: dict[tuple, CostTable] = {}
+        self._columns: dict[tuple, np.ndarray] = {}  # (stage class, micro-batch, strategy) -> [L, 6]
 
     def works(self, tp: int) -> tuple[list, list[int]]:
         if tp not in self._works:
@@ -74,13 +77,10 @@ class StageCosts:
                 for k in ("fwd", "bwd", "sync"):
                     arrays[k][:, j] = np.inf
                 continue
-            distinct, index = self.works(s.tp)
-            rows = []
-            for work in distinct:
-                c = layer_cost(work, self.cluster, s, microbatch, self.batch, options)
-                m = c.memory
-                rows.append((c.fwd, c.bwd, c.sync, m.params + m.grads + m.optimizer, m.activations, m.temp))
-            column = np.array(rows)[index]  # [L, 6]
+            key = (self.stage_class(first, devices), microbatch, s)
+            if key not in self._columns:
+                self._columns[key] = self._column(s, microbatch, options)
+            column = self._columns[key]
             for n, k in enumerate(("fwd", "bwd", "sync", "state", "act", "temp")):
                 arrays[k][:, j] = column[:, n]
         bounds = self.bounds * microbatch / self.batch * options.activation_scale
@@ -102,3 +102,13 @@ class StageCosts:
                          microbatch_size=microbatch, fwd_time=arrays["fwd"], bwd_time=arrays["bwd"],
                          sync_time=arrays["sync"], state_memory=arrays["state"], activation_memory=arrays["act"],
                          temp_memory=arrays["temp"], switch_time=switch, boundary_bytes=bounds)
+
+    def _column(self, s, microbatch: int, options: CostOptions) -> np.ndarray:
+        """[L, 6]: fwd, bwd, sync, state, act, temp of every layer under strategy `s`."""
+        distinct, index = self.works(s.tp)
+        rows = []
+        for work in distinct:
+            c = layer_cost(work, self.cluster, s, microbatch, self.batch, options)
+            m = c.memory
+            rows.append((c.fwd, c.bwd, c.sync, m.params + m.grads + m.optimizer, m.activations, m.temp))
+        return np.array(rows)[index]
