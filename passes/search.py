@@ -9,13 +9,9 @@ search space restricted to what the rewrite passes can run today:
 
 - tp must split every block (tp_rules finds the column/row Linear pairs; tp must divide the
   heads and hidden sizes). The engine runs once per valid tp degree with every layer at that
-  tp (all of pp, sdp, sp, schedules), plus "mixed" runs where each layer picks its own tp
-  (the reshard rewrite runs per-layer (dp, tp) groupings and the cost model charges the
-  batch regrouping between them as switch time). The reshard rewrite's limits bound the mixed
-  runs: pp = 1, no sp, dp degrees that divide each other, and layers that share a parameter
-  (a tied embedding / LM head) at one tp - so there is one mixed run per tp of each such
-  group. The fastest plan of all runs wins; baselines are merged across the runs (each
-  family is best in the run of its own tp).
+  tp, plus "mixed" runs where each layer picks its own tp (passes/search_runs.py: what each
+  run may use, as the rewrites lower it). The fastest plan of all runs wins; baselines are
+  merged across the runs (each family is best in the run of its own tp).
 - sdp (ZeRO-3) with and without pipelining (the pipeline backend gathers sdp parameters per
   micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
@@ -23,6 +19,8 @@ search space restricted to what the rewrite passes can run today:
   pp = 1 only;
 - a loss that sums over the batch (loss_check.summed_terms) only with dp = 1 and one
   micro-batch: averaging would silently divide it.
+- a global-batch range (plan(global_batch=...)): every allowed batch is searched and the one
+  with the most samples per second wins (costs scale from the example inputs' batch).
 
 A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
 uniform estimate.
@@ -30,30 +28,20 @@ uniform estimate.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 
-import numpy as np
-
 from pcompile.cost import CostOptions, estimate_uniform
-from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.loss_check import summed_terms
-from pcompile.passes.reshard import param_layers
+from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs, trivial_ends
 from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
 from pcompile.passes.tp_rules import plan_tensor_parallel
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
-from pcompile.search_engine import SearchProblem, StageQuery, search as run_engine
+from pcompile.search_engine import SearchProblem, search as run_engine
 from pcompile.search_result import SearchResult, to_plan
 from pcompile.search_space import SearchRules, SearchSpace, tp_options
-from pcompile.stage_costs import StageCosts
-
-# What the rewrite passes can run (see the module docstring).
-SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
-MIXED_SPACE = dict(pp_degrees=(1,), sp=(False,))  # what reshard lowers for per-layer tp mixing
-MAX_MIXED_RUNS = 16
 
 
 def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
@@ -112,6 +100,10 @@ def _forced(ir: IR, ctx: PassContext) -> None:
     if forced.num_devices != num_devices:
         raise PcompileError(f"the plan is for {forced.num_devices} devices but the cluster has {num_devices}",
                             "make dp * tp * pp equal the cluster's device count")
+    if forced.global_batch is not None and forced.global_batch != batch_size(ctx):
+        raise PcompileError(f"the plan was made for a global batch of {forced.global_batch}, the example inputs "
+                            f"hold {batch_size(ctx)}", f"pass example inputs of {forced.global_batch} samples "
+                            "(the batch the plan chose), or re-plan for this batch")
     problem = validity(ir, ctx, forced.default, forced.pp, forced.num_microbatches)
     if problem:
         raise PcompileError(f"forced plan {forced.default.describe()} is {problem}",
@@ -122,95 +114,6 @@ def _forced(ir: IR, ctx: PassContext) -> None:
     ctx.plan = dataclasses.replace(forced, estimate=estimate,
                                    candidates=(Candidate(forced.default, estimate, "forced"),),
                                    reason="forced by the user")
-
-
-def trivial_ends(ir: IR) -> tuple[bool, bool]:
-    """Whether "pre" / "post" hold no parameters and no FLOPs (only inputs, or only the output):
-    such a layer is not a unit worth a strategy or a pipeline stage of its own, so the search
-    leaves it out and it follows its neighbour."""
-    def trivial(layer: str) -> bool:
-        return layer in ir.layers and ir.total("param_bytes", layer) == 0 and ir.total("flops", layer) == 0
-    return trivial("pre") and len(ir.layers) > 1, trivial("post") and len(ir.layers) > 1
-
-
-def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTable:
-    rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
-    edges = slice(rows.start, rows.stop - 1)
-    return dataclasses.replace(
-        table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
-        sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
-        activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
-        switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
-
-
-def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
-                dp_one: bool) -> CostTable:
-    """Strategies made impossible (time inf) where a rewrite cannot run them:
-    - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals), and on
-      every layer of a pipelined plan (sp across pipeline stages is not run by any test yet);
-    - sdp with tp > 1 in a pipelined plan (exact for untied models, but refused by
-      sharded_data_parallel where such layers read a tied weight);
-    - a layer of a mixed run at another tp than its tied group's (`pins`);
-    - dp > 1 when the loss sums over the batch (`dp_one`)."""
-    def forbidden(layer: str, s: Strategy) -> bool:
-        return ((s.sp and (pipelined or layer in refused.get(s.tp, {})))
-                or (pipelined and s.sdp and s.tp > 1)
-                or (layer in pins and s.tp != pins[layer])
-                or (dp_one and s.dp > 1))
-    fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
-    for j, s in enumerate(table.strategies):
-        rows = [i for i, layer in enumerate(table.layers) if forbidden(layer, s)]
-        fwd[rows, j] = bwd[rows, j] = np.inf
-    return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
-
-
-def _cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]], dp_one: bool):
-    """A factory of cost callbacks, one per engine run (its tied-group `pins`): tables of
-    pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one table per class
-    of equivalent stages) and kept per table so the engine's index memo hits."""
-    costs = StageCosts(ir, ctx.cluster, CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
-    cache: dict[tuple, CostTable] = {}
-    drop_first, drop_last = trivial_ends(ir)
-
-    def for_run(pins: dict[str, int]):
-        def cost(query: StageQuery) -> CostTable:
-            table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
-            key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
-            if key not in cache:
-                cache[key] = _without_ends(_restricted(table, refused, query.pp > 1, pins, dp_one),
-                                           drop_first, drop_last)
-            return cache[key]
-        return cost
-    return for_run
-
-
-def tied_groups(ir: IR, layers: tuple[str, ...]) -> list[tuple[str, ...]]:
-    """The searched layers that read one parameter (a tied embedding and LM head), grouped: the
-    reshard rewrite needs such layers at one (dp, tp), a sharded parameter being read at one dp."""
-    groups: list[set[str]] = []
-    for readers in param_layers(ir).values():
-        group = {layer for layer in readers if layer in layers}
-        if len(group) < 2:
-            continue
-        for other in [g for g in groups if g & group]:
-            groups.remove(other)
-            group |= other
-        groups.append(group)
-    return [tuple(sorted(g, key=layers.index)) for g in groups]
-
-
-def mixed_pins(tps: list[int], groups: list[tuple[str, ...]]) -> list[dict[str, int]]:
-    """One mixed run per combination of a tp for each tied group (all groups at one tp each
-    when the combinations would be more than MAX_MIXED_RUNS); [] when the tps cannot mix:
-    fewer than two, or dp = devices / tp degrees that do not divide each other (reshard
-    regroups a batch split into a parts into b only when one divides the other)."""
-    chain = sorted(tps)
-    if len(chain) < 2 or any(b % a for a, b in zip(chain, chain[1:])):
-        return []
-    combos = list(itertools.product(chain, repeat=len(groups)))
-    if len(combos) > MAX_MIXED_RUNS:
-        combos = [(tp,) * len(groups) for tp in chain]
-    return [{layer: tp for group, tp in zip(groups, combo) for layer in group} for combo in combos]
 
 
 def _with_ends(ir: IR, plan: Plan) -> Plan:
@@ -226,23 +129,6 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
-def _narrow(space: dict, user: dict) -> dict | None:
-    """`space` intersected with the user's restrictions (None when they leave nothing)."""
-    try:
-        fields = {**SUPPORTED_SPACE, **space}
-        merged = dict(space)
-        for key, values in user.items():
-            allowed = tuple(v for v in values if key not in fields or v in fields[key])
-            if not allowed:
-                return None
-            merged[key] = allowed
-        SearchSpace(**{**SUPPORTED_SPACE, **merged})
-    except TypeError as exc:
-        raise PcompileError(f"unknown search_space option: {exc}",
-                            "use fields of pcompile.search_space.SearchSpace (pp_degrees, tp_degrees, checkpoint, ...)")
-    return merged
-
-
 def _merge_baselines(results: list[SearchResult]):
     """Each baseline family at its best over the runs (mixed runs bring none)."""
     merged = {}
@@ -255,24 +141,7 @@ def _merge_baselines(results: list[SearchResult]):
     return tuple(merged[b.name] for b in order)
 
 
-def _runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple]:
-    """(SearchSpace fields, tied-group pins, mixed?) of each engine run: one per tp with every
-    layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp)."""
-    user = dict(ctx.options.get("search_space", {}))
-    user.pop("tp_degrees", None)
-    if dp_one:  # several micro-batches average the loss too
-        user["microbatch_counts"] = tuple(m for m in user.get("microbatch_counts", (1,)) if m == 1)
-    runs = []
-    uniform = _narrow({}, user)
-    if uniform is not None:
-        runs += [({**uniform, "tp_degrees": (tp,)}, {}, False) for tp in tps]
-    mixed = _narrow(MIXED_SPACE, user)
-    if mixed is not None and not dp_one:  # dp = 1 everywhere leaves one tp: nothing to mix
-        runs += [({**mixed, "tp_degrees": tuple(tps)}, pins, True) for pins in mixed_pins(tps, tied_groups(ir, layers))]
-    return runs
-
-
-def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed) -> PcompileError:
+def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed, batches) -> PcompileError:
     skipped = "; ".join(r for r in rejected.values() if r)
     if summed:
         terms = ", ".join(f"{node.name} = {how}" for node, how in summed)
@@ -286,7 +155,8 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
         return min(memory, key=lambda e: len(str(e)))
     if errors:
         return PcompileError(
-            f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of {batch_size(ctx)}: "
+            f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of "
+            f"{' / '.join(map(str, batches))}: "
             f"searched tp={tps}, where {errors[0].cause}" + (f"; not searched: {skipped}" if skipped else ""),
             "use a global batch divisible by the data-parallel degree (devices / tp), or a device count "
             "the heads and hidden sizes divide")
@@ -294,30 +164,18 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
                          "use a device count the heads divide")
 
 
-def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
-    cluster = ctx.cluster
-    devices = cluster.num_devices
-    # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
-    # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
-    tps = tp_options(devices, cluster.devices_per_node, SearchSpace(), SearchRules())
-    wanted = ctx.options.get("search_space", {}).get("tp_degrees")
-    tps = [t for t in tps if wanted is None or t in wanted]
-    planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
-    rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
-    tps = [t for t in tps if rejected[t] is None]
-    refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
-    summed = summed_terms(ir)
-    cost = _cost_callback(ir, ctx, refused, dp_one=bool(summed))
-    drop_first, drop_last = trivial_ends(ir)
-    layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
+def _search_at(batch: int, ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], cost,
+               summed) -> tuple[list[SearchResult], list[PcompileError]]:
+    """Every engine run's result (and error) at this global batch."""
+    cluster, devices = ctx.cluster, ctx.cluster.num_devices
     results, errors = [], []
-    for fields, pins, mixed in _runs(ir, ctx, tps, layers, bool(summed)):
+    for fields, pins, mixed in engine_runs(ir, ctx, tps, layers, bool(summed)):
         # a mixed run only looks for plans faster than the best so far: it has the baselines
         # of the uniform runs, and branch and bound then cuts most of the mixed space
         faster_than = min((r.step_time for r in results), default=math.inf) if mixed else math.inf
         problem = SearchProblem(
             layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
-            global_batch=batch_size(ctx), cost=cost(pins),
+            global_batch=batch, cost=cost(pins),
             device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
             p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
             p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
@@ -330,16 +188,53 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
             errors.append(exc)
             continue
         results += [found] if found is not None else []
-    if not results:
-        raise _no_plan(ctx, tps, rejected, errors, summed)
-    best = min(results, key=lambda r: (r.step_time, r.peak_memory))
-    best = dataclasses.replace(best, baselines=_merge_baselines(results))
+    return results, errors
+
+
+def _batch_report(outcomes: dict, chosen: int) -> str:
+    """One line per searched global batch: its throughput, or why it has no plan."""
+    lines = ["global batch (the range allowed): the most samples per second wins"]
+    for batch, (results, errors) in outcomes.items():
+        if results:
+            step = min(r.step_time for r in results)
+            lines.append(f"  {batch:>6}: {batch / step:,.1f} samples/s (step {step * 1e3:.2f} ms)"
+                         + ("  <- chosen" if batch == chosen else ""))
+        else:
+            lines.append(f"  {batch:>6}: no plan ({errors[0].cause if errors else 'no valid strategy'})")
+    return "\n".join(lines)
+
+
+def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
+    cluster = ctx.cluster
+    # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
+    # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
+    tps = tp_options(cluster.num_devices, cluster.devices_per_node, SearchSpace(), SearchRules())
+    wanted = ctx.options.get("search_space", {}).get("tp_degrees")
+    tps = [t for t in tps if wanted is None or t in wanted]
+    planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
+    rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
+    tps = [t for t in tps if rejected[t] is None]
+    refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
+    summed = summed_terms(ir)
+    cost = cost_callback(ir, ctx, refused, dp_one=bool(summed))
+    drop_first, drop_last = trivial_ends(ir)
+    layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
+    batches = ctx.options.get("global_batches") or (batch_size(ctx),)
+    outcomes = {b: _search_at(b, ir, ctx, tps, layers, cost, summed) for b in batches}
+    found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
+             if results}
+    if not found:
+        raise _no_plan(ctx, tps, rejected, [e for _, errors in outcomes.values() for e in errors], summed, batches)
+    batch = max(found, key=lambda b: (b / found[b].step_time, -b))  # samples per second; on a tie the smaller
+    best = dataclasses.replace(found[batch], baselines=_merge_baselines(outcomes[batch][0]))
     plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))
     notes = [r for r in rejected.values() if r]
     explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")
     if summed:
         explanation += "\nthe loss sums over the batch: searched dp = 1 and one micro-batch only (loss_check)"
-    return dataclasses.replace(plan, explanation=explanation), best
+    if len(batches) > 1:
+        explanation += "\n" + _batch_report(outcomes, batch)
+    return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best
 
 
 @register_pass("search", kind="search")

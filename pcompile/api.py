@@ -41,7 +41,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _context(model, cluster, example_inputs, plan, capture, search_space=None, mixed_precision=None) -> PassContext:
+def _context(model, cluster, example_inputs, plan, capture, search_space=None, mixed_precision=None,
+             global_batches=None) -> PassContext:
     if not isinstance(model, torch.nn.Module):
         raise PcompileError(f"compile() needs an nn.Module, got {type(model).__name__}",
                             "pass the model object whose forward returns the loss")
@@ -64,12 +65,13 @@ def _context(model, cluster, example_inputs, plan, capture, search_space=None, m
     precision.compute_dtype(mixed_precision)  # an unknown choice fails before any pass runs
     ctx.options["search_space"] = dict(search_space or {})
     ctx.options["mixed_precision"] = mixed_precision  # the search costs bf16 states and activations
+    ctx.options["global_batches"] = global_batches  # None: the example inputs' batch
     return ctx
 
 
 def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify, search_space=None,
-         mixed_precision=None):
-    ctx = _context(model, cluster, example_inputs, plan, capture, search_space, mixed_precision)
+         mixed_precision=None, global_batches=None):
+    ctx = _context(model, cluster, example_inputs, plan, capture, search_space, mixed_precision, global_batches)
     if debug_dir is not None:
         os.makedirs(debug_dir, exist_ok=True)
     manager = PassManager(names, verify_each=verify, debug_dir=debug_dir, stop_after=stop_after)
@@ -79,17 +81,31 @@ def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_a
     return ir, ctx, manager
 
 
+def _global_batches(global_batch) -> tuple[int, ...] | None:
+    if global_batch is None:
+        return None
+    values = (global_batch,) if isinstance(global_batch, int) else tuple(global_batch)
+    if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in values):
+        raise PcompileError(f"global_batch={global_batch!r} must be a positive int or an iterable of them",
+                            "pass e.g. global_batch=range(64, 513, 64) or global_batch=(128, 256)")
+    return tuple(sorted(set(values)))
+
+
 def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
          debug_dir: str | None = None, search_space: dict | None = None,
-         mixed_precision: str | None = None) -> Plan:
+         mixed_precision: str | None = None, global_batch=None) -> Plan:
     """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched.
 
     `search_space` narrows the search, with the fields of pcompile.search_space.SearchSpace,
     e.g. {"pp_degrees": (1,)} for no pipelining or {"checkpoint": (False,)}.
     `mixed_precision` as in compile(): "bf16" costs bf16 parameters, gradients and activations
-    with fp32 master weights and optimizer moments."""
+    with fp32 master weights and optimizer moments.
+    `global_batch`: the global batch sizes the user allows (an int or an iterable, e.g.
+    range(64, 513, 64)); the plan takes the one with the most samples per second (costs scale
+    from the example inputs' batch) and records it in Plan.global_batch: compile it with
+    example inputs of that many samples. None: the example inputs' batch."""
     _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True,
-                     search_space, mixed_precision)
+                     search_space, mixed_precision, _global_batches(global_batch))
     return ctx.plan
 
 

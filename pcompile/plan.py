@@ -84,6 +84,7 @@ class Plan:
     schedule: str = "1F1B"
     virtual_stages: int = 1  # model chunks per pp rank (Interleaved1F1B: >= 2); stage s runs on pp rank s mod pp
     model: str = ""  # fingerprint of the model the plan was made for ("" = any)
+    global_batch: int | None = None  # samples per step the plan was made for (None = the example inputs')
     estimate: Estimate | None = None
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
     reason: str = field(default="", compare=False)
@@ -95,6 +96,10 @@ class Plan:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"plan field {name}={value!r} must be a positive integer",
                                     f"set {name} to 1 or more")
+        if self.global_batch is not None and (not isinstance(self.global_batch, int)
+                                              or isinstance(self.global_batch, bool) or self.global_batch < 1):
+            raise PcompileError(f"plan field global_batch={self.global_batch!r} must be a positive integer or None",
+                                "set global_batch to the samples per step, or leave it out")
         if self.schedule not in ("GPipe", "1F1B", "Interleaved1F1B"):
             raise PcompileError(f"unknown pipeline schedule {self.schedule!r}",
                                 "use 'GPipe', '1F1B' or 'Interleaved1F1B'")
@@ -151,7 +156,8 @@ class Plan:
     # -- text ------------------------------------------------------------------------------
     def __str__(self) -> str:
         lines = [f"Plan for {self.num_devices} device(s): {self.default.describe()}"
-                 + (f" x pp{self.pp} ({self.describe_schedule()})" if self.pp > 1 else "")]
+                 + (f" x pp{self.pp} ({self.describe_schedule()})" if self.pp > 1 else "")
+                 + (f", global batch {self.global_batch}" if self.global_batch else "")]
         for assignment in self.layers:
             lines.append(f"  {assignment.layer:<24} {assignment.strategy.describe():<20} stage {assignment.stage}")
         if self.estimate is not None:
@@ -193,6 +199,7 @@ class Plan:
                 # plans written before the field existed ran interleaved 1F1B with 2 chunks per rank
                 virtual_stages=data.get("virtual_stages", 2 if data.get("schedule") == "Interleaved1F1B" else 1),
                 model=data.get("model", ""),
+                global_batch=data.get("global_batch"),
                 estimate=estimate(data.get("estimate")),
                 candidates=tuple(Candidate(Strategy(**c["strategy"]), estimate(c["estimate"]), c["verdict"])
                                  for c in data.get("candidates", ())),
