@@ -1,0 +1,62 @@
+"""The engine runs of one search (passes/search_runs.py): tied layers found and pinned, one
+mixed run per tp of each tied group, pins respected by the searched plan, and mixing never
+loses to the uniform runs (it only reports a plan when it is faster)."""
+import pcompile
+from pcompile import Cluster
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+import numpy as np
+
+from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, mixed_pins, tied_groups
+from pcompile.plan import Strategy
+from tests.cost.conftest import analyse
+from pcompile.search_engine import StageQuery
+from tests.search.tables import RandomCosts
+
+TIED = GPTConfig(vocab_size=128, seq_len=32, hidden=64, num_heads=4, num_layers=2)
+UNTIED = GPTConfig(vocab_size=128, seq_len=32, hidden=64, num_heads=4, num_layers=2, tie_head=False)
+
+
+def _ir(cfg):
+    ir, _ = analyse(GPT(cfg), gpt_inputs(cfg, 8))
+    return ir
+
+
+def test_tied_embedding_and_head_form_one_group():
+    assert tied_groups(_ir(TIED), ("pre", "blocks.0", "blocks.1", "post")) == [("pre", "post")]
+    assert tied_groups(_ir(UNTIED), ("pre", "blocks.0", "blocks.1", "post")) == []
+    assert tied_groups(_ir(TIED), ("blocks.0", "blocks.1", "post")) == []  # "pre" left out: no pair
+
+
+def test_one_mixed_run_per_tp_of_each_group():
+    assert mixed_pins([1, 2, 4], []) == [{}]
+    assert mixed_pins([1, 2, 4], [("pre", "post")]) == [{"pre": t, "post": t} for t in (1, 2, 4)]
+    assert len(mixed_pins([1, 2], [("a", "b"), ("c", "d")])) == 4
+    assert mixed_pins([4], [("pre", "post")]) == []  # one tp: nothing to mix
+    assert mixed_pins([2, 3], []) == []  # dp = 6 / 2 and 6 / 3 cannot regroup into each other
+    many = mixed_pins([1, 2, 4, 8], [("a", "b"), ("c", "d"), ("e", "f")])  # 64 > MAX_MIXED_RUNS
+    assert len(many) == 4 <= MAX_MIXED_RUNS and all(len(set(p.values())) == 1 for p in many)
+
+
+def test_pinned_layers_cannot_take_another_tp():
+    strategies = (Strategy(dp=4), Strategy(dp=2, tp=2), Strategy(dp=2, tp=2, sp=True), Strategy(dp=1, tp=4))
+    table = RandomCosts(("pre", "blocks.0", "post"), seed=0, inf_rate=0.0)(StageQuery(1, 0, 0, 4, 8, strategies))
+    out = _restricted(table, {2: {"blocks.0": "no sequence"}}, False, {"pre": 2, "post": 2}, dp_one=False)
+    possible = np.isfinite(out.fwd_time + out.bwd_time)
+    assert possible.tolist() == [[False, True, True, False],  # pre: pinned to tp 2
+                                 [True, True, False, True],  # blocks.0: sp refused at tp 2
+                                 [False, True, True, False]]  # post: pinned to tp 2
+    summed = _restricted(table, {}, False, {}, dp_one=True)
+    assert np.isfinite(summed.fwd_time).tolist() == [[False, False, False, True]] * 3
+
+
+def test_searched_plan_keeps_tied_layers_together_and_never_loses_to_uniform_runs():
+    for cfg in (TIED, UNTIED):
+        cluster = Cluster.local(4)
+        mixed = pcompile.plan(GPT(cfg), cluster, gpt_inputs(cfg, 8), search_space={"pp_degrees": (1,)})
+        tps = {a.layer: a.strategy.tp for a in mixed.layers}
+        if cfg.tie_head:
+            assert tps["pre"] == tps["post"], str(mixed)
+        for tp in (1, 2, 4):  # every uniform run on its own
+            uniform = pcompile.plan(GPT(cfg), cluster, gpt_inputs(cfg, 8),
+                                    search_space={"pp_degrees": (1,), "tp_degrees": (tp,)})
+            assert mixed.estimate.step_time <= uniform.estimate.step_time, (str(mixed), str(uniform))
