@@ -1,7 +1,8 @@
 """Profile the machine at hand into a Cluster: `profile_cluster(world_size, path)`.
 
 Every figure is measured with all `world_size` ranks running at once (as they do in
-training), so ranks that share cores or a link are measured sharing them:
+training), so ranks that share cores or a link are measured sharing them (the compute
+figures over a common wall-clock window in which every rank stays busy, `_shared_timed`):
 - matmul throughput of square fp32 matmuls by size (the Device's matmul curve; bf16 too in
   the full mode, recorded in the measurements),
 - memory bandwidth (a large copy: read + write bytes / s),
@@ -64,25 +65,49 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _matmul_curve(device, dtype, sizes, repeats) -> list[tuple[float, float]]:
+WINDOW_SECONDS = 0.1  # a compute sample: every rank loops fn for this wall time, many scheduler slices
+WINDOWS = 3
+
+
+def _shared_timed(fn, device: torch.device) -> float:
+    """Median seconds of one `fn()` while every rank runs it for the same wall-clock window.
+
+    Ranks that share cores must all be busy for the whole sample: with a fixed number of calls
+    (`_timed`) the rank that finishes first idles at the next barrier and the others run alone
+    for the rest, which on 4 ranks of 2 cores measured a 64x64 matmul at 106-109 GFLOP/s (one
+    core's rate) instead of the 41-45 GFLOP/s each rank gets while all four compute. On GPUs
+    (one per rank) nothing is shared: `_timed`."""
+    if device.type == "cuda":
+        return _timed(fn, WINDOWS, device)
+    fn()
+    samples = []
+    for _ in range(WINDOWS):
+        dist.barrier()
+        start, calls = time.perf_counter(), 0
+        while time.perf_counter() - start < WINDOW_SECONDS:
+            fn()
+            calls += 1
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
+def _matmul_curve(device, dtype, sizes) -> list[tuple[float, float]]:
     curve = []
     for n in sizes:
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
-        dist.barrier()
-        seconds = _timed(lambda: torch.mm(a, b), repeats, device)
+        seconds = _shared_timed(lambda: torch.mm(a, b), device)
         curve.append((2.0 * n ** 3, 2.0 * n ** 3 / seconds))
     return curve
 
 
-def _bandwidth(device, repeats) -> float:
+def _bandwidth(device) -> float:
     x = torch.empty(8 << 20, device=device)  # 32 MB
     y = torch.empty_like(x)
-    dist.barrier()
-    return 2 * x.numel() * 4 / _timed(lambda: y.copy_(x), repeats, device)
+    return 2 * x.numel() * 4 / _shared_timed(lambda: y.copy_(x), device)
 
 
-def _op_overhead(device, repeats) -> tuple[float, float]:
+def _op_overhead(device) -> tuple[float, float]:
     """(forward, backward) seconds per op of a chain of tiny Linear modules and functions."""
     chain = torch.nn.Sequential(*[m for _ in range(16) for m in (torch.nn.Linear(4, 4), torch.nn.GELU())]).to(device)
     x = torch.ones(2, 4, device=device)
@@ -91,9 +116,8 @@ def _op_overhead(device, repeats) -> tuple[float, float]:
     def forward():
         return chain(x).sum()
 
-    dist.barrier()
-    fwd = _timed(forward, repeats, device)
-    both = _timed(lambda: forward().backward(), repeats, device)
+    fwd = _shared_timed(forward, device)
+    both = _shared_timed(lambda: forward().backward(), device)
     return fwd / ops, max(both - fwd, 0.0) / ops
 
 
@@ -181,10 +205,10 @@ def measure_rank(mode: str = "quick") -> dict:
     device = _device()
     world = dist.get_world_size()
     repeats = 5 if mode == "quick" else 15
-    out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode], repeats),
-           "memory_bandwidth": _bandwidth(device, repeats), "op_overhead": _op_overhead(device, repeats)}
+    out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode]),
+           "memory_bandwidth": _bandwidth(device), "op_overhead": _op_overhead(device)}
     if mode == "full":
-        out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode], repeats)
+        out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode])
     sizes = [s for s in (2, 4, 8, 16) if s <= world and world % s == 0]
     out["collectives"] = []
     for size in sizes:
