@@ -560,24 +560,40 @@ def _loss_sync(cluster: Cluster, s: Strategy, first: int) -> float:
     return cluster.collective_time("all_reduce", 4.0, group_ranks(first, s.dp, s.tp)[1]) if s.dp > 1 else 0.0
 
 
+def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: list[int], backward: float) -> float:
+    """Bucketed dp gradient sync of a whole stage: the runtime packs every layer's gradients
+    into the same buckets (one all-reduce for a small model, not one per layer), plus the
+    flatten / divide / copy-back passes (`_bucket_copies`)."""
+    first = options.first_rank
+    sizes = sync_buckets(numels, options.state_bytes()[1], options.bucket_bytes)
+    comm = sum(cluster.collective_time("all_reduce", b, group_ranks(first, s.dp, s.tp)[1]) for b in sizes)
+    eta = cluster.overlap if options.overlap is None else options.overlap
+    devices = {cluster.device_of(r) for r in range(first, first + s.num_devices)}
+    exposed = _exposed(comm, backward, eta) if options.overlap_grad_sync else comm
+    return exposed + _bucket_copies(sum(sizes), devices, options.bucket_bytes)
+
+
 def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
-    summed, peak memory by `pcompile.pipeline_cost.backward_peak` or, with bucketed dp
-    gradient sync, at the sync's flat buckets (`sync_transient`) if that is higher."""
+    summed (with bucketed dp sync, the stage's buckets: `_stage_sync`), peak memory by
+    `pcompile.pipeline_cost.backward_peak` or, with bucketed dp gradient sync, at the sync's
+    flat buckets (`sync_transient`) if that is higher."""
     from pcompile.pipeline_cost import backward_peak
 
     options = options or CostOptions()
     batch = example_batch(ir)
     works = layer_work(ir, strategy.tp)
     costs = [layer_cost(works[layer], cluster, strategy, batch, batch, options) for layer in ir.layers]
-    comm = sum(c.sync + c.comm for c in costs) + _loss_sync(cluster, strategy, options.first_rank)
+    bucketed = strategy.dp > 1 and not strategy.sdp and options.bucket_bytes
+    numels = [n for layer in ir.layers for n in works[layer].param_numels]
+    backward = sum(c.bwd for c in costs)
+    sync = _stage_sync(cluster, strategy, options, numels, backward) if bucketed else sum(c.sync for c in costs)
+    comm = sum(c.comm for c in costs) + sync + _loss_sync(cluster, strategy, options.first_rank)
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
     foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
     memories = [c.memory for c in costs]
     peak = backward_peak(memories, in_flight=1, foreach=foreach)
-    if strategy.dp > 1 and not strategy.sdp and options.bucket_bytes:
-        # after backward (activations freed) the dp sync flattens the gradients into buckets
-        numels = [n for layer in ir.layers for n in works[layer].param_numels]
+    if bucketed:  # after backward (activations freed) the dp sync flattens the gradients into buckets
         held = sum(m.params + m.grads + m.optimizer for m in memories)
         peak = max(peak, held + sync_transient(numels, options.state_bytes()[1], options.bucket_bytes))
     budget = stage_memory_budget(cluster, options.first_rank, strategy.num_devices)

@@ -241,3 +241,15 @@ def test_bucketed_dp_sync_adds_the_flatten_divide_copy_back_passes(linear_ir):
                         + cluster.collective_time("all_reduce", 5 * 4.0, [[0, 1]]))  # one per tensor
     one_bucket = cluster.collective_time("all_reduce", grad_bytes, [[0, 1]])
     assert math.isclose(bucketed.sync, one_bucket + 6 * grad_bytes / cluster.device_of(0).memory_bandwidth)
+
+
+def test_uniform_estimate_buckets_the_whole_stage(gpt_ir):
+    ir, _ = gpt_ir
+    cluster = pcompile.Cluster.local(2)
+    options = CostOptions(overlap_grad_sync=False, bucket_bytes=2**20)
+    estimate = estimate_uniform(ir, cluster, Strategy(dp=2), options)
+    grads = 4.0 * sum(n for w in layer_work(ir, 1).values() for n in w.param_numels)  # < 1 MiB: one bucket
+    one = cluster.collective_time("all_reduce", grads, [[0, 1]])
+    copies = 6 * grads / cluster.device_of(0).memory_bandwidth
+    loss = cluster.collective_time("all_reduce", 4.0, [[0, 1]])
+    assert math.isclose(estimate.comm_time, one + copies + loss)  # one all-reduce, not one per layer
