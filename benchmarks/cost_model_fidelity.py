@@ -195,6 +195,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", help="comma-separated words: keep the plans whose label contains one")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    load = os.getloadavg()[0]  # ranks share the cores with whatever else runs: timings move with it
     if args.profile:
         cluster = pcompile.Cluster.from_profile(args.profile)
     else:
@@ -227,7 +228,8 @@ def main(argv=None) -> None:
     rho = spearman(predicted, measured)
     print(f"spearman={rho:.3f} time_mape_pct={np.mean(np.abs(t_errs)):.1f} "
           f"mem_err_pct={np.mean(np.abs(m_errs)):.1f} mem_err_max_pct={np.max(np.abs(m_errs)):.1f} "
-          f"plans={len(chosen)} seconds={time.perf_counter() - start:.0f}")
+          f"plans={len(chosen)} seconds={time.perf_counter() - start:.0f} load1_start={load:.2f} "
+          f"load1_end={os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
