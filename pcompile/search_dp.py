@@ -8,7 +8,10 @@ of M / cells:
 The peak adds max_l temp[l, s_l], which is not a sum: for each threshold theta (a distinct
 temp value) the layers may only use strategies with temp <= theta and the budget is M - theta;
 the stage's value is the minimum over theta, searched best-first with the bound
-unrestricted_f[cells(M - theta)] (more strategies never hurt, less memory never helps).
+max(unrestricted_f[cells(M - theta)], max_lambda sum_l min_{s: temp <= theta} (cost + lambda w)
+- lambda cells(M - theta)) (more strategies never hurt, less memory never helps; the second is
+the Lagrangian dual of the restricted knapsack, which prunes the thresholds whose cheap
+strategies do not fit).
 `min_s'` is taken per class of identical switch rows (strategies with the same activation
 layout), V x C x S instead of V x S x S. States are memoised by the signature of the layer
 sequence, so identical blocks share them (a 96-block model has ~100 distinct stage prefixes).
@@ -141,7 +144,12 @@ class StageSolver:
         self.cost = coefficient * index.time + sync
         self.states: dict[tuple[int, float], np.ndarray] = {}
         self.values: dict[int, tuple[float, float]] = {}
-        self._unlimited: dict[int, np.ndarray] = {}
+        self._dual: dict[int, np.ndarray] = {}
+        # Lagrange multipliers of the memory constraint for the per-theta bounds (dual): 0 (memory
+        # ignored) and a geometric range around the exchange rate of time per cell of memory
+        finite = np.isfinite(self.cost) & (self.w > 0)
+        rate = float(np.median(self.cost[finite]) / np.median(self.w[finite])) if finite.any() else 1.0
+        self.lams = np.r_[0.0, rate * np.geomspace(1e-3, 1e3, 31)]
         self._bounds_memo: dict[int, tuple] = {}
 
     def cells(self, theta: float) -> int:
@@ -194,28 +202,31 @@ class StageSolver:
             np.add(h[targets[s], :self.V - w[s]], cost[s], out=out[s, w[s]:])
         return out
 
-    def unlimited(self, key: int) -> np.ndarray:
-        """Per theta of the sequence: sum over its layers of the cheapest strategy with temp <=
-        theta, memory and switches ignored (a lower bound of the restricted DP)."""
-        got = self._unlimited.get(key)
+    def dual(self, key: int) -> np.ndarray:
+        """[theta of the sequence, lambda]: sum over its layers of min over strategies with temp
+        <= theta of (cost + lambda w), switches ignored. For every plan with temps <= theta and
+        sum w <= v cells: its value >= dual[theta, lambda] - lambda v (Lagrangian duality; lambda = 0
+        is the memory-free bound)."""
+        got = self._dual.get(key)
         if got is None:
             info = self.index.info[key]
-            temp, cost = self.index.table.temp_memory[info.layer], self.cost[info.layer]
+            temp = self.index.table.temp_memory[info.layer]
             order = np.argsort(temp, kind="stable")
             at = np.searchsorted(temp[order], info.thetas, side="right") - 1
-            cheapest = np.minimum.accumulate(cost[order])
-            got = np.where(at >= 0, cheapest[np.maximum(at, 0)], np.inf)
+            priced = self.cost[info.layer][order][None, :] + self.lams[:, None] * self.w[info.layer][order][None, :]
+            cheapest = np.minimum.accumulate(priced, axis=1)
+            got = np.where(at[:, None] >= 0, cheapest[:, np.maximum(at, 0)].T, np.inf)
             if info.parent:
                 parent = self.index.info[info.parent].thetas
                 at = np.searchsorted(parent, info.thetas, side="right") - 1
-                got = got + np.where(at >= 0, self.unlimited(info.parent)[np.maximum(at, 0)], np.inf)
-            self._unlimited[key] = got
+                got = got + np.where(at[:, None] >= 0, self.dual(info.parent)[np.maximum(at, 0)], np.inf)
+            self._dual[key] = got
         return got
 
     def _bounds(self, key: int):
         """(upper, lower, sorted (bound, theta)): the unrestricted DP at budget M - max temp is
-        a plan (upper); min over theta of max(unrestricted at M - theta, memory-free restricted)
-        bounds every plan (lower)."""
+        a plan (upper); min over theta of max(unrestricted at M - theta, the restricted DP's
+        Lagrangian bound `dual`) bounds every plan (lower)."""
         got = self._bounds_memo.get(key)
         if got is None:
             thetas = self.index.info[key].thetas
@@ -224,12 +235,12 @@ class StageSolver:
                 free = self.state(key, math.inf).min(axis=0)
                 top = self.cells(float(thetas[-1]))
                 upper = float(free[top]) if top >= 0 else math.inf
-                unlimited = self.unlimited(key)
+                dual = self.dual(key)
                 # thresholds that reserve the same cells: only the largest (most strategies) counts
                 group: dict[int, tuple[float, float]] = {}
-                for t, u in zip(thetas[:-1], unlimited[:-1]):
+                for t, d in zip(thetas[:-1], dual[:-1]):
                     if (v := self.cells(float(t))) >= 0 and v != top:
-                        group[v] = (max(float(free[v]), float(u)), float(t))
+                        group[v] = (max(float(free[v]), float(np.max(d - self.lams * v))), float(t))
                 bounds = sorted(group.values())
             lower = min(upper, bounds[0][0]) if bounds else upper
             got = self._bounds_memo[key] = (upper, lower, bounds)
