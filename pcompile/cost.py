@@ -383,7 +383,9 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
         units = sdp_units(work, s.split)
         gather = sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, _ in units)
-        regather = sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, again in units if again)
+        # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
+        regather = 0.0 if s.checkpoint else sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups)
+                                                for n, again in units if again)
         scatter = sum(cluster.collective_time("reduce_scatter", n * p_bytes, dp_groups) for n, _ in units)
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)

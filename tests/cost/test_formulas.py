@@ -218,6 +218,10 @@ def test_sdp_collectives_per_unit(gpt_ir):
     scatter = sum(t("reduce_scatter", n) for n, _ in units)
     assert math.isclose(cost.comm, gather + gather + scatter)  # every unit of a block is re-gathered
     assert math.isclose(cost.fwd - plain.fwd, gather, rel_tol=1e-9, abs_tol=1e-3 * gather)
+    # checkpointed: the recompute gathers again instead of the re-gather
+    ckpt = layer_cost(work, cluster, dataclasses.replace(s, checkpoint=True), 8, 8, options)
+    assert math.isclose(ckpt.comm, gather + gather + scatter)
+    assert math.isclose(ckpt.bwd - ckpt.fwd, cost.bwd - gather, rel_tol=1e-9)
 
 
 def test_uniform_estimate_charges_the_loss_all_reduce_over_dp(linear_ir):
