@@ -19,6 +19,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
 from pcompile import collectives, layer_groups, precision, reshard, sdp, vocab_parallel
+from pcompile.cost import GRAD_BUCKET_BYTES
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, take_shards
 from pcompile.passes.pipeline_split import pipeline_of
@@ -172,21 +173,26 @@ class CompiledModel:
             loss /= self.dp
         return loss
 
-    def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = 25 * 2**20) -> None:
+    def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
-        (as DDP does): per-call latency, not bandwidth, dominates small tensors."""
+        (as DDP does): per-call latency, not bandwidth, dominates small tensors. After backward,
+        not overlapped with it (pcompile.cost.runtime_options charges it so)."""
         bucket: list[torch.Tensor] = []
         size = 0
         for i, grad in enumerate(grads):
             bucket.append(grad)
             size += grad.numel() * grad.element_size()
             if size >= bucket_bytes or i == len(grads) - 1:
-                flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat, group=self.groups["dp"])
-                flat.div_(self.dp)
-                for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    g.copy_(synced)
+                self._average_bucket(bucket)
                 bucket, size = [], 0
+
+    def _average_bucket(self, bucket: list[torch.Tensor]) -> None:
+        """One bucket: its flat copy is freed on return, before the next bucket is built."""
+        flat = _flatten_dense_tensors(bucket)
+        dist.all_reduce(flat, group=self.groups["dp"])
+        flat.div_(self.dp)
+        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(synced)
 
     def parameters(self):
         """What the optimizer steps: the module's parameters, or their fp32 masters under mixed precision."""

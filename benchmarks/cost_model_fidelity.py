@@ -10,8 +10,8 @@
    median over steps of the slowest rank, after warm-up) and record the peak memory per rank
    by tensor accounting (MemTracker over a whole step, optimizer step included).
 4. Predict each on the profiled cluster. pp = 1 plans: `pcompile.cost.estimate_uniform` with
-   the runtime's gradient sync (after backward, in 25 MB buckets: overlap_grad_sync=False,
-   bucket_bytes=25 MiB). Pipelines: the estimate the search wrote into the plan (its
+   the runtime's gradient sync (CostOptions.runtime(): after backward, in 25 MiB buckets), as
+   the search costs plans. Pipelines: the estimate the search wrote into the plan (its
    objective over the stages' cost tables, pcompile.search_space.evaluate). Print predicted
    vs measured, the mean absolute % error of step times, the Spearman rank correlation of
    step times and the mean / worst % error of peak memory.
@@ -40,7 +40,6 @@ from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp
 from pcompile.plan import Plan
 
 WORLD = 4
-BUCKET_BYTES = 25 * 2**20  # the backend's dp gradient bucket (backends/distributed.py _average_over_dp)
 GPT4 = dict(hidden=256, num_heads=8, num_layers=4, seq_len=64, vocab_size=512)
 MODELS = {
     "gpt-h64-b8": ("gpt", dict(hidden=64, num_heads=4, num_layers=2, seq_len=32), 8),
@@ -132,40 +131,41 @@ def _tracker():
 
 def measure(plans: list[tuple[str, Plan]], warmup: int, steps: int) -> list[dict]:
     """On every rank: per plan, this rank's step times and peak bytes."""
-    out = []
-    for name, plan in plans:
-        model, (x, y) = build(name)
-        cm = pcompile.compile(model, pcompile.Cluster.local(WORLD), (x, y), plan=plan)
-        optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+    return [_measure_one(name, plan, warmup, steps) for name, plan in plans]
 
-        def step():
-            cm.train_step(x, y)
-            optimizer.step()
-            optimizer.zero_grad()
 
-        for _ in range(warmup):
-            step()
-        times = []
-        for _ in range(steps):
-            dist.barrier()
-            start = time.perf_counter()
-            cm.train_step(x, y)
-            times.append(time.perf_counter() - start)
-            optimizer.step()
-            optimizer.zero_grad()
-        tracker = _tracker()
-        # the rank's modules: its graph, or its pipeline stages' graphs
-        modules = [cm.gm] if cm._pipeline is None else cm._pipeline.modules
-        tracker.track_external(*modules, optimizer)
-        with tracker:
-            step()
-            tracker.reset_mod_stats()
-            step()
-        snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
-        out.append({"plan": name, "times": times, "peak": snapshot["Total"],
-                    "breakdown": {str(k): v for k, v in snapshot.items()}})
-        del cm, optimizer, model
-    return out
+def _measure_one(name: str, plan: Plan, warmup: int, steps: int) -> dict:
+    """One plan (its model, compiled module and optimizer are freed on return)."""
+    model, (x, y) = build(name)
+    cm = pcompile.compile(model, pcompile.Cluster.local(WORLD), (x, y), plan=plan)
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+
+    def step():
+        cm.train_step(x, y)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        start = time.perf_counter()
+        cm.train_step(x, y)
+        times.append(time.perf_counter() - start)
+        optimizer.step()
+        optimizer.zero_grad()
+    tracker = _tracker()
+    # the rank's modules: its graph, or its pipeline stages' graphs
+    modules = [cm.gm] if cm._pipeline is None else cm._pipeline.modules
+    tracker.track_external(*modules, optimizer)
+    with tracker:
+        step()
+        tracker.reset_mod_stats()
+        step()
+    snapshot = next(iter(tracker.get_tracker_snapshot("peak").values()))
+    return {"plan": name, "times": times, "peak": snapshot["Total"],
+            "breakdown": {str(k): v for k, v in snapshot.items()}}
 
 
 def predict(cluster: pcompile.Cluster, case: Case):
@@ -174,7 +174,7 @@ def predict(cluster: pcompile.Cluster, case: Case):
         return case.plan.estimate.step_time, case.plan.estimate.peak_memory
     model, inputs = build(case.model)
     ir = pcompile.compile(model, cluster, inputs, plan=case.plan, stop_after="layers")
-    options = CostOptions(overlap_grad_sync=False, bucket_bytes=BUCKET_BYTES)
+    options = CostOptions.runtime()
     estimate = estimate_uniform(ir, cluster, case.plan.default, options=options)
     return estimate.step_time, estimate.peak_memory
 

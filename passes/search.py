@@ -110,7 +110,7 @@ def _forced(ir: IR, ctx: PassContext) -> None:
                             "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
                             "to let pcompile search")
     estimate = estimate_uniform(ir, ctx.cluster, forced.default,
-                                CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
+                                CostOptions.runtime(bool(ctx.options.get("mixed_precision"))))
     ctx.plan = dataclasses.replace(forced, estimate=estimate,
                                    candidates=(Candidate(forced.default, estimate, "forced"),),
                                    reason="forced by the user")

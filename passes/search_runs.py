@@ -81,7 +81,7 @@ def cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]], 
     """A factory of cost callbacks, one per engine run (its tied-group `pins`): tables of
     pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one table per class
     of equivalent stages) and kept per table so the engine's index memo hits."""
-    costs = StageCosts(ir, ctx.cluster, CostOptions(mixed_precision=bool(ctx.options.get("mixed_precision"))))
+    costs = StageCosts(ir, ctx.cluster, CostOptions.runtime(bool(ctx.options.get("mixed_precision"))))
     cache: dict[tuple, CostTable] = {}
     drop_first, drop_last = trivial_ends(ir)
 

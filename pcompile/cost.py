@@ -57,6 +57,10 @@ ADAM_STATE_COPIES = 4
 MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 
 
+# The runtime's dp gradient buckets (backends/distributed.py _average_over_dp), as DDP's default.
+GRAD_BUCKET_BYTES = 25 * 2**20
+
+
 @dataclass(frozen=True)
 class CostOptions:
     optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
@@ -86,6 +90,13 @@ class CostOptions:
         if self.mixed_precision:
             return 2.0, 4.0, 4.0 * (moments + 1)
         return 4.0, 4.0, 4.0 * moments
+
+    @staticmethod
+    def runtime(mixed_precision: bool = False) -> "CostOptions":
+        """What pcompile's runtime does (backends/distributed.py): dp gradients all-reduced after
+        backward (not overlapped with it), in GRAD_BUCKET_BYTES buckets of flattened gradients.
+        The search and forced plans are costed with these."""
+        return CostOptions(mixed_precision=mixed_precision, overlap_grad_sync=False, bucket_bytes=GRAD_BUCKET_BYTES)
 
     @property
     def activation_scale(self) -> float:
@@ -468,12 +479,11 @@ def sync_buckets(numels, bytes_per: float, bucket: int) -> list[float]:
 
 
 def sync_transient(numels, bytes_per: float, bucket: int) -> float:
-    """Peak bytes of flat gradient buckets alive at once during the dp sync. Each bucket's flat
-    copy stays bound to the runtime's local until the next one has been built, so two
-    consecutive buckets coexist (measured: MemTracker sees one extra full copy of the gradients
-    when they fit one bucket, e.g. 8.04 MB of TEMP for mlp-w256-b64 dp4)."""
-    sizes = sync_buckets(numels, bytes_per, bucket)
-    return max((a + b for a, b in zip(sizes, sizes[1:])), default=sum(sizes))
+    """Peak bytes of flat gradient buckets alive at once during the dp sync: the largest one
+    (the runtime frees each bucket's flat copy before building the next; measured: MemTracker
+    sees one extra full copy of the gradients when they fit one bucket, e.g. 8.04 MB of TEMP for
+    mlp-w256-b64 dp4)."""
+    return max(sync_buckets(numels, bytes_per, bucket), default=0.0)
 
 
 def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int) -> float:

@@ -164,8 +164,9 @@ def test_sync_buckets_pack_whole_tensors_until_full():
     # 4-byte elements, 100-byte buckets: 40 + 80 closes the first (120 >= 100), 20 + 120 the second
     assert sync_buckets([10, 20, 5, 30], 4.0, 100) == [120.0, 140.0]
     assert sync_buckets([10, 5], 4.0, 100) == [60.0]
-    # two consecutive buckets are alive at once; one bucket alone is the whole gradient
-    assert sync_transient([10, 20, 5, 30, 1], 4.0, 100) == 120 + 140
+    # one bucket's flat copy at a time (freed before the next is built); one bucket alone is
+    # the whole gradient
+    assert sync_transient([10, 20, 5, 30, 1], 4.0, 100) == 140
     assert sync_transient([10, 5], 4.0, 100) == 60
 
 
