@@ -80,6 +80,10 @@ class CostOptions:
         if self.optimizer not in MOMENTS:
             raise PcompileError(f"unknown optimizer {self.optimizer!r}", f"use one of {sorted(MOMENTS)}")
 
+    def foreach(self, cluster: Cluster) -> bool:
+        """Whether the optimizer step runs foreach (every layer's step_temp at once)."""
+        return cluster.backend == "nccl" if self.optimizer_foreach is None else self.optimizer_foreach
+
     def state_bytes(self) -> tuple[float, float, float]:
         """(parameter, gradient, optimizer) bytes per parameter element.
 
@@ -452,8 +456,7 @@ def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float
     """fp32 bytes the optimizer step allocates for this layer (see CostOptions.optimizer_foreach)."""
     if not MOMENTS[options.optimizer]:
         return 0.0
-    foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
-    return 4.0 * sum(work.param_numels) if foreach else 2 * 4.0 * work.largest_param
+    return 4.0 * sum(work.param_numels) if options.foreach(cluster) else 2 * 4.0 * work.largest_param
 
 
 def _messages(numels: tuple[int, ...], bytes_per: float, bucket: int | None) -> list[float]:
@@ -535,8 +538,7 @@ def cost_table(ir: IR, cluster: Cluster, devices_per_stage: int, microbatch_size
             if key not in works:
                 works.update({(s.tp, name): w for name, w in layer_work(ir, s.tp).items()})
             c = layer_cost(works[key], cluster, s, microbatch_size, batch, options)
-            m = c.memory
-            values = (c.fwd, c.bwd, c.sync, m.params + m.grads + m.optimizer, m.activations, m.temp)
+            values = table_entries(c, options.foreach(cluster))
             for name, value in zip(("fwd", "bwd", "sync", "state", "act", "temp"), values):
                 arrays[name][i, j] = value
     bounds = np.array(boundary_bytes(ir), dtype=float) * microbatch_size / batch * options.activation_scale
@@ -550,6 +552,20 @@ def cost_table(ir: IR, cluster: Cluster, devices_per_stage: int, microbatch_size
                      microbatch_size=microbatch_size, fwd_time=arrays["fwd"], bwd_time=arrays["bwd"],
                      sync_time=arrays["sync"], state_memory=arrays["state"], activation_memory=arrays["act"],
                      temp_memory=arrays["temp"], switch_time=switch, boundary_bytes=bounds)
+
+
+def table_entries(c: LayerCost, foreach: bool) -> tuple[float, float, float, float, float, float]:
+    """(fwd, bwd, sync, state, act, temp): a layer's CostTable cell.
+
+    The optimizer step's transient (LayerMemory.step_temp) comes after backward, when the
+    activations are freed: peak = states + max(backward's act + temp, the step's). Run one
+    tensor at a time it is a per-layer max, folded exactly into temp. Run foreach (every layer's
+    at once, torch's default on GPUs) it is a sum over the stage, which the knapsack's single
+    memory constraint cannot take as a max: it is charged with the states, over-charging a plan
+    by at most min(its activations + temp, the step's transient)."""
+    m = c.memory
+    state = m.params + m.grads + m.optimizer + (m.step_temp if foreach else 0.0)
+    return c.fwd, c.bwd, c.sync, state, m.activations, m.temp if foreach else max(m.temp, m.step_temp)
 
 
 def stage_memory_budget(cluster: Cluster, first_rank: int, devices: int) -> int:
@@ -602,9 +618,8 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     sync = _stage_sync(cluster, strategy, options, numels, backward) if bucketed else sum(c.sync for c in costs)
     comm = sum(c.comm for c in costs) + sync + _loss_sync(cluster, strategy, options.first_rank)
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
-    foreach = cluster.backend == "nccl" if options.optimizer_foreach is None else options.optimizer_foreach
     memories = [c.memory for c in costs]
-    peak = backward_peak(memories, in_flight=1, foreach=foreach)
+    peak = backward_peak(memories, in_flight=1, foreach=options.foreach(cluster))
     if bucketed:  # after backward (activations freed) the dp sync flattens the gradients into buckets
         held = sum(m.params + m.grads + m.optimizer for m in memories)
         peak = max(peak, held + sync_transient(numels, options.state_bytes()[1], options.bucket_bytes))

@@ -23,7 +23,8 @@ import dataclasses
 import numpy as np
 
 from pcompile.cluster import Cluster
-from pcompile.cost import CostOptions, boundary_bytes, example_batch, layer_cost, layer_work, switch_time
+from pcompile.cost import (CostOptions, boundary_bytes, example_batch, layer_cost, layer_work, switch_time,
+                           table_entries)
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -106,9 +107,7 @@ class StageCosts:
     def _column(self, s, microbatch: int, options: CostOptions) -> np.ndarray:
         """[L, 6]: fwd, bwd, sync, state, act, temp of every layer under strategy `s`."""
         distinct, index = self.works(s.tp)
-        rows = []
-        for work in distinct:
-            c = layer_cost(work, self.cluster, s, microbatch, self.batch, options)
-            m = c.memory
-            rows.append((c.fwd, c.bwd, c.sync, m.params + m.grads + m.optimizer, m.activations, m.temp))
+        foreach = options.foreach(self.cluster)
+        rows = [table_entries(layer_cost(work, self.cluster, s, microbatch, self.batch, options), foreach)
+                for work in distinct]
         return np.array(rows)[index]
