@@ -392,7 +392,6 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act) if s.tp > 1 else (0.0, 0.0)
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
-    grads = _messages(work.param_numels, g_bytes, options.bucket_bytes)
     sync = sdp_fwd = sdp_bwd = 0.0
     if s.dp > 1 and s.sdp:
         # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
@@ -405,7 +404,14 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)
     elif s.dp > 1:
-        comm = sum(cluster.collective_time("all_reduce", b, dp_groups) for b in grads)
+        if options.bucket_bytes:
+            # the runtime packs the whole stage's gradients into shared buckets: a layer's share
+            # of them, its bytes / bucket of one bucket's all-reduce (additive over layers, so the
+            # search's per-layer sum is the stage's, within one bucket's latency: _stage_sync)
+            comm = elements * g_bytes / options.bucket_bytes * cluster.collective_time(
+                "all_reduce", float(options.bucket_bytes), dp_groups)
+        else:  # one in-place all-reduce per gradient tensor
+            comm = sum(cluster.collective_time("all_reduce", n * g_bytes, dp_groups) for n in work.param_numels if n)
         sync = (_exposed(comm, bwd, eta) if options.overlap_grad_sync else comm) + _bucket_copies(
             elements * g_bytes, devices, options.bucket_bytes)
     fwd_comm = tp_fwd + sdp_fwd
@@ -457,16 +463,6 @@ def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float
     if not MOMENTS[options.optimizer]:
         return 0.0
     return 4.0 * sum(work.param_numels) if options.foreach(cluster) else 2 * 4.0 * work.largest_param
-
-
-def _messages(numels: tuple[int, ...], bytes_per: float, bucket: int | None) -> list[float]:
-    """Gradient sync message sizes: one per tensor, or tensors packed into buckets of `bucket` bytes."""
-    sizes = [n * bytes_per for n in numels if n]
-    if bucket is None or not sizes:
-        return sizes
-    total = sum(sizes)
-    full, rest = divmod(total, bucket)
-    return [float(bucket)] * int(full) + ([rest] if rest else [])
 
 
 def sync_buckets(numels, bytes_per: float, bucket: int) -> list[float]:

@@ -235,7 +235,7 @@ def test_uniform_estimate_charges_the_loss_all_reduce_over_dp(linear_ir):
                                                 for w in layer_work(linear_ir, 2).values()))
 
 
-def test_bucketed_dp_sync_adds_the_flatten_divide_copy_back_passes(linear_ir):
+def test_bucketed_dp_sync_is_a_share_of_a_bucket_plus_the_flatten_divide_copy_back_passes(linear_ir):
     cluster = pcompile.Cluster.local(2)
     work = layer_work(linear_ir, 1)[linear_ir.meta(next(n for n in linear_ir.graph.nodes if n.target == "fc")).layer]
     plain, bucketed = (layer_cost(work, cluster, Strategy(dp=2), 4, 4, CostOptions(overlap_grad_sync=False,
@@ -244,8 +244,9 @@ def test_bucketed_dp_sync_adds_the_flatten_divide_copy_back_passes(linear_ir):
     grad_bytes = (12 * 5 + 5) * 4.0
     assert math.isclose(plain.sync, cluster.collective_time("all_reduce", 12 * 5 * 4.0, [[0, 1]])
                         + cluster.collective_time("all_reduce", 5 * 4.0, [[0, 1]]))  # one per tensor
-    one_bucket = cluster.collective_time("all_reduce", grad_bytes, [[0, 1]])
-    assert math.isclose(bucketed.sync, one_bucket + 6 * grad_bytes / cluster.device_of(0).memory_bandwidth)
+    # the layer's share of the stage's shared 1 MiB buckets: its bytes / 1 MiB of one bucket's all-reduce
+    share = grad_bytes / 2**20 * cluster.collective_time("all_reduce", 2**20, [[0, 1]])
+    assert math.isclose(bucketed.sync, share + 6 * grad_bytes / cluster.device_of(0).memory_bandwidth)
 
 
 def test_uniform_estimate_buckets_the_whole_stage(gpt_ir):
