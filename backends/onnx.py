@@ -20,6 +20,11 @@ Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp), the layout of
 groupings (passes/reshard.py) also name degree axes ("tp4", "dp1") and batch axes ("batch1:2");
 their groups are the backend's, `pcompile.layer_groups.axis_groups`, and the batch regrouping
 between layers becomes BatchGather / BatchSlice nodes.
+
+ZeRO-3 (sdp) layers: each rank's initializers hold its dp chunk of its tp shard of every sdp
+parameter, and each gather unit (`pcompile.sdp.sdp_gather`) is one SdpGather node with an input
+and an output per parameter. Its backward (the reduce-scatter of the gradients) is not in the
+file, like every other collective's.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ import copy
 import math
 import operator
 import os
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -38,10 +44,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pcompile import collectives, reshard, sdp, vocab_parallel
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, target_name
+from pcompile.ir import IR, take_shards, target_name
 from pcompile.layer_groups import axis_groups, layout_of
 from pcompile.passes._fake import fake_run
-from pcompile.passes.tensor_parallel import local_shape
+from pcompile.passes.reshard import _shard_fn
 from pcompile.plan import Plan
 
 DOMAIN = "pcompile"
@@ -87,15 +93,15 @@ def mesh_coords(plan: Plan, rank: int) -> dict[str, int]:
 
 def rank_module(ir: IR, plan: Plan, rank: int) -> fx.GraphModule:
     """The graph module `rank` runs: a copy of ir.gm holding that rank's shard of each split
-    parameter (as CompiledModel.lower builds it, but for any rank and with no process group)."""
+    parameter, the sdp chunk taken from the tp shard (as CompiledModel.lower builds it, but for
+    any rank and with no process group)."""
     _check_rank(plan, rank)
     gm = copy.deepcopy(ir.gm)
-    for name, sharding in ir.param_shardings.items():
-        path, _, attr = name.rpartition(".")
-        owner = gm.get_submodule(path) if path else gm
-        full = getattr(owner, attr)
-        local = sharding.chunk(full.detach(), coordinate(plan, rank, sharding.axis)).clone()
-        setattr(owner, attr, nn.Parameter(local, requires_grad=full.requires_grad))
+    sdp_shardings = sdp.param_shardings(ir.gm)
+    axes = {s.axis for s in (*ir.param_shardings.values(), *sdp_shardings.values())}
+    coords = {axis: coordinate(plan, rank, axis) for axis in axes}
+    take_shards(gm, ir.param_shardings, coords)  # tied weights stay one parameter
+    sdp.shard_parameters(gm, sdp_shardings, coords)
     return gm
 
 
@@ -115,21 +121,25 @@ def local_inputs(ir: IR, plan: Plan) -> list[torch.Tensor]:
 
 
 def _observe(ir: IR, plan: Plan) -> dict[str, object]:
-    """Every node's local value on fake tensors: tensors (shape, dtype) and folded python values."""
-    if sdp.param_shardings(ir.gm):  # the first step of every export: refuse before shapes go wrong
-        raise PcompileError("ONNX export of ZeRO-3 (sdp) layers is not supported yet: their parameters are "
-                            "gathered at run time", "export a plan with sdp=false in every layer")
+    """Every node's local value on fake tensors: tensors (shape, dtype), a multi-output node's
+    (sdp_gather, chunk) as a tuple of those, and folded python values."""
     values: dict[str, object] = {}
 
-    def record(node, value):
-        values[node.name] = (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+    def local(value):
+        return (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
 
-    def shard(name, shape):
-        return local_shape(shape, ir.param_shardings.get(name))
+    def record(node, value):
+        several = isinstance(value, (tuple, list)) and value and all(isinstance(v, torch.Tensor) for v in value)
+        values[node.name] = tuple(map(local, value)) if several else local(value)
 
     with collectives.simulate():
-        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=shard, grad=False)
+        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=_shard_fn(ir), grad=False)
     return values
+
+
+def _is_tensor(value) -> bool:
+    """Whether an `_observe` value is one tensor's (shape, dtype)."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype)
 
 
 # -- the graph builder -----------------------------------------------------------------------
@@ -148,16 +158,19 @@ class _Graph:
         self.count = 0
         self.axes: set[str] = set()  # the mesh axes this rank's nodes and parameters name
         self.layout = layout_of(ir)
+        self.sdp_shardings = sdp.param_shardings(ir.gm)
 
     def props(self) -> dict[str, str]:
         node, meta = self.current, self.ir.meta(self.current)
         return {"pcompile.node": node.name, "pcompile.target": target_name(node), "pcompile.layer": meta.layer or "-",
                 "pcompile.sharding": meta.sharding or "R"}
 
-    def add(self, op: str, inputs: list[str], output: str | None = None, domain: str = "", **attrs) -> str:
+    def add(self, op: str, inputs: list[str], output: str | None = None, domain: str = "",
+            outputs: list[str] | None = None, **attrs) -> str:
+        """One ONNX node named `output`, its one output, or the values `outputs` names."""
         self.count += 1
         output = output or f"{self.current.name}/{op.lower()}_{self.count}"
-        node = helper.make_node(op, inputs, [output], name=output, domain=domain, **attrs)
+        node = helper.make_node(op, inputs, outputs or [output], name=output, domain=domain, **attrs)
         helper.set_metadata_props(node, self.props())
         self.nodes.append(node)
         return output
@@ -183,11 +196,11 @@ class _Graph:
         """An initializer holding this rank's tensor (a typed input when it lives on meta)."""
         name = self.canonical[id(tensor)]
         if name not in self.initializers and name not in {i.name for i in self.inputs}:
-            spec = self.ir.param_shardings.get(name)
-            props = {"pcompile.sharding": sharding if spec is None else f"S({spec.dim})@{spec.axis}",
-                     "pcompile.shard_of": str(spec.size if spec else 1)}
-            if spec is not None:
-                self.axes.add(spec.axis)
+            tp_then_sdp = (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
+            cuts = [c for c in tp_then_sdp if c is not None]
+            props = {"pcompile.sharding": ",".join(f"S({c.dim})@{c.axis}" for c in cuts) or sharding,
+                     "pcompile.shard_of": str(math.prod(c.size for c in cuts))}
+            self.axes.update(c.axis for c in cuts)
             if self.layout is not None and name in self.layout.param_axes:
                 # mixed groupings: each parameter's gradient is summed over its own layer's dp axis
                 props["pcompile.dp_axis"] = self.layout.param_axes[name][0]
@@ -228,8 +241,9 @@ def _module(g: _Graph, node: fx.Node, out: str) -> str:
 
 
 def _module_with(g: _Graph, node: fx.Node, out: str) -> str:
-    """sdp.module_with(module, {name: value}, *args): the module reading some of its parameters
-    from graph values (how the reshard pass routes a shared parameter through grad_scale)."""
+    """sdp.module_with / sdp.sdp_module(module, {name: value}, *args): the module reading some of
+    its parameters from graph values (ZeRO-3's gathered parameters; the reshard pass's shared
+    parameter routed through grad_scale)."""
     ref, params, *args = node.args
     values = {name: g.arg(value) for name, value in params.items()}
     return _apply_module(g, node, g.gm.get_submodule(ref.target), args, values, out)
@@ -328,6 +342,64 @@ def _collective(g: _Graph, node: fx.Node, out: str) -> str:
                  input_shape=list(g.shape(x)), **extra)
 
 
+def _outputs(g: _Graph, node: fx.Node) -> list[str]:
+    """The output names of a multi-output node: each named after the getitem that reads it, so
+    the value keeps its fx name (an output nothing reads gets a fresh one)."""
+    names = [f"{node.name}/{i}" for i in range(len(g.values[node.name]))]
+    for user in node.users:
+        if user.target is operator.getitem:
+            names[user.args[1]] = g.names[user.name] = user.name
+    return names
+
+
+def _item(g: _Graph, node: fx.Node, out: str) -> str:
+    """getitem of a multi-output node's tuple: the output that node named after this getitem."""
+    if node.name not in g.names:
+        raise _unsupported(node, f"getitem of {target_name(node.args[0])}")
+    return g.names[node.name]
+
+
+def _sdp_gather(g: _Graph, node: fx.Node, out: str) -> None:
+    """A ZeRO-3 unit's gather (pcompile/sdp.py) as one pcompile-domain node: per parameter, its
+    shard in and the tensor concatenated over the group along its entry of `dims` out."""
+    shards, dims, axis, size = node.args
+    ranks = g.group(axis)
+    g.add("SdpGather", [g.arg(s) for s in shards], out, domain=DOMAIN, outputs=_outputs(g, node), axis=axis,
+          group_size=int(size), group_ranks=ranks, rank_in_group=ranks.index(g.rank), dims=list(dims))
+
+
+def _chunk(g: _Graph, node: fx.Node, out: str) -> None:
+    """torch.chunk (operator splitting's pieces) as a Split with the observed sizes (torch.chunk
+    may make fewer, unequal chunks than asked for)."""
+    x, _, dim = (list(node.args) + [0])[:3]
+    dim = node.kwargs.get("dim", dim) % len(g.shape(x))
+    sizes = np.array([shape[dim] for shape, _ in g.values[node.name]], np.int64)
+    g.add("Split", [g.arg(x), g.const(sizes)], out, outputs=_outputs(g, node), axis=dim)
+
+
+class _Call(NamedTuple):
+    """The op a ZeRO-3 runner calls, shaped like the fx node the translations read."""
+
+    name: str
+    target: object
+    args: tuple
+    kwargs: dict
+
+
+def _runner(g: _Graph, node: fx.Node, out: str) -> str:
+    """sdp_function(qualname, *args) / sdp_method(name, self, *args): the op itself (the runners
+    only keep autograd from saving gathered parameters)."""
+    target, *args = node.args
+    if node.target is sdp.sdp_function:
+        target = sdp.resolve(target)
+        translate = FUNCTIONS.get(target)
+    else:
+        translate = METHODS.get(target)
+    if translate is None:
+        raise _unsupported(node, f"{target_name(node)} of {target}")
+    return translate(g, _Call(node.name, target, tuple(args), node.kwargs), out)
+
+
 def _vocab(g: _Graph, node: fx.Node, out: str) -> str:
     """A vocab-parallel lookup or cross-entropy (pcompile/vocab_parallel.py) as a pcompile-domain
     node, with this rank's first vocabulary row (`start`)."""
@@ -394,7 +466,9 @@ FUNCTIONS = {
     torch.reshape: _reshape, torch.flatten: _reshape,
     F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), F.layer_norm: _layer_norm_call,
     # identity forward; it only scales a shared parameter's gradient in backward
-    reshard.grad_scale: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), sdp.module_with: _module_with,
+    reshard.grad_scale: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out),
+    sdp.module_with: _module_with, sdp.sdp_module: _module_with, sdp.sdp_function: _runner, sdp.sdp_method: _runner,
+    sdp.sdp_gather: _sdp_gather, torch.chunk: _chunk, operator.getitem: _item,
     **{fn: _collective for fn in COLLECTIVE_OPS},
     vocab_parallel.vocab_embedding: _vocab, vocab_parallel.vocab_parallel_cross_entropy: _vocab,
 }
@@ -417,7 +491,8 @@ def _translate(g: _Graph, node: fx.Node) -> None:
         g.inputs.append(g.typed(node, node.name))
         g.names[node.name] = node.name
         return
-    if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], torch.dtype)):
+    tensor = _is_tensor(value)
+    if not tensor and not (isinstance(value, tuple) and value and all(map(_is_tensor, value))):
         return  # a folded python value (a size, a device): consumers read it from g.values
     if node.op == "get_attr":
         g.names[node.name] = g.parameter(g.gm.get_parameter(node.target) if node.target in dict(
@@ -431,8 +506,10 @@ def _translate(g: _Graph, node: fx.Node) -> None:
         translate = FUNCTIONS.get(node.target)
     if translate is None:
         raise _unsupported(node, f"{node.op} {target_name(node)}")
-    g.names[node.name] = translate(g, node, node.name)
-    g.value_info.append(g.typed(node, node.name))
+    result = translate(g, node, node.name)
+    if tensor:  # a multi-output node named its outputs after the getitems that read them
+        g.names[node.name] = result
+        g.value_info.append(g.typed(node, node.name))
 
 
 # -- public API ------------------------------------------------------------------------------
@@ -480,6 +557,9 @@ def _model_props(g: _Graph) -> dict[str, str]:
             f"forward graph (returns this rank's part of the loss, the mean of {layout.loss_dp} parts over "
             f"{layout.loss_axis}); after backward, each parameter's gradient is summed over the dp_group of its "
             f"pcompile.dp_axis and divided by {layout.loss_dp}")
+    if g.sdp_shardings:
+        props["pcompile.note"] += ("; a ZeRO-3 shard's gradient (an initializer sharded @dp) is its SdpGather's "
+                                   "backward instead: reduce-scattered over the gather's group, averaged")
     props["pcompile.coords"] = ",".join(f"{axis}={coordinate(plan, rank, axis)}" for axis in axes)
     return props
 
@@ -499,7 +579,7 @@ def reference_ops():
     """onnx.reference implementations of the pcompile ops as one rank sees them without peers
     (the semantics of `pcompile.collectives.simulate()`): copy/reduce are identities, gather
     repeats the local shard, scatter keeps chunk `rank_in_group`; the batch regrouping ops are
-    the same gather / scatter along the batch dim."""
+    the same gather / scatter along the batch dim, and SdpGather repeats each shard along its dim."""
     from onnx.reference.op_run import OpRun
 
     class TpCopy(OpRun):
@@ -541,6 +621,12 @@ def reference_ops():
     class SpUnsplit(TpGather):
         pass
 
+    class SdpGather(OpRun):
+        op_domain = DOMAIN
+
+        def _run(self, *shards, dims=None, group_size=None, **attrs):
+            return tuple(np.concatenate([shard] * group_size, axis=dim) for shard, dim in zip(shards, dims))
+
     class VocabEmbedding(OpRun):  # this rank's rows [start, start + rows); other ids give zeros
         op_domain = DOMAIN
 
@@ -569,4 +655,4 @@ def reference_ops():
             return (np.array(total, dtype=logits.dtype),)
 
     return [TpCopy, TpReduce, TpGather, TpScatter, SpSplit, SpReduceScatter, SpGather, SpUnsplit, BatchGather,
-            BatchSlice, VocabEmbedding, VocabParallelCrossEntropy]
+            BatchSlice, SdpGather, VocabEmbedding, VocabParallelCrossEntropy]

@@ -2,7 +2,8 @@
 collectives as `pcompile` domain nodes with their group and shape, carries each node's
 sharding, and evaluates (onnx.reference) to the values torch computes on that rank's graph
 with `collectives.simulate()` (collectives as one rank sees them alone) — node by node. The
-same for a plan whose layers use different (dp, tp) groupings (batch regrouping nodes)."""
+same for a plan whose layers use different (dp, tp) groupings (batch regrouping nodes), and for
+ZeRO-3 plans (each rank's initializers hold its sdp shard, the gathers are SdpGather nodes)."""
 import numpy as np
 import onnx
 import pytest
@@ -11,7 +12,7 @@ import torch.fx as fx
 from onnx.reference import ReferenceEvaluator
 
 import pcompile
-from pcompile import collectives, vocab_parallel
+from pcompile import collectives, sdp, vocab_parallel
 from pcompile.backends import onnx as export_onnx
 from pcompile.errors import PcompileError
 from pcompile.layer_groups import layout_of
@@ -156,6 +157,41 @@ def test_a_mixed_grouping_plan_exports_its_batch_regrouping(tmp_path):
         # the input split by the first layer's dp; gathering 2 halves then slicing 2 keeps the rank's own
         local = [x.chunk(layout.input_dp)[int(coords[layout.input_axis])] for x in example]
         _evaluates_like_torch(cm, model, rank, local, int(coords["tp2"]))
+
+
+@pytest.mark.parametrize("plan", [Plan.uniform(dp=4, sdp=True), Plan.uniform(dp=2, tp=2, sdp=True),
+                                  Plan.uniform(dp=4, sdp=True, split=2)], ids=["dp4", "dp2tp2", "dp4-split2"])
+def test_a_zero3_plan_holds_each_ranks_shards_and_gathers_them(plan, tmp_path):
+    cm, example = _compile_gpt(plan)
+    shardings = sdp.param_shardings(cm.ir.gm)
+    gathers = [n for n in cm.ir.graph.nodes if n.target is sdp.sdp_gather]
+    full = {name: p.detach() for name, p in cm.ir.gm.named_parameters()}
+    dp = plan.default.dp
+    assert shardings and gathers
+    for rank, path in enumerate(export_onnx.export(cm.ir, cm.plan, tmp_path)):
+        onnx.checker.check_model(path, full_check=True)
+        model = onnx.load(path)
+        coords, group = export_onnx.mesh_coords(cm.plan, rank), export_onnx.group_ranks(cm.plan, rank, "dp")
+        nodes = [n for n in model.graph.node if n.op_type == "SdpGather"]
+        assert [n.name for n in nodes] == [n.name for n in gathers]
+        for node, fx_node in zip(nodes, gathers):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert attrs["axis"] == b"dp" and attrs["group_size"] == dp and attrs["group_ranks"] == group
+            assert attrs["rank_in_group"] == coords["dp"] and attrs["dims"] == list(fx_node.args[1])
+            # each gathered parameter keeps the name of the getitem that reads it
+            assert list(node.output) == [u.name for u in sorted(fx_node.users, key=lambda u: u.args[1])]
+        initializers = {t.name: t for t in model.graph.initializer}
+        for name, cut in shardings.items():  # this rank's dp chunk of its tp shard
+            tp = cm.ir.param_shardings.get(name)
+            shard = full[name] if tp is None else tp.chunk(full[name], coords["tp"])
+            expected = cut.chunk(shard, coords["dp"]).numpy()
+            np.testing.assert_array_equal(onnx.numpy_helper.to_array(initializers[name]), expected)
+            props = {p.key: p.value for p in initializers[name].metadata_props}
+            assert props["pcompile.sharding"].endswith(f"S({cut.dim})@dp")
+            assert props["pcompile.shard_of"] == str(dp * (tp.size if tp else 1))
+        # simulate()'s gather repeats the rank's own shard, as SdpGather's reference does: every rank compares
+        local = [x.chunk(dp)[coords["dp"]] for x in example]
+        _evaluates_like_torch(cm, model, rank, local, coords["tp"])
 
 
 def test_a_table_shared_across_dp_degrees_reads_through_identity():
