@@ -47,7 +47,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, take_shards, target_name
 from pcompile.layer_groups import axis_groups, layout_of
 from pcompile.passes._fake import fake_run
-from pcompile.passes.reshard import _shard_fn
+from pcompile.passes.reshard import local_param_shape
 from pcompile.plan import Plan
 
 DOMAIN = "pcompile"
@@ -133,7 +133,7 @@ def _observe(ir: IR, plan: Plan) -> dict[str, object]:
         values[node.name] = tuple(map(local, value)) if several else local(value)
 
     with collectives.simulate():
-        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=_shard_fn(ir), grad=False)
+        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=local_param_shape(ir), grad=False)
     return values
 
 

@@ -134,8 +134,9 @@ def rename_axes(ir: IR, default_dp: int, default_tp: int) -> None:
                                          for name, s in ir.gm.meta[sdp.SHARDINGS_KEY].items()}
 
 
-def _shard_fn(ir: IR):
-    """Per-rank parameter shapes: tp shard, then sdp shard."""
+def local_param_shape(ir: IR):
+    """(name, full shape) -> this rank's shape of the parameter: tp shard, then sdp shard
+    (fake_run's `shard`; the ONNX backend's local shapes too)."""
     sdp_shardings = sdp.param_shardings(ir.gm)
 
     def shard(name, shape):
@@ -150,7 +151,7 @@ def _values(ir: IR, inputs: tuple) -> dict[fx.Node, object]:
     def record(node, value):
         out[node] = torch.Size(value.shape) if isinstance(value, torch.Tensor) else value
     with collectives.simulate():
-        fake_run(ir, inputs, record, shard=_shard_fn(ir), grad=False)
+        fake_run(ir, inputs, record, shard=local_param_shape(ir), grad=False)
     return out
 
 
