@@ -12,8 +12,10 @@ ROOMY = 4 * 2**30
 # so the search has to shard, pipeline or checkpoint.
 TIGHT = int(1.2 * 2**20)
 TIGHTER = int(0.8 * 2**20)  # the search must also checkpoint a layer
-PP1 = {"pp_degrees": (1,)}
-CASES = [("gpt", ROOMY), ("gpt", TIGHT), ("gpt", TIGHTER), ("mlp", ROOMY), ("gpt", ROOMY, PP1), ("mlp", ROOMY, PP1)]
+# Without pipelining and ZeRO-3, budgets under which the search mixes tp degrees across layers
+PP1_NO_SDP = {"pp_degrees": (1,), "sdp": (False,)}
+MIXED = [("gpt", 2 * 2**20, PP1_NO_SDP), ("mlp", 2**20, PP1_NO_SDP), ("mlp", int(0.4 * 2**20), PP1_NO_SDP)]
+CASES = [("gpt", ROOMY), ("gpt", TIGHT), ("gpt", TIGHTER), ("mlp", ROOMY)] + MIXED
 
 
 def test_searched_plans_match_serial_and_fit():
