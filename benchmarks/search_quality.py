@@ -5,7 +5,10 @@ For BERT-Large, T5-Large, ViT-Huge/14 and GPT-1.3B on 8 A100 with per-device mem
 every baseline it reports (pure DP, pure ZeRO-3, Megatron TP x DP, even-split pipeline, best
 uniform 3D; all costed by the same cost model) are turned into predicted throughput,
 samples/s = global batch / step time. The ratio is pcompile / best fitting baseline: it must be
->= 1 everywhere (never worse) and > 1 under the tightest budgets (8 and 12 GB).
+>= 1 everywhere (never worse) and > 1 under the tightest budgets (8 and 12 GB). `mem` is the
+plan's peak / the budget: a tie under a budget the plan does not fill (mem well below 100 %)
+means memory does not bind there, and the best baseline (a uniform or evenly staged plan) is
+already the optimum of the space.
 
 HF models (transformers BertForMaskedLM, T5ForConditionalGeneration, ViTForImageClassification)
 are built on the meta device from their published configs (random init, nothing downloaded or
@@ -158,15 +161,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 wins += ratio > 1.0 + 1e-9
             rows.append((label, budget, ours, base, ratio, plan, time.perf_counter() - start))
     header = f"{'model':<24} {'GB':>3} {'pcompile':>9} " + " ".join(f"{n:>13}" for n in names or []) + \
-        f" {'ratio':>7}  plan (search s)"
+        f" {'ratio':>7} {'mem':>5}  plan (search s)"
     print("\npredicted throughput, samples/s (OOM = the baseline does not fit the budget)")
     print(header)
     for label, budget, ours, base, ratio, plan, secs in rows:
         cells = " ".join(f"{'OOM' if not math.isfinite(t) else f'{batch_of(label) / t:.1f}':>13}"
                          for t in (base.get(n, math.inf) for n in names))
         shape = plan.default.describe() + (f" pp{plan.pp} m{plan.num_microbatches}" if plan.pp > 1 else "")
+        kinds = len({a.strategy for a in plan.layers})
+        shape += f" [{kinds} layer strategies]" if kinds > 1 else ""
+        used = plan.estimate.peak_memory / (budget * GB)
         print(f"{label:<24} {budget:>3} {ours:9.1f} {cells} {'inf' if math.isinf(ratio) else f'{ratio:.3f}':>7}"
-              f"  {shape} ({secs:.1f})")
+              f" {used:5.0%}  {shape} ({secs:.1f})")
     never_worse = int(all(r >= 1.0 - 1e-9 for r in ratios))
     tight_ratios = [r for (_, b, _, _, r, _, _) in rows if b in TIGHT]
     print(f"tightest budgets {TIGHT} GB: plan beats the best baseline in {wins}/{tight}; "
