@@ -66,6 +66,10 @@ class Cluster:
     # Overlap efficiency eta of communication running concurrently with compute: the pair takes
     # max(c, m) + (1 - eta) * min(c, m). Measured by profiling; presets state a guess.
     overlap: float = 0.5
+    # Measured (group size, seconds) a collective pays on top of its fit when it follows a long
+    # compute phase (ranks sharing cores wake peers preempted by the others' compute;
+    # pcompile.profile._wakeup). Empty = nothing extra (presets, GPUs).
+    wakeup: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         if not self.node_groups:
@@ -163,6 +167,10 @@ class Cluster:
         steps = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}[op] * (size - 1)
         return steps * latency + steps / size * nbytes / bandwidth
 
+    def wakeup_time(self, group_size: int) -> float:
+        """Seconds a collective on `group_size` ranks pays after a long compute phase (`wakeup`)."""
+        return next((t for size, t in self.wakeup if size == group_size), 0.0) if group_size > 1 else 0.0
+
     @property
     def is_homogeneous(self) -> bool:
         return len({g.device for g in self.node_groups}) == 1
@@ -239,9 +247,10 @@ class Cluster:
         try:
             groups = tuple(NodeGroup(_device(g["device"]), g["num_nodes"], g["devices_per_node"])
                            for g in data["node_groups"])
-            fields = {k: v for k, v in data.items() if k not in ("node_groups", "collectives")}
+            fields = {k: v for k, v in data.items() if k not in ("node_groups", "collectives", "wakeup")}
             fits = tuple(CollectiveFit(**c) for c in data.get("collectives", ()))
-            return Cluster(node_groups=groups, collectives=fits, **fields)
+            wakeup = tuple((int(size), float(t)) for size, t in data.get("wakeup", ()))
+            return Cluster(node_groups=groups, collectives=fits, wakeup=wakeup, **fields)
         except (KeyError, TypeError) as exc:
             raise PcompileError(f"malformed cluster JSON: {exc}", "write it with Cluster.to_json()") from None
 

@@ -12,8 +12,11 @@ figures over a common wall-clock window in which every rank stays busy, `_shared
   time = latency + bytes * seconds_per_byte (least squares on relative error). Each call
   follows a short burst of compute, as in training, and the burst's own time is subtracted:
   ranks that share cores pay the wake-up of a waiting peer, which back-to-back calls hide,
+- the wake-up cost of a collective that follows a long compute phase (`_wakeup`), by group
+  size: what a tp collective pays in training beyond the fit above,
 - the overlap efficiency eta of an async all-reduce running under a matmul loop:
-  eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1].
+  eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1], each time
+  over samples of a common call count at least 0.3 s long (`_lockstep_timed`).
 
 Medians over repeats; per-rank figures are combined as the median rank for compute and the
 slowest rank for collectives. The JSON holds {"cluster": Cluster.to_dict(), "measurements":
@@ -165,6 +168,65 @@ def _after_compute(fn, device):
     return both, burst
 
 
+LONG_BURST = (256, 16)  # _wakeup's compute phase: 16 matmuls of 256 x 256 (537 MFLOP)
+WAKEUP_BYTES = 1024
+
+
+def _wakeup(group, size: int, device) -> tuple[float, float]:
+    """(seconds of one long compute phase + a small all-reduce on `group`, of the phase alone),
+    every rank running the same loop; `build_cluster` takes the collective's fitted time off
+    their difference: the wake-up cost of a collective after long compute.
+
+    Why: ranks that share cores (4 gloo ranks on 2) and block in a collective after a long
+    compute phase wait for peers preempted by the other ranks' compute; a collective right
+    after a short burst (the fits above, 4 matmuls of 128) does not. Measured on 4 ranks,
+    2-rank groups, calls timed inside the loop: a 4 KB all-reduce took 0.15 ms back to back,
+    1.1-1.3 ms after 0.2 ms of compute, 3-5 ms after 5-25 ms; a 1 MB one 1-2 ms back to back,
+    3-7 ms after 5-25 ms. In training (gpt-h256-b32 dp2·tp2, 10-15 ms of compute between tp
+    collectives) the tp all-reduces took 1.7-3.8 ms (4 KB) and 3.8-5.9 ms (1 MB) against
+    0.8 and 1.6 ms fitted. 16 matmuls of 256 take 6-13 ms per rank with all four computing,
+    the scale of a layer's compute in the fidelity plans."""
+    n, count = LONG_BURST
+    a = torch.randn(n, n, device=device)
+    x = torch.ones(WAKEUP_BYTES // 4, device=device)
+
+    def burst():
+        for _ in range(count):
+            torch.mm(a, a)
+
+    def both():
+        burst()
+        dist.all_reduce(x, group=group)
+    dist.barrier()
+    return _lockstep_timed(both, device, 0.5), _shared_timed(burst, device)
+
+
+def _lockstep_timed(fn, device: torch.device, seconds: float) -> float:
+    """Median seconds of one `fn()` (which may call collectives) over WINDOWS samples of the same
+    call count on every rank, chosen so a sample lasts at least `seconds` on the slowest rank.
+    `_timed` picks the count from one call (10 ms worth): with ~1 ms calls the overlap figure,
+    three such timings combined, swung between 0.00 and 1.00 from one profile to the next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    calls = torch.tensor([max(1, int(seconds / max(time.perf_counter() - start, 1e-7)))], device=device)
+    dist.all_reduce(calls, op=dist.ReduceOp.MAX)
+    calls = int(calls.item())
+    samples = []
+    for _ in range(WINDOWS):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        samples.append((time.perf_counter() - start) / calls)
+    return statistics.median(samples)
+
+
 def _send(nbytes: int, device):
     x = torch.ones(max(nbytes // 4, 1), device=device)
     rank = dist.get_rank()
@@ -198,7 +260,7 @@ def _overlap(device, repeats) -> float:
         work.wait()
 
     dist.barrier()
-    t_c, t_m, t_b = (_timed(f, repeats, device) for f in (compute, comm, both))
+    t_c, t_m, t_b = (_lockstep_timed(f, device, 0.3) for f in (compute, comm, both))
     return float(np.clip((t_c + t_m - t_b) / min(t_c, t_m), 0.0, 1.0))
 
 
@@ -212,9 +274,10 @@ def measure_rank(mode: str = "quick") -> dict:
     if mode == "full":
         out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode])
     sizes = [s for s in (2, 4, 8, 16) if s <= world and world % s == 0]
-    out["collectives"] = []
+    out["collectives"], out["wakeup"] = [], []
     for size in sizes:
         group = _groups(world, size)
+        out["wakeup"].append((size, *_wakeup(group, size, device)))
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             for nbytes in MESSAGES[mode]:
                 both, burst = _after_compute(_collective(op, nbytes, group, size, device), device)
@@ -278,8 +341,18 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
         latency = f.latency / steps
         bandwidth = steps / f.group_size / f.seconds_per_byte if f.seconds_per_byte > 0 else bandwidth
     overlap = statistics.median(r["overlap"] for r in per_rank)
+    by_size = {f.group_size: f for f in fits if f.op == "all_reduce"}
+    wakeup = []
+    for i, (size, _, _) in enumerate(per_rank[0].get("wakeup", ())):
+        # every rank's loop takes the same time (the collective keeps them in step); the phase
+        # alone is each rank's fair share: the median rank's, as the compute figures
+        both = statistics.median(r["wakeup"][i][1] for r in per_rank)
+        burst = statistics.median(r["wakeup"][i][2] for r in per_rank)
+        fit = by_size.get(size)
+        fitted = fit.latency + WAKEUP_BYTES * fit.seconds_per_byte if fit else 0.0
+        wakeup.append((size, max(both - burst - fitted, 0.0)))
     return Cluster((NodeGroup(device, 1, world),), bandwidth, latency, bandwidth, latency, backend,
-                   f"profiled{world}-{backend}", fits, overlap)
+                   f"profiled{world}-{backend}", fits, overlap, tuple(wakeup))
 
 
 def profile_cluster(world_size: int = 4, path: str | os.PathLike | None = None, quick: bool = False,
