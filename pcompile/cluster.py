@@ -16,6 +16,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+import numpy as np
+
 from pcompile.errors import PcompileError
 
 GB = 1024**3
@@ -31,6 +33,9 @@ class Device:
     backward_overhead: float = 0.0  # the same per backward op (autograd node)
     # Measured matmul throughput: (FLOPs of one matmul, achieved FLOP/s), sorted by FLOPs. Empty = peak_flops.
     matmul_curve: tuple[tuple[float, float], ...] = ()
+    # Measured Linear throughput by arithmetic intensity: (FLOPs / bytes of input + weight +
+    # output, achieved FLOP/s) of F.linear with a small batch dim, sorted. Empty = matmul_curve alone.
+    linear_curve: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,10 @@ class Cluster:
     # Overlap efficiency eta of communication running concurrently with compute: the pair takes
     # max(c, m) + (1 - eta) * min(c, m). Measured by profiling; presets state a guess.
     overlap: float = 0.5
-    # Measured (group size, seconds) a collective pays on top of its fit when it follows a long
-    # compute phase (ranks sharing cores wake peers preempted by the others' compute;
-    # pcompile.profile._wakeup). Empty = nothing extra (presets, GPUs).
-    wakeup: tuple[tuple[int, float], ...] = ()
+    # Measured (group size, compute seconds before the call, extra seconds): what a collective
+    # pays on top of its fit when it follows that much compute (ranks sharing cores wake peers
+    # preempted by the others' compute; pcompile.profile._wakeup). Empty = nothing extra.
+    wakeup: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self):
         if not self.node_groups:
@@ -167,9 +172,13 @@ class Cluster:
         steps = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}[op] * (size - 1)
         return steps * latency + steps / size * nbytes / bandwidth
 
-    def wakeup_time(self, group_size: int) -> float:
-        """Seconds a collective on `group_size` ranks pays after a long compute phase (`wakeup`)."""
-        return next((t for size, t in self.wakeup if size == group_size), 0.0) if group_size > 1 else 0.0
+    def wakeup_time(self, group_size: int, gap: float) -> float:
+        """Seconds a collective on `group_size` ranks pays after `gap` seconds of compute
+        (`wakeup`): linear in the gap between the measured points, the end points' beyond."""
+        points = sorted((g, t) for size, g, t in self.wakeup if size == group_size)
+        if group_size <= 1 or not points:
+            return 0.0
+        return float(np.interp(gap, [g for g, _ in points], [t for _, t in points]))
 
     @property
     def is_homogeneous(self) -> bool:
@@ -249,7 +258,7 @@ class Cluster:
                            for g in data["node_groups"])
             fields = {k: v for k, v in data.items() if k not in ("node_groups", "collectives", "wakeup")}
             fits = tuple(CollectiveFit(**c) for c in data.get("collectives", ()))
-            wakeup = tuple((int(size), float(t)) for size, t in data.get("wakeup", ()))
+            wakeup = tuple((int(size), float(g), float(t)) for size, g, t in data.get("wakeup", ()))
             return Cluster(node_groups=groups, collectives=fits, wakeup=wakeup, **fields)
         except (KeyError, TypeError) as exc:
             raise PcompileError(f"malformed cluster JSON: {exc}", "write it with Cluster.to_json()") from None
@@ -265,6 +274,7 @@ class Cluster:
 def _device(data: dict) -> Device:
     fields = dict(data)
     fields["matmul_curve"] = tuple(tuple(point) for point in fields.get("matmul_curve", ()))
+    fields["linear_curve"] = tuple(tuple(point) for point in fields.get("linear_curve", ()))
     return Device(**fields)
 
 

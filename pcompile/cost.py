@@ -320,11 +320,29 @@ def matmul_rate(device, flops: float) -> float:
     return float(np.exp(np.interp(np.log(max(flops, 1.0)), xs, ys)))
 
 
-def op_time(device, flops: float, moved: float, chunks: int = 1, overhead: float | None = None) -> float:
-    """Roofline of one op run as `chunks` equal pieces, plus a fixed overhead per piece."""
+def linear_rate(device, intensity: float) -> float:
+    """Achieved FLOP/s of a Linear of `intensity` FLOPs per byte (input + weight + output):
+    log-log interpolation of the measured linear curve (inf without one)."""
+    curve = device.linear_curve
+    if not curve or intensity <= 0:
+        return math.inf
+    xs = np.log([p[0] for p in curve])
+    ys = np.log([p[1] for p in curve])
+    return float(np.exp(np.interp(np.log(intensity), xs, ys)))
+
+
+def op_time(device, flops: float, moved: float, chunks: int = 1, overhead: float | None = None,
+            linear: bool = False) -> float:
+    """Roofline of one op run as `chunks` equal pieces, plus a fixed overhead per piece. A
+    Linear's rate is also capped by the device's linear curve at its arithmetic intensity
+    (FLOPs / `moved`, the bytes of its input, weight and output: few rows per weight run
+    slower than a square matmul of the same FLOPs, `Device.linear_curve`)."""
     overhead = device.op_overhead if overhead is None else overhead
     piece = flops / chunks
-    compute = piece / matmul_rate(device, piece) if flops > 0 else 0.0
+    rate = matmul_rate(device, piece)
+    if linear and moved > 0:
+        rate = min(rate, linear_rate(device, flops / moved))
+    compute = piece / rate if flops > 0 else 0.0
     return chunks * (overhead + max(compute, moved / chunks / device.memory_bandwidth))
 
 
@@ -337,10 +355,10 @@ def compute_times(work: LayerWork, device, scale: float, s: Strategy, act: float
         k = s.split if w.linear else 1
         div = s.tp if (s.sp and w.sp) else 1
         flops, moved = w.flops * scale / div, (w.moved * scale / div + w.param_moved) * act
-        fwd += op_time(device, flops, moved, k)
-        if w.grad:
+        fwd += op_time(device, flops, moved, k, linear=w.linear)
+        if w.grad:  # a Linear's two gradient matmuls have its forward's FLOPs and bytes each
             pieces = 2 * k if flops > 0 else k
-            bwd += op_time(device, 2 * flops, 2 * moved, pieces, device.backward_overhead)
+            bwd += op_time(device, 2 * flops, 2 * moved, pieces, device.backward_overhead, linear=w.linear)
     return fwd, bwd
 
 
@@ -360,30 +378,34 @@ def _exposed(comm: float, compute: float, eta: float) -> float:
 
 
 def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float,
-             act: float) -> tuple[float, float]:
+             act: float, fwd_compute: float = 0.0, bwd_compute: float = 0.0) -> tuple[float, float]:
     """(forward, backward) tp collectives of one micro-batch: Megatron's all-reduces, or with
     sequence parallelism an all-gather + reduce-scatter pair in their place (same volume).
     Activations move in the activation dtype (x act); the cross-entropy's vectors in fp32.
     Each call also pays the runtime's copies around it (`_tp_copy_time`) and, as it follows
-    compute, the cluster's measured wake-up cost for the group size (`Cluster.wakeup_time`)."""
+    compute, the cluster's measured wake-up cost for the group size after the layer's compute
+    of that direction shared evenly among its calls (`Cluster.wakeup_time`)."""
     device = min((cluster.device_of(r) for g in groups for r in g), key=lambda d: d.memory_bandwidth)
-    wakeup = cluster.wakeup_time(s.tp)  # each follows a layer's compute (Cluster.wakeup)
+    n_fwd = len(work.loss_fwd) + len(work.reduce_fwd) + (len(work.reduce_bwd) if s.sp else 0)
+    n_bwd = len(work.reduce_bwd) + (len(work.reduce_fwd) if s.sp else 0) + len(work.gather_bwd)
+    wake = {"fwd": cluster.wakeup_time(s.tp, fwd_compute / max(n_fwd, 1)),
+            "bwd": cluster.wakeup_time(s.tp, bwd_compute / max(n_bwd, 1))}
 
-    def t(op, nbytes, dtype_scale=act, copies=True):
+    def t(op, nbytes, dtype_scale=act, copies=True, direction="fwd"):
         moved = nbytes * scale * dtype_scale
         copy = _tp_copy_time(op, moved, device) if copies else 0.0
-        return cluster.collective_time(op, moved, groups) + copy + (wakeup if moved > 0 else 0.0)
+        return cluster.collective_time(op, moved, groups) + copy + (wake[direction] if moved > 0 else 0.0)
 
     # the parallel cross-entropy all-reduces its vectors in place (vocab_parallel._all_reduce)
     fwd = sum(t("all_reduce", nbytes, 1.0, copies=False) for nbytes in work.loss_fwd)
     bwd = 0.0
     for nbytes in work.reduce_fwd:
         fwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
-        bwd += t("all_gather", nbytes) if s.sp else 0.0
+        bwd += t("all_gather", nbytes, direction="bwd") if s.sp else 0.0
     for nbytes in work.reduce_bwd:
         fwd += t("all_gather", nbytes) if s.sp else 0.0
-        bwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
-    bwd += sum(t("all_gather", nbytes) for nbytes in work.gather_bwd)
+        bwd += t("reduce_scatter", nbytes, direction="bwd") if s.sp else t("all_reduce", nbytes, direction="bwd")
+    bwd += sum(t("all_gather", nbytes, direction="bwd") for nbytes in work.gather_bwd)
     return fwd, bwd
 
 
@@ -410,7 +432,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     times = [compute_times(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
     tp_groups, dp_groups = group_ranks(first, s.dp, s.tp)
-    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act) if s.tp > 1 else (0.0, 0.0)
+    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act, fwd, bwd) if s.tp > 1 else (0.0, 0.0)
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
     sync = sdp_fwd = sdp_bwd = 0.0

@@ -5,6 +5,8 @@ training), so ranks that share cores or a link are measured sharing them (the co
 figures over a common wall-clock window in which every rank stays busy, `_shared_timed`):
 - matmul throughput of square fp32 matmuls by size (the Device's matmul curve; bf16 too in
   the full mode, recorded in the measurements),
+- Linear throughput by arithmetic intensity (`_linear_curve`: F.linear of a 1024 x 1024
+  weight on m rows; the Device's linear curve),
 - memory bandwidth (a large copy: read + write bytes / s),
 - the fixed per-op cost (a chain of tiny differentiable ops, forward),
 - all_reduce, all_gather and reduce_scatter by group size (the world split into equal
@@ -106,6 +108,32 @@ def _matmul_curve(device, dtype, sizes) -> list[tuple[float, float]]:
     return curve
 
 
+LINEAR_ROWS = {"quick": (32, 128, 512), "full": (16, 32, 64, 128, 256, 512, 1024)}
+LINEAR_FEATURES = 1024
+
+
+def _linear_curve(device, rows) -> list[tuple[float, float]]:
+    """(FLOPs per byte of input + weight + output, achieved FLOP/s) of F.linear (x @ W^T + b, the
+    form nn.Linear runs) on an [m, 1024] input and a 1024 x 1024 weight, for m in `rows`.
+
+    The square matmul curve rates a matmul by its FLOPs alone; the Linears of a training plan
+    have a small batch dim (few rows reuse each weight element) and run slower at the same
+    FLOPs. Measured on 4 gloo ranks of 2 cores, all busy: square 512 (268 MFLOP) at 80 GFLOP/s,
+    while in mlp-w512-b512 dp4 training the [128, 512] x [512, 2048] Linears (268 MFLOP, 49
+    FLOP/byte) ran at 55 GFLOP/s forward (addmm) and 62 backward (mm), torch.profiler on every
+    rank: the forward's 19-22 ms against 14.4 predicted."""
+    n = LINEAR_FEATURES
+    w = torch.randn(n, n, device=device)
+    b = torch.randn(n, device=device)
+    curve = []
+    for m in rows:
+        x = torch.randn(m, n, device=device)
+        seconds = _shared_timed(lambda: torch.nn.functional.linear(x, w, b), device)
+        flops = 2.0 * m * n * n
+        curve.append((flops / (4.0 * (m * n + n * n + m * n)), flops / seconds))
+    return curve
+
+
 def _bandwidth(device) -> float:
     x = torch.empty(8 << 20, device=device)  # 32 MB
     y = torch.empty_like(x)
@@ -168,14 +196,16 @@ def _after_compute(fn, device):
     return both, burst
 
 
-LONG_BURST = (256, 16)  # _wakeup's compute phase: 16 matmuls of 256 x 256 (537 MFLOP)
+# _wakeup's compute phases (size, matmuls): the fits' burst (the zero point), ~1 ms, ~8 ms
+WAKEUP_BURSTS = ((128, 4), (128, 16), (256, 16))
 WAKEUP_BYTES = 1024
 
 
-def _wakeup(group, size: int, device) -> tuple[float, float]:
-    """(seconds of one long compute phase + a small all-reduce on `group`, of the phase alone),
-    every rank running the same loop; `build_cluster` takes the collective's fitted time off
-    their difference: the wake-up cost of a collective after long compute.
+def _wakeup(group, size: int, device) -> list[tuple[float, float]]:
+    """Per phase of WAKEUP_BURSTS: (seconds of the compute phase + a small all-reduce on
+    `group`, of the phase alone), every rank running the same loop. `build_cluster` turns them
+    into the extra cost of a collective after that much compute: each phase's (loop - phase)
+    less the first's, whose cost the fits already hold.
 
     Why: ranks that share cores (4 gloo ranks on 2) and block in a collective after a long
     compute phase wait for peers preempted by the other ranks' compute; a collective right
@@ -185,20 +215,23 @@ def _wakeup(group, size: int, device) -> tuple[float, float]:
     3-7 ms after 5-25 ms. In training (gpt-h256-b32 dp2·tp2, 10-15 ms of compute between tp
     collectives) the tp all-reduces took 1.7-3.8 ms (4 KB) and 3.8-5.9 ms (1 MB) against
     0.8 and 1.6 ms fitted. 16 matmuls of 256 take 6-13 ms per rank with all four computing,
-    the scale of a layer's compute in the fidelity plans."""
-    n, count = LONG_BURST
-    a = torch.randn(n, n, device=device)
+    the scale of a layer's compute in the fidelity plans; a short phase costs less (a 4 KB
+    all-reduce: 1.2 ms after 0.2 ms of compute, 3 ms after 0.9 ms), hence several phases."""
     x = torch.ones(WAKEUP_BYTES // 4, device=device)
+    out = []
+    for n, count in WAKEUP_BURSTS:
+        a = torch.randn(n, n, device=device)
 
-    def burst():
-        for _ in range(count):
-            torch.mm(a, a)
+        def burst():
+            for _ in range(count):
+                torch.mm(a, a)
 
-    def both():
-        burst()
-        dist.all_reduce(x, group=group)
-    dist.barrier()
-    return _lockstep_timed(both, device, 0.5), _shared_timed(burst, device)
+        def both():
+            burst()
+            dist.all_reduce(x, group=group)
+        dist.barrier()
+        out.append((_lockstep_timed(both, device, 0.5), _shared_timed(burst, device)))
+    return out
 
 
 def _lockstep_timed(fn, device: torch.device, seconds: float) -> float:
@@ -270,6 +303,7 @@ def measure_rank(mode: str = "quick") -> dict:
     world = dist.get_world_size()
     repeats = 5 if mode == "quick" else 15
     out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode]),
+           "linear_fp32": _linear_curve(device, LINEAR_ROWS[mode]),
            "memory_bandwidth": _bandwidth(device), "op_overhead": _op_overhead(device)}
     if mode == "full":
         out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode])
@@ -277,7 +311,7 @@ def measure_rank(mode: str = "quick") -> dict:
     out["collectives"], out["wakeup"] = [], []
     for size in sizes:
         group = _groups(world, size)
-        out["wakeup"].append((size, *_wakeup(group, size, device)))
+        out["wakeup"].append((size, _wakeup(group, size, device)))
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             for nbytes in MESSAGES[mode]:
                 both, burst = _after_compute(_collective(op, nbytes, group, size, device), device)
@@ -320,6 +354,7 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
                      for i in range(len(per_rank[0][key])))
 
     curve = median_curve("matmul_fp32")
+    linear = median_curve("linear_fp32") if "linear_fp32" in per_rank[0] else ()
     if memory_bytes is None:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // world if hasattr(
             os, "sysconf") else 4 * GB
@@ -327,7 +362,8 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
                     peak_flops=max(rate for _, rate in curve),
                     memory_bandwidth=statistics.median(r["memory_bandwidth"] for r in per_rank),
                     op_overhead=statistics.median(r["op_overhead"][0] for r in per_rank),
-                    backward_overhead=statistics.median(r["op_overhead"][1] for r in per_rank), matmul_curve=curve)
+                    backward_overhead=statistics.median(r["op_overhead"][1] for r in per_rank), matmul_curve=curve,
+                    linear_curve=tuple(sorted(linear)))
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for i, (op, size, nbytes, _) in enumerate(per_rank[0]["collectives"]):
         slowest = max(r["collectives"][i][3] for r in per_rank)
@@ -341,16 +377,20 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
         latency = f.latency / steps
         bandwidth = steps / f.group_size / f.seconds_per_byte if f.seconds_per_byte > 0 else bandwidth
     overlap = statistics.median(r["overlap"] for r in per_rank)
-    by_size = {f.group_size: f for f in fits if f.op == "all_reduce"}
     wakeup = []
-    for i, (size, _, _) in enumerate(per_rank[0].get("wakeup", ())):
+    for i, (size, phases) in enumerate(per_rank[0].get("wakeup", ())):
         # every rank's loop takes the same time (the collective keeps them in step); the phase
         # alone is each rank's fair share: the median rank's, as the compute figures
-        both = statistics.median(r["wakeup"][i][1] for r in per_rank)
-        burst = statistics.median(r["wakeup"][i][2] for r in per_rank)
-        fit = by_size.get(size)
-        fitted = fit.latency + WAKEUP_BYTES * fit.seconds_per_byte if fit else 0.0
-        wakeup.append((size, max(both - burst - fitted, 0.0)))
+        costs = []
+        for j in range(len(phases)):
+            both = statistics.median(r["wakeup"][i][1][j][0] for r in per_rank)
+            burst = statistics.median(r["wakeup"][i][1][j][1] for r in per_rank)
+            costs.append((burst, both - burst))
+        base = costs[0][1]  # the fits' own burst: already in the fitted time
+        peak = 0.0
+        for burst, cost in costs:  # non-decreasing in the phase (noise may dip a later one)
+            peak = max(peak, cost - base)
+            wakeup.append((size, burst, peak))
     return Cluster((NodeGroup(device, 1, world),), bandwidth, latency, bandwidth, latency, backend,
                    f"profiled{world}-{backend}", fits, overlap, tuple(wakeup))
 
