@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from pcompile.baselines import NoFit
 from pcompile.cost import CostOptions, estimate_uniform
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -129,12 +130,14 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
-def _merge_baselines(results: list[SearchResult]):
-    """Each baseline family at its best over the runs (mixed runs bring none)."""
+def _merge_baselines(results: list[SearchResult], errors: list[PcompileError]):
+    """Each baseline family at its best over the runs (mixed runs bring none; a run where
+    nothing fits brings its families' leanest peaks)."""
     merged = {}
-    order = next(r.baselines for r in results if r.baselines)
-    for result in results:
-        for b in result.baselines:
+    found = [r.baselines for r in results] + [e.baselines for e in errors if isinstance(e, NoFit)]
+    order = next(b for b in found if b)
+    for baselines in found:
+        for b in baselines:
             if b.name not in merged or (b.step_time, b.peak_memory) < (merged[b.name].step_time,
                                                                         merged[b.name].peak_memory):
                 merged[b.name] = b
@@ -226,7 +229,7 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     if not found:
         raise _no_plan(ctx, tps, rejected, [e for _, errors in outcomes.values() for e in errors], summed, batches)
     batch = max(found, key=lambda b: (b / found[b].step_time, -b))  # samples per second; on a tie the smaller
-    best = dataclasses.replace(found[batch], baselines=_merge_baselines(outcomes[batch][0]))
+    best = dataclasses.replace(found[batch], baselines=_merge_baselines(*outcomes[batch]))
     plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))
     notes = [r for r in rejected.values() if r]
     explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from pcompile.errors import PcompileError
-from pcompile.search_result import GIB, Baseline
+from pcompile.search_result import Baseline, size_text
 from pcompile.search_space import Setting, even_segments
 
 DESCRIPTIONS = {
@@ -167,26 +167,25 @@ def leanest_plan(ctx) -> tuple[float, Setting | None, tuple[int, ...]]:
     return best
 
 
+class NoFit(PcompileError):
+    """Nothing fits: the error, with the baselines (each family's leanest peak) for the caller's
+    comparison table."""
+
+    def __init__(self, cause: str, fix: str, found: tuple[Baseline, ...]):
+        super().__init__(cause, fix)
+        self.baselines = found
+
+
 def no_fit_error(ctx) -> PcompileError:
     need, setting, starts = leanest_plan(ctx)
     budgets = sorted(set(ctx.problem.device_memory))
-    have = _size(budgets[0]) + (f" to {_size(budgets[-1])}" if len(budgets) > 1 else "")
+    have = size_text(budgets[0]) + (f" to {size_text(budgets[-1])}" if len(budgets) > 1 else "")
     if setting is None:
         return PcompileError("no plan is valid: no strategy divides the micro-batches over the devices, or every "
                              "(layer, strategy) pair is marked impossible",
                              "use a global batch divisible by the data-parallel degrees, or widen the space")
-    return PcompileError(
+    return NoFit(
         f"no plan fits the devices' memory ({have}): the leanest plan ({setting.describe()}, stages starting at "
-        f"layers {list(starts)}) needs {_size(need)} per device",
-        f"give every device at least {_size(need)}, add devices, lower the global batch, or allow "
-        "checkpointing / ZeRO-3 in the search space")
-
-
-def _size(num_bytes: float) -> str:
-    """Bytes in the largest binary unit, rounded UP to three significant digits: "at least X"
-    must be enough memory."""
-    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
-        if num_bytes >= scale or unit == "B":
-            value = num_bytes / scale
-            step = 10 ** (math.floor(math.log10(value)) - 2) if value > 0 else 1
-            return f"{math.ceil(value / step - 1e-9) * step:.3g} {unit}"
+        f"layers {list(starts)}) needs {size_text(need)} per device",
+        f"give every device at least {size_text(need)}, add devices, lower the global batch, or allow "
+        "checkpointing / ZeRO-3 in the search space", baselines(ctx))

@@ -15,6 +15,16 @@ from pcompile.search_space import PlanCost, Setting
 GIB = 2**30
 
 
+def size_text(num_bytes: float) -> str:
+    """Bytes in the largest binary unit, rounded UP to three significant digits: "at least X"
+    must be enough memory."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1)):
+        if num_bytes >= scale or unit == "B":
+            value = num_bytes / scale
+            step = 10 ** (math.floor(math.log10(value)) - 2) if value > 0 else 1
+            return f"{math.ceil(value / step - 1e-9) * step:.3g} {unit}"
+
+
 @dataclass(frozen=True)
 class Alternative:
     """Another strategy for one layer, every other choice unchanged."""
@@ -94,27 +104,28 @@ class SearchResult:
     def explain(self) -> str:
         s = self.setting
         lines = [f"plan: {s.describe()}, micro-batch {self.microbatch_size}, predicted step "
-                 f"{self.step_time * 1e3:.2f} ms, peak {_size(self.peak_memory)}"
+                 f"{self.step_time * 1e3:.2f} ms, peak {size_text(self.peak_memory)}"
                  + ("" if self.certified else f" (within {self.gap:.2%} of optimal: memory grid "
                                                 f"{self.grid_cells} cells per budget)")]
         for st in self.stages:
             lines.append(f"stage {st.stage} (ranks {st.first_rank}-{st.first_rank + st.devices - 1}): "
                          f"{len(st.layers)} layers, {st.microbatch_time * 1e3:.2f} ms per micro-batch, sync "
-                         f"{st.sync_time * 1e3:.2f} ms, {st.peak_memory / GIB:.2f} of {st.memory_budget / GIB:.2f} "
-                         f"GiB ({st.in_flight:g} micro-batches in flight)")
+                         f"{st.sync_time * 1e3:.2f} ms, {size_text(st.peak_memory)} of {size_text(st.memory_budget)} "
+                         f"({st.in_flight:g} micro-batches in flight)")
         lines.append(f"memory: {self.binding}")
-        lines.append(f"{'layer':<14}{'strategy':<22}{'time ms':>9}{'mem GiB':>9}  runner-ups (step ms, stage GiB)")
+        lines.append(f"{'layer':<14}{'strategy':<22}{'time ms':>9}{'memory':>11}  runner-ups (step ms / stage memory)")
         for c in self.layers:
-            alts = ", ".join(f"{a.strategy.describe()} {a.step_time * 1e3:.2f}/{a.peak_memory / GIB:.2f}"
+            alts = ", ".join(f"{a.strategy.describe()} {a.step_time * 1e3:.2f}/{size_text(a.peak_memory)}"
                              for a in c.runner_ups) or "-"
-            lines.append(f"{c.layer:<14}{c.strategy.describe():<22}{c.time * 1e3:9.3f}{c.memory / GIB:9.3f}  {alts}")
+            lines.append(f"{c.layer:<14}{c.strategy.describe():<22}{c.time * 1e3:9.3f}{size_text(c.memory):>11}  "
+                         f"{alts}")
         lines.append("baselines (same cost tables):")
         for b in self.baselines:
             if b.fits:
                 lines.append(f"  {b.name:<14} {b.step_time * 1e3:10.2f} ms  x{self.gain(b.name):.2f}  "
                              f"{b.description} [{b.setting}{', ' + b.strategy.describe() if b.strategy else ''}]")
             else:
-                lines.append(f"  {b.name:<14} " + (f"out of memory (leanest needs {_size(b.peak_memory)})"
+                lines.append(f"  {b.name:<14} " + (f"out of memory (leanest needs {size_text(b.peak_memory)})"
                                                     if math.isfinite(b.peak_memory) else "not in the searched space")
                              + f"  {b.description}" + (f" [{b.strategy.describe()}]" if b.strategy else ""))
         lines.append(f"searched {self.settings_searched} of {self.settings_total} settings")  # no timing: plans are byte-stable
@@ -158,14 +169,13 @@ def layer_choices(setting: Setting, tables: list[CostTable], segments, choice, c
                                    tuple(a for a in alts if a.fits)[:top]))
     out.sort(key=lambda x: tables[0].layers.index(x.layer))
     tight = max(range(len(segments)), key=lambda k: cost.stage_memory[k] / cost.budgets[k])
-    head = (f"stage {tight} is the fullest: {cost.stage_memory[tight] / GIB:.2f} of "
-            f"{cost.budgets[tight] / GIB:.2f} GiB")
+    head = f"stage {tight} is the fullest: {size_text(cost.stage_memory[tight])} of {size_text(cost.budgets[tight])}"
     if not blocked:
         return tuple(out), head + "; memory does not bind (no layer has a faster strategy that does not fit)"
     name, k, alt = min(blocked, key=lambda x: x[2].stage_delta)
     return tuple(out), (head + f"; memory binds: {len(blocked)} layer(s) would run faster with more memory, most "
                         f"{name} (stage {k}) with {alt.strategy.describe()}: {-alt.stage_delta * 1e3:.2f} ms less "
-                        f"for its stage but {alt.peak_memory / GIB:.2f} GiB > {cost.budgets[k] / GIB:.2f} GiB")
+                        f"for its stage but {size_text(alt.peak_memory)} > {size_text(cost.budgets[k])}")
 
 
 def to_plan(result: SearchResult, model: str = "") -> Plan:
@@ -182,7 +192,7 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
         Candidate(b.strategy or default,
                   Estimate(b.step_time, int(b.peak_memory)) if b.fits else None,
                   f"baseline {b.name}: x{result.gain(b.name):.2f} slower [{b.setting}]" if b.fits else
-                  (f"baseline {b.name}: out of memory (leanest needs {_size(b.peak_memory)})"
+                  (f"baseline {b.name}: out of memory (leanest needs {size_text(b.peak_memory)})"
                    if math.isfinite(b.peak_memory) else f"baseline {b.name}: not in the searched space"))
         for b in result.baselines)
     chunk_of = {}
@@ -198,9 +208,3 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
                 schedule=result.setting.schedule, virtual_stages=result.setting.chunks, model=model,
                 estimate=estimate, candidates=candidates, reason=result.explain().splitlines()[0],
                 explanation=result.explain())
-
-
-def _size(num_bytes: float) -> str:
-    from pcompile.baselines import _size as size  # baselines imports this module
-
-    return size(num_bytes)

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pcompile.baselines import _size, leanest_plan
+from pcompile.baselines import leanest_plan
+from pcompile.search_result import size_text
 from pcompile.errors import PcompileError
 from pcompile.search_engine import SearchContext, SearchProblem, search
 from pcompile.search_result import to_plan
@@ -114,7 +115,7 @@ def test_nothing_fits_states_the_memory_that_would(problem, shrink):
     if setting is None:
         return
     tight = SearchProblem(**{**problem.__dict__, "device_memory": (need * shrink,) * problem.num_devices})
-    with pytest.raises(PcompileError, match=f"needs {re.escape(_size(need))} per device"):
+    with pytest.raises(PcompileError, match=f"needs {re.escape(size_text(need))} per device"):
         search(tight)
     enough = SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 + 1e-9),) * problem.num_devices})
     assert search(enough).peak_memory <= need * (1 + 1e-9)
