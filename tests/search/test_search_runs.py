@@ -60,3 +60,16 @@ def test_searched_plan_keeps_tied_layers_together_and_never_loses_to_uniform_run
             uniform = pcompile.plan(GPT(cfg), cluster, gpt_inputs(cfg, 8),
                                     search_space={"pp_degrees": (1,), "tp_degrees": (tp,)})
             assert mixed.estimate.step_time <= uniform.estimate.step_time, (str(mixed), str(uniform))
+
+
+def test_a_run_where_nothing_fits_still_reports_its_baselines():
+    """At 1 MiB no uniform tp=1 plan fits (that run fails); its dp baseline is still reported as
+    out of memory, with the leanest peak, rather than as outside the searched space."""
+    from tests.distributed.ranks import MODELS
+
+    build, inputs = MODELS["mlp"]
+    plan = pcompile.plan(build(), Cluster.local(4, memory_bytes=2**20), inputs(0),
+                         search_space={"pp_degrees": (1,), "sdp": (False,)})
+    verdicts = {c.verdict.split(":")[0]: c.verdict for c in plan.candidates}
+    assert verdicts["baseline dp"].startswith("baseline dp: out of memory (leanest needs"), verdicts
+    assert "not in the searched space" in verdicts["baseline zero3"]  # excluded by the user
