@@ -20,8 +20,8 @@ figures over a common wall-clock window in which every rank stays busy, `_shared
   eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1], each time
   over samples of a common call count at least 0.3 s long (`_lockstep_timed`).
 
-Medians over repeats; per-rank figures are combined as the median rank for compute and the
-slowest rank for collectives. The JSON holds {"cluster": Cluster.to_dict(), "measurements":
+Medians over repeats; per-rank figures are combined as the median rank for compute and, for
+collectives, the median rank's loop time less the median rank's burst (the loop runs in step). The JSON holds {"cluster": Cluster.to_dict(), "measurements":
 ...}; `Cluster.from_profile(path)` loads it. The quick mode (tests) takes well under 30 s.
 """
 from __future__ import annotations
@@ -260,6 +260,19 @@ def _lockstep_timed(fn, device: torch.device, seconds: float) -> float:
     return statistics.median(samples)
 
 
+def _collective_timed(fn, device) -> tuple[float, float]:
+    """(seconds of the fits' burst + `fn`, of the burst alone) on this rank: the pair in
+    lockstep samples of 0.1 s or more (every rank makes the same calls), the burst as the
+    compute figures (`_shared_timed`, every rank busy). `build_cluster` subtracts the ranks'
+    medians. Both used to be `_timed` (a call count from one 10 ms call; the burst alone with
+    ranks idling at the barrier, a fair share other than in the pair's loop) and the slowest
+    rank's difference: the fitted latency of 2-rank all-reduces read 0.38, 0.76 and 1.4 ms in
+    three profiles of one afternoon."""
+    both, burst = _after_compute(fn, device)
+    dist.barrier()
+    return _lockstep_timed(both, device, 0.1), _shared_timed(burst, device)
+
+
 def _send(nbytes: int, device):
     x = torch.ones(max(nbytes // 4, 1), device=device)
     rank = dist.get_rank()
@@ -314,16 +327,12 @@ def measure_rank(mode: str = "quick") -> dict:
         out["wakeup"].append((size, _wakeup(group, size, device)))
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             for nbytes in MESSAGES[mode]:
-                both, burst = _after_compute(_collective(op, nbytes, group, size, device), device)
-                dist.barrier()
-                seconds = _timed(both, repeats, device) - _timed(burst, repeats, device)
-                out["collectives"].append((op, size, nbytes, max(seconds, 0.0)))
+                both, burst = _collective_timed(_collective(op, nbytes, group, size, device), device)
+                out["collectives"].append((op, size, nbytes, max(both - burst, 0.0), both, burst))
     if world % 2 == 0 and world > 1:
         for nbytes in MESSAGES[mode]:
-            both, burst = _after_compute(_send(nbytes, device), device)
-            dist.barrier()
-            seconds = _timed(both, repeats, device) - _timed(burst, repeats, device)
-            out["collectives"].append(("send", 2, nbytes, max(seconds, 0.0) / 2))
+            both, burst = _collective_timed(_send(nbytes, device), device)  # a round trip: two sends
+            out["collectives"].append(("send", 2, nbytes, max(both - burst, 0.0) / 2, both / 2, burst / 2))
     out["overlap"] = _overlap(device, repeats) if world > 1 else 0.0
     return out
 
@@ -365,9 +374,13 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
                     backward_overhead=statistics.median(r["op_overhead"][1] for r in per_rank), matmul_curve=curve,
                     linear_curve=tuple(sorted(linear)))
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
-    for i, (op, size, nbytes, _) in enumerate(per_rank[0]["collectives"]):
-        slowest = max(r["collectives"][i][3] for r in per_rank)
-        samples.setdefault((op, size), []).append((nbytes, slowest))
+    for i, (op, size, nbytes, *_) in enumerate(per_rank[0]["collectives"]):
+        if len(per_rank[0]["collectives"][i]) >= 6:  # (.., both, burst): the median ranks' difference
+            seconds = max(statistics.median(r["collectives"][i][4] for r in per_rank)
+                          - statistics.median(r["collectives"][i][5] for r in per_rank), 0.0)
+        else:  # older profiles: the slowest rank's
+            seconds = max(r["collectives"][i][3] for r in per_rank)
+        samples.setdefault((op, size), []).append((nbytes, seconds))
     fits = tuple(CollectiveFit(op, size, "intra", *fit_alpha_beta(points)) for (op, size), points in samples.items())
     bandwidth, latency = 1e9, 50e-6
     ring = [f for f in fits if f.op == "all_reduce"]
