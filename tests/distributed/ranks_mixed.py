@@ -76,6 +76,9 @@ CASES = [
     # blocks whose first op is a column Linear on the previous layer's output: the batch is
     # regrouped before that Linear's tp_copy (dp4 -> dp2·tp2 -> dp1·tp4 -> dp4)
     ("linear-first", mixed(DP4TP1, blocks_0=DP2TP2, blocks_1=DP1TP4)),
+    # the shape the search gives GPT-3: the tied table vocab-split at tp2 and read by a ZeRO-3
+    # "pre" and a plain "post" at one dp, blocks at tp4
+    ("gpt", mixed(DP1TP4, pre=Strategy(dp=2, tp=2, sdp=True), post=DP2TP2)),
     # ZeRO-3 and tp both off the default grouping (sdp over "dp2", tp over "tp2"): also saved and
     # loaded by test_mixed_plans (a checkpoint places such parameters on their own 2-d mesh)
     ("gpt", mixed(DP4TP1, blocks_0=Strategy(dp=2, tp=2, sdp=True), blocks_1=DP1TP4, post=Strategy(dp=4, sdp=True))),

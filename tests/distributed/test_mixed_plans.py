@@ -1,7 +1,8 @@
 """Plans whose layers use different (dp, tp) groupings inside one stage == serial: loss after
 each of 3 AdamW steps and all full gradients within 1e-5 (fp32), for tp2 -> tp4 -> tp1 on the
 4-block GPT (tied head read at two dp degrees), dp vs sdp across groupings, mixing with
-checkpointing, a residual MLP, blocks that start with a column Linear, and ZeRO-3 with tp off
+checkpointing, a residual MLP, blocks that start with a column Linear, a tied table read by a
+ZeRO-3 and a plain layer of one grouping around blocks of another, and ZeRO-3 with tp off
 the default grouping; that last plan also saves a checkpoint that loads back exactly (into the
 same plan and into the serial model). All in one 4-rank launch."""
 import torch
