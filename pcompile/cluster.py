@@ -36,6 +36,10 @@ class Device:
     # Measured Linear throughput by arithmetic intensity: (FLOPs / bytes of input + weight +
     # output, achieved FLOP/s) of F.linear with a small batch dim, sorted. Empty = matmul_curve alone.
     linear_curve: tuple[tuple[float, float], ...] = ()
+    # Measured GELU throughput, elements/s forward (F.gelu) and backward (aten.gelu_backward),
+    # every rank busy: erf per element is compute-bound on CPUs. 0 = unknown: the roofline alone.
+    gelu_rate: float = 0.0
+    gelu_backward_rate: float = 0.0
 
 
 @dataclass(frozen=True)

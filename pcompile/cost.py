@@ -7,7 +7,9 @@ figures are for the example batch; every activation, FLOP and byte count is line
 
 time of one op  = k * (overhead + max(FLOPs / (k * rate(FLOPs / k)), bytes / bandwidth))
                   rate() is the device's measured matmul curve (peak FLOP/s without one), k the
-                  operator split of Linears (1 elsewhere); backward = 2x forward's FLOPs and bytes
+                  operator split of Linears (1 elsewhere); backward = 2x forward's FLOPs and bytes;
+                  a GELU takes at least its elements / the device's measured GELU rate (forward,
+                  backward: Device.gelu_rate, gelu_backward_rate; none = the roofline alone)
 checkpointing   : backward += forward (recompute, tp collectives included); keeps the layer input only
 tp (Megatron)   : forward all-reduce after each row Linear, backward all-reduce at each column
                   Linear's input; sp turns each into all-gather + reduce-scatter and divides the
@@ -133,6 +135,10 @@ class OpWork:
     linear: bool  # a Linear: operator split runs it as k chunks
     grad: bool  # autograd runs a backward op for it
     sp: bool  # outside the tp-split region of a tp layer: sequence parallel divides it by tp
+    # output elements on this rank (example batch) of a transcendental elementwise op (GELU: erf
+    # or tanh per element), charged at the device's measured GELU rates where it has them
+    # (compute-bound on CPUs, memory-bound on GPUs: `Device.gelu_rate`); 0 for every other op
+    transcendental: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -180,6 +186,16 @@ def _linear(ir: IR, node: fx.Node):
 def _is_tensor_op(ir: IR, node: fx.Node) -> bool:
     return (node.op in ("call_module", "call_function", "call_method") and ir.has_meta(node)
             and ir.meta(node).shape is not None)
+
+
+def _is_gelu(ir: IR, node: fx.Node) -> bool:
+    """A GELU: nn.GELU (call_module), F.gelu (fx's call_function) or aten.gelu (torch.export)."""
+    if node.op == "call_module":
+        return isinstance(ir.gm.get_submodule(node.target), torch.nn.GELU)
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name.split(".")[0] == "gelu"
+    return False
 
 
 def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
@@ -263,8 +279,10 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
                                                         if ir.has_meta(i) and ir.meta(i).shape is not None)
         params = sum(param.numel() * param.element_size() / divisor(param) for _, param in _param_tensors(ir, node))
         grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
+        elements = math.prod(meta.shape) / (tp if divided else 1) if _is_gelu(ir, node) else 0.0
         a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
-                               sp=meta.layer in tp_layers and not divided and not is_linear))
+                               sp=meta.layer in tp_layers and not divided and not is_linear,
+                               transcendental=elements))
         a["largest"] = max(a["largest"], local(node))
         if is_linear:
             weight = ir.gm.get_parameter(linear_parts(ir.gm, node).weight)
@@ -332,33 +350,41 @@ def linear_rate(device, intensity: float) -> float:
 
 
 def op_time(device, flops: float, moved: float, chunks: int = 1, overhead: float | None = None,
-            linear: bool = False) -> float:
+            linear: bool = False, elements: float = 0.0, element_rate: float = 0.0) -> float:
     """Roofline of one op run as `chunks` equal pieces, plus a fixed overhead per piece. A
     Linear's rate is also capped by the device's linear curve at its arithmetic intensity
     (FLOPs / `moved`, the bytes of its input, weight and output: few rows per weight run
-    slower than a square matmul of the same FLOPs, `Device.linear_curve`)."""
+    slower than a square matmul of the same FLOPs, `Device.linear_curve`). A transcendental
+    elementwise op of `elements` takes at least elements / `element_rate` (its measured
+    elements/s; 0 = unknown, the roofline alone)."""
     overhead = device.op_overhead if overhead is None else overhead
     piece = flops / chunks
     rate = matmul_rate(device, piece)
     if linear and moved > 0:
         rate = min(rate, linear_rate(device, flops / moved))
     compute = piece / rate if flops > 0 else 0.0
+    if elements > 0 and element_rate > 0:
+        compute = max(compute, elements / chunks / element_rate)
     return chunks * (overhead + max(compute, moved / chunks / device.memory_bandwidth))
 
 
 def compute_times(work: LayerWork, device, scale: float, s: Strategy, act: float) -> tuple[float, float]:
     """(forward, backward) compute seconds of the layer's ops with `scale` x the example batch.
     Backward does twice the work of forward: a matmul's input and weight gradients are two
-    matmuls (two backward ops' overhead), an elementwise op reads and writes twice the bytes."""
+    matmuls (two backward ops' overhead), an elementwise op reads and writes twice the bytes.
+    A GELU is also charged its elements at the device's measured forward / backward GELU rates
+    (Device.gelu_rate, gelu_backward_rate) where those are slower than the roofline."""
     fwd = bwd = 0.0
     for w in work.ops:
         k = s.split if w.linear else 1
         div = s.tp if (s.sp and w.sp) else 1
         flops, moved = w.flops * scale / div, (w.moved * scale / div + w.param_moved) * act
-        fwd += op_time(device, flops, moved, k, linear=w.linear)
+        elements = w.transcendental * scale / div
+        fwd += op_time(device, flops, moved, k, linear=w.linear, elements=elements, element_rate=device.gelu_rate)
         if w.grad:  # a Linear's two gradient matmuls have its forward's FLOPs and bytes each
             pieces = 2 * k if flops > 0 else k
-            bwd += op_time(device, 2 * flops, 2 * moved, pieces, device.backward_overhead, linear=w.linear)
+            bwd += op_time(device, 2 * flops, 2 * moved, pieces, device.backward_overhead, linear=w.linear,
+                           elements=elements, element_rate=device.gelu_backward_rate)
     return fwd, bwd
 
 

@@ -8,6 +8,7 @@ figures over a common wall-clock window in which every rank stays busy, `_shared
 - Linear throughput by arithmetic intensity (`_linear_curve`: F.linear of a 1024 x 1024
   weight on m rows; the Device's linear curve),
 - memory bandwidth (a large copy: read + write bytes / s),
+- GELU throughput, forward and backward, elements / s (`_gelu_rates`),
 - the fixed per-op cost (a chain of tiny differentiable ops, forward),
 - all_reduce, all_gather and reduce_scatter by group size (the world split into equal
   contiguous groups, all busy) and message size, and point-to-point sends, each fitted as
@@ -138,6 +139,25 @@ def _bandwidth(device) -> float:
     x = torch.empty(8 << 20, device=device)  # 32 MB
     y = torch.empty_like(x)
     return 2 * x.numel() * 4 / _shared_timed(lambda: y.copy_(x), device)
+
+
+GELU_ELEMENTS = 1 << 19
+
+
+def _gelu_rates(device) -> tuple[float, float]:
+    """(forward, backward) elements/s of F.gelu and aten.gelu_backward on 512 K fp32 elements.
+
+    The roofline charges an elementwise op its bytes (FlopCounterMode counts no FLOPs for
+    GELU), but erf per element is compute-bound on CPUs: on 4 gloo ranks of 2 cores,
+    gpt-h256-b32 dp4's GELU (0.5 M elements) took 4.2 ms forward and 12.7 ms backward per call
+    (torch.profiler), ~0.5 and 1 ms at the memory bandwidth, about 31 ms of the step's
+    under-prediction. On GPUs it is memory-bound (the rate exceeds the roofline's and changes
+    nothing)."""
+    x = torch.randn(GELU_ELEMENTS, device=device)
+    grad = torch.randn_like(x)
+    forward = _shared_timed(lambda: torch.nn.functional.gelu(x), device)
+    backward = _shared_timed(lambda: torch.ops.aten.gelu_backward(grad, x), device)
+    return GELU_ELEMENTS / forward, GELU_ELEMENTS / backward
 
 
 def _op_overhead(device) -> tuple[float, float]:
@@ -317,7 +337,8 @@ def measure_rank(mode: str = "quick") -> dict:
     repeats = 5 if mode == "quick" else 15
     out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode]),
            "linear_fp32": _linear_curve(device, LINEAR_ROWS[mode]),
-           "memory_bandwidth": _bandwidth(device), "op_overhead": _op_overhead(device)}
+           "memory_bandwidth": _bandwidth(device), "op_overhead": _op_overhead(device),
+           "gelu": _gelu_rates(device)}
     if mode == "full":
         out["matmul_bf16"] = _matmul_curve(device, torch.bfloat16, SIZES[mode])
     sizes = [s for s in (2, 4, 8, 16) if s <= world and world % s == 0]
@@ -356,6 +377,14 @@ def fit_alpha_beta(points: list[tuple[float, float]]) -> tuple[float, float]:
     return float(latency), float(spb)
 
 
+def _gelu_fields(per_rank: list[dict]) -> dict:
+    """Device.gelu_rate / gelu_backward_rate: the median rank's (none in older profiles)."""
+    if not all("gelu" in r for r in per_rank):
+        return {}
+    return dict(gelu_rate=statistics.median(r["gelu"][0] for r in per_rank),
+                gelu_backward_rate=statistics.median(r["gelu"][1] for r in per_rank))
+
+
 def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: int | None = None) -> Cluster:
     """Combine every rank's measurements into a one-node Cluster of `world` devices."""
     def median_curve(key):
@@ -372,7 +401,7 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
                     memory_bandwidth=statistics.median(r["memory_bandwidth"] for r in per_rank),
                     op_overhead=statistics.median(r["op_overhead"][0] for r in per_rank),
                     backward_overhead=statistics.median(r["op_overhead"][1] for r in per_rank), matmul_curve=curve,
-                    linear_curve=tuple(sorted(linear)))
+                    linear_curve=tuple(sorted(linear)), **_gelu_fields(per_rank))
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for i, (op, size, nbytes, *_) in enumerate(per_rank[0]["collectives"]):
         if len(per_rank[0]["collectives"][i]) >= 6:  # (.., both, burst): the median ranks' difference

@@ -29,6 +29,7 @@ def test_quick_profile_round_trips(tmp_path):
     assert {("all_reduce", 2), ("all_gather", 2), ("reduce_scatter", 2), ("send", 2)} <= ops
     assert all(f.latency >= 0 and f.seconds_per_byte >= 0 for f in cluster.collectives)
     assert 0.0 <= cluster.overlap <= 1.0
+    assert device.gelu_rate > 0 and device.gelu_backward_rate > 0
 
 
 def test_collective_points_are_median_loop_less_median_burst():
