@@ -145,14 +145,18 @@ GELU_ELEMENTS = 1 << 19
 
 
 def _gelu_rates(device) -> tuple[float, float]:
-    """(forward, backward) elements/s of F.gelu and aten.gelu_backward on 512 K fp32 elements.
+    """(forward, backward) elements/s of F.gelu and aten.gelu_backward on 512 K fp32 elements,
+    every rank busy (`_shared_timed`, as the matmul curve).
 
-    The roofline charges an elementwise op its bytes (FlopCounterMode counts no FLOPs for
-    GELU), but erf per element is compute-bound on CPUs: on 4 gloo ranks of 2 cores,
-    gpt-h256-b32 dp4's GELU (0.5 M elements) took 4.2 ms forward and 12.7 ms backward per call
-    (torch.profiler), ~0.5 and 1 ms at the memory bandwidth, about 31 ms of the step's
-    under-prediction. On GPUs it is memory-bound (the rate exceeds the roofline's and changes
-    nothing)."""
+    FlopCounterMode counts no FLOPs for GELU, so the roofline charges it its bytes alone; erf
+    per element may be slower than that (CPUs) or not (GPUs: memory-bound, the rate then
+    exceeds the roofline's and changes nothing). Measured on 4 gloo ranks of 2 cores (a shared
+    machine, load 2-6): 2-5.7 ns/element forward and 3.6-5.7 backward here, against 1-1.8 and
+    2-3.5 at the copy bandwidth. In gpt-h256-b32 dp4 training (0.5 M elements per call),
+    timed by perf_counter around the calls: medians 0.45 ms forward (0.9 ns/element) and
+    1.5 ms backward (2.9), means 0.8-1.7 and 3.6-5 ms (a rank descheduled mid-call); under
+    torch.profiler the same calls read 5-20 and 13-30 ms, so profiler figures of GELU
+    overstate it several-fold."""
     x = torch.randn(GELU_ELEMENTS, device=device)
     grad = torch.randn_like(x)
     forward = _shared_timed(lambda: torch.nn.functional.gelu(x), device)
