@@ -6,7 +6,6 @@ torch.arange so it depends on the traced sequence length only through shapes.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch

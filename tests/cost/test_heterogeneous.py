@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 
-import pcompile
 from pcompile.cluster import Cluster, CollectiveFit
 from pcompile.cost import CostOptions, cost_table, estimate_uniform, stage_memory_budget
 from pcompile.plan import Strategy

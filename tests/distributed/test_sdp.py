@@ -4,7 +4,6 @@ sdp, some dp, a tied weight shared by both), on the built-in GPT and MLP models.
 rank stores 1/dp of the sdp parameters, and between forward and backward no gathered parameter
 is alive but those of the last unit (ZeRO-3, not ZeRO-1: autograd keeps references to shards,
 not gathered weights)."""
-import pytest
 import torch
 import torch.fx as fx
 

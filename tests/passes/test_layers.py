@@ -1,6 +1,5 @@
 """Layer detection: the repeated blocks in order plus "pre" and "post"; without repeated
 blocks, one layer per top-level child. Every node gets a layer and layers are contiguous."""
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

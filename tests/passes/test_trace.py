@@ -1,6 +1,5 @@
 """Front end: fx capture keeps the model's names, computes the same loss, and the IR text
 form lists every node and parses back."""
-import pytest
 import torch
 
 from pcompile.ir import IR, target_name
