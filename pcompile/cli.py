@@ -1,6 +1,6 @@
 """The `pcompile` command (also `python -m pcompile`).
 
-  pcompile plan MODEL --cluster 8xA100-80GB [--memory 16GB] [--batch 8 --seq 2048] [--out plan.json]
+  pcompile plan MODEL --cluster 8xA100-80GB [--memory 16GB] [--batch 8[,16,...] --seq 2048] [--out plan.json]
                 [--json] [--debug-dir DIR] [--onnx DIR] [--plot DIR]
   pcompile explain plan.json
   pcompile run MODEL --plan plan.json [--local N] [--steps K]     (or under torchrun --nproc-per-node N)
@@ -183,11 +183,17 @@ def cmd_plan(args) -> int:
     from pcompile.api import PIPELINE
 
     cluster = load_cluster(args.cluster, args.memory)
+    batches = args.batch or [None]
+    meta = args.model != "gpt-tiny"
     with _progress("building the model"):
-        workload = load_workload(args.model, args.batch, args.seq, meta=args.model != "gpt-tiny")
+        workload = load_workload(args.model, batches[0], args.seq, meta=meta)
     with _progress("tracing, analysing (shapes, FLOPs, memory, layers) and searching"):
         space = {"pp_degrees": tuple(args.pp)} if args.pp else None
-        plan = pcompile.plan(workload.model, cluster, workload.inputs, search_space=space)
+        plan = pcompile.plan(workload.model, cluster, workload.inputs, search_space=space,
+                             global_batch=batches if len(batches) > 1 else None)
+    if len(batches) > 1 and plan.global_batch != batches[0]:  # the search chose another batch
+        with _progress(f"building the model for the chosen global batch {plan.global_batch}"):
+            workload = load_workload(args.model, plan.global_batch, args.seq, meta=meta)
     with _progress("rewriting the graph for the plan"):
         ir = pcompile.compile(workload.model, cluster, workload.inputs, plan=plan, debug_dir=args.debug_dir,
                               stop_after=PIPELINE[-1])
@@ -355,6 +361,17 @@ def cmd_demo(args) -> int:
     return demo_main(args.ranks)
 
 
+def _batches(text: str) -> list[int]:
+    """"8" or "8,16,32" -> the allowed global batches."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"cannot read global batch {text!r}: use e.g. 8 or 8,16,32") from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"global batch {text!r} must be positive")
+    return values
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pcompile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -363,7 +380,8 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("model")
     plan.add_argument("--cluster", required=True, help="preset (e.g. 8xA100-80GB), localN, or a cluster .json")
     plan.add_argument("--memory", help="memory budget per device, e.g. 16GB")
-    plan.add_argument("--batch", type=int, help="global batch (default 8 for built-in models)")
+    plan.add_argument("--batch", type=_batches, help="global batch (default 8 for built-in models), or several "
+                                                     "(8,16,32): the search picks the most samples/s")
     plan.add_argument("--seq", type=int, help="sequence length (built-in GPTs)")
     plan.add_argument("--pp", type=int, action="append",
                       help="allowed pipeline degree (repeat for several; default: searched)")

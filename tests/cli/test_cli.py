@@ -64,6 +64,15 @@ def test_plan_json_for_a_7b_model_on_the_meta_device():
     assert any("dp: out of memory" in c.verdict for c in plan.candidates)  # pure dp8 does not fit
 
 
+def test_plan_picks_the_global_batch_from_a_list():
+    result = pcompile_cli("plan", "gpt-tiny", "--cluster", "local4", "--batch", "4,8,16", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = Plan.from_dict(json.loads(result.stdout))
+    assert plan.global_batch in (4, 8, 16)
+    report = plan.explanation.split("global batch (the range allowed)")[1]
+    assert all(f"{b}: " in report for b in (4, 8, 16)) and "<- chosen" in report
+
+
 def test_explain_reads_the_plan_back(planned):
     out, _ = planned
     plan = Plan.from_json((out / "plan.json").read_text())
