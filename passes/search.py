@@ -167,26 +167,17 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
                          "use a device count the heads divide")
 
 
-def _search_at(batch: int, ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], cost,
-               summed) -> tuple[list[SearchResult], list[PcompileError]]:
-    """Every engine run's result (and error) at this global batch."""
-    cluster, devices = ctx.cluster, ctx.cluster.num_devices
+def _search_at(batch: int, runs: list[tuple], problem: dict, cost) -> tuple[list[SearchResult], list[PcompileError]]:
+    """Every engine run's result (and error) at this global batch; `problem`: the SearchProblem
+    fields every run shares."""
     results, errors = [], []
-    for fields, pins, mixed in engine_runs(ir, ctx, tps, layers, bool(summed)):
+    for fields, pins, mixed in runs:
         # a mixed run only looks for plans faster than the best so far: it has the baselines
         # of the uniform runs, and branch and bound then cuts most of the mixed space
         faster_than = min((r.step_time for r in results), default=math.inf) if mixed else math.inf
-        problem = SearchProblem(
-            layers=layers, num_devices=devices, devices_per_node=cluster.devices_per_node,
-            global_batch=batch, cost=cost(pins),
-            device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(devices)),
-            p2p_bandwidth=cluster.inter_node_bandwidth if cluster.num_nodes > 1 else cluster.intra_node_bandwidth,
-            p2p_latency=cluster.inter_node_latency if cluster.num_nodes > 1 else cluster.intra_node_latency,
-            space=SearchSpace(**{**SUPPORTED_SPACE, **fields}),
-            # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
-            rules=SearchRules(microbatches_at_least_pp=not summed))
         try:
-            found = run_engine(problem, faster_than)
+            found = run_engine(SearchProblem(**problem, global_batch=batch, cost=cost(pins),
+                                             space=SearchSpace(**{**SUPPORTED_SPACE, **fields})), faster_than)
         except PcompileError as exc:
             errors.append(exc)
             continue
@@ -222,8 +213,17 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     cost = cost_callback(ir, ctx, refused, dp_one=bool(summed))
     drop_first, drop_last = trivial_ends(ir)
     layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
+    runs = engine_runs(ir, ctx, tps, layers, bool(summed))
+    inter = cluster.num_nodes > 1
+    problem = dict(
+        layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
+        device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(cluster.num_devices)),
+        p2p_bandwidth=cluster.inter_node_bandwidth if inter else cluster.intra_node_bandwidth,
+        p2p_latency=cluster.inter_node_latency if inter else cluster.intra_node_latency,
+        # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
+        rules=SearchRules(microbatches_at_least_pp=not summed))
     batches = ctx.options.get("global_batches") or (batch_size(ctx),)
-    outcomes = {b: _search_at(b, ir, ctx, tps, layers, cost, summed) for b in batches}
+    outcomes = {b: _search_at(b, runs, problem, cost) for b in batches}
     found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
              if results}
     if not found:
