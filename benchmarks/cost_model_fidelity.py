@@ -53,9 +53,8 @@ MODELS = {
 }
 SPLITS = ((4, 1), (2, 2), (1, 4))  # (dp, tp) of the uniform plans, for the first six models
 UNIFORM = tuple(m for m in MODELS if not m.startswith(("gpt4", "mlp4")))
-# (model, label, Strategy fields of a pp = 1 plan) or (model, label, the search space narrowed to a pipeline)
-# (no tp_degrees: passes/search.py searched_plan pops it inside a list comprehension, a KeyError
-# on a second tp candidate; the search may pick tp2 inside the stages)
+# (model, label, Strategy fields of a pp = 1 plan) or (model, label, the search space narrowed to a
+# pipeline; the search may pick tp2 inside the stages)
 PIPE = dict(pp_degrees=(2,), sdp=(False,), checkpoint=(False,), splits=(1,))
 FEATURES = (
     ("gpt4-h256-b32", "sdp4", dict(dp=4, sdp=True)),

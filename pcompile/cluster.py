@@ -179,8 +179,10 @@ class Cluster:
     def wakeup_time(self, group_size: int, gap: float) -> float:
         """Seconds a collective on `group_size` ranks pays after `gap` seconds of compute
         (`wakeup`): linear in the gap between the measured points, the end points' beyond."""
+        if group_size <= 1 or not self.wakeup:  # presets: no measurement (the search's hot path)
+            return 0.0
         points = sorted((g, t) for size, g, t in self.wakeup if size == group_size)
-        if group_size <= 1 or not points:
+        if not points:
             return 0.0
         return float(np.interp(gap, [g for g, _ in points], [t for _, t in points]))
 

@@ -21,9 +21,10 @@ figures over a common wall-clock window in which every rank stays busy, `_shared
   eta = (t_compute + t_comm - t_both) / min(t_compute, t_comm), clipped to [0, 1], each time
   over samples of a common call count at least 0.3 s long (`_lockstep_timed`).
 
-Medians over repeats; per-rank figures are combined as the median rank for compute and, for
-collectives, the median rank's loop time less the median rank's burst (the loop runs in step). The JSON holds {"cluster": Cluster.to_dict(), "measurements":
-...}; `Cluster.from_profile(path)` loads it. The quick mode (tests) takes well under 30 s.
+Medians over samples; per-rank figures are combined as the median rank for compute and, for
+collectives, the median rank's loop time less the median rank's burst (the loop runs in step).
+The JSON holds {"cluster": Cluster.to_dict(), "measurements": ...}; `Cluster.from_profile(path)`
+loads it. The quick mode (tests) takes well under 30 s.
 """
 from __future__ import annotations
 
@@ -312,7 +313,7 @@ def _send(nbytes: int, device):
     return run  # a round trip: two sends
 
 
-def _overlap(device, repeats) -> float:
+def _overlap(device) -> float:
     n = 256
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     x = torch.ones(256 << 10, device=device)  # 1 MB
@@ -338,7 +339,6 @@ def measure_rank(mode: str = "quick") -> dict:
     """Run on every rank of a launched world: this rank's measurements."""
     device = _device()
     world = dist.get_world_size()
-    repeats = 5 if mode == "quick" else 15
     out = {"matmul_fp32": _matmul_curve(device, torch.float32, SIZES[mode]),
            "linear_fp32": _linear_curve(device, LINEAR_ROWS[mode]),
            "memory_bandwidth": _bandwidth(device), "op_overhead": _op_overhead(device),
@@ -358,7 +358,7 @@ def measure_rank(mode: str = "quick") -> dict:
         for nbytes in MESSAGES[mode]:
             both, burst = _collective_timed(_send(nbytes, device), device)  # a round trip: two sends
             out["collectives"].append(("send", 2, nbytes, max(both - burst, 0.0) / 2, both / 2, burst / 2))
-    out["overlap"] = _overlap(device, repeats) if world > 1 else 0.0
+    out["overlap"] = _overlap(device) if world > 1 else 0.0
     return out
 
 
