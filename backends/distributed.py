@@ -176,7 +176,7 @@ class CompiledModel:
     def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
         (as DDP does): per-call latency, not bandwidth, dominates small tensors. After backward,
-        not overlapped with it (pcompile.cost.runtime_options charges it so)."""
+        not overlapped with it (pcompile.cost.CostOptions.runtime charges it so)."""
         bucket: list[torch.Tensor] = []
         size = 0
         for i, grad in enumerate(grads):

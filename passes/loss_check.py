@@ -23,10 +23,10 @@ import inspect
 import torch.fx as fx
 
 from pcompile.errors import PcompileError
-from pcompile.ir import IR
+from pcompile.ir import IR, reads_inputs
+from pcompile.passes.tp_ops import REDUCTIONS  # at::Reduction's numbering
 from pcompile.passmanager import PassContext, register_pass
 
-AT_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # at::Reduction
 # Ops that carry the loss's terms through unchanged in kind: a sum stays a sum.
 TERMS = {"add", "sub", "neg", "float", "to", "_to_copy", "type", "clone", "contiguous", "squeeze", "view",
          "reshape"}
@@ -58,7 +58,7 @@ def reduction(gm: fx.GraphModule, node: fx.Node) -> str | None:
             return None
         i = names.index("reduction")
         value = node.args[i] if len(node.args) > i else node.kwargs.get("reduction", schema.arguments[i].default_value)
-        return AT_REDUCTIONS.get(value, str(value))
+        return REDUCTIONS[value] if isinstance(value, int) and 0 <= value < len(REDUCTIONS) else str(value)
     try:
         bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
     except (TypeError, ValueError):
@@ -71,18 +71,6 @@ def reduction(gm: fx.GraphModule, node: fx.Node) -> str | None:
     if size_average is not None or reduce is not None:  # the legacy flags win, as in torch (True if None)
         return "none" if reduce is False else "sum" if size_average is False else "mean"
     return args["reduction"]
-
-
-def _reads_inputs(node: fx.Node) -> bool:
-    """Whether `node`'s value is computed from a graph input (not only from parameters)."""
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop()
-        if current.op == "placeholder":
-            return True
-        seen.add(current)
-        frontier.extend(n for n in current.all_input_nodes if n not in seen)
-    return False
 
 
 def summed_terms(ir: IR) -> list[tuple[fx.Node, str]]:
@@ -98,7 +86,7 @@ def summed_terms(ir: IR) -> list[tuple[fx.Node, str]]:
         name = op_name(gm, node)
         if reduction(gm, node) == "sum":
             found.append((node, f"{name}(reduction='sum')"))
-        elif name in SUMS and _reads_inputs(node):
+        elif name in SUMS and reads_inputs(node):  # computed from the inputs, not only parameters
             found.append((node, f"{name}() of a tensor computed from the inputs"))
         elif name in TERMS:
             frontier.extend(node.all_input_nodes)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch.fx as fx
 
-from pcompile.ir import IR
+from pcompile.ir import IR, reads_inputs
 from pcompile.passes.tp_ops import embedding_parts, kind_of, linear_parts
 
 
@@ -27,20 +27,6 @@ def aliases(ir: IR) -> dict[str, list[str]]:
     for name, p in ir.gm.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(name)
     return {name: names for names in by_id.values() for name in names}
-
-
-def _reads_inputs(ir: IR, node: fx.Node) -> bool:
-    """Whether the values of `node` come from a graph input (token ids), not only from ranges
-    built from its sizes (positions): shape queries are not followed."""
-    frontier, seen = [node], set()
-    while frontier:
-        current = frontier.pop()
-        if current.op == "placeholder":
-            return True
-        seen.add(current)
-        frontier.extend(n for n in current.all_input_nodes
-                        if n not in seen and ir.has_meta(n) and ir.meta(n).shape is not None)
-    return False
 
 
 def vocab_embeddings(ir: IR, layer_degree: dict[str, int]) -> tuple[dict[fx.Node, int], list[str]]:
@@ -53,7 +39,8 @@ def vocab_embeddings(ir: IR, layer_degree: dict[str, int]) -> tuple[dict[fx.Node
         if degree == 1 or kind_of(ir.gm, node) != "embedding":
             continue
         parts = embedding_parts(ir.gm, node)
-        if not _reads_inputs(ir, parts.ids):
+        # token ids, not ranges built from sizes (positions): shape queries are not followed
+        if not reads_inputs(parts.ids, lambda n: ir.has_meta(n) and ir.meta(n).shape is not None):
             continue
         vocab = ir.gm.get_parameter(parts.weight).shape[0]
         if parts.unsupported:

@@ -54,8 +54,6 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.plan import Estimate, Strategy
 
-# Parameter + gradient + Adam's two moments, all fp32: 4 copies of the parameter bytes.
-ADAM_STATE_COPIES = 4
 MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 
 
@@ -419,7 +417,7 @@ def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: floa
 
     def t(op, nbytes, dtype_scale=act, copies=True, direction="fwd"):
         moved = nbytes * scale * dtype_scale
-        copy = _tp_copy_time(op, moved, device) if copies else 0.0
+        copy = _tp_copy_time(moved, device) if copies else 0.0
         return cluster.collective_time(op, moved, groups) + copy + (wake[direction] if moved > 0 else 0.0)
 
     # the parallel cross-entropy all-reduces its vectors in place (vocab_parallel._all_reduce)
@@ -435,7 +433,7 @@ def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: floa
     return fwd, bwd
 
 
-def _tp_copy_time(op: str, nbytes: float, device) -> float:
+def _tp_copy_time(nbytes: float, device) -> float:
     """Seconds of the copies pcompile.collectives makes around each tp collective besides the
     collective itself (the profile times the bare call): `_all_reduce` clones its input
     (x.contiguous().clone(), read + write of `nbytes`), `_all_gather` concatenates the gathered
@@ -465,10 +463,10 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     if s.dp > 1 and s.sdp:
         # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
         units = sdp_units(work, s.split)
-        gather = sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, _ in units)
+        gathers = [cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, _ in units]
+        gather = sum(gathers)
         # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
-        regather = 0.0 if s.checkpoint else sum(cluster.collective_time("all_gather", n * p_bytes, dp_groups)
-                                                for n, again in units if again)
+        regather = 0.0 if s.checkpoint else sum(t for t, (_, again) in zip(gathers, units) if again)
         scatter = sum(cluster.collective_time("reduce_scatter", n * p_bytes, dp_groups) for n, _ in units)
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)

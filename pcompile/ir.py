@@ -177,6 +177,19 @@ class IR:
         return rows
 
 
+def reads_inputs(node: fx.Node, follow=lambda n: True) -> bool:
+    """Whether `node`'s value is computed from a graph input (a placeholder), walking back
+    through the inputs `follow` accepts."""
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current.op == "placeholder":
+            return True
+        seen.add(current)
+        frontier.extend(n for n in current.all_input_nodes if n not in seen and follow(n))
+    return False
+
+
 def target_name(node: fx.Node) -> str:
     if node.op == "call_function":
         try:
