@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 
 from pcompile.cluster import Cluster
-from pcompile.cost import (CostOptions, boundary_bytes, example_batch, layer_cost, layer_work, switch_time,
-                           table_entries)
+from pcompile.cost import CostOptions, layer_cost, switch_time, table_entries
 from pcompile.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.layer_work import boundary_bytes, example_batch, layer_work
 
 
 class StageCosts:

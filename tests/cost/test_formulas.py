@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import pcompile
-from pcompile.cost import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, layer_work,
-                           ring_allreduce_time, sdp_units, switch_time, sync_buckets, sync_transient)
+from pcompile.cost import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, ring_allreduce_time,
+                           sdp_units, switch_time, sync_buckets, sync_transient)
+from pcompile.layer_work import layer_work
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.pipeline_cost import StageCost, simulate
 from pcompile.plan import Strategy

@@ -8,7 +8,8 @@ import math
 
 import pcompile
 from pcompile.cluster import CollectiveFit
-from pcompile.cost import LayerWork, _tp_comm
+from pcompile.cost import _tp_comm
+from pcompile.layer_work import LayerWork
 from pcompile.plan import Strategy
 from pcompile.profile import WAKEUP_BYTES, build_cluster
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.cluster import Cluster, Device, NodeGroup
-from pcompile.cost import LayerWork, OpWork, compute_times, layer_work
+from pcompile.cost import compute_times
+from pcompile.layer_work import LayerWork, OpWork, layer_work
 from pcompile.plan import Strategy
 from pcompile.profile import build_cluster
 from tests.cost.conftest import analyse

@@ -1,0 +1,210 @@
+"""What a layer does, for one tp degree, at the example batch: its ops' FLOPs and bytes, saved
+activations, parameters and tp collectives (`layer_work`), and the activation bytes between
+layers (`boundary_bytes`). Read from the annotated IR only (no cluster, no strategy): the cost
+model (pcompile.cost) prices this work on a cluster for a strategy.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from pcompile.ir import IR
+
+ZERO_COPY_METHODS = {"view", "transpose", "permute", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
+                     "size", "t", "split", "chunk", "narrow", "select", "as_strided", "view_as"}
+
+
+@dataclass(frozen=True)
+class OpWork:
+    flops: float  # forward FLOPs on this rank (after tp division), example batch
+    moved: float  # activation bytes read + written in forward (scales with the batch)
+    param_moved: float  # parameter bytes read in forward (does not)
+    linear: bool  # a Linear: operator split runs it as k chunks
+    grad: bool  # autograd runs a backward op for it
+    sp: bool  # outside the tp-split region of a tp layer: sequence parallel divides it by tp
+    # output elements on this rank (example batch) of a transcendental elementwise op (GELU: erf
+    # or tanh per element), charged at the device's measured GELU rates where it has them
+    # (compute-bound on CPUs, memory-bound on GPUs: `Device.gelu_rate`); 0 for every other op
+    transcendental: float = 0.0
+
+
+@dataclass(frozen=True)
+class ParamRead:
+    """An op reading parameters: what ZeRO-3 gathers for it when its layer is split (one unit per op)."""
+
+    numel: int  # elements read on this rank (a tied weight at each of its readers)
+    linear: bool  # operator split reads the weight as k pieces, each its own unit
+    saves: bool  # backward needs the value (the op has a floating-point activation input whose
+    # gradient multiplies by it: Linear, norms; not an Embedding's indices), so ZeRO-3 re-gathers it
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    ops: tuple[OpWork, ...]
+    saved: float  # activation bytes saved for backward on this rank (tp-split ones divided), example batch
+    saved_sp: float  # the same with sequence parallelism (every activation of a tp layer divided)
+    input_bytes: float  # activations entering the layer: what checkpointing keeps
+    largest_output: float  # the largest op output on this rank
+    param_numels: tuple[int, ...]  # parameter tensors charged to this layer, elements on this rank
+    largest_linear: int  # elements of the largest Linear weight on this rank
+    largest_param: int  # elements of the largest parameter tensor on this rank
+    reduce_fwd: tuple[float, ...] = ()  # tp all-reduce per row Linear (full activation bytes)
+    reduce_bwd: tuple[float, ...] = ()  # tp all-reduce per column Linear input, in backward
+    gather_bwd: tuple[float, ...] = ()  # tp all-gather of a scattered replicated operand's gradient
+    loss_fwd: tuple[float, ...] = ()  # the vocab-parallel cross-entropy's fp32 all-reduces (every dtype)
+    reads: tuple[ParamRead, ...] = ()  # the ops reading parameters, in graph order
+    last: bool = False  # holds the graph's last parameter read: ZeRO-3's last unit, kept for backward
+
+
+def example_batch(ir: IR) -> int:
+    """The example batch the IR's figures are for: dim 0 of the first tensor input."""
+    for node in ir.graph.nodes:
+        if node.op == "placeholder" and ir.has_meta(node) and ir.meta(node).shape:
+            return int(ir.meta(node).shape[0])
+    return 1
+
+
+def _linear(ir: IR, node: fx.Node):
+    from pcompile.passes.tp_rules import linear_parts
+
+    return linear_parts(ir.gm, node)
+
+
+def _is_tensor_op(ir: IR, node: fx.Node) -> bool:
+    return (node.op in ("call_module", "call_function", "call_method") and ir.has_meta(node)
+            and ir.meta(node).shape is not None)
+
+
+def _is_gelu(ir: IR, node: fx.Node) -> bool:
+    """A GELU: nn.GELU (call_module), F.gelu (fx's call_function) or aten.gelu (torch.export)."""
+    if node.op == "call_module":
+        return isinstance(ir.gm.get_submodule(node.target), torch.nn.GELU)
+    if node.op in ("call_function", "call_method"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        return name.split(".")[0] == "gelu"
+    return False
+
+
+def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
+    if node.op == "call_module":
+        return [(f"{node.target}.{n}", p) for n, p in ir.gm.get_submodule(node.target).named_parameters()]
+    if node.op == "get_attr":
+        try:
+            return [(node.target, ir.gm.get_parameter(node.target))]
+        except AttributeError:
+            return []
+    return []
+
+
+def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
+    """What `node` reads of the parameters (its module's, or get_attr inputs'), or None."""
+    tensors = _param_tensors(ir, node) + [t for i in node.all_input_nodes if i.op == "get_attr"
+                                          for t in _param_tensors(ir, i)]
+    if not tensors:
+        return None
+    floats = any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype)
+                 for i in node.all_input_nodes)
+    return ParamRead(sum(p.numel() // divisor(p) for _, p in tensors), _linear(ir, node) is not None, floats)
+
+
+def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
+    """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
+    (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
+    from pcompile.passes.tp_ops import embedding_parts, loss_parts  # lazy: passes/search imports pcompile.cost, which imports this module
+    from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
+
+    split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
+    if tp > 1:
+        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+        split_out, row, column, scatters = set(p.split_dim), p.row, p.column, p.scatters
+        embeddings, losses = p.embeddings, p.losses
+    split_names = {embedding_parts(ir.gm, n).weight for n in embeddings}
+    for node in column | row:
+        parts = linear_parts(ir.gm, node)
+        split_names |= {parts.weight} | ({parts.bias} if parts.bias and node in column else set())
+    # By tensor, not by name: a tied table is read as tok_emb.weight and as head.weight, and the
+    # layer that first reads it (the embedding's) is charged for it.
+    split_params = {id(ir.gm.get_parameter(name)) for name in split_names}
+    tp_layers = {ir.meta(n).layer for n in column}
+
+    def local(node) -> float:
+        return ir.meta(node).output_bytes / (tp if node in split_out else 1)
+
+    def divisor(param) -> int:
+        return tp if id(param) in split_params else 1
+
+    acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
+                       fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
+    last_reader = None
+    seen_params: set[int] = set()
+    for node in ir.graph.nodes:
+        if not ir.has_meta(node) or ir.meta(node).layer not in acc:
+            continue
+        meta, a = ir.meta(node), acc[ir.meta(node).layer]
+        for name, param in _param_tensors(ir, node):
+            if id(param) not in seen_params:
+                seen_params.add(id(param))
+                a["params"].append(param.numel() // divisor(param))
+        if not _is_tensor_op(ir, node):
+            continue
+        read = _param_read(ir, node, divisor)
+        if read is not None:
+            a["reads"].append(read)
+            last_reader = meta.layer
+        for source in node.all_input_nodes:
+            if ir.has_meta(source) and ir.meta(source).layer != meta.layer and source.op not in ("placeholder",
+                                                                                                "get_attr"):
+                a["inputs"].add(source)
+        is_linear = _linear(ir, node) is not None
+        # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
+        divided = node in split_out or node in row or node in losses
+        saved_split = (node in row) if is_linear else node in split_out or node in losses
+        a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
+        a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
+        zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
+        moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
+                                                        if ir.has_meta(i) and ir.meta(i).shape is not None)
+        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in _param_tensors(ir, node))
+        grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
+        elements = math.prod(meta.shape) / (tp if divided else 1) if _is_gelu(ir, node) else 0.0
+        a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
+                               sp=meta.layer in tp_layers and not divided and not is_linear,
+                               transcendental=elements))
+        a["largest"] = max(a["largest"], local(node))
+        if is_linear:
+            weight = ir.gm.get_parameter(linear_parts(ir.gm, node).weight)
+            a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
+        if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
+            a["fwd"].append(float(meta.output_bytes))
+        if node in losses:
+            rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
+            a["loss"] += [4.0 * rows] * 3
+    for source in {linear_parts(ir.gm, n).input for n in column}:
+        acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
+            float(ir.meta(source).output_bytes))
+    for user, source, _ in scatters:
+        acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
+    return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
+                             float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
+                             tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
+                             tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]), tuple(a["reads"]),
+                             layer == last_reader)
+            for layer, a in acc.items()}
+
+
+def boundary_bytes(ir: IR) -> list[float]:
+    """Activation bytes crossing from layer i to layers after it (the pipeline's p2p sends),
+    example batch; graph inputs are excluded (every stage reads its own)."""
+    index = {layer: i for i, layer in enumerate(ir.layers)}
+    out = [0.0] * max(len(ir.layers) - 1, 0)
+    for node in ir.graph.nodes:
+        if not ir.has_meta(node) or node.op in ("placeholder", "get_attr") or ir.meta(node).layer not in index:
+            continue
+        here = index[ir.meta(node).layer]
+        last = max((index.get(ir.meta(u).layer, here) for u in node.users if ir.has_meta(u)), default=here)
+        for i in range(here, last):
+            out[i] += ir.meta(node).output_bytes
+    return out
