@@ -113,7 +113,8 @@ def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
 def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
-    from pcompile.passes.tp_ops import embedding_parts, loss_parts  # lazy: passes import pcompile.cost, which imports this
+    # lazy: the passes import pcompile.cost, which imports this module
+    from pcompile.passes.tp_ops import embedding_parts, loss_parts
     from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
 
     split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
