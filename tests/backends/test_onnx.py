@@ -14,6 +14,7 @@ from onnx.reference import ReferenceEvaluator
 import pcompile
 from pcompile import collectives, sdp, vocab_parallel
 from pcompile.backends import onnx as export_onnx
+from pcompile.backends.onnx_reference import reference_ops
 from pcompile.errors import PcompileError
 from pcompile.layer_groups import layout_of
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
@@ -112,7 +113,7 @@ def _evaluates_like_torch(cm, model: onnx.ModelProto, rank: int, local: list, vo
     names = [v.name for v in model.graph.value_info] + [o.name for o in model.graph.output]
     assert len(names) > 10
     feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
-    got = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(names, feeds)
+    got = ReferenceEvaluator(model, new_ops=reference_ops()).run(names, feeds)
     for name, value in zip(names, got):
         np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
     loss = got[names.index(model.graph.output[0].name)]

@@ -12,6 +12,7 @@ from onnx.reference import ReferenceEvaluator
 import pcompile
 from pcompile import Plan, PcompileError, collectives
 from pcompile.backends import onnx as export_onnx
+from pcompile.backends.onnx_reference import reference_ops
 from pcompile.ir import IR
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.passes._fake import fake_run
@@ -139,7 +140,7 @@ def test_sp_from_the_input_to_the_loss_and_its_onnx_export(tmp_path):
     with collectives.simulate():
         expected = export_onnx.rank_module(cm.ir, cm.plan, 0)(*local)
     feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
-    (loss,) = ReferenceEvaluator(model, new_ops=export_onnx.reference_ops()).run(None, feeds)
+    (loss,) = ReferenceEvaluator(model, new_ops=reference_ops()).run(None, feeds)
     assert abs(float(loss) - expected.item()) < 1e-5
 
 
