@@ -207,12 +207,13 @@ def _collective(op: str, nbytes: int, group, size: int, device):
     return lambda: dist.reduce_scatter(part, inputs, group=group)
 
 
-def _after_compute(fn, device):
-    """(fn preceded by ~a layer's worth of compute, the compute alone)."""
-    a = torch.randn(128, 128, device=device)
+def _after_compute(fn, device, n: int = 128, count: int = 4):
+    """(fn preceded by a compute phase of `count` n x n matmuls, the phase alone); the default
+    is the fits' short burst."""
+    a = torch.randn(n, n, device=device)
 
     def burst():
-        for _ in range(4):
+        for _ in range(count):
             torch.mm(a, a)
 
     def both():
@@ -226,7 +227,7 @@ WAKEUP_BURSTS = ((128, 4), (128, 16), (256, 16))
 WAKEUP_BYTES = 1024
 
 
-def _wakeup(group, size: int, device) -> list[tuple[float, float]]:
+def _wakeup(group, device) -> list[tuple[float, float]]:
     """Per phase of WAKEUP_BURSTS: (seconds of the compute phase + a small all-reduce on
     `group`, of the phase alone), every rank running the same loop. `build_cluster` turns them
     into the extra cost of a collective after that much compute: each phase's (loop - phase)
@@ -243,20 +244,8 @@ def _wakeup(group, size: int, device) -> list[tuple[float, float]]:
     the scale of a layer's compute in the fidelity plans; a short phase costs less (a 4 KB
     all-reduce: 1.2 ms after 0.2 ms of compute, 3 ms after 0.9 ms), hence several phases."""
     x = torch.ones(WAKEUP_BYTES // 4, device=device)
-    out = []
-    for n, count in WAKEUP_BURSTS:
-        a = torch.randn(n, n, device=device)
-
-        def burst():
-            for _ in range(count):
-                torch.mm(a, a)
-
-        def both():
-            burst()
-            dist.all_reduce(x, group=group)
-        dist.barrier()
-        out.append((_lockstep_timed(both, device, 0.5), _shared_timed(burst, device)))
-    return out
+    return [_collective_timed(lambda: dist.all_reduce(x, group=group), device, 0.5, n, count)
+            for n, count in WAKEUP_BURSTS]
 
 
 def _lockstep_timed(fn, device: torch.device, seconds: float) -> float:
@@ -285,17 +274,17 @@ def _lockstep_timed(fn, device: torch.device, seconds: float) -> float:
     return statistics.median(samples)
 
 
-def _collective_timed(fn, device) -> tuple[float, float]:
-    """(seconds of the fits' burst + `fn`, of the burst alone) on this rank: the pair in
-    lockstep samples of 0.1 s or more (every rank makes the same calls), the burst as the
+def _collective_timed(fn, device, seconds: float = 0.1, n: int = 128, count: int = 4) -> tuple[float, float]:
+    """(seconds of a compute burst + `fn`, of the burst alone) on this rank: the pair in
+    lockstep samples of `seconds` or more (every rank makes the same calls), the burst as the
     compute figures (`_shared_timed`, every rank busy). `build_cluster` subtracts the ranks'
     medians. Both used to be `_timed` (a call count from one 10 ms call; the burst alone with
     ranks idling at the barrier, a fair share other than in the pair's loop) and the slowest
     rank's difference: the fitted latency of 2-rank all-reduces read 0.38, 0.76 and 1.4 ms in
     three profiles of one afternoon."""
-    both, burst = _after_compute(fn, device)
+    both, burst = _after_compute(fn, device, n, count)
     dist.barrier()
-    return _lockstep_timed(both, device, 0.1), _shared_timed(burst, device)
+    return _lockstep_timed(both, device, seconds), _shared_timed(burst, device)
 
 
 def _send(nbytes: int, device):
@@ -349,7 +338,7 @@ def measure_rank(mode: str = "quick") -> dict:
     out["collectives"], out["wakeup"] = [], []
     for size in sizes:
         group = _groups(world, size)
-        out["wakeup"].append((size, _wakeup(group, size, device)))
+        out["wakeup"].append((size, _wakeup(group, device)))
         for op in ("all_reduce", "all_gather", "reduce_scatter"):
             for nbytes in MESSAGES[mode]:
                 both, burst = _collective_timed(_collective(op, nbytes, group, size, device), device)
