@@ -42,6 +42,7 @@ from pcompile.ir import IR, ParamSharding
 from pcompile.passmanager import PassContext, register_pass
 from pcompile.passes._fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
+from pcompile.passes.tp_vocab import aliases
 
 AXIS = "dp"
 
@@ -285,10 +286,7 @@ def check_gathered_shapes(ir: IR, inputs: tuple, shardings: dict[str, ParamShard
 
 def _tied_across_tp_sdp_layers(ir: IR, reads: dict, layers: list[str]) -> str | None:
     """A parameter with several names (tied) read by one of `layers`, or None."""
-    names: dict[int, list[str]] = {}
-    for name, p in ir.gm.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    tied = {group[0] for group in names.values() if len(group) > 1}  # canonical = first name
+    tied = {names[0] for names in aliases(ir).values() if len(names) > 1}  # canonical = first name
     for node, slots in reads.items():
         if ir.meta(node).layer in layers:
             hit = next((r.name for r in slots.values() if r.name in tied), None)
@@ -304,8 +302,8 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     if not layers:
         return ir
     reads = parameter_reads(ir)
-    tied = _tied_across_tp_sdp_layers(ir, reads, [l for l in layers if ctx.plan.strategy_for(l).tp > 1])
-    if ctx.plan.pp > 1 and tied:
+    tp_layers = [layer for layer in layers if ctx.plan.strategy_for(layer).tp > 1]
+    if ctx.plan.pp > 1 and (tied := _tied_across_tp_sdp_layers(ir, reads, tp_layers)):
         # pp2·sdp2·tp2 with GPT's tied embedding/head: the head stage's chunk gets no gradient and
         # the tie all-reduce hangs (untied GPT and the MLP match serial under pp x sdp x tp)
         raise PcompileError(f"a tied parameter ({tied}) read by ZeRO-3 (sdp) layers with tp > 1 inside pipeline "
