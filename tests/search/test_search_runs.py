@@ -49,13 +49,18 @@ def test_pinned_layers_cannot_take_another_tp():
     assert np.isfinite(summed.fwd_time).tolist() == [[False, False, False, True]] * 3
 
 
+# a large vocabulary and short sequences: untied, the embedding and the LM head want different tp
+BIG_VOCAB = {"vocab_size": 8192, "seq_len": 8, "hidden": 64, "num_heads": 4, "num_layers": 2}
+
+
 def test_searched_plan_keeps_tied_layers_together_and_never_loses_to_uniform_runs():
-    for cfg in (TIED, UNTIED):
+    for tie in (True, False):
+        cfg = GPTConfig(**BIG_VOCAB, tie_head=tie)
         cluster = Cluster.local(4)
         mixed = pcompile.plan(GPT(cfg), cluster, gpt_inputs(cfg, 8), search_space={"pp_degrees": (1,)})
         tps = {a.layer: a.strategy.tp for a in mixed.layers}
-        if cfg.tie_head:
-            assert tps["pre"] == tps["post"], str(mixed)
+        # the pin binds: free, the two ends take different tp; tied, one
+        assert (tps["pre"] == tps["post"]) == tie, str(mixed)
         for tp in (1, 2, 4):  # every uniform run on its own
             uniform = pcompile.plan(GPT(cfg), cluster, gpt_inputs(cfg, 8),
                                     search_space={"pp_degrees": (1,), "tp_degrees": (tp,)})
