@@ -18,8 +18,10 @@ import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.distributed.device_mesh import init_device_mesh
 
-from pcompile import collectives, layer_groups, precision, reshard, sdp, vocab_parallel
-from pcompile.cost import GRAD_BUCKET_BYTES
+from pcompile.runtime import collectives, precision, batch_regroup, sdp, vocab_parallel
+
+from pcompile.backends import layer_groups
+from pcompile.cost.pricing import GRAD_BUCKET_BYTES
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, take_shards
 from pcompile.passes.pipeline_split import pipeline_of
@@ -37,7 +39,7 @@ def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
             if node.op == "call_function" and (node.target in collectives.COLLECTIVES
                                                or node.target in sdp.COLLECTIVES
                                                or node.target in vocab_parallel.COLLECTIVES
-                                               or node.target in reshard.COLLECTIVES):
+                                               or node.target in batch_regroup.COLLECTIVES):
                 node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
         module.recompile()
 
@@ -176,7 +178,7 @@ class CompiledModel:
     def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
         (as DDP does): per-call latency, not bandwidth, dominates small tensors. After backward,
-        not overlapped with it (pcompile.cost.CostOptions.runtime charges it so)."""
+        not overlapped with it (pcompile.cost.pricing.CostOptions.runtime charges it so)."""
         bucket: list[torch.Tensor] = []
         size = 0
         for i, grad in enumerate(grads):

@@ -18,11 +18,11 @@ dropout is exported as identity (ONNX inference semantics).
 Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp), the layout of
 `backends/distributed.py`'s DeviceMesh(("dp", "tp")). Plans whose layers use different (dp, tp)
 groupings (passes/reshard.py) also name degree axes ("tp4", "dp1") and batch axes ("batch1:2");
-their groups are the backend's, `pcompile.layer_groups.axis_groups`, and the batch regrouping
+their groups are the backend's, `pcompile.backends.layer_groups.axis_groups`, and the batch regrouping
 between layers becomes BatchGather / BatchSlice nodes.
 
 ZeRO-3 (sdp) layers: each rank's initializers hold its dp chunk of its tp shard of every sdp
-parameter, and each gather unit (`pcompile.sdp.sdp_gather`) is one SdpGather node with an input
+parameter, and each gather unit (`pcompile.runtime.sdp.sdp_gather`) is one SdpGather node with an input
 and an output per parameter. Its backward (the reduce-scatter of the gradients) is not in the
 file, like every other collective's.
 """
@@ -42,11 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from pcompile import collectives, reshard, sdp, vocab_parallel
+from pcompile.runtime import collectives, batch_regroup, sdp, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, take_shards, target_name
-from pcompile.layer_groups import axis_groups, layout_of
-from pcompile.passes._fake import fake_run
+from pcompile.backends.layer_groups import axis_groups, layout_of
+from pcompile.ir.fake import fake_run
 from pcompile.passes.reshard import local_param_shape
 from pcompile.plan import Plan
 
@@ -56,7 +56,7 @@ COLLECTIVE_OPS = {collectives.tp_copy: "TpCopy", collectives.tp_reduce: "TpReduc
                   collectives.tp_gather: "TpGather", collectives.tp_scatter: "TpScatter",
                   collectives.sp_split: "SpSplit", collectives.sp_gather: "SpGather",
                   collectives.sp_reduce_scatter: "SpReduceScatter", collectives.sp_unsplit: "SpUnsplit",
-                  reshard.batch_gather: "BatchGather", reshard.batch_slice: "BatchSlice"}
+                  batch_regroup.batch_gather: "BatchGather", batch_regroup.batch_slice: "BatchSlice"}
 _DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16,
            torch.float64: TensorProto.DOUBLE, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
            torch.bool: TensorProto.BOOL}
@@ -330,7 +330,7 @@ def _cross_entropy(g: _Graph, node: fx.Node, out: str) -> str:
 def _collective(g: _Graph, node: fx.Node, out: str) -> str:
     """A pcompile-domain node: axis, group size, this rank's group and the local output shape."""
     fn = node.target
-    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES + reshard.COLLECTIVES:
+    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES + batch_regroup.COLLECTIVES:
         x, dim, axis, size = node.args
         extra = {"dim": int(dim)}
     else:
@@ -360,7 +360,7 @@ def _item(g: _Graph, node: fx.Node, out: str) -> str:
 
 
 def _sdp_gather(g: _Graph, node: fx.Node, out: str) -> None:
-    """A ZeRO-3 unit's gather (pcompile/sdp.py) as one pcompile-domain node: per parameter, its
+    """A ZeRO-3 unit's gather (pcompile/runtime/sdp.py) as one pcompile-domain node: per parameter, its
     shard in and the tensor concatenated over the group along its entry of `dims` out."""
     shards, dims, axis, size = node.args
     ranks = g.group(axis)
@@ -401,7 +401,7 @@ def _runner(g: _Graph, node: fx.Node, out: str) -> str:
 
 
 def _vocab(g: _Graph, node: fx.Node, out: str) -> str:
-    """A vocab-parallel lookup or cross-entropy (pcompile/vocab_parallel.py) as a pcompile-domain
+    """A vocab-parallel lookup or cross-entropy (pcompile/runtime/vocab_parallel.py) as a pcompile-domain
     node, with this rank's first vocabulary row (`start`)."""
     if node.target is vocab_parallel.vocab_embedding:
         ids, weight, start, padding = node.args
@@ -466,7 +466,7 @@ FUNCTIONS = {
     torch.reshape: _reshape, torch.flatten: _reshape,
     F.dropout: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out), F.layer_norm: _layer_norm_call,
     # identity forward; it only scales a shared parameter's gradient in backward
-    reshard.grad_scale: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out),
+    batch_regroup.grad_scale: lambda g, n, out: g.add("Identity", [g.arg(n.args[0])], out),
     sdp.module_with: _module_with, sdp.sdp_module: _module_with, sdp.sdp_function: _runner, sdp.sdp_method: _runner,
     sdp.sdp_gather: _sdp_gather, torch.chunk: _chunk, operator.getitem: _item,
     **{fn: _collective for fn in COLLECTIVE_OPS},

@@ -9,7 +9,7 @@ from pcompile.backends.onnx import DOMAIN
 
 def reference_ops():
     """onnx.reference implementations of the pcompile ops as one rank sees them without peers
-    (the semantics of `pcompile.collectives.simulate()`): copy/reduce are identities, gather
+    (the semantics of `pcompile.runtime.collectives.simulate()`): copy/reduce are identities, gather
     repeats the local shard, scatter keeps chunk `rank_in_group`; the batch regrouping ops are
     the same gather / scatter along the batch dim, and SdpGather repeats each shard along its dim."""
     from onnx.reference.op_run import OpRun

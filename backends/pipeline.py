@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from pcompile import collectives, precision, sdp
+from pcompile.runtime import collectives, precision, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, ParamSharding
 from pcompile.passes.pipeline_split import PipelineSplit
@@ -133,7 +133,7 @@ class PipelineRuntime:
         _shard_parameters(self.modules, ir, self.coords)
         self.sdp_shardings = sdp_aliases(ir.gm)
         self.sdp_params = _shard_sdp(self.modules, self.sdp_shardings, self.coords)
-        self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.precision)
+        self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)
             self.sdp_params = {id(self.masters.master(p)) for m in self.modules for p in m.parameters()

@@ -1,6 +1,6 @@
 """Cost-model fidelity: predicted vs measured step time and peak memory on Cluster.local(4).
 
-1. Profile this machine with 4 gloo ranks (pcompile.profile.profile_cluster) -> a Cluster.
+1. Profile this machine with 4 gloo ranks (pcompile.cost.profile.profile_cluster) -> a Cluster.
 2. The plans: every (dp, tp) in {(4,1), (2,2), (1,4)} for GPT and MLPModel of several sizes and
    batches, and the other strategies on a 4-block GPT and MLP: ZeRO-3 (sdp), ZeRO-3 with
    operator split, activation checkpointing (with dp and with tp), sequence parallelism, and
@@ -9,10 +9,10 @@
 3. For each: compile, train with AdamW, time `train_step` (forward + backward + gradient sync;
    median over steps of the slowest rank, after warm-up) and record the peak memory per rank
    by tensor accounting (MemTracker over a whole step, optimizer step included).
-4. Predict each on the profiled cluster. pp = 1 plans: `pcompile.cost.estimate_uniform` with
+4. Predict each on the profiled cluster. pp = 1 plans: `pcompile.cost.pricing.estimate_uniform` with
    the runtime's gradient sync (CostOptions.runtime(): after backward, in 25 MiB buckets), as
    the search costs plans. Pipelines: the estimate the search wrote into the plan (its
-   objective over the stages' cost tables, pcompile.search_space.evaluate). Print predicted
+   objective over the stages' cost tables, pcompile.search.space.evaluate). Print predicted
    vs measured, the mean absolute % error of step times, the Spearman rank correlation of
    step times and the mean / worst % error of peak memory.
 
@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 import pcompile
-from pcompile.cost import CostOptions, estimate_uniform
+from pcompile.cost.pricing import CostOptions, estimate_uniform
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import Plan
 
@@ -198,7 +198,7 @@ def main(argv=None) -> None:
     if args.profile:
         cluster = pcompile.Cluster.from_profile(args.profile)
     else:
-        from pcompile.profile import profile_cluster
+        from pcompile.cost.profile import profile_cluster
 
         cluster = profile_cluster(WORLD, args.save_profile, quick=args.quick_profile)
     device = cluster.device_of(0)

@@ -97,7 +97,7 @@ def analyse(model, inputs, cluster) -> Analysed:
 def timed_search(a: Analysed) -> tuple[float, float]:
     """(wall, CPU) seconds of the search pass alone on the analysed IR, on one torch thread.
     Leaves the plan in a.ctx.plan and the SearchResult in a.ctx.options["search_result"]."""
-    from pcompile.passmanager import get_pass
+    from pcompile.ir.pass_manager import get_pass
 
     search = get_pass("search").fn
     threads = torch.get_num_threads()

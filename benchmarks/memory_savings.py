@@ -28,7 +28,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 import pcompile
 from pcompile.api import PIPELINE
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes.checkpoint import run_checkpointed
+from pcompile.runtime.checkpointing import run_checkpointed
 from pcompile.plan import LayerAssignment, Plan, Strategy
 
 PASSES = PIPELINE  # the full pipeline: operator_split and checkpoint run as in compile()

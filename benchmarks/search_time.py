@@ -6,7 +6,7 @@ large_models.py). Each model is built from its HuggingFace config on the meta de
 captured and analysed on fake tensors by pcompile's own passes (trace, shapes, flops, memory,
 layers: the first half of `pcompile.plan`, timed and reported apart); then the search pass
 alone is timed on that annotated IR, with torch on one thread: every cost table it asks for
-(pcompile.cost on the real IR), the engine's DPs and certification, the baselines and the
+(pcompile.cost.pricing on the real IR), the engine's DPs and certification, the baselines and the
 explanation, over the whole space (every valid tp, pp, micro-batch count, schedule, sdp,
 checkpointing, operator split).
 

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
 
 # Backward of a matmul-like op is two matmuls (input grad + weight grad) of the forward's size.
 BACKWARD_FACTOR = 2

@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 

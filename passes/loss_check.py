@@ -24,8 +24,8 @@ import torch.fx as fx
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, reads_inputs
-from pcompile.passes.tp_ops import REDUCTIONS  # at::Reduction's numbering
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.sharding.tp_ops import REDUCTIONS  # at::Reduction's numbering
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 # Ops that carry the loss's terms through unchanged in kind: a sum stays a sum.
 TERMS = {"add", "sub", "neg", "float", "to", "_to_copy", "type", "clone", "contiguous", "squeeze", "view",

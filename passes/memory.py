@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
 
 
 def _param_bytes(ir: IR) -> dict[fx.Node, int]:

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes.tp_rules import LinearParts, linear_parts
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.sharding.tp_rules import LinearParts, linear_parts
 
 
 def local_in_features(ir: IR, parts: LinearParts) -> int:

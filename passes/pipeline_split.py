@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.plan import LayerAssignment, Plan
 
 PIPELINE_KEY = "pcompile.pipeline"

@@ -1,6 +1,6 @@
 """Rewrite: layers with different (dp, tp) groupings inside one stage.
 
-A layer with tp = k runs on a (N/k, k) mesh (tp innermost, see pcompile/reshard.py). Layers
+A layer with tp = k runs on a (N/k, k) mesh (tp innermost, see pcompile/runtime/batch_regroup.py). Layers
 whose tp is the plan's default keep the axis names "dp" / "tp" the backend's default mesh
 binds; the others get axes named by their degree: their collectives (tp and sdp, found by
 the "tp" / "dp" argument and the group size after it), their parameters' tp shardings and
@@ -36,14 +36,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from pcompile import collectives, reshard, sdp
+from pcompile.runtime import collectives, batch_regroup, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 
-LAYOUT_KEY = "pcompile.mixed"  # gm.meta[LAYOUT_KEY]: MixedLayout, read by pcompile.layer_groups
+LAYOUT_KEY = "pcompile.mixed"  # gm.meta[LAYOUT_KEY]: MixedLayout, read by pcompile.backends.layer_groups
 UNKNOWN = "unknown"  # a value whose batch dependence cannot be resharded
 
 
@@ -200,8 +200,8 @@ def insert_reshards(ir: IR, dps: dict[str, int], dims: dict[fx.Node, object]) ->
                                     "compute batch sizes in the layer that uses them, or give both layers one dp")
             key = (source, layer)
             if key not in made:
-                fn, size = (reshard.batch_gather, a // b) if b < a else (reshard.batch_slice, b // a)
-                axis = reshard.reshard_axis(min(a, b), max(a, b))
+                fn, size = (batch_regroup.batch_gather, a // b) if b < a else (batch_regroup.batch_slice, b // a)
+                axis = batch_regroup.reshard_axis(min(a, b), max(a, b))
                 with ir.graph.inserting_before(node):
                     made[key] = ir.graph.call_function(fn, (source, dims[source], axis, size))
                 meta = ir.meta(made[key])
@@ -259,7 +259,7 @@ def scale_shared_reads(ir: IR, name: str, factors: dict[str, float]) -> None:
             with graph.inserting_before(node):
                 ref = graph.get_attr(node.target)
                 read = graph.get_attr(name)
-                scaled = graph.call_function(reshard.grad_scale, (read, factors[layer]))
+                scaled = graph.call_function(batch_regroup.grad_scale, (read, factors[layer]))
                 call = graph.call_function(sdp.module_with, (ref, {own[0]: scaled}) + tuple(node.args),
                                            dict(node.kwargs))
             for extra in (ref, read, scaled):
@@ -278,7 +278,7 @@ def _scale_get_attr(ir: IR, read: fx.Node, factors: dict[str, float]) -> None:
         if not users:
             continue
         with ir.graph.inserting_before(users[0]):
-            scaled = ir.graph.call_function(reshard.grad_scale, (read, factor))
+            scaled = ir.graph.call_function(batch_regroup.grad_scale, (read, factor))
         meta = ir.meta(scaled)
         meta.layer, meta.shape, meta.dtype, meta.sharding = layer, ir.meta(read).shape, ir.meta(read).dtype, "R"
         for user in users:
@@ -306,7 +306,7 @@ def check_batch_split(ir: IR, inputs: tuple, input_dp: int, dps: dict[str, int],
     """Run one rank's graph on fake tensors: every batched value holds 1/dp of its layer's batch."""
     local = _values(ir, part_of(inputs, input_dp))
     for node, value in local.items():
-        source = node.args[0] if node.target in reshard.COLLECTIVES else node
+        source = node.args[0] if node.target in batch_regroup.COLLECTIVES else node
         dim = dims.get(source)
         if dim is None or dim is UNKNOWN or not isinstance(value, torch.Size):
             continue

@@ -1,10 +1,10 @@
-"""Search pass: the plan, from the IR's costs, by the search engine (pcompile.search_engine).
+"""Search pass: the plan, from the IR's costs, by the search engine (pcompile.search.engine).
 
 The engine searches per-layer strategies (dp or sdp, checkpointing, operator split) under a
 global pipeline setting (pp, micro-batches, schedule) and a balanced stage partition, with a
-memory-knapsack DP per stage (see pcompile.search_dp for the maths). This pass states the
+memory-knapsack DP per stage (see pcompile.search.dp for the maths). This pass states the
 problem from the IR: layers, the cluster's per-rank memory, a cost callback that fills a
-CostTable per stage (pcompile.cost.cost_table's, built fast by pcompile.stage_costs), and a
+CostTable per stage (pcompile.cost.pricing.cost_table's, built fast by pcompile.cost.stage_costs), and a
 search space restricted to what the rewrite passes can run today:
 
 - tp must split every block (tp_rules finds the column/row Linear pairs; tp must divide the
@@ -30,19 +30,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from pcompile.baselines import NoFit
-from pcompile.cost import CostOptions, estimate_uniform
+from pcompile.search.baselines import NoFit
+from pcompile.cost.pricing import CostOptions, estimate_uniform
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.loss_check import summed_terms
 from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs, trivial_ends
 from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
-from pcompile.passes.tp_rules import plan_tensor_parallel
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.sharding.tp_rules import plan_tensor_parallel
+from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
-from pcompile.search_engine import SearchProblem, search as run_engine
-from pcompile.search_result import SearchResult, to_plan
-from pcompile.search_space import SearchRules, SearchSpace, tp_options
+from pcompile.search.engine import SearchProblem, search as run_engine
+from pcompile.search.result import SearchResult, to_plan
+from pcompile.search.space import SearchRules, SearchSpace, tp_options
 
 
 def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:

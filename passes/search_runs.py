@@ -1,6 +1,6 @@
 """The engine runs one search makes, and the cost tables each run sees (used by passes/search.py).
 
-A run is an engine search (pcompile.search_engine) over a SearchSpace, with a cost callback
+A run is an engine search (pcompile.search.engine) over a SearchSpace, with a cost callback
 whose tables mark as impossible what the rewrite passes cannot lower there:
 
 - uniform runs, one per valid tp degree, every layer at that tp: every pp, sdp, sp and
@@ -20,16 +20,16 @@ import itertools
 
 import numpy as np
 
-from pcompile.cost import CostOptions
-from pcompile.costtable import CostTable
+from pcompile.cost.pricing import CostOptions
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.reshard import param_layers
-from pcompile.passmanager import PassContext
+from pcompile.ir.pass_manager import PassContext
 from pcompile.plan import Strategy
-from pcompile.search_engine import StageQuery
-from pcompile.search_space import SearchSpace
-from pcompile.stage_costs import StageCosts
+from pcompile.search.engine import StageQuery
+from pcompile.search.space import SearchSpace
+from pcompile.cost.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
 SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
@@ -79,7 +79,7 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
 
 def cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]], dp_one: bool):
     """A factory of cost callbacks, one per engine run (its tied-group `pins`): tables of
-    pcompile.cost.cost_table, built by StageCosts (shared per-tp layer work, one table per class
+    pcompile.cost.pricing.cost_table, built by StageCosts (shared per-tp layer work, one table per class
     of equivalent stages) and kept per table so the engine's index memo hits."""
     costs = StageCosts(ir, ctx.cluster, CostOptions.runtime(bool(ctx.options.get("mixed_precision"))))
     cache: dict[tuple, CostTable] = {}
@@ -139,7 +139,7 @@ def narrow(space: dict, user: dict) -> dict | None:
         SearchSpace(**{**SUPPORTED_SPACE, **merged})
     except TypeError as exc:
         raise PcompileError(f"unknown search_space option: {exc}",
-                            "use fields of pcompile.search_space.SearchSpace (pp_degrees, tp_degrees, checkpoint, ...)")
+                            "use fields of pcompile.search.space.SearchSpace (pp_degrees, tp_degrees, checkpoint, ...)")
     return merged
 
 

@@ -46,13 +46,13 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompile import collectives
+from pcompile.runtime import collectives
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
-from pcompile.passes._fake import fake_run
+from pcompile.ir.fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
-from pcompile.passes.tp_ops import kind_of, linear_parts
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.sharding.tp_ops import kind_of, linear_parts
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 aten = torch.ops.aten
 AXIS = "tp"
@@ -353,6 +353,6 @@ def sequence_parallel(ir: IR, ctx: PassContext) -> IR:
     counts = ir.op_counts()
     names = ("sp_gather", "sp_reduce_scatter", "sp_split", "sp_unsplit")
     ctx.report.append("sequence parallel: " + ", ".join(
-        f"{counts.get('call_function:pcompile.collectives.' + n, 0)} {n}" for n in names)
+        f"{counts.get('call_function:pcompile.runtime.collectives.' + n, 0)} {n}" for n in names)
         + f"; {len(candidates)} nodes run on a 1/tp sequence chunk in {len(degree)} layer(s)")
     return ir

@@ -5,8 +5,8 @@ import torch
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
 
 
 def tensor_bytes(value) -> int:

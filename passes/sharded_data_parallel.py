@@ -2,7 +2,7 @@
 
 A parameter read by an sdp layer lives sharded over the "dp" mesh axis: each rank keeps a
 1/dp chunk along one dim. Its reads become explicit graph collectives: one `sdp_gather` node
-per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/sdp.py)
+per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/runtime/sdp.py)
 placed right before the unit's first op, and a getitem per parameter, freed after its last
 use. A unit is a layer (one collective per layer and direction, as FSDP per block), or one
 op in layers with operator splitting (split > 1): a weight the split reads as k pieces
@@ -16,7 +16,7 @@ and recomputes what the layer saves, the gathers included) and in the last unit 
 backward starts with it, so re-gathering it would only cost time (FSDP2 likewise keeps its
 root unsharded between forward and backward). Parameters keep their names in
 gm.named_parameters(); gm.meta[sdp.SHARDINGS_KEY] records each one's ParamSharding over dp,
-applied after any tensor-parallel split (`pcompile.sdp.param_shardings`).
+applied after any tensor-parallel split (`pcompile.runtime.sdp.param_shardings`).
 
 A tied parameter read by an sdp layer and a dp layer is sharded (the dp layer gathers it
 too). A parameter with no dim divisible by dp stays replicated and data parallel.
@@ -36,13 +36,13 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
-from pcompile import collectives, sdp
+from pcompile.runtime import collectives, sdp
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, ParamSharding
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
-from pcompile.passes.tp_vocab import aliases
+from pcompile.sharding.tp_vocab import aliases
 
 AXIS = "dp"
 

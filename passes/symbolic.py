@@ -24,7 +24,7 @@ import torch
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, META_KEY, NodeMeta
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 SYMBOLIC_KEY = "pcompile_symbolic"
 QUANTITIES = ("flops", "bwd_flops", "output_bytes", "saved_bytes")

@@ -21,14 +21,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from pcompile import collectives, vocab_parallel
+from pcompile.runtime import collectives, vocab_parallel
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta, ParamSharding
-from pcompile.passmanager import PassContext, register_pass
-from pcompile.passes._fake import fake_run
-from pcompile.passes.tp_ops import embedding_parts, kind_of, loss_parts
-from pcompile.passes.tp_rules import Propagation, linear_parts, plan_tensor_parallel
-from pcompile.passes.tp_vocab import aliases
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.fake import fake_run
+from pcompile.sharding.tp_ops import embedding_parts, kind_of, loss_parts
+from pcompile.sharding.tp_rules import Propagation, linear_parts, plan_tensor_parallel
+from pcompile.sharding.tp_vocab import aliases
 
 AXIS = "tp"
 

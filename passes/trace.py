@@ -16,7 +16,7 @@ import torch.fx as fx
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.passes.export import export_graph
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 CAPTURES = ("auto", "fx", "export")
 

@@ -4,7 +4,7 @@ from pcompile.cluster import Cluster, Device, NodeGroup
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
 from pcompile.launch import init_distributed, launch
-from pcompile.profile import profile_cluster
+from pcompile.cost.profile import profile_cluster
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
 
 __all__ = ["compile", "plan", "fingerprint", "launch", "init_distributed", "profile_cluster", "Cluster", "Device", "NodeGroup", "PcompileError", "IR",

@@ -7,11 +7,11 @@ import os
 
 import torch
 
-from pcompile import precision
+from pcompile.runtime import precision
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passmanager import PassContext, PassManager
+from pcompile.ir.pass_manager import PassContext, PassManager
 from pcompile.plan import Plan
 
 PIPELINE = [
@@ -27,7 +27,7 @@ PIPELINE = [
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)
     "sharded_data_parallel",  # ZeRO-3 layers: params sharded over dp, gathered per layer (per op if split)
     "reshard",          # layers at other (dp, tp) groupings: degree-named axes, batch regrouped between layers
-    "checkpoint",       # wrap each checkpointed layer's final nodes, collectives included, in one region
+    "activation_checkpoint",  # wrap each checkpointed layer's final nodes, collectives included, in one region
     "pipeline_split",   # last: cut the final graph, with every inserted collective, into stages
 ]
 PLAN_PIPELINE = PIPELINE[: PIPELINE.index("search") + 1]
@@ -96,7 +96,7 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
          mixed_precision: str | None = None, global_batch=None) -> Plan:
     """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched.
 
-    `search_space` narrows the search, with the fields of pcompile.search_space.SearchSpace,
+    `search_space` narrows the search, with the fields of pcompile.search.space.SearchSpace,
     e.g. {"pp_degrees": (1,)} for no pipelining or {"checkpoint": (False,)}.
     `mixed_precision` as in compile(): "bf16" costs bf16 parameters, gradients and activations
     with fp32 master weights and optimizer moments.
@@ -118,7 +118,7 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
     `passes` replaces the default pipeline (a list of registered pass names) for experiments.
     `mixed_precision="bf16"`: the rank's module computes in bf16 while cm.parameters() (what the
-    optimizer steps, what full_state_dict / checkpoints hold) are fp32 masters (pcompile.precision);
+    optimizer steps, what full_state_dict / checkpoints hold) are fp32 masters (pcompile.runtime.precision);
     None (the default) runs fp32 throughout.
     """
     from pcompile.backends import CompiledModel

@@ -346,9 +346,9 @@ def cmd_run(args) -> int:
 
 def cmd_profile(args) -> int:
     try:
-        from pcompile.profile import profile_cluster
+        from pcompile.cost.profile import profile_cluster
     except ModuleNotFoundError:
-        raise _error("this pcompile has no cluster profiler (pcompile.profile is missing)",
+        raise _error("this pcompile has no cluster profiler (pcompile.cost.profile is missing)",
                      "use a cluster preset (--cluster 8xA100-80GB) or update pcompile") from None
     result = profile_cluster()
     print(result.to_json() if hasattr(result, "to_json") else result)

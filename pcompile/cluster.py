@@ -8,7 +8,7 @@ Calibration is data too: a Device may carry its measured matmul curve and per-op
 a Cluster its measured collective fits (alpha-beta per collective, group size and link) and
 the measured overlap efficiency of communication with compute. Presets carry datasheet
 figures times a stated efficiency; `Cluster.from_profile(path)` loads what
-`pcompile.profile.profile_cluster` measured on the machine at hand.
+`pcompile.cost.profile.profile_cluster` measured on the machine at hand.
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class Cluster:
     overlap: float = 0.5
     # Measured (group size, compute seconds before the call, extra seconds): what a collective
     # pays on top of its fit when it follows that much compute (ranks sharing cores wake peers
-    # preempted by the others' compute; pcompile.profile._wakeup). Empty = nothing extra.
+    # preempted by the others' compute; pcompile.cost.profile._wakeup). Empty = nothing extra.
     wakeup: tuple[tuple[int, float, float], ...] = ()
 
     def __post_init__(self):
@@ -241,16 +241,16 @@ class Cluster:
 
     @staticmethod
     def from_profile(path) -> "Cluster":
-        """The cluster measured by `pcompile.profile.profile_cluster` (its JSON file at `path`)."""
+        """The cluster measured by `pcompile.cost.profile.profile_cluster` (its JSON file at `path`)."""
         try:
             with open(path) as f:
                 data = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             raise PcompileError(f"cannot read cluster profile {str(path)!r}: {exc}",
-                                "write one with pcompile.profile.profile_cluster(path=...)") from None
+                                "write one with pcompile.cost.profile.profile_cluster(path=...)") from None
         if "cluster" not in data:
             raise PcompileError(f"{str(path)!r} is not a cluster profile (no 'cluster' entry)",
-                                "write one with pcompile.profile.profile_cluster(path=...)")
+                                "write one with pcompile.cost.profile.profile_cluster(path=...)")
         return Cluster.from_dict(data["cluster"])
 
     # -- JSON ------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.pipeline_cost import schedule_order
+from pcompile.search.schedules import schedule_order
 from pcompile.plan import Plan
 
 GiB = 2**30

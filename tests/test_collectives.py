@@ -2,7 +2,7 @@
 binding keeps a destroyed gloo group (and its threads) alive."""
 import pytest
 
-from pcompile import collectives
+from pcompile.runtime import collectives
 
 
 def test_unbind_groups_forgets_every_key_of_those_groups_only():

@@ -9,7 +9,7 @@ from pcompile import Cluster, PcompileError, Plan
 from pcompile.api import PIPELINE, _context
 from pcompile.ir import IR, META_KEY
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passmanager import _REGISTRY, PassManager, get_pass, register_pass
+from pcompile.ir.pass_manager import _REGISTRY, PassManager, get_pass, register_pass
 
 CFG = GPTConfig(num_layers=2)
 
@@ -62,7 +62,7 @@ def test_debug_dir_dumps_every_pass(tmp_path):
     assert trace.startswith("# after pass 'trace' (frontend)")
     tp = (tmp_path / f"{PIPELINE.index('tensor_parallel'):02d}-tensor_parallel.txt").read_text()
     # 2 blocks x 2 pairs, + the LM head's copy and the vocab-parallel embedding's reduce
-    assert "+5 call_function:pcompile.collectives.tp_copy" in tp and "+5 call_function:pcompile.collectives.tp_reduce" in tp
+    assert "+5 call_function:pcompile.runtime.collectives.tp_copy" in tp and "+5 call_function:pcompile.runtime.collectives.tp_reduce" in tp
     # the dumped table is IR.format(): it parses back to the final graph's nodes
     table = tp.split("\n\n")[1]
     assert IR.parse(table) == IR.parse(cm.ir.format())

@@ -82,8 +82,8 @@ def test_tp_rewrite_of_random_gpts(cfg, tp):
     module, inputs = build("gpt", cfg, 2)
     ir = pcompile.compile(module, Cluster.local(tp), inputs, plan=Plan.uniform(tp=tp), stop_after="tensor_parallel")
     counts = ir.op_counts()
-    copies = counts.get("call_function:pcompile.collectives.tp_copy", 0)
-    reduces = counts.get("call_function:pcompile.collectives.tp_reduce", 0)
+    copies = counts.get("call_function:pcompile.runtime.collectives.tp_copy", 0)
+    reduces = counts.get("call_function:pcompile.runtime.collectives.tp_reduce", 0)
     # Megatron pairs per block; vocab parallelism adds the LM head's copy and the embedding's
     # reduce (and shards the token table, tied or not) when tp divides the vocabulary
     vocab = int(tp > 1 and cfg.vocab_size % tp == 0)

@@ -12,11 +12,11 @@ import torch.fx as fx
 from onnx.reference import ReferenceEvaluator
 
 import pcompile
-from pcompile import collectives, sdp, vocab_parallel
+from pcompile.runtime import collectives, sdp, vocab_parallel
 from pcompile.backends import onnx as export_onnx
 from pcompile.backends.onnx_reference import reference_ops
 from pcompile.errors import PcompileError
-from pcompile.layer_groups import layout_of
+from pcompile.backends.layer_groups import layout_of
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Plan, Strategy
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passmanager import PassContext, PassManager
+from pcompile.ir.pass_manager import PassContext, PassManager
 
 ANALYSES = ["trace", "shapes", "flops", "memory", "layers"]
 

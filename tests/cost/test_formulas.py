@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import pcompile
-from pcompile.cost import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, ring_allreduce_time,
+from pcompile.cost.pricing import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, ring_allreduce_time,
                            sdp_units, switch_time, sync_buckets, sync_transient)
-from pcompile.layer_work import layer_work
+from pcompile.cost.layer_work import layer_work
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.pipeline_cost import StageCost, simulate
+from pcompile.search.schedules import StageCost, simulate
 from pcompile.plan import Strategy
 from tests.cost.conftest import OneLinear, analyse
 

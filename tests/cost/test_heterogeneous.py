@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from pcompile.cluster import Cluster, CollectiveFit
-from pcompile.cost import CostOptions, cost_table, estimate_uniform, stage_memory_budget
+from pcompile.cost.pricing import CostOptions, cost_table, estimate_uniform, stage_memory_budget
 from pcompile.plan import Strategy
 
 MIXED = "4xA100-80GB+4xV100-32GB"

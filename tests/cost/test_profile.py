@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pcompile
-from pcompile.profile import fit_alpha_beta, profile_cluster
+from pcompile.cost.profile import fit_alpha_beta, profile_cluster
 
 
 def test_fit_alpha_beta_recovers_a_line():
@@ -33,7 +33,7 @@ def test_quick_profile_round_trips(tmp_path):
 
 
 def test_collective_points_are_median_loop_less_median_burst():
-    from pcompile.profile import build_cluster
+    from pcompile.cost.profile import build_cluster
 
     ms = 1e-3
     # two ranks; per point (.., rank's difference, loop, burst): loops 3 and 4 ms on both ranks (in

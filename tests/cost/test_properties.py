@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pcompile
-from pcompile.cost import CostOptions, cost_table
+from pcompile.cost.pricing import CostOptions, cost_table
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.passes.symbolic import SYMBOLIC_KEY, evaluate, layer_formulas
 from pcompile.plan import Strategy

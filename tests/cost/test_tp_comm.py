@@ -1,5 +1,5 @@
 """tp collectives are charged as the runtime runs them: the fitted collective, the copies
-pcompile.collectives makes around it, and the profiled wake-up cost after compute."""
+pcompile.runtime.collectives makes around it, and the profiled wake-up cost after compute."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,10 +8,10 @@ import math
 
 import pcompile
 from pcompile.cluster import CollectiveFit
-from pcompile.cost import _tp_comm
-from pcompile.layer_work import LayerWork
+from pcompile.cost.pricing import _tp_comm
+from pcompile.cost.layer_work import LayerWork
 from pcompile.plan import Strategy
-from pcompile.profile import WAKEUP_BYTES, build_cluster
+from pcompile.cost.profile import WAKEUP_BYTES, build_cluster
 
 
 def _cluster(wakeup=()):
@@ -86,7 +86,7 @@ def test_build_cluster_takes_the_fit_off_the_wakeup_loop():
 
 def test_linear_rate_caps_a_linear_at_its_intensity():
     from pcompile.cluster import Device
-    from pcompile.cost import op_time
+    from pcompile.cost.pricing import op_time
 
     # square matmuls reach 80 GFLOP/s at any size; a Linear of 10 FLOP/byte 20 GFLOP/s, of 100 FLOP/byte
     # 80 GFLOP/s; 40 FLOP/byte interpolates log-log: 20 * 4^(log 4 / log 10) GFLOP/s

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.cluster import Cluster, Device, NodeGroup
-from pcompile.cost import compute_times
-from pcompile.layer_work import LayerWork, OpWork, layer_work
+from pcompile.cost.pricing import compute_times
+from pcompile.cost.layer_work import LayerWork, OpWork, layer_work
 from pcompile.plan import Strategy
-from pcompile.profile import build_cluster
+from pcompile.cost.profile import build_cluster
 from tests.cost.conftest import analyse
 
 MS = 1e-3
@@ -61,7 +61,7 @@ class Gelus(nn.Module):
 
 @pytest.mark.parametrize("capture", ["fx", "export"])  # call_module / call_function F.gelu; aten.gelu
 def test_layer_work_counts_gelu_elements(capture):
-    from pcompile.passmanager import PassContext, PassManager
+    from pcompile.ir.pass_manager import PassContext, PassManager
     from tests.cost.conftest import ANALYSES
 
     ctx = PassContext(Gelus(), pcompile.Cluster.local(1), (torch.randn(4, 12), torch.randn(4, 16)), capture=capture)

@@ -1,6 +1,6 @@
 """Rank functions for the mixed-precision tests (module-level so they pickle).
 
-The bf16 reference is written out here, independently of pcompile.precision, so a bug in the
+The bf16 reference is written out here, independently of pcompile.runtime.precision, so a bug in the
 policy cannot cancel out: one process, the model cast to bf16 (as Megatron's module.bfloat16()),
 fp32 master copies stepped by AdamW, bf16 grads copied to fp32 master grads, masters copied
 back to the bf16 module before each forward.

@@ -67,7 +67,7 @@ def compare_example(kind, cfg, dp, tp, batch) -> dict:
     expected = serial(x, y)
     expected.backward()
     return {"case": f"{kind} {cfg} dp={dp} tp={tp} batch={batch}", "tp_nodes": sum(
-        n.op == "call_function" and n.target.__module__ == "pcompile.collectives" for n in cm.ir.graph.nodes),
+        n.op == "call_function" and n.target.__module__ == "pcompile.runtime.collectives" for n in cm.ir.graph.nodes),
         "loss_diff": abs(loss.item() - expected.item()),
         "grad_diff": _worst(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()})}
 

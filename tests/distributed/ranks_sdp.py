@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 import pcompile
-from pcompile import collectives, sdp
+from pcompile.runtime import collectives, sdp
 from pcompile.api import PIPELINE
 from pcompile.backends.distributed import CompiledModel
 from pcompile.passes.tensor_parallel import local_shape

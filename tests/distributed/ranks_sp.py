@@ -84,7 +84,7 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e
             for node in module.graph.nodes:
                 key = f"{node.op}:{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', '')}"
                 counts[key] = counts.get(key, 0) + 1
-    sp = {op: counts.get(f"call_function:pcompile.collectives.{op}", 0) for op in SP_OPS}
+    sp = {op: counts.get(f"call_function:pcompile.runtime.collectives.{op}", 0) for op in SP_OPS}
     cm.close()
     return {"model": model_name, "plan": str(plan).splitlines()[0], "loss_diff": loss_diff, "grad_diff": grad_diff,
             "sp_ops": sp, "seconds": time.perf_counter() - start}

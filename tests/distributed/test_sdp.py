@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 
 import pcompile
-from pcompile import Plan, sdp
+from pcompile import Plan
+from pcompile.runtime import sdp
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.plan import LayerAssignment, Strategy
 from tests.distributed.ranks_sdp import SDP_PIPELINE, compare_many

@@ -4,7 +4,7 @@ vocabulary tp cannot divide, nn.CrossEntropyLoss on [b, V, s] logits with ignore
 a sum, HuggingFace GPT-2 captured with torch.export; with ZeRO-3 and with the tied table on
 two pipeline stages). Loss after each of 3 AdamW steps and full gradients within 1e-5 of the
 serial model (fp32). In the same launch: fused q/k/v projections split block-wise
-(passes/tp_fused.py), GPT-2's c_attn and a toy attention cut by split and by chunk."""
+(pcompile/sharding/tp_fused.py), GPT-2's c_attn and a toy attention cut by split and by chunk."""
 import dataclasses
 
 import pytest

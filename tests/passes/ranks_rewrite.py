@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import pcompile
 from pcompile.api import PIPELINE
-from pcompile.passes.checkpoint import run_checkpointed
+from pcompile.runtime.checkpointing import run_checkpointed
 from pcompile.plan import LayerAssignment, Plan, Strategy
 from tests.distributed.ranks import MODELS, _max_diff
 

@@ -1,4 +1,4 @@
-"""Fused projections under tensor parallelism (passes/tp_fused.py): a Linear whose output is
+"""Fused projections under tensor parallelism (pcompile/sharding/tp_fused.py): a Linear whose output is
 split into equal q, k, v blocks is split block-wise (ParamSharding.blocks) instead of staying
 replicated; the split's sizes are divided by tp; a fused output read elsewhere stays whole."""
 import operator
@@ -8,7 +8,7 @@ import torch
 
 from pcompile import Plan
 from pcompile.ir import ParamSharding
-from pcompile.passes.tp_rules import plan_tensor_parallel
+from pcompile.sharding.tp_rules import plan_tensor_parallel
 from tests.distributed.ranks_vocab import OneBlock, fused_inputs as _inputs
 from tests.models import zoo
 from tests.toy import analyse, node

@@ -11,8 +11,8 @@ from pcompile.errors import PcompileError
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.passes.reshard import LAYOUT_KEY
 from pcompile.plan import LayerAssignment, Plan, Strategy
-from pcompile.reshard import batch_gather, batch_slice, grad_scale, reshard_groups
-from pcompile.collectives import tp_copy, tp_reduce
+from pcompile.runtime.batch_regroup import batch_gather, batch_slice, grad_scale, reshard_groups
+from pcompile.runtime.collectives import tp_copy, tp_reduce
 from tests.distributed.ranks_mixed import LinearFirstModel
 
 CFG = GPTConfig(num_layers=4)
@@ -38,10 +38,10 @@ def _layer(ir, node):
 def test_mixed_plan_inserts_batch_reshards_and_names_axes():
     ir = _ir(MIXED)
     counts = ir.op_counts()
-    assert counts["call_function:pcompile.reshard.batch_gather"] == 1
-    assert counts["call_function:pcompile.reshard.batch_slice"] == 2
-    assert counts["call_function:pcompile.reshard.grad_scale"] == 1
-    assert counts["call_function:pcompile.collectives.tp_copy"] == 8  # q/k/v and fc inputs of 4 blocks
+    assert counts["call_function:pcompile.runtime.batch_regroup.batch_gather"] == 1
+    assert counts["call_function:pcompile.runtime.batch_regroup.batch_slice"] == 2
+    assert counts["call_function:pcompile.runtime.batch_regroup.grad_scale"] == 1
+    assert counts["call_function:pcompile.runtime.collectives.tp_copy"] == 8  # q/k/v and fc inputs of 4 blocks
     # blocks.1 (dp2) -> blocks.2 (dp1): gather the two halves of the batch over ranks 2 apart
     (gather,) = _calls(ir, batch_gather)
     assert _layer(ir, gather) == "blocks.2" and _layer(ir, gather.args[0]) == "blocks.1"

@@ -10,12 +10,13 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 import pcompile
-from pcompile import Plan, PcompileError, collectives
+from pcompile import Plan, PcompileError
+from pcompile.runtime import collectives
 from pcompile.backends import onnx as export_onnx
 from pcompile.backends.onnx_reference import reference_ops
 from pcompile.ir import IR
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
-from pcompile.passes._fake import fake_run
+from pcompile.ir.fake import fake_run
 from pcompile.passes.tensor_parallel import local_shape
 from pcompile.plan import LayerAssignment, Strategy
 from tests.distributed.ranks_sp import TokenMLP, token_batch
@@ -48,8 +49,8 @@ def test_sp_blocks_gather_before_column_and_reduce_scatter_after_row_linears():
     assert _collectives(ir, "blocks.0") == ["sp_split"] + BLOCK  # entry: the residual stream from "pre"
     assert _collectives(ir, "blocks.1") == BLOCK + ["sp_unsplit"]  # exit: "post" reads the full stream
     counts = ir.op_counts()
-    assert counts["call_function:pcompile.collectives.sp_gather"] == 4
-    assert counts["call_function:pcompile.collectives.sp_reduce_scatter"] == 4
+    assert counts["call_function:pcompile.runtime.collectives.sp_gather"] == 4
+    assert counts["call_function:pcompile.runtime.collectives.sp_reduce_scatter"] == 4
     assert not any(n.target is collectives.tp_reduce for layer in ir.block_layers for n in ir.nodes_of(layer))
     # norm weights / biases and the row Linears' biases are what the tp_copy nodes read
     copied = [n.args[0].target for n in ir.nodes_of("blocks.0") if n.target is collectives.tp_copy]
@@ -66,7 +67,7 @@ def test_the_text_form_names_the_sequence_shards():
         assert r[name][-1] == "S(1)@tp", name
         assert r[name][3] == "[4,32,64]", name  # shapes stay global; the sharding says what is local
     assert r["layer_norm"][2] == "torch.nn.functional.layer_norm"  # the module became functional
-    assert r["sp_gather"][2] == "pcompile.collectives.sp_gather" and r["sp_gather"][-1] == "R"
+    assert r["sp_gather"][2] == "pcompile.runtime.collectives.sp_gather" and r["sp_gather"][-1] == "R"
     assert r["sp_unsplit"][-1] == "R" and r["sp_unsplit"][9] == "blocks.1"
     assert r["transpose"][-1] == "S(1)@tp"  # attention keeps its heads split (dim 1 of [b, heads, t, d])
     assert IR.parse(ir.format()) == [(n.name, n.op, r[n.name][2]) for n in ir.graph.nodes]
@@ -104,7 +105,7 @@ def test_only_the_sp_layers_change():
 
 
 def test_checkpointed_sp_layer_keeps_its_collectives_in_the_region():
-    ir = _gpt(_plan({0, 1}, checkpoint=True), stop_after="checkpoint")
+    ir = _gpt(_plan({0, 1}, checkpoint=True), stop_after="activation_checkpoint")
     region = ir.gm.get_submodule("pcompile_ckpt_blocks_0")
     names = [n.target.__name__ for n in region.graph.nodes if n.op == "call_function"
              and n.target in collectives.COLLECTIVES]
@@ -148,7 +149,7 @@ def test_the_search_can_ask_before_the_rewrite():
     """planned_shapes (from the propagation the search already runs) gives sp_problem the
     verdict the pass reaches after tensor_parallel."""
     from pcompile.passes.sequence_parallel import planned_shapes, sp_problem
-    from pcompile.passes.tp_rules import plan_tensor_parallel
+    from pcompile.sharding.tp_rules import plan_tensor_parallel
 
     cases = [(GPT(GPTConfig(seq_len=32)), gpt_inputs(GPTConfig(seq_len=32), 4), 4, None),
              (GPT(GPTConfig(seq_len=30)), gpt_inputs(GPTConfig(seq_len=30), 4), 4, "sequence of 30 tokens"),

@@ -10,8 +10,8 @@ from pcompile.ir import IR, ParamSharding
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from tests.toy import analyse, node, rows
 
-COPY = "call_function:pcompile.collectives.tp_copy"
-REDUCE = "call_function:pcompile.collectives.tp_reduce"
+COPY = "call_function:pcompile.runtime.collectives.tp_copy"
+REDUCE = "call_function:pcompile.runtime.collectives.tp_reduce"
 
 
 def _gpt_tp(tp: int, dp: int = 1, layers: int = 2, tie: bool = True) -> IR:
@@ -25,15 +25,15 @@ def test_two_block_gpt_has_two_copies_and_two_reduces_per_block():
     counts = ir.op_counts()
     # + the LM head's input copy and the vocab-parallel embedding's reduce (tests/passes/test_vocab_parallel.py)
     assert counts[COPY] == 4 + 1 and counts[REDUCE] == 4 + 1
-    assert "call_function:pcompile.collectives.tp_scatter" not in counts
+    assert "call_function:pcompile.runtime.collectives.tp_scatter" not in counts
     for block in ir.block_layers:
         ops = [n.target.__name__ for n in ir.nodes_of(block) if n.op == "call_function"
-               and n.target.__module__ == "pcompile.collectives"]
+               and n.target.__module__ == "pcompile.runtime.collectives"]
         # attention: copy (q,k,v share it) ... reduce after proj; MLP: copy ... reduce after out
         assert ops == ["tp_copy", "tp_reduce", "tp_copy", "tp_reduce"]
     # the rewrite is visible in the text form
     r = rows(ir)
-    assert r["tp_copy"][1:3] == ["call_function", "pcompile.collectives.tp_copy"] and r["tp_copy"][-1] == "R"
+    assert r["tp_copy"][1:3] == ["call_function", "pcompile.runtime.collectives.tp_copy"] and r["tp_copy"][-1] == "R"
     assert r["blocks_0_attn_q"][-1] == "S(2)@tp"
     assert r["transpose"][-1] == "S(1)@tp"  # [b, heads, t, d]: heads split
     assert IR.parse(ir.format()) == [(n.name, n.op, r[n.name][2]) for n in ir.graph.nodes]

@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
-from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel, view_groups, view_split_dim
+from pcompile.sharding.tp_rules import linear_parts, plan_tensor_parallel, view_groups, view_split_dim
 from tests.toy import Attention, TwoLinear, analyse, node
 
 

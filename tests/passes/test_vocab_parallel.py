@@ -1,17 +1,18 @@
 """Vocab parallelism in the IR (embedding -> vocab_embedding -> tp_reduce, LM head column-
 parallel, cross-entropy -> vocab_parallel_cross_entropy, one sharding for a tied table) and
-the run-time functions against torch's on 2 gloo ranks (pcompile/vocab_parallel.py)."""
+the run-time functions against torch's on 2 gloo ranks (pcompile/runtime/vocab_parallel.py)."""
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import pcompile
-from pcompile import Plan, collectives
+from pcompile import Plan
+from pcompile.runtime import collectives
 from pcompile.ir import ParamSharding
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes._fake import fake_run
-from pcompile.passes.tp_rules import plan_tensor_parallel
-from pcompile.vocab_parallel import vocab_embedding, vocab_parallel_cross_entropy, vocab_start
+from pcompile.ir.fake import fake_run
+from pcompile.sharding.tp_rules import plan_tensor_parallel
+from pcompile.runtime.vocab_parallel import vocab_embedding, vocab_parallel_cross_entropy, vocab_start
 from tests.models import zoo
 from tests.toy import analyse, node, rows
 

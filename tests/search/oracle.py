@@ -6,8 +6,8 @@ import math
 
 import numpy as np
 
-from pcompile.search_engine import SearchContext
-from pcompile.search_space import even_segments
+from pcompile.search.engine import SearchContext
+from pcompile.search.space import even_segments
 
 
 def partitions(L: int, pp: int):

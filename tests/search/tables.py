@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pcompile.costtable import CostTable
+from pcompile.search.costtable import CostTable
 
 
 class RandomCosts:

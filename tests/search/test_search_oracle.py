@@ -8,12 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pcompile.baselines import leanest_plan
-from pcompile.search_result import size_text
+from pcompile.search.baselines import leanest_plan
+from pcompile.search.result import size_text
 from pcompile.errors import PcompileError
-from pcompile.search_engine import SearchContext, SearchProblem, search
-from pcompile.search_result import to_plan
-from pcompile.search_space import SCHEDULES, SearchRules, SearchSpace, evaluate
+from pcompile.search.engine import SearchContext, SearchProblem, search
+from pcompile.search.result import to_plan
+from pcompile.search.space import SCHEDULES, SearchRules, SearchSpace, evaluate
 from pcompile.plan import Plan
 from tests.search.oracle import oracle, partitions
 from tests.search.tables import RandomCosts

@@ -9,7 +9,7 @@ import numpy as np
 from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, mixed_pins, tied_groups
 from pcompile.plan import Strategy
 from tests.cost.conftest import analyse
-from pcompile.search_engine import StageQuery
+from pcompile.search.engine import StageQuery
 from tests.search.tables import RandomCosts
 
 TIED = GPTConfig(vocab_size=128, seq_len=32, hidden=64, num_heads=4, num_layers=2)

@@ -51,7 +51,7 @@ def test_gpt_plan_uses_sp_and_compiles():
     assert "blocks.0" in sp and "blocks.1" in sp
     ir = pcompile.compile(model, cluster, inputs, plan=plan, stop_after="sequence_parallel")
     counts = ir.op_counts()
-    assert counts.get("call_function:pcompile.collectives.sp_reduce_scatter", 0) >= 2 * len(sp) - 2
+    assert counts.get("call_function:pcompile.runtime.collectives.sp_reduce_scatter", 0) >= 2 * len(sp) - 2
 
 
 def test_searched_sp_plan_trains_like_serial():

@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pcompile.costtable import CostTable
-from pcompile.pipeline_cost import StageCost, simulate
-from pcompile.search_engine import SearchProblem, search
-from pcompile.search_space import SearchRules, SearchSpace, Setting, settings as all_settings, strategies_for
+from pcompile.search.costtable import CostTable
+from pcompile.search.schedules import StageCost, simulate
+from pcompile.search.engine import SearchProblem, search
+from pcompile.search.space import SearchRules, SearchSpace, Setting, settings as all_settings, strategies_for
 from tests.search.tables import RandomCosts
 
 LAYERS = ("pre",) + tuple(f"blocks.{i}" for i in range(8)) + ("post",)

@@ -1,4 +1,4 @@
-"""StageCosts' tables equal pcompile.cost.cost_table's entry by entry (it only shares work),
+"""StageCosts' tables equal pcompile.cost.pricing.cost_table's entry by entry (it only shares work),
 and the search pass narrows tp as asked."""
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 
 import pcompile
 from pcompile.cluster import NodeGroup
-from pcompile.cost import CostOptions, cost_table
+from pcompile.cost.pricing import CostOptions, cost_table
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.search_space import SearchRules, SearchSpace, strategies_for
-from pcompile.stage_costs import StageCosts
+from pcompile.search.space import SearchRules, SearchSpace, strategies_for
+from pcompile.cost.stage_costs import StageCosts
 from tests.cost.conftest import analyse
 
 FIELDS = ("fwd_time", "bwd_time", "sync_time", "state_memory", "activation_memory", "temp_memory",

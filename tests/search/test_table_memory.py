@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from pcompile import Cluster
-from pcompile.cost import CostOptions, cost_table, estimate_uniform
+from pcompile.cost.pricing import CostOptions, cost_table, estimate_uniform
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.plan import Strategy
-from pcompile.search_space import Setting, evaluate
+from pcompile.search.space import Setting, evaluate
 from tests.cost.conftest import analyse
 
 ACTIVATION_HEAVY = (GPTConfig(vocab_size=128, seq_len=32, hidden=64, num_heads=4, num_layers=2), 8)

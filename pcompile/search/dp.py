@@ -33,9 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.costtable import CostTable
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
-from pcompile.search_space import Setting, even_segments, p2p_time
+from pcompile.search.space import Setting, even_segments, p2p_time
 
 FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's first layer (no switch)
 

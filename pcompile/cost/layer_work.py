@@ -1,7 +1,7 @@
 """What a layer does, for one tp degree, at the example batch: its ops' FLOPs and bytes, saved
 activations, parameters and tp collectives (`layer_work`), and the activation bytes between
 layers (`boundary_bytes`). Read from the annotated IR only (no cluster, no strategy): the cost
-model (pcompile.cost) prices this work on a cluster for a strategy.
+model (pcompile.cost.pricing) prices this work on a cluster for a strategy.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ def example_batch(ir: IR) -> int:
 
 
 def _linear(ir: IR, node: fx.Node):
-    from pcompile.passes.tp_rules import linear_parts
+    from pcompile.sharding.tp_rules import linear_parts
 
     return linear_parts(ir.gm, node)
 
@@ -113,9 +113,9 @@ def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
 def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
-    # lazy: the passes import pcompile.cost, which imports this module
-    from pcompile.passes.tp_ops import embedding_parts, loss_parts
-    from pcompile.passes.tp_rules import linear_parts, plan_tensor_parallel
+    # lazy: the passes import pcompile.cost.pricing, which imports this module
+    from pcompile.sharding.tp_ops import embedding_parts, loss_parts
+    from pcompile.sharding.tp_rules import linear_parts, plan_tensor_parallel
 
     split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
     if tp > 1:

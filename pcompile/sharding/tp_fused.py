@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passes.tp_ops import kind_of
+from pcompile.sharding.tp_ops import kind_of
 
 _LAYOUT_KEEPING = ("unary", "view", "transpose", "permute", "unsqueeze")
 

@@ -15,8 +15,8 @@ import math
 import numpy as np
 
 from pcompile.errors import PcompileError
-from pcompile.search_result import Baseline, size_text
-from pcompile.search_space import Setting, even_segments
+from pcompile.search.result import Baseline, size_text
+from pcompile.search.space import Setting, even_segments
 
 DESCRIPTIONS = {
     "dp": "pure data parallel on every device",

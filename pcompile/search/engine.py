@@ -2,9 +2,9 @@
 
 The caller states the problem (layers, devices, batch, per-rank memory, a callback that
 returns the CostTable of any stage, the space and the pruning rules); the search asks for
-the tables of every setting, runs the DPs of pcompile.search_dp with branch and bound over
+the tables of every setting, runs the DPs of pcompile.search.dp with branch and bound over
 settings, certifies the optimum on the memory grid, and returns the plan with per-layer
-explanation and the baselines of pcompile.baselines.
+explanation and the baselines of pcompile.search.baselines.
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from typing import Callable
 
 import numpy as np
 
-from pcompile.baselines import baselines, no_fit_error
-from pcompile.costtable import CostTable
+from pcompile.search.baselines import baselines, no_fit_error
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.plan import Strategy
-from pcompile.search_dp import SettingPlan, SettingSolver, TableIndex
-from pcompile.search_result import SearchResult, StagePlan, layer_choices
-from pcompile.search_space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, p2p_time, settings,
+from pcompile.search.dp import SettingPlan, SettingSolver, TableIndex
+from pcompile.search.result import SearchResult, StagePlan, layer_choices
+from pcompile.search.space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, p2p_time, settings,
                                    strategies_for)
 
 

@@ -33,10 +33,10 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from pcompile import collectives
+from pcompile.runtime import collectives
 from pcompile.ir import ParamSharding
 
-SHARDINGS_KEY = "pcompile.sdp"  # gm.meta[SHARDINGS_KEY]: parameter name -> ParamSharding over dp
+SHARDINGS_KEY = "pcompile.runtime.sdp"  # gm.meta[SHARDINGS_KEY]: parameter name -> ParamSharding over dp
 _LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # gathered parameters alive right now
 
 

@@ -190,8 +190,8 @@ def _groups(world: int, size: int):
 
 
 def _collective(op: str, nbytes: int, group, size: int, device):
-    """`op` in the call form the runtime issues it: list-based all_gather (pcompile.sdp's ZeRO-3
-    gathers, pcompile.collectives' tp gathers) and reduce_scatter (pcompile.sdp's gradients). On
+    """`op` in the call form the runtime issues it: list-based all_gather (pcompile.runtime.sdp's ZeRO-3
+    gathers, pcompile.runtime.collectives' tp gathers) and reduce_scatter (pcompile.runtime.sdp's gradients). On
     gloo the list reduce_scatter costs 2-4x the single-tensor one (measured on 4 ranks, 56 KB:
     21-23 ms vs 5-11 ms), so timing the tensor form under-charged every ZeRO-3 step."""
     elements = max(nbytes // 4, size)

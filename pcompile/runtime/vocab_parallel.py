@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pcompile import collectives
+from pcompile.runtime import collectives
 
 
 _SIMULATED = threading.local()

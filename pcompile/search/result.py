@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.costtable import CostTable
+from pcompile.search.costtable import CostTable
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
-from pcompile.search_space import PlanCost, Setting
+from pcompile.search.space import PlanCost, Setting
 
 GIB = 2**30
 

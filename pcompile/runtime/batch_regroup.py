@@ -23,7 +23,7 @@ import re
 
 import torch
 
-from pcompile import collectives
+from pcompile.runtime import collectives
 
 _AXIS = re.compile(r"^batch(\d+):(\d+)$")
 

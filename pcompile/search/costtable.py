@@ -1,7 +1,7 @@
 """The contract between the cost model and the search: per-layer costs of every strategy.
 
-The cost model (pcompile.cost) fills a `CostTable` for one pipeline setting (devices per
-stage, micro-batch size); the search (pcompile.search_dp) only reads tables, so it can be
+The cost model (pcompile.cost.pricing) fills a `CostTable` for one pipeline setting (devices per
+stage, micro-batch size); the search (pcompile.search.dp) only reads tables, so it can be
 tested on random tables against an exhaustive oracle.
 
 Arrays are numpy, indexed [layer, strategy]; an impossible (layer, strategy) pair has

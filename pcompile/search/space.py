@@ -29,9 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.costtable import CostTable
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
-from pcompile.pipeline_cost import SCHEDULES, peak_in_flight, schedule_order
+from pcompile.search.schedules import SCHEDULES, peak_in_flight, schedule_order
 from pcompile.plan import Strategy
 
 

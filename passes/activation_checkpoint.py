@@ -34,23 +34,13 @@ import operator
 
 import torch
 import torch.fx as fx
-import torch.utils.checkpoint
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
-from pcompile.passmanager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.runtime.checkpointing import call_module_ref, run_checkpointed
 
 PREFIX = "pcompile_ckpt_"
-
-
-def run_checkpointed(region: torch.nn.Module, *args):
-    """Run `region(*args)` keeping only `args` for backward; recompute the region in backward."""
-    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False)
-
-
-def call_module_ref(module: torch.nn.Module, *args, **kwargs):
-    """A module call inside a region, the module being a region input (see module docstring)."""
-    return module(*args, **kwargs)
 
 
 def region_name(layer: str) -> str:
@@ -169,8 +159,8 @@ def checkpoint_layer(ir: IR, layer: str) -> fx.Node | None:
     return call
 
 
-@register_pass("checkpoint", kind="rewrite")
-def checkpoint(ir: IR, ctx: PassContext) -> IR:
+@register_pass("activation_checkpoint", kind="rewrite")
+def activation_checkpoint(ir: IR, ctx: PassContext) -> IR:
     """Wrap each checkpointed layer's nodes into one non-reentrant torch.utils.checkpoint call."""
     if ctx.plan is None:
         return ir

@@ -1,4 +1,4 @@
-"""The search's cost tables, built fast and exactly equal to pcompile.cost.cost_table.
+"""The search's cost tables, built fast and exactly equal to pcompile.cost.pricing.cost_table.
 
 The search asks for a table per (stage, devices per stage, micro-batch size, strategies);
 cost_table recomputes each layer's work (tp_rules and a walk of the graph) per call and
@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 
 from pcompile.cluster import Cluster
-from pcompile.cost import CostOptions, layer_cost, switch_time, table_entries
-from pcompile.costtable import CostTable
+from pcompile.cost.pricing import CostOptions, layer_cost, switch_time, table_entries
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.layer_work import boundary_bytes, example_batch, layer_work
+from pcompile.cost.layer_work import boundary_bytes, example_batch, layer_work
 
 
 class StageCosts:

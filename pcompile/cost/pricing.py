@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcompile.cluster import Cluster
-from pcompile.costtable import CostTable
+from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
+from pcompile.cost.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
 from pcompile.plan import Estimate, Strategy
 
 MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
@@ -86,7 +86,7 @@ class CostOptions:
     def state_bytes(self) -> tuple[float, float, float]:
         """(parameter, gradient, optimizer) bytes per parameter element.
 
-        Mixed precision as pcompile.precision runs it (Megatron's bf16 default): the module's
+        Mixed precision as pcompile.runtime.precision runs it (Megatron's bf16 default): the module's
         bf16 parameters, fp32 master gradients (the bf16 ones are cast and freed after backward,
         and the dp all-reduce moves the fp32 ones), the fp32 master copy + moments: 2 + 4 + 12."""
         moments = MOMENTS[self.optimizer]
@@ -235,7 +235,7 @@ def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: floa
 
 
 def _tp_copy_time(nbytes: float, device) -> float:
-    """Seconds of the copies pcompile.collectives makes around each tp collective besides the
+    """Seconds of the copies pcompile.runtime.collectives makes around each tp collective besides the
     collective itself (the profile times the bare call): `_all_reduce` clones its input
     (x.contiguous().clone(), read + write of `nbytes`), `_all_gather` concatenates the gathered
     parts (torch.cat, read + write of the `nbytes` output), `_reduce_scatter` moves the scattered
@@ -468,9 +468,9 @@ def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: lis
 def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
     summed (with bucketed dp sync, the stage's buckets: `_stage_sync`), peak memory by
-    `pcompile.pipeline_cost.backward_peak` or, with bucketed dp gradient sync, at the sync's
+    `pcompile.search.schedules.backward_peak` or, with bucketed dp gradient sync, at the sync's
     flat buckets (`sync_transient`) if that is higher."""
-    from pcompile.pipeline_cost import backward_peak
+    from pcompile.search.schedules import backward_peak
 
     options = options or CostOptions()
     batch = example_batch(ir)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from pcompile.ir import IR, reads_inputs
-from pcompile.passes.tp_ops import embedding_parts, kind_of, linear_parts
+from pcompile.sharding.tp_ops import embedding_parts, kind_of, linear_parts
 
 
 def aliases(ir: IR) -> dict[str, list[str]]:

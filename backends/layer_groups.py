@@ -6,7 +6,7 @@ Axes, on N ranks numbered tp-innermost (the default mesh's "dp" / "tp" are built
 backend as before):
   "tp{k}":        groups of k consecutive ranks (rank r in group r // k, coordinate r % k);
   "dp{d}":        the dp axis of the (d, N/d) mesh: ranks equal modulo N/d (coordinate r // (N/d));
-  "batch{c}:{f}": the ranks that regroup the batch between dp = c and dp = f (pcompile.reshard).
+  "batch{c}:{f}": the ranks that regroup the batch between dp = c and dp = f (pcompile.runtime.batch_regroup).
 
 Gradient scaling: each rank's backward differentiates the sum of the last layer's part losses
 (the serial loss is their mean over `loss_dp` parts), so a replicated parameter's gradient is
@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pcompile import reshard, sdp
+from pcompile.runtime import batch_regroup, sdp
 from pcompile.errors import PcompileError
 from pcompile.passes.reshard import LAYOUT_KEY, MixedLayout, runtime_op
 
@@ -47,16 +47,16 @@ def axis_groups(axis: str, world: int) -> list[list[int]]:
             return [[g * size + i for i in range(size)] for g in range(world // size)]
         inner = world // size
         return [[c + j * inner for j in range(size)] for c in range(inner)]
-    pair = reshard.parse_axis(axis)
+    pair = batch_regroup.parse_axis(axis)
     if pair is None:
         raise PcompileError(f"the IR names mesh axis {axis!r}, which no backend mesh provides",
                             "this is a pcompile bug; please report it")
-    return reshard.reshard_groups(world, *pair)
+    return batch_regroup.reshard_groups(world, *pair)
 
 
 def _is_axis(name) -> bool:
     return isinstance(name, str) and (name in ("dp", "tp") or _DEGREE_AXIS.match(name) is not None
-                                      or reshard.parse_axis(name) is not None)
+                                      or batch_regroup.parse_axis(name) is not None)
 
 
 def _used_axes(ir, layout: MixedLayout) -> set[str]:

@@ -14,8 +14,8 @@ The backend then averages the master gradients over dp IN FP32 (cast first, then
 Megatron forces accumulate_allreduce_grads_in_fp32 for bf16) - a bf16 ring all-reduce rounds
 every partial sum to 8 bits, an error that grows with dp; fp32 costs twice the bytes.
 ZeRO-3 (sdp) parameters are the exception: their gradients are reduce-scattered inside the
-graph (pcompile.sdp) in the gradient's dtype, bf16 (FSDP2's default reduce_dtype = param_dtype),
-and become fp32 master gradients after that. Known gaps against pcompile.cost, which charges
+graph (pcompile.runtime.sdp) in the gradient's dtype, bf16 (FSDP2's default reduce_dtype = param_dtype),
+and become fp32 master gradients after that. Known gaps against pcompile.cost.pricing, which charges
 2-byte gradients: the dp all-reduce moves 4-byte ones, and from push_grads() to zero_grad()
 each parameter holds a 4-byte fp32 master gradient (18 bytes per parameter with Adam at the
 step, not 16).

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.passes.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
-from pcompile.passes.tp_fused import equal_blocks, only_layout_from
-from pcompile.passes.tp_vocab import disagreements, vocab_embeddings
+from pcompile.sharding.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
+from pcompile.sharding.tp_fused import equal_blocks, only_layout_from
+from pcompile.sharding.tp_vocab import disagreements, vocab_embeddings
 
 __all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "view_groups",
            "view_split_dim"]
@@ -273,7 +273,7 @@ def _size(ir, p, node, dim, degree, origins):
 
 def _cross_entropy(ir, p, node, dim, degree, origins):
     """Logits split along the class dim (an LM head split along the vocabulary): the parallel
-    cross-entropy (pcompile/vocab_parallel.py) computes the replicated loss from the shards."""
+    cross-entropy (pcompile/runtime/vocab_parallel.py) computes the replicated loss from the shards."""
     parts = loss_parts(ir.gm, node)
     if parts.unsupported:
         return parts.unsupported

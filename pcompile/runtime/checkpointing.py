@@ -1,0 +1,18 @@
+"""Activation checkpointing at run time: the ops the `activation_checkpoint` pass puts into
+the graph (passes/activation_checkpoint.py): a checkpointed layer's nodes become one region
+GraphModule run by `run_checkpointed`, and inside the region a call of module `m` (passed in
+as an input, so parameters keep their names and owners) is `call_module_ref(m, *args)`."""
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+
+
+def run_checkpointed(region: torch.nn.Module, *args):
+    """Run `region(*args)` keeping only `args` for backward; recompute the region in backward."""
+    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False)
+
+
+def call_module_ref(module: torch.nn.Module, *args, **kwargs):
+    """A module call inside a region, the module being a region input (see module docstring)."""
+    return module(*args, **kwargs)
