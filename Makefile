@@ -19,6 +19,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -28,7 +29,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 fuzz: $(STAMP)
-	PCOMPILE_FUZZ_EXAMPLES=1000 $(PY) -m pytest -q tests/fuzz
+	PCOMPILE_FUZZ_EXAMPLES=1000 PCOMPILE_FUZZ_SEED=$$(date +%s) HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -s tests/fuzz
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -14,43 +14,20 @@ import itertools
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.distributed.device_mesh import init_device_mesh
-
-from pcompile.runtime import collectives, precision, batch_regroup, sdp, vocab_parallel
 
 from pcompile.backends import layer_groups
-from pcompile.cost.pricing import GRAD_BUCKET_BYTES
+from pcompile.backends.groups import bind_axes, device_mesh
+from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, take_shards
-from pcompile.passes.pipeline_split import pipeline_of
+from pcompile.ir import IR
 from pcompile.plan import Plan
+from pcompile.runtime import collectives, precision
+from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
+from pcompile.runtime.params import gather_shards, take_shards
 
 _COMPILE_IDS = itertools.count()
 AXES = ("dp", "tp")
-
-
-def _bind_axes(gm: fx.GraphModule, keys: dict[str, str]) -> None:
-    for module in gm.modules():  # nested GraphModules too (checkpoint regions, pipeline stages)
-        if not isinstance(module, fx.GraphModule):
-            continue
-        for node in module.graph.nodes:
-            if node.op == "call_function" and (node.target in collectives.COLLECTIVES
-                                               or node.target in sdp.COLLECTIVES
-                                               or node.target in vocab_parallel.COLLECTIVES
-                                               or node.target in batch_regroup.COLLECTIVES):
-                node.args = tuple(keys.get(a, a) if isinstance(a, str) else a for a in node.args)
-        module.recompile()
-
-
-def gather_shards(local: torch.Tensor, sharding, groups: dict) -> torch.Tensor:
-    """Collective: the full tensor from every rank's chunk along `sharding.dim` (a copy when unsplit)."""
-    if sharding is None or sharding.size == 1:
-        return local.detach().clone()
-    parts = [torch.empty_like(local) for _ in range(sharding.size)]
-    dist.all_gather(parts, local.detach().contiguous(), group=groups[sharding.axis])
-    return sharding.join(parts)
 
 
 class CompiledModel:
@@ -75,7 +52,7 @@ class CompiledModel:
                 f"launch with torchrun --nproc-per-node {plan.num_devices} or pcompile.launch(fn, "
                 f"{plan.num_devices}), or plan for Cluster.local({world})")
         self.dp, self.tp = plan.default.dp, plan.default.tp
-        self.layout = layer_groups.layout_of(self.ir)  # per-layer (dp, tp) groupings, or None
+        self.layout = self.ir.mixed_layout  # per-layer (dp, tp) groupings, or None
         self.device = torch.device("cpu")
         if dist.is_initialized() and dist.get_backend() == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -84,7 +61,7 @@ class CompiledModel:
         gm = copy.deepcopy(self.ir.gm)
         gm.to(self.device)
         if world > 1:
-            mesh = init_device_mesh(self.device.type, (self.dp, self.tp), mesh_dim_names=AXES)
+            mesh = device_mesh(self.device.type, 1, self.dp, self.tp, AXES)
             self.groups = {axis: mesh.get_group(axis) for axis in AXES}
             self.coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
             layer_groups.add_axes(self.ir, self.groups, self.coords)  # layers at other (dp, tp) groupings
@@ -94,12 +71,13 @@ class CompiledModel:
                 collectives.bind_group(keys[axis], self.groups[axis])
             for tensor in itertools.chain(gm.parameters(), gm.buffers()):
                 dist.broadcast(tensor.data, src=0)
-            _bind_axes(gm, keys)
+            bind_axes(gm, keys)
         else:
             self.groups, self.coords = {}, {axis: 0 for axis in AXES}
-        take_shards(gm, self.ir.param_shardings, self.coords)  # tied weights stay one parameter
+        take_shards([gm], self.ir.param_shardings, self.coords)  # tied weights stay one parameter
         # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
-        self.sdp_shardings = sdp.shard_parameters(gm, sdp.param_shardings(self.ir.gm), self.coords)
+        take_shards([gm], self.ir.sdp_shardings, self.coords)
+        self.sdp_shardings = self.ir.sdp_shardings
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
@@ -107,14 +85,12 @@ class CompiledModel:
         return self
 
     def _lower_pipeline(self) -> "CompiledModel":
-        from pcompile.backends.pipeline import PipelineRuntime
-
-        split = pipeline_of(self.ir)
+        split = self.ir.pipeline
         if split is None:
             raise PcompileError(f"the plan has pp={self.plan.pp} but the IR was not cut into pipeline stages",
                                 "run the 'pipeline_split' pass last among the rewrites (pcompile.api.PIPELINE)")
         self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device,
-                                         next(_COMPILE_IDS), _bind_axes, self.compute_dtype)
+                                         next(_COMPILE_IDS), self.compute_dtype)
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
         self._lowered = True
         return self
@@ -177,16 +153,11 @@ class CompiledModel:
 
     def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
-        (as DDP does): per-call latency, not bandwidth, dominates small tensors. After backward,
-        not overlapped with it (pcompile.cost.pricing.CostOptions.runtime charges it so)."""
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, grad in enumerate(grads):
-            bucket.append(grad)
-            size += grad.numel() * grad.element_size()
-            if size >= bucket_bytes or i == len(grads) - 1:
-                self._average_bucket(bucket)
-                bucket, size = [], 0
+        (as DDP does: pcompile.runtime.buckets): per-call latency, not bandwidth, dominates small
+        tensors. After backward, not overlapped with it (CostOptions.runtime charges it so)."""
+        sizes = [g.numel() * g.element_size() for g in grads]
+        for start, stop in bucket_ranges(sizes, bucket_bytes):
+            self._average_bucket(grads[start:stop])
 
     def _average_bucket(self, bucket: list[torch.Tensor]) -> None:
         """One bucket: its flat copy is freed on return, before the next bucket is built."""
@@ -211,9 +182,9 @@ class CompiledModel:
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        sharding = getattr(self, "sdp_shardings", {}).get(name)
-        local = sdp.unshard(local, sharding, self.groups.get(sharding.axis if sharding else "dp"))  # dp, then tp
-        return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
+        zero3, tp = self.ir.sdp_shardings.get(name), self.ir.param_shardings.get(name)
+        local = gather_shards(local, zero3, self.groups.get(zero3.axis) if zero3 else None)  # dp, then tp
+        return gather_shards(local, tp, self.groups.get(tp.axis) if tp else None)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every rank gets the full tensors, named as in the original model's state_dict()."""

@@ -2,11 +2,8 @@
 the process groups of every axis the rewritten IR names, the input batch split by the first
 layer's dp, and gradients summed per parameter over its layer's dp group.
 
-Axes, on N ranks numbered tp-innermost (the default mesh's "dp" / "tp" are built by the
-backend as before):
-  "tp{k}":        groups of k consecutive ranks (rank r in group r // k, coordinate r % k);
-  "dp{d}":        the dp axis of the (d, N/d) mesh: ranks equal modulo N/d (coordinate r // (N/d));
-  "batch{c}:{f}": the ranks that regroup the batch between dp = c and dp = f (pcompile.runtime.batch_regroup).
+Axes beyond the default mesh's "dp" / "tp" ("tp{k}", "dp{d}", "batch{c}:{f}") get their
+groups from the rank layout, pcompile.mesh.axis_groups.
 
 Gradient scaling: each rank's backward differentiates the sum of the last layer's part losses
 (the serial loss is their mean over `loss_dp` parts), so a replicated parameter's gradient is
@@ -16,65 +13,28 @@ layer's dp group.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from pcompile.runtime import batch_regroup, sdp
 from pcompile.errors import PcompileError
-from pcompile.passes.reshard import LAYOUT_KEY, MixedLayout, runtime_op
-
-_DEGREE_AXIS = re.compile(r"^(tp|dp)(\d+)$")
-
-
-def layout_of(ir) -> MixedLayout | None:
-    """The mixed layout the reshard pass recorded (None: one grouping for every layer)."""
-    return ir.gm.meta.get(LAYOUT_KEY)
-
-
-def axis_groups(axis: str, world: int) -> list[list[int]]:
-    """Every group of the named axis, as lists of global ranks."""
-    match = _DEGREE_AXIS.match(axis)
-    if match:
-        kind, size = match.group(1), int(match.group(2))
-        if world % size:
-            raise PcompileError(f"axis {axis!r} needs a multiple of {size} ranks, {world} are running",
-                                "re-plan for this number of ranks")
-        if kind == "tp":
-            return [[g * size + i for i in range(size)] for g in range(world // size)]
-        inner = world // size
-        return [[c + j * inner for j in range(size)] for c in range(inner)]
-    pair = batch_regroup.parse_axis(axis)
-    if pair is None:
-        raise PcompileError(f"the IR names mesh axis {axis!r}, which no backend mesh provides",
-                            "this is a pcompile bug; please report it")
-    return batch_regroup.reshard_groups(world, *pair)
-
-
-def _is_axis(name) -> bool:
-    return isinstance(name, str) and (name in ("dp", "tp") or _DEGREE_AXIS.match(name) is not None
-                                      or batch_regroup.parse_axis(name) is not None)
+from pcompile.ir import MixedLayout
+from pcompile.mesh import Axis, axis_groups
+from pcompile.runtime import ops
 
 
 def _used_axes(ir, layout: MixedLayout) -> set[str]:
-    """The axes the IR's run-time ops, parameter shardings and gradient syncs name."""
+    """The axes the IR's collectives, parameter shardings and gradient syncs name."""
     axes = {layout.input_axis, layout.loss_axis} | {axis for axis, _ in layout.param_axes.values()}
-    axes |= {s.axis for s in ir.param_shardings.values()} | {s.axis for s in sdp.param_shardings(ir.gm).values()}
-    for module in ir.gm.modules():
-        if isinstance(module, fx.GraphModule):
-            for node in module.graph.nodes:
-                if runtime_op(node):
-                    axes |= {a for a in node.args if _is_axis(a)}
-    return axes
+    axes |= {s.axis for s in ir.param_shardings.values()} | {s.axis for s in ir.sdp_shardings.values()}
+    axes |= {ops.axis_of(node)[0] for _, node in ops.collectives_of(ir.gm)}
+    return {axis for axis in axes if Axis.parse(axis) is not None}
 
 
 def add_axes(ir, groups: dict, coords: dict) -> None:
     """Collective on every rank: create the process groups of the IR's axes beyond the default
     mesh's, in one order on every rank; add this rank's group and coordinate of each."""
-    layout = layout_of(ir)
+    layout = ir.mixed_layout
     if layout is None:
         return
     world, rank = dist.get_world_size(), dist.get_rank()

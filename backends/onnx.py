@@ -15,10 +15,10 @@ initializers holding this rank's shard (or typed graph inputs when the model liv
 meta device and has no values). The forward graph is exported (it returns the loss);
 dropout is exported as identity (ONNX inference semantics).
 
-Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp), the layout of
+Rank r sits at mesh coordinates (dp, tp) = divmod(r, tp) (pcompile.mesh), the layout of
 `backends/distributed.py`'s DeviceMesh(("dp", "tp")). Plans whose layers use different (dp, tp)
 groupings (passes/reshard.py) also name degree axes ("tp4", "dp1") and batch axes ("batch1:2");
-their groups are the backend's, `pcompile.backends.layer_groups.axis_groups`, and the batch regrouping
+their groups are pcompile.mesh's (as the backend's), and the batch regrouping
 between layers becomes BatchGather / BatchSlice nodes.
 
 ZeRO-3 (sdp) layers: each rank's initializers hold its dp chunk of its tp shard of every sdp
@@ -42,13 +42,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
-from pcompile.runtime import collectives, batch_regroup, sdp, vocab_parallel
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, take_shards, target_name
-from pcompile.backends.layer_groups import axis_groups, layout_of
+from pcompile.ir import IR, REPLICATED, Placement, target_name
 from pcompile.ir.fake import fake_run
-from pcompile.passes.reshard import local_param_shape
+from pcompile.mesh import group_of
 from pcompile.plan import Plan
+from pcompile.runtime import batch_regroup, collectives, ops, sdp, vocab_parallel
+from pcompile.runtime.params import take_shards
 
 DOMAIN = "pcompile"
 OPSET = 20  # Gelu and LayerNormalization are standard from here
@@ -75,10 +75,9 @@ def _check_rank(plan: Plan, rank: int) -> None:
 def group_ranks(plan: Plan, rank: int, axis: str) -> list[int]:
     """Global ranks of the `axis` group that `rank` belongs to. The default mesh's "dp" / "tp"
     are the degree axes of its own degrees (with pp = 1, the "tp{tp}" groups are the mesh's rows
-    and the "dp{dp}" groups its columns), so every axis resolves through the backend's axis_groups."""
+    and the "dp{dp}" groups its columns: pcompile.mesh lays them out for every backend)."""
     _check_rank(plan, rank)
-    degree_axis = {"dp": f"dp{plan.default.dp}", "tp": f"tp{plan.default.tp}"}.get(axis, axis)
-    return next(ranks for ranks in axis_groups(degree_axis, plan.num_devices) if rank in ranks)
+    return group_of(rank, axis, plan.num_devices, plan.default.dp, plan.default.tp)
 
 
 def coordinate(plan: Plan, rank: int, axis: str) -> int:
@@ -97,18 +96,17 @@ def rank_module(ir: IR, plan: Plan, rank: int) -> fx.GraphModule:
     any rank and with no process group)."""
     _check_rank(plan, rank)
     gm = copy.deepcopy(ir.gm)
-    sdp_shardings = sdp.param_shardings(ir.gm)
-    axes = {s.axis for s in (*ir.param_shardings.values(), *sdp_shardings.values())}
+    axes = {s.axis for s in (*ir.param_shardings.values(), *ir.sdp_shardings.values())}
     coords = {axis: coordinate(plan, rank, axis) for axis in axes}
-    take_shards(gm, ir.param_shardings, coords)  # tied weights stay one parameter
-    sdp.shard_parameters(gm, sdp_shardings, coords)
+    take_shards([gm], ir.param_shardings, coords)  # tied weights stay one parameter
+    take_shards([gm], ir.sdp_shardings, coords)
     return gm
 
 
 def local_inputs(ir: IR, plan: Plan) -> list[torch.Tensor]:
     """Meta tensors shaped like one rank's inputs: the global batch split along dim 0 over dp
     (a mixed plan's: the first layer's)."""
-    layout = layout_of(ir)
+    layout = ir.mixed_layout
     dp = plan.default.dp if layout is None else layout.input_dp
     inputs = []
     for node in ir.graph.find_nodes(op="placeholder"):
@@ -133,7 +131,7 @@ def _observe(ir: IR, plan: Plan) -> dict[str, object]:
         values[node.name] = tuple(map(local, value)) if several else local(value)
 
     with collectives.simulate():
-        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=local_param_shape(ir), grad=False)
+        fake_run(ir, tuple(local_inputs(ir, plan)), record, shard=ir.local_param_shape, grad=False)
     return values
 
 
@@ -157,13 +155,13 @@ class _Graph:
         self.current: fx.Node | None = None
         self.count = 0
         self.axes: set[str] = set()  # the mesh axes this rank's nodes and parameters name
-        self.layout = layout_of(ir)
-        self.sdp_shardings = sdp.param_shardings(ir.gm)
+        self.layout = ir.mixed_layout
+        self.sdp_shardings = ir.sdp_shardings
 
     def props(self) -> dict[str, str]:
         node, meta = self.current, self.ir.meta(self.current)
         return {"pcompile.node": node.name, "pcompile.target": target_name(node), "pcompile.layer": meta.layer or "-",
-                "pcompile.sharding": meta.sharding or "R"}
+                "pcompile.sharding": str(meta.placement or REPLICATED)}
 
     def add(self, op: str, inputs: list[str], output: str | None = None, domain: str = "",
             outputs: list[str] | None = None, **attrs) -> str:
@@ -192,13 +190,13 @@ class _Graph:
             return self.names[value.name]
         return self.const(np.asarray(value, dtype=like))
 
-    def parameter(self, tensor: torch.Tensor, sharding: str = "R") -> str:
+    def parameter(self, tensor: torch.Tensor, placement: Placement = REPLICATED) -> str:
         """An initializer holding this rank's tensor (a typed input when it lives on meta)."""
         name = self.canonical[id(tensor)]
         if name not in self.initializers and name not in {i.name for i in self.inputs}:
             tp_then_sdp = (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
             cuts = [c for c in tp_then_sdp if c is not None]
-            props = {"pcompile.sharding": ",".join(f"S({c.dim})@{c.axis}" for c in cuts) or sharding,
+            props = {"pcompile.sharding": str(Placement.of(*cuts) if cuts else placement),
                      "pcompile.shard_of": str(math.prod(c.size for c in cuts))}
             self.axes.update(c.axis for c in cuts)
             if self.layout is not None and name in self.layout.param_axes:
@@ -210,7 +208,8 @@ class _Graph:
                 self.inputs.append(info)
             else:
                 array = tensor.detach().cpu()
-                init = numpy_helper.from_array((array.float() if array.dtype == torch.bfloat16 else array).numpy(), name)
+                values = (array.float() if array.dtype == torch.bfloat16 else array).numpy()
+                init = numpy_helper.from_array(values, name)
                 helper.set_metadata_props(init, props)
                 self.initializers[name] = init
         return name
@@ -224,7 +223,7 @@ class _Graph:
             raise PcompileError(f"ONNX export: node {node.name} has dtype {dtype}, which has no ONNX type here",
                                 f"use one of {sorted(str(d) for d in _DTYPES)}")
         info = helper.make_tensor_value_info(name, _DTYPES[dtype], list(shape))
-        helper.set_metadata_props(info, {"pcompile.sharding": self.ir.meta(node).sharding or "R"})
+        helper.set_metadata_props(info, {"pcompile.sharding": str(self.ir.meta(node).placement or REPLICATED)})
         return info
 
 
@@ -330,7 +329,7 @@ def _cross_entropy(g: _Graph, node: fx.Node, out: str) -> str:
 def _collective(g: _Graph, node: fx.Node, out: str) -> str:
     """A pcompile-domain node: axis, group size, this rank's group and the local output shape."""
     fn = node.target
-    if fn in (collectives.tp_gather, collectives.tp_scatter) + collectives.SP_COLLECTIVES + batch_regroup.COLLECTIVES:
+    if ops.op_of(node).axis_arg == 2:  # (x, dim, axis, size)
         x, dim, axis, size = node.args
         extra = {"dim": int(dim)}
     else:
@@ -496,7 +495,7 @@ def _translate(g: _Graph, node: fx.Node) -> None:
         return  # a folded python value (a size, a device): consumers read it from g.values
     if node.op == "get_attr":
         g.names[node.name] = g.parameter(g.gm.get_parameter(node.target) if node.target in dict(
-            g.gm.named_parameters()) else g.gm.get_buffer(node.target), g.ir.meta(node).sharding or "R")
+            g.gm.named_parameters()) else g.gm.get_buffer(node.target), g.ir.meta(node).placement or REPLICATED)
         return
     if node.op == "call_module":
         translate = _module

@@ -26,14 +26,14 @@ import itertools
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
-from pcompile.runtime import collectives, precision, sdp
+from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, ParamSharding
-from pcompile.passes.pipeline_split import PipelineSplit
+from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
+from pcompile.runtime import collectives, precision
+from pcompile.runtime.params import gather_shards, take_shards
 
 AXES = ("pp", "dp", "tp")
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
@@ -42,49 +42,6 @@ SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": Sc
 def output_is_loss(output: torch.Tensor, target) -> torch.Tensor:
     """The last stage already computed the loss (the model's forward returns it)."""
     return output
-
-
-def _shard_parameters(modules: list[torch.nn.Module], ir: IR, coords: dict[str, int]) -> None:
-    """Keep this rank's chunk of every split parameter, once per owning module (stages may share one)."""
-    done: set[tuple[int, str]] = set()
-    for module in modules:
-        for name, _ in list(module.named_parameters(remove_duplicate=False)):
-            sharding = ir.param_shardings.get(name)
-            path, _, attr = name.rpartition(".")
-            owner = module.get_submodule(path) if path else module
-            if sharding is None or (id(owner), attr) in done:
-                continue
-            done.add((id(owner), attr))
-            full = getattr(owner, attr)
-            local = sharding.chunk(full.detach(), coords[sharding.axis]).clone()
-            setattr(owner, attr, torch.nn.Parameter(local, requires_grad=full.requires_grad))
-
-
-def sdp_aliases(gm: torch.fx.GraphModule) -> dict[str, ParamSharding]:
-    """Every name (tied aliases included) of each sdp parameter -> its sharding over dp."""
-    shardings = sdp.param_shardings(gm)
-    by_id = {id(gm.get_parameter(name)): sharding for name, sharding in shardings.items()}
-    return {name: by_id[id(p)] for name, p in gm.named_parameters(remove_duplicate=False) if id(p) in by_id}
-
-
-def _shard_sdp(modules: list[torch.nn.Module], shardings: dict[str, ParamSharding],
-               coords: dict[str, int]) -> set[int]:
-    """Keep this rank's dp chunk of every sdp parameter (taken from its tp shard), one chunk per
-    parameter object, so a parameter shared by two of this rank's stages stays shared. Returns
-    the ids of the chunks."""
-    chunks: dict[int, torch.nn.Parameter] = {}
-    for module in modules:
-        for name, full in list(module.named_parameters(remove_duplicate=False)):
-            sharding = shardings.get(name)
-            if sharding is None:
-                continue
-            if id(full) not in chunks:
-                local = sharding.chunk(full.detach(), coords[sharding.axis])
-                chunks[id(full)] = torch.nn.Parameter(local.clone(memory_format=torch.contiguous_format),
-                                                      requires_grad=full.requires_grad)
-            path, _, attr = name.rpartition(".")
-            setattr(module.get_submodule(path) if path else module, attr, chunks[id(full)])
-    return {id(p) for p in chunks.values()}
 
 
 def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None, group=None,
@@ -115,10 +72,11 @@ class PipelineRuntime:
     """This rank's stages, its schedule, and the groups they use."""
 
     def __init__(self, ir: IR, plan: Plan, split: PipelineSplit, model: torch.nn.Module, device: torch.device,
-                 uid: int, bind_axes, compute_dtype: torch.dtype | None = None):
+                 uid: int, compute_dtype: torch.dtype | None = None):
+
         self.ir, self.plan, self.split, self._model, self.device = ir, plan, split, model, device
         self.pp, self.dp, self.tp = plan.pp, plan.default.dp, plan.default.tp
-        self.mesh = init_device_mesh(device.type, (self.pp, self.dp, self.tp), mesh_dim_names=AXES)
+        self.mesh = device_mesh(device.type, self.pp, self.dp, self.tp, AXES)
         self.groups = {axis: self.mesh.get_group(axis) for axis in AXES}
         self.coords = {axis: self.mesh.get_local_rank(axis) for axis in AXES}
         keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp")}
@@ -130,9 +88,9 @@ class PipelineRuntime:
             broadcast_coalesced([t.data for t in itertools.chain(full.parameters(), full.buffers())], src_rank=0)
         mine = [s for s in split.stages if s.rank == self.coords["pp"]]
         self.modules = [stage_gms[s.index] for s in mine]
-        _shard_parameters(self.modules, ir, self.coords)
-        self.sdp_shardings = sdp_aliases(ir.gm)
-        self.sdp_params = _shard_sdp(self.modules, self.sdp_shardings, self.coords)
+        take_shards(self.modules, ir.param_shardings, self.coords)
+        self.sdp_shardings = ir.sdp_shardings
+        self.sdp_params = take_shards(self.modules, self.sdp_shardings, self.coords)
         self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)
@@ -212,7 +170,8 @@ class PipelineRuntime:
                 if p.grad is not None and id(p) not in self.sdp_params:
                     dist.all_reduce(p.grad, group=self.groups["dp"])
                     p.grad.div_(self.dp)
-        loss = torch.stack([x.detach().float() for x in losses]).mean() if self.is_last else torch.zeros((), device=self.device)
+        loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.is_last
+                else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
@@ -221,10 +180,9 @@ class PipelineRuntime:
 
     # -- full views, collective over every rank ----------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        from pcompile.backends.distributed import gather_shards  # distributed imports this module
-
-        local = sdp.unshard(local, self.sdp_shardings.get(name), self.groups["dp"])  # dp, then tp
-        return gather_shards(local, self.ir.param_shardings.get(name), self.groups)
+        zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
+        local = gather_shards(local, zero3, self.groups["dp"])  # dp, then tp
+        return gather_shards(local, tp, self.groups["tp"])
 
     def _from_owners(self, items: list[tuple[str, torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
         """Full tensors for (state_dict key, local tensor or None, tensor of the full shape) items:

@@ -50,8 +50,9 @@ def _profiled(fn, top: int):
 
 def run_one(name: str, layers: int | None, search: bool, profile: bool, queue) -> None:
     """In a fresh process: capture + analysis (timed: the headline), then the search on their IR."""
-    import pcompile
     from large_models import WORKLOADS, analyse, build, peak_rss_gb, plan_summary, timed_search
+
+    import pcompile
 
     w = WORKLOADS[CONFIGS[name]]
     model, inputs = build(w, layers)

@@ -222,7 +222,8 @@ def main(argv=None) -> None:
         m_err = 100 * (peak - measured_peak) / measured_peak
         rows.append((step, measured_time, t_err, m_err))
         print(f"{case.label:<{width}} {step * 1e3:9.2f} {measured_time * 1e3:9.2f} {t_err:7.1f} "
-              f"{peak / 2**20:9.2f} {measured_peak / 2**20:9.2f} {m_err:7.1f}" + ("  (search)" if case.searched else ""))
+              f"{peak / 2**20:9.2f} {measured_peak / 2**20:9.2f} {m_err:7.1f}"
+              + ("  (search)" if case.searched else ""))
     predicted, measured, t_errs, m_errs = (np.array(c) for c in zip(*rows))
     rho = spearman(predicted, measured)
     print(f"spearman={rho:.3f} time_mape_pct={np.mean(np.abs(t_errs)):.1f} "

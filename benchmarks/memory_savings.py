@@ -28,8 +28,8 @@ from torch.distributed._tools.mem_tracker import MemTracker
 import pcompile
 from pcompile.api import PIPELINE
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.runtime.checkpointing import run_checkpointed
 from pcompile.plan import LayerAssignment, Plan, Strategy
+from pcompile.runtime.checkpointing import run_checkpointed
 
 PASSES = PIPELINE  # the full pipeline: operator_split and checkpoint run as in compile()
 MB = 2**20

@@ -33,9 +33,9 @@ import torch
 
 import pcompile
 from pcompile.api import PLAN_PIPELINE, fingerprint
+from pcompile.ir.pass_manager import PassContext, PassManager
 from pcompile.models import GPT, GPT_CONFIGS, GPTConfig
 from pcompile.passes.search import searched_plan
-from pcompile.ir.pass_manager import PassContext, PassManager
 
 GB = 10**9  # Galvatron's budgets are decimal gigabytes of device memory
 TIGHT = (8, 12)  # the budgets under which the plan must strictly beat every baseline

@@ -26,8 +26,9 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before numpy / torch start their thread pools
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import pcompile  # noqa: E402
 from large_models import WORKLOADS, analyse, build, plan_summary, timed_search  # noqa: E402
+
+import pcompile  # noqa: E402
 
 # last-line key: (workload, target seconds)
 MODELS = {"bert": ("bert-large", 1.0), "llama7b": ("llama2-7b", 2.0), "gpt3": ("gpt3-175b", 10.0)}

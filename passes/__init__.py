@@ -1,7 +1,24 @@
-"""The passes (installed as pcompile.passes). Importing this package registers them all."""
-from pcompile.passes import flops, layers, memory, search, shapes, sharded_data_parallel, tensor_parallel, trace  # noqa: F401
-from pcompile.passes import activation_checkpoint, operator_split, sequence_parallel  # noqa: F401
-from pcompile.passes import symbolic  # noqa: F401
-from pcompile.passes import pipeline_split  # noqa: F401
-from pcompile.passes import reshard  # noqa: F401
-from pcompile.passes import loss_check  # noqa: F401
+"""The passes (installed as pcompile.passes), one file each, every one `(ir, ctx) -> ir` with the
+facts it requires and ensures (pcompile.ir.pass_manager). Importing this package registers
+them all, and the invariant the rewrites keep (passes/invariants.py).
+
+Helper modules that are not passes: export (torch.export capture, for trace), search_runs (the
+engine runs of the search pass), invariants."""
+from pcompile.passes import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
+    activation_checkpoint,
+    flops,
+    invariants,  # noqa: F401
+    layers,
+    loss_check,
+    memory,
+    operator_split,
+    pipeline_split,
+    reshard,
+    search,
+    sequence_parallel,
+    shapes,
+    sharded_data_parallel,
+    symbolic,
+    tensor_parallel,
+    trace,
+)

@@ -101,7 +101,7 @@ def _meta_like(ir: IR, node: fx.Node, layer: str, like: fx.Node | None = None) -
     if like is not None:
         src = ir.meta(like)
         meta.shape, meta.dtype, meta.value = src.shape, src.dtype, src.value
-        meta.output_bytes, meta.sharding = src.output_bytes, src.sharding
+        meta.output_bytes, meta.placement = src.output_bytes, src.placement
     return meta
 
 
@@ -123,7 +123,7 @@ def checkpoint_layer(ir: IR, layer: str) -> fx.Node | None:
     name = region_name(layer)
     if hasattr(ir.gm, name):
         raise PcompileError(f"internal error: layer {layer!r} is checkpointed twice",
-                            "run the checkpoint pass once per pipeline")
+                            "run the activation_checkpoint pass once per pipeline")
     ir.gm.add_submodule(name, build_region(body, inputs, outputs, modules))
     graph = ir.graph
     with graph.inserting_after(body[-1]):
@@ -159,11 +159,11 @@ def checkpoint_layer(ir: IR, layer: str) -> fx.Node | None:
     return call
 
 
-@register_pass("activation_checkpoint", kind="rewrite")
+@register_pass("activation_checkpoint", kind="rewrite",
+               requires=("tensor_parallel", "sequence_parallel", "operator_split", "sharded_data_parallel", "reshard"),
+               ensures=("activation_checkpoint",))
 def activation_checkpoint(ir: IR, ctx: PassContext) -> IR:
     """Wrap each checkpointed layer's nodes into one non-reentrant torch.utils.checkpoint call."""
-    if ctx.plan is None:
-        return ir
     layers = [layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint]
     done = [layer for layer in layers if checkpoint_layer(ir, layer) is not None]
     if not done:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from pcompile.ir import IR
-from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.ir.fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 # Backward of a matmul-like op is two matmuls (input grad + weight grad) of the forward's size.
 BACKWARD_FACTOR = 2
@@ -29,7 +29,7 @@ def sdpa_flops(q_shape, k_shape) -> int:
     return 2 * 2 * count * length * source * dim
 
 
-@register_pass("flops", kind="analysis")
+@register_pass("flops", kind="analysis", requires=("annotated",), ensures=("flops",))
 def flops(ir: IR, ctx: PassContext) -> IR:
     """FLOPs per node (forward exact from FlopCounterMode; backward = 2x forward)."""
     counted: dict[fx.Node, int] = {}

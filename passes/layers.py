@@ -28,7 +28,8 @@ _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
 
 
 def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
-    """Containers whose children are numbered 0..N-1 (N >= 2, or 1 in a ModuleList) and share one class: prefix -> (N, class)."""
+    """Containers whose children are numbered 0..N-1 (N >= 2, or 1 in a ModuleList) and share one
+    class: prefix -> (N, class)."""
     children: dict[str, list[tuple[int, type]]] = defaultdict(list)
     for name, module in model.named_modules():
         match = _NUMBERED.match(name) if "." in name else (re.match(r"^()(\d+)$", name))
@@ -121,7 +122,7 @@ def _explicit_blocks(nodes: list[fx.Node], blocks: list[str]) -> list[str | None
     return explicit
 
 
-@register_pass("layers", kind="analysis", establishes=("layers",))
+@register_pass("layers", kind="analysis", requires=("annotated",), ensures=("layers",))
 def layers(ir: IR, ctx: PassContext) -> IR:
     """Layer of every node: pre, the repeated blocks in order, post."""
     blocks, repeated = _blocks(ctx.model)

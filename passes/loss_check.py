@@ -6,95 +6,18 @@ the mean of equal-sized chunk means is the whole batch's mean. For a sum the res
 sum divided by dp x micro-batches: a wrong answer with no error. So a plan with dp > 1 in any
 layer, or pp > 1 with several micro-batches, is refused when the loss is a sum.
 
-What counts as a sum, walking back from the output through additions, negations, casts and
-scalings by a constant (the terms of the loss): a loss op whose `reduction` is "sum" (F.*, an
-nn.*Loss module, or the aten op of a torch.export capture, whose reduction is an int: 0 none,
-1 mean, 2 sum), or a full `.sum()` of a tensor computed from the inputs. A division by a tensor
-(`sum / x.shape[0]`, `sum / mask.sum()`) stops the walk: it is a normalisation, not a sum. A
-sum over parameters only (an L2 penalty) is the same on every rank, so averaging keeps it.
+What counts as a sum: pcompile.sharding.loss_terms.summed_terms (a loss op with
+reduction="sum", a full .sum() of a tensor computed from the inputs, through the loss's terms).
 
 Why refuse rather than scale the loss by dp x micro-batches: the per-layer dp groupings
 (reshard) average gradients over different groups, and that rescaling is not verified exact.
 """
 from __future__ import annotations
 
-import inspect
-
-import torch.fx as fx
-
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, reads_inputs
-from pcompile.sharding.tp_ops import REDUCTIONS  # at::Reduction's numbering
+from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, register_pass
-
-# Ops that carry the loss's terms through unchanged in kind: a sum stays a sum.
-TERMS = {"add", "sub", "neg", "float", "to", "_to_copy", "type", "clone", "contiguous", "squeeze", "view",
-         "reshape"}
-SCALINGS = {"mul", "truediv", "div"}  # by a constant: still a sum; by a tensor: a normalisation
-SUMS = {"sum", "nansum"}
-
-
-def op_name(gm: fx.GraphModule, node: fx.Node) -> str:
-    """"add", "sum", "cross_entropy", "cross_entropy_loss", "CrossEntropyLoss"... whatever the capture."""
-    if node.op == "call_module":
-        return type(gm.get_submodule(node.target)).__name__
-    if node.op == "call_method":
-        return node.target
-    if node.op == "call_function":
-        return getattr(node.target, "_opname", None) or getattr(node.target, "__name__", "")
-    return ""
-
-
-def reduction(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """The `reduction` a loss node applies ("none", "mean", "sum", ...), or None for other ops."""
-    if node.op == "call_module":
-        return getattr(gm.get_submodule(node.target), "reduction", None)  # the module resolved legacy flags
-    if node.op != "call_function":
-        return None
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None:  # aten: the reduction is an int argument
-        names = [a.name for a in schema.arguments]
-        if "reduction" not in names:
-            return None
-        i = names.index("reduction")
-        value = node.args[i] if len(node.args) > i else node.kwargs.get("reduction", schema.arguments[i].default_value)
-        return REDUCTIONS[value] if isinstance(value, int) and 0 <= value < len(REDUCTIONS) else str(value)
-    try:
-        bound = inspect.signature(node.target).bind(*node.args, **node.kwargs)
-    except (TypeError, ValueError):
-        return None
-    bound.apply_defaults()
-    args = bound.arguments
-    if "reduction" not in args:
-        return None
-    size_average, reduce = args.get("size_average"), args.get("reduce")
-    if size_average is not None or reduce is not None:  # the legacy flags win, as in torch (True if None)
-        return "none" if reduce is False else "sum" if size_average is False else "mean"
-    return args["reduction"]
-
-
-def summed_terms(ir: IR) -> list[tuple[fx.Node, str]]:
-    """(node, how it sums) for each term of the output loss that is a sum over the batch."""
-    gm, found = ir.gm, []
-    output = next(n for n in ir.graph.nodes if n.op == "output")
-    frontier, seen = list(output.all_input_nodes), set()
-    while frontier:
-        node = frontier.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        name = op_name(gm, node)
-        if reduction(gm, node) == "sum":
-            found.append((node, f"{name}(reduction='sum')"))
-        elif name in SUMS and reads_inputs(node):  # computed from the inputs, not only parameters
-            found.append((node, f"{name}() of a tensor computed from the inputs"))
-        elif name in TERMS:
-            frontier.extend(node.all_input_nodes)
-        elif name in SCALINGS:
-            constants = [a for a in node.args if not isinstance(a, fx.Node)]
-            if len(constants) + 1 == len(node.args) and 0 not in constants:  # one tensor, scaled (not zeroed)
-                frontier.extend(node.all_input_nodes)
-    return found
+from pcompile.sharding.loss_terms import summed_terms
 
 
 def averaging(ir: IR, plan) -> str | None:
@@ -106,10 +29,10 @@ def averaging(ir: IR, plan) -> str | None:
     return " and ".join(reasons) or None
 
 
-@register_pass("loss_check", kind="analysis")
+@register_pass("loss_check", kind="check", requires=("plan",), ensures=("loss_checked",))
 def loss_check(ir: IR, ctx: PassContext) -> IR:
     """Refuse a loss that sums over the batch under a plan that averages it (dp > 1, micro-batches)."""
-    why = averaging(ir, ctx.plan) if ctx.plan is not None else None
+    why = averaging(ir, ctx.plan)
     terms = summed_terms(ir) if why else []
     if terms:
         node, how = terms[0]

@@ -14,8 +14,8 @@ import torch.fx as fx
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from pcompile.ir import IR
-from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.ir.fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 
 def _param_bytes(ir: IR) -> dict[fx.Node, int]:
@@ -41,7 +41,7 @@ def _param_bytes(ir: IR) -> dict[fx.Node, int]:
     return charged
 
 
-@register_pass("memory", kind="analysis")
+@register_pass("memory", kind="analysis", requires=("annotated",), ensures=("memory",))
 def memory(ir: IR, ctx: PassContext) -> IR:
     """Saved-for-backward bytes per node (observed with saved_tensors_hooks) and parameter bytes."""
     seen: set[StorageWeakRef] = set()

@@ -33,9 +33,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, NodeMeta
+from pcompile.ir import IR, NodeMeta, Placement
 from pcompile.ir.pass_manager import PassContext, register_pass
-from pcompile.sharding.tp_rules import LinearParts, linear_parts
+from pcompile.sharding.tp_ops import LinearParts, linear_parts
 
 
 def local_in_features(ir: IR, parts: LinearParts) -> int:
@@ -47,7 +47,7 @@ def local_in_features(ir: IR, parts: LinearParts) -> int:
 def _meta(ir: IR, node: fx.Node, like: fx.Node, divide_last: int = 1) -> NodeMeta:
     """Metadata of an inserted node: `like`'s layer, dtype, sharding; shape with the last dim / divide_last."""
     src, meta = ir.meta(like), ir.meta(node)
-    meta.layer, meta.dtype, meta.sharding = src.layer, src.dtype, src.sharding
+    meta.layer, meta.dtype, meta.placement = src.layer, src.dtype, src.placement
     shape = src.shape
     if shape is not None and divide_last > 1:
         shape = tuple(shape[:-1]) + (shape[-1] // divide_last,)
@@ -77,7 +77,7 @@ def _param_node(ir: IR, name: str, before: fx.Node) -> fx.Node:
     meta = ir.meta(node)
     meta.layer, meta.shape, meta.dtype = ir.meta(before).layer, tuple(param.shape), str(param.dtype)
     meta.output_bytes = param.numel() * param.element_size()
-    meta.sharding = "R" if sharding is None else f"S({sharding.dim})@{sharding.axis}"
+    meta.placement = Placement.of(sharding)
     return node
 
 
@@ -129,11 +129,10 @@ def split_linears(ir: IR, layer: str, k: int) -> int:
     return len(linears)
 
 
-@register_pass("operator_split", kind="rewrite")
+@register_pass("operator_split", kind="rewrite", requires=("tensor_parallel", "sequence_parallel"),
+               ensures=("operator_split",))
 def operator_split(ir: IR, ctx: PassContext) -> IR:
     """Split the Linears of layers with strategy.split = k > 1 into k input-feature chunks (OSDP)."""
-    if ctx.plan is None:
-        return ir
     counts = {}
     for layer in ir.layers:
         k = ctx.plan.strategy_for(layer).split

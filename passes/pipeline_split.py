@@ -3,10 +3,10 @@
 Stage assignment. There are S = pp * plan.virtual_stages stages (model chunks): each pp rank
 runs v = plan.virtual_stages of them (v > 1 only with interleaved 1F1B), stage s on pp rank
 s mod pp (the looped placement torch's ScheduleInterleaved1F1B expects); with v = 1 a stage
-is a pp rank. `plan.layers[i].stage` (a stage index 0..S-1) when the plan gives stages, else
-a balanced split: the repeated blocks are cut into contiguous runs minimising the largest
-stage cost max_s sum_{l in s} (fwd + bwd FLOPs of l), with "pre" counted in the first stage
-and "post" in the last (dynamic programme over cut points, O(S L^2)).
+is a pp rank. Layer l runs in stage `plan.layers[l].stage` (0..S-1): the search pass gives
+every layer one, the search's partition or the forced plan's (cut by the cost model where the
+user named none: pcompile.cost.plan_price.with_stages), so the graph is cut where the plan's
+estimate says.
 
 Cut. Each stage becomes its own fx.GraphModule whose positional inputs are the activations
 live across its left boundary (tensors computed in an earlier stage and used here or later;
@@ -17,119 +17,27 @@ call_module under their original names, so a stage's state_dict keys are the mod
 The last stage returns the model's output: the loss of its micro-batch.
 
 The flat graph stays `ir.gm` (other passes and the debug dump read it); the cut is recorded
-as a `PipelineSplit` in `ir.gm.meta[PIPELINE_KEY]`, and as the layers' stages in `plan.layers`.
+as a `PipelineSplit` in `ir.pipeline`.
 Tied parameters (GPT's embedding = LM head) end up in two stages on different ranks:
 the backend all-reduces their gradient between the owning ranks after backward, so the
 copies receive the same update (`PipelineSplit.tied`).
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
-from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from pcompile.errors import PcompileError
-from pcompile.ir import IR
+from pcompile.ir import IR, PipelineSplit, Stage
+from pcompile.ir.params import canonical
 from pcompile.ir.pass_manager import PassContext, register_pass
-from pcompile.plan import LayerAssignment, Plan
+from pcompile.plan import Plan
 
-PIPELINE_KEY = "pcompile.pipeline"
 FREE_OPS = ("placeholder", "get_attr")  # re-created in every stage that reads them, never sent
 
 
-@dataclass(frozen=True)
-class Stage:
-    index: int
-    rank: int  # pp coordinate of the rank that runs it
-    layers: tuple[str, ...]
-    inputs: tuple[str, ...]  # activations received from the previous stage, in order
-    outputs: tuple[str, ...]  # activations sent to the next stage (the loss for the last)
-    gm: fx.GraphModule = field(compare=False, repr=False)
-
-
-@dataclass(frozen=True)
-class PipelineSplit:
-    pp: int
-    stages: tuple[Stage, ...]
-    model_inputs: tuple[str, ...]  # placeholder names: keyword arguments of every stage
-    canonical: dict[str, str] = field(compare=False)  # every parameter name -> the model's deduplicated name
-    tied: tuple[str, ...] = ()  # canonical names of parameters held by stages on more than one pp rank
-
-
-def pipeline_of(ir: IR) -> PipelineSplit | None:
-    return ir.gm.meta.get(PIPELINE_KEY)
-
-
-def virtual_stages(plan: Plan) -> int:
-    """Model chunks per pp rank (Plan validates: >= 2 exactly for the interleaved schedule)."""
-    return plan.virtual_stages
-
-
-# -- assignment ----------------------------------------------------------------------------
-def balanced_split(costs: list[float], num_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
-    """Stage of each unit: contiguous runs minimising the largest stage cost, where the first
-    stage also pays `first` and the last `last`."""
-    n = len(costs)
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-
-    def seg(i: int, j: int, k: int) -> float:
-        return prefix[j] - prefix[i] + (first if k == 0 else 0.0) + (last if k == num_stages - 1 else 0.0)
-
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]  # best[k][j]: units [0, j) in k stages
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for k in range(1, num_stages + 1):
-        for j in range(k, n - (num_stages - k) + 1):
-            for i in range(k - 1, j):
-                value = max(best[k - 1][i], seg(i, j, k - 1))
-                if value < best[k][j]:
-                    best[k][j], cut[k][j] = value, i
-    stages, j = [0] * n, n
-    for k in range(num_stages, 0, -1):
-        i = cut[k][j]
-        stages[i:j] = [k - 1] * (j - i)
-        j = i
-    return stages
-
-
-def _units(ir: IR) -> list[str]:
-    return [layer for layer in ir.layers if layer not in ("pre", "post")]
-
-
-def assign_stages(ir: IR, plan: Plan, num_stages: int) -> dict[str, int]:
-    """layer -> stage, from the plan's LayerAssignments or balanced by FLOPs."""
-    units = _units(ir)
-    given = {a.layer: a.stage for a in plan.layers}
-    if any(stage for stage in given.values()):
-        stages = {layer: given.get(layer, 0 if layer == "pre" else num_stages - 1 if layer == "post" else None)
-                  for layer in ir.layers}
-        missing = [layer for layer, s in stages.items() if s is None]
-        order = [stages[layer] for layer in ir.layers if stages[layer] is not None]
-        if missing or order != sorted(order) or set(order) != set(range(num_stages)):
-            raise PcompileError(f"the plan's stages {[(layer, stages[layer]) for layer in ir.layers]} are not a "
-                                f"contiguous cut of the layers into stages 0..{num_stages - 1}",
-                                "give every layer a stage, non-decreasing along the layers, with every stage used")
-        return stages
-    if len(units) < num_stages:
-        raise PcompileError(f"the model has {len(units)} layers to cut but the plan needs {num_stages} pipeline "
-                            f"stages (pp={plan.pp} x virtual_stages={plan.virtual_stages})",
-                            "use a smaller pp or virtual_stages, a non-interleaved schedule, or a model with more "
-                            "blocks")
-    costs = [ir.total("flops", u) + ir.total("bwd_flops", u) for u in units]
-    first = ir.total("flops", "pre") + ir.total("bwd_flops", "pre") if "pre" in ir.layers else 0
-    last = ir.total("flops", "post") + ir.total("bwd_flops", "post") if "post" in ir.layers else 0
-    if not any(costs):
-        costs = [1.0] * len(units)
-    stages = dict(zip(units, balanced_split(costs, num_stages, first, last)))
-    stages.update({"pre": 0, "post": num_stages - 1})
-    return {layer: stages[layer] for layer in ir.layers}
-
-
+# -- checks ---------------------------------------------------------------------------------
 def check_schedule(plan: Plan, batch: int) -> None:
     """torch's schedules' own limits, said at compile time rather than on the ranks."""
     n, pp = plan.num_microbatches, plan.pp
@@ -218,14 +126,6 @@ def build_stage(ir: IR, stage_of: dict[fx.Node, int], index: int, inputs: list[f
     return fx.GraphModule(ir.gm, graph, class_name=f"Stage{index}")
 
 
-def _canonical(ctx: PassContext) -> dict[str, str]:
-    first: dict[int, str] = {}
-    names = {}
-    for name, p in ctx.model.named_parameters(remove_duplicate=False):
-        names[name] = first.setdefault(id(p), name)
-    return names
-
-
 def loss_node(ir: IR) -> fx.Node | None:
     """The node of the scalar loss the model returns: the output itself (torch.fx) or the only
     element of the output tuple (torch.export flattens every output into one)."""
@@ -242,9 +142,14 @@ def _check_output(ir: IR) -> None:
                             f"{out!r}", "return only the loss (a 0-dim tensor) from forward")
 
 
-def split(ir: IR, plan: Plan, canonical: dict[str, str]) -> PipelineSplit:
-    num_stages = plan.pp * virtual_stages(plan)
-    layer_stage = assign_stages(ir, plan, num_stages)
+def split(ir: IR, plan: Plan, names: dict[str, str]) -> PipelineSplit:
+    """The stages of the plan's cut (`names`: every parameter name -> its canonical one)."""
+    num_stages = plan.pp * plan.virtual_stages
+    layer_stage = {a.layer: a.stage for a in plan.layers}
+    missing = [layer for layer in ir.layers if layer not in layer_stage]
+    if missing:
+        raise PcompileError(f"internal error: the plan gives no stage to layers {missing}",
+                            "this is a pcompile bug (the search pass gives every layer a stage); please report it")
     stage_of = _stage_of_nodes(ir, layer_stage)
     carried = live_inputs(ir, stage_of, num_stages)
     stages = []
@@ -257,30 +162,27 @@ def split(ir: IR, plan: Plan, canonical: dict[str, str]) -> PipelineSplit:
     holders: dict[str, set[int]] = {}
     for stage in stages:
         for name, _ in stage.gm.named_parameters(remove_duplicate=False):
-            holders.setdefault(canonical.get(name, name), set()).add(stage.rank)
+            holders.setdefault(names.get(name, name), set()).add(stage.rank)
     tied = tuple(sorted(name for name, ranks in holders.items() if len(ranks) > 1))
     model_inputs = tuple(n.target for n in ir.graph.nodes if n.op == "placeholder")
-    return PipelineSplit(plan.pp, tuple(stages), model_inputs, canonical, tied)
+    return PipelineSplit(plan.pp, tuple(stages), model_inputs, names, tied)
 
 
-@register_pass("pipeline_split", kind="rewrite")
+@register_pass("pipeline_split", kind="rewrite", requires=("plan", "activation_checkpoint"),
+               ensures=("pipeline_split",))
 def pipeline_split(ir: IR, ctx: PassContext) -> IR:
-    """Cut the graph into pipeline stages (pp x chunks) at layer boundaries, balanced by FLOPs."""
+    """Cut the graph into pipeline stages (pp x chunks) at layer boundaries, where the plan says."""
     plan = ctx.plan
-    if plan is None or plan.pp == 1:
+    if plan.pp == 1:
         return ir
     _check_output(ir)
     first = ctx.example_inputs[0]
     check_schedule(plan, int(first.shape[0]) if getattr(first, "ndim", 0) else 1)
-    result = split(ir, plan, _canonical(ctx))
-    ir.gm.meta[PIPELINE_KEY] = result
-    stage_of = {layer: s.index for s in result.stages for layer in s.layers}
-    ctx.plan = dataclasses.replace(plan, layers=tuple(
-        LayerAssignment(layer, plan.strategy_for(layer), stage_of[layer]) for layer in ir.layers))
+    result = split(ir, plan, canonical(ctx.model))
     for s in result.stages:
         ctx.report.append(f"pipeline stage {s.index} on pp rank {s.rank}: {s.layers[0]}..{s.layers[-1]}, "
                           f"receives {list(s.inputs) or 'the model inputs'}")
     if result.tied:
         ctx.report.append(f"tied parameters {list(result.tied)} live in stages on different ranks: their "
                           "gradients are all-reduced between the owning ranks after backward")
-    return ir
+    return ir.replace(pipeline=result)

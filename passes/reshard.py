@@ -31,37 +31,24 @@ before checkpoint and pipeline_split. Pipelined plans (pp > 1) must keep one gro
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from pcompile.runtime import collectives, batch_regroup, sdp
 from pcompile.errors import PcompileError
-from pcompile.ir import IR
-from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir import IR, REPLICATED, MixedLayout, Placement, Shard
 from pcompile.ir.fake import fake_run
-from pcompile.passes.tensor_parallel import local_shape
+from pcompile.ir.params import attribute, param_layers
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.mesh import Axis
+from pcompile.runtime import batch_regroup, collectives, ops, sdp
 
-LAYOUT_KEY = "pcompile.mixed"  # gm.meta[LAYOUT_KEY]: MixedLayout, read by pcompile.backends.layer_groups
 UNKNOWN = "unknown"  # a value whose batch dependence cannot be resharded
-
-
-@dataclass(frozen=True)
-class MixedLayout:
-    """What the backend needs: how the input batch is split, where the loss parts are, and the
-    dp axis each parameter's gradient is summed over."""
-
-    input_axis: str
-    input_dp: int
-    loss_axis: str
-    loss_dp: int
-    param_axes: dict  # canonical parameter name -> (dp axis, dp degree)
 
 
 def axis_name(kind: str, size: int, default: int) -> str:
     """"tp" / "dp" for the default mesh's degree, else the degree-named axis ("tp4", "dp1")."""
-    return kind if size == default else f"{kind}{size}"
+    return Axis.of_degree(kind, size, default).name
 
 
 def _check_plan(ir: IR, ctx: PassContext, dps: dict[str, int]) -> None:
@@ -85,18 +72,6 @@ def _check_plan(ir: IR, ctx: PassContext, dps: dict[str, int]) -> None:
                             f"use a global batch that is a multiple of {degrees[-1]}")
 
 
-def runtime_op(node: fx.Node) -> bool:
-    """A call of one of pcompile's run-time ops (tp, sp, vocab, sdp collectives...): those name
-    axes as an argument followed by the group size."""
-    return node.op == "call_function" and getattr(node.target, "__module__", "").startswith("pcompile.")
-
-
-def _group_size(node: fx.Node, kind: str) -> int | None:
-    """The group size a run-time op names after its `kind` ("tp" / "dp") axis argument."""
-    args = list(node.args)
-    return next((args[i + 1] for i, a in enumerate(args[:-1]) if a == kind and isinstance(args[i + 1], int)), None)
-
-
 def adopt_entries(ir: IR, tps: dict[str, int]) -> int:
     """Move each tp op that enters a later layer's tp region (a tp_copy of a column Linear that
     reads the previous layer's output directly) into that layer: tensor_parallel labels it with
@@ -105,10 +80,12 @@ def adopt_entries(ir: IR, tps: dict[str, int]) -> int:
     moved = 0
     for node in list(ir.graph.nodes):
         layers = {ir.meta(u).layer for u in node.users}
-        if not runtime_op(node) or len(layers) != 1:
+        named = ops.axis_of(node)
+        if named is None or len(layers) != 1:
             continue
         (layer,) = layers
-        if tps[layer] != tps[ir.meta(node).layer] and _group_size(node, "tp") == tps[layer]:
+        axis, size = named
+        if tps[layer] != tps[ir.meta(node).layer] and axis == "tp" and size == tps[layer]:
             first = min(node.users, key=list(ir.graph.nodes).index)
             first.prepend(node)
             ir.meta(node).layer = layer
@@ -117,31 +94,24 @@ def adopt_entries(ir: IR, tps: dict[str, int]) -> int:
 
 
 def rename_axes(ir: IR, default_dp: int, default_tp: int) -> None:
-    """Collectives, tp shardings and sdp shardings of non-default groupings -> degree-named axes."""
+    """Collectives, placements, tp shardings and sdp shardings of non-default groupings ->
+    degree-named axes (an axis named "tp" / "dp" whose size is not the default mesh's)."""
     table = {"tp": default_tp, "dp": default_dp}
+
+    def rename(axis: str, size: int) -> str:
+        return axis_name(axis, size, table[axis]) if axis in table else axis
+
     for node in ir.graph.nodes:
-        if not runtime_op(node):
-            continue
-        args = list(node.args)
-        for i, arg in enumerate(args[:-1]):
-            if isinstance(arg, str) and arg in table and isinstance(args[i + 1], int):
-                args[i] = axis_name(arg, args[i + 1], table[arg])
-        node.args = tuple(args)
-    ir.param_shardings = {name: dataclasses.replace(s, axis=axis_name(s.axis, s.size, table[s.axis]))
-                          if s.axis in table else s for name, s in ir.param_shardings.items()}
-    if sdp.SHARDINGS_KEY in ir.gm.meta:
-        ir.gm.meta[sdp.SHARDINGS_KEY] = {name: dataclasses.replace(s, axis=axis_name("dp", s.size, default_dp))
-                                         for name, s in ir.gm.meta[sdp.SHARDINGS_KEY].items()}
-
-
-def local_param_shape(ir: IR):
-    """(name, full shape) -> this rank's shape of the parameter: tp shard, then sdp shard
-    (fake_run's `shard`; the ONNX backend's local shapes too)."""
-    sdp_shardings = sdp.param_shardings(ir.gm)
-
-    def shard(name, shape):
-        return local_shape(local_shape(shape, ir.param_shardings.get(name)), sdp_shardings.get(name))
-    return shard
+        named = ops.axis_of(node)
+        if named is not None:
+            ops.with_axis(node, rename(*named))
+        meta = ir.meta(node)
+        if meta.placement is not None:
+            meta.placement = meta.placement.with_axes(rename)
+    ir.param_shardings = {name: dataclasses.replace(s, axis=rename(s.axis, s.size))
+                          for name, s in ir.param_shardings.items()}
+    ir.sdp_shardings = {name: dataclasses.replace(s, axis=rename(s.axis, s.size))
+                        for name, s in ir.sdp_shardings.items()}
 
 
 def _values(ir: IR, inputs: tuple) -> dict[fx.Node, object]:
@@ -151,7 +121,7 @@ def _values(ir: IR, inputs: tuple) -> dict[fx.Node, object]:
     def record(node, value):
         out[node] = torch.Size(value.shape) if isinstance(value, torch.Tensor) else value
     with collectives.simulate():
-        fake_run(ir, inputs, record, shard=local_param_shape(ir), grad=False)
+        fake_run(ir, inputs, record, shard=ir.local_param_shape, grad=False)
     return out
 
 
@@ -201,44 +171,15 @@ def insert_reshards(ir: IR, dps: dict[str, int], dims: dict[fx.Node, object]) ->
             key = (source, layer)
             if key not in made:
                 fn, size = (batch_regroup.batch_gather, a // b) if b < a else (batch_regroup.batch_slice, b // a)
-                axis = batch_regroup.reshard_axis(min(a, b), max(a, b))
+                axis = Axis.regroup(min(a, b), max(a, b)).name
                 with ir.graph.inserting_before(node):
                     made[key] = ir.graph.call_function(fn, (source, dims[source], axis, size))
                 meta = ir.meta(made[key])
                 src = ir.meta(source)
                 meta.layer, meta.shape, meta.dtype = layer, src.shape, src.dtype
-                meta.output_bytes, meta.sharding = src.output_bytes, src.sharding
+                meta.output_bytes, meta.placement = src.output_bytes, src.placement
             node.replace_input_with(source, made[key])
     return len(made)
-
-
-def param_layers(ir: IR) -> dict[str, set[str]]:
-    """Canonical parameter name -> the layers that read it (get_attr users, called modules, and
-    modules the ZeRO-3 runners call with some of their parameters)."""
-    names = {id(p): name for name, p in ir.gm.named_parameters()}
-    out: dict[str, set[str]] = {}
-    for node in ir.graph.nodes:
-        if node.op == "get_attr":
-            obj = _attr(ir.gm, node.target)
-            if isinstance(obj, torch.nn.Parameter):
-                readers = {ir.meta(u).layer for u in node.users} or {ir.meta(node).layer}
-                out.setdefault(names[id(obj)], set()).update(readers)
-                continue
-            params = obj.parameters() if isinstance(obj, torch.nn.Module) else ()
-        elif node.op == "call_module":
-            params = ir.gm.get_submodule(node.target).parameters()
-        else:
-            continue
-        for p in params:
-            out.setdefault(names[id(p)], set()).add(ir.meta(node).layer)
-    return out
-
-
-def _attr(gm: fx.GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def scale_shared_reads(ir: IR, name: str, factors: dict[str, float]) -> None:
@@ -249,7 +190,7 @@ def scale_shared_reads(ir: IR, name: str, factors: dict[str, float]) -> None:
         layer = ir.meta(node).layer
         if layer not in factors:
             continue
-        if node.op == "get_attr" and _attr(ir.gm, node.target) is param:
+        if node.op == "get_attr" and attribute(ir.gm, node.target) is param:
             _scale_get_attr(ir, node, factors)
         elif node.op == "call_module":
             module = ir.gm.get_submodule(node.target)
@@ -280,14 +221,14 @@ def _scale_get_attr(ir: IR, read: fx.Node, factors: dict[str, float]) -> None:
         with ir.graph.inserting_before(users[0]):
             scaled = ir.graph.call_function(batch_regroup.grad_scale, (read, factor))
         meta = ir.meta(scaled)
-        meta.layer, meta.shape, meta.dtype, meta.sharding = layer, ir.meta(read).shape, ir.meta(read).dtype, "R"
+        meta.layer, meta.shape, meta.dtype, meta.placement = layer, ir.meta(read).shape, ir.meta(read).dtype, REPLICATED
         for user in users:
             user.replace_input_with(read, scaled)
 
 
 def param_axes(ir: IR, dps: dict[str, int], default_dp: int) -> dict[str, tuple[str, int]]:
     """Each parameter's gradient-sum axis (its readers' finest dp); shared reads scaled to it."""
-    sharded = set(ir.param_shardings) | set(sdp.param_shardings(ir.gm))
+    sharded = set(ir.param_shardings) | set(ir.sdp_shardings)
     out = {}
     for name, layers in param_layers(ir).items():
         degrees = {layer: dps[layer] for layer in layers}
@@ -301,22 +242,24 @@ def param_axes(ir: IR, dps: dict[str, int], default_dp: int) -> dict[str, tuple[
     return out
 
 
-def check_batch_split(ir: IR, inputs: tuple, input_dp: int, dps: dict[str, int], full: dict[fx.Node, object],
-                      dims: dict[fx.Node, object]) -> None:
-    """Run one rank's graph on fake tensors: every batched value holds 1/dp of its layer's batch."""
-    local = _values(ir, part_of(inputs, input_dp))
-    for node, value in local.items():
-        source = node.args[0] if node.target in batch_regroup.COLLECTIVES else node
+def place_batch(ir: IR, dps: dict[str, int], default_dp: int, dims: dict[fx.Node, object]) -> None:
+    """Every batch-dependent tensor's placement gets its batch split: its layer's dp over that
+    layer's dp axis (the inputs: the first layer's), so the placements invariant checks that
+    each layer's values hold 1/dp of the batch after the regrouping."""
+    for node in ir.graph.nodes:
+        source = node.args[0] if node.target in (batch_regroup.batch_gather, batch_regroup.batch_slice) else node
         dim = dims.get(source)
-        if dim is None or dim is UNKNOWN or not isinstance(value, torch.Size):
+        meta = ir.meta(node)
+        if dim is None or dim is UNKNOWN or meta.shape is None:
             continue
-        expected = full[source][dim] // dps[ir.meta(node).layer]
-        if value[dim] != expected:
-            raise PcompileError(f"internal error: after resharding {node.name} holds {value[dim]} of the batch dim "
-                                f"{dim}, expected {expected}", "this is a pcompile bug; please report it")
+        dp = dps[meta.layer]
+        batch = Shard(axis_name("dp", dp, default_dp), dim, dp)
+        placement = meta.placement or Placement()
+        meta.placement = Placement((batch,) + placement.shards, placement.partial)
 
 
-@register_pass("reshard", kind="rewrite")
+@register_pass("reshard", kind="rewrite", requires=("tensor_parallel", "sharded_data_parallel"),
+               ensures=("reshard",))
 def reshard_layers(ir: IR, ctx: PassContext) -> IR:
     """Layers at other (dp, tp) than the plan's default: degree-named axes, batch reshards between layers."""
     plan = ctx.plan
@@ -331,16 +274,15 @@ def reshard_layers(ir: IR, ctx: PassContext) -> IR:
     full = _values(ir, inputs)
     dims = batch_dims(full, _values(ir, part_of(inputs, parts)), parts)
     count = insert_reshards(ir, dps, dims)
+    place_batch(ir, dps, default_dp, dims)  # before param_axes replaces nodes (their metadata moves along)
     axes = param_axes(ir, dps, default_dp)
     ir.graph.lint()
     ir.gm.recompile()
     placeholders = [n for n in ir.graph.nodes if n.op == "placeholder"]
     first = ir.meta(placeholders[0]).layer if placeholders else ir.layers[0]
-    check_batch_split(ir, inputs, dps[first], dps, full, dims)
     last = ir.meta(next(n for n in reversed(ir.graph.nodes) if n.op == "output")).layer
-    ir.gm.meta[LAYOUT_KEY] = MixedLayout(axis_name("dp", dps[first], default_dp), dps[first],
-                                         axis_name("dp", dps[last], default_dp), dps[last], axes)
+    layout = MixedLayout(axis_name("dp", dps[first], default_dp), dps[first],
+                         axis_name("dp", dps[last], default_dp), dps[last], axes)
     groupings = sorted({plan.strategy_for(layer).describe() for layer in ir.layers})
     ctx.report.append(f"reshard: layers run as {', '.join(groupings)}; {count} batch reshard(s) between them")
-    return ir
-
+    return ir.replace(mixed_layout=layout)

@@ -22,64 +22,36 @@ search space restricted to what the rewrite passes can run today:
 - a global-batch range (plan(global_batch=...)): every allowed batch is searched and the one
   with the most samples per second wins (costs scale from the example inputs' batch).
 
-A forced plan is checked (devices, layer names, tp vs heads, batch vs dp) and costed by the
-uniform estimate.
+A forced plan is checked (devices, layer names, tp vs heads, batch vs dp), given a stage for
+every layer (its own, or a cut balanced by the cost model) and priced like a searched one
+(pcompile.cost.plan_price: one price for a plan).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 
-from pcompile.search.baselines import NoFit
-from pcompile.cost.pricing import CostOptions, estimate_uniform
+from pcompile.cost.plan_price import p2p_link, price, priced_layers, with_stages
+from pcompile.cost.pricing import CostOptions
+from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passes.loss_check import summed_terms
-from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs, trivial_ends
-from pcompile.passes.sequence_parallel import planned_shapes, sequence_length, sp_problem
-from pcompile.sharding.tp_rules import plan_tensor_parallel
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
-from pcompile.search.engine import SearchProblem, search as run_engine
+from pcompile.search.baselines import NoFit
+from pcompile.search.engine import SearchProblem
+from pcompile.search.engine import search as run_engine
 from pcompile.search.result import SearchResult, to_plan
 from pcompile.search.space import SearchRules, SearchSpace, tp_options
-
-
-def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
-    """Per layer, why the sequence_parallel rewrite would refuse sp at this tp (from the shapes
-    tp_rules' propagation `p` gives its collectives: [b, h] MLPs, GPT-2's flattened Conv1D
-    tokens, a sequence tp does not divide). A layer without tp collectives is refused too: the
-    rewrite borrows the other sp layers' sequence length for it, which the per-layer DP cannot
-    promise (and sp there only shards a few token-wise ops)."""
-    if tp == 1:
-        return {}
-    if p is None:
-        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
-    out = {}
-    for layer in ir.layers:
-        shapes = planned_shapes(ir, p, layer)
-        if sequence_length(*shapes) is None:
-            out[layer] = f"layer {layer!r} has no tensor-parallel collective for sp to replace"
-        elif problem := sp_problem(*shapes, layer, tp):
-            out[layer] = problem
-    return out
+from pcompile.sharding.loss_terms import summed_terms
+from pcompile.sharding.sp_rules import sp_refusals
+from pcompile.sharding.tp_rules import plan_tensor_parallel, tp_problem
 
 
 def batch_size(ctx: PassContext) -> int:
     first = ctx.example_inputs[0]
     return int(first.shape[0]) if hasattr(first, "shape") and len(first.shape) else 1
-
-
-def tp_problem(ir: IR, tp: int, planned=None) -> str | None:
-    """Why tp cannot split this model's blocks, or None (`planned`: plan_tensor_parallel's answer)."""
-    if tp == 1:
-        return None
-    _, reasons = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
-    blocks = ir.block_layers or [layer for layer in ir.layers if layer not in ("pre", "post")]
-    for layer in blocks:
-        if layer in reasons:
-            return f"tp={tp} cannot split {layer} ({reasons[layer]})"
-    return None
 
 
 def validity(ir: IR, ctx: PassContext, strategy: Strategy, pp: int = 1, microbatches: int = 1) -> str | None:
@@ -110,17 +82,22 @@ def _forced(ir: IR, ctx: PassContext) -> None:
         raise PcompileError(f"forced plan {forced.default.describe()} is {problem}",
                             "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
                             "to let pcompile search")
-    estimate = estimate_uniform(ir, ctx.cluster, forced.default,
-                                CostOptions.runtime(bool(ctx.options.get("mixed_precision"))))
-    ctx.plan = dataclasses.replace(forced, estimate=estimate,
-                                   candidates=(Candidate(forced.default, estimate, "forced"),),
-                                   reason="forced by the user")
+    costs = StageCosts(ir, ctx.cluster, cost_options(ctx))
+    staged = with_stages(ir, forced, costs, batch_size(ctx))
+    estimate, _ = price(ir, ctx.cluster, staged, cost_options(ctx), costs, batch_size(ctx))
+    ctx.plan = dataclasses.replace(staged, estimate=estimate, reason="forced by the user",
+                                   candidates=(Candidate(forced.default, estimate, "forced"),))
+
+
+def cost_options(ctx: PassContext) -> CostOptions:
+    """How the search and forced plans are costed: as the runtime runs them."""
+    return CostOptions.runtime(ctx.options.mixed_precision is not None)
 
 
 def _with_ends(ir: IR, plan: Plan) -> Plan:
     """Give the left-out trivial "pre" / "post" their neighbour's strategy and stage."""
-    drop_first, drop_last = trivial_ends(ir)
     layers = list(plan.layers)
+    drop_first, drop_last = layers[0].layer != ir.layers[0], layers[-1].layer != ir.layers[-1]
     # without sp: a trivial end has no ops for sp to shard, and the rewrite refuses sp on a
     # layer without tp collectives unless it can borrow a single sequence length
     if drop_first:
@@ -203,26 +180,25 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
     # about tp=1024 on a 1024-device cluster costs a second per degree on a 96-block model
     tps = tp_options(cluster.num_devices, cluster.devices_per_node, SearchSpace(), SearchRules())
-    wanted = ctx.options.get("search_space", {}).get("tp_degrees")
+    wanted = ctx.options.space_limits.get("tp_degrees")
     tps = [t for t in tps if wanted is None or t in wanted]
     planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
     rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
     tps = [t for t in tps if rejected[t] is None]
     refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
     summed = summed_terms(ir)
-    cost = cost_callback(ir, ctx, refused, dp_one=bool(summed))
-    drop_first, drop_last = trivial_ends(ir)
-    layers = tuple(ir.layers)[1 if drop_first else 0:len(ir.layers) - (1 if drop_last else 0)]
-    runs = engine_runs(ir, ctx, tps, layers, bool(summed))
-    inter = cluster.num_nodes > 1
+    costs = StageCosts(ir, cluster, cost_options(ctx))
+    cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
+    layers = priced_layers(ir)
+    runs = engine_runs(ir, ctx.options.space_limits, tps, layers, bool(summed))
+    bandwidth, latency = p2p_link(cluster)
     problem = dict(
         layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
         device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(cluster.num_devices)),
-        p2p_bandwidth=cluster.inter_node_bandwidth if inter else cluster.intra_node_bandwidth,
-        p2p_latency=cluster.inter_node_latency if inter else cluster.intra_node_latency,
+        p2p_bandwidth=bandwidth, p2p_latency=latency,
         # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
         rules=SearchRules(microbatches_at_least_pp=not summed))
-    batches = ctx.options.get("global_batches") or (batch_size(ctx),)
+    batches = ctx.options.global_batches or (batch_size(ctx),)
     outcomes = {b: _search_at(b, runs, problem, cost) for b in batches}
     found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
              if results}
@@ -230,7 +206,7 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
         raise _no_plan(ctx, tps, rejected, [e for _, errors in outcomes.values() for e in errors], summed, batches)
     batch = max(found, key=lambda b: (b / found[b].step_time, -b))  # samples per second; on a tie the smaller
     best = dataclasses.replace(found[batch], baselines=_merge_baselines(*outcomes[batch]))
-    plan = _with_ends(ir, to_plan(best, model=ctx.options.get("fingerprint", "")))
+    plan = _with_ends(ir, to_plan(best, model=ctx.fingerprint))
     notes = [r for r in rejected.values() if r]
     explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")
     if summed:
@@ -240,14 +216,13 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best
 
 
-@register_pass("search", kind="search")
+@register_pass("search", kind="search", requires=("flops", "memory", "layers"), ensures=("plan",))
 def search(ir: IR, ctx: PassContext) -> IR:
     """Search per-layer strategies, pipeline stages and micro-batches (or check a forced plan)."""
     if ctx.plan is not None:
         _forced(ir, ctx)
         return ir
-    ctx.plan, result = searched_plan(ir, ctx)
-    ctx.options["search_result"] = result
-    if not math.isfinite(result.step_time):
+    ctx.plan, ctx.search_result = searched_plan(ir, ctx)
+    if not math.isfinite(ctx.search_result.step_time):
         raise PcompileError("the search returned no finite plan", "this is a pcompile bug; please report it")
     return ir

@@ -11,7 +11,7 @@ whose tables mark as impossible what the rewrite passes cannot lower there:
   parameter read at different dp degrees - so there is one mixed run per tp of each such group.
 
 "pre" / "post" layers with no parameters and no FLOPs are left out of the tables
-(trivial_ends) and follow their neighbour's strategy.
+(pcompile.cost.plan_price.trivial_ends) and follow their neighbour's strategy.
 """
 from __future__ import annotations
 
@@ -20,40 +20,20 @@ import itertools
 
 import numpy as np
 
-from pcompile.cost.pricing import CostOptions
-from pcompile.search.costtable import CostTable
+from pcompile.cost.plan_price import without_ends
+from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passes.reshard import param_layers
-from pcompile.ir.pass_manager import PassContext
+from pcompile.ir.params import param_layers
 from pcompile.plan import Strategy
+from pcompile.search.costtable import CostTable
 from pcompile.search.engine import StageQuery
 from pcompile.search.space import SearchSpace
-from pcompile.cost.stage_costs import StageCosts
 
 # What the rewrite passes can run (see the module docstring).
 SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
 MIXED_SPACE = dict(pp_degrees=(1,), sp=(False,))  # what reshard lowers for per-layer tp mixing
 MAX_MIXED_RUNS = 16
-
-
-def trivial_ends(ir: IR) -> tuple[bool, bool]:
-    """Whether "pre" / "post" hold no parameters and no FLOPs (only inputs, or only the output):
-    such a layer is not a unit worth a strategy or a pipeline stage of its own, so the search
-    leaves it out and it follows its neighbour."""
-    def trivial(layer: str) -> bool:
-        return layer in ir.layers and ir.total("param_bytes", layer) == 0 and ir.total("flops", layer) == 0
-    return trivial("pre") and len(ir.layers) > 1, trivial("post") and len(ir.layers) > 1
-
-
-def _without_ends(table: CostTable, drop_first: bool, drop_last: bool) -> CostTable:
-    rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
-    edges = slice(rows.start, rows.stop - 1)
-    return dataclasses.replace(
-        table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
-        sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
-        activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
-        switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
 
 
 def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
@@ -77,21 +57,18 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 
 
-def cost_callback(ir: IR, ctx: PassContext, refused: dict[int, dict[str, str]], dp_one: bool):
+def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]], dp_one: bool):
     """A factory of cost callbacks, one per engine run (its tied-group `pins`): tables of
-    pcompile.cost.pricing.cost_table, built by StageCosts (shared per-tp layer work, one table per class
-    of equivalent stages) and kept per table so the engine's index memo hits."""
-    costs = StageCosts(ir, ctx.cluster, CostOptions.runtime(bool(ctx.options.get("mixed_precision"))))
+    pcompile.cost.pricing.cost_table, built by StageCosts (shared per-tp layer work, one table
+    per class of equivalent stages) and kept per table so the engine's index memo hits."""
     cache: dict[tuple, CostTable] = {}
-    drop_first, drop_last = trivial_ends(ir)
 
     def for_run(pins: dict[str, int]):
         def cost(query: StageQuery) -> CostTable:
             table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
-                cache[key] = _without_ends(_restricted(table, refused, query.pp > 1, pins, dp_one),
-                                           drop_first, drop_last)
+                cache[key] = without_ends(ir, _restricted(table, refused, query.pp > 1, pins, dp_one))
             return cache[key]
         return cost
     return for_run
@@ -143,10 +120,11 @@ def narrow(space: dict, user: dict) -> dict | None:
     return merged
 
 
-def engine_runs(ir: IR, ctx: PassContext, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple]:
+def engine_runs(ir: IR, limits: dict, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple]:
     """(SearchSpace fields, tied-group pins, mixed?) of each engine run: one per tp with every
-    layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp)."""
-    user = dict(ctx.options.get("search_space", {}))
+    layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp);
+    `limits`: the user's narrowing (CompileOptions.space_limits)."""
+    user = dict(limits)
     user.pop("tp_degrees", None)
     if dp_one:  # several micro-batches average the loss too
         user["microbatch_counts"] = tuple(m for m in user.get("microbatch_counts", (1,)) if m == 1)

@@ -8,8 +8,8 @@ along the sequence dim (dim 1) instead, so each rank keeps 1/tp of them:
   tp_copy   -> sp_gather          (all-gather forward, reduce-scatter backward)
   tp_reduce -> sp_reduce_scatter  (reduce-scatter forward, all-gather backward)
 
-and the token-wise ops in between run on this rank's sequence chunk (sharding "S(1)@tp").
-Which nodes: in an sp layer, outside the tp region (sharding unset or "R"), a token-wise op
+and the token-wise ops in between run on this rank's sequence chunk (placement "S(1)@tp").
+Which nodes: in an sp layer, outside the tp region (no placement or replicated), a token-wise op
 (elementwise, a norm over trailing dims, a reduction over trailing dims) whose output is
 [batch, seq, ...] with the layer's sequence length. Their other inputs are fixed up where
 they meet the sharded region:
@@ -33,116 +33,39 @@ whole) shards its token-wise ops at the other layers' sequence length, so the re
 into it. Dropout in the region draws each rank's mask for its own chunk, so equality with the
 serial model holds for dropout 0 (as for tensor parallelism).
 
-The result is checked on fake tensors: every node's local shape is its global shape with the
-dim its sharding names divided by tp.
+Every sharded node's placement says it holds a 1/tp sequence chunk; the pass manager's
+placements invariant checks that on fake tensors (passes/invariants.py).
 """
 from __future__ import annotations
 
 import builtins
-import re
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pcompile.runtime import collectives
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, NodeMeta
-from pcompile.ir.fake import fake_run
-from pcompile.passes.tensor_parallel import local_shape
-from pcompile.sharding.tp_ops import kind_of, linear_parts
+from pcompile.ir import IR, REPLICATED, NodeMeta, Placement
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.runtime import collectives
+from pcompile.sharding.sp_rules import SEQ_DIM, sequence_length, shape_of, sp_problem, tokenwise
+from pcompile.sharding.tp_ops import kind_of
 
 aten = torch.ops.aten
 AXIS = "tp"
-SEQ_DIM = 1  # activations are [batch, seq, ...]
-SHARDED = f"S({SEQ_DIM})@{AXIS}"
-NORM_FUNCTIONS = {F.layer_norm, F.rms_norm, torch.layer_norm, torch.rms_norm, aten.layer_norm.default,
-                  aten.rms_norm.default}  # (input, normalized_shape, ...)
-REDUCTIONS = {torch.mean, torch.sum, aten.mean.dim, aten.sum.dim_IntList}
 HARMLESS_ATTRS = ("device", "dtype", "ndim", "is_cuda")  # reads that do not depend on the split
-_SHARDING = re.compile(r"^S\((\d+)\)@")
-
-
-# -- pure helpers -------------------------------------------------------------------------------
-def _shape(ir: IR, node) -> tuple | None:
-    return ir.meta(node).shape if isinstance(node, fx.Node) and ir.has_meta(node) else None
 
 
 def _is(node: fx.Node, fn) -> bool:
     return node.op == "call_function" and node.target is fn
 
 
-def _arg(node: fx.Node, index: int, name: str, default=None):
-    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
-
-
-def _over_trailing_dims(dims, ndim: int) -> bool:
-    """A reduction / normalisation over dims >= 2 only: it never mixes tokens."""
-    dims = [dims] if isinstance(dims, int) else list(dims or [])
-    return bool(dims) and all(isinstance(d, int) and d % ndim > SEQ_DIM for d in dims)
-
-
-def tokenwise(ir: IR, node: fx.Node) -> bool:
-    """Whether `node` computes each token from that token alone (so it can run on a chunk)."""
-    shape = _shape(ir, node)
-    if shape is None or len(shape) <= SEQ_DIM + 1:
-        return False
-    if node.op == "call_module":
-        module = ir.gm.get_submodule(node.target)
-        return isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or kind_of(ir.gm, node) == "unary"
-    if kind_of(ir.gm, node) in ("unary", "binary"):
-        return True
-    if node.op == "call_function" and node.target in NORM_FUNCTIONS:
-        return len(_arg(node, 1, "normalized_shape")) <= len(shape) - SEQ_DIM - 1
-    if (node.op == "call_function" and node.target in REDUCTIONS) or (node.op == "call_method"
-                                                                         and node.target in ("mean", "sum")):
-        return _arg(node, 2, "keepdim", False) is True and _over_trailing_dims(_arg(node, 1, "dim"), len(shape))
-    return False
-
-
-def sequence_length(reduce_shapes: list, copy_shapes: list) -> int | None:
-    """A layer's sequence length from the shapes tensor parallelism all-reduces (row Linears'
-    outputs) and copies (column Linears' inputs): dim 1 of [batch, seq, ...]. None: the layer
-    has no tp collective; 0: they have no sequence dim. The reduces decide, as the copies of a
-    cross-attention also read the other sequence (the encoder's)."""
-    shapes = reduce_shapes or copy_shapes
-    if not shapes:
-        return None
-    lengths = [s[SEQ_DIM] for s in shapes if s is not None and len(s) > SEQ_DIM + 1]
-    return lengths[-1] if lengths else 0
-
-
-def sp_problem(reduce_shapes: list, copy_shapes: list, layer: str, tp: int) -> str | None:
-    """Why sequence parallelism cannot run `layer` at tp degree `tp` (None: it can). The search
-    can ask before the rewrite, with the shapes its sharding propagation found (row Linears'
-    outputs, column Linears' inputs)."""
-    length = sequence_length(reduce_shapes, copy_shapes)
-    if length == 0:
-        shape = (reduce_shapes or copy_shapes)[-1]
-        return (f"layer {layer!r} has no sequence dim (tensor parallelism reduces {list(shape)}; sequence "
-                "parallelism splits [batch, seq, hidden] activations along seq)")
-    if length and length % tp:
-        return f"layer {layer!r} has a sequence of {length} tokens, which tp={tp} does not divide"
-    return None
-
-
-def planned_shapes(ir: IR, p, layer: str) -> tuple[list, list]:
-    """`collective_shapes` before the rewrite, from a sharding propagation `p`
-    (tp_rules.plan_tensor_parallel): row Linears' outputs, column Linears' inputs. For the
-    search: sp_problem(*planned_shapes(ir, p, layer), layer, tp)."""
-    order = {n: i for i, n in enumerate(ir.graph.nodes)}
-    rows = sorted((n for n in p.row if ir.meta(n).layer == layer), key=order.__getitem__)
-    columns = sorted((n for n in p.column if ir.meta(n).layer == layer), key=order.__getitem__)
-    return [_shape(ir, n) for n in rows], [_shape(ir, linear_parts(ir.gm, n).input) for n in columns]
-
-
 def collective_shapes(ir: IR, layer: str) -> tuple[list, list]:
     """(shapes of the layer's tp_reduce outputs, shapes of its tp_copy inputs) after tensor_parallel."""
     nodes = ir.nodes_of(layer)
-    return ([_shape(ir, n) for n in nodes if _is(n, collectives.tp_reduce)],
-            [_shape(ir, n.args[0]) for n in nodes if _is(n, collectives.tp_copy)])
+    return ([shape_of(ir, n) for n in nodes if _is(n, collectives.tp_reduce)],
+            [shape_of(ir, n.args[0]) for n in nodes if _is(n, collectives.tp_copy)])
 
 
 # -- the rewrite ----------------------------------------------------------------------------------
@@ -152,10 +75,10 @@ class _Rewriter:
         self.sharded: set[fx.Node] = set()
         self.cache: dict[tuple, fx.Node] = {}  # one split / copy / unsplit per (source, ..., layer)
 
-    def annotate(self, node: fx.Node, like: fx.Node, layer: str, sharding: str | None) -> NodeMeta:
+    def annotate(self, node: fx.Node, like: fx.Node, layer: str, placement: Placement) -> NodeMeta:
         meta = self.ir.meta(node)
         src = self.ir.meta(like)
-        meta.layer, meta.sharding = layer, sharding
+        meta.layer, meta.placement = layer, placement
         meta.shape, meta.dtype, meta.output_bytes = src.shape, src.dtype, src.output_bytes
         return meta
 
@@ -195,7 +118,7 @@ class _Rewriter:
     def operand(self, user: fx.Node, source: fx.Node) -> fx.Node | None:
         """What a sharded `user` reads instead of the unsharded `source` (None: as it is)."""
         ir, layer = self.ir, self.ir.meta(user).layer
-        shape, out = _shape(ir, source), _shape(ir, user)
+        shape, out = shape_of(ir, source), shape_of(ir, user)
         if shape is None or ir.meta(source).dtype is None:
             return None  # a Python value (a size, a scalar)
         dim = SEQ_DIM - (len(out) - len(shape))
@@ -204,7 +127,7 @@ class _Rewriter:
             def split():
                 with self.graph.inserting_before(user):
                     node = self.graph.call_function(collectives.sp_split, (source, dim, AXIS, tp))
-                self.annotate(node, source, layer, f"S({dim})@{AXIS}")
+                self.annotate(node, source, layer, Placement.shard(dim, AXIS, tp))
                 return node
             return self.shared(("split", source, dim, layer), split)
         if dim >= 0 and shape[dim] != 1:
@@ -217,7 +140,7 @@ class _Rewriter:
         def copy():
             with self.graph.inserting_before(user):
                 node = self.graph.call_function(collectives.tp_copy, (source, AXIS, tp))
-            self.annotate(node, source, layer, "R")
+            self.annotate(node, source, layer, REPLICATED)
             return node
         return self.shared(("copy", source, layer), copy)
 
@@ -226,7 +149,7 @@ class _Rewriter:
             with self.graph.inserting_after(source):
                 node = self.graph.call_function(collectives.sp_unsplit,
                                                 (source, SEQ_DIM, AXIS, self.degree[self.ir.meta(source).layer]))
-            self.annotate(node, source, self.ir.meta(source).layer, "R")
+            self.annotate(node, source, self.ir.meta(source).layer, REPLICATED)
             return node
         return self.shared(("unsplit", source), make)
 
@@ -267,7 +190,7 @@ class _Rewriter:
                  for n in nodes]
         self.sharded = set(nodes)
         for node in nodes:
-            self.ir.meta(node).sharding = SHARDED
+            self.ir.meta(node).placement = Placement.shard(SEQ_DIM, AXIS, self.degree[self.ir.meta(node).layer])
             if _is(node, collectives.sp_reduce_scatter):
                 continue
             for source in list(dict.fromkeys(node.all_input_nodes)):
@@ -288,7 +211,8 @@ def sharded_candidates(ir: IR, degree: dict[str, int], length: dict[str, int]) -
     for node in ir.graph.nodes:
         meta = ir.meta(node) if ir.has_meta(node) else None
         if meta is None or meta.layer not in degree or not length.get(meta.layer) or node.op not in (
-                "call_function", "call_method", "call_module") or meta.sharding not in (None, "R"):
+                "call_function", "call_method", "call_module") or not (meta.placement is None
+                                                                       or meta.placement.replicated):
             continue
         shape = meta.shape
         if not shape or len(shape) <= SEQ_DIM + 1 or shape[SEQ_DIM] != length[meta.layer]:
@@ -298,33 +222,9 @@ def sharded_candidates(ir: IR, degree: dict[str, int], length: dict[str, int]) -
     return out
 
 
-def check_sharded_shapes(ir: IR, inputs: tuple, degree: dict[str, int]) -> None:
-    """Every node's local shape is its global shape with the dim its sharding names divided."""
-    def shard(name, shape):
-        return local_shape(shape, ir.param_shardings.get(name))
-
-    def check(node: fx.Node, value) -> None:
-        meta = ir.meta(node)
-        if not isinstance(value, torch.Tensor) or meta.shape is None or node.op == "get_attr":
-            return
-        expected = list(meta.shape)
-        match = _SHARDING.match(meta.sharding or "")
-        if match:
-            expected[int(match.group(1))] //= degree[meta.layer]
-        if list(value.shape) != expected:
-            raise PcompileError(f"internal error: after sequence parallelism node {node.name} ({meta.sharding}) has "
-                                f"local shape {list(value.shape)}, expected {expected}",
-                                "this is a pcompile bug; please report it")
-
-    with collectives.simulate():
-        fake_run(ir, inputs, check, shard=shard, grad=False)
-
-
-@register_pass("sequence_parallel", kind="rewrite")
+@register_pass("sequence_parallel", kind="rewrite", requires=("tensor_parallel",), ensures=("sequence_parallel",))
 def sequence_parallel(ir: IR, ctx: PassContext) -> IR:
     """Split the norm / dropout / residual regions of sp layers along the sequence over the tp group."""
-    if ctx.plan is None:
-        return ir
     degree = {layer: ctx.plan.strategy_for(layer).tp for layer in ir.layers if ctx.plan.strategy_for(layer).sp}
     if not degree:
         return ir
@@ -349,7 +249,6 @@ def sequence_parallel(ir: IR, ctx: PassContext) -> IR:
     rewriter.run(candidates)
     ir.graph.lint()
     ir.gm.recompile()
-    check_sharded_shapes(ir, ctx.example_inputs, {layer: ctx.plan.strategy_for(layer).tp for layer in ir.layers})
     counts = ir.op_counts()
     names = ("sp_gather", "sp_reduce_scatter", "sp_split", "sp_unsplit")
     ctx.report.append("sequence parallel: " + ", ".join(

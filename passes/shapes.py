@@ -5,8 +5,8 @@ import torch
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.ir.fake import fake_run
+from pcompile.ir.pass_manager import PassContext, register_pass
 
 
 def tensor_bytes(value) -> int:
@@ -41,7 +41,7 @@ def record(ir: IR, node: fx.Node, value) -> None:
     meta.output_bytes = tensor_bytes(value)
 
 
-@register_pass("shapes", kind="analysis", establishes=("annotated",))
+@register_pass("shapes", kind="analysis", requires=("captured",), ensures=("annotated",))
 def shapes(ir: IR, ctx: PassContext) -> IR:
     """Shape propagation under FakeTensorMode: shape, dtype and output bytes per node."""
     fake_run(ir, ctx.example_inputs, lambda node, value: record(ir, node, value), grad=False)

@@ -9,9 +9,9 @@ not such a polynomial gets no formula and a note in ctx.report. The node's real 
 restored afterwards.
 
 Which input dims are b and s: b is dim 0 of every tensor input; s is dim 1 of the integer
-(token) inputs of rank >= 2 with a common size. `ctx.options["symbolic_dims"] = {"b": [(input,
-dim), ...], "s": [...]}` overrides both. Results: node.meta[SYMBOLIC_KEY] = {quantity: expr}
-and ctx.options["symbolic"] = {"dims": ..., "layers": {layer: {quantity: expr}}}.
+(token) inputs of rank >= 2 with a common size; CompileOptions.symbolic_dims ((("b", ((input,
+dim), ...)), ("s", ...))) overrides both. Results: NodeMeta.formulas = {quantity: expr} per
+node; `layer_formulas(ir)` sums them per layer.
 """
 from __future__ import annotations
 
@@ -24,9 +24,8 @@ import torch
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, META_KEY, NodeMeta
-from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.pass_manager import PassContext, get_pass, register_pass
 
-SYMBOLIC_KEY = "pcompile_symbolic"
 QUANTITIES = ("flops", "bwd_flops", "output_bytes", "saved_bytes")
 LAYER_NAMES = {"flops": "flops", "bwd_flops": "bwd_flops", "output_bytes": "bytes", "saved_bytes": "activation"}
 b, s = sympy.symbols("b s", positive=True, integer=True)
@@ -34,8 +33,8 @@ b, s = sympy.symbols("b s", positive=True, integer=True)
 
 def symbolic_dims(ctx: PassContext) -> dict[str, list[tuple[int, int]]]:
     """{"b": [(input index, dim)], "s": [...]} (see the module docstring)."""
-    if "symbolic_dims" in ctx.options:
-        return {k: [tuple(x) for x in v] for k, v in ctx.options["symbolic_dims"].items()}
+    if ctx.options.symbolic_dims:
+        return {name: list(places) for name, places in ctx.options.symbolic_dims}
     tensors = [(i, x) for i, x in enumerate(ctx.example_inputs) if isinstance(x, torch.Tensor) and x.dim() > 0]
     if not tensors:
         raise PcompileError("symbolic analysis needs at least one tensor input with a batch dim",
@@ -74,18 +73,15 @@ def _monomials(names) -> list[tuple[int, ...]]:
 
 
 def _measure(ir: IR, ctx: PassContext, inputs: tuple) -> dict:
-    """Node -> (flops, bwd_flops, output_bytes, saved_bytes) of the analyses at these inputs."""
-    from pcompile.passes.flops import flops
-    from pcompile.passes.memory import memory
-    from pcompile.passes.shapes import shapes
-
+    """Node -> (flops, bwd_flops, output_bytes, saved_bytes) of the analyses at these inputs
+    (the shapes, flops and memory passes, run again on the same graph)."""
     originals = {node: node.meta.get(META_KEY) for node in ir.graph.nodes}
     try:
         for node, meta in originals.items():
             node.meta[META_KEY] = NodeMeta(layer=meta.layer if meta else None)
         point_ctx = dataclasses.replace(ctx, example_inputs=inputs, report=[])
-        for analysis in (shapes, flops, memory):
-            analysis(ir, point_ctx)
+        for analysis in ("shapes", "flops", "memory"):
+            get_pass(analysis).fn(ir, point_ctx)
         return {node: tuple(getattr(ir.meta(node), q) for q in QUANTITIES) for node in ir.graph.nodes}
     finally:
         for node, meta in originals.items():
@@ -101,7 +97,7 @@ def _inverse(points, names, monomials) -> list[list[Fraction]]:
     return [[Fraction(int(x.p), int(x.q)) for x in row] for row in matrix.inv().tolist()]
 
 
-@register_pass("symbolic", kind="analysis")
+@register_pass("symbolic", kind="analysis", requires=("layers",), ensures=("symbolic",))
 def symbolic(ir: IR, ctx: PassContext) -> IR:
     """FLOPs, bytes and activation memory per node and layer as polynomials in b and s."""
     dims = symbolic_dims(ctx)
@@ -124,11 +120,10 @@ def symbolic(ir: IR, ctx: PassContext) -> IR:
                 failed.append(f"{node.name}.{quantity}")
                 expr = None
             formulas[quantity] = expr
-        node.meta[SYMBOLIC_KEY] = formulas
+        ir.meta(node).formulas = formulas
     if failed:
         ctx.report.append(f"symbolic: no polynomial in {names} of degree <= 2 fits {', '.join(failed[:5])}"
                           + (f" and {len(failed) - 5} more" if len(failed) > 5 else ""))
-    ctx.options["symbolic"] = {"dims": dims, "layers": layer_formulas(ir)}
     return ir
 
 
@@ -138,7 +133,7 @@ def layer_formulas(ir: IR) -> dict[str, dict[str, sympy.Expr | None]]:
     for layer in ir.layers:
         sums: dict[str, sympy.Expr | None] = {LAYER_NAMES[q]: sympy.Integer(0) for q in QUANTITIES}
         for node in ir.nodes_of(layer):
-            formulas = node.meta.get(SYMBOLIC_KEY, {})
+            formulas = ir.meta(node).formulas or {}
             for q in QUANTITIES:
                 key = LAYER_NAMES[q]
                 sums[key] = None if sums[key] is None or formulas.get(q) is None else sums[key] + formulas[q]

@@ -15,8 +15,8 @@ import torch.fx as fx
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.passes.export import export_graph
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.passes.export import export_graph
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -50,7 +50,8 @@ def explain_trace_failure(exc: Exception, path: str, model: torch.nn.Module) -> 
         fix = ("make the branch static (depend on config, not on tensor values), or register the module "
                "as a leaf so it is not traced into")
     elif "Proxy" in text or "must be tuple of ints" in text or "int" in text or "positional argument" in text:
-        construct = "a tensor size used as a plain Python int (e.g. torch.ones(T, T) or buf[:T, :T] with T from x.shape)"
+        construct = ("a tensor size used as a plain Python int (e.g. torch.ones(T, T) or buf[:T, :T] with T from "
+                     "x.shape)")
         fix = "build masks and index ranges from torch.arange on the input's device, or register the module as a leaf"
     else:
         construct = "an operation torch.fx cannot record symbolically"
@@ -104,12 +105,10 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphMo
     return gm, "export", [f"captured with torch.export because torch.fx.symbolic_trace failed: {why}"] + notes
 
 
-@register_pass("trace", kind="frontend")
+@register_pass("trace", kind="frontend", ensures=("captured",))
 def trace(ir: IR | None, ctx: PassContext) -> IR:
     """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names."""
-    if ctx.capture not in CAPTURES:
-        raise PcompileError(f"capture={ctx.capture!r} is not a capture path", f"use one of {CAPTURES}")
-    gm, how, notes = capture(ctx.model, ctx.example_inputs, ctx.capture)
+    gm, how, notes = capture(ctx.model, ctx.example_inputs, ctx.options.capture)
     _check_loss_output(gm, how)
     ctx.report.extend(notes)
     return IR(gm=gm, capture=how)

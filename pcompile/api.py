@@ -1,4 +1,5 @@
-"""Public API: `compile()` reads as the pipeline; `plan()` stops after the search."""
+"""Public API: `compile()` reads as the pipeline; `plan()` stops after the search; `estimate()`
+prices a given plan as the search prices the plans it weighs."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,12 +8,14 @@ import os
 
 import torch
 
-from pcompile.runtime import precision
+import pcompile.passes  # noqa: F401  (registers the passes the pipeline names)
+from pcompile.backends import CompiledModel
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, PassManager
-from pcompile.plan import Plan
+from pcompile.options import CompileOptions
+from pcompile.plan import Estimate, Plan
 
 PIPELINE = [
     "trace",            # capture the model as an fx graph: everything after is a pass over it
@@ -20,7 +23,7 @@ PIPELINE = [
     "flops",            # compute per node, for the search's time estimate
     "memory",           # saved activations and parameter bytes, for the memory constraint
     "layers",           # the units the search assigns strategies to
-    "search",           # the plan (or the user's forced plan, checked and costed)
+    "search",           # the plan (or the user's forced plan, checked, staged and priced)
     "loss_check",       # needs the plan: a summed loss is refused where dp / micro-batches average it
     "tensor_parallel",  # make the plan's tp real: split weights, insert tp_copy / tp_reduce
     "sequence_parallel",  # sp layers: tp_copy/tp_reduce -> all-gather/reduce-scatter over seq (needs TP's collectives)
@@ -41,8 +44,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def _context(model, cluster, example_inputs, plan, capture, search_space=None, mixed_precision=None,
-             global_batches=None) -> PassContext:
+def _context(model, cluster, example_inputs, plan, options: CompileOptions) -> PassContext:
     if not isinstance(model, torch.nn.Module):
         raise PcompileError(f"compile() needs an nn.Module, got {type(model).__name__}",
                             "pass the model object whose forward returns the loss")
@@ -59,36 +61,17 @@ def _context(model, cluster, example_inputs, plan, capture, search_space=None, m
     if plan is not None and plan.model and plan.model != model_id:
         raise PcompileError("the plan was made for another model (its parameter names or shapes differ)",
                             "re-plan for this model with pcompile.plan(...) or `pcompile plan`")
-    ctx = PassContext(model=model, cluster=cluster, example_inputs=tuple(example_inputs), plan=plan,
-                      capture=capture)
-    ctx.options["fingerprint"] = model_id
-    precision.compute_dtype(mixed_precision)  # an unknown choice fails before any pass runs
-    ctx.options["search_space"] = dict(search_space or {})
-    ctx.options["mixed_precision"] = mixed_precision  # the search costs bf16 states and activations
-    ctx.options["global_batches"] = global_batches  # None: the example inputs' batch
-    return ctx
+    return PassContext(model=model, cluster=cluster, example_inputs=tuple(example_inputs), options=options,
+                       fingerprint=model_id, plan=plan)
 
 
-def _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify, search_space=None,
-         mixed_precision=None, global_batches=None):
-    ctx = _context(model, cluster, example_inputs, plan, capture, search_space, mixed_precision, global_batches)
-    if debug_dir is not None:
-        os.makedirs(debug_dir, exist_ok=True)
-    manager = PassManager(names, verify_each=verify, debug_dir=debug_dir, stop_after=stop_after)
+def _run(manager: PassManager, ctx: PassContext) -> IR:
+    if manager.debug_dir is not None:
+        os.makedirs(manager.debug_dir, exist_ok=True)
     ir = manager.run(None, ctx)
     if ctx.plan is not None:
-        ctx.plan = dataclasses.replace(ctx.plan, model=ctx.options["fingerprint"])
-    return ir, ctx, manager
-
-
-def _global_batches(global_batch) -> tuple[int, ...] | None:
-    if global_batch is None:
-        return None
-    values = (global_batch,) if isinstance(global_batch, int) else tuple(global_batch)
-    if not values or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in values):
-        raise PcompileError(f"global_batch={global_batch!r} must be a positive int or an iterable of them",
-                            "pass e.g. global_batch=range(64, 513, 64) or global_batch=(128, 256)")
-    return tuple(sorted(set(values)))
+        ctx.plan = dataclasses.replace(ctx.plan, model=ctx.fingerprint)
+    return ir
 
 
 def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
@@ -104,9 +87,25 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
     range(64, 513, 64)); the plan takes the one with the most samples per second (costs scale
     from the example inputs' batch) and records it in Plan.global_batch: compile it with
     example inputs of that many samples. None: the example inputs' batch."""
-    _, ctx, _ = _run(PLAN_PIPELINE, model, cluster, example_inputs, None, debug_dir, capture, None, True,
-                     search_space, mixed_precision, _global_batches(global_batch))
+    options = CompileOptions.make(capture, search_space, mixed_precision, global_batch)
+    ctx = _context(model, cluster, example_inputs, None, options)
+    _run(PassManager(PLAN_PIPELINE, debug_dir=debug_dir), ctx)
     return ctx.plan
+
+
+def estimate(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan, *,
+             capture: str = "auto", mixed_precision: str | None = None) -> Estimate:
+    """What the cost model predicts for `plan` (step time, peak memory per device), priced as the
+    search prices the plans it weighs: the same cost tables and stage evaluation, the plan's
+    per-layer strategies, stages, micro-batches and schedule. For a plan the search returned,
+    `estimate(...) == plan.estimate`; compile(plan=...) reports the same figure. Runs the
+    analyses and the search pass's check of a forced plan (fake tensors, no process group)."""
+    if not isinstance(plan, Plan):
+        raise PcompileError(f"plan must be a pcompile.Plan, got {type(plan).__name__}",
+                            "use pcompile.plan(...), pcompile.Plan.uniform(...) or Plan.from_json(...)")
+    ctx = _context(model, cluster, example_inputs, plan, CompileOptions.make(capture, mixed_precision=mixed_precision))
+    _run(PassManager(PLAN_PIPELINE), ctx)
+    return ctx.plan.estimate
 
 
 def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
@@ -121,11 +120,11 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     optimizer steps, what full_state_dict / checkpoints hold) are fp32 masters (pcompile.runtime.precision);
     None (the default) runs fp32 throughout.
     """
-    from pcompile.backends import CompiledModel
-
-    names = PIPELINE if passes is None else list(passes)
-    ir, ctx, manager = _run(names, model, cluster, example_inputs, plan, debug_dir, capture, stop_after, verify,
-                            search_space, mixed_precision)
+    options = CompileOptions.make(capture, search_space, mixed_precision)
+    ctx = _context(model, cluster, example_inputs, plan, options)
+    manager = PassManager(PIPELINE if passes is None else list(passes), verify_each=verify, debug_dir=debug_dir,
+                          stop_after=stop_after)
+    ir = _run(manager, ctx)
     if stop_after is not None:
         return ir
     compiled = CompiledModel(ir, ctx.plan, model, ctx.report, mixed_precision=mixed_precision)
@@ -135,4 +134,4 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     return compiled
 
 
-__all__ = ["compile", "plan", "fingerprint", "IR"]
+__all__ = ["compile", "plan", "estimate", "fingerprint", "IR", "PIPELINE"]

@@ -26,6 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
 from pcompile.errors import PcompileError
+from pcompile.ir.params import canonical
+from pcompile.mesh import rank_grid
 
 LATEST = "latest"
 META = "pcompile.json"
@@ -51,13 +53,13 @@ def _sdp_shardings(cm) -> dict:
 
 
 def _mesh(cm, axes: tuple[str, ...], device_type: str) -> DeviceMesh:
-    """This rank's mesh over `axes` ("tp" and/or "dp", in that order) from the plan's groups.
-    Global rank of stage p's (d, t) = (p dp + d) tp + t (backends: pp outermost, tp innermost)."""
+    """This rank's mesh over `axes` ("tp" and/or "dp", in that order) from the plan's groups, laid
+    out as pcompile.mesh numbers ranks (pp outermost, tp innermost)."""
     if len(axes) == 1:
         return DeviceMesh.from_group(cm.groups[axes[0]], device_type)
     p = cm.coords.get("pp", 0)
     tp, dp = (dist.get_world_size(cm.groups[axis]) for axis in axes)  # a layer's own grouping (passes/reshard.py)
-    ranks = torch.tensor([[(p * dp + d) * tp + t for d in range(dp)] for t in range(tp)], dtype=torch.int)
+    ranks = torch.tensor(rank_grid(p + 1, dp, tp)[p], dtype=torch.int).T  # [tp, dp] of stage p
     return DeviceMesh.from_group([cm.groups[axis] for axis in axes], device_type, mesh=ranks, mesh_dim_names=axes)
 
 
@@ -112,14 +114,7 @@ def _full(cm, name: str, local: torch.Tensor) -> torch.Tensor:
 
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
     """Tied parameters: every extra name -> the name named_parameters() keeps."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in first:
-            aliases[name] = first[id(p)]
-        else:
-            first[id(p)] = name
-    return aliases
+    return {name: first for name, first in canonical(model).items() if name != first}
 
 
 def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> str:

@@ -74,7 +74,8 @@ def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: 
                 failure = (rank, value)
             continue
         if time.monotonic() > deadline:
-            failure = (-1, f"timed out after {timeout:.0f} s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+            missing = sorted(set(range(world_size)) - set(results))
+            failure = (-1, f"timed out after {timeout:.0f} s waiting for ranks {missing}")
         elif any(p.exitcode not in (None, 0) for p in processes) and queue.empty():
             dead = [i for i, p in enumerate(processes) if p.exitcode not in (None, 0)]
             time.sleep(0.2)

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.search.schedules import schedule_order
 from pcompile.plan import Plan
+from pcompile.search.schedules import schedule_order
 
 GiB = 2**30
 BYTES_PER_ELEMENT = {"params": 4, "grads": 4, "optimizer": 8}  # fp32 weights, grads, Adam's two moments

@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 
 from pcompile.ir import IR
+from pcompile.sharding.tp_ops import embedding_parts, linear_parts, loss_parts
+from pcompile.sharding.tp_rules import plan_tensor_parallel
 
 ZERO_COPY_METHODS = {"view", "transpose", "permute", "reshape", "flatten", "unsqueeze", "squeeze", "expand",
                      "size", "t", "split", "chunk", "narrow", "select", "as_strided", "view_as"}
@@ -68,8 +70,6 @@ def example_batch(ir: IR) -> int:
 
 
 def _linear(ir: IR, node: fx.Node):
-    from pcompile.sharding.tp_rules import linear_parts
-
     return linear_parts(ir.gm, node)
 
 
@@ -113,10 +113,6 @@ def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
 def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
-    # lazy: the passes import pcompile.cost.pricing, which imports this module
-    from pcompile.sharding.tp_ops import embedding_parts, loss_parts
-    from pcompile.sharding.tp_rules import linear_parts, plan_tensor_parallel
-
     split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
     if tp > 1:
         p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})

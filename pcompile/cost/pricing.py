@@ -36,7 +36,7 @@ memory          : params, grads and optimizer states (bytes per element from Cos
                   activations per in-flight micro-batch, and a transient: the largest op's output
                   and gradient, the sdp gathered weights, the recomputed activations when checkpointed;
                   with bucketed dp sync, the flat gradient buckets after backward (estimate_uniform)
-Ranks: tp innermost (contiguous), then dp, then pp outermost; a stage starting at
+Ranks as pcompile.mesh lays them out (tp innermost, then dp, pp outermost); a stage starting at
 `CostOptions.first_rank` is charged on its own devices (the slowest one's time) and links.
 """
 from __future__ import annotations
@@ -47,17 +47,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from pcompile.cluster import Cluster
-from pcompile.search.costtable import CostTable
+from pcompile.cost.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.cost.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
+from pcompile.mesh import regroup_groups, stage_groups
 from pcompile.plan import Estimate, Strategy
+from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
+from pcompile.search.costtable import CostTable
+from pcompile.search.schedules import backward_peak
 
 MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 
 
-# The runtime's dp gradient buckets (backends/distributed.py _average_over_dp), as DDP's default.
-GRAD_BUCKET_BYTES = 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -117,13 +118,6 @@ class LayerMemory:
     activations: float  # per in-flight micro-batch
     temp: float  # while the layer runs (forward or backward)
     step_temp: float = 0.0  # during the optimizer step
-
-
-def group_ranks(first: int, dp: int, tp: int) -> tuple[list[list[int]], list[list[int]]]:
-    """(tp groups, dp groups) of a stage starting at rank `first`: tp contiguous, dp tp apart."""
-    tp_groups = [[first + d * tp + t for t in range(tp)] for d in range(dp)]
-    dp_groups = [[first + d * tp + t for d in range(dp)] for t in range(tp)]
-    return tp_groups, dp_groups
 
 
 # -- compute -------------------------------------------------------------------------------------
@@ -256,7 +250,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     scale = microbatch / batch / s.dp  # samples of one rank relative to the example batch
     times = [compute_times(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
-    tp_groups, dp_groups = group_ranks(first, s.dp, s.tp)
+    tp_groups, dp_groups = stage_groups(first, s.dp, s.tp)
     tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act, fwd, bwd) if s.tp > 1 else (0.0, 0.0)
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
@@ -334,15 +328,10 @@ def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float
 
 
 def sync_buckets(numels, bytes_per: float, bucket: int) -> list[float]:
-    """The flat gradient buffers the runtime's dp sync allocates (backends/distributed.py
-    _average_over_dp): whole tensors packed in order until a bucket reaches `bucket` bytes."""
-    out, size = [], 0.0
-    for n in numels:
-        size += n * bytes_per
-        if size >= bucket:
-            out.append(size)
-            size = 0.0
-    return out + ([size] if size else [])
+    """The flat gradient buffers the runtime's dp sync allocates (pcompile.runtime.buckets: whole
+    tensors packed in order until a bucket reaches `bucket` bytes), in bytes."""
+    sizes = [n * bytes_per for n in numels]
+    return [sum(sizes[a:b]) for a, b in bucket_ranges(sizes, bucket)]
 
 
 def sync_transient(numels, bytes_per: float, bucket: int) -> float:
@@ -364,15 +353,7 @@ def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first
     if na == nb:
         return 0.0
     fine, coarse = max(na, nb), min(na, nb)
-    devices = a.num_devices
-    stride = devices // fine
-    groups = [[first + base + k * stride for k in range(fine // coarse)]
-              for base in _group_bases(devices, stride, fine // coarse)]
-    return cluster.collective_time("all_gather", nbytes / coarse, groups)
-
-
-def _group_bases(devices: int, stride: int, size: int) -> list[int]:
-    return [r for r in range(devices) if (r // stride) % size == 0]
+    return cluster.collective_time("all_gather", nbytes / coarse, regroup_groups(a.num_devices, coarse, fine, first))
 
 
 # -- the table -----------------------------------------------------------------------------------
@@ -449,7 +430,7 @@ def ring_allreduce_time(num_bytes: float, group_size: int, bandwidth: float, lat
 def _loss_sync(cluster: Cluster, s: Strategy, first: int) -> float:
     """The runtime averages the step's fp32 loss over dp: one 4-byte all-reduce per step (on
     gloo with 4 ranks sharing 2 cores its latency alone is ~4 ms, the profile's fit)."""
-    return cluster.collective_time("all_reduce", 4.0, group_ranks(first, s.dp, s.tp)[1]) if s.dp > 1 else 0.0
+    return cluster.collective_time("all_reduce", 4.0, stage_groups(first, s.dp, s.tp)[1]) if s.dp > 1 else 0.0
 
 
 def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: list[int], backward: float) -> float:
@@ -458,7 +439,7 @@ def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: lis
     flatten / divide / copy-back passes (`_bucket_copies`)."""
     first = options.first_rank
     sizes = sync_buckets(numels, options.state_bytes()[1], options.bucket_bytes)
-    comm = sum(cluster.collective_time("all_reduce", b, group_ranks(first, s.dp, s.tp)[1]) for b in sizes)
+    comm = sum(cluster.collective_time("all_reduce", b, stage_groups(first, s.dp, s.tp)[1]) for b in sizes)
     eta = cluster.overlap if options.overlap is None else options.overlap
     devices = {cluster.device_of(r) for r in range(first, first + s.num_devices)}
     exposed = _exposed(comm, backward, eta) if options.overlap_grad_sync else comm
@@ -470,8 +451,6 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     summed (with bucketed dp sync, the stage's buckets: `_stage_sync`), peak memory by
     `pcompile.search.schedules.backward_peak` or, with bucketed dp gradient sync, at the sync's
     flat buckets (`sync_transient`) if that is higher."""
-    from pcompile.search.schedules import backward_peak
-
     options = options or CostOptions()
     batch = example_batch(ir)
     works = layer_work(ir, strategy.tp)

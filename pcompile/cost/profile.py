@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 
 from pcompile.cluster import GB, Cluster, CollectiveFit, Device, NodeGroup
+from pcompile.launch import launch
+from pcompile.mesh import contiguous_groups
 
 SIZES = {"quick": (64, 128, 256), "full": (32, 64, 128, 256, 512, 1024)}
 # full: up to 16 MiB, the size of the runtime's dp gradient buckets (25 MiB at most): a fit of
@@ -180,11 +182,12 @@ def _op_overhead(device) -> tuple[float, float]:
 
 
 def _groups(world: int, size: int):
-    """The world split into contiguous groups of `size` (every rank calls new_group for all)."""
+    """This rank's group of the world split into consecutive groups of `size` (every rank calls
+    new_group for all of them, in one order)."""
     mine = None
-    for start in range(0, world, size):
-        group = dist.new_group(list(range(start, start + size)))
-        if start <= dist.get_rank() < start + size:
+    for ranks in contiguous_groups(world, size):
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
             mine = group
     return mine
 
@@ -433,8 +436,6 @@ def build_cluster(per_rank: list[dict], world: int, backend: str, memory_bytes: 
 def profile_cluster(world_size: int = 4, path: str | os.PathLike | None = None, quick: bool = False,
                     memory_bytes: int | None = None) -> Cluster:
     """Measure this machine with `world_size` local ranks; write the profile JSON to `path`."""
-    from pcompile.launch import launch
-
     mode = "quick" if quick else "full"
     start = time.perf_counter()
     if world_size == 1:

@@ -23,11 +23,11 @@ import dataclasses
 import numpy as np
 
 from pcompile.cluster import Cluster
+from pcompile.cost.layer_work import boundary_bytes, example_batch, layer_work
 from pcompile.cost.pricing import CostOptions, layer_cost, switch_time, table_entries
-from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
-from pcompile.cost.layer_work import boundary_bytes, example_batch, layer_work
+from pcompile.search.costtable import CostTable
 
 
 class StageCosts:

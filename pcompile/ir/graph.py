@@ -1,8 +1,10 @@
 """The IR: a torch.fx GraphModule whose nodes carry a typed `NodeMeta` in node.meta["pcompile"].
 
-Graph-level facts (the ordered layers, how each parameter is sharded, the plan being
-realised) live on the `IR` object next to the GraphModule. The text form of `IR.format()` is
-stable (fixed columns, no wrapping) so tests compare it, and `IR.parse()` reads it back.
+Graph-level facts live on the `IR` object next to the GraphModule, as typed fields: the
+ordered layers, how each parameter is split (tensor parallelism, then ZeRO-3), the mixed
+(dp, tp) layout of per-layer groupings and the pipeline cut, each written by the pass that
+makes it true. The text form of `IR.format()` is stable (fixed columns, no wrapping) so tests
+compare it, and `IR.parse()` reads it back.
 """
 from __future__ import annotations
 
@@ -13,14 +15,15 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
+from pcompile.ir.placement import Placement, Shard, local_shape
+
 META_KEY = "pcompile"
-SYMBOLIC_KEY = "pcompile_symbolic"  # {quantity: sympy expr in b, s}, written by passes/symbolic.py
 
 
 @dataclass
 class NodeMeta:
     """What the analysis passes know about one node. Bytes and FLOPs are for the full
-    (unsharded) example batch; `sharding` is set by the rewrite passes."""
+    (unsharded) example batch; `placement` is set by the rewrite passes."""
 
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
@@ -31,63 +34,42 @@ class NodeMeta:
     saved_bytes: int = 0  # activation bytes autograd keeps for backward (parameters excluded)
     param_bytes: int = 0  # parameters this node reads (call_module / get_attr)
     layer: str | None = None
-    sharding: str | None = None  # "R", "S(d)@tp", "P@tp" once the rewrite assigned one
+    placement: Placement | None = None  # how the rank's value is cut, once a rewrite assigned it
+    formulas: dict | None = None  # {quantity: sympy expr in b, s} (the optional symbolic analysis)
 
 
 @dataclass(frozen=True)
-class ParamSharding:
-    """A parameter split into `size` equal chunks along `dim` over mesh `axis`.
+class MixedLayout:
+    """Per-layer (dp, tp) groupings (passes/reshard.py): how the input batch is split, where
+    the loss parts are, and the dp axis each parameter's gradient is summed over."""
 
-    With `blocks` > 1 the parameter is `blocks` equal blocks along `dim` (a fused projection:
-    GPT-2's c_attn holds q, k and v side by side) and each block is chunked by `size`: rank r
-    keeps the r-th chunk of every block, so its local q, k and v are again side by side."""
-
-    axis: str
-    dim: int
-    size: int
-    blocks: int = 1
-
-    def chunk(self, full: torch.Tensor, rank: int) -> torch.Tensor:
-        """Rank `rank`'s part of the full tensor (a view when blocks == 1)."""
-        if self.blocks == 1:
-            return full.chunk(self.size, dim=self.dim)[rank]
-        return torch.cat([block.chunk(self.size, dim=self.dim)[rank]
-                          for block in full.chunk(self.blocks, dim=self.dim)], dim=self.dim)
-
-    def join(self, parts: list[torch.Tensor]) -> torch.Tensor:
-        """The full tensor from every rank's part, in rank order (inverse of `chunk`)."""
-        if self.blocks == 1:
-            return torch.cat(parts, dim=self.dim)
-        per_rank = [part.chunk(self.blocks, dim=self.dim) for part in parts]
-        return torch.cat([per_rank[r][b] for b in range(self.blocks) for r in range(len(parts))], dim=self.dim)
-
-    def local_shape(self, shape) -> torch.Size:
-        shape = list(shape)
-        shape[self.dim] //= self.size
-        return torch.Size(shape)
+    input_axis: str
+    input_dp: int
+    loss_axis: str
+    loss_dp: int
+    param_axes: dict  # canonical parameter name -> (dp axis, dp degree)
 
 
-def take_shards(module: torch.nn.Module, shardings: dict[str, ParamSharding], coords: dict[str, int]) -> None:
-    """Replace every split parameter of `module` by this rank's part, under every name it has:
-    tied weights (a GPT's embedding and LM head) stay one parameter, chunked once. Names
-    `module` does not hold (another pipeline stage's) are skipped."""
-    names: dict[int, list[str]] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    done: set[int] = set()
-    for name, sharding in shardings.items():
-        try:
-            full = module.get_parameter(name)
-        except AttributeError:
-            continue
-        if id(full) in done:
-            continue
-        local = sharding.chunk(full.detach(), coords[sharding.axis]).clone(memory_format=torch.contiguous_format)
-        local = torch.nn.Parameter(local, requires_grad=full.requires_grad)
-        for alias in names[id(full)]:
-            path, _, attr = alias.rpartition(".")
-            setattr(module.get_submodule(path) if path else module, attr, local)
-        done.add(id(local))
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage (passes/pipeline_split.py): its layers, the activations it receives
+    and sends, and its graph."""
+
+    index: int
+    rank: int  # pp coordinate of the rank that runs it
+    layers: tuple[str, ...]
+    inputs: tuple[str, ...]  # activations received from the previous stage, in order
+    outputs: tuple[str, ...]  # activations sent to the next stage (the loss for the last)
+    gm: fx.GraphModule = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class PipelineSplit:
+    pp: int
+    stages: tuple[Stage, ...]
+    model_inputs: tuple[str, ...]  # placeholder names: keyword arguments of every stage
+    canonical: dict[str, str] = field(compare=False)  # every parameter name -> the model's deduplicated name
+    tied: tuple[str, ...] = ()  # canonical names of parameters held by stages on more than one pp rank
 
 
 @dataclass
@@ -95,7 +77,12 @@ class IR:
     gm: fx.GraphModule
     layers: list[str] = field(default_factory=list)  # ordered: "pre", blocks..., "post"
     block_layers: list[str] = field(default_factory=list)  # the repeated blocks only
-    param_shardings: dict[str, ParamSharding] = field(default_factory=dict)
+    # parameter name (every alias) -> its tensor-parallel split (tensor_parallel)
+    param_shardings: dict[str, Shard] = field(default_factory=dict)
+    # parameter name (every alias) -> its ZeRO-3 split over dp of the tp shard (sharded_data_parallel)
+    sdp_shardings: dict[str, Shard] = field(default_factory=dict)
+    mixed_layout: MixedLayout | None = None  # per-layer (dp, tp) groupings (reshard); None: one grouping
+    pipeline: PipelineSplit | None = None  # the stages (pipeline_split); None: not pipelined
     capture: str = "fx"
 
     @property
@@ -104,6 +91,10 @@ class IR:
 
     def replace(self, **changes) -> "IR":
         return dataclasses.replace(self, **changes)
+
+    def local_param_shape(self, name: str, shape) -> torch.Size:
+        """This rank's shape of parameter `name`: its tp shard, then its ZeRO-3 chunk."""
+        return local_shape(shape, self.param_shardings.get(name), self.sdp_shardings.get(name))
 
     # -- metadata --------------------------------------------------------------------------
     @staticmethod
@@ -144,7 +135,7 @@ class IR:
             shape = "-" if m.shape is None else "[" + ",".join(str(s) for s in m.shape) + "]"
             rows.append((node.name, node.op, target_name(node), shape, _short_dtype(m.dtype),
                          _human(m.flops), _human(m.output_bytes), _human(m.saved_bytes), _human(m.param_bytes),
-                         m.layer or "-", m.sharding or "-"))
+                         m.layer or "-", "-" if m.placement is None else str(m.placement)))
         # Columns as wide as their longest cell (at least WIDTHS): aligned, never truncated, so
         # parse() gets every name back whole.
         widths = [max([w] + [len(str(row[i])) + 1 for row in rows]) for i, w in enumerate(self.WIDTHS)]
@@ -152,7 +143,7 @@ class IR:
         if formulas:  # costs as sympy expressions in batch b and sequence length s
             text += "\n\n" + "\n".join(
                 f"{n.name:<28} flops={f['flops']}  saved={f['saved_bytes']}  out={f['output_bytes']}"
-                for n in self.graph.nodes if (f := n.meta.get(SYMBOLIC_KEY)) and (f["flops"] or f["saved_bytes"]))
+                for n in self.graph.nodes if (f := self.meta(n).formulas) and (f["flops"] or f["saved_bytes"]))
         return text
 
     def print(self, formulas: bool = False) -> None:
@@ -162,7 +153,8 @@ class IR:
         lines = [f"{len(self.graph.nodes)} nodes, {len(self.layers)} layers "
                  f"({len(self.block_layers)} repeated blocks), captured with {self.capture}"]
         for layer in self.layers:
-            lines.append(f"  {layer:<12} nodes={len(self.nodes_of(layer)):<4} flops={_human(self.total('flops', layer)):<8}"
+            flops = _human(self.total('flops', layer))
+            lines.append(f"  {layer:<12} nodes={len(self.nodes_of(layer)):<4} flops={flops:<8}"
                          f" params={_human(self.total('param_bytes', layer)) + 'B':<8}"
                          f" saved={_human(self.total('saved_bytes', layer))}B")
         return "\n".join(lines)

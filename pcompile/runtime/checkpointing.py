@@ -7,12 +7,16 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
+from pcompile.runtime import ops
 
+
+@ops.local
 def run_checkpointed(region: torch.nn.Module, *args):
     """Run `region(*args)` keeping only `args` for backward; recompute the region in backward."""
     return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False)
 
 
+@ops.local
 def call_module_ref(module: torch.nn.Module, *args, **kwargs):
     """A module call inside a region, the module being a region input (see module docstring)."""
     return module(*args, **kwargs)

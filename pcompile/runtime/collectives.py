@@ -26,6 +26,8 @@ import threading
 import torch
 import torch.distributed as dist
 
+from pcompile.runtime import ops
+
 _GROUPS: dict[str, dist.ProcessGroup] = {}
 _SIMULATE = threading.local()
 
@@ -138,49 +140,58 @@ _SpGather = _dim_pair("_SpGather", _all_gather, _reduce_scatter)
 _SpReduceScatter = _dim_pair("_SpReduceScatter", _reduce_scatter, _all_gather)
 
 
+@ops.collective(axis_arg=1)
 def tp_copy(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
     """Enter a tensor-parallel region: identity forward, all-reduce of the gradient backward."""
     return _Copy.apply(x, axis, size)
 
 
+@ops.collective(axis_arg=1)
 def tp_reduce(x: torch.Tensor, axis: str, size: int) -> torch.Tensor:
     """Leave a tensor-parallel region: all-reduce the partial sums forward, identity backward."""
     return _Reduce.apply(x, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def tp_gather(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Sharded along `dim` -> replicated: all-gather forward, keep the local chunk backward."""
     return _Gather.apply(x, dim, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def tp_scatter(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Replicated -> sharded along `dim`: local chunk forward, all-gather backward."""
     return _Scatter.apply(x, dim, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def sp_split(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Replicated -> this rank's sequence chunk: local chunk forward, all-gather backward."""
     return _Scatter.apply(x, dim, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def sp_gather(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Sequence chunks -> the full input of column-parallel Linears: all-gather forward,
     reduce-scatter of the (partial) gradient backward."""
     return _SpGather.apply(x, dim, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def sp_reduce_scatter(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Partial sums of row-parallel Linears -> this rank's sequence chunk of their sum:
     reduce-scatter forward, all-gather backward."""
     return _SpReduceScatter.apply(x, dim, axis, size)
 
 
+@ops.collective(axis_arg=2)
 def sp_unsplit(x: torch.Tensor, dim: int, axis: str, size: int) -> torch.Tensor:
     """Sequence chunks -> the full tensor for replicated code: all-gather forward, keep this
     rank's chunk of the (full, replicated) gradient backward."""
     return _Gather.apply(x, dim, axis, size)
 
 
+@ops.local
 def global_size(x: torch.Tensor, dim: int, size: int, *index: int):
     """`x.shape` / `x.size(i)` of the full tensor when `x` holds a 1/size shard along `dim`."""
     shape = list(x.shape)
@@ -188,6 +199,3 @@ def global_size(x: torch.Tensor, dim: int, size: int, *index: int):
     full = torch.Size(shape)
     return full[index[0]] if index else full
 
-
-COLLECTIVES = (tp_copy, tp_reduce, tp_gather, tp_scatter, sp_split, sp_gather, sp_reduce_scatter, sp_unsplit)
-SP_COLLECTIVES = (sp_split, sp_gather, sp_reduce_scatter, sp_unsplit)  # all take (x, dim, axis, size)

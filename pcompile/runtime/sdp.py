@@ -1,5 +1,5 @@
 """ZeRO-3 (sharded data parallelism) at run time: the functions the `sharded_data_parallel`
-pass puts into the graph, and the lowering helpers the backend uses for sharded parameters.
+pass puts into the graph (the backend splits the parameters: pcompile.runtime.params).
 
 Each rank of the dp group stores 1/dp of a sharded parameter (a chunk along its `dim`).
 Parameters are gathered in *units* (by default all of one layer's, as FSDP does per block),
@@ -30,13 +30,10 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from pcompile.runtime import collectives
-from pcompile.ir import ParamSharding
+from pcompile.runtime import collectives, ops
 
-SHARDINGS_KEY = "pcompile.runtime.sdp"  # gm.meta[SHARDINGS_KEY]: parameter name -> ParamSharding over dp
 _LIVE: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # gathered parameters alive right now
 
 
@@ -118,6 +115,7 @@ class _Gather(torch.autograd.Function):
         return (None,) + tuple(_reduce_scatter_flat(grads, unit.dims, unit.key, unit.size))
 
 
+@ops.collective(axis_arg=2)
 def sdp_gather(shards: tuple[torch.Tensor, ...], dims: tuple[int, ...], axis: str,
                size: int) -> tuple[torch.Tensor, ...]:
     """Sharded parameters -> full parameters: one all-gather forward, one reduce-scatter / size backward."""
@@ -163,12 +161,14 @@ def _saved_as_shards(gathered: list[torch.Tensor]):
         yield
 
 
+@ops.local
 def module_with(module: torch.nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
     """`module(*args, **kwargs)` with some of its parameters replaced by `params` (gathered ones).
     Used as is in checkpointed layers, where checkpointing frees and recomputes what ops save."""
     return torch.func.functional_call(module, dict(params), args, kwargs)
 
 
+@ops.local
 def sdp_module(module: torch.nn.Module, params: dict[str, torch.Tensor], *args, **kwargs):
     """`module_with`, autograd saving the gathered parameters as references to their unit."""
     with _saved_as_shards(list(params.values())):
@@ -182,56 +182,16 @@ def resolve(qualname: str):
     return getattr(importlib.import_module(module), attr)
 
 
+@ops.local
 def sdp_function(qualname: str, *args, **kwargs):
     """`fn(*args, **kwargs)` for the function named `qualname`, some args being gathered parameters."""
     with _saved_as_shards(_gathered((args, kwargs))):
         return resolve(qualname)(*args, **kwargs)
 
 
+@ops.local
 def sdp_method(name: str, self, *args, **kwargs):
     """`self.name(*args, **kwargs)`, some operands being gathered parameters."""
     with _saved_as_shards(_gathered((self, args, kwargs))):
         return getattr(self, name)(*args, **kwargs)
 
-
-COLLECTIVES = (sdp_gather,)  # nodes whose axis-name arguments the backend binds to process groups
-
-
-# -- lowering helpers (the backend's part) ---------------------------------------------------
-def param_shardings(gm: fx.GraphModule) -> dict[str, ParamSharding]:
-    """How each sdp parameter is sharded over dp (recorded by the pass in gm.meta, as the pipeline
-    split records its cut). It applies to the tensor left after IR.param_shardings (tensor
-    parallelism) took this rank's slice."""
-    return dict(gm.meta.get(SHARDINGS_KEY, {}))
-
-
-def _owner(root: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), attr
-
-
-def shard_parameters(gm: torch.nn.Module, shardings: dict[str, ParamSharding],
-                     coords: dict[str, int]) -> dict[str, ParamSharding]:
-    """Keep this rank's chunk of every sdp parameter, under every name it has (tied weights stay
-    tied). Returns the sharding of every name, aliases included (state_dict lists them all)."""
-    by_alias = {}
-    for name, sharding in shardings.items():
-        full = gm.get_parameter(name)
-        chunk = full.detach().chunk(sharding.size, dim=sharding.dim)[coords[sharding.axis]]
-        chunk = chunk.clone(memory_format=torch.contiguous_format)
-        local = torch.nn.Parameter(chunk, requires_grad=full.requires_grad)
-        aliases = [alias for alias, p in gm.named_parameters(remove_duplicate=False) if p is full]
-        for alias in aliases:
-            owner, attr = _owner(gm, alias)
-            setattr(owner, attr, local)
-            by_alias[alias] = sharding
-    return by_alias
-
-
-def unshard(local: torch.Tensor, sharding: ParamSharding | None, group) -> torch.Tensor:
-    """The tensor before `sharding` split it (collective over `group`)."""
-    if sharding is None or sharding.size == 1:
-        return local
-    parts = [torch.empty_like(local, memory_format=torch.contiguous_format) for _ in range(sharding.size)]
-    dist.all_gather(parts, local.detach().contiguous(), group=group)
-    return torch.cat(parts, dim=sharding.dim)

@@ -23,8 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pcompile.runtime import collectives
-
+from pcompile.runtime import collectives, ops
 
 _SIMULATED = threading.local()
 
@@ -53,13 +52,16 @@ def _all_reduce(x: torch.Tensor, key: str, op=dist.ReduceOp.SUM) -> torch.Tensor
     return x
 
 
+@ops.collective(axis_arg=0)
 def vocab_start(axis: str, size: int, rows: int) -> int:
     """The first vocabulary row this rank of the `axis` group holds ([r·rows, (r+1)·rows)).
     A node of its own, so the lookup that uses it reads no group (ZeRO-3 may wrap the lookup)."""
     return _rank(axis) * rows
 
 
-def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int, padding_idx: int | None = None) -> torch.Tensor:
+@ops.local
+def vocab_embedding(ids: torch.Tensor, weight: torch.Tensor, start: int,
+                    padding_idx: int | None = None) -> torch.Tensor:
     """This rank's part of embedding(ids, W) where `weight` holds rows [start, start + rows):
     rows of other ranks' ids are zero, so the tp all-reduce after it gives the full lookup."""
     rows = weight.shape[0]
@@ -102,6 +104,7 @@ class _CrossEntropy(torch.autograd.Function):
         return grad_logits.to(ctx.dtype), None, None, None
 
 
+@ops.collective(axis_arg=2)
 def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, axis: str, size: int,
                                  ignore_index: int = -100, reduction: str = "mean") -> torch.Tensor:
     """F.cross_entropy(logits, target, ignore_index=, reduction=) for class-index targets,
@@ -118,5 +121,3 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, axi
         return losses.sum()
     return losses.sum() / (flat != ignore_index).sum().to(losses.dtype)
 
-
-COLLECTIVES = (vocab_start, vocab_parallel_cross_entropy)  # the backend binds their axis names

@@ -24,7 +24,8 @@ class CostTable:
     microbatch_size: int
     fwd_time: np.ndarray  # [L, S] forward time of one micro-batch (compute + tp/sp comm)
     bwd_time: np.ndarray  # [L, S] backward time of one micro-batch (incl. recompute if checkpointed)
-    sync_time: np.ndarray  # [L, S] per-step gradient communication (dp all-reduce / sdp gather + reduce-scatter), not overlapped
+    # [L, S] per-step gradient communication (dp all-reduce / sdp gather + reduce-scatter), not overlapped
+    sync_time: np.ndarray
     state_memory: np.ndarray  # [L, S] params + grads + optimizer states per device
     activation_memory: np.ndarray  # [L, S] bytes kept for backward per in-flight micro-batch
     temp_memory: np.ndarray  # [L, S] transient peak while the layer runs (gathered weights, largest op)

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
+from pcompile.search.costtable import CostTable
 from pcompile.search.space import Setting, even_segments, p2p_time
 
 FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's first layer (no switch)

@@ -16,14 +16,22 @@ from typing import Callable
 
 import numpy as np
 
-from pcompile.search.baselines import baselines, no_fit_error
-from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
 from pcompile.plan import Strategy
+from pcompile.search.baselines import baselines, no_fit_error
+from pcompile.search.costtable import CostTable
 from pcompile.search.dp import SettingPlan, SettingSolver, TableIndex
 from pcompile.search.result import SearchResult, StagePlan, layer_choices
-from pcompile.search.space import (PlanCost, SearchRules, SearchSpace, Setting, evaluate, p2p_time, settings,
-                                   strategies_for)
+from pcompile.search.space import (
+    PlanCost,
+    SearchRules,
+    SearchSpace,
+    Setting,
+    evaluate,
+    p2p_time,
+    settings,
+    strategies_for,
+)
 
 
 @dataclass(frozen=True)
@@ -231,4 +239,4 @@ def search(problem: SearchProblem, faster_than: float = math.inf) -> SearchResul
     found = baselines(ctx) if math.isinf(faster_than) else ()
     return SearchResult(plan.setting, problem.global_batch // plan.setting.microbatches, cost.step_time, stages,
                         layers, found, binding, out.certified, out.gap, out.cells, out.solved, len(ctx.settings),
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, cost)

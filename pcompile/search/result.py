@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.search.costtable import CostTable
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
+from pcompile.search.costtable import CostTable
 from pcompile.search.space import PlanCost, Setting
 
 GIB = 2**30
@@ -91,6 +91,7 @@ class SearchResult:
     settings_searched: int  # settings whose DP ran
     settings_total: int
     seconds: float
+    cost: PlanCost  # the objective's terms for the plan (search.space.evaluate)
 
     @property
     def peak_memory(self) -> float:
@@ -128,7 +129,8 @@ class SearchResult:
                 lines.append(f"  {b.name:<14} " + (f"out of memory (leanest needs {size_text(b.peak_memory)})"
                                                     if math.isfinite(b.peak_memory) else "not in the searched space")
                              + f"  {b.description}" + (f" [{b.strategy.describe()}]" if b.strategy else ""))
-        lines.append(f"searched {self.settings_searched} of {self.settings_total} settings")  # no timing: plans are byte-stable
+        # no timing: plans are byte-stable
+        lines.append(f"searched {self.settings_searched} of {self.settings_total} settings")
         return "\n".join(lines)
 
 
@@ -183,11 +185,7 @@ def to_plan(result: SearchResult, model: str = "") -> Plan:
     strategies = [c.strategy for c in result.layers]
     default = Counter(strategies).most_common(1)[0][0]
     devices = result.stages[0].devices * len(result.stages)
-    bottleneck = max(result.stages, key=lambda s: result.setting.coefficient * s.microbatch_time + s.sync_time)
-    estimate = Estimate(step_time=result.step_time, peak_memory=int(result.peak_memory),
-                        compute_time=result.setting.coefficient * bottleneck.microbatch_time,
-                        comm_time=bottleneck.sync_time,
-                        memory_budget=int(min(s.memory_budget for s in result.stages)))
+    estimate = result.cost.estimate(result.setting)
     candidates = tuple(
         Candidate(b.strategy or default,
                   Estimate(b.step_time, int(b.peak_memory)) if b.fits else None,

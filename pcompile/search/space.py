@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pcompile.search.costtable import CostTable
 from pcompile.errors import PcompileError
+from pcompile.plan import Estimate, Strategy
+from pcompile.search.costtable import CostTable
 from pcompile.search.schedules import SCHEDULES, peak_in_flight, schedule_order
-from pcompile.plan import Strategy
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,35 @@ def even_segments(layers: tuple[str, ...], pp: int, chunks: int = 1) -> tuple[tu
     return tuple(tuple(ranges[c] for c in range(k, pp * chunks, pp)) for k in range(pp))
 
 
+def balanced_split(costs: list[float], num_stages: int, first: float = 0.0, last: float = 0.0) -> list[int]:
+    """Stage of each unit: contiguous runs minimising the largest stage cost, where the first
+    stage also pays `first` and the last `last`."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+
+    def seg(i: int, j: int, k: int) -> float:
+        return prefix[j] - prefix[i] + (first if k == 0 else 0.0) + (last if k == num_stages - 1 else 0.0)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]  # best[k][j]: units [0, j) in k stages
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, num_stages + 1):
+        for j in range(k, n - (num_stages - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], seg(i, j, k - 1))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    stages, j = [0] * n, n
+    for k in range(num_stages, 0, -1):
+        i = cut[k][j]
+        stages[i:j] = [k - 1] * (j - i)
+        j = i
+    return stages
+
+
 def p2p_time(table: CostTable, layer: int, bandwidth: float, latency: float) -> float:
     """Sending the activation after `layer` to the next stage and its gradient back."""
     return 2 * (latency + table.boundary_bytes[layer] / bandwidth)
@@ -229,6 +258,15 @@ class PlanCost:
     @property
     def fits(self) -> bool:
         return all(m <= b for m, b in zip(self.stage_memory, self.budgets))
+
+    def estimate(self, setting: Setting) -> Estimate:
+        """The plan's Estimate: its step, its fullest stage's peak, and the compute / communication
+        split of its bottleneck stage (c * T_k and S_k)."""
+        c = setting.coefficient
+        k = max(range(len(self.stage_time)), key=lambda j: c * self.stage_time[j] + self.stage_sync[j])
+        return Estimate(step_time=self.step_time, peak_memory=int(max(self.stage_memory)),
+                        compute_time=c * self.stage_time[k], comm_time=self.stage_sync[k],
+                        memory_budget=int(min(self.budgets)))
 
 
 def evaluate(setting: Setting, tables: list[CostTable], budgets: list[float],

@@ -1,7 +1,7 @@
 """Fused projections under tensor parallelism (pure helpers): a column Linear whose output is
 cut into equal blocks along its features (GPT-2's c_attn: [.., 3·H] -> q, k, v by split or
 chunk) is split block-wise: rank r keeps the r-th chunk of every block of the weight
-(ParamSharding.blocks), so its local output is [q_r, k_r, v_r] and the split, with its sizes
+(Shard.blocks), so its local output is [q_r, k_r, v_r] and the split, with its sizes
 divided by tp, hands each rank its heads of q, k and v.
 
 That is only right if nothing else reads the fused output in between, since its local layout

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 
 from pcompile.ir import IR
-from pcompile.sharding.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
 from pcompile.sharding.tp_fused import equal_blocks, only_layout_from
+from pcompile.sharding.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
 from pcompile.sharding.tp_vocab import disagreements, vocab_embeddings
 
-__all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "view_groups",
-           "view_split_dim"]
+__all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "tp_problem",
+           "view_groups", "view_split_dim"]
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Propagation:
 
     @property
     def fused(self) -> dict[fx.Node, int]:
-        """Column Linear -> the equal blocks its weight is split by (ParamSharding.blocks)."""
+        """Column Linear -> the equal blocks its weight is split by (Shard.blocks)."""
         return dict(self.split_sizes.values())
 
 
@@ -401,3 +401,15 @@ def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) ->
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):
             del reasons[layer]  # partly split (e.g. GPT-2's fused qkv kept whole, its MLP split)
     return p, reasons
+
+
+def tp_problem(ir: IR, tp: int, planned=None) -> str | None:
+    """Why tp cannot split this model's blocks, or None (`planned`: plan_tensor_parallel's answer)."""
+    if tp == 1:
+        return None
+    _, reasons = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+    blocks = ir.block_layers or [layer for layer in ir.layers if layer not in ("pre", "post")]
+    for layer in blocks:
+        if layer in reasons:
+            return f"tp={tp} cannot split {layer} ({reasons[layer]})"
+    return None

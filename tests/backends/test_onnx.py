@@ -12,13 +12,12 @@ import torch.fx as fx
 from onnx.reference import ReferenceEvaluator
 
 import pcompile
-from pcompile.runtime import collectives, sdp, vocab_parallel
 from pcompile.backends import onnx as export_onnx
 from pcompile.backends.onnx_reference import reference_ops
 from pcompile.errors import PcompileError
-from pcompile.backends.layer_groups import layout_of
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Plan, Strategy
+from pcompile.runtime import collectives, ops, sdp, vocab_parallel
 
 PLAN = pcompile.Plan.uniform(dp=2, tp=2)
 MODELS = {"gpt": (lambda: GPT(GPTConfig()), lambda: gpt_inputs(GPTConfig(), 8)),
@@ -60,7 +59,8 @@ def _torch_values(gm: fx.GraphModule, inputs) -> dict[str, torch.Tensor]:
 
 def test_every_rank_passes_the_checker_and_holds_the_collectives(exported):
     cm, _, paths = exported
-    ir_collectives = [n for n in cm.ir.graph.nodes if n.target in collectives.COLLECTIVES]
+    ir_collectives = [n for n in cm.ir.graph.nodes
+                      if ops.is_collective(n) and n.target.__module__ == collectives.__name__]
     assert len(paths) == 4 and ir_collectives
     for rank, path in enumerate(paths):
         onnx.checker.check_model(path, full_check=True)
@@ -80,8 +80,8 @@ def test_every_rank_passes_the_checker_and_holds_the_collectives(exported):
             assert attrs["rank_in_group"] == tp_index
             global_shape = list(cm.ir.meta(fx_node).shape)
             global_shape[0] //= 2  # this rank's half of the batch
-            if cm.ir.meta(fx_node).sharding.startswith("S("):
-                dim = int(cm.ir.meta(fx_node).sharding[2])
+            if str(cm.ir.meta(fx_node).placement).startswith("S("):
+                dim = cm.ir.meta(fx_node).placement.shards[0].dim
                 global_shape[dim] //= 2
             assert attrs["shape"] == global_shape
 
@@ -92,7 +92,7 @@ def test_node_sharding_and_shards_are_recorded(exported):
     for node in model.graph.node:
         props = {p.key: p.value for p in node.metadata_props}
         fx_node = next(n for n in cm.ir.graph.nodes if n.name == props["pcompile.node"])
-        assert props["pcompile.sharding"] == (cm.ir.meta(fx_node).sharding or "R")
+        assert props["pcompile.sharding"] == str(cm.ir.meta(fx_node).placement or "R")
         assert props["pcompile.layer"] == cm.ir.meta(fx_node).layer
     full = dict(cm.ir.gm.named_parameters())
     initializers = {t.name: t for t in model.graph.initializer}
@@ -135,7 +135,7 @@ def _compile_gpt(plan: Plan):
 
 def test_a_mixed_grouping_plan_exports_its_batch_regrouping(tmp_path):
     cm, example = _compile_gpt(MIXED)
-    layout = layout_of(cm.ir)
+    layout = cm.ir.mixed_layout
     for rank, path in enumerate(export_onnx.export(cm.ir, cm.plan, tmp_path)):
         onnx.checker.check_model(path, full_check=True)
         model = onnx.load(path)
@@ -164,9 +164,9 @@ def test_a_mixed_grouping_plan_exports_its_batch_regrouping(tmp_path):
                                   Plan.uniform(dp=4, sdp=True, split=2)], ids=["dp4", "dp2tp2", "dp4-split2"])
 def test_a_zero3_plan_holds_each_ranks_shards_and_gathers_them(plan, tmp_path):
     cm, example = _compile_gpt(plan)
-    shardings = sdp.param_shardings(cm.ir.gm)
     gathers = [n for n in cm.ir.graph.nodes if n.target is sdp.sdp_gather]
     full = {name: p.detach() for name, p in cm.ir.gm.named_parameters()}
+    shardings = {name: cut for name, cut in cm.ir.sdp_shardings.items() if name in full}  # canonical names
     dp = plan.default.dp
     assert shardings and gathers
     for rank, path in enumerate(export_onnx.export(cm.ir, cm.plan, tmp_path)):

@@ -6,8 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import pcompile
-from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.ir.pass_manager import PassContext, PassManager
+from pcompile.models import GPT, GPTConfig, gpt_inputs
 
 ANALYSES = ["trace", "shapes", "flops", "memory", "layers"]
 

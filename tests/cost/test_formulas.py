@@ -8,12 +8,22 @@ import pytest
 import torch
 
 import pcompile
-from pcompile.cost.pricing import (CostOptions, cost_table, estimate_uniform, group_ranks, layer_cost, ring_allreduce_time,
-                           sdp_units, switch_time, sync_buckets, sync_transient)
 from pcompile.cost.layer_work import layer_work
+from pcompile.cost.pricing import (
+    CostOptions,
+    cost_table,
+    estimate_uniform,
+    layer_cost,
+    ring_allreduce_time,
+    sdp_units,
+    switch_time,
+    sync_buckets,
+    sync_transient,
+)
+from pcompile.mesh import stage_groups
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.search.schedules import StageCost, simulate
 from pcompile.plan import Strategy
+from pcompile.search.schedules import StageCost, simulate
 from tests.cost.conftest import OneLinear, analyse
 
 
@@ -36,7 +46,8 @@ def test_linear_params_grads_adam_bytes(linear_ir):
     assert sgd.state_memory[_fc_row(sgd, linear_ir), 0] == elements * (4 + 4)
     mixed = cost_table(linear_ir, pcompile.Cluster.local(1), 1, 4, s[:1],
                        CostOptions(mixed_precision=True, optimizer="sgd"))
-    assert mixed.state_memory[_fc_row(mixed, linear_ir), 0] == elements * (2 + 4 + 4)  # bf16 param, fp32 master grad and weight
+    # bf16 param, fp32 master grad and weight
+    assert mixed.state_memory[_fc_row(mixed, linear_ir), 0] == elements * (2 + 4 + 4)
     zero3 = cost_table(linear_ir, pcompile.Cluster.local(2), 2, 4, s[1:])
     assert zero3.state_memory[_fc_row(zero3, linear_ir), 0] == elements * 16 / 2
 
@@ -65,10 +76,10 @@ def test_groups_across_nodes_use_the_inter_node_link():
     assert math.isclose(inside, 2 * 5e-6 + 1e9 / 300e9)
     assert math.isclose(across, 2 * 10e-6 + 1e9 / 25e9)
     # tp innermost: on 16 devices with tp=8 the tp groups fill a node, the dp groups (ranks 8 apart) span two
-    tp_groups, dp_groups = group_ranks(0, 2, 8)
+    tp_groups, dp_groups = stage_groups(0, 2, 8)
     assert {cluster.link_kind(g) for g in tp_groups} == {"intra"}
     assert {cluster.link_kind(g) for g in dp_groups} == {"inter"}
-    assert group_ranks(4, 2, 2) == ([[4, 5], [6, 7]], [[4, 6], [5, 7]])
+    assert stage_groups(4, 2, 2) == ([[4, 5], [6, 7]], [[4, 6], [5, 7]])
 
 
 def test_one_f_one_b_bubble_hand_computed():
@@ -202,7 +213,8 @@ def test_sdp_units_are_what_the_zero3_rewrite_gathers(gpt_ir):
     assert sdp_units(work["blocks.0"], 1) == [(2 * ln + 4 * attn + fc + out, True)]
     assert sdp_units(work["post"], 1) == [(ln, False)]
     # split 2: one unit per op, a Linear two of half its elements (q, k, v, proj, fc, out)
-    halves = lambda n: [(n / 2, True)] * 2
+    def halves(n):
+        return [(n / 2, True)] * 2
     assert sdp_units(work["blocks.0"], 2) == ([(ln, True)] + halves(attn) * 4 + [(ln, True)]
                                               + halves(fc) + halves(out))
     assert sdp_units(work["pre"], 2) == [(V * H, False), (S * H, False)]
@@ -218,7 +230,8 @@ def test_sdp_collectives_per_unit(gpt_ir):
     options = CostOptions(overlap=0.0)
     cost, plain = (layer_cost(work, cluster, st, 8, 8, options) for st in (s, Strategy(dp=2)))
     units = sdp_units(work, 2)
-    t = lambda op, n: cluster.collective_time(op, 4.0 * n, [[0, 1]])  # fp32 shards
+    def t(op, n):  # fp32 shards
+        return cluster.collective_time(op, 4.0 * n, [[0, 1]])
     gather = sum(t("all_gather", n) for n, _ in units)
     scatter = sum(t("reduce_scatter", n) for n, _ in units)
     assert math.isclose(cost.comm, gather + gather + scatter)  # every unit of a block is re-gathered

@@ -46,6 +46,7 @@ def test_collective_points_are_median_loop_less_median_burst():
     fit, = [f for f in cluster.collectives if f.op == "all_reduce"]
     assert abs(fit.latency - 0.5 * ms) < 1e-9 and abs(fit.seconds_per_byte - 1e-6) < 1e-12
     # an older profile's 4-tuples: the slowest rank's figure
-    old = [dict(rank(0), collectives=[("all_reduce", 2, 1000, t), ("all_reduce", 2, 2000, t + ms)]) for t in (1 * ms, 1.5 * ms)]
+    old = [dict(rank(0), collectives=[("all_reduce", 2, 1000, t), ("all_reduce", 2, 2000, t + ms)])
+           for t in (1 * ms, 1.5 * ms)]
     fit, = [f for f in build_cluster(old, 2, "gloo", memory_bytes=2**30).collectives if f.op == "all_reduce"]
     assert abs(fit.latency - 0.5 * ms) < 1e-9 and abs(fit.seconds_per_byte - 1e-6) < 1e-12

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 import pcompile
 from pcompile.cost.pricing import CostOptions, cost_table
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes.symbolic import SYMBOLIC_KEY, evaluate, layer_formulas
+from pcompile.passes.symbolic import evaluate, layer_formulas
 from pcompile.plan import Strategy
 from tests.cost.conftest import analyse
 
@@ -55,7 +55,7 @@ def test_checkpointing_never_increases_activation_memory(gpt_ir, microbatch, opt
 @given(microbatch=st.integers(min_value=1, max_value=256))
 def test_table_scales_with_the_micro_batch_as_the_formula_says(gpt_ir, microbatch):
     ir, ctx = gpt_ir
-    formulas = ctx.options["symbolic"]["layers"]
+    formulas = layer_formulas(ir)
     table = cost_table(ir, pcompile.Cluster.local(1), 1, microbatch, [Strategy()])
     for i, layer in enumerate(table.layers):
         if layer.startswith("blocks."):
@@ -75,5 +75,5 @@ def test_formulas_match_a_fresh_analysis_at_another_shape(gpt_ir):
         assert evaluate(formulas[layer]["bytes"], batch, seq) == fresh.total("output_bytes", layer)
         assert evaluate(formulas[layer]["activation"], batch, seq) == fresh.total("saved_bytes", layer)
     node = next(n for n in ir.graph.nodes if n.name == "blocks_0_mlp_fc")
-    assert str(node.meta[SYMBOLIC_KEY]["flops"]) == "32768*b*s"  # 2 * 64 * 256 per token
+    assert str(ir.meta(node).formulas["flops"]) == "32768*b*s"  # 2 * 64 * 256 per token
     assert ir.meta(node).flops == 32768 * 8 * 32  # the real metadata was restored

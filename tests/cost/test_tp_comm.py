@@ -8,10 +8,10 @@ import math
 
 import pcompile
 from pcompile.cluster import CollectiveFit
-from pcompile.cost.pricing import _tp_comm
 from pcompile.cost.layer_work import LayerWork
-from pcompile.plan import Strategy
+from pcompile.cost.pricing import _tp_comm
 from pcompile.cost.profile import WAKEUP_BYTES, build_cluster
+from pcompile.plan import Strategy
 
 
 def _cluster(wakeup=()):

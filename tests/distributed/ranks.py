@@ -27,14 +27,22 @@ def _max_diff(a: dict, b: dict) -> float:
     return worst
 
 
-def train_side_by_side(build, inputs, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-2):
-    """Compile `build()` under `plan`, then `steps` AdamW steps in parallel and on a serial copy.
-    Returns (compiled model, serial model, worst loss diff, worst gradient diff, per-step losses)."""
+def train_side_by_side(build, inputs, plan, steps: int = 3, lr: float = 1e-2, cluster: pcompile.Cluster | None = None,
+                       before=None):
+    """Compile `build()` under `plan` (a Plan, or a function (model, cluster, inputs) -> Plan
+    that plans it), call `before(compiled)` if given, then `steps` AdamW steps in parallel and on
+    a serial copy: the side-by-side loop every equivalence test runs. Returns (compiled model,
+    serial model, worst loss diff, worst gradient diff, per-step (parallel, serial) losses)."""
     torch.manual_seed(0)
     model = build()
     serial = copy.deepcopy(model)
     world = dist.get_world_size() if dist.is_initialized() else 1
-    cm = pcompile.compile(model, pcompile.Cluster.local(world), inputs(0), plan=plan)
+    cluster = cluster or pcompile.Cluster.local(world)
+    if callable(plan):
+        plan = plan(copy.deepcopy(model), cluster, inputs(0))
+    cm = pcompile.compile(model, cluster, inputs(0), plan=plan)
+    if before is not None:
+        before(cm)
     optimizers = (torch.optim.AdamW(cm.parameters(), lr=lr), torch.optim.AdamW(serial.parameters(), lr=lr))
     loss_diff = grad_diff = 0.0
     losses = []

@@ -102,7 +102,8 @@ def checkpoint_roundtrip(plan: Plan, directory: str) -> dict:
     checkpoint.save(saved, directory, optimizer, step=2)
     loaded, fresh = rc.build(plan, seed=123)
     step = checkpoint.load(loaded, directory, fresh)
-    return {"step": step, "saved": saved.full_state_dict(), "saved_optim": checkpoint.full_optimizer_state(saved, optimizer),
+    return {"step": step, "saved": saved.full_state_dict(),
+            "saved_optim": checkpoint.full_optimizer_state(saved, optimizer),
             "loaded": loaded.full_state_dict(), "loaded_optim": checkpoint.full_optimizer_state(loaded, fresh)}
 
 

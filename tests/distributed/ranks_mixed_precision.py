@@ -108,7 +108,8 @@ def run_bf16(model_name: str, plan: pcompile.Plan) -> dict:
     dtypes = _dtypes(cm, optimizer)
     cm.close()
     return {"model": model_name, "plan": plan.default.describe(), "losses": losses, "bf16_ref": ref_losses,
-            "fp32_ref": fp32_losses, "grad_diffs": grad_diffs, "first_grads": first, "loss_dtypes": loss_dtypes, **dtypes}
+            "fp32_ref": fp32_losses, "grad_diffs": grad_diffs, "first_grads": first, "loss_dtypes": loss_dtypes,
+            **dtypes}
 
 
 def _trained(model_name: str, plan: pcompile.Plan, mixed_precision: str | None):

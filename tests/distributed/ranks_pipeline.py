@@ -1,18 +1,14 @@
 """Rank functions for the pipeline tests (module-level so they pickle)."""
 from __future__ import annotations
 
-import copy
 import dataclasses
 
-import torch
-import torch.distributed as dist
 import torch.fx as fx
 
 import pcompile
-from pcompile.api import PIPELINE
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
-from pcompile.passes.pipeline_split import pipeline_of
 from pcompile.plan import LayerAssignment
+from tests.distributed.ranks import _max_diff, train_side_by_side
 
 GPT4 = GPTConfig(num_layers=4)  # pp=2 interleaved / pp=4: one block per stage
 GPT8 = GPTConfig(num_layers=8)  # pp=4 interleaved: 8 stages
@@ -27,7 +23,6 @@ MODELS = {
     "mlp6": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=6)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
     "mlp8": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=8)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
 }
-PASSES = PIPELINE if "pipeline_split" in PIPELINE else PIPELINE + ["pipeline_split"]
 
 
 def pipeline_plan(pp: int, schedule: str, microbatches: int, dp: int = 1, tp: int = 1, virtual_stages: int = 0,
@@ -47,17 +42,6 @@ def describe(plan: pcompile.Plan) -> str:
             + layers)
 
 
-def _max_diff(a: dict, b: dict) -> float:
-    worst = 0.0
-    for name, expected in b.items():
-        got = a[name]
-        if (got is None) != (expected is None):
-            return float("inf")
-        if got is not None:
-            worst = max(worst, (got.float() - expected.float()).abs().max().item())
-    return worst
-
-
 def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e-3) -> dict:
     """`steps` AdamW steps pipelined and serially: worst loss / gradient / parameter differences.
 
@@ -65,30 +49,11 @@ def compare(model_name: str, plan: pcompile.Plan, steps: int = 3, lr: float = 1e
     noise, so two exact programs drift apart by O(lr) there and the next step's gradients by
     O(lr) x curvature. At lr=1e-2 that alone is 1.1e-5 on the 4-block MLP for the plain
     (dp2, tp2) plan of backends/distributed.py, before any pipelining (measured)."""
-    build, inputs = MODELS[model_name]
-    torch.manual_seed(0)
-    model = build()
-    serial = copy.deepcopy(model)
-    world = dist.get_world_size()
-    cm = pcompile.compile(model, pcompile.Cluster.local(world), inputs(0), plan=plan, passes=PASSES)
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
-    serial_optimizer = torch.optim.AdamW(serial.parameters(), lr=lr)
-    loss_diff = grad_diff = 0.0
-    for step in range(steps):
-        x, y = inputs(step)
-        loss = cm.train_step(x, y)
-        expected = serial(x, y)
-        expected.backward()
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
-        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
-        optimizer.step()
-        optimizer.zero_grad()
-        serial_optimizer.step()
-        serial_optimizer.zero_grad()
+    cm, serial, loss_diff, grad_diff, _ = train_side_by_side(*MODELS[model_name], plan, steps, lr)
     state = cm.full_state_dict()
     return {"model": model_name, "plan": describe(plan), "loss_diff": loss_diff, "grad_diff": grad_diff,
             "param_diff": _max_diff(state, serial.state_dict()), "keys": sorted(state) == sorted(serial.state_dict()),
-            "stages": [s.index for s in pipeline_of(cm.ir).stages for _ in s.layers],
+            "stages": [s.index for s in cm.ir.pipeline.stages for _ in s.layers],
             "plan_stages": [a.stage for a in cm.plan.layers], "local_params": sum(p.numel() for p in cm.parameters()),
             "sdp_chunks": len(cm._pipeline.sdp_params),
             "regions": sum(isinstance(m, fx.GraphModule) and m is not module  # checkpointed layers

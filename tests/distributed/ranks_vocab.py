@@ -1,7 +1,6 @@
 """Rank functions for the vocab-parallel tests (module-level so pcompile.launch can pickle them)."""
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn

@@ -2,7 +2,8 @@
 1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B (2 and 3 virtual stages) at pp=2 and pp=4,
 pp x dp, pp x tp, and ZeRO-3 inside stages (pp x sdp, with activation checkpointing, mixed
 with dp layers over a tied weight, interleaved), on the built-in GPT (tied and untied head)
-and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp). One 2-, one 4- and one 8-rank launch. Plus the pass's pure parts (balanced cut,
+and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp). One 2-, one 4- and one 8-rank launch. Plus the pass's
+pure parts (balanced cut,
 stage assignment, errors) without ranks."""
 import dataclasses
 
@@ -11,12 +12,15 @@ import torch
 
 import pcompile
 from pcompile.cluster import Device, NodeGroup
+from pcompile.cost.plan_price import with_stages
+from pcompile.cost.pricing import CostOptions
+from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.models import GPT, gpt_inputs
-from pcompile.passes.pipeline_split import (assign_stages, balanced_split, check_schedule, pipeline_of,
-                                            virtual_stages)
+from pcompile.passes.pipeline_split import check_schedule
 from pcompile.plan import LayerAssignment, Strategy
-from tests.distributed.ranks_pipeline import GPT4, MODELS, PASSES, compare_many, describe, pipeline_plan
+from pcompile.search.space import balanced_split
+from tests.distributed.ranks_pipeline import GPT4, MODELS, compare_many, describe, pipeline_plan
 
 TOLERANCE = 1e-5
 PARAM_TOLERANCE = 3e-3  # 3 Adam steps of lr=1e-3 on entries whose gradient is rounding noise
@@ -89,7 +93,7 @@ def test_pipeline_plans_match_serial(world):
             assert r["param_diff"] < PARAM_TOLERANCE, r
             assert r["keys"], r
             stages = r["stages"]
-            assert stages == sorted(stages) and set(stages) == set(range(plan.pp * virtual_stages(plan))), r
+            assert stages == sorted(stages) and set(stages) == set(range(plan.pp * plan.virtual_stages)), r
             assert r["plan_stages"] == stages, r  # the cut is recorded in the plan (virtual stage indices)
             assert r["local_params"] < total, r  # each rank holds only its stages' parameters
             checkpointed = sorted(a.layer for a in plan.layers if a.strategy.checkpoint)
@@ -116,14 +120,13 @@ def gpt_ir():
     model = GPT(GPT4)
     x, y = gpt_inputs(GPT4, 8)
     plan = pipeline_plan(2, "Interleaved1F1B", 4)
-    ir = pcompile.compile(model, pcompile.Cluster.local(2), (x, y), plan=plan, passes=PASSES,
-                          stop_after="pipeline_split")
+    ir = pcompile.compile(model, pcompile.Cluster.local(2), (x, y), plan=plan, stop_after="pipeline_split")
     return model, ir, (x, y)
 
 
 def test_stages_chain_to_the_serial_loss(gpt_ir):
     model, ir, (x, y) = gpt_ir
-    split = pipeline_of(ir)
+    split = ir.pipeline
     assert [s.rank for s in split.stages] == [0, 1, 0, 1]
     assert split.tied == ("tok_emb.weight",)  # embedding (stage 0) = head (stage 3): different ranks
     assert split.stages[0].layers[0] == "pre" and split.stages[-1].layers[-1] == "post"
@@ -138,25 +141,31 @@ def test_stages_chain_to_the_serial_loss(gpt_ir):
     assert {n for n, _ in model.named_parameters(remove_duplicate=False)} == names  # original names kept
 
 
+def _stages(ir, plan) -> dict[str, int]:
+    """layer -> stage of the plan as the search pass completes it (pcompile.cost.plan_price.with_stages)."""
+    costs = StageCosts(ir, pcompile.Cluster.local(plan.num_devices), CostOptions.runtime())
+    return {a.layer: a.stage for a in with_stages(ir, plan, costs, 8).layers}
+
+
 def test_given_stages_are_used_and_checked(gpt_ir):
     _, ir, _ = gpt_ir
     base = pipeline_plan(2, "GPipe", 2)
     layers = ("pre", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "post")
     given = dataclasses.replace(base, layers=tuple(
         LayerAssignment(layer, base.default, stage) for layer, stage in zip(layers, (0, 0, 1, 1, 1, 1))))
-    assert [assign_stages(ir, given, 2)[layer] for layer in layers] == [0, 0, 1, 1, 1, 1]
+    assert [_stages(ir, given)[layer] for layer in layers] == [0, 0, 1, 1, 1, 1]
     empty_first = dataclasses.replace(base, layers=tuple(LayerAssignment(layer, base.default, 1) for layer in layers))
     with pytest.raises(PcompileError, match="every stage used"):
-        assign_stages(ir, empty_first, 2)
+        _stages(ir, empty_first)
     interleaved = dataclasses.replace(given, schedule="Interleaved1F1B", virtual_stages=2, num_microbatches=4,
                                       layers=tuple(LayerAssignment(layer, base.default, stage)
                                                    for layer, stage in zip(layers, (0, 0, 1, 2, 3, 3))))
-    assert [assign_stages(ir, interleaved, 4)[layer] for layer in layers] == [0, 0, 1, 2, 3, 3]
+    assert [_stages(ir, interleaved)[layer] for layer in layers] == [0, 0, 1, 2, 3, 3]
     with pytest.raises(PcompileError, match="every stage used"):  # stage 3 (pp rank 1's second chunk) empty
-        assign_stages(ir, dataclasses.replace(interleaved, layers=tuple(
-            LayerAssignment(layer, base.default, stage) for layer, stage in zip(layers, (0, 0, 1, 2, 2, 2)))), 4)
+        _stages(ir, dataclasses.replace(interleaved, layers=tuple(
+            LayerAssignment(layer, base.default, stage) for layer, stage in zip(layers, (0, 0, 1, 2, 2, 2)))))
     with pytest.raises(PcompileError, match="4 layers to cut but the plan needs 8"):
-        assign_stages(ir, pipeline_plan(4, "Interleaved1F1B", 4), 8)
+        _stages(ir, pipeline_plan(4, "Interleaved1F1B", 4))
 
 
 def test_schedule_limits_are_errors_at_compile_time():

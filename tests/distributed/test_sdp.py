@@ -9,10 +9,10 @@ import torch.fx as fx
 
 import pcompile
 from pcompile import Plan
-from pcompile.runtime import sdp
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.plan import LayerAssignment, Strategy
-from tests.distributed.ranks_sdp import SDP_PIPELINE, compare_many
+from pcompile.runtime import sdp
+from tests.distributed.ranks_sdp import compare_many
 
 TOLERANCE = 1e-5
 PARAM_TOLERANCE = 3 * 1e-2  # Adam on ~0 gradients, see test_equivalence.py
@@ -54,7 +54,7 @@ def test_sdp_plans_match_serial():
 def _rewritten(plan: Plan) -> pcompile.IR:
     cfg = GPTConfig()
     return pcompile.compile(GPT(cfg), pcompile.Cluster.local(plan.num_devices), gpt_inputs(cfg, 8), plan=plan,
-                            passes=SDP_PIPELINE, stop_after=SDP_PIPELINE[-1])
+                            stop_after="sharded_data_parallel")
 
 
 def _reads(gm: fx.GraphModule, name: str) -> list[fx.Node]:
@@ -64,12 +64,13 @@ def _reads(gm: fx.GraphModule, name: str) -> list[fx.Node]:
 def test_pass_gathers_every_read_of_sdp_parameters_and_keeps_names():
     plan = mixed(4, ("blocks.1", "post"))
     ir = _rewritten(plan)
-    shardings = sdp.param_shardings(ir.gm)
+    shardings = ir.sdp_shardings
     names = [n for n, _ in GPT(GPTConfig()).named_parameters()]
     assert [n for n, _ in ir.gm.named_parameters()] == names
     # blocks.1 and the tied head/embedding weight are sharded, blocks.0 is not
-    assert {n for n in shardings} == {n for n in names if n.startswith(("blocks.1.", "ln_f.", "tok_emb."))}
-    for name in shardings:
+    # (recorded under every name of a parameter: the tied head is the embedding's table)
+    assert set(shardings) == {n for n in names if n.startswith(("blocks.1.", "ln_f.", "tok_emb."))} | {"head.weight"}
+    for name in set(shardings) & set(names):  # reads name a parameter by its canonical name
         reads = _reads(ir.gm, name)
         assert reads and all(u.target is sdp.sdp_gather for u in reads), name
     gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
@@ -108,8 +109,8 @@ def test_with_pipeline_stages_each_layer_gathers_its_own_unit():
     cfg = GPTConfig(num_layers=4)
     plan = Plan(num_devices=4, default=Strategy(dp=2), pp=2, num_microbatches=2,
                 layers=(LayerAssignment("post", Strategy(dp=2, sdp=True)),))
-    ir = pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=plan, passes=SDP_PIPELINE,
-                          stop_after=SDP_PIPELINE[-1])
+    ir = pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=plan,
+                          stop_after="sharded_data_parallel")
     gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
     assert [ir.meta(n).layer for n in gathers] == ["pre", "post"]
     assert {a.target for a in gathers[0].args[0]} == {"tok_emb.weight"}

@@ -11,7 +11,7 @@ import pytest
 
 import pcompile
 from pcompile import Plan
-from pcompile.ir import ParamSharding
+from pcompile.ir import Shard
 from tests.distributed.ranks_vocab import compare_many, fused_checkpoint
 
 TOLERANCE = 1e-5
@@ -47,7 +47,7 @@ def test_embedding_and_head_are_split_along_the_vocabulary(results):
     tied = by_case[("gpt", "dp1·tp4")]
     assert tied["vocab_ops"] == VOCAB_OPS
     # one parameter under both names, one sharding, each rank a quarter of the rows
-    assert tied["shardings"] == {"tok_emb.weight": ParamSharding("tp", 0, 4), "head.weight": ParamSharding("tp", 0, 4)}
+    assert tied["shardings"] == {"tok_emb.weight": Shard("tp", 0, 4), "head.weight": Shard("tp", 0, 4)}
     assert tied["local_shapes"]["tok_emb.weight"] == tied["local_shapes"]["head.weight"] == (64, 64)
     assert tied["local_shapes"]["pos_emb.weight"] == (32, 64)  # positions stay whole
     assert tied["parameters"] == tied["serial_parameters"]
@@ -68,10 +68,10 @@ def test_indivisible_vocabulary_stays_replicated_and_says_why(results):
 def test_fused_projections_are_split_block_wise(results):
     by_case = {(r["model"], r["plan"]): r for r in results[0]}
     gpt2 = by_case[("hf-gpt2", "dp1·tp4")]
-    assert gpt2["shardings"]["model.transformer.h.1.attn.c_attn.weight"] == ParamSharding("tp", 1, 4, blocks=3)
+    assert gpt2["shardings"]["model.transformer.h.1.attn.c_attn.weight"] == Shard("tp", 1, 4, blocks=3)
     assert gpt2["local_shapes"]["model.transformer.h.1.attn.c_attn.weight"] == (32, 24)  # q, k, v: 8 each
     for case, tp in ((("fused-split", "dp2·tp2"), 2), (("fused-chunk", "dp1·tp4"), 4)):
-        assert by_case[case]["shardings"]["blocks.0.qkv.weight"] == ParamSharding("tp", 0, tp, blocks=3), case
+        assert by_case[case]["shardings"]["blocks.0.qkv.weight"] == Shard("tp", 0, tp, blocks=3), case
 
 
 def test_block_wise_split_parameters_checkpoint_whole(tmp_path):

@@ -7,9 +7,9 @@ import torch
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.passes.activation_checkpoint import region_name
-from pcompile.runtime.checkpointing import call_module_ref, run_checkpointed
 from pcompile.plan import Plan, Strategy
-from tests.passes.ranks_rewrite import REWRITES, compare_many_rewritten, compare_rewritten, layer_plan
+from pcompile.runtime.checkpointing import call_module_ref, run_checkpointed
+from tests.passes.ranks_rewrite import compare_many_rewritten, compare_rewritten, layer_plan
 
 TOLERANCE = 1e-5
 CALL = "call_function:pcompile.runtime.checkpointing.run_checkpointed"
@@ -26,7 +26,7 @@ def _ir(plan: Plan, devices: int = 1, stop_after: str = "activation_checkpoint")
     torch.manual_seed(0)
     cfg = GPTConfig()
     return pcompile.compile(GPT(cfg), pcompile.Cluster.local(devices), gpt_inputs(cfg, 4), plan=plan,
-                            passes=REWRITES, stop_after=stop_after)
+                            stop_after=stop_after)
 
 
 @pytest.mark.parametrize("model", ["gpt", "mlp"])

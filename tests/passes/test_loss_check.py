@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile import Cluster, PcompileError, Plan
-from pcompile.passes.loss_check import summed_terms
+from pcompile.sharding.loss_terms import summed_terms
 from tests.cost.conftest import analyse
 from tests.models import zoo
 

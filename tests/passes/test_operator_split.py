@@ -8,13 +8,13 @@ import pcompile
 from pcompile.errors import PcompileError
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import Plan
-from tests.passes.ranks_rewrite import REWRITES, compare_rewritten, layer_plan
+from tests.passes.ranks_rewrite import compare_rewritten, layer_plan
 
 TOLERANCE = 1e-5
 
 
 def _ir(model, inputs, plan: Plan, devices: int = 1):
-    return pcompile.compile(model, pcompile.Cluster.local(devices), inputs, plan=plan, passes=REWRITES,
+    return pcompile.compile(model, pcompile.Cluster.local(devices), inputs, plan=plan,
                             stop_after="operator_split")
 
 
@@ -55,8 +55,8 @@ def test_row_parallel_linear_is_split_along_its_local_features():
     weight = next(n for n in ir.graph.nodes if n.op == "get_attr" and n.target == "blocks.0.mlp.out.weight")
     chunk = next(iter(weight.users))
     assert chunk.target is torch.chunk and chunk.args[1:] == (2, 1)
-    assert ir.meta(weight).sharding == "S(1)@tp"
-    assert [ir.meta(n).sharding for n in chunk.users] == ["S(1)@tp"] * 2
+    assert str(ir.meta(weight).placement) == "S(1)@tp"
+    assert [str(ir.meta(n).placement) for n in chunk.users] == ["S(1)@tp"] * 2
 
 
 def test_split_that_does_not_divide_the_features_is_refused():

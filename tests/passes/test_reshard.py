@@ -8,10 +8,10 @@ import torch
 
 import pcompile
 from pcompile.errors import PcompileError
+from pcompile.mesh import regroup_groups
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes.reshard import LAYOUT_KEY
 from pcompile.plan import LayerAssignment, Plan, Strategy
-from pcompile.runtime.batch_regroup import batch_gather, batch_slice, grad_scale, reshard_groups
+from pcompile.runtime.batch_regroup import batch_gather, batch_slice, grad_scale
 from pcompile.runtime.collectives import tp_copy, tp_reduce
 from tests.distributed.ranks_mixed import LinearFirstModel
 
@@ -63,7 +63,7 @@ def test_mixed_plan_inserts_batch_reshards_and_names_axes():
 
 def test_layout_scales_the_tied_weight_to_its_finest_group():
     ir = _ir(MIXED)
-    layout = ir.gm.meta[LAYOUT_KEY]
+    layout = ir.mixed_layout
     assert (layout.input_axis, layout.input_dp, layout.loss_axis, layout.loss_dp) == ("dp", 2, "dp4", 4)
     assert layout.param_axes["blocks.0.ln1.weight"] == ("dp", 2)
     assert layout.param_axes["blocks.2.attn.q.weight"] == ("dp1", 1)
@@ -77,15 +77,15 @@ def test_layout_scales_the_tied_weight_to_its_finest_group():
 
 def test_reshard_groups_nest_the_coarse_parts():
     # dp1 <-> dp2 on 4 ranks: the halves of the batch are on ranks {0,1} and {2,3} (tp2 groups)
-    assert reshard_groups(4, 1, 2) == [[0, 2], [1, 3]]
-    assert reshard_groups(4, 2, 4) == [[0, 1], [2, 3]]
-    assert reshard_groups(4, 1, 4) == [[0, 1, 2, 3]]
-    assert reshard_groups(8, 2, 4) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert regroup_groups(4, 1, 2) == [[0, 2], [1, 3]]
+    assert regroup_groups(4, 2, 4) == [[0, 1], [2, 3]]
+    assert regroup_groups(4, 1, 4) == [[0, 1, 2, 3]]
+    assert regroup_groups(8, 2, 4) == [[0, 2], [1, 3], [4, 6], [5, 7]]
 
 
 def test_uniform_plan_is_left_alone():
     ir = _ir(Plan.uniform(dp=2, tp=2))
-    assert LAYOUT_KEY not in ir.gm.meta
+    assert ir.mixed_layout is None
     assert not any("reshard" in key for key in ir.op_counts())
 
 

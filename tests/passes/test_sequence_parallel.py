@@ -10,15 +10,14 @@ import torch
 from onnx.reference import ReferenceEvaluator
 
 import pcompile
-from pcompile import Plan, PcompileError
-from pcompile.runtime import collectives
+from pcompile import PcompileError, Plan
 from pcompile.backends import onnx as export_onnx
 from pcompile.backends.onnx_reference import reference_ops
-from pcompile.ir import IR
-from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
+from pcompile.ir import IR, local_shape
 from pcompile.ir.fake import fake_run
-from pcompile.passes.tensor_parallel import local_shape
+from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Strategy
+from pcompile.runtime import collectives, ops
 from tests.distributed.ranks_sp import TokenMLP, token_batch
 from tests.toy import analyse, rows
 
@@ -41,7 +40,7 @@ def _gpt(plan: Plan, layers=2, stop_after="sequence_parallel", seq_len=32) -> IR
 
 def _collectives(ir: IR, layer: str) -> list[str]:
     return [n.target.__name__ for n in ir.nodes_of(layer) if n.op == "call_function"
-            and n.target in collectives.COLLECTIVES]
+            and ops.is_collective(n) and n.target.__module__ == collectives.__name__]
 
 
 def test_sp_blocks_gather_before_column_and_reduce_scatter_after_row_linears():
@@ -100,15 +99,15 @@ def test_only_the_sp_layers_change():
     before = _gpt(_plan(set(), layers=3), layers=3, stop_after="tensor_parallel")
     # (node names of tensor_parallel's row Linears vary between compiles: compare counts and shardings)
     assert no_sp.op_counts() == before.op_counts()
-    assert sorted(str(no_sp.meta(n).sharding) for n in no_sp.graph.nodes) == \
-        sorted(str(before.meta(n).sharding) for n in before.graph.nodes)
+    assert sorted(str(no_sp.meta(n).placement) for n in no_sp.graph.nodes) == \
+        sorted(str(before.meta(n).placement) for n in before.graph.nodes)
 
 
 def test_checkpointed_sp_layer_keeps_its_collectives_in_the_region():
     ir = _gpt(_plan({0, 1}, checkpoint=True), stop_after="activation_checkpoint")
     region = ir.gm.get_submodule("pcompile_ckpt_blocks_0")
     names = [n.target.__name__ for n in region.graph.nodes if n.op == "call_function"
-             and n.target in collectives.COLLECTIVES]
+             and ops.is_collective(n) and n.target.__module__ == collectives.__name__]
     assert names == ["sp_split"] + BLOCK
 
 
@@ -148,7 +147,7 @@ def test_sp_from_the_input_to_the_loss_and_its_onnx_export(tmp_path):
 def test_the_search_can_ask_before_the_rewrite():
     """planned_shapes (from the propagation the search already runs) gives sp_problem the
     verdict the pass reaches after tensor_parallel."""
-    from pcompile.passes.sequence_parallel import planned_shapes, sp_problem
+    from pcompile.sharding.sp_rules import planned_shapes, sp_problem
     from pcompile.sharding.tp_rules import plan_tensor_parallel
 
     cases = [(GPT(GPTConfig(seq_len=32)), gpt_inputs(GPTConfig(seq_len=32), 4), 4, None),

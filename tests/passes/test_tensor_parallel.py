@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import pcompile
-from pcompile import Cluster, Plan, PcompileError
-from pcompile.ir import IR, ParamSharding
+from pcompile import Cluster, PcompileError, Plan
+from pcompile.ir import IR, Shard
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from tests.toy import analyse, node, rows
 
@@ -51,7 +51,7 @@ def test_row_parallel_linear_becomes_linear_reduce_add_bias():
     assert reduce.args[1:] == ("tp", 2)
     (add,) = reduce.users
     assert add.args[1].target == "blocks.0.mlp.out.bias"
-    assert [ir.meta(n).sharding for n in (local, reduce, add)] == ["P@tp", "R", "R"]
+    assert [str(ir.meta(n).placement) for n in (local, reduce, add)] == ["P@tp", "R", "R"]
     assert not any(n.op == "call_module" and n.target == "blocks.0.mlp.out" for n in ir.graph.nodes)
     # the partial-sum node keeps the original Linear's cost
     assert ir.meta(local).flops == 2 * 4 * 32 * 256 * 64
@@ -59,8 +59,8 @@ def test_row_parallel_linear_becomes_linear_reduce_add_bias():
 
 def test_parameter_shardings():
     ir = _gpt_tp(tp=2)
-    column = ParamSharding("tp", 0, 2)
-    row = ParamSharding("tp", 1, 2)
+    column = Shard("tp", 0, 2)
+    row = Shard("tp", 1, 2)
     for b in (0, 1):
         for name in ("attn.q", "attn.k", "attn.v", "mlp.fc"):
             assert ir.param_shardings[f"blocks.{b}.{name}.weight"] == column
@@ -74,12 +74,12 @@ def test_parameter_shardings():
 
 def test_tp4_on_four_heads_and_dp_tp_mesh():
     ir = _gpt_tp(tp=4, layers=2)
-    assert ir.param_shardings["blocks.1.attn.q.weight"] == ParamSharding("tp", 0, 4)
+    assert ir.param_shardings["blocks.1.attn.q.weight"] == Shard("tp", 0, 4)
     assert ir.op_counts()[COPY] == 4 + 1  # + the LM head's
     ir = _gpt_tp(tp=2, dp=2, layers=3, tie=False)
     assert ir.op_counts()[COPY] == 6 + 1 and ir.op_counts()[REDUCE] == 6 + 1  # + LM head, + embedding
     # untied head: split over the vocabulary on its own, as the embedding table
-    assert ir.param_shardings["head.weight"] == ir.param_shardings["tok_emb.weight"] == ParamSharding("tp", 0, 2)
+    assert ir.param_shardings["head.weight"] == ir.param_shardings["tok_emb.weight"] == Shard("tp", 0, 2)
 
 
 def test_views_divide_the_head_count_and_shape_queries_stay_global():
@@ -96,8 +96,8 @@ def test_mlp_model_rewrite():
     ir = analyse(MLPModel(cfg), mlp_inputs(cfg, 4), stop_after="tensor_parallel", devices=2,
                  plan=Plan.uniform(tp=2))
     assert ir.op_counts()[COPY] == 2 + 1 and ir.op_counts()[REDUCE] == 2  # + the classifier's copy
-    assert ir.param_shardings["blocks.0.up.weight"] == ParamSharding("tp", 0, 2)
-    assert ir.param_shardings["blocks.0.down.weight"] == ParamSharding("tp", 1, 2)
+    assert ir.param_shardings["blocks.0.up.weight"] == Shard("tp", 0, 2)
+    assert ir.param_shardings["blocks.0.down.weight"] == Shard("tp", 1, 2)
 
 
 def test_tp1_leaves_the_graph_unchanged():

@@ -7,12 +7,12 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile import Plan
-from pcompile.runtime import collectives
-from pcompile.ir import ParamSharding
-from pcompile.models import GPT, GPTConfig, gpt_inputs
+from pcompile.ir import Shard
 from pcompile.ir.fake import fake_run
-from pcompile.sharding.tp_rules import plan_tensor_parallel
+from pcompile.models import GPT, GPTConfig, gpt_inputs
+from pcompile.runtime import collectives
 from pcompile.runtime.vocab_parallel import vocab_embedding, vocab_parallel_cross_entropy, vocab_start
+from pcompile.sharding.tp_rules import plan_tensor_parallel
 from tests.models import zoo
 from tests.toy import analyse, node, rows
 
@@ -39,7 +39,7 @@ def test_tied_gpt_ir_has_vocab_embedding_reduce_and_parallel_loss():
     assert [r[n][-1] for n in ("tok_emb_weight", "vocab_embedding", reduce.name, "head", "flatten",
                                "vocab_parallel_cross_entropy")] == ["S(0)@tp", "P@tp", "R", "S(2)@tp", "S(1)@tp", "R"]
     # the tied table: one sharding, under both of its names
-    assert ir.param_shardings["tok_emb.weight"] == ir.param_shardings["head.weight"] == ParamSharding("tp", 0, 2)
+    assert ir.param_shardings["tok_emb.weight"] == ir.param_shardings["head.weight"] == Shard("tp", 0, 2)
     assert "pos_emb.weight" not in ir.param_shardings
     # the costs of the replaced embedding stay on the node doing its work
     assert ir.meta(emb).param_bytes == 0 and ir.meta(node(ir, "tok_emb_weight")).param_bytes == 256 * 64 * 4
@@ -90,7 +90,7 @@ def test_exported_gpt2_uses_aten_embedding_and_cross_entropy_loss():
     assert counts["call_function:torch.ops.aten.embedding.default"] == 1  # wpe, the positions' table
     assert not any("cross_entropy_loss" in k for k in counts)
     assert (ir.param_shardings["model.lm_head.weight"] == ir.param_shardings["model.transformer.wte.weight"]
-            == ParamSharding("tp", 0, 2))
+            == Shard("tp", 0, 2))
 
 
 # -- run-time functions on 2 gloo ranks --------------------------------------------------------

@@ -10,7 +10,8 @@ class RandomCosts:
     """cost(query) -> CostTable drawn from (seed, query); identical blocks when `same_blocks`."""
 
     def __init__(self, layers, seed: int, same_blocks: bool = False, hetero: bool = False, inf_rate: float = 0.1):
-        self.layers, self.seed, self.same_blocks, self.hetero, self.inf_rate = layers, seed, same_blocks, hetero, inf_rate
+        self.layers, self.seed, self.same_blocks = layers, seed, same_blocks
+        self.hetero, self.inf_rate = hetero, inf_rate
         self.cache = {}
 
     def __call__(self, q) -> CostTable:

@@ -20,7 +20,8 @@ def test_summed_loss_gets_a_plan_without_dp_or_micro_batches():
 
 def test_summed_loss_without_a_dp1_plan_is_refused_with_the_cause():
     with pytest.raises(PcompileError) as info:
-        pcompile.plan(Regressor("final-sum"), Cluster.local(2), _inputs(), search_space={"tp_degrees": (1,), "pp_degrees": (1,)})
+        pcompile.plan(Regressor("final-sum"), Cluster.local(2), _inputs(),
+                      search_space={"tp_degrees": (1,), "pp_degrees": (1,)})
     message = str(info.value)
     assert "the loss sums over the batch" in message and "sum() of a tensor" in message
     assert "use a mean loss" in message

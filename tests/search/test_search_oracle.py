@@ -8,13 +8,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pcompile.search.baselines import leanest_plan
-from pcompile.search.result import size_text
 from pcompile.errors import PcompileError
-from pcompile.search.engine import SearchContext, SearchProblem, search
-from pcompile.search.result import to_plan
-from pcompile.search.space import SCHEDULES, SearchRules, SearchSpace, evaluate
 from pcompile.plan import Plan
+from pcompile.search.baselines import leanest_plan
+from pcompile.search.engine import SearchContext, SearchProblem, search
+from pcompile.search.result import size_text, to_plan
+from pcompile.search.space import SCHEDULES, SearchRules, SearchSpace, evaluate
 from tests.search.oracle import oracle, partitions
 from tests.search.tables import RandomCosts
 
@@ -92,9 +91,9 @@ def _check(problem) -> None:
     # layer stages are virtual stage indices: stage s on pp rank s mod pp, chunks in model order
     stages = [a.stage for a in plan.layers]
     assert stages == sorted(stages) and set(stages) == set(range(plan.pp * plan.virtual_stages))
-    for st in result.stages:
-        for c, (a, b) in enumerate(st.ranges):
-            assert {stages[layer] for layer in range(a, b)} == {c * plan.pp + st.stage}
+    for stage in result.stages:
+        for c, (a, b) in enumerate(stage.ranges):
+            assert {stages[layer] for layer in range(a, b)} == {c * plan.pp + stage.stage}
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
@@ -120,7 +119,8 @@ def test_nothing_fits_states_the_memory_that_would(problem, shrink):
     enough = SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 + 1e-9),) * problem.num_devices})
     assert search(enough).peak_memory <= need * (1 + 1e-9)
     if "Interleaved1F1B" not in problem.space.schedules:  # exact there (an upper bound with chunks)
-        assert oracle(SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 - 1e-6),) * problem.num_devices}))[0] == math.inf
+        lean = SearchProblem(**{**problem.__dict__, "device_memory": (need * (1 - 1e-6),) * problem.num_devices})
+        assert oracle(lean)[0] == math.inf
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])

@@ -1,15 +1,15 @@
 """The engine runs of one search (passes/search_runs.py): tied layers found and pinned, one
 mixed run per tp of each tied group, pins respected by the searched plan, and mixing never
 loses to the uniform runs (it only reports a plan when it is faster)."""
+import numpy as np
+
 import pcompile
 from pcompile import Cluster
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-import numpy as np
-
 from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, mixed_pins, tied_groups
 from pcompile.plan import Strategy
-from tests.cost.conftest import analyse
 from pcompile.search.engine import StageQuery
+from tests.cost.conftest import analyse
 from tests.search.tables import RandomCosts
 
 TIED = GPTConfig(vocab_size=128, seq_len=32, hidden=64, num_heads=4, num_layers=2)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
-from pcompile.passes.search import sp_refusals
+from pcompile.sharding.sp_rules import sp_refusals
 from tests.cost.conftest import analyse
 from tests.distributed.ranks import _max_diff
 

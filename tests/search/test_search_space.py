@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pcompile.search.costtable import CostTable
-from pcompile.search.schedules import StageCost, simulate
 from pcompile.search.engine import SearchProblem, search
-from pcompile.search.space import SearchRules, SearchSpace, Setting, settings as all_settings, strategies_for
+from pcompile.search.schedules import StageCost, simulate
+from pcompile.search.space import SearchRules, SearchSpace, Setting, strategies_for
+from pcompile.search.space import settings as all_settings
 from tests.search.tables import RandomCosts
 
 LAYERS = ("pre",) + tuple(f"blocks.{i}" for i in range(8)) + ("post",)

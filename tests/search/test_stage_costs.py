@@ -10,9 +10,9 @@ import pytest
 import pcompile
 from pcompile.cluster import NodeGroup
 from pcompile.cost.pricing import CostOptions, cost_table
+from pcompile.cost.stage_costs import StageCosts
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.search.space import SearchRules, SearchSpace, strategies_for
-from pcompile.cost.stage_costs import StageCosts
 from tests.cost.conftest import analyse
 
 FIELDS = ("fwd_time", "bwd_time", "sync_time", "state_memory", "activation_memory", "temp_memory",
