@@ -24,7 +24,7 @@ from pcompile.ir import IR
 from pcompile.plan import Plan
 from pcompile.runtime import collectives, precision
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
-from pcompile.runtime.params import gather_shards, take_shards
+from pcompile.runtime.shards import gather_shards, take_shards
 
 _COMPILE_IDS = itertools.count()
 AXES = ("dp", "tp")

@@ -48,7 +48,7 @@ from pcompile.ir.fake import fake_run
 from pcompile.mesh import group_of
 from pcompile.plan import Plan
 from pcompile.runtime import batch_regroup, collectives, ops, sdp, vocab_parallel
-from pcompile.runtime.params import take_shards
+from pcompile.runtime.shards import take_shards
 
 DOMAIN = "pcompile"
 OPSET = 20  # Gelu and LayerNormalization are standard from here

@@ -33,7 +33,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
 from pcompile.runtime import collectives, precision
-from pcompile.runtime.params import gather_shards, take_shards
+from pcompile.runtime.shards import gather_shards, take_shards
 
 AXES = ("pp", "dp", "tp")
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}

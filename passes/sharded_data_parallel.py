@@ -38,7 +38,7 @@ from torch.fx.node import _get_qualified_name
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, Placement, Shard, local_shape
-from pcompile.ir.params import tied, under_every_name
+from pcompile.ir.params import by_tensor, tied, under_every_name
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.runtime import ops, sdp
 
@@ -88,7 +88,7 @@ def parameter_reads(ir: IR) -> dict[fx.Node, dict]:
     """For every op reading parameters: {slot: Read}, where a slot is the graph value the op takes
     as an argument (a get_attr, or a getitem of a chunked get_attr), or, for a leaf module, the
     parameter's name inside the module. Names are canonical (tied weights have one)."""
-    names = {id(p): name for name, p in ir.gm.named_parameters()}
+    names = by_tensor(ir.gm)
     reads: dict[fx.Node, dict] = {}
     for node in ir.graph.nodes:
         param = _parameter(ir.gm, node.target) if node.op == "get_attr" else None

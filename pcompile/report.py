@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pcompile.cluster import Cluster
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.ir.params import by_tensor
 from pcompile.plan import Plan
 from pcompile.search.schedules import schedule_order
 
@@ -92,7 +93,7 @@ def _param_layers(ir: IR) -> dict[str, tuple[str, int]]:
     """Parameter name -> (layer of the first node reading it, elements); tied weights once."""
     seen: dict[int, str] = {}
     out: dict[str, tuple[str, int]] = {}
-    names = {id(p): n for n, p in ir.gm.named_parameters()}
+    names = by_tensor(ir.gm)
     for node in ir.graph.nodes:
         if node.op == "call_module":
             params = list(ir.gm.get_submodule(node.target).parameters())

@@ -17,6 +17,11 @@ def aliases(module: torch.nn.Module) -> dict[str, list[str]]:
     return {name: names for names in by_id.values() for name in names}
 
 
+def by_tensor(module: torch.nn.Module) -> dict[int, str]:
+    """id of each parameter tensor -> its canonical name."""
+    return {id(p): name for name, p in module.named_parameters()}
+
+
 def canonical(module: torch.nn.Module) -> dict[str, str]:
     """Every parameter name -> the canonical name of its tensor."""
     return {name: names[0] for name, names in aliases(module).items()}
@@ -47,7 +52,7 @@ def attribute(root: torch.nn.Module, target: str):
 def param_layers(ir: IR) -> dict[str, set[str]]:
     """Canonical parameter name -> the layers that read it (get_attr users, called modules, and
     modules the ZeRO-3 runners call with some of their parameters)."""
-    names = {id(p): name for name, p in ir.gm.named_parameters()}
+    names = by_tensor(ir.gm)
     out: dict[str, set[str]] = {}
     for node in ir.graph.nodes:
         if node.op == "get_attr":

@@ -1,5 +1,5 @@
 """ZeRO-3 (sharded data parallelism) at run time: the functions the `sharded_data_parallel`
-pass puts into the graph (the backend splits the parameters: pcompile.runtime.params).
+pass puts into the graph (the backend splits the parameters: pcompile.runtime.shards).
 
 Each rank of the dp group stores 1/dp of a sharded parameter (a chunk along its `dim`).
 Parameters are gathered in *units* (by default all of one layer's, as FSDP does per block),

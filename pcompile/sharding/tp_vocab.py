@@ -18,15 +18,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from pcompile.ir import IR, reads_inputs
+from pcompile.ir.params import aliases
 from pcompile.sharding.tp_ops import embedding_parts, kind_of, linear_parts
-
-
-def aliases(ir: IR) -> dict[str, list[str]]:
-    """Parameter name -> every name of the same tensor (tied weights), the name first."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in ir.gm.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return {name: names for names in by_id.values() for name in names}
 
 
 def vocab_embeddings(ir: IR, layer_degree: dict[str, int]) -> tuple[dict[fx.Node, int], list[str]]:
@@ -55,7 +48,7 @@ def vocab_embeddings(ir: IR, layer_degree: dict[str, int]) -> tuple[dict[fx.Node
 
 def _readers(ir: IR) -> dict[str, list[tuple[fx.Node, str]]]:
     """First name of each parameter -> (node, the name it reads the parameter by) for every reader."""
-    names = aliases(ir)
+    names = aliases(ir.gm)
     readers: dict[str, list[tuple[fx.Node, str]]] = {}
     for node in ir.graph.nodes:
         if node.op == "call_module":
@@ -87,7 +80,7 @@ def disagreements(ir: IR, p, embeddings: dict[fx.Node, int]) -> tuple[set[fx.Nod
     """Shared parameters whose readers want different splits, among those an embedding reads:
     (embeddings to keep replicated, column Linears to drop, notes)."""
     emb_names = {embedding_parts(ir.gm, n).weight for n in embeddings}
-    names = aliases(ir)
+    names = aliases(ir.gm)
     shared = {names[n][0] for n in emb_names}
     drop_emb, drop_col, notes = set(), set(), []
     for first, readers in _readers(ir).items():
