@@ -66,7 +66,7 @@ def run_one(name: str, layers: int | None, search: bool, profile: bool, queue) -
     else:
         try:
             search_s, _ = timed_search(analysed)
-            outcome = "plan " + plan_summary(analysed.ctx.plan, analysed.ctx.options["search_result"])
+            outcome = "plan " + plan_summary(analysed.ctx.plan, analysed.ctx.search_result)
         except pcompile.PcompileError as exc:  # the analysis ran; the search found no fitting plan
             outcome = f"no plan: {exc.cause[:160]}"
     queue.put(dict(label=w.label, depth=layers or w.config[w.depth_key], batch=w.batch, seq=w.seq, cluster=w.cluster,

@@ -87,16 +87,20 @@ class Analysed:
 
 def analyse(model, inputs, cluster) -> Analysed:
     """The passes `pcompile.plan` runs before the search, with its context and its checks."""
-    from pcompile.api import PLAN_PIPELINE, _run
+    from pcompile.api import PLAN_PIPELINE, _context, _run
+    from pcompile.ir.pass_manager import PassManager
+    from pcompile.options import CompileOptions
 
     start, cpu = time.perf_counter(), time.process_time()
-    ir, ctx, manager = _run(PLAN_PIPELINE, model, cluster, inputs, None, None, "auto", "layers", True)
+    ctx = _context(model, cluster, inputs, None, CompileOptions())
+    manager = PassManager(PLAN_PIPELINE, stop_after="layers")
+    ir = _run(manager, ctx)
     return Analysed(ir, ctx, time.perf_counter() - start, time.process_time() - cpu, list(manager.timings))
 
 
 def timed_search(a: Analysed) -> tuple[float, float]:
     """(wall, CPU) seconds of the search pass alone on the analysed IR, on one torch thread.
-    Leaves the plan in a.ctx.plan and the SearchResult in a.ctx.options["search_result"]."""
+    Leaves the plan in a.ctx.plan and the SearchResult in a.ctx.search_result."""
     from pcompile.ir.pass_manager import get_pass
 
     search = get_pass("search").fn

@@ -106,9 +106,7 @@ def analyse(name: str):
 
 
 def _run_analysis(model, inputs, cluster):
-    ctx = PassContext(model=model, cluster=cluster, example_inputs=inputs)
-    ctx.options["fingerprint"] = fingerprint(model)
-    ctx.options["search_space"] = {}
+    ctx = PassContext(model=model, cluster=cluster, example_inputs=inputs, fingerprint=fingerprint(model))
     ir = PassManager(PLAN_PIPELINE[:PLAN_PIPELINE.index("search")]).run(None, ctx)
     return ctx, ir
 
@@ -142,8 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"{label}: captured and analysed in {time.perf_counter() - start:.1f} s, global batch {batch}",
               flush=True)
         for budget in budgets:
-            bctx = dataclasses.replace(ctx, cluster=ctx.cluster.with_memory(budget * GB), plan=None,
-                                       options=dict(ctx.options))
+            bctx = dataclasses.replace(ctx, cluster=ctx.cluster.with_memory(budget * GB), plan=None)
             start = time.perf_counter()
             try:
                 plan, _ = searched_plan(ir, bctx)

@@ -52,7 +52,7 @@ def run(key: str, layers: int | None, repeat: int) -> tuple[float, float]:
     wall, cpu = min(runs)
     print(f"  search {wall:.2f} s (CPU {cpu:.2f} s; target < {MODELS[key][1]:g} s)"
           + (f", best of {repeat}: {', '.join(f'{r[0]:.2f}' for r in runs)}" if repeat > 1 else ""))
-    print(f"  plan: {plan_summary(analysed.ctx.plan, analysed.ctx.options['search_result'])}", flush=True)
+    print(f"  plan: {plan_summary(analysed.ctx.plan, analysed.ctx.search_result)}", flush=True)
     return wall, analysed.seconds
 
 
