@@ -24,6 +24,7 @@ from pcompile.ir import IR
 from pcompile.plan import Plan
 from pcompile.runtime import collectives, precision
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
+from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
 _COMPILE_IDS = itertools.count()
@@ -131,11 +132,18 @@ class CompiledModel:
                 p.grad = old if p.grad is None else p.grad + old
         return loss
 
+    def _batch_group(self):
+        """The ranks that split the batch (and hold the other parts of it), or None."""
+        if self.layout is not None:
+            return self.groups.get(self.layout.input_axis) if self.layout.input_dp > 1 else None
+        return self.groups["dp"] if self.dp > 1 else None
+
     def _step(self, local: tuple) -> torch.Tensor:
+        counts = step_counts(self.ir.loss_counts, local, self._batch_group())  # masked means: the step's count
         if self.masters is not None:
             self.masters.pull()
             local = self.masters.cast_inputs(local)
-        loss = self.gm(*local)
+        loss = self.gm(*local, **counts)
         loss.backward()
         if self.masters is not None:  # fp32 master grads, then the dp average in fp32 (precision.py)
             self.masters.push_grads()

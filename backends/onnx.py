@@ -111,6 +111,8 @@ def local_inputs(ir: IR, plan: Plan) -> list[torch.Tensor]:
     inputs = []
     for node in ir.graph.find_nodes(op="placeholder"):
         meta = ir.meta(node)
+        if meta.shape is None:  # a number the runtime passes (a masked mean's step count): its default
+            break
         shape = list(meta.shape)
         if shape:
             shape[0] //= dp
@@ -487,7 +489,12 @@ def _translate(g: _Graph, node: fx.Node) -> None:
     if node.op == "output":
         return
     if node.op == "placeholder":
-        g.inputs.append(g.typed(node, node.name))
+        if isinstance(value, float):  # a number the runtime passes (a masked mean's step count): a 0-dim input
+            info = helper.make_tensor_value_info(node.name, TensorProto.FLOAT, [])
+            helper.set_metadata_props(info, {"pcompile.note": "passed by the runtime each step (normalise_loss)"})
+            g.inputs.append(info)
+        else:
+            g.inputs.append(g.typed(node, node.name))
         g.names[node.name] = node.name
         return
     tensor = _is_tensor(value)

@@ -33,6 +33,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
 from pcompile.runtime import collectives, precision
+from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
 AXES = ("pp", "dp", "tp")
@@ -153,12 +154,13 @@ class PipelineRuntime:
             raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
                                 f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
         params = dict(self.named_parameters())
+        counts = step_counts(self.ir.loss_counts, local_inputs, self.groups["dp"] if self.dp > 1 else None)
         if self.masters is not None:
             self.masters.pull()
             local_inputs = self.masters.cast_inputs(local_inputs)
         losses: list[torch.Tensor] = []
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
-                           **dict(zip(self.split.model_inputs, local_inputs)))
+                           **dict(zip(self.split.model_inputs, local_inputs)), **counts)
         if self.masters is not None:  # then tie and dp reductions run on the fp32 master grads
             self.masters.push_grads()
         for name, group in self.tie_groups:

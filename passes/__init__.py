@@ -4,13 +4,14 @@ them all, and the invariant the rewrites keep (passes/invariants.py).
 
 Helper modules that are not passes: export (torch.export capture, for trace), search_runs (the
 engine runs of the search pass), invariants."""
-from pcompile.passes import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa: F401
+from pcompile.passes import (
     activation_checkpoint,
     flops,
-    invariants,  # noqa: F401
+    invariants,
     layers,
     loss_check,
     memory,
+    normalise_loss,
     operator_split,
     pipeline_split,
     reshard,
@@ -22,3 +23,7 @@ from pcompile.passes import (  # noqa: F401  # noqa: F401  # noqa: F401  # noqa:
     tensor_parallel,
     trace,
 )
+
+__all__ = ["activation_checkpoint", "flops", "invariants", "layers", "loss_check", "memory", "normalise_loss",
+           "operator_split", "pipeline_split", "reshard", "search", "sequence_parallel", "shapes",
+           "sharded_data_parallel", "symbolic", "tensor_parallel", "trace"]

@@ -6,6 +6,8 @@ The result is made to look like an fx capture so every later pass works on it un
     under the model's own names (full_state_dict / full_grads look them up by those names);
   * the batch dimension (dim 0 of every tensor input) is exported symbolic (`Dim.AUTO`), so the
     same graph runs on a data-parallel rank's slice of the batch;
+  * a graph that returns one tensor (the loss) takes its inputs positionally and returns the
+    tensor, as an fx capture does (export's pytree calling convention lets no pass add an input);
   * export's input guard module and its dtype assertions are dropped (the backend slices the
     batch; the assertions compute nothing), and every parameter read (get_attr) is moved to just
     before its first use, so layers stay contiguous in graph order as they are in fx captures;
@@ -107,8 +109,17 @@ def _restore_state(gm: fx.GraphModule, model: torch.nn.Module) -> None:
 
 
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drop export's guard call and dtype assertions; read each parameter just before its first use."""
+    """Drop export's guard call and dtype assertions; read each parameter just before its first
+    use; a graph returning one tensor returns it plainly, from positional inputs."""
     graph = gm.graph
+    spec, output = getattr(gm, "_out_spec", None), next(n for n in graph.nodes if n.op == "output")
+    single = isinstance(output.args[0], (tuple, list)) and len(output.args[0]) == 1
+    if spec is not None and spec.is_leaf() and single:
+        output.args = (output.args[0][0],)
+        graph.set_codegen(fx.graph.CodeGen())
+        for attr in ("_in_spec", "_out_spec"):  # export's calling convention, no longer used
+            if hasattr(gm, attr):
+                delattr(gm, attr)
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target in _DROPPED_TARGETS and not node.users):

@@ -164,7 +164,8 @@ def split(ir: IR, plan: Plan, names: dict[str, str]) -> PipelineSplit:
         for name, _ in stage.gm.named_parameters(remove_duplicate=False):
             holders.setdefault(names.get(name, name), set()).add(stage.rank)
     tied = tuple(sorted(name for name, ranks in holders.items() if len(ranks) > 1))
-    model_inputs = tuple(n.target for n in ir.graph.nodes if n.op == "placeholder")
+    counts = set(ir.loss_counts.placeholders) if ir.loss_counts else set()  # passed by the backend, not the user
+    model_inputs = tuple(n.target for n in ir.graph.nodes if n.op == "placeholder" and n.target not in counts)
     return PipelineSplit(plan.pp, tuple(stages), model_inputs, names, tied)
 
 

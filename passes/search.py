@@ -17,7 +17,7 @@ search space restricted to what the rewrite passes can run today:
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
 - sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), with
   pp = 1 only;
-- a loss that sums over the batch (loss_check.summed_terms) only with dp = 1 and one
+- a loss that sums over the batch or couples its samples (loss_terms.inexact_terms) only with dp = 1 and one
   micro-batch: averaging would silently divide it.
 - a global-batch range (plan(global_batch=...)): every allowed batch is searched and the one
   with the most samples per second wins (costs scale from the example inputs' batch).
@@ -44,7 +44,7 @@ from pcompile.search.engine import SearchProblem
 from pcompile.search.engine import search as run_engine
 from pcompile.search.result import SearchResult, to_plan
 from pcompile.search.space import SearchRules, SearchSpace, tp_options
-from pcompile.sharding.loss_terms import summed_terms
+from pcompile.sharding.loss_terms import inexact_terms
 from pcompile.sharding.sp_rules import sp_refusals
 from pcompile.sharding.tp_rules import plan_tensor_parallel, tp_problem
 
@@ -124,10 +124,11 @@ def _merge_baselines(results: list[SearchResult], errors: list[PcompileError]):
 def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed, batches) -> PcompileError:
     skipped = "; ".join(r for r in rejected.values() if r)
     if summed:
-        terms = ", ".join(f"{node.name} = {how}" for node, how in summed)
+        terms = ", ".join(f"{t.node.name} = {t.how}" for t in summed)
         searched = f"tp={tps}" + (f" ({errors[0].cause})" if errors else "") + (f"; {skipped}" if skipped else "")
-        return PcompileError(f"the loss sums over the batch ({terms}), so only plans without data parallelism "
-                             f"or micro-batches are exact, and none runs on this cluster: searched {searched}",
+        return PcompileError(f"the loss is not an average over the batch ({terms}), so only plans without data "
+                             f"parallelism or micro-batches are exact, and none runs on this cluster: searched "
+                             f"{searched}",
                              "use a mean loss (reduction='mean', or divide the sum by the batch size), or a "
                              "cluster whose node holds the model at tp = devices")
     memory = [e for e in errors if "memory" in str(e)]
@@ -186,7 +187,7 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
     tps = [t for t in tps if rejected[t] is None]
     refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
-    summed = summed_terms(ir)
+    summed = inexact_terms(ir)
     costs = StageCosts(ir, cluster, cost_options(ctx))
     cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
     layers = priced_layers(ir)
@@ -210,7 +211,8 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     notes = [r for r in rejected.values() if r]
     explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")
     if summed:
-        explanation += "\nthe loss sums over the batch: searched dp = 1 and one micro-batch only (loss_check)"
+        explanation += ("\nthe loss is not an average over the batch (a sum, or batch-coupled): searched dp = 1 "
+                        "and one micro-batch only (loss_check)")
     if len(batches) > 1:
         explanation += "\n" + _batch_report(outcomes, batch)
     return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best

@@ -184,7 +184,7 @@ def _rewrite_scatter(ir: IR, p: Propagation, user: fx.Node, source: fx.Node, dim
     user.replace_input_with(source, local)
 
 
-@register_pass("tensor_parallel", kind="rewrite", requires=("plan", "loss_checked"),
+@register_pass("tensor_parallel", kind="rewrite", requires=("plan", "loss_normalised"),
                ensures=("tensor_parallel", PLACEMENTS))
 def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     """Split column/row-parallel Linear pairs over the tp axis with explicit tp_copy/tp_reduce nodes."""

@@ -73,13 +73,10 @@ def _forward_of(model: torch.nn.Module) -> str:
     return f"{type(model).__name__}.forward"
 
 
-def _check_loss_output(gm: fx.GraphModule, how: str) -> None:
+def _check_loss_output(gm: fx.GraphModule) -> None:
     """The graph must return one tensor (the loss): a tuple, dict or ModelOutput cannot be trained."""
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     value = outputs[0].args[0] if outputs else None
-    if how == "export":  # the graph's output is flat; the module rebuilds the structure from _out_spec
-        spec = getattr(gm, "_out_spec", None)
-        value = value[0] if spec is not None and spec.is_leaf() else spec
     if not isinstance(value, fx.Node):
         raise PcompileError(f"the model's forward returns {type(value).__name__}, not the loss tensor",
                             "wrap the model: forward(inputs, targets) returns the scalar loss (for HuggingFace "
@@ -109,6 +106,6 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphMo
 def trace(ir: IR | None, ctx: PassContext) -> IR:
     """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names."""
     gm, how, notes = capture(ctx.model, ctx.example_inputs, ctx.options.capture)
-    _check_loss_output(gm, how)
+    _check_loss_output(gm)
     ctx.report.extend(notes)
     return IR(gm=gm, capture=how)

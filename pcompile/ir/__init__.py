@@ -6,8 +6,18 @@ Contract: everything above the IR (sharding rules, the cost model, passes, backe
 writes graph facts through these types only; this layer imports nothing of pcompile but the
 plain data modules (errors, plan, cluster, mesh, options).
 """
-from pcompile.ir.graph import IR, META_KEY, MixedLayout, NodeMeta, PipelineSplit, Stage, reads_inputs, target_name
+from pcompile.ir.graph import (
+                               IR,
+                               META_KEY,
+                               LossCounts,
+                               MixedLayout,
+                               NodeMeta,
+                               PipelineSplit,
+                               Stage,
+                               reads_inputs,
+                               target_name,
+)
 from pcompile.ir.placement import REPLICATED, Partial, Placement, Shard, local_shape
 
-__all__ = ["IR", "META_KEY", "MixedLayout", "NodeMeta", "PipelineSplit", "Stage", "reads_inputs", "target_name",
-           "REPLICATED", "Partial", "Placement", "Shard", "local_shape"]
+__all__ = ["IR", "META_KEY", "LossCounts", "MixedLayout", "NodeMeta", "PipelineSplit", "Stage", "reads_inputs",
+           "target_name", "REPLICATED", "Partial", "Placement", "Shard", "local_shape"]

@@ -51,6 +51,18 @@ class MixedLayout:
 
 
 @dataclass(frozen=True)
+class LossCounts:
+    """The data-dependent denominators of masked-mean losses (passes/normalise_loss.py): `gm`
+    computes each one's count over the batch it is given (it takes the model's inputs, as the
+    graph does) and the rewritten graph reads the whole step's count i from its placeholder
+    `placeholders[i]`. The backend sums the rank's local counts over the ranks that split the
+    batch and passes the totals."""
+
+    placeholders: tuple[str, ...]
+    gm: fx.GraphModule = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Stage:
     """One pipeline stage (passes/pipeline_split.py): its layers, the activations it receives
     and sends, and its graph."""
@@ -83,6 +95,7 @@ class IR:
     sdp_shardings: dict[str, Shard] = field(default_factory=dict)
     mixed_layout: MixedLayout | None = None  # per-layer (dp, tp) groupings (reshard); None: one grouping
     pipeline: PipelineSplit | None = None  # the stages (pipeline_split); None: not pipelined
+    loss_counts: LossCounts | None = None  # masked means' step-wide counts (normalise_loss); None: none
     capture: str = "fx"
 
     @property

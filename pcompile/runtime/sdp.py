@@ -177,7 +177,13 @@ def sdp_module(module: torch.nn.Module, params: dict[str, torch.Tensor], *args, 
 
 @functools.cache
 def resolve(qualname: str):
-    """The function named `qualname` (as torch.fx's `_get_qualified_name` writes it)."""
+    """The function named `qualname` (as torch.fx's `_get_qualified_name` writes it): a module's
+    attribute, or an operator overload ("torch.ops.aten.embedding.default", torch.export's ops)."""
+    if qualname.startswith("torch.ops."):
+        op = torch.ops
+        for part in qualname.split(".")[2:]:
+            op = getattr(op, part)
+        return op
     module, _, attr = qualname.rpartition(".")
     return getattr(importlib.import_module(module), attr)
 

@@ -18,6 +18,7 @@ from pcompile.errors import PcompileError
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Plan, Strategy
 from pcompile.runtime import collectives, ops, sdp, vocab_parallel
+from pcompile.runtime.loss_counts import step_counts
 
 PLAN = pcompile.Plan.uniform(dp=2, tp=2)
 MODELS = {"gpt": (lambda: GPT(GPTConfig()), lambda: gpt_inputs(GPTConfig(), 8)),
@@ -106,13 +107,17 @@ def test_node_sharding_and_shards_are_recorded(exported):
             f"S({spec.dim})@tp"
 
 
-def _evaluates_like_torch(cm, model: onnx.ModelProto, rank: int, local: list, vocab_rank: int) -> None:
-    """Every value of `model` (onnx.reference) equals torch's on `rank`'s graph run alone."""
+def _evaluates_like_torch(cm, model: onnx.ModelProto, rank: int, local: list, vocab_rank: int,
+                          example: tuple) -> None:
+    """Every value of `model` (onnx.reference) equals torch's on `rank`'s graph run alone, both
+    given the step's counts of a masked mean as the runtime passes them."""
+    counts = step_counts(cm.ir.loss_counts, tuple(example), None)  # the whole batch's: the all-reduced count
     with vocab_parallel.as_rank(vocab_rank):  # its vocabulary rows
-        expected = _torch_values(export_onnx.rank_module(cm.ir, cm.plan, rank), local)
+        expected = _torch_values(export_onnx.rank_module(cm.ir, cm.plan, rank), list(local) + list(counts.values()))
     names = [v.name for v in model.graph.value_info] + [o.name for o in model.graph.output]
     assert len(names) > 10
     feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
+    feeds.update({name: np.float32(value) for name, value in counts.items()})
     got = ReferenceEvaluator(model, new_ops=reference_ops()).run(names, feeds)
     for name, value in zip(names, got):
         np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
@@ -124,7 +129,8 @@ def test_each_rank_evaluates_like_torch_node_by_node(exported):
     cm, example, paths = exported
     for rank, path in enumerate(paths):
         local = [x.chunk(2)[rank // 2] for x in example]
-        _evaluates_like_torch(cm, onnx.load(path), rank, local, export_onnx.mesh_coords(cm.plan, rank)["tp"])
+        _evaluates_like_torch(cm, onnx.load(path), rank, local, export_onnx.mesh_coords(cm.plan, rank)["tp"],
+                              example)
 
 
 def _compile_gpt(plan: Plan):
@@ -157,7 +163,7 @@ def test_a_mixed_grouping_plan_exports_its_batch_regrouping(tmp_path):
         assert props["pcompile.dp_group"] == f"dp={rank};dp2={rank % 2},{rank % 2 + 2}"  # blocks' and pre/post's
         # the input split by the first layer's dp; gathering 2 halves then slicing 2 keeps the rank's own
         local = [x.chunk(layout.input_dp)[int(coords[layout.input_axis])] for x in example]
-        _evaluates_like_torch(cm, model, rank, local, int(coords["tp2"]))
+        _evaluates_like_torch(cm, model, rank, local, int(coords["tp2"]), example)
 
 
 @pytest.mark.parametrize("plan", [Plan.uniform(dp=4, sdp=True), Plan.uniform(dp=2, tp=2, sdp=True),
@@ -192,7 +198,7 @@ def test_a_zero3_plan_holds_each_ranks_shards_and_gathers_them(plan, tmp_path):
             assert props["pcompile.shard_of"] == str(dp * (tp.size if tp else 1))
         # simulate()'s gather repeats the rank's own shard, as SdpGather's reference does: every rank compares
         local = [x.chunk(dp)[coords["dp"]] for x in example]
-        _evaluates_like_torch(cm, model, rank, local, coords["tp"])
+        _evaluates_like_torch(cm, model, rank, local, coords["tp"], example)
 
 
 def test_a_table_shared_across_dp_degrees_reads_through_identity():
@@ -204,7 +210,7 @@ def test_a_table_shared_across_dp_degrees_reads_through_identity():
     assert scaled and {n.op_type for n in scaled} == {"Identity"}
     # rank 0 only: it is index 0 of every group, the chunk BatchSlice and simulate() both keep
     local = [x.chunk(2)[0] for x in example]
-    _evaluates_like_torch(cm, model, 0, local, 0)
+    _evaluates_like_torch(cm, model, 0, local, 0, example)
 
 
 def test_a_meta_model_exports_its_structure_without_weights(tmp_path):

@@ -16,6 +16,13 @@ MODELS = {
 }
 
 
+def gap(got, expected) -> float:
+    """The largest absolute difference of two numbers or tensors; inf when either holds a NaN
+    (Python's max() would silently drop a NaN difference)."""
+    diff = (torch.as_tensor(got, dtype=torch.float64) - torch.as_tensor(expected, dtype=torch.float64)).abs()
+    return float("inf") if torch.isnan(diff).any() else (diff.max().item() if diff.numel() else 0.0)
+
+
 def _max_diff(a: dict, b: dict) -> float:
     worst = 0.0
     for name, expected in b.items():
@@ -23,7 +30,7 @@ def _max_diff(a: dict, b: dict) -> float:
         if (got is None) != (expected is None):
             return float("inf")
         if got is not None:
-            worst = max(worst, (got.float() - expected.float()).abs().max().item())
+            worst = max(worst, gap(got.detach(), expected.detach()))
     return worst
 
 
@@ -52,7 +59,7 @@ def train_side_by_side(build, inputs, plan, steps: int = 3, lr: float = 1e-2, cl
         expected = serial(*batch)
         expected.backward()
         losses.append((loss.item(), expected.item()))
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
+        loss_diff = max(loss_diff, gap(loss.item(), expected.item()))
         grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
         for optimizer in optimizers:
             optimizer.step()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from tests.distributed.ranks import _max_diff, train_side_by_side
+from tests.distributed.ranks import _max_diff, gap, train_side_by_side
 from tests.models import zoo
 
 WATCHED = ("emb", "head", "wte", "qkv", "c_attn")  # parameters whose sharding the tests look at
@@ -124,5 +124,4 @@ def fused_checkpoint(directory: str) -> tuple[float, float]:
     fresh = compiled(1)
     checkpoint.load(fresh, path)
     again = fresh.full_state_dict()
-    return (max((whole[k] - v).abs().max().item() for k, v in expected.items()),
-            max((again[k] - v).abs().max().item() for k, v in expected.items()))
+    return (max(gap(whole[k], v) for k, v in expected.items()), max(gap(again[k], v) for k, v in expected.items()))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile import Cluster, PcompileError, Plan
-from pcompile.sharding.loss_terms import summed_terms
+from pcompile.sharding.loss_terms import inexact_terms
 from tests.cost.conftest import analyse
 from tests.models import zoo
 
@@ -80,7 +80,7 @@ def test_means_and_weight_penalties_pass(kind):
     for capture in ("fx", "export"):
         ir = pcompile.compile(Regressor(kind), Cluster.local(2), _inputs(), plan=Plan.uniform(dp=2), capture=capture,
                               stop_after="loss_check")
-        assert ir.capture == capture and summed_terms(ir) == []
+        assert ir.capture == capture and inexact_terms(ir) == []
 
 
 @pytest.mark.parametrize("name", ["gpt2", "t5", "vit"])
@@ -88,7 +88,7 @@ def test_zoo_mean_losses_are_not_flagged(name):
     """HuggingFace models (captured with torch.export) computing their own mean cross-entropy."""
     build, batch = zoo.MODELS[name]
     ir, _ = analyse(build(), batch(0))
-    assert ir.capture == "export" and summed_terms(ir) == [], name
+    assert ir.capture == "export" and inexact_terms(ir) == [], name
 
 
 def test_summed_loss_at_dp1_compiles_and_matches_serial():

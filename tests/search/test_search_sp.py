@@ -2,16 +2,13 @@
 pays, never on a layer the rewrite refuses, and a searched sp plan compiles."""
 from __future__ import annotations
 
-import copy
-
-import torch
 import torch.distributed as dist
 
 import pcompile
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.sharding.sp_rules import sp_refusals
 from tests.cost.conftest import analyse
-from tests.distributed.ranks import _max_diff
+from tests.distributed.ranks import train_side_by_side
 
 GPT_CFG = GPTConfig(num_layers=2, hidden=64, seq_len=128)
 TIGHT = int(2.5 * 2**20)  # activations must shrink: the search picks sp
@@ -22,24 +19,14 @@ NO_PP_NO_SDP = {"pp_degrees": (1,), "sdp": (False,)}
 
 def searched_sp_vs_serial(steps: int = 3) -> dict:
     """On each rank: the searched plan (sp) trains next to the serial model."""
-    torch.manual_seed(0)
-    model = GPT(GPT_CFG)
-    serial = copy.deepcopy(model)
     cluster = pcompile.Cluster.local(dist.get_world_size(), memory_bytes=TIGHT)
-    plan = pcompile.plan(copy.deepcopy(model), cluster, gpt_inputs(GPT_CFG, 8), search_space=NO_PP_NO_SDP)
-    cm = pcompile.compile(model, cluster, gpt_inputs(GPT_CFG, 8), plan=plan)
-    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (cm, serial)]
-    loss_diff = grad_diff = 0.0
-    for step in range(steps):
-        x, y = gpt_inputs(GPT_CFG, 8, seed=step)
-        loss = cm.train_step(x, y)
-        expected = serial(x, y)
-        expected.backward()
-        loss_diff = max(loss_diff, abs(loss.item() - expected.item()))
-        grad_diff = max(grad_diff, _max_diff(cm.full_grads(), {n: p.grad for n, p in serial.named_parameters()}))
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad()
+
+    def search(model, cluster, inputs):
+        return pcompile.plan(model, cluster, inputs, search_space=NO_PP_NO_SDP)
+
+    cm, _, loss_diff, grad_diff, _ = train_side_by_side(lambda: GPT(GPT_CFG), lambda seed: gpt_inputs(GPT_CFG, 8, seed),
+                                                        search, steps, 1e-3, cluster)
+    plan = cm.plan
     return {"sp": [a.layer for a in plan.layers if a.strategy.sp], "loss_diff": loss_diff, "grad_diff": grad_diff}
 
 
