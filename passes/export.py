@@ -120,6 +120,10 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
         for attr in ("_in_spec", "_out_spec"):  # export's calling convention, no longer used
             if hasattr(gm, attr):
                 delattr(gm, attr)
+        for key, hook in list(gm._forward_pre_hooks.items()):  # its input check against that convention
+            if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+                del gm._forward_pre_hooks[key]
+                gm._forward_pre_hooks_with_kwargs.pop(key, None)
     for node in list(graph.nodes):
         if (node.op == "call_module" and node.target == "_guards_fn") or (
                 node.op == "call_function" and node.target in _DROPPED_TARGETS and not node.users):

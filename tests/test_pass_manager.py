@@ -131,7 +131,7 @@ def test_unknown_pass():
 
 
 def test_a_pass_before_what_it_requires_is_refused_before_anything_runs():
-    with pytest.raises(PcompileError, match=r"pass 'tensor_parallel' requires \['plan', 'loss_checked'\]") as info:
+    with pytest.raises(PcompileError, match=r"pass 'tensor_parallel' requires \['plan', 'loss_normalised'\]") as info:
         PassManager(["trace", "shapes", "flops", "memory", "layers", "tensor_parallel", "search", "loss_check"])
     assert "PIPELINE" in info.value.fix
     with pytest.raises(PcompileError, match=r"pass 'sequence_parallel' requires \['tensor_parallel'\]"):

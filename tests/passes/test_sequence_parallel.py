@@ -4,6 +4,7 @@ S(1)@tp, one sp_split enters a run of sp layers and one sp_unsplit leaves it, no
 biases read through tp_copy (their gradient summed over tp); local shapes checked on fake
 tensors. "pre" and "post" stay tp without sp here, so the counts do not depend on how tensor
 parallelism treats the embedding and the head."""
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -18,6 +19,7 @@ from pcompile.ir.fake import fake_run
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Strategy
 from pcompile.runtime import collectives, ops
+from pcompile.runtime.loss_counts import step_counts
 from tests.distributed.ranks_sp import TokenMLP, token_batch
 from tests.toy import analyse, rows
 
@@ -137,9 +139,11 @@ def test_sp_from_the_input_to_the_loss_and_its_onnx_export(tmp_path):
     assert {"SpSplit", "SpGather", "SpReduceScatter", "SpUnsplit"} <= set(ops)
     # rank 0 alone (peers absent: gathers repeat its chunk, reduce-scatters keep chunk 0) == torch's graph
     local = [t.chunk(2)[0] for t in token_batch(0)]
+    counts = step_counts(cm.ir.loss_counts, token_batch(0), None)  # a mean over the step, as the runtime passes it
     with collectives.simulate():
-        expected = export_onnx.rank_module(cm.ir, cm.plan, 0)(*local)
+        expected = export_onnx.rank_module(cm.ir, cm.plan, 0)(*local, **counts)
     feeds = {i.name: x.numpy() for i, x in zip(model.graph.input, local)}
+    feeds.update({name: np.float32(value) for name, value in counts.items()})
     (loss,) = ReferenceEvaluator(model, new_ops=reference_ops()).run(None, feeds)
     assert abs(float(loss) - expected.item()) < 1e-5
 

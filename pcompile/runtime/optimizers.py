@@ -1,0 +1,45 @@
+"""Which optimizers see a split parameter correctly. An elementwise optimizer (each element's
+update depends on that element's gradient and state alone: SGD, Adam, AdamW, ...) steps a
+tensor-parallel shard or a ZeRO-3 chunk exactly as it would step those elements of the whole
+tensor. One whose update reads the whole tensor (per-tensor norms as LAMB / LARS, factored
+second moments as Adafactor, matrix updates as Shampoo or Muon, a closure over every parameter
+as L-BFGS) would silently see pieces: `install()` registers a global optimizer-step hook that
+refuses such a step on a split parameter with an error naming the optimizer."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from pcompile.errors import PcompileError
+
+ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
+    "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD")
+    if hasattr(torch.optim, name))
+_SPLIT: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # parameters that are pieces of a tensor
+_INSTALLED = []
+
+
+def register_split(parameters) -> None:
+    """These parameters hold a piece of a model tensor (a tp shard, a ZeRO-3 chunk)."""
+    _SPLIT.update(parameters)
+
+
+def _check(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if isinstance(optimizer, ELEMENTWISE):
+        return
+    split = any(p in _SPLIT for group in optimizer.param_groups for p in group["params"])
+    if split:
+        raise PcompileError(
+            f"{type(optimizer).__name__} updates each parameter from the whole tensor, but this plan splits "
+            "parameters over ranks (tensor parallelism or ZeRO-3): it would step every piece as if it were "
+            "the whole tensor",
+            "use an elementwise optimizer (SGD, Adam, AdamW, Adagrad, RMSprop, ...), or a plan without tp and "
+            "ZeRO-3 (pure data / pipeline parallelism keeps every tensor whole)")
+
+
+def install() -> None:
+    """Register the global step hook once."""
+    if not _INSTALLED:
+        _INSTALLED.append(register_optimizer_step_pre_hook(_check))
