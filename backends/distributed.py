@@ -9,8 +9,10 @@ averages gradients over the dp group after backward. Plans with pp > 1 are lower
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
+import math
 
 import torch
 import torch.distributed as dist
@@ -22,7 +24,7 @@ from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, precision
+from pcompile.runtime import collectives, grad_norm, modes, optimizers, precision
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
@@ -42,6 +44,9 @@ class CompiledModel:
         self.masters = None  # precision.MasterWeights under mixed precision (the optimizer's parameters)
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
+        self.training = True
+        self._sync = True  # False inside no_sync()
+        self._grads = "clean"  # what .grad holds: "clean" (none), "pending" (unsynced sums), "synced"
 
     # -- lowering --------------------------------------------------------------------------
     def lower(self) -> "CompiledModel":
@@ -82,8 +87,7 @@ class CompiledModel:
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
-        self._lowered = True
-        return self
+        return self._registered()
 
     def _lower_pipeline(self) -> "CompiledModel":
         split = self.ir.pipeline
@@ -93,7 +97,17 @@ class CompiledModel:
         self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device,
                                          next(_COMPILE_IDS), self.compute_dtype)
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
+        return self._registered()
+
+    def _registered(self) -> "CompiledModel":
+        """Lowered; with ranks, known to the gradient-norm and optimizer checks (pcompile.runtime)."""
         self._lowered = True
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            grad_norm.install()
+            grad_norm.register(self)
+            optimizers.install()
+            split = set(self.ir.param_shardings) | set(self.ir.sdp_shardings)
+            optimizers.register_split(p for name, p in self.named_parameters() if name in split)
         return self
 
     def _check_lowered(self) -> None:
@@ -117,20 +131,111 @@ class CompiledModel:
             local.append(x.to(self.device) if isinstance(x, torch.Tensor) else x)
         return tuple(local)
 
-    def train_step(self, *inputs) -> torch.Tensor:
-        """Forward + backward of this rank's part on the global batch; returns the global loss.
-        Gradients accumulate into .grad like loss.backward() (call zero_grad between steps)."""
+    # -- the training loop -------------------------------------------------------------------
+    @property
+    def data_world(self) -> int:
+        """How many parts the batch is split into: a DataLoader on this rank loads part `data_rank`
+        of `data_world` (ranks that share data - a tp group, a pipeline's stages - load the same)."""
         self._check_lowered()
+        return self.layout.input_dp if self.layout is not None else self.dp
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's part of the batch (see data_world)."""
+        self._check_lowered()
+        return self.coords.get(self.layout.input_axis if self.layout is not None else "dp", 0)
+
+    def sampler(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
+        """A torch DistributedSampler that gives this rank its part of every batch of `dataset`:
+        DataLoader(dataset, batch_size=global_batch // cm.data_world, sampler=cm.sampler(dataset))
+        then train_step(*batch, local=True)."""
+        from torch.utils.data.distributed import DistributedSampler
+
+        return DistributedSampler(dataset, num_replicas=self.data_world, rank=self.data_rank, shuffle=shuffle,
+                                  seed=seed, drop_last=drop_last)
+
+    def _inputs(self, inputs: tuple, local: bool) -> tuple:
+        if local:  # this rank's part already (data_rank of data_world)
+            return tuple(x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs)
+        return self._local_batch(inputs)
+
+    def train(self, mode: bool = True) -> "CompiledModel":
+        """Train mode (dropout on, batch norm on batch statistics), as the model was captured."""
+        self._check_lowered()
+        modules = self._pipeline.modules if self._pipeline is not None else [self.gm]
+        for module in modules:
+            modes.set_training(module, mode)
+        self.training = mode
+        return self
+
+    def eval(self) -> "CompiledModel":
+        """Eval mode: dropout off, batch norm on its running statistics."""
+        return self.train(False)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Gradient accumulation as DDP's no_sync: train_steps inside accumulate this rank's
+        gradients without the data-parallel sync; the next train_step outside syncs the sum once.
+        Start from zeroed gradients (optimizer.zero_grad()) and end with a synced step."""
+        previous, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = previous
+
+    def train_step(self, *inputs, local: bool = False) -> torch.Tensor:
+        """Forward + backward of this rank's part; returns the global loss. `inputs` is the global
+        batch, or with local=True this rank's part of it (see data_rank). Gradients accumulate into
+        .grad like loss.backward() (zero them between optimizer steps); inside no_sync() without
+        the data-parallel sync."""
+        self._check_lowered()
+        if not self.training:
+            raise PcompileError("train_step on a model in eval mode", "call cm.train() before training")
         params = list(self.parameters())
         previous = [p.grad for p in params]
+        if all(g is None for g in previous):
+            self._grads = "clean"
+        if not self._sync and self._grads == "synced":
+            raise PcompileError("no_sync() accumulation onto gradients that were already synchronised",
+                                "zero the gradients (optimizer.zero_grad()) before accumulating under no_sync()")
         for p in params:
             p.grad = None
-        local = self._local_batch(inputs)
-        loss = self._step(local) if self._pipeline is None else self._pipeline.train_step(local)
-        for p, old in zip(params, previous):
-            if old is not None:
-                p.grad = old if p.grad is None else p.grad + old
+        # gradients accumulated under no_sync join this step's sync; synced ones are added after it
+        pending = self._sync and self._grads == "pending"
+
+        def fold() -> None:
+            for p, old in zip(params, previous):
+                if old is not None:
+                    p.grad = old if p.grad is None else p.grad + old
+
+        batch = self._inputs(inputs, local)
+        if self._pipeline is None:
+            loss = self._step(batch, fold if pending else None)
+        else:
+            loss = self._pipeline.train_step(batch, fold if pending else None, self._sync)
+        if not pending:
+            fold()
+        self._grads = "synced" if self._sync else "pending"
         return loss
+
+    def eval_step(self, *inputs, local: bool = False) -> torch.Tensor:
+        """The global loss in eval mode (dropout off, batch norm on running statistics), with no
+        gradients: what the serial model gives under torch.no_grad() and model.eval()."""
+        self._check_lowered()
+        training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                batch = self._inputs(inputs, local)
+                if self._pipeline is not None:
+                    return self._pipeline.eval_step(batch)
+                counts = step_counts(self.ir.loss_counts, batch, self._batch_group())
+                if self.masters is not None:
+                    self.masters.pull()
+                    batch = self.masters.cast_inputs(batch)
+                return self._global_loss(self.gm(*batch, **counts))
+        finally:
+            self.train(training)
 
     def _batch_group(self):
         """The ranks that split the batch (and hold the other parts of it), or None."""
@@ -138,7 +243,7 @@ class CompiledModel:
             return self.groups.get(self.layout.input_axis) if self.layout.input_dp > 1 else None
         return self.groups["dp"] if self.dp > 1 else None
 
-    def _step(self, local: tuple) -> torch.Tensor:
+    def _step(self, local: tuple, fold=None) -> torch.Tensor:
         counts = step_counts(self.ir.loss_counts, local, self._batch_group())  # masked means: the step's count
         if self.masters is not None:
             self.masters.pull()
@@ -147,17 +252,59 @@ class CompiledModel:
         loss.backward()
         if self.masters is not None:  # fp32 master grads, then the dp average in fp32 (precision.py)
             self.masters.push_grads()
-        if self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp
+        if fold is not None:
+            fold()
+        if self._sync and self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp
             layer_groups.sync_grads(self.layout, self.named_parameters(), self.sdp_shardings, self.groups)
-            return layer_groups.global_loss(self.layout, loss, self.groups)
-        if self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
+        elif self._sync and self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
             self._average_over_dp([p.grad for name, p in self.named_parameters()
                                    if p.grad is not None and name not in self.sdp_shardings])
-        loss = loss.detach().float().clone()  # the loss is fp32 under mixed precision too
+        return self._global_loss(loss)
+
+    def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The mean of the ranks' part losses (fp32 under mixed precision too)."""
+        if self.layout is not None:
+            return layer_groups.global_loss(self.layout, loss, self.groups)
+        loss = loss.detach().float().clone()
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
             loss /= self.dp
         return loss
+
+    # -- gradient norm -----------------------------------------------------------------------
+    def _replicas(self) -> dict[int, int]:
+        """id of each local parameter -> how many ranks hold that same piece of it."""
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if self._pipeline is not None:
+            return self._pipeline.replicas()
+        out = {}
+        for name, p in self.named_parameters():
+            pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.ir.sdp_shardings.get(name))
+                               if s is not None)
+            out[id(p)] = world // pieces
+        return out
+
+    def grad_norm(self, grads: list[torch.Tensor], norm_type: float = 2.0,
+                  error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Collective: the norm over the whole model of these gradients of this rank's parameters
+        (each piece counted once: pcompile.runtime.grad_norm), the same on every rank."""
+        self._check_lowered()
+        by_grad = {id(p.grad): p for p in self.parameters() if p.grad is not None}
+        replicas = self._replicas()
+        return grad_norm.global_norm(grads, [replicas[id(by_grad[id(g)])] for g in grads], norm_type,
+                                     error_if_nonfinite)
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
+                        parameters=None) -> torch.Tensor:
+        """Collective: clip the gradients to a global norm of `max_norm` as torch's clip_grad_norm_
+        does on the serial model; returns the norm before clipping (the same on every rank).
+        `parameters`: a subset of cm.parameters() (default all). torch.nn.utils.clip_grad_norm_(
+        cm.parameters(), max_norm) computes the same (pcompile.runtime.grad_norm)."""
+        params = list(self.parameters() if parameters is None else parameters)
+        grads = [p.grad for p in params if p.grad is not None]
+        total = self.grad_norm(grads, norm_type, error_if_nonfinite)
+        grad_norm.clip_(grads, max_norm, total)
+        return total
 
     def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
         """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import torch
 import torch.distributed as dist
@@ -144,7 +145,8 @@ class PipelineRuntime:
             yield p
 
     # -- training --------------------------------------------------------------------------
-    def train_step(self, local_inputs: tuple) -> torch.Tensor:
+    def _schedule_inputs(self, local_inputs: tuple) -> tuple[int, dict]:
+        """(this rank's batch size, the schedule's keyword inputs: the model's and the step's counts)."""
         n = self.plan.num_microbatches
         batch = local_inputs[0].shape[0]
         if batch % n:
@@ -153,16 +155,37 @@ class PipelineRuntime:
         if len(local_inputs) != len(self.split.model_inputs):
             raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
                                 f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
-        params = dict(self.named_parameters())
         counts = step_counts(self.ir.loss_counts, local_inputs, self.groups["dp"] if self.dp > 1 else None)
         if self.masters is not None:
             self.masters.pull()
             local_inputs = self.masters.cast_inputs(local_inputs)
+        return batch, {**dict(zip(self.split.model_inputs, local_inputs)), **counts}
+
+    def train_step(self, local_inputs: tuple, fold=None, sync: bool = True) -> torch.Tensor:
+        """The schedule's forward and backward of every micro-batch; then `fold()` (gradients
+        accumulated without sync join this one) and, when `sync`, the tied weights' and dp syncs."""
+        batch, kwargs = self._schedule_inputs(local_inputs)
+        params = dict(self.named_parameters())
         losses: list[torch.Tensor] = []
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
-                           **dict(zip(self.split.model_inputs, local_inputs)), **counts)
+                           **kwargs)
         if self.masters is not None:  # then tie and dp reductions run on the fp32 master grads
             self.masters.push_grads()
+        if fold is not None:
+            fold()
+        if sync:
+            self._sync(params)
+        return self._global_loss(losses)
+
+    def eval_step(self, local_inputs: tuple) -> torch.Tensor:
+        """The schedule's forward of every micro-batch (no backward): the global loss."""
+        batch, kwargs = self._schedule_inputs(local_inputs)
+        losses: list[torch.Tensor] = []
+        self.schedule.eval(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
+                           **kwargs)
+        return self._global_loss(losses)
+
+    def _sync(self, params: dict) -> None:
         for name, group in self.tie_groups:
             grad = params[name].grad if name in params else None
             if group is not None and grad is not None:
@@ -172,6 +195,9 @@ class PipelineRuntime:
                 if p.grad is not None and id(p) not in self.sdp_params:
                     dist.all_reduce(p.grad, group=self.groups["dp"])
                     p.grad.div_(self.dp)
+
+    def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The mean of the micro-batch losses, from the last stage to every pp rank, over dp."""
         loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.is_last
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
@@ -179,6 +205,20 @@ class PipelineRuntime:
             dist.all_reduce(loss, group=self.groups["dp"])
             loss /= self.dp
         return loss
+
+    def replicas(self) -> dict[int, int]:
+        """id of each local parameter -> how many ranks hold that same piece: dp x tp x the pp
+        ranks whose stages hold the parameter (a tied weight: several), over its pieces (tp, ZeRO-3)."""
+        holders: dict[str, set[int]] = {}
+        for stage in self.split.stages:
+            for name, _ in stage.gm.named_parameters(remove_duplicate=False):
+                holders.setdefault(self.split.canonical.get(name, name), set()).add(stage.rank)
+        out = {}
+        for name, p in self.named_parameters():
+            pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
+                               if s is not None)
+            out[id(p)] = self.dp * self.tp * len(holders[name]) // pieces
+        return out
 
     # -- full views, collective over every rank ----------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:

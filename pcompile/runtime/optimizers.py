@@ -7,8 +7,6 @@ as L-BFGS) would silently see pieces: `install()` registers a global optimizer-s
 refuses such a step on a split parameter with an error naming the optimizer."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -17,19 +15,20 @@ from pcompile.errors import PcompileError
 ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
     "SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "Adadelta", "RMSprop", "Rprop", "ASGD")
     if hasattr(torch.optim, name))
-_SPLIT: "weakref.WeakSet[torch.Tensor]" = weakref.WeakSet()  # parameters that are pieces of a tensor
+_SPLIT = "_pcompile_split"  # set on parameters that hold a piece of a model tensor
 _INSTALLED = []
 
 
 def register_split(parameters) -> None:
     """These parameters hold a piece of a model tensor (a tp shard, a ZeRO-3 chunk)."""
-    _SPLIT.update(parameters)
+    for p in parameters:
+        setattr(p, _SPLIT, True)
 
 
 def _check(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if isinstance(optimizer, ELEMENTWISE):
         return
-    split = any(p in _SPLIT for group in optimizer.param_groups for p in group["params"])
+    split = any(getattr(p, _SPLIT, False) for group in optimizer.param_groups for p in group["params"])
     if split:
         raise PcompileError(
             f"{type(optimizer).__name__} updates each parameter from the whole tensor, but this plan splits "
