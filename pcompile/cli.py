@@ -239,8 +239,10 @@ def _peak_memory() -> tuple[int, str]:
 
 
 def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: int | None, lr: float,
-               log: str) -> dict:
-    """One rank of `pcompile run`: compile with the plan, train `steps` AdamW steps on random data."""
+               log: str, clip: float = 1.0, eval_every: int = 0) -> dict:
+    """One rank of `pcompile run`: compile with the plan, train `steps` AdamW steps on random data
+    (a built-in model's: each rank draws only its part of the batch), the gradients clipped to a
+    global norm of `clip` (0: not clipped), a held-out batch evaluated every `eval_every` steps."""
     import torch.distributed as dist
 
     import pcompile
@@ -260,13 +262,19 @@ def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: in
     peak_device = cluster.device_of(rank).peak_flops / EFFICIENCY if cuda else None  # datasheet peak, for MFU
     stream = sys.stdout if log == "stdout" else sys.stderr
     records = []
+
+    def batch_at(seed: int) -> tuple[tuple, bool]:
+        """(inputs, whether they are this rank's part only) of step `seed`."""
+        if not workload.builtin:
+            return workload.inputs, False
+        cfg = dataclasses.replace(GPT_CONFIGS[workload.builtin], seq_len=workload.inputs[0].shape[1])
+        return gpt_inputs(cfg, workload.inputs[0].shape[0], seed, cm.data_rank, cm.data_world), True
+
     for step in range(steps):
-        inputs = workload.inputs
-        if workload.builtin:
-            inputs = gpt_inputs(dataclasses.replace(GPT_CONFIGS[workload.builtin], seq_len=inputs[0].shape[1]),
-                                inputs[0].shape[0], seed=step)
+        inputs, local = batch_at(step)
         start = time.perf_counter()
-        loss = cm.train_step(*inputs)
+        loss = cm.train_step(*inputs, local=local)
+        norm = torch.nn.utils.clip_grad_norm_(cm.parameters(), clip) if clip > 0 else None
         optimizer.step()
         optimizer.zero_grad()
         if cuda:
@@ -275,6 +283,11 @@ def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: in
         record = {"step": step, "loss": loss.item(), "seconds": seconds,
                   f"{workload.unit}_per_s": workload.tokens / seconds,
                   "tflops_per_device": flops / seconds / world / 1e12}
+        if norm is not None:
+            record["grad_norm"] = norm.item()
+        if eval_every and (step + 1) % eval_every == 0:
+            held_out, local = batch_at(1_000_000 + step)
+            record["eval_loss"] = cm.eval_step(*held_out, local=local).item()
         if peak_device:
             record["mfu"] = flops / seconds / world / peak_device
         records.append(record)
@@ -282,6 +295,8 @@ def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: in
             print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {seconds * 1e3:.1f} ms  "
                   f"{report.human(workload.tokens / seconds)} {workload.unit}/s  "
                   f"{report.human(record['tflops_per_device'] * 1e12, 'FLOP/s')} per device"
+                  + (f"  grad norm {record['grad_norm']:.3f}" if "grad_norm" in record else "")
+                  + (f"  eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
                   + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""), file=stream, flush=True)
     peak, kind = _peak_memory()
     return {"rank": rank, "plan": cm.plan.default.describe(), "steps": records, "peak_memory": peak,
@@ -294,7 +309,7 @@ def _launched(args, plan) -> list[dict]:
     import pcompile
 
     call = (args.model, plan.to_json(), args.steps, args.batch, args.seq, args.lr,
-            "stderr" if args.json else "stdout")
+            "stderr" if args.json else "stdout", args.clip, args.eval_every)
     if args.local:
         if args.local != plan.num_devices:
             raise _error(f"the plan needs {plan.num_devices} ranks but --local {args.local} was given",
@@ -400,6 +415,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--batch", type=int)
     run.add_argument("--seq", type=int)
     run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (0: off)")
+    run.add_argument("--eval-every", type=int, default=0, help="evaluate a held-out batch every N steps")
     run.add_argument("--json", action="store_true", help="print per-rank results as JSON")
     commands.add_parser("profile", help="measure this cluster's devices and links")
     demo = commands.add_parser("demo", help="plan, train and check a small GPT on 4 local ranks")

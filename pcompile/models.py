@@ -134,11 +134,20 @@ class MLPModel(nn.Module):
         return F.cross_entropy(self.classifier(x), targets)
 
 
-def gpt_inputs(cfg: GPTConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=generator)
-    targets = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len), generator=generator)
-    return idx, targets
+def gpt_inputs(cfg: GPTConfig, batch: int, seed: int = 0, part: int = 0,
+               parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (tokens, next tokens) of a global batch of `batch` sequences, or only part `part`
+    of `parts` of it (what a rank loads: compiled.data_rank of compiled.data_world). Each sample
+    is drawn from its own seed, so the parts concatenate to the global batch."""
+    if batch % parts:
+        raise ValueError(f"a batch of {batch} does not split into {parts} parts")
+    size = batch // parts
+    samples = []
+    for index in range(part * size, (part + 1) * size):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        samples.append(torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=generator))
+    stacked = torch.stack(samples)
+    return stacked[:, 0].contiguous(), stacked[:, 1].contiguous()
 
 
 def mlp_inputs(cfg: MLPConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -83,30 +83,42 @@ def test_explain_reads_the_plan_back(planned):
         assert candidate.strategy.describe() in result.stdout
 
 
-def _serial_losses(steps: int) -> list[float]:
+def _serial_losses(steps: int, eval_every: int = 0) -> tuple[list[float], list[float]]:
+    """What `pcompile run gpt-tiny` computes, serially: losses (clipped to a norm of 1.0, the default)
+    and the held-out batches' eval losses."""
     torch.manual_seed(0)
     cfg = GPTConfig()
     model = GPT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
+    losses, evals = [], []
     for step in range(steps):
         loss = model(*gpt_inputs(cfg, 8, seed=step))
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return losses
+        if eval_every and (step + 1) % eval_every == 0:
+            model.eval()
+            with torch.no_grad():
+                evals.append(model(*gpt_inputs(cfg, 8, seed=1_000_000 + step)).item())
+            model.train()
+    return losses, evals
 
 
 def test_run_local_4_trains_like_serial(planned):
     out, _ = planned
     result = pcompile_cli("run", "gpt-tiny", "--plan", str(out / "plan.json"), "--local", "4", "--steps", "3",
-                          "--json")
+                          "--eval-every", "2", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["world_size"] == 4 and len(report["ranks"]) == 4
-    losses = [s["loss"] for s in report["ranks"][0]["steps"]]
-    assert np.allclose(losses, _serial_losses(3), atol=1e-5), (losses, _serial_losses(3))
+    steps = report["ranks"][0]["steps"]
+    losses, evals = [s["loss"] for s in steps], [s["eval_loss"] for s in steps if "eval_loss" in s]
+    expected, expected_evals = _serial_losses(3, eval_every=2)
+    assert np.allclose(losses, expected, atol=1e-5), (losses, expected)
+    assert np.allclose(evals, expected_evals, atol=1e-5) and len(evals) == 1, (evals, expected_evals)
+    assert all("grad_norm" in s for s in steps)  # clipped to 1.0 by default
     for rank in report["ranks"]:
         assert rank["peak_memory"] > 0
         assert all(s["tokens_per_s"] > 0 and s["tflops_per_device"] > 0 for s in rank["steps"])

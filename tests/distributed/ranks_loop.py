@@ -128,7 +128,42 @@ def refused_optimizer(name: str) -> str:
     return ""
 
 
-def run_all(clip_cases, eval_cases, accumulation_cases, optimizer_cases) -> dict:
+def trainer_run(name: str, steps: int = 4) -> dict:
+    """pcompile.trainer.train with rank-local data, clipping at 0.5 and an eval every 2 steps,
+    against the same loop on the serial model."""
+    from pcompile import trainer
+
+    def part(step, rank, world):
+        return gpt_inputs(CFG, BATCH, seed=step, part=rank, parts=world)
+
+    def held_out(step, rank, world):
+        return gpt_inputs(CFG, BATCH, seed=100 + step, part=rank, parts=world)
+
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    serial = copy.deepcopy(model)
+    logs = trainer.train(model, part, plans()[name], steps, lr=1e-2, clip=0.5, eval_every=2, eval_batch_at=held_out,
+                         local=True)
+    optimizer = torch.optim.AdamW(serial.parameters(), lr=1e-2)
+    diffs = []
+    for step, log in enumerate(logs):
+        loss = serial(*gpt_inputs(CFG, BATCH, seed=step))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(serial.parameters(), 0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        diffs += [gap(log.loss, loss.item()), gap(log.grad_norm, norm.item())]
+        if log.eval_loss is not None:
+            serial.eval()
+            with torch.no_grad():
+                diffs.append(gap(log.eval_loss, serial(*gpt_inputs(CFG, BATCH, seed=100 + step)).item()))
+            serial.train()
+    return {"plan": name, "diff": max(diffs), "evaluated": sum(log.eval_loss is not None for log in logs),
+            "samples": logs[0].samples}
+
+
+def run_all(clip_cases, eval_cases, accumulation_cases, optimizer_cases, trainer_cases) -> dict:
     return {"clip": [clipping(*case) for case in clip_cases], "eval": [evaluation(c) for c in eval_cases],
             "accumulation": [accumulation(c) for c in accumulation_cases],
-            "optimizers": [refused_optimizer(c) for c in optimizer_cases]}
+            "optimizers": [refused_optimizer(c) for c in optimizer_cases],
+            "trainer": [trainer_run(c) for c in trainer_cases]}

@@ -11,7 +11,9 @@
   serial model's 4 backward passes; rank-local batches (local=True, the rank's part by
   cm.data_rank / data_world) give the global form's loss and gradients;
 - an optimizer that is not elementwise (Adafactor) is refused when the plan splits parameters,
-  and runs when it does not."""
+  and runs when it does not;
+- pcompile.trainer.train with rank-local loading, clipping and evaluation equals the same loop on
+  the serial model."""
 import pcompile
 from tests.distributed.ranks_loop import run_all
 
@@ -20,10 +22,11 @@ CLIP = [("dp4",), ("dp2·tp2",), ("zero3",), ("pp2·dp2",), ("pp2·tp2",), ("mix
 EVAL = ["dp4", "dp2·tp2", "zero3", "pp2·dp2", "mixed"]
 ACCUMULATE = ["dp4", "dp2·tp2", "zero3", "pp2·dp2", "mixed"]
 OPTIMIZERS = ["dp2·tp2", "zero3", "dp4"]
+TRAINER = ["dp2·tp2", "pp2·dp2"]
 
 
 def test_clipping_evaluation_accumulation_and_local_data_match_serial():
-    per_rank = pcompile.launch(run_all, 4, CLIP, EVAL, ACCUMULATE, OPTIMIZERS, timeout=900)
+    per_rank = pcompile.launch(run_all, 4, CLIP, EVAL, ACCUMULATE, OPTIMIZERS, TRAINER, timeout=900)
     for result in per_rank:
         for r in result["clip"]:
             assert r["norm_rel_diff"] < 1e-5 and r["param_diff"] < 1e-5, r
@@ -37,5 +40,7 @@ def test_clipping_evaluation_accumulation_and_local_data_match_serial():
         assert "Adafactor updates each parameter from the whole tensor" in refused["dp2·tp2"]
         assert "use an elementwise optimizer" in refused["zero3"]
         assert refused["dp4"] == ""  # every tensor whole: any optimizer is exact
+        for r in result["trainer"]:  # pcompile.trainer.train: rank-local data, clipping, evaluation
+            assert r["diff"] < 1e-5 and r["evaluated"] == 2 and r["samples"] == 8, r
     data = {tuple(r["data"]) for result in per_rank for r in result["accumulation"] if r["plan"] == "dp2·tp2"}
     assert data == {(0, 2), (1, 2)}  # the tp pairs share a part
