@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pcompile.ir import IR
 from pcompile.ir.fake import fake_run
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.replicate import annotate
 
 # Backward of a matmul-like op is two matmuls (input grad + weight grad) of the forward's size.
 BACKWARD_FACTOR = 2
@@ -32,6 +33,10 @@ def sdpa_flops(q_shape, k_shape) -> int:
 @register_pass("flops", kind="analysis", requires=("annotated",), ensures=("flops",))
 def flops(ir: IR, ctx: PassContext) -> IR:
     """FLOPs per node (forward exact from FlopCounterMode; backward = 2x forward)."""
+    return annotate(ir, lambda target: count_flops(target, ctx.example_inputs))  # repeated blocks: once
+
+
+def count_flops(ir: IR, inputs: tuple) -> None:
     counted: dict[fx.Node, int] = {}
 
     @contextmanager
@@ -41,7 +46,7 @@ def flops(ir: IR, ctx: PassContext) -> IR:
             yield
         counted[node] = counter.get_total_flops()
 
-    fake_run(ir, ctx.example_inputs, lambda node, value: None, hook=count, grad=False)
+    fake_run(ir, inputs, lambda node, value: None, hook=count, grad=False)
     for node in ir.graph.nodes:
         meta = ir.meta(node)
         meta.flops = counted.get(node, 0)
@@ -50,4 +55,3 @@ def flops(ir: IR, ctx: PassContext) -> IR:
             q, k = node.args[0], node.args[1]
             meta.flops = sdpa_flops(ir.meta(q).shape, ir.meta(k).shape)
         meta.bwd_flops = BACKWARD_FACTOR * meta.flops
-    return ir

@@ -16,6 +16,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from pcompile.ir import IR
 from pcompile.ir.fake import fake_run
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.replicate import annotate
 
 
 def _param_bytes(ir: IR) -> dict[fx.Node, int]:
@@ -44,6 +45,10 @@ def _param_bytes(ir: IR) -> dict[fx.Node, int]:
 @register_pass("memory", kind="analysis", requires=("annotated",), ensures=("memory",))
 def memory(ir: IR, ctx: PassContext) -> IR:
     """Saved-for-backward bytes per node (observed with saved_tensors_hooks) and parameter bytes."""
+    return annotate(ir, lambda target: observe_memory(target, ctx.example_inputs))  # repeated blocks: once
+
+
+def observe_memory(ir: IR, inputs: tuple) -> None:
     seen: set[StorageWeakRef] = set()
     state_storages: set[StorageWeakRef] = set()
     saved: dict[fx.Node, int] = {}
@@ -72,10 +77,9 @@ def memory(ir: IR, ctx: PassContext) -> IR:
             yield
         saved[node] = total
 
-    fake_run(ir, ctx.example_inputs, note_state, hook=watch, grad=True)
+    fake_run(ir, inputs, note_state, hook=watch, grad=True)
     params = _param_bytes(ir)
     for node in ir.graph.nodes:
         meta = ir.meta(node)
         meta.saved_bytes = saved.get(node, 0)
         meta.param_bytes = params.get(node, 0)
-    return ir

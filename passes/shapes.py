@@ -7,6 +7,7 @@ import torch.fx as fx
 from pcompile.ir import IR
 from pcompile.ir.fake import fake_run
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.replicate import annotate
 
 
 def tensor_bytes(value) -> int:
@@ -44,5 +45,6 @@ def record(ir: IR, node: fx.Node, value) -> None:
 @register_pass("shapes", kind="analysis", requires=("captured",), ensures=("annotated",))
 def shapes(ir: IR, ctx: PassContext) -> IR:
     """Shape propagation under FakeTensorMode: shape, dtype and output bytes per node."""
-    fake_run(ir, ctx.example_inputs, lambda node, value: record(ir, node, value), grad=False)
-    return ir
+    def run(target: IR) -> None:
+        fake_run(target, ctx.example_inputs, lambda node, value: record(target, node, value), grad=False)
+    return annotate(ir, run)  # repeated blocks: once

@@ -16,6 +16,7 @@ import torch.fx as fx
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.ir.replicate import capture_repeated
 from pcompile.passes.export import export_graph
 
 CAPTURES = ("auto", "fx", "export")
@@ -104,8 +105,13 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphMo
 
 @register_pass("trace", kind="frontend", ensures=("captured",))
 def trace(ir: IR | None, ctx: PassContext) -> IR:
-    """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names."""
-    gm, how, notes = capture(ctx.model, ctx.example_inputs, ctx.options.capture)
+    """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names.
+    Repeated blocks are captured once (pcompile.ir.replicate: the first three, the rest stitched)."""
+    repeated = capture_repeated(ctx.model, lambda model: capture(model, ctx.example_inputs, ctx.options.capture))
+    if repeated is not None:
+        gm, how, notes, replicas = repeated
+    else:
+        (gm, how, notes), replicas = capture(ctx.model, ctx.example_inputs, ctx.options.capture), None
     _check_loss_output(gm)
     ctx.report.extend(notes)
-    return IR(gm=gm, capture=how)
+    return IR(gm=gm, capture=how, replicas=replicas)

@@ -84,6 +84,23 @@ class PipelineSplit:
     tied: tuple[str, ...] = ()  # canonical names of parameters held by stages on more than one pp rank
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """Repeated blocks captured and analysed once (pcompile.ir.replicate): `gm` is the capture of
+    the model with its first `captured` blocks only (the template), and every node of the IR is
+    the copy of `source[node.name]` there (blocks past the template's copy its last block).
+    The analyses run on the template and every node takes its source's annotations; `repeats`
+    pairs the template's last two blocks node by node: their annotations must be equal for the
+    copies to be exact (else the analysis runs on the whole IR)."""
+
+    gm: fx.GraphModule = field(compare=False, repr=False)
+    source: dict = field(compare=False, repr=False)  # IR node name -> template node
+    repeats: tuple = field(compare=False, repr=False)  # (node of block captured-2, node of block captured-1)
+    prefix: str  # the blocks' container (module path)
+    blocks: int  # blocks in the model
+    captured: int  # blocks in the template
+
+
 @dataclass
 class IR:
     gm: fx.GraphModule
@@ -97,6 +114,7 @@ class IR:
     pipeline: PipelineSplit | None = None  # the stages (pipeline_split); None: not pipelined
     loss_counts: LossCounts | None = None  # masked means' step-wide counts (normalise_loss); None: none
     capture: str = "fx"
+    replicas: Replicas | None = None  # repeated blocks analysed once (trace); None: every node analysed
 
     @property
     def graph(self) -> fx.Graph:
