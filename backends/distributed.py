@@ -13,18 +13,20 @@ import contextlib
 import copy
 import itertools
 import math
+import os
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pcompile import checkpoint
 from pcompile.backends import layer_groups
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_norm, modes, optimizers, precision
+from pcompile.runtime import collectives, grad_norm, materialise, modes, optimizers, precision
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
@@ -65,7 +67,9 @@ class CompiledModel:
         if plan.pp > 1:
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)
-        gm.to(self.device)
+        self.materialised = not materialise.on_meta(gm)  # a meta model: values from init/load_weights
+        if self.materialised:
+            gm.to(self.device)
         if world > 1:
             mesh = device_mesh(self.device.type, 1, self.dp, self.tp, AXES)
             self.groups = {axis: mesh.get_group(axis) for axis in AXES}
@@ -75,7 +79,7 @@ class CompiledModel:
             keys = {axis: f"pcompile{uid}/{axis}" for axis in self.groups}
             for axis in self.groups:
                 collectives.bind_group(keys[axis], self.groups[axis])
-            for tensor in itertools.chain(gm.parameters(), gm.buffers()):
+            for tensor in itertools.chain(gm.parameters(), gm.buffers()) if self.materialised else ():
                 dist.broadcast(tensor.data, src=0)
             bind_axes(gm, keys)
         else:
@@ -84,6 +88,8 @@ class CompiledModel:
         # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
         take_shards([gm], self.ir.sdp_shardings, self.coords)
         self.sdp_shardings = self.ir.sdp_shardings
+        if not self.materialised:  # this rank's pieces only, without values yet
+            materialise.allocate([gm], self.device)
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
@@ -110,10 +116,62 @@ class CompiledModel:
             optimizers.register_split(p for name, p in self.named_parameters() if name in split)
         return self
 
-    def _check_lowered(self) -> None:
+    def _check_lowered(self, values: bool = True) -> None:
         if not self._lowered:
             raise PcompileError("this compiled model was planned but not lowered (no process group)",
                                 "call pcompile.compile under torchrun or pcompile.launch, or use plan() only")
+        if values and not (self._pipeline or self).materialised:
+            raise PcompileError("the model was built on the meta device and its weights have no values yet",
+                                "call cm.init_weights(seed) or cm.load_weights(path) on every rank first")
+
+    # -- weights of a model built on the meta device --------------------------------------------
+    def _targets(self, persistent_only: bool = False) -> dict[str, torch.Tensor]:
+        """This rank's tensors under every name they have: parameters (their fp32 masters under
+        mixed precision) and buffers."""
+        modules = self._pipeline.modules if self._pipeline is not None else [self.gm]
+        masters = self._pipeline.masters if self._pipeline is not None else self.masters
+        out = {}
+        for module in modules:
+            out.update(materialise.model_tensors(module, persistent_only))
+        return out if masters is None else {name: masters.master(t) for name, t in out.items()}
+
+    def _cuts(self, name: str) -> list:
+        """How this rank's piece of tensor `name` is cut from the full one: (shard, coordinate) pairs."""
+        shards = (self.ir.param_shardings.get(name), self.ir.sdp_shardings.get(name))
+        return [(s, self.coords[s.axis]) for s in shards if s is not None and s.size > 1]
+
+    def _filled(self) -> "CompiledModel":
+        holder = self._pipeline if self._pipeline is not None else self
+        masters = self._pipeline.masters if self._pipeline is not None else self.masters
+        if masters is not None:  # the bf16 parameters from their masters
+            masters.pull()
+        holder.materialised = True
+        return self
+
+    def init_weights(self, seed: int = 0) -> "CompiledModel":
+        """Give this rank's pieces their initial values (call on every rank): deterministic and the
+        same under every plan and world size for one seed, `pcompile.init_weights(model, seed)` on
+        one device; each module's own initialisation rule, one module at a time
+        (pcompile.runtime.materialise)."""
+        self._check_lowered(values=False)
+        materialise.fill_from_init(self._model, self._targets(), self._cuts, seed)
+        return self._filled()
+
+    def load_weights(self, path: str, strict: bool = True) -> "CompiledModel":
+        """Load weights (call on every rank): Hugging Face safetensors (a file, or a directory with
+        model.safetensors.index.json), each rank reading only its pieces' slices, or a pcompile
+        checkpoint directory (pcompile.checkpoint.save), under any plan. Buffers a checkpoint does
+        not hold (non-persistent ones, e.g. rotary tables) come from the model's initialisation."""
+        self._check_lowered(values=False)
+        if os.path.isdir(path) and os.path.exists(os.path.join(path, checkpoint.LATEST)):
+            self._filled()
+            checkpoint.load(self, path)
+            return self
+        persistent = self._targets(persistent_only=True)
+        transient = {name: t for name, t in self._targets().items() if name not in persistent}
+        materialise.fill_from_init(self._model, transient, self._cuts, 0)
+        materialise.fill_from_safetensors(path, self._model, persistent, self._cuts, strict)
+        return self._filled()
 
     # -- training --------------------------------------------------------------------------
     def _local_batch(self, inputs: tuple) -> tuple:
@@ -136,13 +194,13 @@ class CompiledModel:
     def data_world(self) -> int:
         """How many parts the batch is split into: a DataLoader on this rank loads part `data_rank`
         of `data_world` (ranks that share data - a tp group, a pipeline's stages - load the same)."""
-        self._check_lowered()
+        self._check_lowered(values=False)
         return self.layout.input_dp if self.layout is not None else self.dp
 
     @property
     def data_rank(self) -> int:
         """This rank's part of the batch (see data_world)."""
-        self._check_lowered()
+        self._check_lowered(values=False)
         return self.coords.get(self.layout.input_axis if self.layout is not None else "dp", 0)
 
     def sampler(self, dataset, shuffle: bool = True, seed: int = 0, drop_last: bool = False):
@@ -161,7 +219,7 @@ class CompiledModel:
 
     def train(self, mode: bool = True) -> "CompiledModel":
         """Train mode (dropout on, batch norm on batch statistics), as the model was captured."""
-        self._check_lowered()
+        self._check_lowered(values=False)
         modules = self._pipeline.modules if self._pipeline is not None else [self.gm]
         for module in modules:
             modes.set_training(module, mode)
@@ -288,7 +346,7 @@ class CompiledModel:
                   error_if_nonfinite: bool = False) -> torch.Tensor:
         """Collective: the norm over the whole model of these gradients of this rank's parameters
         (each piece counted once: pcompile.runtime.grad_norm), the same on every rank."""
-        self._check_lowered()
+        self._check_lowered(values=False)
         by_grad = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         replicas = self._replicas()
         return grad_norm.global_norm(grads, [replicas[id(by_grad[id(g)])] for g in grads], norm_type,
@@ -324,13 +382,13 @@ class CompiledModel:
 
     def parameters(self):
         """What the optimizer steps: the module's parameters, or their fp32 masters under mixed precision."""
-        self._check_lowered()
+        self._check_lowered(values=False)
         if self._pipeline is not None:
             return self._pipeline.parameters()
         return self.gm.parameters() if self.masters is None else self.masters.parameters()
 
     def named_parameters(self):
-        self._check_lowered()
+        self._check_lowered(values=False)
         if self._pipeline is not None:
             return self._pipeline.named_parameters()
         return self.gm.named_parameters() if self.masters is None else self.masters.named_parameters()

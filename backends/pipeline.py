@@ -33,7 +33,7 @@ from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, precision
+from pcompile.runtime import collectives, materialise, precision
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -85,14 +85,22 @@ class PipelineRuntime:
         for axis, key in keys.items():
             collectives.bind_group(key, self.groups[axis])
         full, stage_gms = copy.deepcopy((ir.gm, [s.gm for s in split.stages]))  # one copy: ties stay shared
-        full.to(device)
-        with torch.no_grad():
-            broadcast_coalesced([t.data for t in itertools.chain(full.parameters(), full.buffers())], src_rank=0)
+        self.materialised = not materialise.on_meta(full)  # a meta model's pieces get values from init/load_weights
+        if self.materialised:
+            with torch.no_grad():
+                broadcast_coalesced([t.data for t in itertools.chain(full.parameters(), full.buffers())],
+                                    src_rank=0)
         mine = [s for s in split.stages if s.rank == self.coords["pp"]]
         self.modules = [stage_gms[s.index] for s in mine]
         take_shards(self.modules, ir.param_shardings, self.coords)
         self.sdp_shardings = ir.sdp_shardings
         self.sdp_params = take_shards(self.modules, self.sdp_shardings, self.coords)
+        if self.materialised:  # this rank's stages only (their buffers live in their own containers)
+            for module in self.modules:
+                module.to(device)
+        else:  # uninitialised pieces, ties kept; values come from init_weights / load_weights
+            fresh = materialise.allocate(self.modules, device)
+            self.sdp_params = {id(fresh[i]) for i in self.sdp_params}
         self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)

@@ -6,7 +6,8 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR, NodeMeta
 from pcompile.launch import init_distributed, launch
 from pcompile.plan import Candidate, Estimate, LayerAssignment, Plan, Strategy
+from pcompile.runtime.materialise import init_model_weights as init_weights
 
-__all__ = ["compile", "plan", "estimate", "fingerprint", "launch", "init_distributed", "profile_cluster", "Cluster",
-           "Device", "NodeGroup", "PcompileError", "IR", "NodeMeta", "Plan", "Strategy", "Estimate", "Candidate",
-           "LayerAssignment"]
+__all__ = ["compile", "plan", "estimate", "init_weights", "fingerprint", "launch", "init_distributed",
+           "profile_cluster", "Cluster", "Device", "NodeGroup", "PcompileError", "IR", "NodeMeta", "Plan", "Strategy",
+           "Estimate", "Candidate", "LayerAssignment"]

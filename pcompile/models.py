@@ -80,7 +80,12 @@ class GPT(nn.Module):
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_head:
             self.head.weight = self.tok_emb.weight
-        self.apply(_init)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """The per-module initialisation rule (Hugging Face's convention: pcompile.init_weights and
+        cm.init_weights apply it to a model built on the meta device)."""
+        _init(module)
 
     def forward(self, idx, targets):
         positions = torch.arange(idx.shape[1], device=idx.device)

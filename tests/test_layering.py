@@ -14,12 +14,14 @@ LAYERS = [
     ("search", ("pcompile.search",)),
     ("options", ("pcompile.options",)),
     ("ir", ("pcompile.ir",)),
-    ("runtime", ("pcompile.runtime",)),
+    # pcompile.checkpoint is user-facing but needs only the IR's names and the mesh: the backends load
+    # pcompile checkpoints through it
+    ("runtime", ("pcompile.runtime", "pcompile.checkpoint")),
     ("sharding", ("pcompile.sharding",)),
     ("cost", ("pcompile.cost",)),
     ("passes", ("pcompile.passes",)),
     ("backends", ("pcompile.backends",)),
-    ("api", ("pcompile.api", "pcompile.checkpoint", "pcompile.report", "pcompile.trainer", "pcompile.cli",
+    ("api", ("pcompile.api", "pcompile.report", "pcompile.trainer", "pcompile.cli",
              "pcompile.demo", "pcompile.__main__", "pcompile")),
 ]
 PASS_HELPERS = {"pcompile.passes.export", "pcompile.passes.search_runs", "pcompile.passes.invariants"}
@@ -58,7 +60,8 @@ def imported(source: str) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             out += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module:
-            out.append((node.lineno, node.module))
+            if node.module != "pcompile":  # `from pcompile import checkpoint` imports the submodule
+                out.append((node.lineno, node.module))
             # `from pcompile import x` / `from pcompile.runtime import ops` import submodules too
             out += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names
                     if node.module.startswith("pcompile")]
