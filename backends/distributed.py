@@ -25,6 +25,7 @@ from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
+from pcompile.launch import rank_device
 from pcompile.plan import Plan
 from pcompile.runtime import collectives, grad_norm, materialise, modes, optimizers, precision
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
@@ -61,9 +62,7 @@ class CompiledModel:
                 f"{plan.num_devices}), or plan for Cluster.local({world})")
         self.dp, self.tp = plan.default.dp, plan.default.tp
         self.layout = self.ir.mixed_layout  # per-layer (dp, tp) groupings, or None
-        self.device = torch.device("cpu")
-        if dist.is_initialized() and dist.get_backend() == "nccl":
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = rank_device()
         if plan.pp > 1:
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)

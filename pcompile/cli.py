@@ -323,10 +323,9 @@ def _launched(args, plan) -> list[dict]:
             raise
     created = "WORLD_SIZE" in os.environ and not dist.is_initialized()  # under torchrun
     if created:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend)
+        from pcompile.launch import init_distributed
+
+        init_distributed()
     if dist.is_initialized():
         try:
             results = [None] * dist.get_world_size()

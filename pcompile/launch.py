@@ -18,6 +18,41 @@ import torch.multiprocessing as mp
 from pcompile.errors import PcompileError
 
 
+def device_for(backend: str | None, local_rank: int, cuda_available: bool) -> torch.device:
+    """The device a rank computes on. `backend`: the process group's backend string (None: no
+    process group) - NCCL in it ("nccl", "cpu:gloo,cuda:nccl") means this rank's GPU; gloo
+    alone means the CPU; no process group means the GPU when there is one (a one-device plan
+    runs on it). The GPU is the LOCAL_RANK-th of the node's (torchrun's numbering)."""
+    if backend is None:
+        return torch.device("cuda", local_rank) if cuda_available else torch.device("cpu")
+    uses_nccl = any(part.rpartition(":")[2].strip() == "nccl" for part in backend.split(","))
+    if uses_nccl and not cuda_available:
+        raise PcompileError(f"the process group's backend {backend!r} needs CUDA, which this process does not see",
+                            "launch with backend='gloo' on a machine without GPUs, or check CUDA_VISIBLE_DEVICES")
+    return torch.device("cuda", local_rank) if uses_nccl else torch.device("cpu")
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's LOCAL_RANK; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank_device() -> torch.device:
+    """This rank's device (device_for) from the running process group and the environment."""
+    return device_for(dist.get_backend() if dist.is_initialized() else None, local_rank(), torch.cuda.is_available())
+
+
+def _init_group(backend: str, **kwargs) -> None:
+    """init_process_group bound to this rank's GPU when the backend has NCCL: set_device first,
+    then device_id, which creates the communicator eagerly and lets new groups be split from the
+    default one (ncclCommSplit) instead of each bootstrapping its own."""
+    device = device_for(backend, local_rank(), torch.cuda.is_available())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        kwargs["device_id"] = device
+    dist.init_process_group(backend, **kwargs)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,9 +64,7 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, f
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(threads)
     try:
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, rank=rank, world_size=world_size)
+        _init_group(backend, rank=rank, world_size=world_size)
         # Plain pickle, not the queue's ForkingPickler: tensors then travel by value rather than
         # as shared-memory handles that die with this process.
         result = pickle.dumps(fn(*args))
@@ -106,12 +139,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 300.0) -> No
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
                           is_master=(not agent_store and rank == 0), timeout=timedelta(seconds=timeout_s),
                           multi_tenant=not agent_store)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    dist.init_process_group(backend, store=dist.PrefixStore(f"/pcompile/attempt_{attempt}", store), rank=rank,
+    _init_group(backend, store=dist.PrefixStore(f"/pcompile/attempt_{attempt}", store), rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=timeout_s))
