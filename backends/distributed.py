@@ -306,9 +306,7 @@ class CompiledModel:
             self.masters.pull()
             local = self.masters.cast_inputs(local)
         loss = self.gm(*local, **counts)
-        loss.backward()
-        if self.masters is not None:  # fp32 master grads, then the dp average in fp32 (precision.py)
-            self.masters.push_grads()
+        loss.backward()  # under mixed precision the gradients land in the fp32 masters (precision.py)
         if fold is not None:
             fold()
         if self._sync and self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp

@@ -13,8 +13,8 @@ micro-batches accumulate; those gradients skip the dp all-reduce.
 
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
-mean of the n micro-batch losses, and with `scale_grads` the schedule divides the summed
-micro-batch gradients by n: both equal the serial model's on the whole batch (for a loss
+mean of the n micro-batch losses: each micro-batch's backward starts from 1/n of its loss
+(`micro_batch_share`), so the summed micro-batch gradients are the mean's: both equal the serial model's on the whole batch (for a loss
 that is a mean over equally many elements per micro-batch). A parameter tied between stages
 on different pp ranks (GPT's embedding = LM head) gets each copy's partial gradient; their
 sum over the owning ranks is the full gradient, after which the copies see the same update.
@@ -41,9 +41,14 @@ AXES = ("pp", "dp", "tp")
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
 
 
-def output_is_loss(output: torch.Tensor, target) -> torch.Tensor:
-    """The last stage already computed the loss (the model's forward returns it)."""
-    return output
+def micro_batch_share(n_microbatches: int):
+    """The schedule's loss_fn: the last stage already computed its micro-batch's loss (the model's
+    forward returns it); its share of the step's loss is 1/n of it. The schedule then sums the
+    micro-batches' gradients as they are (scale_grads=False) - not dividing .grad by n after the
+    step, which under mixed precision would miss the gradients already moved to the fp32 masters."""
+    def loss_fn(output: torch.Tensor, target) -> torch.Tensor:
+        return output / n_microbatches
+    return loss_fn
 
 
 def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None, group=None,
@@ -116,7 +121,8 @@ class PipelineRuntime:
         self.is_last = any(s.index == num_stages - 1 for s in mine)
         schedule = SCHEDULES[plan.schedule]
         target = self.stages if plan.schedule == "Interleaved1F1B" else self.stages[0]
-        self.schedule = schedule(target, n_microbatches=plan.num_microbatches, loss_fn=output_is_loss)
+        self.schedule = schedule(target, n_microbatches=plan.num_microbatches,
+                                 loss_fn=micro_batch_share(plan.num_microbatches), scale_grads=False)
 
     # -- groups ----------------------------------------------------------------------------
     def _tie_groups(self) -> list[tuple[str, dist.ProcessGroup | None]]:
@@ -176,9 +182,7 @@ class PipelineRuntime:
         params = dict(self.named_parameters())
         losses: list[torch.Tensor] = []
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
-                           **kwargs)
-        if self.masters is not None:  # then tie and dp reductions run on the fp32 master grads
-            self.masters.push_grads()
+                           **kwargs)  # under mixed precision: accumulated in the fp32 masters (precision.py)
         if fold is not None:
             fold()
         if sync:
@@ -205,8 +209,9 @@ class PipelineRuntime:
                     p.grad.div_(self.dp)
 
     def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
-        """The mean of the micro-batch losses, from the last stage to every pp rank, over dp."""
-        loss = (torch.stack([x.detach().float() for x in losses]).mean() if self.is_last
+        """The mean of the micro-batch losses (the sum of their 1/n shares), from the last stage to
+        every pp rank, over dp."""
+        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.is_last
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
         if self.dp > 1:

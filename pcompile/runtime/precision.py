@@ -8,17 +8,19 @@ usual, then `MasterWeights`
      an fp32 buffer would promote bf16 activations back to fp32);
   2. `pull()` before each forward: the (possibly stepped) masters -> the bf16 parameters;
   3. `cast_inputs()`: floating inputs to bf16 (FSDP2's cast_forward_inputs); integer ones as is;
-  4. `push_grads()` after backward: the bf16 gradients -> fp32 master gradients (accumulated in
-     fp32 across train_steps, as Megatron's main_grad), the bf16 ones freed.
+  4. every backward (each micro-batch of a pipeline schedule, each train_step) moves the bf16
+     gradient of a parameter into its fp32 master gradient as soon as autograd has accumulated
+     it (a post-accumulate-grad hook: Megatron's main_grad), so gradients accumulate in fp32
+     across micro-batches and train_steps - a bf16 sum keeps 8 bits, and 1 + 8 * 2**-9 stays 1.
 The backend then averages the master gradients over dp IN FP32 (cast first, then all-reduce:
 Megatron forces accumulate_allreduce_grads_in_fp32 for bf16) - a bf16 ring all-reduce rounds
 every partial sum to 8 bits, an error that grows with dp; fp32 costs twice the bytes.
 ZeRO-3 (sdp) parameters are the exception: their gradients are reduce-scattered inside the
 graph (pcompile.runtime.sdp) in the gradient's dtype, bf16 (FSDP2's default reduce_dtype = param_dtype),
 and become fp32 master gradients after that. Known gaps against pcompile.cost.pricing, which charges
-2-byte gradients: the dp all-reduce moves 4-byte ones, and from push_grads() to zero_grad()
-each parameter holds a 4-byte fp32 master gradient (18 bytes per parameter with Adam at the
-step, not 16).
+2-byte gradients: the dp all-reduce moves 4-byte ones, and each parameter holds a 4-byte fp32
+master gradient from its first backward to zero_grad() (18 bytes per parameter with Adam at
+the step, not 16).
 The user's optimizer is built on `CompiledModel.parameters()`, which are the masters, so it
 steps (and keeps its moments) in fp32 and checkpoints save fp32; the next train_step's
 `pull()` is the copy back to bf16 (done lazily so any optimizer and checkpoint.load work).
@@ -53,6 +55,9 @@ class MasterWeights:
         module.to(dtype)  # tied parameters stay one tensor
         self._low = [p for _, p in module.named_parameters()]
         self._by_id = {id(low): master for low, master in zip(self._low, self.masters)}
+        for low in self._low:
+            if low.requires_grad:
+                low.register_post_accumulate_grad_hook(self._accumulate)
 
     def named_parameters(self):
         return zip(self._names, self.masters)
@@ -78,10 +83,11 @@ class MasterWeights:
         return tuple(x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
                      for x in inputs)
 
-    def push_grads(self) -> None:
-        """bf16 gradients -> fp32 master gradients, the bf16 ones freed. (CompiledModel.train_step
-        clears the master gradients first and adds the earlier ones back in fp32 afterwards.)"""
-        for low, master in zip(self._low, self.masters):
-            master.grad = None if low.grad is None else low.grad.float()
-            low.grad = None
-
+    def _accumulate(self, low: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of a bf16 parameter: its gradient into the master's, in fp32."""
+        master = self._by_id[id(low)]
+        if master.grad is None:
+            master.grad = low.grad.float()
+        else:
+            master.grad.add_(low.grad)
+        low.grad = None
