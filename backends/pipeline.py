@@ -14,8 +14,9 @@ micro-batches accumulate; those gradients skip the dp all-reduce.
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
 mean of the n micro-batch losses: each micro-batch's backward starts from 1/n of its loss
-(`micro_batch_share`), so the summed micro-batch gradients are the mean's: both equal the serial model's on the whole batch (for a loss
-that is a mean over equally many elements per micro-batch). A parameter tied between stages
+(`micro_batch_share`), so the summed micro-batch gradients are the mean's: both equal the
+serial model's on the whole batch (for a loss that is a mean over equally many elements per
+micro-batch). A parameter tied between stages
 on different pp ranks (GPT's embedding = LM head) gets each copy's partial gradient; their
 sum over the owning ranks is the full gradient, after which the copies see the same update.
 """
