@@ -40,6 +40,9 @@ class Device:
     # every rank busy: erf per element is compute-bound on CPUs. 0 = unknown: the roofline alone.
     gelu_rate: float = 0.0
     gelu_backward_rate: float = 0.0
+    # matmul_curve in bf16, the dtype mixed precision computes in (on GPUs several times the fp32
+    # rate); profiled on GPUs, and on CPUs in the full mode. Empty = not measured.
+    matmul_curve_bf16: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -279,8 +282,8 @@ class Cluster:
 
 def _device(data: dict) -> Device:
     fields = dict(data)
-    fields["matmul_curve"] = tuple(tuple(point) for point in fields.get("matmul_curve", ()))
-    fields["linear_curve"] = tuple(tuple(point) for point in fields.get("linear_curve", ()))
+    for curve in ("matmul_curve", "linear_curve", "matmul_curve_bf16"):
+        fields[curve] = tuple(tuple(point) for point in fields.get(curve, ()))
     return Device(**fields)
 
 
