@@ -20,14 +20,14 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pcompile import checkpoint
-from pcompile.backends import layer_groups
+from pcompile.backends import layer_groups, random_streams
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.launch import rank_device
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_norm, materialise, modes, optimizers, precision
+from pcompile.runtime import collectives, grad_norm, materialise, modes, optimizers, precision, rng
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
@@ -69,12 +69,12 @@ class CompiledModel:
         self.materialised = not materialise.on_meta(gm)  # a meta model: values from init/load_weights
         if self.materialised:
             gm.to(self.device)
+        uid = next(_COMPILE_IDS)
         if world > 1:
             mesh = device_mesh(self.device.type, 1, self.dp, self.tp, AXES)
             self.groups = {axis: mesh.get_group(axis) for axis in AXES}
             self.coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
             layer_groups.add_axes(self.ir, self.groups, self.coords)  # layers at other (dp, tp) groupings
-            uid = next(_COMPILE_IDS)
             keys = {axis: f"pcompile{uid}/{axis}" for axis in self.groups}
             for axis in self.groups:
                 collectives.bind_group(keys[axis], self.groups[axis])
@@ -92,6 +92,8 @@ class CompiledModel:
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
+        self._prefix = f"pcompile{uid}"
+        self.streams = random_streams.bind([gm], plan, self.device, self._prefix, mixed=self.layout is not None)
         return self._registered()
 
     def _lower_pipeline(self) -> "CompiledModel":
@@ -99,9 +101,11 @@ class CompiledModel:
         if split is None:
             raise PcompileError(f"the plan has pp={self.plan.pp} but the IR was not cut into pipeline stages",
                                 "run the 'pipeline_split' pass last among the rewrites (pcompile.api.PIPELINE)")
-        self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device,
-                                         next(_COMPILE_IDS), self.compute_dtype)
+        uid = next(_COMPILE_IDS)
+        self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device, uid, self.compute_dtype)
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
+        self._prefix = f"pcompile{uid}"
+        self.streams = random_streams.bind(self._pipeline.modules, self.plan, self.device, self._prefix)
         return self._registered()
 
     def _registered(self) -> "CompiledModel":
@@ -171,6 +175,15 @@ class CompiledModel:
         materialise.fill_from_init(self._model, transient, self._cuts, 0)
         materialise.fill_from_safetensors(path, self._model, persistent, self._cuts, strict)
         return self._filled()
+
+    def manual_seed(self, seed: int) -> "CompiledModel":
+        """Reseed the random streams of the lowered graphs (dropout masks; call on every rank with
+        one seed): ranks that hold the same activation draw the same masks, the others
+        independent ones (pcompile.runtime.rng). Lowering seeds them from rank 0's
+        torch.initial_seed(); the process's own generator is never read or advanced by them."""
+        self._check_lowered(values=False)
+        random_streams.reseed(self.streams, self.plan, seed)
+        return self
 
     # -- training --------------------------------------------------------------------------
     def _local_batch(self, inputs: tuple) -> tuple:
@@ -427,12 +440,16 @@ class CompiledModel:
         """Collective: destroy this model's process groups (each compile creates its own; a
         process that compiles many models, like the fuzz test, would otherwise keep every
         group's threads alive)."""
-        if not self._lowered or not dist.is_initialized():
+        if not self._lowered:
             return
-        groups = self._pipeline.groups if self._pipeline is not None else self.groups
-        collectives.unbind_groups(groups.values())
+        rng.unregister(self._prefix)
+        if not dist.is_initialized():
+            self._lowered = False
+            return
+        groups = self._pipeline.process_groups() if self._pipeline is not None else list(self.groups.values())
+        collectives.unbind_groups(groups)
         seen = set()
-        for group in groups.values():
+        for group in groups:
             if group is not None and id(group) not in seen and group is not dist.group.WORLD:
                 seen.add(id(group))
                 dist.destroy_process_group(group)

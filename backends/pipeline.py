@@ -145,6 +145,10 @@ class PipelineRuntime:
             out.append((name, by_holders[holders]))
         return out
 
+    def process_groups(self) -> list[dist.ProcessGroup]:
+        """Every group this rank created and belongs to: the mesh's axes and the tied weights'."""
+        return [g for g in [*self.groups.values(), *(group for _, group in self.tie_groups)] if g is not None]
+
     # -- parameters ------------------------------------------------------------------------
     def named_parameters(self):
         """This rank's parameters under the model's (deduplicated) names."""

@@ -7,13 +7,14 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from pcompile.runtime import ops
+from pcompile.runtime import ops, rng
 
 
 @ops.local
 def run_checkpointed(region: torch.nn.Module, *args):
-    """Run `region(*args)` keeping only `args` for backward; recompute the region in backward."""
-    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False)
+    """Run `region(*args)` keeping only `args` for backward; recompute the region in backward
+    (drawing the same random masks: pcompile.runtime.rng)."""
+    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, context_fn=rng.checkpoint_contexts)
 
 
 @ops.local
