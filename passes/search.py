@@ -188,7 +188,7 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     tps = [t for t in tps if rejected[t] is None]
     refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
     summed = inexact_terms(ir)
-    costs = StageCosts(ir, cluster, cost_options(ctx))
+    costs = StageCosts(ir, cluster, cost_options(ctx), planned)
     cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
     layers = priced_layers(ir)
     runs = engine_runs(ir, ctx.options.space_limits, tps, layers, bool(summed))

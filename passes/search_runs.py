@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from pcompile.cost.plan_price import without_ends
+from pcompile.cost.plan_price import trivial_ends
 from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -62,16 +62,33 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
     pcompile.cost.pricing.cost_table, built by StageCosts (shared per-tp layer work, one table
     per class of equivalent stages) and kept per table so the engine's index memo hits."""
     cache: dict[tuple, CostTable] = {}
+    trim = _without_ends(ir)
 
     def for_run(pins: dict[str, int]):
         def cost(query: StageQuery) -> CostTable:
             table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
-                cache[key] = without_ends(ir, _restricted(table, refused, query.pp > 1, pins, dp_one))
+                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one))
             return cache[key]
         return cost
     return for_run
+
+
+def _without_ends(ir: IR):
+    """pcompile.cost.plan_price.without_ends with the trivial ends found once per search (finding
+    them walks every node of the IR, and a search trims a hundred tables)."""
+    drop_first, drop_last = trivial_ends(ir)
+
+    def trim(table: CostTable) -> CostTable:
+        rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
+        edges = slice(rows.start, rows.stop - 1)
+        return dataclasses.replace(
+            table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
+            sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
+            activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
+            switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
+    return trim
 
 
 def tied_groups(ir: IR, layers: tuple[str, ...]) -> list[tuple[str, ...]]:

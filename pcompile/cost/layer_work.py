@@ -69,10 +69,6 @@ def example_batch(ir: IR) -> int:
     return 1
 
 
-def _linear(ir: IR, node: fx.Node):
-    return linear_parts(ir.gm, node)
-
-
 def _is_tensor_op(ir: IR, node: fx.Node) -> bool:
     return (node.op in ("call_module", "call_function", "call_method") and ir.has_meta(node)
             and ir.meta(node).shape is not None)
@@ -88,43 +84,63 @@ def _is_gelu(ir: IR, node: fx.Node) -> bool:
     return False
 
 
-def _param_tensors(ir: IR, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
-    if node.op == "call_module":
-        return [(f"{node.target}.{n}", p) for n, p in ir.gm.get_submodule(node.target).named_parameters()]
-    if node.op == "get_attr":
-        try:
-            return [(node.target, ir.gm.get_parameter(node.target))]
-        except AttributeError:
-            return []
-    return []
+class NodeFacts:
+    """What layer_work reads of each node that does not depend on the tp degree - the
+    parameters it reads, its Linear parts - looked up once per IR (a search asks layer_work
+    for every tp degree; module-path lookups are most of its time on a 96-block model)."""
+
+    def __init__(self, ir: IR):
+        self.ir = ir
+        self.params = dict(ir.gm.named_parameters(remove_duplicate=False))
+        self._tensors: dict[fx.Node, list] = {}
+        self._linear: dict[fx.Node, object] = {}
+
+    def param_tensors(self, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
+        got = self._tensors.get(node)
+        if got is None:
+            got = []
+            if node.op == "call_module":
+                got = [(f"{node.target}.{n}", p) for n, p in self.ir.gm.get_submodule(node.target).named_parameters()]
+            elif node.op == "get_attr" and node.target in self.params:
+                got = [(node.target, self.params[node.target])]
+            self._tensors[node] = got
+        return got
+
+    def linear(self, node: fx.Node):
+        if node not in self._linear:
+            self._linear[node] = linear_parts(self.ir.gm, node)
+        return self._linear[node]
+
+    def param_read(self, node: fx.Node, divisor) -> ParamRead | None:
+        """What `node` reads of the parameters (its module's, or get_attr inputs'), or None."""
+        tensors = self.param_tensors(node) + [t for i in node.all_input_nodes if i.op == "get_attr"
+                                              for t in self.param_tensors(i)]
+        if not tensors:
+            return None
+        ir = self.ir
+        floats = any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype)
+                     for i in node.all_input_nodes)
+        return ParamRead(sum(p.numel() // divisor(p) for _, p in tensors), self.linear(node) is not None, floats)
 
 
-def _param_read(ir: IR, node: fx.Node, divisor) -> ParamRead | None:
-    """What `node` reads of the parameters (its module's, or get_attr inputs'), or None."""
-    tensors = _param_tensors(ir, node) + [t for i in node.all_input_nodes if i.op == "get_attr"
-                                          for t in _param_tensors(ir, i)]
-    if not tensors:
-        return None
-    floats = any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype)
-                 for i in node.all_input_nodes)
-    return ParamRead(sum(p.numel() // divisor(p) for _, p in tensors), _linear(ir, node) is not None, floats)
-
-
-def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
+def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts | None = None) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
-    (tp_rules decides which Linears split, as the tensor_parallel rewrite will)."""
+    (tp_rules decides which Linears split, as the tensor_parallel rewrite will; `planned`: its
+    plan_tensor_parallel for every layer at `tp`, when the caller has it; `facts`: the IR's
+    NodeFacts, shared across tp degrees)."""
+    facts = facts or NodeFacts(ir)
     split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
     if tp > 1:
-        p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
+        p, _ = planned or plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
         split_out, row, column, scatters = set(p.split_dim), p.row, p.column, p.scatters
         embeddings, losses = p.embeddings, p.losses
     split_names = {embedding_parts(ir.gm, n).weight for n in embeddings}
     for node in column | row:
-        parts = linear_parts(ir.gm, node)
+        parts = facts.linear(node)
         split_names |= {parts.weight} | ({parts.bias} if parts.bias and node in column else set())
     # By tensor, not by name: a tied table is read as tok_emb.weight and as head.weight, and the
     # layer that first reads it (the embedding's) is charged for it.
-    split_params = {id(ir.gm.get_parameter(name)) for name in split_names}
+    split_params = {id(facts.params[name]) for name in split_names}
     tp_layers = {ir.meta(n).layer for n in column}
 
     def local(node) -> float:
@@ -141,13 +157,13 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         if not ir.has_meta(node) or ir.meta(node).layer not in acc:
             continue
         meta, a = ir.meta(node), acc[ir.meta(node).layer]
-        for name, param in _param_tensors(ir, node):
+        for name, param in facts.param_tensors(node):
             if id(param) not in seen_params:
                 seen_params.add(id(param))
                 a["params"].append(param.numel() // divisor(param))
         if not _is_tensor_op(ir, node):
             continue
-        read = _param_read(ir, node, divisor)
+        read = facts.param_read(node, divisor)
         if read is not None:
             a["reads"].append(read)
             last_reader = meta.layer
@@ -155,7 +171,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
             if ir.has_meta(source) and ir.meta(source).layer != meta.layer and source.op not in ("placeholder",
                                                                                                 "get_attr"):
                 a["inputs"].add(source)
-        is_linear = _linear(ir, node) is not None
+        is_linear = facts.linear(node) is not None
         # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
         divided = node in split_out or node in row or node in losses
         saved_split = (node in row) if is_linear else node in split_out or node in losses
@@ -164,7 +180,7 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
         zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
         moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
                                                         if ir.has_meta(i) and ir.meta(i).shape is not None)
-        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in _param_tensors(ir, node))
+        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in facts.param_tensors(node))
         grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
         elements = math.prod(meta.shape) / (tp if divided else 1) if _is_gelu(ir, node) else 0.0
         a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
@@ -172,14 +188,14 @@ def layer_work(ir: IR, tp: int) -> dict[str, LayerWork]:
                                transcendental=elements))
         a["largest"] = max(a["largest"], local(node))
         if is_linear:
-            weight = ir.gm.get_parameter(linear_parts(ir.gm, node).weight)
+            weight = facts.params[facts.linear(node).weight]
             a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
         if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
             a["fwd"].append(float(meta.output_bytes))
         if node in losses:
             rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
             a["loss"] += [4.0 * rows] * 3
-    for source in {linear_parts(ir.gm, n).input for n in column}:
+    for source in {facts.linear(n).input for n in column}:
         acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
             float(ir.meta(source).output_bytes))
     for user, source, _ in scatters:

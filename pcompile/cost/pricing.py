@@ -42,7 +42,7 @@ Ranks as pcompile.mesh lays them out (tp innermost, then dp, pp outermost); a st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -106,6 +106,50 @@ class CostOptions:
     def activation_scale(self) -> float:
         """Activation / moved-byte scale relative to the fp32 IR."""
         return 0.5 if self.mixed_precision else 1.0
+
+
+@dataclass(frozen=True)
+class StageLayout:
+    """The ranks a strategy runs on in a stage, as far as its prices depend on them: the devices
+    (every rank waits for the slowest), and the tp and dp groups reduced to one group per
+    distinct (link kind, size) - all Cluster.collective_time reads of a list of groups. Built
+    once per (stage, strategy) it spares each price a walk over every rank of the stage, and
+    it keeps the collective times it was asked for."""
+
+    devices: frozenset
+    tp_groups: tuple[tuple[int, ...], ...]
+    dp_groups: tuple[tuple[int, ...], ...]
+    _times: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def slowest_memory(self):
+        """The device of the lowest memory bandwidth (the tp copies' pace)."""
+        return min(self.devices, key=lambda d: d.memory_bandwidth)
+
+    def collective_time(self, cluster: Cluster, op: str, nbytes: float, axis: str) -> float:
+        """cluster.collective_time of `op` over this layout's "tp" or "dp" groups."""
+        key = (op, nbytes, axis)
+        got = self._times.get(key)
+        if got is None:
+            got = self._times[key] = cluster.collective_time(op, nbytes, self.tp_groups if axis == "tp"
+                                                             else self.dp_groups)
+        return got
+
+
+def distinct_groups(cluster: Cluster, groups) -> tuple[tuple[int, ...], ...]:
+    """One group of each (link kind, size) among `groups`: Cluster.collective_time over them
+    equals the time over all of `groups` (the slowest group's, which only these two decide)."""
+    found: dict[tuple[str, int], tuple[int, ...]] = {}
+    for group in groups:
+        found.setdefault((cluster.link_kind(group), len(group)), tuple(group))
+    return tuple(found.values())
+
+
+def stage_layout(cluster: Cluster, first: int, s: Strategy) -> StageLayout:
+    """The StageLayout of strategy `s` on the stage starting at rank `first`."""
+    tp_groups, dp_groups = stage_groups(first, s.dp, s.tp)
+    devices = frozenset(cluster.device_of(r) for r in range(first, first + s.num_devices))
+    return StageLayout(devices, distinct_groups(cluster, tp_groups), distinct_groups(cluster, dp_groups))
 
 
 @dataclass(frozen=True)
@@ -197,14 +241,19 @@ def _exposed(comm: float, compute: float, eta: float) -> float:
 
 
 def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float,
-             act: float, fwd_compute: float = 0.0, bwd_compute: float = 0.0) -> tuple[float, float]:
+             act: float, fwd_compute: float = 0.0, bwd_compute: float = 0.0,
+             layout: StageLayout | None = None) -> tuple[float, float]:
     """(forward, backward) tp collectives of one micro-batch: Megatron's all-reduces, or with
     sequence parallelism an all-gather + reduce-scatter pair in their place (same volume).
     Activations move in the activation dtype (x act); the cross-entropy's vectors in fp32.
     Each call also pays the runtime's copies around it (`_tp_copy_time`) and, as it follows
     compute, the cluster's measured wake-up cost for the group size after the layer's compute
-    of that direction shared evenly among its calls (`Cluster.wakeup_time`)."""
-    device = min((cluster.device_of(r) for g in groups for r in g), key=lambda d: d.memory_bandwidth)
+    of that direction shared evenly among its calls (`Cluster.wakeup_time`). `layout`: the
+    stage's StageLayout, whose tp groups are `groups` (its memo and slowest device are used)."""
+    if layout is not None:
+        device = layout.slowest_memory
+    else:
+        device = min((cluster.device_of(r) for g in groups for r in g), key=lambda d: d.memory_bandwidth)
     n_fwd = len(work.loss_fwd) + len(work.reduce_fwd) + (len(work.reduce_bwd) if s.sp else 0)
     n_bwd = len(work.reduce_bwd) + (len(work.reduce_fwd) if s.sp else 0) + len(work.gather_bwd)
     wake = {"fwd": cluster.wakeup_time(s.tp, fwd_compute / max(n_fwd, 1)),
@@ -213,7 +262,9 @@ def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: floa
     def t(op, nbytes, dtype_scale=act, copies=True, direction="fwd"):
         moved = nbytes * scale * dtype_scale
         copy = _tp_copy_time(moved, device) if copies else 0.0
-        return cluster.collective_time(op, moved, groups) + copy + (wake[direction] if moved > 0 else 0.0)
+        time = (layout.collective_time(cluster, op, moved, "tp") if layout is not None
+                else cluster.collective_time(op, moved, groups))
+        return time + copy + (wake[direction] if moved > 0 else 0.0)
 
     # the parallel cross-entropy all-reduces its vectors in place (vocab_parallel._all_reduce)
     fwd = sum(t("all_reduce", nbytes, 1.0, copies=False) for nbytes in work.loss_fwd)
@@ -242,27 +293,31 @@ def _tp_copy_time(nbytes: float, device) -> float:
 
 
 def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, batch: int,
-               options: CostOptions) -> LayerCost:
-    first = options.first_rank
-    devices = {cluster.device_of(r) for r in range(first, first + s.num_devices)}
+               options: CostOptions, layout: StageLayout | None = None, compute=compute_times) -> LayerCost:
+    """`work` priced under strategy `s` (see the module docstring); `layout`: stage_layout of
+    (cluster, options.first_rank, s), computed when not given; `compute`: compute_times or a
+    memo of it (pcompile.cost.stage_costs: many (micro-batch, dp) pairs give one rank the same
+    samples)."""
+    layout = layout or stage_layout(cluster, options.first_rank, s)
+    devices = layout.devices
     eta = cluster.overlap if options.overlap is None else options.overlap
     act = options.activation_scale
     scale = microbatch / batch / s.dp  # samples of one rank relative to the example batch
-    times = [compute_times(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
+    times = [compute(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
-    tp_groups, dp_groups = stage_groups(first, s.dp, s.tp)
-    tp_fwd, tp_bwd = _tp_comm(work, cluster, s, tp_groups, scale, act, fwd, bwd) if s.tp > 1 else (0.0, 0.0)
+    tp_fwd, tp_bwd = (_tp_comm(work, cluster, s, layout.tp_groups, scale, act, fwd, bwd, layout)
+                      if s.tp > 1 else (0.0, 0.0))
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
     sync = sdp_fwd = sdp_bwd = 0.0
     if s.dp > 1 and s.sdp:
         # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
         units = sdp_units(work, s.split)
-        gathers = [cluster.collective_time("all_gather", n * p_bytes, dp_groups) for n, _ in units]
+        gathers = [layout.collective_time(cluster, "all_gather", n * p_bytes, "dp") for n, _ in units]
         gather = sum(gathers)
         # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
         regather = 0.0 if s.checkpoint else sum(t for t, (_, again) in zip(gathers, units) if again)
-        scatter = sum(cluster.collective_time("reduce_scatter", n * p_bytes, dp_groups) for n, _ in units)
+        scatter = sum(layout.collective_time(cluster, "reduce_scatter", n * p_bytes, "dp") for n, _ in units)
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)
     elif s.dp > 1:
@@ -270,10 +325,10 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
             # the runtime packs the whole stage's gradients into shared buckets: a layer's share
             # of them, its bytes / bucket of one bucket's all-reduce (additive over layers, so the
             # search's per-layer sum is the stage's, within one bucket's latency: _stage_sync)
-            comm = elements * g_bytes / options.bucket_bytes * cluster.collective_time(
-                "all_reduce", float(options.bucket_bytes), dp_groups)
+            comm = elements * g_bytes / options.bucket_bytes * layout.collective_time(
+                cluster, "all_reduce", float(options.bucket_bytes), "dp")
         else:  # one in-place all-reduce per gradient tensor
-            comm = sum(cluster.collective_time("all_reduce", n * g_bytes, dp_groups) for n in work.param_numels if n)
+            comm = sum(layout.collective_time(cluster, "all_reduce", n * g_bytes, "dp") for n in work.param_numels if n)
         sync = (_exposed(comm, bwd, eta) if options.overlap_grad_sync else comm) + _bucket_copies(
             elements * g_bytes, devices, options.bucket_bytes)
     fwd_comm = tp_fwd + sdp_fwd
@@ -342,18 +397,21 @@ def sync_transient(numels, bytes_per: float, bucket: int) -> float:
     return max(sync_buckets(numels, bytes_per, bucket), default=0.0)
 
 
-def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int) -> float:
+def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int, groups=None) -> float:
     """Resharding the boundary activation from layer strategy `a` to `b` (forward + backward).
 
     A rank holds 1/n of the micro-batch's boundary tensor, n = dp (x tp with sp). With tp
     innermost the finer layout nests inside the coarser one, so going finer is a local slice
     (its backward all-gathers the gradient) and going coarser an all-gather: either way one
-    all-gather over n_fine / n_coarse ranks spaced devices / n_fine apart."""
+    all-gather over n_fine / n_coarse ranks spaced devices / n_fine apart. `groups`: those groups
+    (or distinct_groups of them), computed when not given."""
     na, nb = a.dp * (a.tp if a.sp else 1), b.dp * (b.tp if b.sp else 1)
     if na == nb:
         return 0.0
     fine, coarse = max(na, nb), min(na, nb)
-    return cluster.collective_time("all_gather", nbytes / coarse, regroup_groups(a.num_devices, coarse, fine, first))
+    if groups is None:
+        groups = regroup_groups(a.num_devices, coarse, fine, first)
+    return cluster.collective_time("all_gather", nbytes / coarse, groups)
 
 
 # -- the table -----------------------------------------------------------------------------------

@@ -46,10 +46,11 @@ class _Key:
     layer: int
     incoming: int  # boundary index (switch between layer-1 and layer), FIRST or SEAM
     thetas: np.ndarray  # distinct temp values of the valid strategies of the sequence's layers
+    max_temp: float  # the largest of them (-inf: none)
 
-    @property
-    def max_temp(self) -> float:
-        return float(self.thetas[-1]) if len(self.thetas) else -math.inf
+
+def _key(parent: int, layer: int, incoming: int, thetas: np.ndarray) -> _Key:
+    return _Key(parent, layer, incoming, thetas, float(thetas[-1]) if len(thetas) else -math.inf)
 
 
 class TableIndex:
@@ -61,14 +62,17 @@ class TableIndex:
         self.table = table
         self.time = np.where(np.isfinite(table.fwd_time + table.bwd_time), table.fwd_time + table.bwd_time, np.inf)
         valid = np.isfinite(self.time) & np.isfinite(table.sync_time)
-        self.temps = [np.unique(table.temp_memory[l, valid[l]]) for l in range(table.num_layers)]
         rows = np.stack([self.time, table.sync_time, table.state_memory, table.activation_memory,
                          table.temp_memory], axis=1)
         self.row_sig = _signatures([rows[l].tobytes() for l in range(table.num_layers)])
+        # identical rows (repeated blocks) have identical temps: np.unique once per distinct row
+        first = {sig: l for l, sig in reversed(list(enumerate(self.row_sig)))}
+        distinct = {sig: np.unique(table.temp_memory[l, valid[l]]) for sig, l in first.items()}
+        self.temps = [distinct[sig] for sig in self.row_sig]
         self.switch_sig = _signatures([table.switch_time[b].tobytes() for b in range(table.num_layers - 1)])
         self.switch_classes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.keys: dict[tuple[int, int, int], int] = {}
-        self.info: list[_Key] = [_Key(-1, -1, FIRST, np.empty(0))]
+        self.info: list[_Key] = [_key(-1, -1, FIRST, np.empty(0))]
 
     def child(self, parent: int, layer: int, incoming: int) -> int:
         """The key of sequence `parent` + `layer` (entered through `incoming`)."""
@@ -78,7 +82,7 @@ class TableIndex:
         if key is None:
             key = len(self.info)
             self.keys[sig] = key
-            self.info.append(_Key(parent, layer, incoming, np.union1d(self.info[parent].thetas, self.temps[layer])))
+            self.info.append(_key(parent, layer, incoming, np.union1d(self.info[parent].thetas, self.temps[layer])))
         return key
 
     def sequence(self, segments) -> int:
@@ -89,18 +93,15 @@ class TableIndex:
         return key
 
     def compressed_switch(self, boundary: int):
-        """(order, starts, rows, targets): strategies grouped by identical switch rows (source
-        classes, `order`/`starts` for reduceat) and by identical columns (target classes,
-        `targets[s]`); rows[c, t] is the switch time from source class c to target class t.
+        """(labels, rows, targets): strategies grouped by identical switch rows (source classes:
+        `labels[s]`) and by identical columns (target classes: `targets[s]`); rows[c, t] is the
+        switch time from source class c to target class t.
         min over s' of f[s'] + sw[s', s] = min over c of (min over s' in c of f[s']) + rows[c, t(s)]."""
         sig = self.switch_sig[boundary]
         if sig not in self.switch_classes:
             rows, labels = np.unique(self.table.switch_time[boundary], axis=0, return_inverse=True)
-            labels = labels.reshape(-1)
-            order = np.argsort(labels, kind="stable")
-            starts = np.flatnonzero(np.r_[True, np.diff(labels[order]) != 0])
             cols, targets = np.unique(rows, axis=1, return_inverse=True)
-            self.switch_classes[sig] = (order, starts, cols, targets.reshape(-1))
+            self.switch_classes[sig] = (labels.reshape(-1).tolist(), cols, targets.reshape(-1).tolist())
         return self.switch_classes[sig]
 
 
@@ -145,12 +146,18 @@ class StageSolver:
         self.states: dict[tuple[int, float], np.ndarray] = {}
         self.values: dict[int, tuple[float, float]] = {}
         self._dual: dict[int, np.ndarray] = {}
-        # Lagrange multipliers of the memory constraint for the per-theta bounds (dual): 0 (memory
-        # ignored) and a geometric range around the exchange rate of time per cell of memory
-        finite = np.isfinite(self.cost) & (self.w > 0)
-        rate = float(np.median(self.cost[finite]) / np.median(self.w[finite])) if finite.any() else 1.0
-        self.lams = np.r_[0.0, rate * np.geomspace(1e-3, 1e3, 31)]
+        self._lams: np.ndarray | None = None
         self._bounds_memo: dict[int, tuple] = {}
+
+    @property
+    def lams(self) -> np.ndarray:
+        """Lagrange multipliers of the memory constraint for the per-theta bounds (dual): 0 (memory
+        ignored) and a geometric range around the exchange rate of time per cell of memory."""
+        if self._lams is None:
+            finite = np.isfinite(self.cost) & (self.w > 0)
+            rate = float(np.median(self.cost[finite]) / np.median(self.w[finite])) if finite.any() else 1.0
+            self._lams = np.r_[0.0, rate * np.geomspace(1e-3, 1e3, 31)]
+        return self._lams
 
     def cells(self, theta: float) -> int:
         """Budget cells left once the transient theta is reserved (-1: nothing fits)."""
@@ -159,6 +166,12 @@ class StageSolver:
         reserved = theta / self.step
         reserved = math.ceil(reserved * (1 + 1e-12)) if self.ceil else math.floor(reserved)
         return self.V - 1 - reserved if reserved < self.V else -1
+
+    def _cells_of(self, thetas: np.ndarray) -> np.ndarray:
+        """cells() of every theta at once."""
+        reserved = thetas / self.step
+        reserved = np.ceil(reserved * (1 + 1e-12)) if self.ceil else np.floor(reserved)
+        return np.where((thetas > self.budget) | (reserved >= self.V), -1, self.V - 1 - reserved).astype(np.int64)
 
     def _norm(self, key: int, theta: float) -> float:
         return math.inf if theta >= self.index.info[key].max_temp else theta
@@ -177,29 +190,46 @@ class StageSolver:
         return f
 
     def _extend(self, prev: np.ndarray | None, key: int, theta: float) -> np.ndarray:
-        """One layer of the recurrence; states are laid out [strategy, cells] (rows contiguous)."""
+        """One layer of the recurrence; states are laid out [strategy, cells] (rows contiguous).
+        Only the strategies the layer can take are computed, from the rows of `prev` that hold a
+        plan (a state is non-increasing in the cells, so a row with any finite cell has a finite
+        last cell): out[s, w[s]:] = h[target(s)] + cost[s], h[t] = min over source classes c of
+        (min over c's rows of prev) + c switch[c, t]. Rows without a plan are inf."""
         info = self.index.info[key]
         layer = info.layer
         cost = self.cost[layer]
         if theta < math.inf:
             cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
         w = self.w[layer]
-        out = np.full((len(cost), self.V), np.inf)
+        V = self.V
+        out = np.full((len(cost), V), np.inf)
+        valid = np.flatnonzero(np.isfinite(cost) & (w < V)).tolist()
+        if not valid:
+            return out
+        ws, costs = w.tolist(), cost.tolist()
         if prev is None:
-            for s in np.flatnonzero(np.isfinite(cost) & (w < self.V)):
-                out[s, w[s]:] = cost[s]
+            for s in valid:
+                out[s, ws[s]:] = costs[s]
+            return out
+        live = np.flatnonzero(np.isfinite(prev[:, -1])).tolist()
+        if not live:
             return out
         if info.incoming == SEAM:
-            h, targets = prev.min(axis=0)[None, :], np.zeros(len(cost), dtype=np.int64)
+            h, targets = {0: prev[live].min(axis=0)}, [0] * len(ws)
         else:
-            order, starts, rows, targets = self.index.compressed_switch(info.incoming)
-            g = np.minimum.reduceat(prev[order], starts, axis=0)
-            rows = self.c * rows
-            h = g[0][None, :] + rows[0][:, None]
-            for c in range(1, len(starts)):
-                np.minimum(h, g[c][None, :] + rows[c][:, None], out=h)
-        for s in np.flatnonzero(np.isfinite(cost) & (w < self.V)):
-            np.add(h[targets[s], :self.V - w[s]], cost[s], out=out[s, w[s]:])
+            labels, rows, targets = self.index.compressed_switch(info.incoming)
+            best: dict[int, np.ndarray] = {}  # source class -> min over its rows that hold a plan
+            for s in live:
+                c = labels[s]
+                best[c] = prev[s] if c not in best else np.minimum(best[c], prev[s])
+            h = {}
+            for t in {targets[s] for s in valid}:
+                for c, g in best.items():
+                    moved = g + self.c * rows[c, t]
+                    h[t] = moved if t not in h else np.minimum(h[t], moved, out=h[t])
+        for s in valid:
+            a = ws[s]
+            np.add(h[targets[s]][:V - a], costs[s], out=out[s, a:])
         return out
 
     def dual(self, key: int) -> np.ndarray:
@@ -235,13 +265,15 @@ class StageSolver:
                 free = self.state(key, math.inf).min(axis=0)
                 top = self.cells(float(thetas[-1]))
                 upper = float(free[top]) if top >= 0 else math.inf
-                dual = self.dual(key)
-                # thresholds that reserve the same cells: only the largest (most strategies) counts
-                group: dict[int, tuple[float, float]] = {}
-                for t, d in zip(thetas[:-1], dual[:-1]):
-                    if (v := self.cells(float(t))) >= 0 and v != top:
-                        group[v] = (max(float(free[v]), float(np.max(d - self.lams * v))), float(t))
-                bounds = sorted(group.values())
+                cells = self._cells_of(thetas[:-1])
+                keep = np.flatnonzero((cells >= 0) & (cells != top))
+                if len(keep):
+                    v = cells[keep]
+                    relaxed = (self.dual(key)[keep] - self.lams[None, :] * v[:, None]).max(axis=1)
+                    bound = np.maximum(free[v], relaxed)
+                    # thresholds that reserve the same cells: only the largest (most strategies) counts
+                    group = {int(c): (float(b), float(t)) for c, b, t in zip(v, bound, thetas[keep])}
+                    bounds = sorted(group.values())
             lower = min(upper, bounds[0][0]) if bounds else upper
             got = self._bounds_memo[key] = (upper, lower, bounds)
         return got

@@ -28,7 +28,6 @@ from pcompile.search.space import (
     SearchSpace,
     Setting,
     evaluate,
-    p2p_time,
     settings,
     strategies_for,
 )
@@ -81,6 +80,7 @@ class SearchContext:
         self.settings = settings(p.num_devices, p.devices_per_node, p.global_batch, p.layers, p.space, p.rules)
         self._tables: dict[tuple[int, int], list[CostTable] | None] = {}
         self._indexes: dict[int, TableIndex] = {}
+        self._times: dict[int, np.ndarray] = {}
         self._solvers: dict = {}
         self._ordered: list[tuple[float, Setting]] | None = None
 
@@ -117,21 +117,26 @@ class SearchContext:
         sum_l (c t + sync)[l, s_l] whose weights (state + r_min act) fit the budgets' total -
         bounded by Lagrangian duality, for every lambda >= 0: sum_l min_s (cost + lambda w) -
         lambda B - plus one p2p send per chunk boundary (pp v - 1 of them, the cheapest each);
-        and at least the costliest layer's cheapest strategy that fits a stage alone."""
+        and at least the costliest layer's cheapest strategy that fits a stage alone. Stages
+        sharing a table (and in-flight count and budget) are taken once: minima over copies."""
         tables = self.tables(setting)
         if tables is None:
             return math.inf
         c, budgets, pp = setting.coefficient, self.problem.budgets(setting.pp), setting.pp
         flights = [setting.in_flight(k) for k in range(pp)]
-        alone, cost, weight = [], [], []
-        for k, t in enumerate(tables):
-            ck = np.where(np.isfinite(self.index(t).time), c * self.index(t).time + t.sync_time, np.inf)
-            fits = t.state_memory + flights[k] * t.activation_memory + t.temp_memory <= budgets[k]
-            alone.append(np.where(fits, ck, np.inf).min(axis=1))
-            cost.append(ck)
-            weight.append(t.state_memory + min(flights) * t.activation_memory)
+        distinct = {id(t): t for t in tables}
+        priced = {}
+        for key, t in distinct.items():
+            time = self._time(t)
+            priced[key] = np.where(np.isfinite(time), c * time + t.sync_time, np.inf)
+        alone = []
+        for key, flight, budget in dict.fromkeys((id(t), flights[k], budgets[k]) for k, t in enumerate(tables)):
+            t = distinct[key]
+            fits = t.state_memory + flight * t.activation_memory + t.temp_memory <= budget
+            alone.append(np.where(fits, priced[key], np.inf).min(axis=1))
         single = float(np.min(alone, axis=0).max())
-        cost, weight = np.min(cost, axis=0), np.min(weight, axis=0)
+        cost = np.min(list(priced.values()), axis=0)
+        weight = np.min([t.state_memory + min(flights) * t.activation_memory for t in distinct.values()], axis=0)
         if not np.isfinite(single):
             return math.inf
         finite = np.isfinite(cost)
@@ -139,9 +144,18 @@ class SearchContext:
         lams = np.r_[0.0, scale * np.geomspace(1e-4, 1e4, 48)]
         dual = max(np.where(finite, cost + lam * weight, np.inf).min(axis=1).sum() - lam * sum(budgets) for lam in lams)
         p = self.problem
-        sends = min((p2p_time(t, b, p.p2p_bandwidth, p.p2p_latency) for t in tables for b in range(t.num_layers - 1)),
-                    default=0.0)
+        sends = min((float(np.min(2 * (p.p2p_latency + t.boundary_bytes / p.p2p_bandwidth)))
+                     for t in distinct.values() if t.num_layers > 1), default=0.0)
         return max(single, float(dual + (pp * setting.chunks - 1) * c * sends) / pp)
+
+    def _time(self, table: CostTable) -> np.ndarray:
+        """fwd + bwd, inf where not finite (TableIndex.time, without indexing the table)."""
+        if id(table) in self._indexes:
+            return self._indexes[id(table)].time
+        if id(table) not in self._times:
+            total = table.fwd_time + table.bwd_time
+            self._times[id(table)] = np.where(np.isfinite(total), total, np.inf)
+        return self._times[id(table)]
 
     def ordered(self) -> list[tuple[float, Setting]]:
         if self._ordered is None:

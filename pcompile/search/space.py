@@ -116,6 +116,12 @@ class Setting:
 
 @functools.lru_cache(maxsize=65536)
 def _in_flight(schedule: str, pp: int, m: int, stage: int, chunks: int) -> float:
+    # GPipe and 1F1B in closed form (what their op orders give: m, and the warm-up's pp - stage - 1
+    # forwards plus one); interleaved 1F1B's order walked (a 1536-micro-batch order is 3k ops, per stage)
+    if schedule == "GPipe" and m > 0 and chunks == 1:
+        return float(m)
+    if schedule == "1F1B" and m > 0 and chunks == 1:
+        return float(min(pp - stage, m))
     return peak_in_flight(schedule_order(schedule, pp, m, stage, chunks), chunks)
 
 
