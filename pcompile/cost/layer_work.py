@@ -84,43 +84,72 @@ def _is_gelu(ir: IR, node: fx.Node) -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class _Op:
+    """One node as layer_work reads it, for every tp degree alike."""
+
+    node: fx.Node
+    layer: str
+    params: tuple  # (name, tensor) of the parameters it holds (call_module / get_attr)
+    tensor_op: bool  # a call producing a tensor: an op of its layer
+    reads: tuple  # parameters it reads (its own and its get_attr inputs'), for ParamRead
+    float_input: bool  # a floating-point activation input (its gradient multiplies by the weight)
+    sources: tuple  # inputs computed in other layers (not graph inputs, not parameters)
+    shaped_inputs: tuple  # inputs with a shape (their bytes move)
+    linear: object  # tp_ops.LinearParts, or None
+    zero_copy: bool
+    grad: bool
+    gelu_elements: int  # output elements of a GELU, else 0
+
+
 class NodeFacts:
     """What layer_work reads of each node that does not depend on the tp degree - the
-    parameters it reads, its Linear parts - looked up once per IR (a search asks layer_work
-    for every tp degree; module-path lookups are most of its time on a 96-block model)."""
+    parameters it reads, its Linear parts, its inputs - found once per IR (a search asks
+    layer_work for every tp degree; module-path lookups are most of its time on a 96-block
+    model)."""
 
     def __init__(self, ir: IR):
         self.ir = ir
         self.params = dict(ir.gm.named_parameters(remove_duplicate=False))
-        self._tensors: dict[fx.Node, list] = {}
         self._linear: dict[fx.Node, object] = {}
+        self._ops: list[_Op] | None = None
 
     def param_tensors(self, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
-        got = self._tensors.get(node)
-        if got is None:
-            got = []
-            if node.op == "call_module":
-                got = [(f"{node.target}.{n}", p) for n, p in self.ir.gm.get_submodule(node.target).named_parameters()]
-            elif node.op == "get_attr" and node.target in self.params:
-                got = [(node.target, self.params[node.target])]
-            self._tensors[node] = got
-        return got
+        if node.op == "call_module":
+            return [(f"{node.target}.{n}", p) for n, p in self.ir.gm.get_submodule(node.target).named_parameters()]
+        if node.op == "get_attr" and node.target in self.params:
+            return [(node.target, self.params[node.target])]
+        return []
 
     def linear(self, node: fx.Node):
         if node not in self._linear:
             self._linear[node] = linear_parts(self.ir.gm, node)
         return self._linear[node]
 
-    def param_read(self, node: fx.Node, divisor) -> ParamRead | None:
-        """What `node` reads of the parameters (its module's, or get_attr inputs'), or None."""
-        tensors = self.param_tensors(node) + [t for i in node.all_input_nodes if i.op == "get_attr"
-                                              for t in self.param_tensors(i)]
-        if not tensors:
-            return None
-        ir = self.ir
-        floats = any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype)
-                     for i in node.all_input_nodes)
-        return ParamRead(sum(p.numel() // divisor(p) for _, p in tensors), self.linear(node) is not None, floats)
+    def ops(self) -> list[_Op]:
+        """Every annotated node, in graph order."""
+        if self._ops is None:
+            ir, out = self.ir, []
+            for node in ir.graph.nodes:
+                if not ir.has_meta(node):
+                    continue
+                meta = ir.meta(node)
+                inputs = node.all_input_nodes
+                tensor_op = _is_tensor_op(ir, node)
+                reads = tuple(t for t in self.param_tensors(node)) + tuple(
+                    t for i in inputs if i.op == "get_attr" for t in self.param_tensors(i)) if tensor_op else ()
+                out.append(_Op(
+                    node, meta.layer, tuple(self.param_tensors(node)), tensor_op, reads,
+                    any(ir.has_meta(i) and i.op != "get_attr" and "float" in str(ir.meta(i).dtype) for i in inputs),
+                    tuple(i for i in inputs if ir.has_meta(i) and ir.meta(i).layer != meta.layer
+                          and i.op not in ("placeholder", "get_attr")),
+                    tuple(i for i in inputs if ir.has_meta(i) and ir.meta(i).shape is not None),
+                    self.linear(node) if tensor_op else None,
+                    node.op == "call_method" and node.target in ZERO_COPY_METHODS,
+                    meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype),
+                    math.prod(meta.shape) if tensor_op and _is_gelu(ir, node) else 0))
+            self._ops = out
+        return self._ops
 
 
 def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts | None = None) -> dict[str, LayerWork]:
@@ -153,42 +182,36 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
                        fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
     last_reader = None
     seen_params: set[int] = set()
-    for node in ir.graph.nodes:
-        if not ir.has_meta(node) or ir.meta(node).layer not in acc:
+    for op in facts.ops():
+        if op.layer not in acc:
             continue
-        meta, a = ir.meta(node), acc[ir.meta(node).layer]
-        for name, param in facts.param_tensors(node):
+        node, meta, a = op.node, ir.meta(op.node), acc[op.layer]
+        for name, param in op.params:
             if id(param) not in seen_params:
                 seen_params.add(id(param))
                 a["params"].append(param.numel() // divisor(param))
-        if not _is_tensor_op(ir, node):
+        if not op.tensor_op:
             continue
-        read = facts.param_read(node, divisor)
-        if read is not None:
-            a["reads"].append(read)
+        if op.reads:
+            a["reads"].append(ParamRead(sum(p.numel() // divisor(p) for _, p in op.reads), op.linear is not None,
+                                        op.float_input))
             last_reader = meta.layer
-        for source in node.all_input_nodes:
-            if ir.has_meta(source) and ir.meta(source).layer != meta.layer and source.op not in ("placeholder",
-                                                                                                "get_attr"):
-                a["inputs"].add(source)
-        is_linear = facts.linear(node) is not None
+        a["inputs"].update(op.sources)
+        is_linear = op.linear is not None
         # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
         divided = node in split_out or node in row or node in losses
         saved_split = (node in row) if is_linear else node in split_out or node in losses
         a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
         a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
-        zero_copy = node.op == "call_method" and node.target in ZERO_COPY_METHODS
-        moved = 0.0 if zero_copy else local(node) + sum(local(i) for i in node.all_input_nodes
-                                                        if ir.has_meta(i) and ir.meta(i).shape is not None)
-        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in facts.param_tensors(node))
-        grad = meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype)
-        elements = math.prod(meta.shape) / (tp if divided else 1) if _is_gelu(ir, node) else 0.0
-        a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, grad,
+        moved = 0.0 if op.zero_copy else local(node) + sum(local(i) for i in op.shaped_inputs)
+        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in op.params)
+        elements = op.gelu_elements / (tp if divided else 1) if op.gelu_elements else 0.0
+        a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, op.grad,
                                sp=meta.layer in tp_layers and not divided and not is_linear,
                                transcendental=elements))
         a["largest"] = max(a["largest"], local(node))
         if is_linear:
-            weight = facts.params[facts.linear(node).weight]
+            weight = facts.params[op.linear.weight]
             a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
         if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
             a["fwd"].append(float(meta.output_bytes))

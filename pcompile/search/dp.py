@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,15 @@ from pcompile.search.costtable import CostTable
 from pcompile.search.space import Setting, even_segments, p2p_time
 
 FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's first layer (no switch)
+_SPREAD = np.geomspace(1e-3, 1e3, 31)  # the multipliers' range around the exchange rate (StageSolver.lams)
+
+
+def _median(values: np.ndarray) -> float:
+    """np.median of a non-empty 1-D array without NaN (the middle value, or the mean of the two
+    middle ones: the same float), without its dispatch overhead."""
+    ordered = np.sort(values, axis=None)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,23 @@ class _Key:
     incoming: int  # boundary index (switch between layer-1 and layer), FIRST or SEAM
     thetas: np.ndarray  # distinct temp values of the valid strategies of the sequence's layers
     max_temp: float  # the largest of them (-inf: none)
+
+
+class _State(NamedTuple):
+    """A DP state f[s, v] stored by the strategies that can hold a plan: f[i] is strategy
+    rows[i]'s row (rows ascending); every other strategy's row is inf."""
+
+    rows: np.ndarray  # strategy indices, ascending
+    f: np.ndarray  # [len(rows), cells]
+
+    def best(self) -> np.ndarray:
+        """min over strategies, per cell."""
+        return self.f.min(axis=0) if len(self.rows) else np.full(self.f.shape[1], np.inf)
+
+    def argmin(self, values: np.ndarray) -> int:
+        """The strategy of the first smallest of `values` (one per row): the full [strategy]
+        array's argmin when its minimum is finite."""
+        return int(self.rows[int(np.argmin(values))])
 
 
 def _key(parent: int, layer: int, incoming: int, thetas: np.ndarray) -> _Key:
@@ -155,8 +182,8 @@ class StageSolver:
         ignored) and a geometric range around the exchange rate of time per cell of memory."""
         if self._lams is None:
             finite = np.isfinite(self.cost) & (self.w > 0)
-            rate = float(np.median(self.cost[finite]) / np.median(self.w[finite])) if finite.any() else 1.0
-            self._lams = np.r_[0.0, rate * np.geomspace(1e-3, 1e3, 31)]
+            rate = float(_median(self.cost[finite]) / _median(self.w[finite])) if finite.any() else 1.0
+            self._lams = np.r_[0.0, rate * _SPREAD]
         return self._lams
 
     def cells(self, theta: float) -> int:
@@ -176,7 +203,7 @@ class StageSolver:
     def _norm(self, key: int, theta: float) -> float:
         return math.inf if theta >= self.index.info[key].max_temp else theta
 
-    def state(self, key: int, theta: float) -> np.ndarray:
+    def state(self, key: int, theta: float) -> _State:
         """f[s, v] of the sequence `key` with strategies restricted to temp <= theta."""
         chain = []
         k = key
@@ -189,12 +216,11 @@ class StageSolver:
             self.states[(k, self._norm(k, theta))] = f
         return f
 
-    def _extend(self, prev: np.ndarray | None, key: int, theta: float) -> np.ndarray:
-        """One layer of the recurrence; states are laid out [strategy, cells] (rows contiguous).
-        Only the strategies the layer can take are computed, from the rows of `prev` that hold a
-        plan (a state is non-increasing in the cells, so a row with any finite cell has a finite
-        last cell): out[s, w[s]:] = h[target(s)] + cost[s], h[t] = min over source classes c of
-        (min over c's rows of prev) + c switch[c, t]. Rows without a plan are inf."""
+    def _extend(self, prev: _State | None, key: int, theta: float) -> _State:
+        """One layer of the recurrence, for the strategies the layer can take only, from the
+        rows of `prev` that hold a plan (a state is non-increasing in the cells, so a row with
+        any finite cell has a finite last cell): f[s, w[s]:] = h[target(s)] + cost[s], inf below
+        w[s], h[t] = min over source classes c of (min over c's rows of prev) + c switch[c, t]."""
         info = self.index.info[key]
         layer = info.layer
         cost = self.cost[layer]
@@ -202,35 +228,36 @@ class StageSolver:
             cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
         w = self.w[layer]
         V = self.V
-        out = np.full((len(cost), V), np.inf)
-        valid = np.flatnonzero(np.isfinite(cost) & (w < V)).tolist()
-        if not valid:
-            return out
-        ws, costs = w.tolist(), cost.tolist()
+        valid = np.flatnonzero(np.isfinite(cost) & (w < V))
+        live = [] if prev is None else np.flatnonzero(np.isfinite(prev.f[:, -1])).tolist()
+        if not len(valid) or (prev is not None and not live):
+            return _State(valid[:0], np.empty((0, V)))
+        ws, costs, order = w.tolist(), cost.tolist(), valid.tolist()
+        out = np.empty((len(order), V))
         if prev is None:
-            for s in valid:
-                out[s, ws[s]:] = costs[s]
-            return out
-        live = np.flatnonzero(np.isfinite(prev[:, -1])).tolist()
-        if not live:
-            return out
+            for i, s in enumerate(order):
+                out[i, :ws[s]] = np.inf
+                out[i, ws[s]:] = costs[s]
+            return _State(valid, out)
         if info.incoming == SEAM:
-            h, targets = {0: prev[live].min(axis=0)}, [0] * len(ws)
+            h, targets = {0: prev.f[live].min(axis=0)}, [0] * len(ws)
         else:
             labels, rows, targets = self.index.compressed_switch(info.incoming)
+            sources = prev.rows.tolist()
             best: dict[int, np.ndarray] = {}  # source class -> min over its rows that hold a plan
-            for s in live:
-                c = labels[s]
-                best[c] = prev[s] if c not in best else np.minimum(best[c], prev[s])
+            for i in live:
+                c = labels[sources[i]]
+                best[c] = prev.f[i] if c not in best else np.minimum(best[c], prev.f[i])
             h = {}
-            for t in {targets[s] for s in valid}:
+            for t in {targets[s] for s in order}:
                 for c, g in best.items():
                     moved = g + self.c * rows[c, t]
                     h[t] = moved if t not in h else np.minimum(h[t], moved, out=h[t])
-        for s in valid:
+        for i, s in enumerate(order):
             a = ws[s]
-            np.add(h[targets[s]][:V - a], costs[s], out=out[s, a:])
-        return out
+            out[i, :a] = np.inf
+            np.add(h[targets[s]][:V - a], costs[s], out=out[i, a:])
+        return _State(valid, out)
 
     def dual(self, key: int) -> np.ndarray:
         """[theta of the sequence, lambda]: sum over its layers of min over strategies with temp
@@ -262,7 +289,7 @@ class StageSolver:
             thetas = self.index.info[key].thetas
             upper, bounds = math.inf, []
             if len(thetas):
-                free = self.state(key, math.inf).min(axis=0)
+                free = self.state(key, math.inf).best()
                 top = self.cells(float(thetas[-1]))
                 upper = float(free[top]) if top >= 0 else math.inf
                 cells = self._cells_of(thetas[:-1])
@@ -300,7 +327,8 @@ class StageSolver:
             if self.cells(self._max_temp(key, self.trace(key, theta, math.inf))) >= self.cells(theta):
                 best, arg = bound, (theta, math.inf)
                 continue
-            val = float(self.state(key, theta)[:, self.cells(theta)].min())
+            state = self.state(key, theta)
+            val = float(state.f[:, self.cells(theta)].min()) if len(state.rows) else math.inf
             if val < best:
                 best, arg = val, (theta, theta)
         self.values[key] = (best, arg)
@@ -322,15 +350,16 @@ class StageSolver:
         """Backtrack the memo: the best plan with budget M - reserve and temps <= restrict."""
         info = self.index.info
         v = self.cells(reserve)
-        s = int(np.argmin(self.state(key, restrict)[:, v]))
+        state = self.state(key, restrict)
+        s = state.argmin(state.f[:, v])
         out, k = [s], key
         while info[k].parent:
             v -= int(self.w[info[k].layer, s])
             prev = self.state(info[k].parent, restrict)
             if info[k].incoming == SEAM:
-                s = int(np.argmin(prev[:, v]))
+                s = prev.argmin(prev.f[:, v])
             else:
-                s = int(np.argmin(prev[:, v] + self.c * self.index.table.switch_time[info[k].incoming][:, s]))
+                s = prev.argmin(prev.f[:, v] + self.c * self.index.table.switch_time[info[k].incoming][prev.rows, s])
             out.append(s)
             k = info[k].parent
         return out[::-1]

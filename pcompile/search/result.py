@@ -161,14 +161,23 @@ def layer_choices(setting: Setting, tables: list[CostTable], segments, choice, c
             mem = base_mem - w[s] + w + np.maximum(rest_temp, tab.temp_memory[l])
             step = np.maximum(stage_values[k] + delta, others)
             fits = mem <= cost.budgets[k]
-            alts = [Alternative(tab.strategies[j], float(step[j]), float(delta[j]), float(mem[j]), bool(fits[j]))
-                    for j in np.lexsort((delta, step)) if j != s and np.isfinite(step[j])]
-            faster = [a for a in alts if not a.fits and a.stage_delta < 0]
-            if faster:
-                blocked.append((tab.layers[l], k, faster[0]))
+            # the alternatives fastest first: the first `top` that fit, and the first faster one
+            # that does not (what binds), found without building the others
+            ups, faster = [], None
+            for j in np.lexsort((delta, step)).tolist():
+                if j == s or not np.isfinite(step[j]):
+                    continue
+                if fits[j] and len(ups) < top:
+                    ups.append(Alternative(tab.strategies[j], float(step[j]), float(delta[j]), float(mem[j]), True))
+                elif not fits[j] and faster is None and delta[j] < 0:
+                    faster = Alternative(tab.strategies[j], float(step[j]), float(delta[j]), float(mem[j]), False)
+                if len(ups) == top and faster is not None:
+                    break
+            if faster is not None:
+                blocked.append((tab.layers[l], k, faster))
             out.append(LayerChoice(tab.layers[l], k, tab.strategies[s], float(tab.fwd_time[l, s] + tab.bwd_time[l, s]),
                                    float(tab.sync_time[l, s]), float(w[s]), float(tab.temp_memory[l, s]),
-                                   tuple(a for a in alts if a.fits)[:top]))
+                                   tuple(ups)))
     out.sort(key=lambda x: tables[0].layers.index(x.layer))
     tight = max(range(len(segments)), key=lambda k: cost.stage_memory[k] / cost.budgets[k])
     head = f"stage {tight} is the fullest: {size_text(cost.stage_memory[tight])} of {size_text(cost.budgets[tight])}"
