@@ -43,7 +43,7 @@ from pcompile.search.baselines import NoFit
 from pcompile.search.engine import SearchProblem
 from pcompile.search.engine import search as run_engine
 from pcompile.search.result import SearchResult, to_plan
-from pcompile.search.space import SearchRules, SearchSpace, tp_options
+from pcompile.search.space import SearchRules, SearchSpace, nearest_batches, tp_options
 from pcompile.sharding.loss_terms import inexact_terms
 from pcompile.sharding.sp_rules import sp_refusals
 from pcompile.sharding.tp_rules import plan_tensor_parallel, tp_problem
@@ -121,7 +121,19 @@ def _merge_baselines(results: list[SearchResult], errors: list[PcompileError]):
     return tuple(merged[b.name] for b in order)
 
 
-def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed, batches) -> PcompileError:
+def _batch_fix(ctx: PassContext, batches, layers: tuple[str, ...], space: SearchSpace | None, rules) -> str:
+    """How to change the global batch: the nearest ones the devices split (pcompile.search.space)."""
+    cluster = ctx.cluster
+    near = sorted({b for batch in batches for b in nearest_batches(cluster.num_devices, cluster.devices_per_node,
+                                                                    batch, layers, space, rules)}) if space else []
+    if not near:
+        return ""
+    return (f"use a global batch that splits over the devices: the nearest are {' and '.join(map(str, near))} "
+            f"(e.g. pcompile plan --batch {near[-1]}, or example inputs of {near[-1]} samples)")
+
+
+def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed, batches,
+             batch_fix: str = "") -> PcompileError:
     skipped = "; ".join(r for r in rejected.values() if r)
     if summed:
         terms = ", ".join(f"{t.node.name} = {t.how}" for t in summed)
@@ -134,13 +146,18 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
     memory = [e for e in errors if "memory" in str(e)]
     if memory:  # the memory verdict names the minimum memory that would fit
         return min(memory, key=lambda e: len(str(e)))
+    if errors and batch_fix:
+        return PcompileError(
+            f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of "
+            f"{' / '.join(map(str, batches))}: no data-parallel degree of the search (tp={tps}, with every pipeline "
+            f"depth and micro-batch count) divides the batch's micro-batches", batch_fix)
     if errors:
         return PcompileError(
             f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of "
             f"{' / '.join(map(str, batches))}: "
             f"searched tp={tps}, where {errors[0].cause}" + (f"; not searched: {skipped}" if skipped else ""),
-            "use a global batch divisible by the data-parallel degree (devices / tp), or a device count "
-            "the heads and hidden sizes divide")
+            (batch_fix or "use a global batch divisible by the data-parallel degree (devices / tp)")
+            + ", or a device count the heads and hidden sizes divide")
     return PcompileError("no tensor-parallel degree splits this model on this cluster: " + skipped,
                          "use a device count the heads divide")
 
@@ -204,7 +221,12 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
              if results}
     if not found:
-        raise _no_plan(ctx, tps, rejected, [e for _, errors in outcomes.values() for e in errors], summed, batches)
+        errors = [e for _, errors in outcomes.values() for e in errors]
+        fix = ""
+        if errors and not summed and not any("memory" in str(e) for e in errors):
+            space = SearchSpace(**{**SUPPORTED_SPACE, **runs[0][0], "tp_degrees": tuple(tps)}) if runs else None
+            fix = _batch_fix(ctx, batches, layers, space, problem["rules"])
+        raise _no_plan(ctx, tps, rejected, errors, summed, batches, fix)
     batch = max(found, key=lambda b: (b / found[b].step_time, -b))  # samples per second; on a tie the smaller
     best = dataclasses.replace(found[batch], baselines=_merge_baselines(*outcomes[batch]))
     plan = _with_ends(ir, to_plan(best, model=ctx.fingerprint))

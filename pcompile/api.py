@@ -105,11 +105,27 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
     range(64, 513, 64)); the plan takes the one with the most samples per second (costs scale
     from the example inputs' batch) and records it in Plan.global_batch: compile it with
     example inputs of that many samples. None: the example inputs' batch."""
+    return plan_and_ir(model, cluster, example_inputs, capture=capture, debug_dir=debug_dir,
+                       search_space=search_space, mixed_precision=mixed_precision, global_batch=global_batch)[0]
+
+
+def plan_and_ir(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, rewrite: bool = False,
+                capture: str = "auto", debug_dir: str | None = None, search_space: dict | None = None,
+                mixed_precision: str | None = None, global_batch=None) -> tuple[Plan, IR]:
+    """plan(), and the IR it was found on, from one capture: the analysed IR the search read
+    (its totals: FLOPs, parameter bytes), or with `rewrite` the IR after every rewrite of
+    compile()'s pipeline for that plan (what ONNX export, plots and the pass dump need; the
+    rewrites run on the example inputs, so not with a range of global batches)."""
     options = CompileOptions.make(capture, search_space, mixed_precision, global_batch)
+    if rewrite and len(options.global_batches or ()) > 1:
+        raise PcompileError("rewriting for a plan needs the global batch it runs, not a range to choose from",
+                            "plan with the range first, then compile(..., plan=plan) with inputs of plan.global_batch")
     ctx = _context(model, cluster, example_inputs, None, options)
+    manager = PassManager(PIPELINE if rewrite else PLAN_PIPELINE, debug_dir=debug_dir,
+                          stop_after=PIPELINE[-1] if rewrite else None)
     with collector_paused():
-        _run(PassManager(PLAN_PIPELINE, debug_dir=debug_dir), ctx)
-    return ctx.plan
+        ir = _run(manager, ctx)
+    return ctx.plan, ir
 
 
 def estimate(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan, *,
@@ -154,4 +170,4 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     return compiled
 
 
-__all__ = ["compile", "plan", "estimate", "fingerprint", "IR", "PIPELINE"]
+__all__ = ["compile", "plan", "plan_and_ir", "estimate", "fingerprint", "IR", "PIPELINE"]

@@ -10,6 +10,8 @@ MODEL is a built-in name (see `pcompile.cli.BUILTINS`) or `path/file.py:factory`
 is called with `batch=` and `seq=` when the user gave them and its signature takes them; it
 returns `(model, example_inputs)` (the model's forward(*example_inputs) returns the loss), or a
 model alone when the model is a pcompile GPT or MLPModel (inputs are then built from its cfg).
+A built-in model's default batch and sequence length are the published ones it was trained
+with (pcompile.models.GPT_BATCHES: e.g. gpt3-175b 1536 x 2048).
 Built-in models are built on the meta device for planning (no weights are allocated), so a
 laptop plans gpt3-175b; `run` builds real weights. Cluster: a preset name, `localN` (N ranks on
 this machine) or a cluster JSON file. Sizes: `16GB` means 16 GiB (GPU memory is quoted in GiB).
@@ -67,12 +69,14 @@ def _tokens(inputs: tuple) -> tuple[int, str]:
 
 
 def _builtin(name: str, batch: int | None, seq: int | None, meta: bool) -> Workload:
-    from pcompile.models import GPT, GPT_CONFIGS
+    """A built-in GPT with `batch` sequences of `seq` tokens; by default the batch and sequence
+    length it was published with (pcompile.models.GPT_BATCHES, GPT_CONFIGS)."""
+    from pcompile.models import GPT, GPT_BATCHES, GPT_CONFIGS
 
     cfg = GPT_CONFIGS[ALIASES.get(name, name)]
     if seq is not None:
         cfg = dataclasses.replace(cfg, seq_len=seq)
-    batch = batch or 8
+    batch = batch or GPT_BATCHES[ALIASES.get(name, name)]
     device = torch.device("meta" if meta else "cpu")
     with device:
         model = GPT(cfg)
@@ -179,25 +183,38 @@ def _progress(description: str):
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_plan(args) -> int:
+    """One capture: trace, analyse and search; the rewrites run only for what reads their IR
+    (--onnx, --plot, --debug-dir), the FLOP totals of the report come from the analysis."""
     import pcompile
-    from pcompile.api import PIPELINE
+    from pcompile.api import PIPELINE, plan_and_ir
 
     cluster = load_cluster(args.cluster, args.memory)
     batches = args.batch or [None]
+    ranged = len(batches) > 1
+    rewrite = bool(args.onnx or args.plot or args.debug_dir)
     meta = args.model != "gpt-tiny"
     with _progress("building the model"):
         workload = load_workload(args.model, batches[0], args.seq, meta=meta)
-    with _progress("tracing, analysing (shapes, FLOPs, memory, layers) and searching"):
-        space = {"pp_degrees": tuple(args.pp)} if args.pp else None
-        plan = pcompile.plan(workload.model, cluster, workload.inputs, search_space=space,
-                             global_batch=batches if len(batches) > 1 else None)
-    if len(batches) > 1 and plan.global_batch != batches[0]:  # the search chose another batch
-        with _progress(f"building the model for the chosen global batch {plan.global_batch}"):
-            workload = load_workload(args.model, plan.global_batch, args.seq, meta=meta)
-    with _progress("rewriting the graph for the plan"):
-        ir = pcompile.compile(workload.model, cluster, workload.inputs, plan=plan, debug_dir=args.debug_dir,
-                              stop_after=PIPELINE[-1])
+    space = {"pp_degrees": tuple(args.pp)} if args.pp else None
+    with _progress("tracing, analysing (shapes, FLOPs, memory, layers) and searching"
+                   + (", rewriting the graph for the plan" if rewrite and not ranged else "")):
+        plan, ir = plan_and_ir(workload.model, cluster, workload.inputs, search_space=space,
+                               global_batch=batches if ranged else None, rewrite=rewrite and not ranged,
+                               debug_dir=None if ranged else args.debug_dir)
     flops = ir.total("flops") + ir.total("bwd_flops")
+    first = workload.inputs[0]
+    example = int(first.shape[0]) if isinstance(first, torch.Tensor) and first.dim() else 1
+    if ranged and rewrite:  # the rewrites run the chosen batch: its inputs, the plan forced
+        if plan.global_batch != example:
+            with _progress(f"building the model for the chosen global batch {plan.global_batch}"):
+                workload = load_workload(args.model, plan.global_batch, args.seq, meta=meta)
+        with _progress("rewriting the graph for the plan"):
+            ir = pcompile.compile(workload.model, cluster, workload.inputs, plan=plan, debug_dir=args.debug_dir,
+                                  stop_after=PIPELINE[-1])
+        flops = ir.total("flops") + ir.total("bwd_flops")
+    elif ranged and plan.global_batch != example:  # every count is linear in the batch
+        flops = flops * plan.global_batch // example
+        workload = dataclasses.replace(workload, tokens=workload.tokens * plan.global_batch // example)
     notes = []
     if args.out:
         with open(args.out, "w") as f:
@@ -394,8 +411,9 @@ def parser() -> argparse.ArgumentParser:
     plan.add_argument("model")
     plan.add_argument("--cluster", required=True, help="preset (e.g. 8xA100-80GB), localN, or a cluster .json")
     plan.add_argument("--memory", help="memory budget per device, e.g. 16GB")
-    plan.add_argument("--batch", type=_batches, help="global batch (default 8 for built-in models), or several "
-                                                     "(8,16,32): the search picks the most samples/s")
+    plan.add_argument("--batch", type=_batches, help="global batch (default: a built-in model's published one, "
+                                                     "e.g. 1536 for gpt3-175b), or several (8,16,32): the search "
+                                                     "picks the most samples/s")
     plan.add_argument("--seq", type=int, help="sequence length (built-in GPTs)")
     plan.add_argument("--pp", type=int, action="append",
                       help="allowed pipeline degree (repeat for several; default: searched)")

@@ -161,13 +161,25 @@ def mlp_inputs(cfg: MLPConfig, batch: int, seed: int = 0) -> tuple[torch.Tensor,
             torch.randint(0, cfg.num_classes, (batch,), generator=generator))
 
 
-# Named configs for the CLI and benchmarks (analysed on the meta device: no weights).
+# Named configs for the CLI and benchmarks (analysed on the meta device: no weights); each
+# config's seq_len is its published context.
 GPT_CONFIGS = {
     "gpt-tiny": GPTConfig(),
     "gpt-small": GPTConfig(vocab_size=50304, seq_len=1024, hidden=768, num_heads=12, num_layers=12),
     "gpt-1.3b": GPTConfig(vocab_size=50304, seq_len=2048, hidden=2048, num_heads=16, num_layers=24),
     "gpt-7b": GPTConfig(vocab_size=32000, seq_len=2048, hidden=4096, num_heads=32, num_layers=32, tie_head=False),
     "gpt3-175b": GPTConfig(vocab_size=50304, seq_len=2048, hidden=12288, num_heads=96, num_layers=96),
+}
+
+
+# The global batch (sequences of the config's seq_len) each named config was trained with:
+# what `pcompile plan MODEL` plans for when no --batch is given.
+GPT_BATCHES = {
+    "gpt-tiny": 8,  # a toy: the batch the tests and the demo train
+    "gpt-small": 512,  # GPT-2 124M: 512 x 1024 (Radford et al. 2019, section 2.3)
+    "gpt-1.3b": 512,  # GPT-3 XL: 1M tokens = 512 x 2048 (Brown et al. 2020, table 2.1)
+    "gpt-7b": 2048,  # LLaMA-7B: 4M tokens = 2048 x 2048 (Touvron et al. 2023, table 2)
+    "gpt3-175b": 1536,  # GPT-3 175B: 3.2M tokens = 1536 x 2048 (Brown et al. 2020, table 2.1)
 }
 
 

@@ -204,6 +204,26 @@ def settings(num_devices: int, devices_per_node: int, global_batch: int, layers:
     return out
 
 
+def batch_splits(devices: int, devices_per_node: int, batch: int, layers: tuple[str, ...], space: SearchSpace,
+                 rules: SearchRules) -> bool:
+    """Whether some plan of the space runs a global batch of `batch`: a setting (pp, m) with a
+    strategy whose dp divides its micro-batch."""
+    return any(strategies_for(devices // s.pp, devices_per_node, batch // s.microbatches, space, rules)
+               for s in settings(devices, devices_per_node, batch, layers, space, rules))
+
+
+def nearest_batches(devices: int, devices_per_node: int, batch: int, layers: tuple[str, ...], space: SearchSpace,
+                    rules: SearchRules) -> list[int]:
+    """The global batches nearest to `batch` that some plan of the space runs: the largest below
+    and the smallest above (a multiple of the device count runs at dp = devices, tp = pp = 1
+    when the space allows them; the scan stops `devices` away either side)."""
+    def first(candidates):
+        return next((b for b in candidates if batch_splits(devices, devices_per_node, b, layers, space, rules)), None)
+
+    found = [first(range(batch - 1, max(batch - devices, 0), -1)), first(range(batch + 1, batch + devices + 1))]
+    return [b for b in found if b is not None]
+
+
 def even_segments(layers: tuple[str, ...], pp: int, chunks: int = 1) -> tuple[tuple[tuple[int, int], ...], ...] | None:
     """Per device, its (start, stop) layer ranges when the blocks are split evenly into pp * v
     chunks (chunk c on device c mod pp; the first chunks get one block more when they do not
