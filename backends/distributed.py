@@ -27,7 +27,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.launch import rank_device
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_norm, materialise, modes, optimizers, precision, rng
+from pcompile.runtime import collectives, grad_norm, materialise, modes, ops, optimizers, precision, rng
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
@@ -92,6 +92,7 @@ class CompiledModel:
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         self.gm = gm
+        self._run = gm  # what computes the graph: the GraphModule, or torch.compile's wrapper of it
         self._prefix = f"pcompile{uid}"
         self.streams = random_streams.bind([gm], plan, self.device, self._prefix, mixed=self.layout is not None)
         return self._registered()
@@ -183,6 +184,27 @@ class CompiledModel:
         torch.initial_seed(); the process's own generator is never read or advanced by them."""
         self._check_lowered(values=False)
         random_streams.reseed(self.streams, self.plan, seed)
+        return self
+
+    def compile(self, backend: str = "inductor", **options) -> "CompiledModel":
+        """torch.compile this rank's graphs (every strategy; a pipeline rank: its stages), with
+        the eager program's gradients: pcompile's run-time ops (collectives, ZeRO-3's gathers
+        and re-gathers, random streams, checkpoint regions) stay eager between compiled
+        segments (pcompile.runtime.ops.opaque_to_compiler). `backend` and `options` go to
+        torch.compile ("aot_eager" compiles without code generation). Call on every rank,
+        before the first step."""
+        self._check_lowered(values=False)
+        if options.get("fullgraph"):
+            raise PcompileError("cm.compile(fullgraph=True): the lowered program breaks the graph at every "
+                                "collective and ZeRO-3 gather, which run eagerly", "drop fullgraph=True")
+        modules = self._pipeline.modules if self._pipeline is not None else [self.gm]
+        for module in modules:
+            ops.opaque_to_compiler(module)
+        if self._pipeline is not None:
+            for stage in self._pipeline.stages:
+                stage.submod = torch.compile(stage.submod, backend=backend, **options)
+        else:
+            self._run = torch.compile(self.gm, backend=backend, **options)
         return self
 
     # -- training --------------------------------------------------------------------------
@@ -303,7 +325,7 @@ class CompiledModel:
                 if self.masters is not None:
                     self.masters.pull()
                     batch = self.masters.cast_inputs(batch)
-                return self._global_loss(self.gm(*batch, **counts))
+                return self._global_loss(self._run(*batch, **counts))
         finally:
             self.train(training)
 
@@ -318,7 +340,7 @@ class CompiledModel:
         if self.masters is not None:
             self.masters.pull()
             local = self.masters.cast_inputs(local)
-        loss = self.gm(*local, **counts)
+        loss = self._run(*local, **counts)
         loss.backward()  # under mixed precision the gradients land in the fp32 masters (precision.py)
         if fold is not None:
             fold()

@@ -13,7 +13,8 @@ from pcompile.runtime import ops, rng
 @ops.local
 def run_checkpointed(region: torch.nn.Module, *args):
     """Run `region(*args)` keeping only `args` for backward; recompute the region in backward
-    (drawing the same random masks: pcompile.runtime.rng)."""
+    (drawing the same random masks: pcompile.runtime.rng). Under cm.compile() the region runs
+    eagerly: torch.utils.checkpoint disables dynamo for what it calls."""
     return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, context_fn=rng.checkpoint_contexts)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 import torch.fx as fx
 
 
@@ -79,3 +80,31 @@ def collectives_of(gm: fx.GraphModule):
             for node in module.graph.nodes:
                 if is_collective(node):
                     yield module, node
+
+
+_OPAQUE: dict[Callable, Callable] = {}  # run-time op -> its torch.compiler.disable wrapper
+
+
+def opaque_to_compiler(gm: fx.GraphModule) -> None:
+    """Make every run-time op of `gm` (and of the GraphModules nested in it) run eagerly under
+    torch.compile: a graph break around each. Why: they hold what a traced graph cannot keep -
+    process groups looked up at run time, ZeRO-3's saved-tensor hooks that re-gather a
+    parameter in backward (traced, AOTAutograd saves the gathered tensor itself, and the
+    gradients come out wrong), random-stream swaps, checkpoint regions. The compiled segments
+    between them are plain tensor code. The wrappers stay registered as the ops they wrap."""
+    for module in gm.modules():
+        if not isinstance(module, fx.GraphModule):
+            continue
+        changed = False
+        for node in module.graph.nodes:
+            op = op_of(node)
+            if op is None or node.target in _OPAQUE.values():
+                continue
+            if node.target not in _OPAQUE:
+                wrapper = torch.compiler.disable(node.target, recursive=True)
+                _OPAQUE[node.target] = wrapper
+                _OPS[wrapper] = op
+            node.target = _OPAQUE[node.target]
+            changed = True
+        if changed:
+            module.recompile()

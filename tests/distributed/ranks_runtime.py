@@ -106,7 +106,47 @@ def groups_released(plan) -> dict:
     return {"before": before, "during": during, "after": len(distributed_c10d._world.pg_map)}
 
 
+class _Counting:
+    """A torch.compile backend: aot_eager (dynamo + AOTAutograd, no code generation), counting
+    the ops of the graphs it compiles."""
+
+    def __init__(self):
+        self.ops = 0
+
+    def __call__(self, gm, example_inputs):
+        from torch._dynamo.backends.registry import lookup_backend
+
+        self.ops += sum(1 for node in gm.graph.nodes if node.op == "call_function")
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+
+def compiled_equals_eager(plan, mixed_precision=None, steps: int = 1) -> dict:
+    """AdamW steps of the lowered program, eager and under cm.compile: losses and gradients."""
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = GPT(dataclasses.replace(CFG, dropout=0.0))
+        cm = pcompile.compile(model, pcompile.Cluster.local(dist.get_world_size()), gpt_inputs(CFG, 8), plan=plan,
+                              mixed_precision=mixed_precision)
+        backend = _Counting()
+        if compiled:
+            cm.compile(backend=backend)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-2)
+        losses, grads = [], []
+        for step in range(steps):
+            losses.append(cm.train_step(*gpt_inputs(CFG, 8, seed=step)).item())
+            grads.append([p.grad.clone() for p in cm.parameters()])
+            optimizer.step()
+            optimizer.zero_grad()
+        runs.append((losses, grads, backend.ops))
+        cm.close()
+    (losses, grads, _), (compiled_losses, compiled_grads, compiled_ops) = runs
+    return {"loss_diff": max(abs(a - b) for a, b in zip(losses, compiled_losses)),
+            "grad_diff": max((a - b).abs().max().item() for g, h in zip(grads, compiled_grads) for a, b in zip(g, h)),
+            "compiled_ops": compiled_ops}
+
+
 def run_all(cases) -> list:
     fns = {"replicated": replicated_agree, "dp": dp_masks_differ, "checkpoint": checkpoint_replays,
-           "groups": groups_released}
+           "groups": groups_released, "compile": compiled_equals_eager}
     return [fns[kind](*args) for kind, args in cases]
