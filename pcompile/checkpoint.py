@@ -8,12 +8,20 @@ tensor. Loading
 under another plan (other dp/tp/pp, other world size) or into the serial model
 (`load_full`) asks DCP for the chunks that plan needs; DCP reshards.
 
+Several nodes: every rank writes its own chunks into the directory and reads others' when
+loading under another plan, so the directory must be one shared filesystem (NFS, Lustre,
+a mounted bucket). `save` checks that every rank sees the same directory (a file rank 0
+writes, read by all) and `load` that every rank sees the same checkpoint (identical copies
+on each node will do); both refuse naming the ranks and hosts that do not, before any rank
+writes or reads a chunk.
+
 Atomicity: a checkpoint is written to `DIR/step-N.tmp`, renamed to `DIR/step-N` once every
 rank has finished, and only then does `DIR/latest` (replaced atomically with os.replace) point
 to it. A crash at any moment leaves `latest` naming a complete checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,6 +52,47 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _ranks_failing(check) -> list[tuple[int, str]]:
+    """Collective: (rank, host) of every rank where `check()` is False."""
+    import socket
+
+    ok = check()
+    if not _distributed():
+        return [] if ok else [(0, socket.gethostname())]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (ok, socket.gethostname()))
+    return [(rank, host) for rank, (fine, host) in enumerate(everyone) if not fine]
+
+
+def _check_shared(directory: str) -> None:
+    """Collective: refuse a directory that is not the same on every rank (see the docstring)."""
+    if not _distributed():
+        return
+    name = [f".pcompile-shared-{os.getpid()}-{os.urandom(4).hex()}"]
+    dist.broadcast_object_list(name, src=0)  # rank 0's token name
+    token = os.path.join(directory, name[0])
+    if _rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(token, "w") as f:
+            f.write(name[0])
+    _barrier()
+
+    def sees() -> bool:  # rank 0's token, in this rank's view of the directory
+        try:
+            with open(token) as f:
+                return f.read() == name[0]
+        except OSError:
+            return False
+    failing = _ranks_failing(sees)
+    if _rank() == 0:
+        os.remove(token)
+    if failing:
+        raise PcompileError(f"checkpoint directory {directory!r} is not shared by every rank: rank(s) "
+                            f"{', '.join(f'{r} on {h}' for r, h in failing)} do not see rank 0's files",
+                            "save to a filesystem every node mounts at the same path (NFS, Lustre, a shared "
+                            "bucket mount)")
 
 
 def _sdp_shardings(cm) -> dict:
@@ -121,6 +170,7 @@ def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, ste
     """Collective: save parameters (and optimizer states) as the plan holds them. Returns the path."""
     final = os.path.join(directory, f"step-{step:08d}")
     tmp = final + ".tmp"
+    _check_shared(directory)
     if _rank() == 0:
         os.makedirs(directory, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -169,7 +219,22 @@ def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
+    missing_on = _ranks_failing(lambda: os.path.exists(os.path.join(path, META))
+                                or os.path.exists(os.path.join(path, LATEST)))
+    if missing_on and len(missing_on) < (dist.get_world_size() if _distributed() else 1):
+        raise PcompileError(f"checkpoint {path!r} is missing on rank(s) "
+                            f"{', '.join(f'{r} on {h}' for r, h in missing_on)}",
+                            "load from a filesystem every node mounts at the same path (NFS, Lustre)")
     path = resolve(path)
+    if _distributed():  # copies on each node must be the same checkpoint
+        with open(os.path.join(path, META), "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        digests = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest)
+        if len(set(digests)) > 1:
+            raise PcompileError(f"checkpoint {path!r} differs between ranks ({path}/{META} is not the same file)",
+                                "load from a filesystem every node mounts at the same path, or copy the same "
+                                "checkpoint to every node")
     keys = FileSystemReader(path).read_metadata().state_dict_metadata.keys()
     optim_keys: dict[str, list[str]] = {}
     for key in keys:

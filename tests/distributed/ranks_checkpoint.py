@@ -58,3 +58,23 @@ def load_continue_save(plans: list[pcompile.Plan], directory: str, steps: range,
         results.append({**loaded, "losses": losses, "after": cm.full_state_dict(),
                         "optim_after": checkpoint.full_optimizer_state(cm, optimizer)})
     return results
+
+
+def node_local_directories(root: str) -> dict:
+    """Each rank given its own directory, as node-local disks would: save and load refuse."""
+    import os
+
+    cm, optimizer = build(pcompile.Plan.uniform(dp=2))
+    mine = os.path.join(root, f"rank{dist.get_rank()}")
+    out = {}
+    try:
+        checkpoint.save(cm, mine, optimizer)
+    except pcompile.PcompileError as error:
+        out["save"] = (error.cause, error.fix)
+    shared = os.path.join(root, "shared")
+    checkpoint.save(cm, shared, optimizer)  # a shared directory works
+    try:  # rank 1 looks where only its own (empty) disk is
+        checkpoint.load(cm, shared if dist.get_rank() == 0 else mine, optimizer)
+    except pcompile.PcompileError as error:
+        out["load"] = (error.cause, error.fix)
+    return out

@@ -109,3 +109,12 @@ def test_load_full_into_serial_model(saved):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(pcompile.PcompileError, match="no complete checkpoint"):
         checkpoint.load_full(str(tmp_path))
+
+
+def test_directories_not_shared_by_every_rank_are_refused(tmp_path):
+    per_rank = pcompile.launch(rc.node_local_directories, 2, str(tmp_path))
+    for result in per_rank:
+        cause, fix = result["save"]
+        assert "not shared by every rank" in cause and "rank(s) 1 on" in cause and "NFS" in fix
+        cause, fix = result["load"]
+        assert "missing on rank(s) 1 on" in cause and "NFS" in fix
