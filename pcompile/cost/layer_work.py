@@ -5,6 +5,7 @@ model (pcompile.cost.pricing) prices this work on a cluster for a strategy.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -178,12 +179,16 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
     def divisor(param) -> int:
         return tp if id(param) in split_params else 1
 
+    copies = _repeats(ir, facts, (split_out, row, column, losses, embeddings))
     acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
                        fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
     last_reader = None
     seen_params: set[int] = set()
     for op in facts.ops():
         if op.layer not in acc:
+            continue
+        if op.layer in copies:  # a repeat of its twin's work: only its parameters are seen (charged to it)
+            seen_params.update(id(param) for _, param in op.params)
             continue
         node, meta, a = op.node, ir.meta(op.node), acc[op.layer]
         for name, param in op.params:
@@ -223,12 +228,41 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
             float(ir.meta(source).output_bytes))
     for user, source, _ in scatters:
         acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
-    return {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
-                             float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
-                             tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
-                             tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]), tuple(a["reads"]),
-                             layer == last_reader)
-            for layer, a in acc.items()}
+    if copies:
+        last = max(ir.layers.index(layer) for layer in copies)
+        if (last_reader is None or ir.layers.index(last_reader) < last
+                or any(acc[layer][k] != acc[twin][k] for layer, twin in copies.items() for k in ("bwd", "gather"))):
+            return layer_work(dataclasses.replace(ir, replicas=None), tp, planned, facts)
+    works = {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
+                              float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
+                              tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
+                              tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]), tuple(a["reads"]),
+                              layer == last_reader)
+             for layer, a in acc.items() if layer not in copies}
+    return {layer: works[copies.get(layer, layer)] for layer in ir.layers}
+
+
+def _repeats(ir: IR, facts: NodeFacts, splits: tuple) -> dict[str, str]:
+    """{block: its twin} for the blocks whose work is their twin's, not walked again: with
+    repeated blocks analysed once (ir.replicas: every block past the template's copies its last
+    block, node for node and annotation for annotation), the blocks past the template but the
+    last take the work of the template's last block, when tp splits every block alike (each
+    node of blocks 1.. in the same of `splits` as its counterpart in every other block). The
+    caller checks the rest (the last parameter read, gathers and backward all-reduces)."""
+    r = ir.replicas
+    if r is None:
+        return {}
+    names = [f"{r.prefix}.{k}" for k in range(r.blocks)]
+    if r.blocks < r.captured + 2 or not set(names) <= set(ir.layers):
+        return {}
+    nodes: dict[str, list] = {name: [] for name in names}
+    for op in facts.ops():
+        if op.layer in nodes:
+            nodes[op.layer].append(op.node)
+    marks = [[tuple(n in split for split in splits) for n in nodes[name]] for name in names[1:]]
+    if any(m != marks[0] for m in marks):
+        return {}
+    return {name: names[r.captured - 1] for name in names[r.captured:-1]}
 
 
 def boundary_bytes(ir: IR) -> list[float]:

@@ -42,7 +42,7 @@ FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's fi
 _SPREAD = np.geomspace(1e-3, 1e3, 31)  # the multipliers' range around the exchange rate (StageSolver.lams)
 
 
-def _median(values: np.ndarray) -> float:
+def median(values: np.ndarray) -> float:
     """np.median of a non-empty 1-D array without NaN (the middle value, or the mean of the two
     middle ones: the same float), without its dispatch overhead."""
     ordered = np.sort(values, axis=None)
@@ -61,10 +61,13 @@ class _Key:
 
 class _State(NamedTuple):
     """A DP state f[s, v] stored by the strategies that can hold a plan: f[i] is strategy
-    rows[i]'s row (rows ascending); every other strategy's row is inf."""
+    rows[i]'s row (rows ascending); every other strategy's row is inf. `live`: the positions
+    i whose row holds a plan somewhere (a state is non-increasing in the cells: its last cell
+    is finite)."""
 
     rows: np.ndarray  # strategy indices, ascending
     f: np.ndarray  # [len(rows), cells]
+    live: list[int]
 
     def best(self) -> np.ndarray:
         """min over strategies, per cell."""
@@ -175,6 +178,8 @@ class StageSolver:
         self._dual: dict[int, np.ndarray] = {}
         self._lams: np.ndarray | None = None
         self._bounds_memo: dict[int, tuple] = {}
+        self._upper: dict[int, tuple] = {}
+        self._layers: dict[tuple, tuple] = {}
 
     @property
     def lams(self) -> np.ndarray:
@@ -182,7 +187,7 @@ class StageSolver:
         ignored) and a geometric range around the exchange rate of time per cell of memory."""
         if self._lams is None:
             finite = np.isfinite(self.cost) & (self.w > 0)
-            rate = float(_median(self.cost[finite]) / _median(self.w[finite])) if finite.any() else 1.0
+            rate = float(median(self.cost[finite]) / median(self.w[finite])) if finite.any() else 1.0
             self._lams = np.r_[0.0, rate * _SPREAD]
         return self._lams
 
@@ -216,36 +221,44 @@ class StageSolver:
             self.states[(k, self._norm(k, theta))] = f
         return f
 
+    def _layer(self, layer: int, theta: float) -> tuple[np.ndarray, list[int], list[int], list[float]]:
+        """(strategies, as an array and a list, weight and cost of each) the layer can take with
+        temps <= theta: memoised by the layer's row signature (identical blocks share it)."""
+        key = (self.index.row_sig[layer], theta)
+        got = self._layers.get(key)
+        if got is None:
+            cost = self.cost[layer]
+            if theta < math.inf:
+                cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
+            w = self.w[layer]
+            valid = np.flatnonzero(np.isfinite(cost) & (w < self.V))
+            order = valid.tolist()
+            got = self._layers[key] = (valid, order, w[valid].tolist(), cost[valid].tolist())
+        return got
+
     def _extend(self, prev: _State | None, key: int, theta: float) -> _State:
         """One layer of the recurrence, for the strategies the layer can take only, from the
-        rows of `prev` that hold a plan (a state is non-increasing in the cells, so a row with
-        any finite cell has a finite last cell): f[s, w[s]:] = h[target(s)] + cost[s], inf below
-        w[s], h[t] = min over source classes c of (min over c's rows of prev) + c switch[c, t]."""
+        rows of `prev` that hold a plan: f[s, w[s]:] = h[target(s)] + cost[s], inf below w[s],
+        h[t] = min over source classes c of (min over c's rows of prev) + c switch[c, t]."""
         info = self.index.info[key]
-        layer = info.layer
-        cost = self.cost[layer]
-        if theta < math.inf:
-            cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
-        w = self.w[layer]
         V = self.V
-        valid = np.flatnonzero(np.isfinite(cost) & (w < V))
-        live = [] if prev is None else np.flatnonzero(np.isfinite(prev.f[:, -1])).tolist()
-        if not len(valid) or (prev is not None and not live):
-            return _State(valid[:0], np.empty((0, V)))
-        ws, costs, order = w.tolist(), cost.tolist(), valid.tolist()
+        valid, order, ws, costs = self._layer(info.layer, theta)
+        if not order or (prev is not None and not prev.live):
+            return _State(valid[:0], np.empty((0, V)), [])
         out = np.empty((len(order), V))
+        live = []
         if prev is None:
-            for i, s in enumerate(order):
-                out[i, :ws[s]] = np.inf
-                out[i, ws[s]:] = costs[s]
-            return _State(valid, out)
+            for i, (a, cost) in enumerate(zip(ws, costs)):
+                out[i, :a] = np.inf
+                out[i, a:] = cost
+            return _State(valid, out, list(range(len(order))))
         if info.incoming == SEAM:
-            h, targets = {0: prev.f[live].min(axis=0)}, [0] * len(ws)
+            h, targets = {0: prev.f[prev.live].min(axis=0)}, None
         else:
             labels, rows, targets = self.index.compressed_switch(info.incoming)
-            sources = prev.rows.tolist()
+            sources = prev.rows
             best: dict[int, np.ndarray] = {}  # source class -> min over its rows that hold a plan
-            for i in live:
+            for i in prev.live:
                 c = labels[sources[i]]
                 best[c] = prev.f[i] if c not in best else np.minimum(best[c], prev.f[i])
             h = {}
@@ -254,10 +267,13 @@ class StageSolver:
                     moved = g + self.c * rows[c, t]
                     h[t] = moved if t not in h else np.minimum(h[t], moved, out=h[t])
         for i, s in enumerate(order):
-            a = ws[s]
+            a = ws[i]
+            g = h[0 if targets is None else targets[s]]
             out[i, :a] = np.inf
-            np.add(h[targets[s]][:V - a], costs[s], out=out[i, a:])
-        return _State(valid, out)
+            np.add(g[:V - a], costs[i], out=out[i, a:])
+            if g[V - 1 - a] < math.inf:
+                live.append(i)
+        return _State(valid, out, live)
 
     def dual(self, key: int) -> np.ndarray:
         """[theta of the sequence, lambda]: sum over its layers of min over strategies with temp
@@ -280,6 +296,21 @@ class StageSolver:
             self._dual[key] = got
         return got
 
+    def _free(self, key: int) -> tuple[np.ndarray, int, float]:
+        """(the unrestricted DP's best value per cell, the cells left at M - max temp, the
+        value there: a plan, the `upper` bound), memoised."""
+        got = self._upper.get(key)
+        if got is None:
+            thetas = self.index.info[key].thetas
+            if not len(thetas):
+                got = (None, -1, math.inf)
+            else:
+                free = self.state(key, math.inf).best()
+                top = self.cells(float(thetas[-1]))
+                got = (free, top, float(free[top]) if top >= 0 else math.inf)
+            self._upper[key] = got
+        return got
+
     def _bounds(self, key: int):
         """(upper, lower, sorted (bound, theta)): the unrestricted DP at budget M - max temp is
         a plan (upper); min over theta of max(unrestricted at M - theta, the restricted DP's
@@ -287,11 +318,9 @@ class StageSolver:
         got = self._bounds_memo.get(key)
         if got is None:
             thetas = self.index.info[key].thetas
-            upper, bounds = math.inf, []
+            free, top, upper = self._free(key)
+            bounds = []
             if len(thetas):
-                free = self.state(key, math.inf).best()
-                top = self.cells(float(thetas[-1]))
-                upper = float(free[top]) if top >= 0 else math.inf
                 cells = self._cells_of(thetas[:-1])
                 keep = np.flatnonzero((cells >= 0) & (cells != top))
                 if len(keep):
@@ -306,7 +335,7 @@ class StageSolver:
         return got
 
     def upper(self, key: int) -> float:
-        return self._bounds(key)[0]
+        return self._free(key)[2]
 
     def lower(self, key: int) -> float:
         return self._bounds(key)[1]

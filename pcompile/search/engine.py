@@ -20,7 +20,7 @@ from pcompile.errors import PcompileError
 from pcompile.plan import Strategy
 from pcompile.search.baselines import baselines, no_fit_error
 from pcompile.search.costtable import CostTable
-from pcompile.search.dp import SettingPlan, SettingSolver, TableIndex
+from pcompile.search.dp import SettingPlan, SettingSolver, TableIndex, median
 from pcompile.search.result import SearchResult, StagePlan, layer_choices
 from pcompile.search.space import (
     PlanCost,
@@ -31,6 +31,8 @@ from pcompile.search.space import (
     settings,
     strategies_for,
 )
+
+_SPREAD = np.geomspace(1e-4, 1e4, 48)  # the cheap bound's multipliers around the exchange rate
 
 
 @dataclass(frozen=True)
@@ -140,9 +142,12 @@ class SearchContext:
         if not np.isfinite(single):
             return math.inf
         finite = np.isfinite(cost)
-        scale = np.median(cost[finite]) / max(np.median(weight[finite]), 1e-30)
-        lams = np.r_[0.0, scale * np.geomspace(1e-4, 1e4, 48)]
-        dual = max(np.where(finite, cost + lam * weight, np.inf).min(axis=1).sum() - lam * sum(budgets) for lam in lams)
+        scale = median(cost[finite]) / max(median(weight[finite]), 1e-30)
+        lams = np.r_[0.0, scale * _SPREAD]
+        # every multiplier at once: [lambda, layer] minima summed per lambda (each row summed as
+        # the 1-D sum of one multiplier's minima is)
+        priced = np.where(finite[None], cost[None] + lams[:, None, None] * weight[None], np.inf)
+        dual = (priced.min(axis=2).sum(axis=1) - lams * sum(budgets)).max()
         p = self.problem
         sends = min((float(np.min(2 * (p.p2p_latency + t.boundary_bytes / p.p2p_bandwidth)))
                      for t in distinct.values() if t.num_layers > 1), default=0.0)

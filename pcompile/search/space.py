@@ -116,12 +116,18 @@ class Setting:
 
 @functools.lru_cache(maxsize=65536)
 def _in_flight(schedule: str, pp: int, m: int, stage: int, chunks: int) -> float:
-    # GPipe and 1F1B in closed form (what their op orders give: m, and the warm-up's pp - stage - 1
-    # forwards plus one); interleaved 1F1B's order walked (a 1536-micro-batch order is 3k ops, per stage)
+    # In closed form, what walking the schedule's op order gives (schedules.schedule_order: a
+    # 1024-micro-batch order is thousands of ops, per stage): GPipe holds all m; 1F1B and
+    # interleaved 1F1B hold their warm-up's forwards plus the one of the first F/B pair (all of
+    # them when the warm-up is the whole step), each chunk's forward 1/chunks of a micro-batch
     if schedule == "GPipe" and m > 0 and chunks == 1:
         return float(m)
     if schedule == "1F1B" and m > 0 and chunks == 1:
         return float(min(pp - stage, m))
+    if schedule == "Interleaved1F1B" and m > 0 and m % pp == 0:
+        total = m * chunks
+        warm = min((pp - stage - 1) * 2 + (chunks - 1) * pp, total)
+        return min(warm + 1, total) / chunks
     return peak_in_flight(schedule_order(schedule, pp, m, stage, chunks), chunks)
 
 
