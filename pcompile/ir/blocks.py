@@ -75,11 +75,40 @@ def _module_paths(node: fx.Node) -> list[str]:
 
 
 def block_of(node: fx.Node, names: list[str]) -> str | None:
-    for path in _module_paths(node):
-        for name in names:
-            if path == name or path.startswith(name + "."):
-                return name
-    return None
+    """The block `node` runs in by its module paths: the first path (innermost last) that lies
+    in a block, the first of `names` it lies in."""
+    return _Lookup(names)(node)
+
+
+class _Lookup:
+    """block_of with the block names indexed: each path's dotted prefixes looked up, each
+    path's answer kept (a 96-block graph has thousands of nodes, few distinct paths)."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.position = {name: i for i, name in enumerate(names)}
+        self.paths: dict[str, int | None] = {}
+
+    def _path(self, path: str) -> int | None:
+        if path not in self.paths:
+            found, prefix = None, path
+            while True:
+                at = self.position.get(prefix)
+                if at is not None and (found is None or at < found):
+                    found = at
+                cut = prefix.rfind(".")
+                if cut < 0:
+                    break
+                prefix = prefix[:cut]
+            self.paths[path] = found
+        return self.paths[path]
+
+    def __call__(self, node: fx.Node) -> str | None:
+        for path in _module_paths(node):
+            at = self._path(path)
+            if at is not None:
+                return self.names[at]
+        return None
 
 
 def _top_level(model: torch.nn.Module) -> list[str]:
@@ -112,12 +141,13 @@ def block_names(model: torch.nn.Module) -> tuple[list[str], bool]:
 def _explicit_blocks(nodes: list[fx.Node], blocks: list[str]) -> list[str | None]:
     """The block each node's module path names (None for nodes of no block); a get_attr takes
     its first user's block (export reads every parameter at the top of the graph)."""
-    explicit = [None if node.op == "get_attr" else block_of(node, blocks) for node in nodes]
+    lookup = _Lookup(blocks)
+    explicit = [None if node.op == "get_attr" else lookup(node) for node in nodes]
     index = {node: i for i, node in enumerate(nodes)}
     for i, node in enumerate(nodes):
         if node.op == "get_attr":
             users = sorted(index[u] for u in node.users)
-            explicit[i] = explicit[users[0]] if users else block_of(node, blocks)
+            explicit[i] = explicit[users[0]] if users else lookup(node)
     return explicit
 
 
