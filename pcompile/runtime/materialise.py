@@ -13,7 +13,8 @@ backend allocates only what the rank holds (its tp shards, ZeRO-3 chunks, pipeli
   the same under every plan and world size, and `init_model_weights(model, seed)` gives it on
   one device. (A tied weight takes the values of the first module that owns it.)
 - `load_weights(...)`: safetensors (one file, or a directory with model.safetensors.index.json)
-  read with `get_slice`, so each rank reads only the rows / columns of its pieces. Names are
+  read with positioned reads (pcompile.runtime.safetensors_slices), so each rank reads only
+  the rows / columns of its pieces and holds no more than a bounded slab beyond them. Names are
   matched through the capture: the model's own name, its tied aliases, and the name without
   leading wrapper components ("model.model.layers.0..." finds "model.layers.0..." or
   "layers.0...").
@@ -32,6 +33,7 @@ import torch
 from pcompile.errors import PcompileError
 from pcompile.ir.params import aliases
 from pcompile.ir.placement import Shard
+from pcompile.runtime.safetensors_slices import SafetensorsFile
 
 INDEX = "model.safetensors.index.json"
 
@@ -191,9 +193,7 @@ def model_tensors(module: torch.nn.Module, persistent_only: bool = False) -> dic
 def checkpoint_files(path: str) -> dict[str, str]:
     """Tensor name -> the safetensors file holding it, for a file or a sharded directory."""
     if os.path.isfile(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
+        with SafetensorsFile(path) as f:
             return dict.fromkeys(f.keys(), path)
     index = os.path.join(path, INDEX)
     if os.path.isdir(path) and os.path.isfile(index):
@@ -240,22 +240,13 @@ def _slices(shape, shards: list[tuple[Shard, int]]) -> list[list[tuple[int, int]
     return ranges
 
 
-def read_piece(handle, key: str, shards: list[tuple[Shard, int]]) -> torch.Tensor:
+def read_piece(handle: SafetensorsFile, key: str, shards: list[tuple[Shard, int]]) -> torch.Tensor:
     """This rank's piece of tensor `key` of an open safetensors file, reading only its slices."""
-    view = handle.get_slice(key)
-    shape = view.get_shape()
+    shape = handle.shape(key)
     ranges = _slices(shape, shards)
-    if ranges is None:
-        return local_piece(view[:], shards)
-    dims = [d for d, r in enumerate(ranges) if len(r) > 1]
-    if not dims:
-        return view[tuple(slice(a, b) for (a, b), in ranges)]
-    dim = dims[0]
-    parts = []
-    for a, b in ranges[dim]:
-        index = tuple(slice(a, b) if d == dim else slice(*r[0]) for d, r in enumerate(ranges))
-        parts.append(view[index])
-    return torch.cat(parts, dim=dim)
+    if ranges is None:  # a block-wise cut cut again along its dim: the tensor, then the pieces
+        return local_piece(handle.read(key, [[(0, n)] for n in shape]), shards)
+    return handle.read(key, ranges)
 
 
 def fill_from_safetensors(path: str, model: torch.nn.Module, targets: dict[str, torch.Tensor], cuts,
@@ -263,8 +254,6 @@ def fill_from_safetensors(path: str, model: torch.nn.Module, targets: dict[str, 
     """Give every tensor of `targets` its piece of the checkpoint at `path` (see the module
     docstring); `model`: the model (for its parameters' aliases). `strict`: every target must be
     in the checkpoint (else those missing keep their values)."""
-    from safetensors import safe_open
-
     files = checkpoint_files(path)
     names = aliases(model)
     missing, done = [], set()
@@ -279,7 +268,7 @@ def fill_from_safetensors(path: str, model: torch.nn.Module, targets: dict[str, 
                 continue
             file = files[key]
             if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+                handles[file] = stack.enter_context(SafetensorsFile(file))
             piece = read_piece(handles[file], key, cuts(name))
             if tuple(piece.shape) != tuple(target.shape):
                 raise PcompileError(f"checkpoint tensor {key!r} gives this rank a {list(piece.shape)} piece for "
