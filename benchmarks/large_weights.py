@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import hashlib
 import os
-import resource
 import sys
 import tempfile
 import time
