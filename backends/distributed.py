@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pcompile import checkpoint
-from pcompile.backends import layer_groups, random_streams
+from pcompile.backends import devices, layer_groups, random_streams
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
@@ -91,6 +91,7 @@ class CompiledModel:
             materialise.allocate([gm], self.device)
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
+        devices.follow_device(gm, self.device)  # export captures: their device constants
         self.gm = gm
         self._run = gm  # what computes the graph: the GraphModule, or torch.compile's wrapper of it
         self._prefix = f"pcompile{uid}"

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from pcompile.backends.devices import follow_device
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
@@ -107,6 +108,8 @@ class PipelineRuntime:
         else:  # uninitialised pieces, ties kept; values come from init_weights / load_weights
             fresh = materialise.allocate(self.modules, device)
             self.sdp_params = {id(fresh[i]) for i in self.sdp_params}
+        for module in self.modules:  # export captures: their device constants
+            follow_device(module, device)
         self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)

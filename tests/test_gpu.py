@@ -105,3 +105,16 @@ def _pipeline_with_buffers(_):
 @TWO_GPUS
 def test_pipeline_stages_keep_their_buffers_on_their_gpu():
     assert max(pcompile.launch(_pipeline_with_buffers, 2, None, backend="nccl")) < 1e-5
+
+
+@CUDA
+def test_an_export_capture_from_cpu_inputs_runs_on_the_gpu():
+    from tests.models import zoo
+
+    torch.manual_seed(0)
+    model = zoo.llama()
+    serial = zoo.llama().cuda()
+    serial.load_state_dict(model.state_dict())
+    cm = pcompile.compile(model, pcompile.Cluster.local(1), zoo.token_batch(0))  # CPU example inputs
+    batch = tuple(t.cuda() for t in zoo.token_batch(1))
+    assert abs(cm.train_step(*batch).item() - serial(*batch).item()) < 1e-4
