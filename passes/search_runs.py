@@ -45,14 +45,17 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
       sharded_data_parallel where such layers read a tied weight);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`)."""
-    def forbidden(layer: str, s: Strategy) -> bool:
-        return ((s.sp and (pipelined or layer in refused.get(s.tp, {})))
-                or (pipelined and s.sdp and s.tp > 1)
-                or (layer in pins and s.tp != pins[layer])
-                or (dp_one and s.dp > 1))
+    def everywhere(s: Strategy) -> bool:  # forbidden on every layer
+        return (s.sp and pipelined) or (pipelined and s.sdp and s.tp > 1) or (dp_one and s.dp > 1)
+
+    def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
+        return (s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
+
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
+    named = {layer for tp in refused.values() for layer in tp} | set(pins)  # layers a rule names
+    candidates = [i for i, layer in enumerate(table.layers) if layer in named]
     for j, s in enumerate(table.strategies):
-        rows = [i for i, layer in enumerate(table.layers) if forbidden(layer, s)]
+        rows = slice(None) if everywhere(s) else [i for i in candidates if forbidden(table.layers[i], s)]
         fwd[rows, j] = bwd[rows, j] = np.inf
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 

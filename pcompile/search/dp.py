@@ -102,6 +102,7 @@ class TableIndex:
         self.switch_sig = _signatures([table.switch_time[b].tobytes() for b in range(table.num_layers - 1)])
         self.switch_classes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.keys: dict[tuple[int, int, int], int] = {}
+        self._sequences: dict[tuple, int] = {}  # segments -> key (sequence's memo)
         self.info: list[_Key] = [_key(-1, -1, FIRST, np.empty(0))]
 
     def child(self, parent: int, layer: int, incoming: int) -> int:
@@ -116,10 +117,14 @@ class TableIndex:
         return key
 
     def sequence(self, segments) -> int:
-        key = 0
-        for a, b in segments:
-            for layer in range(a, b):
-                key = self.child(key, layer, FIRST if key == 0 else (SEAM if layer == a else layer - 1))
+        segments = tuple(tuple(s) for s in segments)
+        key = self._sequences.get(segments)
+        if key is None:
+            key = 0
+            for a, b in segments:
+                for layer in range(a, b):
+                    key = self.child(key, layer, FIRST if key == 0 else (SEAM if layer == a else layer - 1))
+            self._sequences[segments] = key
         return key
 
     def compressed_switch(self, boundary: int):
@@ -176,6 +181,7 @@ class StageSolver:
         self.states: dict[tuple[int, float], np.ndarray] = {}
         self.values: dict[int, tuple[float, float]] = {}
         self._dual: dict[int, np.ndarray] = {}
+        self._own_dual: dict[tuple, np.ndarray] = {}
         self._lams: np.ndarray | None = None
         self._bounds_memo: dict[int, tuple] = {}
         self._upper: dict[int, tuple] = {}
@@ -283,12 +289,17 @@ class StageSolver:
         got = self._dual.get(key)
         if got is None:
             info = self.index.info[key]
-            temp = self.index.table.temp_memory[info.layer]
-            order = np.argsort(temp, kind="stable")
-            at = np.searchsorted(temp[order], info.thetas, side="right") - 1
-            priced = self.cost[info.layer][order][None, :] + self.lams[:, None] * self.w[info.layer][order][None, :]
-            cheapest = np.minimum.accumulate(priced, axis=1)
-            got = np.where(at[:, None] >= 0, cheapest[:, np.maximum(at, 0)].T, np.inf)
+            # the layer's own term depends on its row and the thresholds only: identical blocks share it
+            own = (self.index.row_sig[info.layer], info.thetas.tobytes())
+            got = self._own_dual.get(own)
+            if got is None:
+                temp = self.index.table.temp_memory[info.layer]
+                order = np.argsort(temp, kind="stable")
+                at = np.searchsorted(temp[order], info.thetas, side="right") - 1
+                priced = (self.cost[info.layer][order][None, :]
+                          + self.lams[:, None] * self.w[info.layer][order][None, :])
+                cheapest = np.minimum.accumulate(priced, axis=1)
+                got = self._own_dual[own] = np.where(at[:, None] >= 0, cheapest[:, np.maximum(at, 0)].T, np.inf)
             if info.parent:
                 parent = self.index.info[info.parent].thetas
                 at = np.searchsorted(parent, info.thetas, side="right") - 1
@@ -419,6 +430,7 @@ class SettingSolver:
         L = indexes[0].table.num_layers
         self.p2p = [np.array([c * p2p_time(ix.table, l, p2p_bandwidth, p2p_latency) for l in range(L - 1)] + [0.0])
                     for ix in indexes]
+        self.p2p_list = [p.tolist() for p in self.p2p]
 
     def fixed(self, segments) -> SettingPlan | None:
         """The best plan with these stage segments (even split, interleaved chunks)."""
@@ -489,42 +501,49 @@ class SettingSolver:
 
     def _partition(self, bound: float, exact: bool):
         """F[k][j] = min_i max(F[k-1][i], g_k(i, j)) with g exact (or its lower bound), pruned
-        at `bound`: g_k(i, j) grows with j and shrinks with i, so scans stop past the bound."""
+        at `bound`: g_k(i, j) grows with j and shrinks with i, so scans stop past the bound.
+        (Python lists in the scan: its steps are a few comparisons each.)"""
         L, pp = self.indexes[0].table.num_layers, self.setting.pp
-        F = np.full(L + 1, math.inf)
-        F[0] = 0.0
+        inf = math.inf
+        F = [0.0] + [inf] * L
         back = []
         for k in range(pp):
-            index, solver, p2p = self.indexes[k], self.solvers[k], self.p2p[k]
-            G = np.full(L + 1, math.inf)
-            arg = np.full(L + 1, -1)
+            index, solver, p2p = self.indexes[k], self.solvers[k], self.p2p_list[k]
+            lower, child, known, memo = solver.lower, index.child, index.keys, solver._bounds_memo
+            rows, edges = index.row_sig, index.switch_sig
+            G, arg = [inf] * (L + 1), [-1] * (L + 1)
             last = k == pp - 1
             stop = L - (pp - 1 - k)
             for i in (range(L - 1, k - 1, -1) if last else range(k, stop)):
-                if F[i] > bound:
+                f = F[i]
+                if f > bound:
                     continue
-                key = 0 if not last else index.sequence([(i, L)])
+                key = 0 if not last else index.sequence(((i, L),))
                 for j in ((L,) if last else range(i + 1, stop + 1)):
-                    if not last:
-                        key = index.child(key, j - 1, FIRST if key == 0 else j - 2)
-                    low = solver.lower(key)
+                    if not last:  # index.child(key, j - 1, ...), its memo read inline
+                        incoming = FIRST if key == 0 else j - 2
+                        found = known.get((key, edges[incoming] if incoming >= 0 else incoming, rows[j - 1]))
+                        key = found if found is not None else child(key, j - 1, incoming)
+                    got = memo.get(key)
+                    low = got[1] if got is not None else lower(key)
                     if low > bound:
                         break
-                    if max(F[i], low + p2p[j - 1]) >= G[j]:
+                    send = p2p[j - 1]
+                    if max(f, low + send) >= G[j]:
                         continue  # cannot improve G[j]
                     if not exact:
                         val = low
-                    elif solver.upper(key) + p2p[j - 1] <= F[i]:
+                    elif solver.upper(key) + send <= f:
                         val = solver.upper(key)  # not this partial plan's max: its exact value is moot
                     else:
                         val = solver.value(key)[0]
                         if val > bound:
                             break
-                    cand = max(F[i], val + p2p[j - 1])
+                    cand = max(f, val + send)
                     if cand < G[j]:
                         G[j], arg[j] = cand, i
-                if last and solver.lower(key) > bound:
+                if last and lower(key) > bound:
                     break  # a longer last stage (smaller i) costs at least as much
             F = G
-            back.append(arg)
-        return F, back
+            back.append(np.array(arg))
+        return np.array(F), back
