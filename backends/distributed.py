@@ -125,9 +125,15 @@ class CompiledModel:
         if not self._lowered:
             raise PcompileError("this compiled model was planned but not lowered (no process group)",
                                 "call pcompile.compile under torchrun or pcompile.launch, or use plan() only")
-        if values and not (self._pipeline or self).materialised:
+        if values and not self.has_values:
             raise PcompileError("the model was built on the meta device and its weights have no values yet",
                                 "call cm.init_weights(seed) or cm.load_weights(path) on every rank first")
+
+    @property
+    def has_values(self) -> bool:
+        """Whether this rank's parameters hold values (False for a meta-built model until
+        init_weights / load_weights)."""
+        return (self._pipeline or self).materialised
 
     # -- weights of a model built on the meta device --------------------------------------------
     def _targets(self, persistent_only: bool = False) -> dict[str, torch.Tensor]:

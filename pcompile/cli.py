@@ -133,7 +133,8 @@ def load_cluster(spec: str, memory: str | None):
         cluster = Cluster.local(int(match.group(1)))
     elif spec.endswith(".json") and os.path.isfile(spec):
         with open(spec) as f:
-            cluster = Cluster.from_json(f.read())
+            data = json.load(f)
+        cluster = Cluster.from_dict(data["cluster"] if "cluster" in data else data)  # a profile, or a cluster
     else:
         cluster = Cluster.preset(spec)
     return cluster.with_memory(parse_bytes(memory)) if memory else cluster
@@ -255,29 +256,54 @@ def _peak_memory() -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process RSS"
 
 
-def train_rank(spec: str, plan_json: str, steps: int, batch: int | None, seq: int | None, lr: float,
-               log: str, clip: float = 1.0, eval_every: int = 0) -> dict:
-    """One rank of `pcompile run`: compile with the plan, train `steps` AdamW steps on random data
-    (a built-in model's: each rank draws only its part of the batch), the gradients clipped to a
-    global norm of `clip` (0: not clipped), a held-out batch evaluated every `eval_every` steps."""
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What `pcompile run` gives every rank (plain data: it travels to spawned ranks)."""
+
+    steps: int = 5
+    batch: int | None = None
+    seq: int | None = None
+    lr: float = 1e-3
+    log: str = "stdout"
+    clip: float = 1.0
+    eval_every: int = 0
+    cluster: str | None = None  # preset, localN, cluster/profile .json; None: the devices found
+    init_seed: int = 0
+    weights: str | None = None
+    mixed_precision: str | None = None
+
+
+def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
+    """One rank of `pcompile run`: compile with the plan (a built-in model is built on the meta
+    device: each rank allocates only its pieces, filled by init_weights(init_seed) or from the
+    `weights` checkpoint), train `steps` AdamW steps on random data (a built-in model's: each
+    rank draws only its part of the batch), the gradients clipped to a global norm of `clip`
+    (0: not clipped), a held-out batch evaluated every `eval_every` steps."""
     import torch.distributed as dist
 
     import pcompile
-    from pcompile.cluster import EFFICIENCY
+    from pcompile.cluster import datasheet_peak
     from pcompile.models import GPT_CONFIGS, gpt_inputs
     from pcompile.plan import Plan
 
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     torch.manual_seed(0)
-    workload = load_workload(spec, batch, seq)
-    cluster = pcompile.Cluster.local(world)
-    cm = pcompile.compile(workload.model, cluster, workload.inputs, plan=Plan.from_json(plan_json))
-    optimizer = torch.optim.AdamW(cm.parameters(), lr=lr)
+    workload = load_workload(spec, options.batch, options.seq, meta=spec in BUILTINS)
+    cluster = load_cluster(options.cluster, None) if options.cluster else pcompile.Cluster.local(world)
+    cm = pcompile.compile(workload.model, cluster, workload.inputs, plan=Plan.from_json(plan_json),
+                          mixed_precision=options.mixed_precision)
+    if options.weights:
+        cm.load_weights(options.weights)
+    elif not cm.has_values:
+        cm.init_weights(options.init_seed)
+    steps, clip, eval_every = options.steps, options.clip, options.eval_every
+    optimizer = torch.optim.AdamW(cm.parameters(), lr=options.lr)
     flops = cm.ir.total("flops") + cm.ir.total("bwd_flops")
     cuda = cm.device.type == "cuda"
-    peak_device = cluster.device_of(rank).peak_flops / EFFICIENCY if cuda else None  # datasheet peak, for MFU
-    stream = sys.stdout if log == "stdout" else sys.stderr
+    # MFU against the datasheet peak of this GPU at the precision the run computes in
+    peak_device = datasheet_peak(torch.cuda.get_device_name(cm.device), options.mixed_precision) if cuda else None
+    stream = sys.stdout if options.log == "stdout" else sys.stderr
     records = []
 
     def batch_at(seed: int) -> tuple[tuple, bool]:
@@ -325,18 +351,19 @@ def _launched(args, plan) -> list[dict]:
 
     import pcompile
 
-    call = (args.model, plan.to_json(), args.steps, args.batch, args.seq, args.lr,
-            "stderr" if args.json else "stdout", args.clip, args.eval_every)
+    options = RunOptions(args.steps, args.batch, args.seq, args.lr, "stderr" if args.json else "stdout", args.clip,
+                         args.eval_every, args.cluster, args.init_seed, args.weights, args.mixed_precision)
+    call = (args.model, plan.to_json(), options)
     if args.local:
         if args.local != plan.num_devices:
             raise _error(f"the plan needs {plan.num_devices} ranks but --local {args.local} was given",
                          f"use --local {plan.num_devices} or re-plan for --cluster local{args.local}")
         try:
             return pcompile.launch(train_rank, args.local, *call)
-        except RuntimeError as exc:
-            found = re.search(r"PcompileError: (.*)", str(exc))
+        except RuntimeError as exc:  # a rank's PcompileError, as its traceback: its cause and fix
+            found = re.search(r"PcompileError: (.*?)(?:\n\s*fix: (.*))?$", str(exc).strip(), re.S)
             if found:
-                raise _error(found.group(1), "see the plan and the model") from None
+                raise _error(found.group(1).strip(), (found.group(2) or "see the plan and the model").strip()) from None
             raise
     created = "WORLD_SIZE" in os.environ and not dist.is_initialized()  # under torchrun
     if created:
@@ -434,6 +461,12 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--lr", type=float, default=1e-3)
     run.add_argument("--clip", type=float, default=1.0, help="clip gradients to this global norm (0: off)")
     run.add_argument("--eval-every", type=int, default=0, help="evaluate a held-out batch every N steps")
+    run.add_argument("--cluster", help="preset (e.g. 8xH100-80GB), localN, or a cluster / profile .json "
+                                       "(default: the devices found)")
+    run.add_argument("--init-seed", type=int, default=0, help="initial weights of a meta-built model from this seed")
+    run.add_argument("--weights", help="load weights: a safetensors file, a Hugging Face model directory, or a "
+                                       "pcompile checkpoint")
+    run.add_argument("--mixed-precision", choices=["bf16"], help="bf16 compute with fp32 master weights")
     run.add_argument("--json", action="store_true", help="print per-rank results as JSON")
     commands.add_parser("profile", help="measure this cluster's devices and links")
     demo = commands.add_parser("demo", help="plan, train and check a small GPT on 4 local ranks")

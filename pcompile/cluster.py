@@ -289,7 +289,34 @@ def _device(data: dict) -> Device:
 
 # Datasheet dense bf16 peaks times a stated efficiency: large GEMMs reach ~70% of peak in practice.
 EFFICIENCY = 0.7
-_GPU_FLOPS = {"NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12}
+# Dense (no sparsity) datasheet peaks by the name torch.cuda.get_device_name gives, per precision:
+# NVIDIA A100 Tensor Core GPU datasheet (SXM4: FP32 19.5, TF32 156, BF16 312 TFLOPS); NVIDIA H100
+# Tensor Core GPU datasheet (SXM5: FP32 67, TF32 494.7, BF16 989.4; PCIe: 51, 378, 756); the H200
+# has the H100 SXM's compute (NVIDIA H200 datasheet). The datasheets quote the sparse rates for
+# TF32 / BF16 (2x these).
+DATASHEET_FLOPS = {
+    "NVIDIA A100-SXM4-80GB": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+    "NVIDIA A100-SXM4-40GB": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+    "NVIDIA H100 80GB HBM3": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12},
+    "NVIDIA H100 PCIe": {"fp32": 51.2e12, "tf32": 378e12, "bf16": 756e12},
+    "NVIDIA H200": {"fp32": 66.9e12, "tf32": 494.7e12, "bf16": 989.4e12},
+}
+_GPU_FLOPS = {name: peaks["bf16"] for name, peaks in DATASHEET_FLOPS.items()}
+
+
+def datasheet_peak(gpu_name: str, mixed_precision: str | None) -> float | None:
+    """The datasheet peak FLOP/s of a GPU (by its CUDA name) for a run's precision: bf16 under
+    mixed_precision="bf16", else fp32 - or TF32 when torch lets fp32 matmuls use it
+    (torch.backends.cuda.matmul.allow_tf32); None for a GPU not in DATASHEET_FLOPS. The MFU
+    denominator (model FLOPs per second over this)."""
+    import torch
+
+    peaks = DATASHEET_FLOPS.get(gpu_name)
+    if peaks is None:
+        return None
+    if mixed_precision == "bf16":
+        return peaks["bf16"]
+    return peaks["tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"]
 A100_80GB = Device("A100-80GB", 80 * GB, 312e12 * EFFICIENCY, 2.0e12)
 H100_80GB = Device("H100-80GB", 80 * GB, 989e12 * EFFICIENCY, 3.35e12)
 V100_32GB = Device("V100-32GB", 32 * GB, 125e12 * EFFICIENCY, 0.9e12)

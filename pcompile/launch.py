@@ -115,6 +115,10 @@ def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: 
             if queue.empty():
                 failure = (dead[0], f"rank {dead[0]} died with exit code {processes[dead[0]].exitcode}")
         time.sleep(0.01)
+    if failure is not None:  # ranks failing alike (the usual refusal) exit by themselves: a killed rank
+        grace = time.monotonic() + 5  # leaks its semaphores (Python warns about them at exit)
+        while any(p.is_alive() for p in processes) and time.monotonic() < grace:
+            time.sleep(0.05)
     for process in processes:
         if failure is not None and process.is_alive():
             process.terminate()

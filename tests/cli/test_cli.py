@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 
+import pcompile
 from pcompile.models import GPT, GPTConfig, gpt_inputs
 from pcompile.plan import Plan
 
@@ -83,12 +84,14 @@ def test_explain_reads_the_plan_back(planned):
         assert candidate.strategy.describe() in result.stdout
 
 
-def _serial_losses(steps: int, eval_every: int = 0) -> tuple[list[float], list[float]]:
+def _serial_losses(steps: int, eval_every: int = 0, state: dict | None = None) -> tuple[list[float], list[float]]:
     """What `pcompile run gpt-tiny` computes, serially: losses (clipped to a norm of 1.0, the default)
-    and the held-out batches' eval losses."""
-    torch.manual_seed(0)
+    and the held-out batches' eval losses, from init_weights(seed 0) (the run builds the model on
+    the meta device) or from `state`."""
     cfg = GPTConfig()
-    model = GPT(cfg)
+    model = pcompile.init_weights(GPT(cfg), 0)
+    if state is not None:
+        model.load_state_dict(state, strict=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses, evals = [], []
     for step in range(steps):
@@ -123,6 +126,30 @@ def test_run_local_4_trains_like_serial(planned):
         assert rank["peak_memory"] > 0
         assert all(s["tokens_per_s"] > 0 and s["tflops_per_device"] > 0 for s in rank["steps"])
     assert "step 3/3" in result.stderr  # the step log goes to stderr when stdout is JSON
+
+
+def test_run_loads_weights_from_a_safetensors_file(planned, tmp_path):
+    from safetensors.torch import save_file
+
+    out, _ = planned
+    torch.manual_seed(4)
+    state = {k: v for k, v in GPT(GPTConfig()).state_dict().items() if k != "head.weight"}  # tied: stored once
+    save_file(state, tmp_path / "model.safetensors")
+    result = pcompile_cli("run", "gpt-tiny", "--plan", str(out / "plan.json"), "--local", "4", "--steps", "2",
+                          "--weights", str(tmp_path / "model.safetensors"), "--json")
+    assert result.returncode == 0, result.stderr
+    losses = [s["loss"] for s in json.loads(result.stdout)["ranks"][0]["steps"]]
+    expected, _ = _serial_losses(2, state=state)
+    assert np.allclose(losses, expected, atol=1e-5), (losses, expected)
+
+
+def test_a_rank_refusal_prints_its_own_fix(planned, tmp_path):
+    out, _ = planned
+    result = pcompile_cli("run", "gpt-tiny", "--plan", str(out / "plan.json"), "--local", "4", "--steps", "1",
+                          "--weights", str(tmp_path / "missing"))
+    assert result.returncode == 2
+    assert "is not a safetensors file" in result.stderr and "fix: pass a .safetensors file" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
 
 
 def test_demo():
