@@ -403,13 +403,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_profile(args) -> int:
-    try:
-        from pcompile.cost.profile import profile_cluster
-    except ModuleNotFoundError:
-        raise _error("this pcompile has no cluster profiler (pcompile.cost.profile is missing)",
-                     "use a cluster preset (--cluster 8xA100-80GB) or update pcompile") from None
-    result = profile_cluster()
-    print(result.to_json() if hasattr(result, "to_json") else result)
+    """Measure this machine (--ranks local ranks), or under torchrun every node of the job; rank 0
+    prints the cluster (and writes the profile to --out, which `--cluster FILE` reads)."""
+    from pcompile.cost.profile import profile_cluster
+
+    cluster = profile_cluster(None if "WORLD_SIZE" in os.environ else args.ranks, args.out, quick=args.quick)
+    if os.environ.get("RANK", "0") == "0":
+        print(cluster.to_json())
     return 0
 
 
@@ -468,7 +468,11 @@ def parser() -> argparse.ArgumentParser:
                                        "pcompile checkpoint")
     run.add_argument("--mixed-precision", choices=["bf16"], help="bf16 compute with fp32 master weights")
     run.add_argument("--json", action="store_true", help="print per-rank results as JSON")
-    commands.add_parser("profile", help="measure this cluster's devices and links")
+    profile = commands.add_parser("profile", help="measure this cluster's devices and links (under torchrun: "
+                                                  "every node, links within and across nodes apart)")
+    profile.add_argument("--ranks", type=int, default=4, help="local ranks to measure with (outside torchrun)")
+    profile.add_argument("--out", help="write the profile JSON here (read by --cluster FILE)")
+    profile.add_argument("--quick", action="store_true", help="fewer sizes: seconds instead of minutes")
     demo = commands.add_parser("demo", help="plan, train and check a small GPT on 4 local ranks")
     demo.add_argument("--ranks", type=int, default=4)
     return p
