@@ -128,8 +128,10 @@ def _batch_fix(ctx: PassContext, batches, layers: tuple[str, ...], space: Search
                                                                     batch, layers, space, rules)}) if space else []
     if not near:
         return ""
-    return (f"use a global batch that splits over the devices: the nearest are {' and '.join(map(str, near))} "
-            f"(e.g. pcompile plan --batch {near[-1]}, or example inputs of {near[-1]} samples)")
+    nearest = f"the nearest that work are {near[0]} and {near[1]}" if len(near) > 1 else \
+        f"the nearest that works is {near[0]}"
+    return (f"use a global batch divisible by the data-parallel degree (devices / tp): {nearest} (e.g. pcompile "
+            f"plan --batch {near[-1]}, or example inputs of {near[-1]} samples)")
 
 
 def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, summed, batches,
@@ -149,7 +151,7 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
     if errors and batch_fix:
         return PcompileError(
             f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of "
-            f"{' / '.join(map(str, batches))}: no data-parallel degree of the search (tp={tps}, with every pipeline "
+            f"{' / '.join(map(str, batches))}: searched tp={tps}, where no data-parallel degree (with every pipeline "
             f"depth and micro-batch count) divides the batch's micro-batches", batch_fix)
     if errors:
         return PcompileError(

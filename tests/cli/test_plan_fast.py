@@ -72,4 +72,4 @@ def test_a_batch_the_devices_cannot_split_gets_the_nearest_that_work(capsys):
     assert cli.main(["plan", "gpt-small", "--cluster", "8xH100-80GB", "--batch", "7", "--pp", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "global batch of 7" in err
-    assert "the nearest are 6 and 8" in err and "--batch 8" in err
+    assert "the nearest that work are 6 and 8" in err and "--batch 8" in err
