@@ -213,12 +213,26 @@ def reads_inputs(node: fx.Node, follow=lambda n: True) -> bool:
     return False
 
 
+_FUNCTION_NAMES: dict = {}  # call_function target -> its name (the pass manager names every node after each pass)
+
+
 def target_name(node: fx.Node) -> str:
     if node.op == "call_function":
         try:
-            return _get_qualified_name(node.target)
+            return _FUNCTION_NAMES[node.target]
+        except (KeyError, TypeError):
+            pass
+        try:
+            name = _get_qualified_name(node.target)
         except Exception:  # builtins without a module
-            return getattr(node.target, "__name__", str(node.target))
+            name = getattr(node.target, "__name__", str(node.target))
+        if len(_FUNCTION_NAMES) > 4096:  # bounded: user functions come and go
+            _FUNCTION_NAMES.clear()
+        try:
+            _FUNCTION_NAMES[node.target] = name
+        except TypeError:  # an unhashable target: named each time
+            pass
+        return name
     return str(node.target).replace(" ", "")
 
 

@@ -149,9 +149,13 @@ class _Mover:
 
     def __init__(self, prefix: str):
         self.dotted, self.mangled = prefix, prefix.replace(".", "_")
+        self._paths: dict[tuple, str] = {}  # a block's paths recur on many nodes: moved once each
 
     def path(self, text: str, i: int, j: int) -> str:
-        return _pattern(f"{self.dotted}.{i}", r"\.").sub(f"{self.dotted}.{j}", text)
+        got = self._paths.get((text, i, j))
+        if got is None:
+            got = self._paths[(text, i, j)] = _pattern(f"{self.dotted}.{i}", r"\.").sub(f"{self.dotted}.{j}", text)
+        return got
 
     def stack(self, stack, i: int, j: int):
         if not stack:
