@@ -54,8 +54,6 @@ KEEP = 3  # blocks captured: 0 (may differ: it reads the embeddings), 1 and 2 (m
 _ENABLED = [True]
 _SUFFIX = re.compile(r"^(.*)_(\d+)$")
 _MODULE_KEYS = ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set")
-_HOOKS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-          "_forward_pre_hooks_with_kwargs")
 
 
 @contextlib.contextmanager
