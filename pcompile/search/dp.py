@@ -46,7 +46,12 @@ def _unique(values: np.ndarray) -> np.ndarray:
     """np.unique of a 1-D float array without NaN (sorted, each value once), without the
     numpy.ma import np.unique makes on its first plain call (0.1 s of a first plan)."""
     ordered = np.sort(values, axis=None)
-    return ordered[np.r_[True, ordered[1:] != ordered[:-1]]] if len(ordered) else ordered
+    if len(ordered) < 2:
+        return ordered
+    first = np.empty(len(ordered), dtype=bool)
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    return ordered[first]
 
 
 def median(values: np.ndarray) -> float:

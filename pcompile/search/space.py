@@ -230,6 +230,7 @@ def nearest_batches(devices: int, devices_per_node: int, batch: int, layers: tup
     return [b for b in found if b is not None]
 
 
+@functools.lru_cache(maxsize=4096)
 def even_segments(layers: tuple[str, ...], pp: int, chunks: int = 1) -> tuple[tuple[tuple[int, int], ...], ...] | None:
     """Per device, its (start, stop) layer ranges when the blocks are split evenly into pp * v
     chunks (chunk c on device c mod pp; the first chunks get one block more when they do not
