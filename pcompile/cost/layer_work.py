@@ -113,7 +113,8 @@ class NodeFacts:
         self.ir = ir
         self.params = dict(ir.gm.named_parameters(remove_duplicate=False))
         self._linear: dict[fx.Node, object] = {}
-        self._ops: list[_Op] | None = None
+        self._runs: list[tuple[str, list[fx.Node]]] | None = None
+        self._ops: dict[int, list[_Op]] = {}
 
     def param_tensors(self, node: fx.Node) -> list[tuple[str, torch.Tensor]]:
         if node.op == "call_module":
@@ -127,13 +128,25 @@ class NodeFacts:
             self._linear[node] = linear_parts(self.ir.gm, node)
         return self._linear[node]
 
-    def ops(self) -> list[_Op]:
-        """Every annotated node, in graph order."""
-        if self._ops is None:
+    def runs(self) -> list[tuple[str, list[fx.Node]]]:
+        """The annotated nodes in graph order, as runs of consecutive nodes of one layer (a layer
+        is one run in an analysed IR)."""
+        if self._runs is None:
+            self._runs = []
+            for node in self.ir.graph.nodes:
+                if self.ir.has_meta(node):
+                    layer = self.ir.meta(node).layer
+                    if not self._runs or self._runs[-1][0] != layer:
+                        self._runs.append((layer, []))
+                    self._runs[-1][1].append(node)
+        return self._runs
+
+    def ops(self, run: int) -> list[_Op]:
+        """Run `run`'s nodes as layer_work reads them (found when first asked: layer_work skips
+        the blocks that repeat another's work)."""
+        if run not in self._ops:
             ir, out = self.ir, []
-            for node in ir.graph.nodes:
-                if not ir.has_meta(node):
-                    continue
+            for node in self.runs()[run][1]:
                 meta = ir.meta(node)
                 inputs = node.all_input_nodes
                 tensor_op = _is_tensor_op(ir, node)
@@ -149,8 +162,8 @@ class NodeFacts:
                     node.op == "call_method" and node.target in ZERO_COPY_METHODS,
                     meta.dtype is not None and ("float" in meta.dtype or "bfloat" in meta.dtype),
                     math.prod(meta.shape) if tensor_op and _is_gelu(ir, node) else 0))
-            self._ops = out
-        return self._ops
+            self._ops[run] = out
+        return self._ops[run]
 
 
 def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts | None = None) -> dict[str, LayerWork]:
@@ -184,45 +197,46 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
                        fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
     last_reader = None
     seen_params: set[int] = set()
-    for op in facts.ops():
-        if op.layer not in acc:
+    for run, (layer, nodes) in enumerate(facts.runs()):
+        if layer not in acc:
             continue
-        if op.layer in copies:  # a repeat of its twin's work: only its parameters are seen (charged to it)
-            seen_params.update(id(param) for _, param in op.params)
+        if layer in copies:  # a repeat of its twin's work: only its parameters are seen (charged to it)
+            seen_params.update(id(param) for node in nodes for _, param in facts.param_tensors(node))
             continue
-        node, meta, a = op.node, ir.meta(op.node), acc[op.layer]
-        for name, param in op.params:
-            if id(param) not in seen_params:
-                seen_params.add(id(param))
-                a["params"].append(param.numel() // divisor(param))
-        if not op.tensor_op:
-            continue
-        if op.reads:
-            a["reads"].append(ParamRead(sum(p.numel() // divisor(p) for _, p in op.reads), op.linear is not None,
-                                        op.float_input))
-            last_reader = meta.layer
-        a["inputs"].update(op.sources)
-        is_linear = op.linear is not None
-        # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
-        divided = node in split_out or node in row or node in losses
-        saved_split = (node in row) if is_linear else node in split_out or node in losses
-        a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
-        a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
-        moved = 0.0 if op.zero_copy else local(node) + sum(local(i) for i in op.shaped_inputs)
-        params = sum(param.numel() * param.element_size() / divisor(param) for _, param in op.params)
-        elements = op.gelu_elements / (tp if divided else 1) if op.gelu_elements else 0.0
-        a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, op.grad,
-                               sp=meta.layer in tp_layers and not divided and not is_linear,
-                               transcendental=elements))
-        a["largest"] = max(a["largest"], local(node))
-        if is_linear:
-            weight = facts.params[op.linear.weight]
-            a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
-        if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
-            a["fwd"].append(float(meta.output_bytes))
-        if node in losses:
-            rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
-            a["loss"] += [4.0 * rows] * 3
+        for op in facts.ops(run):
+            node, meta, a = op.node, ir.meta(op.node), acc[op.layer]
+            for name, param in op.params:
+                if id(param) not in seen_params:
+                    seen_params.add(id(param))
+                    a["params"].append(param.numel() // divisor(param))
+            if not op.tensor_op:
+                continue
+            if op.reads:
+                a["reads"].append(ParamRead(sum(p.numel() // divisor(p) for _, p in op.reads), op.linear is not None,
+                                            op.float_input))
+                last_reader = meta.layer
+            a["inputs"].update(op.sources)
+            is_linear = op.linear is not None
+            # the parallel cross-entropy runs its softmax on this rank's V/tp classes and saves it
+            divided = node in split_out or node in row or node in losses
+            saved_split = (node in row) if is_linear else node in split_out or node in losses
+            a["saved"] += meta.saved_bytes / (tp if saved_split else 1)
+            a["saved_sp"] += meta.saved_bytes / (tp if saved_split or meta.layer in tp_layers else 1)
+            moved = 0.0 if op.zero_copy else local(node) + sum(local(i) for i in op.shaped_inputs)
+            params = sum(param.numel() * param.element_size() / divisor(param) for _, param in op.params)
+            elements = op.gelu_elements / (tp if divided else 1) if op.gelu_elements else 0.0
+            a["ops"].append(OpWork(meta.flops / (tp if divided else 1), moved, params, is_linear, op.grad,
+                                   sp=meta.layer in tp_layers and not divided and not is_linear,
+                                   transcendental=elements))
+            a["largest"] = max(a["largest"], local(node))
+            if is_linear:
+                weight = facts.params[op.linear.weight]
+                a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
+            if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
+                a["fwd"].append(float(meta.output_bytes))
+            if node in losses:
+                rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
+                a["loss"] += [4.0 * rows] * 3
     for source in {facts.linear(n).input for n in column}:
         acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
             float(ir.meta(source).output_bytes))
@@ -256,9 +270,9 @@ def _repeats(ir: IR, facts: NodeFacts, splits: tuple) -> dict[str, str]:
     if r.blocks < r.captured + 2 or not set(names) <= set(ir.layers):
         return {}
     nodes: dict[str, list] = {name: [] for name in names}
-    for op in facts.ops():
-        if op.layer in nodes:
-            nodes[op.layer].append(op.node)
+    for layer, run in facts.runs():
+        if layer in nodes:
+            nodes[layer] += run
     marks = [[tuple(n in split for split in splits) for n in nodes[name]] for name in names[1:]]
     if any(m != marks[0] for m in marks):
         return {}
