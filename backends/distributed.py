@@ -17,7 +17,6 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from pcompile import checkpoint
 from pcompile.backends import devices, layer_groups, random_streams
@@ -27,8 +26,7 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.launch import rank_device
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_norm, materialise, modes, ops, optimizers, precision, rng
-from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
+from pcompile.runtime import collectives, grad_norm, grad_sync, materialise, modes, ops, optimizers, precision, rng
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -47,6 +45,7 @@ class CompiledModel:
         self.masters = None  # precision.MasterWeights under mixed precision (the optimizer's parameters)
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
+        self._dp_sync = None  # runtime.grad_sync.OverlappedAllReduce of a plain dp plan
         self.training = True
         self._sync = True  # False inside no_sync()
         self._grads = "clean"  # what .grad holds: "clean" (none), "pending" (unsynced sums), "synced"
@@ -92,6 +91,11 @@ class CompiledModel:
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         devices.follow_device(gm, self.device)  # export captures: their device constants
+        self._dp_sync = None  # dp averaging overlapped with backward (after the masters' hooks)
+        if world > 1 and self.dp > 1 and self.layout is None:
+            params = [(p, p if self.masters is None else self.masters.master(p))
+                      for name, p in gm.named_parameters() if name not in self.sdp_shardings]
+            self._dp_sync = grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, {})
         self.gm = gm
         self._run = gm  # what computes the graph: the GraphModule, or torch.compile's wrapper of it
         self._prefix = f"pcompile{uid}"
@@ -291,29 +295,25 @@ class CompiledModel:
         if not self.training:
             raise PcompileError("train_step on a model in eval mode", "call cm.train() before training")
         params = list(self.parameters())
-        previous = [p.grad for p in params]
-        if all(g is None for g in previous):
+        if all(p.grad is None for p in params):
             self._grads = "clean"
         if not self._sync and self._grads == "synced":
             raise PcompileError("no_sync() accumulation onto gradients that were already synchronised",
                                 "zero the gradients (optimizer.zero_grad()) before accumulating under no_sync()")
-        for p in params:
-            p.grad = None
-        # gradients accumulated under no_sync join this step's sync; synced ones are added after it
-        pending = self._sync and self._grads == "pending"
-
-        def fold() -> None:
-            for p, old in zip(params, previous):
-                if old is not None:
-                    p.grad = old if p.grad is None else p.grad + old
-
+        # synchronised gradients are set aside and added back after this step's sync; those
+        # accumulated under no_sync stay in .grad, where this backward adds to them before the sync
+        previous = [p.grad for p in params] if self._grads == "synced" else None
+        if previous is not None:
+            for p in params:
+                p.grad = None
         batch = self._inputs(inputs, local)
         if self._pipeline is None:
-            loss = self._step(batch, fold if pending else None)
+            loss = self._step(batch)
         else:
-            loss = self._pipeline.train_step(batch, fold if pending else None, self._sync)
-        if not pending:
-            fold()
+            loss = self._pipeline.train_step(batch, self._sync)
+        for p, old in zip(params, previous or ()):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad + old
         self._grads = "synced" if self._sync else "pending"
         return loss
 
@@ -342,31 +342,37 @@ class CompiledModel:
             return self.groups.get(self.layout.input_axis) if self.layout.input_dp > 1 else None
         return self.groups["dp"] if self.dp > 1 else None
 
-    def _step(self, local: tuple, fold=None) -> torch.Tensor:
+    def _step(self, local: tuple) -> torch.Tensor:
         counts = step_counts(self.ir.loss_counts, local, self._batch_group())  # masked means: the step's count
         if self.masters is not None:
             self.masters.pull()
             local = self.masters.cast_inputs(local)
+        if self._dp_sync is not None:
+            self._dp_sync.begin(self._sync)
         loss = self._run(*local, **counts)
+        global_loss = self._global_loss(loss, wait=False)  # its reduction runs while backward does
         loss.backward()  # under mixed precision the gradients land in the fp32 masters (precision.py)
-        if fold is not None:
-            fold()
         if self._sync and self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp
             layer_groups.sync_grads(self.layout, self.named_parameters(), self.sdp_shardings, self.groups)
-        elif self._sync and self.dp > 1:  # sdp parameters' gradients were reduce-scattered in the graph already
-            self._average_over_dp([p.grad for name, p in self.named_parameters()
-                                   if p.grad is not None and name not in self.sdp_shardings])
-        return self._global_loss(loss)
+        elif self._dp_sync is not None:  # buckets issued during backward; sdp gradients were reduce-scattered
+            self._dp_sync.finish()
+        return global_loss()
 
-    def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """The mean of the ranks' part losses (fp32 under mixed precision too)."""
+    def _global_loss(self, loss: torch.Tensor, wait: bool = True):
+        """The mean of the ranks' part losses (fp32 under mixed precision too); with wait=False
+        the reduction is issued and a function returning the result once it is done."""
         if self.layout is not None:
-            return layer_groups.global_loss(self.layout, loss, self.groups)
+            value = layer_groups.global_loss(self.layout, loss, self.groups)
+            return value if wait else (lambda: value)
         loss = loss.detach().float().clone()
-        if self.dp > 1:
-            dist.all_reduce(loss, group=self.groups["dp"])
-            loss /= self.dp
-        return loss
+        work = dist.all_reduce(loss, group=self.groups["dp"], async_op=True) if self.dp > 1 else None
+
+        def result() -> torch.Tensor:
+            if work is not None:
+                work.wait()
+                loss.div_(self.dp)
+            return loss
+        return result() if wait else result
 
     # -- gradient norm -----------------------------------------------------------------------
     def _replicas(self) -> dict[int, int]:
@@ -402,22 +408,6 @@ class CompiledModel:
         total = self.grad_norm(grads, norm_type, error_if_nonfinite)
         grad_norm.clip_(grads, max_norm, total)
         return total
-
-    def _average_over_dp(self, grads: list[torch.Tensor], bucket_bytes: int = GRAD_BUCKET_BYTES) -> None:
-        """Average gradients over dp with one all-reduce per ~25 MB bucket of flattened gradients
-        (as DDP does: pcompile.runtime.buckets): per-call latency, not bandwidth, dominates small
-        tensors. After backward, not overlapped with it (CostOptions.runtime charges it so)."""
-        sizes = [g.numel() * g.element_size() for g in grads]
-        for start, stop in bucket_ranges(sizes, bucket_bytes):
-            self._average_bucket(grads[start:stop])
-
-    def _average_bucket(self, bucket: list[torch.Tensor]) -> None:
-        """One bucket: its flat copy is freed on return, before the next bucket is built."""
-        flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat, group=self.groups["dp"])
-        flat.div_(self.dp)
-        for g, synced in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-            g.copy_(synced)
 
     def parameters(self):
         """What the optimizer steps: the module's parameters, or their fp32 masters under mixed precision."""

@@ -35,7 +35,7 @@ from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, materialise, precision
+from pcompile.runtime import collectives, grad_sync, materialise, precision
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -119,6 +119,7 @@ class PipelineRuntime:
             bind_axes(module, keys)
         self.owners = _owners(split)
         self.tie_groups = self._tie_groups()
+        self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 else None
         num_stages = len(split.stages)
         self.stages = [PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"])
                        for m, s in zip(self.modules, mine)]
@@ -147,6 +148,22 @@ class PipelineRuntime:
                         by_holders[holders] = group
             out.append((name, by_holders[holders]))
         return out
+
+    def _overlapped_dp(self, microbatches: int) -> grad_sync.OverlappedAllReduce:
+        """dp averaging issued during the last micro-batch's backward: a parameter gets one
+        accumulation per micro-batch and stage of this rank holding it."""
+        holders: dict[int, int] = {}
+        params, seen = [], set()
+        for module in self.modules:
+            for p in {id(p): p for p in module.parameters()}.values():
+                holders[id(p)] = holders.get(id(p), 0) + 1
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    holder = p if self.masters is None else self.masters.master(p)
+                    if id(holder) not in self.sdp_params:
+                        params.append((p, holder))
+        expected = {key: count * microbatches for key, count in holders.items()}
+        return grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, expected)
 
     def process_groups(self) -> list[dist.ProcessGroup]:
         """Every group this rank created and belongs to: the mesh's axes and the tied weights'."""
@@ -183,18 +200,20 @@ class PipelineRuntime:
             local_inputs = self.masters.cast_inputs(local_inputs)
         return batch, {**dict(zip(self.split.model_inputs, local_inputs)), **counts}
 
-    def train_step(self, local_inputs: tuple, fold=None, sync: bool = True) -> torch.Tensor:
-        """The schedule's forward and backward of every micro-batch; then `fold()` (gradients
-        accumulated without sync join this one) and, when `sync`, the tied weights' and dp syncs."""
+    def train_step(self, local_inputs: tuple, sync: bool = True) -> torch.Tensor:
+        """The schedule's forward and backward of every micro-batch (the dp averaging issued as the
+        last micro-batch's backward finishes each bucket); then, when `sync`, the tied weights' sums."""
         batch, kwargs = self._schedule_inputs(local_inputs)
         params = dict(self.named_parameters())
         losses: list[torch.Tensor] = []
+        if self._dp_sync is not None:
+            self._dp_sync.begin(sync)
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
                            **kwargs)  # under mixed precision: accumulated in the fp32 masters (precision.py)
-        if fold is not None:
-            fold()
         if sync:
-            self._sync(params)
+            if self._dp_sync is not None:  # sdp chunks' gradients were reduce-scattered over dp in backward
+                self._dp_sync.finish()
+            self._sum_tied(params)
         return self._global_loss(losses)
 
     def eval_step(self, local_inputs: tuple) -> torch.Tensor:
@@ -205,16 +224,12 @@ class PipelineRuntime:
                            **kwargs)
         return self._global_loss(losses)
 
-    def _sync(self, params: dict) -> None:
+    def _sum_tied(self, params: dict) -> None:
+        """A weight tied across stages on several pp ranks: the sum of its copies' gradients."""
         for name, group in self.tie_groups:
             grad = params[name].grad if name in params else None
             if group is not None and grad is not None:
                 dist.all_reduce(grad, group=group)
-        if self.dp > 1:  # sdp chunks' gradients were reduce-scattered over dp in backward already
-            for p in params.values():
-                if p.grad is not None and id(p) not in self.sdp_params:
-                    dist.all_reduce(p.grad, group=self.groups["dp"])
-                    p.grad.div_(self.dp)
 
     def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The mean of the micro-batch losses (the sum of their 1/n shares), from the last stage to

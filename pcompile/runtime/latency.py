@@ -7,8 +7,9 @@ compute is hidden behind it and communication it waits for right away is not. Te
 benchmarks/overlap.py use it to show overlap on CPU/gloo ranks, where the real transfers are
 too fast to see.
 
-    with latency.inject(20):
+    with latency.inject(20) as injected:
         cm.train_step(...)
+    injected.calls  # how many transfers were delayed
 
 Why by hand: torch.distributed has no latency injection; this patches its module-level
 functions (the runtime, torch's pipelining and DDP/FSDP look them up at call time) for the
@@ -48,9 +49,17 @@ class DelayedWork:
         return getattr(self._work, name)
 
 
-def _delayed(fn, seconds: float):
+class Injected:
+    """What an inject() block delayed: `calls` transfers (a batch_isend_irecv counts once)."""
+
+    def __init__(self):
+        self.calls = 0
+
+
+def _delayed(fn, seconds: float, injected: Injected):
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        injected.calls += 1
         deadline = time.monotonic() + seconds
         result = fn(*args, **kwargs)
         if kwargs.get("async_op"):
@@ -62,9 +71,10 @@ def _delayed(fn, seconds: float):
     return call
 
 
-def _delayed_batch(fn, seconds: float):
+def _delayed_batch(fn, seconds: float, injected: Injected):
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        injected.calls += 1
         deadline = time.monotonic() + seconds
         return [DelayedWork(work, deadline) for work in fn(*args, **kwargs)]
     return call
@@ -72,16 +82,17 @@ def _delayed_batch(fn, seconds: float):
 
 @contextlib.contextmanager
 def inject(ms: float):
-    """Every torch.distributed transfer issued inside the block takes at least `ms` milliseconds."""
-    seconds = ms / 1e3
+    """Every torch.distributed transfer issued inside the block takes at least `ms` milliseconds;
+    yields an Injected that counts them."""
+    seconds, injected = ms / 1e3, Injected()
     originals = {name: getattr(dist, name) for name in (*_COLLECTIVES, "batch_isend_irecv") if hasattr(dist, name)}
     try:
         for name, fn in originals.items():
             if name == "batch_isend_irecv":
-                setattr(dist, name, _delayed_batch(fn, seconds))
+                setattr(dist, name, _delayed_batch(fn, seconds, injected))
             else:
-                setattr(dist, name, _delayed(fn, seconds))
-        yield
+                setattr(dist, name, _delayed(fn, seconds, injected))
+        yield injected
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
