@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from pcompile import checkpoint
+from pcompile.backends import batch_norm as batch_norms
 from pcompile.backends import devices, layer_groups, random_streams
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
@@ -91,6 +92,7 @@ class CompiledModel:
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
             self.masters = precision.MasterWeights(gm, self.compute_dtype)
         devices.follow_device(gm, self.device)  # export captures: their device constants
+        batch_norms.bind([gm], plan, f"pcompile{uid}", mixed=self.layout is not None)  # the whole batch's statistics
         self._dp_sync = None  # dp averaging overlapped with backward (after the masters' hooks)
         if world > 1 and self.dp > 1 and self.layout is None:
             params = [(p, p if self.masters is None else self.masters.master(p))

@@ -30,12 +30,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from pcompile.backends import batch_norm as batch_norms
 from pcompile.backends.devices import follow_device
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_sync, materialise, precision
+from pcompile.runtime import collectives, grad_sync, materialise, precision, rng
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -68,6 +69,28 @@ def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None
             offset += t.numel()
 
 
+def _without_side_effects(stage: PipelineStage) -> PipelineStage:
+    """A stage whose metadata inference (torch's pipelining runs the stage once on uninitialised
+    tensors of the micro-batch's shapes before the first step) leaves no trace: the module's
+    buffers (batch norm's running statistics and batch count) and the random streams are put
+    back as they were. Without it the garbage inputs reach the running statistics (NaN)."""
+    for name in ("_forward_metadata_inference", "_shape_inference"):  # torch 2.13's name, older ones'
+        infer = getattr(stage, name, None)
+        if infer is None:
+            continue
+
+        def restored(*args, _infer=infer, **kwargs):
+            buffers = [(b, b.detach().clone()) for b in stage.submod.buffers()]
+            with rng.untouched():
+                try:
+                    return _infer(*args, **kwargs)
+                finally:
+                    for buffer, value in buffers:  # through .data: the inference's own backward (run
+                        buffer.data.copy_(value)  # next, on garbage anyway) must not see a version bump
+        setattr(stage, name, restored)
+    return stage
+
+
 def _owners(split: PipelineSplit) -> dict[str, int]:
     """state_dict key (aliases included) -> the first stage holding it."""
     owners: dict[str, int] = {}
@@ -85,6 +108,7 @@ class PipelineRuntime:
 
         self.ir, self.plan, self.split, self._model, self.device = ir, plan, split, model, device
         self.pp, self.dp, self.tp = plan.pp, plan.default.dp, plan.default.tp
+        batch_norms.check_micro_batches([ir.gm], plan)  # on the whole model: every rank refuses alike
         self.mesh = device_mesh(device.type, self.pp, self.dp, self.tp, AXES)
         self.groups = {axis: self.mesh.get_group(axis) for axis in AXES}
         self.coords = {axis: self.mesh.get_local_rank(axis) for axis in AXES}
@@ -110,6 +134,7 @@ class PipelineRuntime:
             self.sdp_params = {id(fresh[i]) for i in self.sdp_params}
         for module in self.modules:  # export captures: their device constants
             follow_device(module, device)
+        batch_norms.bind(self.modules, plan, f"pcompile{uid}", mixed=False)  # the dp group's whole batch
         self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)
@@ -121,7 +146,7 @@ class PipelineRuntime:
         self.tie_groups = self._tie_groups()
         self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 else None
         num_stages = len(split.stages)
-        self.stages = [PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"])
+        self.stages = [_without_side_effects(PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"]))
                        for m, s in zip(self.modules, mine)]
         self.is_last = any(s.index == num_stages - 1 for s in mine)
         schedule = SCHEDULES[plan.schedule]

@@ -74,7 +74,8 @@ def main() -> None:
     args = parser.parse_args()
     figures = {}
     print(f"GPT {CFG}, batch {BATCH}, injected latency {args.ms:.0f} ms per transfer\n")
-    print(f"{'plan':6} {'t0 ms':>8} {'tL ms':>8} {'transfers':>10} {'injected ms':>12} {'exposed ms':>11} {'hidden':>7}")
+    print(f"{'plan':6} {'t0 ms':>8} {'tL ms':>8} {'transfers':>10} {'injected ms':>12} {'exposed ms':>11} "
+          f"{'hidden':>7}")
     for name, plan in PLANS.items():
         per_rank = pcompile.launch(rank, 4, plan, args.ms, args.steps, timeout=1800)
         t0 = max(r["t0"] for r in per_rank)

@@ -4,10 +4,12 @@ GraphModule run by `run_checkpointed`, and inside the region a call of module `m
 as an input, so parameters keep their names and owners) is `call_module_ref(m, *args)`."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.utils.checkpoint
 
-from pcompile.runtime import ops, rng
+from pcompile.runtime import batch_norm, ops, rng
 
 
 @ops.local
@@ -15,7 +17,24 @@ def run_checkpointed(region: torch.nn.Module, *args):
     """Run `region(*args)` keeping only `args` for backward; recompute the region in backward
     (drawing the same random masks: pcompile.runtime.rng). Under cm.compile() the region runs
     eagerly: torch.utils.checkpoint disables dynamo for what it calls."""
-    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, context_fn=rng.checkpoint_contexts)
+    return torch.utils.checkpoint.checkpoint(region, *args, use_reentrant=False, context_fn=_contexts)
+
+
+def _contexts():
+    """torch.utils.checkpoint's context_fn: the random streams replayed (pcompile.runtime.rng) and,
+    while the region recomputes, batch norm's running statistics left alone (the first forward
+    counted the batch: pcompile.runtime.batch_norm)."""
+    forward, recompute = rng.checkpoint_contexts()
+
+    @contextlib.contextmanager
+    def recomputing():
+        batch_norm._RECOMPUTING[0] = True
+        try:
+            with recompute:
+                yield
+        finally:
+            batch_norm._RECOMPUTING[0] = False
+    return forward, recomputing()
 
 
 @ops.local

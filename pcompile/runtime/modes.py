@@ -11,6 +11,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from pcompile.runtime import batch_norm
+
 aten = torch.ops.aten
 _TRAIN_VALUE = "pcompile_train_value"  # node.meta: the argument's value in train mode (as captured)
 
@@ -24,6 +26,7 @@ EVAL_ARGS = {
     aten.scaled_dot_product_attention.default: (4, "dropout_p", 0.0, 0.0),
     F.batch_norm: (5, "training", False, False), aten.batch_norm.default: (5, "training", False, False),
     aten._native_batch_norm_legit_functional.default: (5, "training", False, False),
+    batch_norm.sync_batch_norm: (5, "training", False, False),
 }
 
 

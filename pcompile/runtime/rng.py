@@ -200,6 +200,19 @@ def bind_streams(module: torch.nn.Module, prefix: str, axes_of) -> set[tuple[str
     return used
 
 
+@contextlib.contextmanager
+def untouched():
+    """Random ops inside the block leave every stream where it was (a forward whose results are
+    thrown away, like a pipeline stage's metadata inference, must not shift the masks)."""
+    saved = {prefix: dict(s.states) for prefix, s in _STREAMS.items()}
+    try:
+        yield
+    finally:
+        for prefix, states in saved.items():
+            if prefix in _STREAMS:
+                _STREAMS[prefix].states.update(states)
+
+
 def checkpoint_contexts():
     """torch.utils.checkpoint's context_fn: the recomputation of a region starts from the
     streams' states at its forward (and leaves them as they are afterwards)."""
