@@ -1,20 +1,27 @@
 """Rewrite: sharded data parallelism (ZeRO-3) for the layers whose strategy has sdp=True.
 
 A parameter read by an sdp layer lives sharded over the "dp" mesh axis: each rank keeps a
-1/dp chunk along one dim. Its reads become explicit graph collectives: one `sdp_gather` node
-per unit (all-gather forward, reduce-scatter averaged over dp backward, see pcompile/runtime/sdp.py)
-placed right before the unit's first op, and a getitem per parameter, freed after its last
-use. A unit is a layer (one collective per layer and direction, as FSDP per block), or one
-op in layers with operator splitting (split > 1): a weight the split reads as k pieces
-(chunk along the input features) is sharded along another dim, so each piece is gathered
-alone and only 1/k of the weight is materialised at a time.
+1/dp chunk along one dim. Its reads become explicit graph collectives, per unit: an
+`sdp_prefetch` node that issues the all-gather, placed right before the previous unit's first
+op (so it runs while that unit computes: FSDP2's forward prefetch), and an `sdp_gather` node
+naming it that waits for it (reduce-scatter averaged over dp backward, see
+pcompile/runtime/sdp.py), placed right before the unit's first op, and a getitem per
+parameter, freed after its last use. The prefetch stays next to its gather where the two
+layers differ in dp (the unit object would cross a batch regrouping, which only moves
+tensors) and with pp > 1 (pipeline_split re-creates parameter-only nodes in each stage at
+first use anyway). A unit is a layer (one collective per layer and direction, as FSDP per
+block), or one op in layers with operator splitting (split > 1): a weight the split reads as
+k pieces (chunk along the input features) is sharded along another dim, so each piece is
+gathered alone and only 1/k of the weight is materialised at a time.
 
 The ops run through `sdp_module` (a leaf module, as a functional call with the gathered
 parameters) or `sdp_function` / `sdp_method`, which keep autograd from holding gathered
 weights until backward. They run plainly in checkpointed layers (checkpointing already frees
-and recomputes what the layer saves, the gathers included) and in the last unit of forward:
-backward starts with it, so re-gathering it would only cost time (FSDP2 likewise keeps its
-root unsharded between forward and backward). Parameters keep their names in
+and recomputes what the layer saves, the gathers included: a gather whose prefetch lies
+before the layer is marked `recomputed`, its recompute re-gathering forward's unit, which
+backward prefetches) and in the last unit of forward: backward starts with it, so
+re-gathering it would only cost time (FSDP2 likewise keeps its root unsharded between
+forward and backward). Parameters keep their names in
 gm.named_parameters(); `IR.sdp_shardings` records each one's Shard over dp (under every name),
 applied after any tensor-parallel split.
 
@@ -179,26 +186,31 @@ def read_shape(ir: IR, read: Read) -> torch.Size:
     return local_shape(shape, Shard(AXIS, dim, k))
 
 
-def _gather(ir: IR, consumers: list[fx.Node], wanted: list[Read],
-            shardings: dict) -> tuple[fx.Node, dict[Read, fx.Node]]:
-    """Shards (or pieces of shards) -> one sdp_gather -> a getitem per read, before the unit's first op."""
+def _gather(ir: IR, consumers: list[fx.Node], wanted: list[Read], shardings: dict, start: fx.Node,
+            recomputed: bool) -> tuple[fx.Node, dict[Read, fx.Node]]:
+    """Shards (or pieces of shards) -> sdp_prefetch before `start` -> sdp_gather before the unit's
+    first op -> a getitem per read. `recomputed`: the gather is in a checkpointed layer, its
+    prefetch outside it (backward re-runs the gather with forward's unit)."""
     first, graph = consumers[0], ir.graph
-    with graph.inserting_before(first):
+    with graph.inserting_before(start):
         params = {}
         for name in dict.fromkeys(r.name for r in wanted):
             p, tp = ir.gm.get_parameter(name), ir.param_shardings.get(name)
-            params[name] = _annotate(ir, graph.get_attr(name), first, Placement.of(tp, shardings[name]), p.shape,
+            params[name] = _annotate(ir, graph.get_attr(name), start, Placement.of(tp, shardings[name]), p.shape,
                                      p.dtype)
         shards = []
         for read in wanted:
             shard = params[read.name]
             if read.piece is not None:
                 k, dim, i = read.piece
-                pieces = _annotate(ir, graph.call_function(torch.chunk, (shard, k, dim)), first)
-                shard = _annotate(ir, graph.call_function(operator.getitem, (pieces, i)), first)
+                pieces = _annotate(ir, graph.call_function(torch.chunk, (shard, k, dim)), start)
+                shard = _annotate(ir, graph.call_function(operator.getitem, (pieces, i)), start)
             shards.append(shard)
-        dims = tuple(shardings[r.name].dim for r in wanted)
-        gather = graph.call_function(sdp.sdp_gather, (tuple(shards), dims, AXIS, shardings[wanted[0].name].size))
+        args = (tuple(shards), tuple(shardings[r.name].dim for r in wanted), AXIS, shardings[wanted[0].name].size)
+        prefetch = _annotate(ir, graph.call_function(sdp.sdp_prefetch, args), start)
+    with graph.inserting_before(first):
+        gather = graph.call_function(sdp.sdp_gather, args,
+                                     {"prefetched": prefetch, **({"recomputed": True} if recomputed else {})})
         _annotate(ir, gather, first)
         items = {}
         for i, read in enumerate(wanted):
@@ -265,6 +277,12 @@ def _erase_dead(ir: IR, slots: list[fx.Node]) -> None:
             ir.graph.erase_node(node)
 
 
+def _prefetch_across(ir: IR, ctx: PassContext, previous: fx.Node, layer: str) -> bool:
+    """Whether a unit of `layer` may issue its all-gather before `previous` (the previous
+    unit's first op): one stage (pp = 1), and one dp on both sides (see the module doc)."""
+    return ctx.plan.pp == 1 and ctx.plan.strategy_for(ir.meta(previous).layer).dp == ctx.plan.strategy_for(layer).dp
+
+
 def _tied_across_tp_sdp_layers(ir: IR, reads: dict, layers: list[str]) -> str | None:
     """A parameter with several names (tied) read by one of `layers`, or None."""
     shared = tied(ir.gm)
@@ -295,15 +313,22 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
     recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}
     units = gather_units(ir, reads, shardings, per_op, share_tied=ctx.plan.pp == 1)
-    for consumers in units:
+    order = {node: i for i, node in enumerate(ir.graph.nodes)}
+    previous = None  # the first op of the unit gathered before, in graph order
+    for consumers in sorted(units, key=lambda unit: order[unit[0]]):
         wanted = list(dict.fromkeys(r for c in consumers for r in reads[c].values() if r.name in shardings))
-        _, items = _gather(ir, consumers, wanted, shardings)
+        layer = ir.meta(consumers[0]).layer
+        start = previous if previous is not None and _prefetch_across(ir, ctx, previous, layer) else consumers[0]
+        _, items = _gather(ir, consumers, wanted, shardings, start,
+                           layer in recomputed and ir.meta(start).layer != layer)
+        wrapped = []
         for node in consumers:
             gathered = {slot: items[read] for slot, read in reads[node].items() if read.name in shardings}
             # A collective reading a parameter (sp's tp_copy of a norm weight) runs plainly: the
             # backend binds axis names only in collective nodes, not inside sdp_function's arguments.
-            _wrap(ir, node, gathered, ir.meta(node).layer in recomputed or consumers is units[-1]
-                  or ops.is_collective(node))
+            wrapped.append(_wrap(ir, node, gathered, ir.meta(node).layer in recomputed or consumers is units[-1]
+                                 or ops.is_collective(node)))
+        previous = wrapped[0]
     _erase_dead(ir, [slot for slots in reads.values() for slot in slots if isinstance(slot, fx.Node)])
     ir.graph.lint()
     ir.gm.recompile()

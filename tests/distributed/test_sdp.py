@@ -3,7 +3,8 @@ within 1e-5 (fp32), for sdp on every layer (dp=4, dp=2 x tp=2) and mixed plans (
 sdp, some dp, a tied weight shared by both), on the built-in GPT and MLP models. Also: each
 rank stores 1/dp of the sdp parameters, and between forward and backward no gathered parameter
 is alive but those of the last unit (ZeRO-3, not ZeRO-1: autograd keeps references to shards,
-not gathered weights)."""
+not gathered weights); each unit's all-gather is issued while the previous unit computes
+(test_sdp_overlap.py times the schedule)."""
 import torch
 import torch.fx as fx
 
@@ -71,8 +72,8 @@ def test_pass_gathers_every_read_of_sdp_parameters_and_keeps_names():
     # (recorded under every name of a parameter: the tied head is the embedding's table)
     assert set(shardings) == {n for n in names if n.startswith(("blocks.1.", "ln_f.", "tok_emb."))} | {"head.weight"}
     for name in set(shardings) & set(names):  # reads name a parameter by its canonical name
-        reads = _reads(ir.gm, name)
-        assert reads and all(u.target is sdp.sdp_gather for u in reads), name
+        reads = _reads(ir.gm, name)  # the unit's prefetch (the all-gather issued) and its gather (waited)
+        assert sorted(u.target.__name__ for u in reads) == ["sdp_gather", "sdp_prefetch"], name
     gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
     # one collective per layer; the tied embedding / head weight is gathered once for both
     assert [ir.meta(n).layer for n in gathers] == ["pre", "blocks.1"]
@@ -115,3 +116,46 @@ def test_with_pipeline_stages_each_layer_gathers_its_own_unit():
     assert [ir.meta(n).layer for n in gathers] == ["pre", "post"]
     assert {a.target for a in gathers[0].args[0]} == {"tok_emb.weight"}
     assert {a.target for a in gathers[1].args[0]} == {"tok_emb.weight", "ln_f.weight", "ln_f.bias"}
+
+
+def _first_op(nodes: list[fx.Node], gather: fx.Node) -> int:
+    """Position of the first op reading what `gather` gathered."""
+    return min(nodes.index(op) for item in gather.users for op in item.users)
+
+
+def test_each_unit_is_prefetched_while_the_previous_one_computes():
+    """Forward prefetch: unit k's sdp_prefetch sits after unit k-1's gather and before its first
+    op (its all-gather runs while unit k-1 computes); the first unit's right before its gather.
+    A gather in a checkpointed layer whose prefetch is outside it is marked recomputed (backward
+    re-runs it with forward's unit: a re-gather to prefetch)."""
+    plan = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),
+                layers=(LayerAssignment("blocks.0", Strategy(dp=4, sdp=True, checkpoint=True)),))
+    ir = _rewritten(plan)
+    nodes = list(ir.graph.nodes)
+    gathers = [n for n in nodes if n.target is sdp.sdp_gather]
+    assert [ir.meta(g).layer for g in gathers] == ["pre", "blocks.0", "blocks.1"]
+    for k, gather in enumerate(gathers):
+        prefetch = gather.kwargs["prefetched"]
+        assert prefetch.target is sdp.sdp_prefetch and prefetch.args == gather.args
+        if k == 0:
+            assert prefetch.next is gather
+        else:
+            assert nodes.index(gathers[k - 1]) < nodes.index(prefetch) < _first_op(nodes, gathers[k - 1])
+            assert ir.meta(prefetch).layer == ir.meta(gathers[k - 1]).layer  # layers stay contiguous
+    assert [g.kwargs.get("recomputed", False) for g in gathers] == [False, True, False]
+
+
+def test_prefetch_stays_by_its_gather_across_dp_groupings_and_pipeline_stages():
+    """A unit object cannot cross a batch regrouping (layers at other dp) nor a stage boundary."""
+    plan = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),
+                layers=(LayerAssignment("blocks.1", Strategy(dp=2, tp=2, sdp=True)),))
+    ir = _rewritten(plan)
+    gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
+    by_layer = {ir.meta(g).layer: g.kwargs["prefetched"].next is g for g in gathers}
+    assert by_layer == {"pre": True, "blocks.0": False, "blocks.1": True}
+    cfg = GPTConfig(num_layers=4)
+    plan = Plan(num_devices=4, default=Strategy(dp=2, sdp=True), pp=2, num_microbatches=2)
+    ir = pcompile.compile(GPT(cfg), pcompile.Cluster.local(4), gpt_inputs(cfg, 8), plan=plan,
+                          stop_after="sharded_data_parallel")
+    gathers = [n for n in ir.graph.nodes if n.target is sdp.sdp_gather]
+    assert len(gathers) == 6 and all(g.kwargs["prefetched"].next is g for g in gathers)
