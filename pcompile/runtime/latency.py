@@ -26,7 +26,8 @@ import torch.distributed as dist
 # isend / irecv stay as they are: P2POp accepts only the originals (batch_isend_irecv, which
 # torch's pipelining issues them through, is delayed as a whole)
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-                "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "reduce", "gather", "scatter")
+                "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "reduce", "gather", "scatter",
+                "all_gather_single", "reduce_scatter_single")  # the last two: torch 2.13's new names
 
 
 class DelayedWork:
