@@ -305,19 +305,28 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     scale = microbatch / batch / s.dp  # samples of one rank relative to the example batch
     times = [compute(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
-    tp_fwd, tp_bwd = (_tp_comm(work, cluster, s, layout.tp_groups, scale, act, fwd, bwd, layout)
-                      if s.tp > 1 else (0.0, 0.0))
+    tp_fwd = tp_bwd = 0.0
+    if s.tp > 1:  # the same for every sdp / checkpoint / split choice: kept on the layout (the
+        # compute times only pace the wake-up cost, which presets do not have)
+        key = ("tp", id(work), s.sp, scale, act) + ((fwd, bwd) if cluster.wakeup else ())
+        if key not in layout._times:
+            layout._times[key] = _tp_comm(work, cluster, s, layout.tp_groups, scale, act, fwd, bwd, layout)
+        tp_fwd, tp_bwd = layout._times[key]
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
     sync = sdp_fwd = sdp_bwd = 0.0
     if s.dp > 1 and s.sdp:
-        # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision)
-        units = sdp_units(work, s.split)
-        gathers = [layout.collective_time(cluster, "all_gather", n * p_bytes, "dp") for n, _ in units]
-        gather = sum(gathers)
-        # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
-        regather = 0.0 if s.checkpoint else sum(t for t, (_, again) in zip(gathers, units) if again)
-        scatter = sum(layout.collective_time(cluster, "reduce_scatter", n * p_bytes, "dp") for n, _ in units)
+        # ZeRO-3 gathers and reduce-scatters in the parameters' dtype (bf16 under mixed precision);
+        # per micro-batch size alike: kept on the layout
+        key = ("sdp", id(work), s.split, s.checkpoint, p_bytes)
+        if key not in layout._times:
+            units = sdp_units(work, s.split)
+            gathers = [layout.collective_time(cluster, "all_gather", n * p_bytes, "dp") for n, _ in units]
+            # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
+            regather = 0.0 if s.checkpoint else sum(t for t, (_, again) in zip(gathers, units) if again)
+            scatter = sum(layout.collective_time(cluster, "reduce_scatter", n * p_bytes, "dp") for n, _ in units)
+            layout._times[key] = (sum(gathers), regather, scatter)
+        gather, regather, scatter = layout._times[key]
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)
     elif s.dp > 1:
