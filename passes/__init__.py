@@ -6,6 +6,7 @@ Helper modules that are not passes: export (torch.export capture, for trace), se
 engine runs of the search pass), invariants."""
 from pcompile.passes import (
     activation_checkpoint,
+    batch_statistics,
     flops,
     invariants,
     layers,
@@ -24,6 +25,6 @@ from pcompile.passes import (
     trace,
 )
 
-__all__ = ["activation_checkpoint", "flops", "invariants", "layers", "loss_check", "memory", "normalise_loss",
-           "operator_split", "pipeline_split", "reshard", "search", "sequence_parallel", "shapes",
+__all__ = ["activation_checkpoint", "batch_statistics", "flops", "invariants", "layers", "loss_check", "memory",
+           "normalise_loss", "operator_split", "pipeline_split", "reshard", "search", "sequence_parallel", "shapes",
            "sharded_data_parallel", "symbolic", "tensor_parallel", "trace"]

@@ -32,18 +32,15 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.fx as fx
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, REPLICATED, MixedLayout, Placement, Shard
-from pcompile.ir.fake import fake_run
 from pcompile.ir.params import attribute, param_layers
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.mesh import Axis
-from pcompile.runtime import batch_regroup, collectives, ops, sdp
-
-UNKNOWN = "unknown"  # a value whose batch dependence cannot be resharded
+from pcompile.runtime import batch_regroup, ops, sdp
+from pcompile.sharding.batch_dims import batch_dims
 
 
 def axis_name(kind: str, size: int, default: int) -> str:
@@ -114,45 +111,6 @@ def rename_axes(ir: IR, default_dp: int, default_tp: int) -> None:
                         for name, s in ir.sdp_shardings.items()}
 
 
-def _values(ir: IR, inputs: tuple) -> dict[fx.Node, object]:
-    """Every node's fake value (tensors as their shapes) on this rank's shards."""
-    out: dict[fx.Node, object] = {}
-
-    def record(node, value):
-        out[node] = torch.Size(value.shape) if isinstance(value, torch.Tensor) else value
-    with collectives.simulate():
-        fake_run(ir, inputs, record, shard=ir.local_param_shape, grad=False)
-    return out
-
-
-def part_of(inputs: tuple, parts: int, index: int = 0) -> tuple:
-    """Part `index` of `parts` of every batched input (the backend's split of the batch)."""
-    return tuple(x.chunk(parts)[index] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
-
-
-def batch_dims(full: dict[fx.Node, object], part: dict[fx.Node, object], parts: int) -> dict[fx.Node, object]:
-    """node -> the dim its value is split along when the batch is (None: batch-independent,
-    UNKNOWN: depends on the batch in a way a split along one dim cannot express), from its
-    values at the full batch and at 1/parts of it."""
-    dims: dict[fx.Node, object] = {}
-    for node, value in full.items():
-        small = part[node]
-        if isinstance(value, torch.Size) and isinstance(small, torch.Size) and len(value) == len(small):
-            changed = [d for d, (n, m) in enumerate(zip(value, small)) if n != m]
-            dims[node] = (None if not changed else changed[0]
-                          if len(changed) == 1 and value[changed[0]] == parts * small[changed[0]] else UNKNOWN)
-        else:
-            dims[node] = None if _same(value, small) else UNKNOWN
-    return dims
-
-
-def _same(a, b) -> bool:
-    try:
-        return bool(a == b)
-    except Exception:  # tuples of tensors or symbolic values: treat as batch-dependent
-        return False
-
-
 def insert_reshards(ir: IR, dps: dict[str, int], dims: dict[fx.Node, object]) -> int:
     """A batch_gather / batch_slice before the first reader, in each layer whose dp differs from
     the producer's. Returns how many were inserted."""
@@ -163,7 +121,7 @@ def insert_reshards(ir: IR, dps: dict[str, int], dims: dict[fx.Node, object]) ->
             a, b = dps[ir.meta(source).layer], dps[layer]
             if a == b or dims.get(source) is None:
                 continue
-            if dims[source] is UNKNOWN:
+            if not isinstance(dims[source], int):
                 raise PcompileError(f"{source.name} (layer {ir.meta(source).layer!r}, dp={a}) depends on the batch "
                                     f"and is read by {node.name} (layer {layer!r}, dp={b}), but it is not a tensor "
                                     "with one batch dim that pcompile can regroup",
@@ -250,7 +208,7 @@ def place_batch(ir: IR, dps: dict[str, int], default_dp: int, dims: dict[fx.Node
         source = node.args[0] if node.target in (batch_regroup.batch_gather, batch_regroup.batch_slice) else node
         dim = dims.get(source)
         meta = ir.meta(node)
-        if dim is None or dim is UNKNOWN or meta.shape is None:
+        if not isinstance(dim, int) or meta.shape is None:
             continue
         dp = dps[meta.layer]
         batch = Shard(axis_name("dp", dp, default_dp), dim, dp)
@@ -271,8 +229,7 @@ def reshard_layers(ir: IR, ctx: PassContext) -> IR:
     adopt_entries(ir, {layer: plan.strategy_for(layer).tp for layer in ir.layers})
     rename_axes(ir, default_dp, plan.default.tp)
     parts = max(dps.values())
-    full = _values(ir, inputs)
-    dims = batch_dims(full, _values(ir, part_of(inputs, parts)), parts)
+    dims = batch_dims(ir, inputs, parts)
     count = insert_reshards(ir, dps, dims)
     place_batch(ir, dps, default_dp, dims)  # before param_axes replaces nodes (their metadata moves along)
     axes = param_axes(ir, dps, default_dp)

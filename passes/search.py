@@ -17,8 +17,9 @@ search space restricted to what the rewrite passes can run today:
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
 - sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), with
   pp = 1 only;
-- a loss that sums over the batch or couples its samples (loss_terms.inexact_terms) only with dp = 1 and one
-  micro-batch: averaging would silently divide it.
+- a loss that sums over the batch or couples its samples (loss_terms) only with dp = 1 and one
+  micro-batch: averaging would silently divide it; a loss with a function of batch statistics
+  (a router's balancing loss) only with one micro-batch and one dp degree for every layer.
 - a global-batch range (plan(global_batch=...)): every allowed batch is searched and the one
   with the most samples per second wins (costs scale from the example inputs' batch).
 
@@ -44,7 +45,7 @@ from pcompile.search.engine import SearchProblem
 from pcompile.search.engine import search as run_engine
 from pcompile.search.result import SearchResult, to_plan
 from pcompile.search.space import SearchRules, SearchSpace, nearest_batches, tp_options
-from pcompile.sharding.loss_terms import inexact_terms
+from pcompile.sharding.loss_terms import COUPLED, STATS, SUM, classified
 from pcompile.sharding.sp_rules import sp_refusals
 from pcompile.sharding.tp_rules import plan_tensor_parallel, tp_problem
 
@@ -206,18 +207,20 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
     tps = [t for t in tps if rejected[t] is None]
     refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
-    summed = inexact_terms(ir)
+    terms = classified(ir, ctx.example_inputs)
+    summed = [t for t in terms if t.kind in (SUM, COUPLED)]
+    statistics = any(t.kind == STATS for t in terms)  # exact under one dp grouping and one micro-batch
     costs = StageCosts(ir, cluster, cost_options(ctx), planned)
     cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
     layers = priced_layers(ir)
-    runs = engine_runs(ir, ctx.options.space_limits, tps, layers, bool(summed))
+    runs = engine_runs(ir, ctx.options.space_limits, tps, layers, bool(summed), one_grouping=statistics)
     bandwidth, latency = p2p_link(cluster)
     problem = dict(
         layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
         device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(cluster.num_devices)),
         p2p_bandwidth=bandwidth, p2p_latency=latency,
         # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
-        rules=SearchRules(microbatches_at_least_pp=not summed))
+        rules=SearchRules(microbatches_at_least_pp=not (summed or statistics)))
     batches = ctx.options.global_batches or (batch_size(ctx),)
     outcomes = {b: _search_at(b, runs, problem, cost) for b in batches}
     found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
@@ -237,6 +240,9 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     if summed:
         explanation += ("\nthe loss is not an average over the batch (a sum, or batch-coupled): searched dp = 1 "
                         "and one micro-batch only (loss_check)")
+    elif statistics:
+        explanation += ("\nthe loss reads batch statistics (batch_statistics reduces them over dp): searched one "
+                        "micro-batch and one dp degree for every layer only")
     if len(batches) > 1:
         explanation += "\n" + _batch_report(outcomes, batch)
     return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best

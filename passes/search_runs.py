@@ -140,19 +140,21 @@ def narrow(space: dict, user: dict) -> dict | None:
     return merged
 
 
-def engine_runs(ir: IR, limits: dict, tps: list[int], layers: tuple[str, ...], dp_one: bool) -> list[tuple]:
+def engine_runs(ir: IR, limits: dict, tps: list[int], layers: tuple[str, ...], dp_one: bool,
+                one_grouping: bool = False) -> list[tuple]:
     """(SearchSpace fields, tied-group pins, mixed?) of each engine run: one per tp with every
     layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp);
-    `limits`: the user's narrowing (CompileOptions.space_limits)."""
+    `limits`: the user's narrowing (CompileOptions.space_limits). `dp_one`: dp = 1 and one
+    micro-batch; `one_grouping`: one micro-batch and no mixed runs (one dp for every layer)."""
     user = dict(limits)
     user.pop("tp_degrees", None)
-    if dp_one:  # several micro-batches average the loss too
+    if dp_one or one_grouping:  # several micro-batches average the loss too
         user["microbatch_counts"] = tuple(m for m in user.get("microbatch_counts", (1,)) if m == 1)
     runs = []
     uniform = narrow({}, user)
     if uniform is not None:
         runs += [({**uniform, "tp_degrees": (tp,)}, {}, False) for tp in tps]
     mixed = narrow(MIXED_SPACE, user)
-    if mixed is not None and not dp_one:  # dp = 1 everywhere leaves one tp: nothing to mix
+    if mixed is not None and not (dp_one or one_grouping):  # dp = 1 everywhere leaves one tp: nothing to mix
         runs += [({**mixed, "tp_degrees": tuple(tps)}, pins, True) for pins in mixed_pins(tps, tied_groups(ir, layers))]
     return runs

@@ -5,7 +5,8 @@ bias) split along the output features and their input passed through `tp_copy` (
 in backward); row-parallel Linears become `linear(x, W_shard)` -> `tp_reduce` -> `+ bias`;
 views get their split dim's size divided, and so do the equal blocks a fused projection's
 output is split into (tp_fused: its weight split block-wise); shape queries on split tensors
-return the full shape; replicated operands meeting split ones are sliced with `tp_scatter`. Vocab
+return the full shape; replicated operands meeting split ones are sliced with `tp_scatter`, or,
+broadcast along the split dim and carrying a gradient, passed through `tp_copy`. Vocab
 parallelism (Megatron): an embedding whose table is split along the vocabulary becomes
 `vocab_embedding` (this rank's rows, others zero) -> `tp_reduce`, and a cross-entropy of
 logits split along the vocabulary (the LM head is a column Linear) becomes
@@ -184,6 +185,15 @@ def _rewrite_scatter(ir: IR, p: Propagation, user: fx.Node, source: fx.Node, dim
     user.replace_input_with(source, local)
 
 
+def _rewrite_broadcast(ir: IR, user: fx.Node, source: fx.Node, degree: int) -> None:
+    """A replicated value broadcast along a split dim: each rank's gradient of it sums over its
+    part of that dim only; tp_copy all-reduces it in backward (identity forward)."""
+    with ir.graph.inserting_before(user):
+        copy = ir.graph.call_function(collectives.tp_copy, (source, AXIS, degree))
+    _annotate(ir, copy, source, REPLICATED)
+    user.replace_input_with(source, copy)
+
+
 @register_pass("tensor_parallel", kind="rewrite", requires=("plan", "loss_normalised"),
                ensures=("tensor_parallel", PLACEMENTS))
 def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
@@ -225,6 +235,8 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
         _rewrite_split(ir, node, p.degree[node])
     for user, source, dim in dict.fromkeys(p.scatters):
         _rewrite_scatter(ir, p, user, source, dim, p.degree[user])
+    for user, source in dict.fromkeys(p.broadcasts):
+        _rewrite_broadcast(ir, user, source, p.degree[user])
     for node, degree in row_degree.items():
         _rewrite_row(ir, node, degree)
     for node, degree in p.embeddings.items():

@@ -121,6 +121,23 @@ class _Reduce(torch.autograd.Function):
         return grad, None, None
 
 
+class _BatchStatistic(torch.autograd.Function):
+    """A statistic over the batch (passes/batch_statistics.py): each rank's statistic of its part
+    -> the whole batch's (the mean of the parts' means, or the sum of their sums). Backward: every
+    rank computes the same loss term from it and the dp averaging of gradients divides by the
+    group size, so a mean's gradient passes unchanged and a sum's is multiplied by the size."""
+
+    @staticmethod
+    def forward(ctx, x, kind, key, size):
+        ctx.scale = 1.0 if kind == "mean" else float(size)
+        out = _all_reduce(x, key)
+        return out / size if kind == "mean" else out
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale if ctx.scale != 1.0 else grad, None, None, None
+
+
 def _dim_pair(name: str, forward, backward) -> type:
     """An autograd Function over (x, dim, key, size) running collective `forward` and, on the
     gradient, its conjugate `backward` (the four sharded-dim pairs below differ only in these)."""
@@ -138,6 +155,12 @@ _Gather = _dim_pair("_Gather", _all_gather, _local_chunk)
 _Scatter = _dim_pair("_Scatter", _local_chunk, _all_gather)
 _SpGather = _dim_pair("_SpGather", _all_gather, _reduce_scatter)
 _SpReduceScatter = _dim_pair("_SpReduceScatter", _reduce_scatter, _all_gather)
+
+
+@ops.collective(axis_arg=2)
+def batch_statistic(x: torch.Tensor, kind: str, axis: str, size: int) -> torch.Tensor:
+    """The whole batch's statistic ("mean" or "sum") from this rank's part's, over `axis`."""
+    return _BatchStatistic.apply(x, kind, axis, size)
 
 
 @ops.collective(axis_arg=1)

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 
 from pcompile.ir import IR
+from pcompile.ir.params import attribute
 from pcompile.sharding.tp_fused import equal_blocks, only_layout_from
 from pcompile.sharding.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
 from pcompile.sharding.tp_vocab import disagreements, vocab_embeddings
@@ -44,6 +46,11 @@ class Propagation:
     view_dims: dict[fx.Node, int] = field(default_factory=dict)  # view node -> output dim whose size divides
     size_nodes: dict[fx.Node, int] = field(default_factory=dict)  # shape/size query on a split tensor
     scatters: list[tuple[fx.Node, fx.Node, int]] = field(default_factory=list)  # (user, replicated input, dim)
+    # (user, replicated input) broadcast along the user's split dim and carrying a gradient: that
+    # gradient is a sum over the split dim, partial on each rank (a router's gate scaling split
+    # expert outputs) - tp_copy (all-reduce backward) before the user
+    broadcasts: list[tuple[fx.Node, fx.Node]] = field(default_factory=list)
+    grad_nodes: set[fx.Node] | None = None  # the nodes that carry a gradient (carries_grad)
     failure: tuple[fx.Node, str, frozenset] | None = None
     losses: dict[fx.Node, int] = field(default_factory=dict)  # cross-entropy of vocab-split logits -> tp
     embeddings: dict[fx.Node, int] = field(default_factory=dict)  # embedding split along the vocabulary -> tp
@@ -264,6 +271,8 @@ def _matmul(ir, p, node, dim, degree, origins):
     for t in (a, b):
         if t not in p.split_dim and _size_at(ir, t, out_dim, out_n) != 1:
             return "matmul of a split and a replicated batch"
+        if t not in p.split_dim and carries_grad(ir, p, t):
+            p.broadcasts.append((node, t))
     _set(ir, p, node, out_dim, degree, origins)
 
 
@@ -302,8 +311,31 @@ def _binary(ir: IR, p: Propagation, node: fx.Node, dim, degree: int, origins: fr
         if t not in p.split_dim and _size_at(ir, t, out_dim, out_n) != 1:
             # A replicated operand is sliced locally (its gradient all-gathered back).
             p.scatters.append((node, t, out_dim - (out_n - _ndim(ir, t))))
+        elif t not in p.split_dim and carries_grad(ir, p, t):
+            p.broadcasts.append((node, t))
     p.split_dim[node], p.degree[node], p.origins[node] = out_dim, degree, origins
     return None
+
+
+def carries_grad(ir: IR, p: Propagation, node: fx.Node) -> bool:
+    """Whether a gradient flows into `node`: a floating value computed from parameters (found
+    for the whole graph on first use, in graph order)."""
+    if p.grad_nodes is None:
+        found: set[fx.Node] = set()
+        for n in ir.graph.nodes:
+            dtype = ir.meta(n).dtype if ir.has_meta(n) else None
+            if dtype is not None and "float" not in dtype:
+                continue
+            if n.op == "get_attr" and isinstance(attribute(ir.gm, n.target), torch.nn.Parameter):
+                found.add(n)
+            elif n.op == "call_module" and any(True for _ in ir.gm.get_submodule(n.target).parameters()):
+                found.add(n)
+            elif n.op == "call_method" and n.target == "detach":
+                continue
+            elif any(a in found for a in n.all_input_nodes):
+                found.add(n)
+        p.grad_nodes = found
+    return node in p.grad_nodes
 
 
 RULES = {"unary": _unary, "binary": _binary, "view": _view, "expand": _expand, "unsqueeze": _unsqueeze,
@@ -326,7 +358,8 @@ def _before(p: Propagation, index: dict[fx.Node, int], start: int) -> Propagatio
     return Propagation(keep(p.degree), keep(p.split_dim), keep(p.origins),
                        {n for n in p.column if index[n] < start}, {n for n in p.row if index[n] < start},
                        keep(p.view_dims), keep(p.size_nodes), [s for s in p.scatters if index[s[0]] < start],
-                       losses=keep(p.losses), split_sizes=keep(p.split_sizes))
+                       losses=keep(p.losses), split_sizes=keep(p.split_sizes),
+                       broadcasts=[b for b in p.broadcasts if index[b[0]] < start], grad_nodes=p.grad_nodes)
 
 
 def _feeds_split_work(ir: IR, p: Propagation, origins: list[fx.Node]) -> bool:
