@@ -6,10 +6,11 @@
   pcompile run MODEL --plan plan.json [--local N] [--steps K]     (or under torchrun --nproc-per-node N)
   pcompile profile | pcompile demo
 
-MODEL is a built-in name (see `pcompile.cli.BUILTINS`) or `path/file.py:factory`. The factory
-is called with `batch=` and `seq=` when the user gave them and its signature takes them; it
-returns `(model, example_inputs)` (the model's forward(*example_inputs) returns the loss), or a
-model alone when the model is a pcompile GPT or MLPModel (inputs are then built from its cfg).
+MODEL is a built-in name (see `pcompile.cli.BUILTINS`) or `path/file.py:factory` (`path/file.py`
+alone when the file defines one public function: that is the factory). The factory is called
+with `batch=` and `seq=` when the user gave them and its signature takes them; it returns
+`(model, example_inputs)` (the model's forward(*example_inputs) returns the loss), or a model
+alone when the model is a pcompile GPT or MLPModel (inputs are then built from its cfg).
 A built-in model's default batch and sequence length are the published ones it was trained
 with (pcompile.models.GPT_BATCHES: e.g. gpt3-175b 1536 x 2048).
 Built-in models are built on the meta device for planning (no weights are allocated), so a
@@ -85,12 +86,13 @@ def _builtin(name: str, batch: int | None, seq: int | None, meta: bool) -> Workl
 
 
 def _from_file(spec: str, batch: int | None, seq: int | None) -> Workload:
-    path, _, factory_name = spec.rpartition(":")
+    path, _, factory_name = spec.rpartition(":") if not spec.endswith(".py") else (spec, "", "")
     if not os.path.isfile(path):
         raise _error(f"model file {path!r} does not exist", "give MODEL as path/file.py:factory or a built-in name")
     module_spec = importlib.util.spec_from_file_location(f"pcompile_user_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
+    factory_name = factory_name or _only_factory(path, module)
     factory = getattr(module, factory_name, None)
     if not callable(factory):
         raise _error(f"{path} has no function {factory_name!r}", f"define def {factory_name}(): return model, inputs")
@@ -102,6 +104,23 @@ def _from_file(spec: str, batch: int | None, seq: int | None) -> Workload:
         raise _error(f"{spec} returned {type(model).__name__}, not an nn.Module",
                      "return (model, example_inputs) from the factory")
     return Workload(spec, model, tuple(inputs), *_tokens(tuple(inputs)))
+
+
+def _only_factory(path: str, module) -> str:
+    """The factory of a model file given without `:factory`: its one public function (imported
+    ones do not count); several or none are refused naming the path/file.py:factory form."""
+    defined = {name: obj for name, obj in vars(module).items()
+               if not name.startswith("_") and getattr(obj, "__module__", None) == module.__name__}
+    functions = [name for name, obj in defined.items() if inspect.isfunction(obj)]
+    if len(functions) == 1:
+        return functions[0]
+    if functions:
+        raise _error(f"{path} defines {len(functions)} functions ({', '.join(functions)}): which one builds the model "
+                     "is not clear", f"name the factory as {path}:{functions[0]} (path/file.py:factory)")
+    classes = [name for name, obj in defined.items() if isinstance(obj, type) and issubclass(obj, torch.nn.Module)]
+    model = f"return {classes[0]}(...), example_inputs" if classes else "return model, example_inputs"
+    raise _error(f"{path} defines no factory function" + (f" (only the module class {classes[0]})" if classes else ""),
+                 f"add def build(): {model} to it and pass {path}:build (path/file.py:factory)")
 
 
 def _default_inputs(model, batch: int | None) -> tuple:
@@ -120,7 +139,7 @@ def load_workload(spec: str, batch: int | None = None, seq: int | None = None, m
     """MODEL argument -> model and example inputs (see the module docstring for the convention)."""
     if spec in BUILTINS:
         return _builtin(spec, batch, seq, meta)
-    if ":" in spec and spec.rpartition(":")[0].endswith(".py"):
+    if spec.endswith(".py") or (":" in spec and spec.rpartition(":")[0].endswith(".py")):
         return _from_file(spec, batch, seq)
     raise _error(f"unknown model {spec!r}", f"use one of {', '.join(BUILTINS)} or path/file.py:factory")
 
@@ -361,9 +380,9 @@ def _launched(args, plan) -> list[dict]:
         try:
             return pcompile.launch(train_rank, args.local, *call)
         except RuntimeError as exc:  # a rank's PcompileError, as its traceback: its cause and fix
-            found = re.search(r"PcompileError: (.*?)(?:\n\s*fix: (.*))?$", str(exc).strip(), re.S)
-            if found:
-                raise _error(found.group(1).strip(), (found.group(2) or "see the plan and the model").strip()) from None
+            refusal = rank_refusal(str(exc))
+            if refusal:
+                raise refusal from None
             raise
     created = "WORLD_SIZE" in os.environ and not dist.is_initialized()  # under torchrun
     if created:
@@ -382,6 +401,25 @@ def _launched(args, plan) -> list[dict]:
         raise _error(f"the plan needs {plan.num_devices} ranks and no process group is running",
                      f"run under torchrun --nproc-per-node {plan.num_devices} or pass --local {plan.num_devices}")
     return [train_rank(*call)]
+
+
+# How a traceback joins the exceptions of a chain (torch's pipelining wraps a stage's exception
+# in a RuntimeError "failed to run forward": the rank's refusal is then not the last exception).
+_CHAINED = re.compile(r"\n\n(?:The above exception was the direct cause of the following exception|"
+                      r"During handling of the above exception, another exception occurred):\n\n")
+
+
+def rank_refusal(traceback_text: str):
+    """The PcompileError (cause and fix) a rank's traceback ends in or carries in its chain, the
+    outermost one, rebuilt; None if it holds none."""
+    from pcompile.errors import PcompileError
+
+    for part in reversed(_CHAINED.split(traceback_text.strip())):
+        # the exception's own line(s) at the end of its part: "pcompile.errors.PcompileError: cause\n  fix: fix"
+        found = re.search(r"^pcompile\.[\w.]+: (.*?)(?:\n\s*fix: (.*))?\Z", part.strip(), re.S | re.M)
+        if found:
+            return PcompileError(found.group(1).strip(), found.group(2) and found.group(2).strip())
+    return None
 
 
 def cmd_run(args) -> int:

@@ -56,6 +56,23 @@ def simulate():
         _SIMULATE.on = previous
 
 
+# torch 2.13 renames all_gather_into_tensor / reduce_scatter_tensor to *_single and warns (a
+# FutureWarning per rank) on the old names; older torch (2.11 on the GPU machine) has only the old
+# ones. Looked up on torch.distributed at each call: latency.inject patches the module's names.
+_GATHER = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
+_SCATTER = "reduce_scatter_single" if hasattr(dist, "reduce_scatter_single") else "reduce_scatter_tensor"
+
+
+def all_gather_single(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """torch.distributed's flat all-gather under this torch's name for it."""
+    return getattr(dist, _GATHER)(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_single(out: torch.Tensor, x: torch.Tensor, group, async_op: bool = False):
+    """torch.distributed's flat reduce-scatter (a sum) under this torch's name for it."""
+    return getattr(dist, _SCATTER)(out, x, group=group, async_op=async_op)
+
+
 def _group(key: str) -> dist.ProcessGroup | None:
     if getattr(_SIMULATE, "on", False):
         return None
@@ -96,7 +113,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, key: str, size: int) -> torch.Ten
     # The collective scatters along dim 0: move `dim` there and back.
     moved = x.movedim(dim, 0).contiguous()
     out = torch.empty((moved.shape[0] // size,) + tuple(moved.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_single(out, moved, group=group)
+    reduce_scatter_single(out, moved, group)
     return out.movedim(0, dim).contiguous()
 
 

@@ -5,10 +5,10 @@ Each rank of the dp group stores 1/dp of a sharded parameter (a chunk along its 
 Parameters are gathered in *units* (by default all of one layer's, as FSDP does per block),
 one collective per unit and direction, each on one flat buffer:
   unit = sdp_prefetch((s1, s2, ..), (d1, d2, ..), "dp", dp)
-      issues the unit's all-gather (all_gather_into_tensor of its concatenated shards, async)
+      issues the unit's all-gather (all_gather_single of its concatenated shards, async)
   sdp_gather((s1, s2, ..), (d1, d2, ..), "dp", dp, prefetched=unit)
       forward:  waits for it and copies the full parameters out of the flat buffer (a tuple)
-      backward: one reduce-scatter (reduce_scatter_tensor of the gradients laid out rank by
+      backward: one reduce-scatter (reduce_scatter_single of the gradients laid out rank by
                 rank) divided by dp, issued async
 Why the division: every dp rank computes the mean loss of its 1/dp of the batch, so the
 serial gradient (mean over the whole batch) is the average of the ranks' gradients; the
@@ -61,7 +61,6 @@ import weakref
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from pcompile.runtime import collectives, ops
@@ -112,9 +111,7 @@ def _issue_gather(shards: tuple[torch.Tensor, ...], group, size: int) -> tuple:
     """(handle, flat output, flat input) of an async all-gather of the concatenated shards."""
     flat = torch.cat([s.reshape(-1) for s in shards])
     out = flat.new_empty(size * flat.numel())
-    # all_gather_into_tensor / reduce_scatter_tensor (torch 2.13 deprecates them for *_single):
-    # the names every supported torch has and the ones latency.inject delays
-    return dist.all_gather_into_tensor(out, flat, group=group, async_op=True), out, flat
+    return collectives.all_gather_single(out, flat, group, async_op=True), out, flat
 
 
 def _all_gather_flat(shards: tuple[torch.Tensor, ...], dims: tuple[int, ...], key: str,
@@ -154,7 +151,7 @@ def _issue_scatter(grads: tuple[torch.Tensor, ...], dims: tuple[int, ...], group
         rows[:, offset:offset + shape.numel()].view(size, *shape).copy_(chunks)
         offset += shape.numel()
     out = rows.new_empty(rows.shape[1])
-    return dist.reduce_scatter_tensor(out, rows.view(-1), group=group, async_op=True), out, rows
+    return collectives.reduce_scatter_single(out, rows.view(-1), group, async_op=True), out, rows
 
 
 def _chunk_shape(grad: torch.Tensor, dim: int, size: int) -> torch.Size:

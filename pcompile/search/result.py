@@ -114,11 +114,13 @@ class SearchResult:
                          f"{st.sync_time * 1e3:.2f} ms, {size_text(st.peak_memory)} of {size_text(st.memory_budget)} "
                          f"({st.in_flight:g} micro-batches in flight)")
         lines.append(f"memory: {self.binding}")
-        lines.append(f"{'layer':<14}{'strategy':<22}{'time ms':>9}{'memory':>11}  runner-ups (step ms / stage memory)")
+        width = max([len("layer")] + [len(c.layer) for c in self.layers]) + 2  # the longest name, then a gap
+        lines.append(f"{'layer':<{width}}{'strategy':<22}{'time ms':>9}{'memory':>11}  "
+                     "runner-ups (step ms / stage memory)")
         for c in self.layers:
             alts = ", ".join(f"{a.strategy.describe()} {a.step_time * 1e3:.2f}/{size_text(a.peak_memory)}"
                              for a in c.runner_ups) or "-"
-            lines.append(f"{c.layer:<14}{c.strategy.describe():<22}{c.time * 1e3:9.3f}{size_text(c.memory):>11}  "
+            lines.append(f"{c.layer:<{width}}{c.strategy.describe():<22}{c.time * 1e3:9.3f}{size_text(c.memory):>11}  "
                          f"{alts}")
         lines.append("baselines (same cost tables):")
         for b in self.baselines:

@@ -12,7 +12,7 @@ import pcompile
 from pcompile.ir import local_shape
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import LayerAssignment, Strategy
-from pcompile.runtime import latency, sdp
+from pcompile.runtime import collectives, latency, sdp
 from tests.distributed.ranks import MODELS as _MODELS
 from tests.distributed.ranks import _max_diff, train_side_by_side
 
@@ -122,18 +122,19 @@ def _timed_step(cm, batch, serial: bool) -> float:
 
 
 def _all_gathers(cm, batch, serial: bool) -> int:
-    """All-gathers one train_step issues (dist.all_gather_into_tensor calls)."""
-    calls, original = [], dist.all_gather_into_tensor
+    """All-gathers one train_step issues (calls of torch.distributed's flat all-gather)."""
+    name = collectives._GATHER
+    calls, original = [], getattr(dist, name)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    dist.all_gather_into_tensor = counted
+    setattr(dist, name, counted)
     try:
         _timed_step(cm, batch, serial)
     finally:
-        dist.all_gather_into_tensor = original
+        setattr(dist, name, original)
     return len(calls)
 
 
