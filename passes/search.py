@@ -217,7 +217,7 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     bandwidth, latency = p2p_link(cluster)
     problem = dict(
         layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
-        device_memory=tuple(float(cluster.device_of(r).memory_bytes) for r in range(cluster.num_devices)),
+        device_memory=tuple(float(cluster.device_of(r).budget) for r in range(cluster.num_devices)),
         p2p_bandwidth=bandwidth, p2p_latency=latency,
         # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
         rules=SearchRules(microbatches_at_least_pp=not (summed or statistics)))

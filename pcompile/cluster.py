@@ -43,6 +43,52 @@ class Device:
     # matmul_curve in bf16, the dtype mixed precision computes in (on GPUs several times the fp32
     # rate); profiled on GPUs, and on CPUs in the full mode. Empty = not measured.
     matmul_curve_bf16: tuple[tuple[float, float], ...] = ()
+    # Achieved dense FLOP/s of the matmuls of a plan without mixed precision (at_precision): IEEE
+    # fp32, or TF32 when torch lets fp32 matmuls use it (torch.backends.cuda.matmul.allow_tf32,
+    # off by default and left off by pcompile's runtime). 0 = peak_flops / the curves alone (CPUs,
+    # profiled devices: their matmul_curve is measured in fp32).
+    fp32_flops: float = 0.0
+    tf32_flops: float = 0.0
+    # Bytes of memory_bytes a plan may not fill: CUDA context and kernels, NCCL buffers, the
+    # caching allocator's fragmentation (presets; a profiled device's memory_bytes is already net).
+    memory_reserve: int = 0
+
+    @property
+    def budget(self) -> int:
+        """Bytes a plan may fill on this device: memory_bytes less memory_reserve."""
+        return self.memory_bytes - self.memory_reserve
+
+    def at_precision(self, mixed_precision: bool) -> "Device":
+        """This device as a plan of that precision computes on it (what the cost model prices a
+        layer's ops with). Mixed precision (bf16 compute): the bf16 matmul curve where measured,
+        else as it is (peak_flops is the bf16 rate on GPUs). fp32: fp32_flops - or tf32_flops when
+        torch.backends.cuda.matmul.allow_tf32 is set while planning, as the training script must
+        set it too - and a measured fp32 curve, or the bf16 curve capped at that rate. A device
+        with neither (CPUs) is returned as it is. Variants are cached (the search's hot path)."""
+        tf32 = False
+        if not mixed_precision and self.tf32_flops:
+            import torch
+
+            tf32 = bool(torch.backends.cuda.matmul.allow_tf32)
+        key = (id(self), bool(mixed_precision), tf32)
+        hit = _PRECISION_VARIANTS.get(key)
+        if hit is not None and hit[0] is self:
+            return hit[1]
+        if mixed_precision:
+            variant = dataclasses.replace(self, matmul_curve=self.matmul_curve_bf16) if self.matmul_curve_bf16 \
+                else self
+        else:
+            rate = self.tf32_flops if tf32 else self.fp32_flops
+            if rate:
+                curve = self.matmul_curve or tuple((f, min(r, rate)) for f, r in self.matmul_curve_bf16)
+                variant = dataclasses.replace(self, peak_flops=rate, matmul_curve=curve)
+            else:
+                variant = self
+        _PRECISION_VARIANTS[key] = (self, variant)  # holding self keeps its id from being reused
+        return variant
+
+
+_PRECISION_VARIANTS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -198,7 +244,8 @@ class Cluster:
         devices = [g.device for g in self.node_groups]
         return Device(name=min(d.name for d in devices), memory_bytes=min(d.memory_bytes for d in devices),
                       peak_flops=min(d.peak_flops for d in devices),
-                      memory_bandwidth=min(d.memory_bandwidth for d in devices))
+                      memory_bandwidth=min(d.memory_bandwidth for d in devices),
+                      memory_reserve=min(d.memory_bytes for d in devices) - min(d.budget for d in devices))
 
     def link(self, group_size: int, stride: int = 1) -> tuple[float, float]:
         """(bandwidth, latency) for a group of `group_size` ranks spaced `stride` apart."""
@@ -208,8 +255,10 @@ class Cluster:
         return self.inter_node_bandwidth, self.inter_node_latency
 
     def with_memory(self, memory_bytes: int) -> "Cluster":
-        """The same cluster with every device's memory budget set to `memory_bytes`."""
-        groups = tuple(dataclasses.replace(g, device=dataclasses.replace(g.device, memory_bytes=int(memory_bytes)))
+        """The same cluster with every device's memory budget set to `memory_bytes` (what a plan
+        may fill: no reserve is taken off it)."""
+        groups = tuple(dataclasses.replace(g, device=dataclasses.replace(g.device, memory_bytes=int(memory_bytes),
+                                                                         memory_reserve=0))
                        for g in self.node_groups)
         return dataclasses.replace(self, node_groups=groups)
 
@@ -287,7 +336,8 @@ def _device(data: dict) -> Device:
     return Device(**fields)
 
 
-# Datasheet dense bf16 peaks times a stated efficiency: large GEMMs reach ~70% of peak in practice.
+# Datasheet dense bf16 peaks times a stated efficiency, for GPUs without measured figures below
+# (V100, a local GPU not in DATASHEET_FLOPS): large GEMMs reach ~70% of peak in practice.
 EFFICIENCY = 0.7
 # Dense (no sparsity) datasheet peaks by the name torch.cuda.get_device_name gives, per precision:
 # NVIDIA A100 Tensor Core GPU datasheet (SXM4: FP32 19.5, TF32 156, BF16 312 TFLOPS); NVIDIA H100
@@ -317,22 +367,87 @@ def datasheet_peak(gpu_name: str, mixed_precision: str | None) -> float | None:
     if mixed_precision == "bf16":
         return peaks["bf16"]
     return peaks["tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"]
-A100_80GB = Device("A100-80GB", 80 * GB, 312e12 * EFFICIENCY, 2.0e12)
-H100_80GB = Device("H100-80GB", 80 * GB, 989e12 * EFFICIENCY, 3.35e12)
-V100_32GB = Device("V100-32GB", 32 * GB, 125e12 * EFFICIENCY, 0.9e12)
 
 
-def _nvlink_cluster(name: str, device: Device, num_nodes: int, nvlink: float) -> Cluster:
-    # NVLink bus bandwidth per GPU; 200 Gb/s InfiniBand per GPU = 25 GB/s between nodes.
-    return Cluster((NodeGroup(device, num_nodes, 8),), nvlink, 5e-6, 25e9, 10e-6, "nccl", name)
+# -- GPU presets from public measurements ------------------------------------------------------------
+# Compute. Achievable dense bf16 matmul FLOP/s: the Maximum Achievable Matmul FLOPS (MAMF) table of
+# S. Bekman's "Machine Learning Engineering" (github.com/stas00/ml-engineering,
+# compute/accelerator/README.md, v2 table: mean of 100 matmuls at the best shape found, torch
+# 2.6-2.7 / CUDA 12.6): A100 SXM 271.2 TFLOPS of 312 (86.9%, shape 1024x10240x5120), H100 SXM
+# 794.5 of 989 (80.3%, 2048x2048x13312). No public MAMF exists for fp32 / TF32: their datasheet
+# peaks (DATASHEET_FLOPS) times the same efficiency (stated, not measured).
+MAMF_EFFICIENCY = {"A100": 271.2 / 312, "H100": 794.5 / 989.4}
+# Efficiency by size: a GEMM's time is max(FLOPs / rate, bytes / HBM bandwidth) plus the launch
+# overhead below (pcompile.cost.pricing.op_time), so small GEMMs fall short of the MAMF rate: on
+# an A100 in bf16 a 1024^3 matmul reaches ~61% of the 271 TFLOPS, 2048^3 ~93%, 4096^3 ~99%
+# (tests/test_gpu_presets.py). Wave and tile quantisation (NVIDIA "Matrix Multiplication Background
+# User's Guide") are not modelled: no public table of them by shape was at hand.
+# HBM bandwidth: datasheets (A100 80GB SXM 2039 GB/s, 40GB 1555 GB/s; H100 SXM 3.35 TB/s).
+# Launch overhead: "about 4-6 us" per kernel submitted by the CPU (driver + runtime calls), measured
+# in "pegainfer (3): From Launch Overhead to CUDA Graph" (susun-blog.com, CUDA 13): 5 us per op,
+# forward and backward (each gradient matmul is its own launch).
+LAUNCH_OVERHEAD = 5e-6
+# Memory reserve: the CUDA context and kernels, 1343 MB measured by Hugging Face ("Model training
+# anatomy", transformers docs: "the kernels alone take up 1.3GB"); 2 GiB for the NCCL communicators
+# of a plan's tp / dp / pp groups and 5% of the rest for the caching allocator's fragmentation - the
+# figures pcompile.cost.profile.cuda_memory_budget takes off a profiled GPU (NCCL_BUFFSIZE is 4 MiB
+# per channel and peer by default, NCCL docs; the 5% is this project's margin: Galvatron reserves
+# 20% of its budget, ZeRO-R (Rajbhandari et al., SC'20) reports OOM with over 30% free in extreme
+# fragmentation). An 80 GiB device leaves a plan ~72.8 GiB.
+CUDA_CONTEXT_BYTES = 1343 * 2**20
+NCCL_RESERVE_BYTES = 2 * GB
+FRAGMENTATION = 0.05
+
+
+def gpu_reserve(memory_bytes: int) -> int:
+    """Bytes of a GPU of `memory_bytes` that a plan may not fill (see above)."""
+    rest = memory_bytes - CUDA_CONTEXT_BYTES - NCCL_RESERVE_BYTES
+    return int(memory_bytes - rest * (1 - FRAGMENTATION))
+
+
+def _gpu(name: str, cuda_name: str, family: str, memory_bytes: int, hbm: float) -> Device:
+    peaks, eff = DATASHEET_FLOPS[cuda_name], MAMF_EFFICIENCY[family]
+    return Device(name, memory_bytes, peaks["bf16"] * eff, hbm, op_overhead=LAUNCH_OVERHEAD,
+                  backward_overhead=LAUNCH_OVERHEAD, fp32_flops=peaks["fp32"] * eff, tf32_flops=peaks["tf32"] * eff,
+                  memory_reserve=gpu_reserve(memory_bytes))
+
+
+A100_80GB = _gpu("A100-80GB", "NVIDIA A100-SXM4-80GB", "A100", 80 * GB, 2.039e12)
+A100_40GB = _gpu("A100-40GB", "NVIDIA A100-SXM4-40GB", "A100", 40 * GB, 1.555e12)
+H100_80GB = _gpu("H100-80GB", "NVIDIA H100 80GB HBM3", "H100", 80 * GB, 3.35e12)
+# NVIDIA V100 datasheet (SXM2): 125 TFLOPS fp16 tensor, 15.7 fp32, 900 GB/s HBM2; no bf16 or TF32
+# (mixed precision priced at the fp16 tensor rate), no public MAMF: EFFICIENCY.
+V100_32GB = Device("V100-32GB", 32 * GB, 125e12 * EFFICIENCY, 0.9e12, fp32_flops=15.7e12 * EFFICIENCY,
+                   op_overhead=LAUNCH_OVERHEAD, backward_overhead=LAUNCH_OVERHEAD, memory_reserve=gpu_reserve(32 * GB))
+
+# Links, as nccl-tests report bus bandwidth (busbw: the ring's per-rank rate, what the ring model
+# 2(n-1)/n B / bw takes). NVLink: 8 x A100-SXM4-80GB all_reduce_perf busbw ~200 GB/s
+# (NVIDIA/nccl-tests#149, NCCL 2.18) and 208 GB/s (NVIDIA/nccl-tests#178); 8 x H100: NCCL reaches
+# ~370 GB/s of the 450 GB/s NVLink4 line rate with rings (every collective), ~480 GB/s all-reduce
+# busbw with NVLink SHARP (NVIDIA/nccl-tests#212, S. Jeaugey of NVIDIA): one bandwidth per link
+# here, so the ring's 370. InfiniBand: one NIC per GPU (DGX A100: 8 x 200 Gb/s HDR = 25 GB/s per
+# GPU; DGX H100: 8 x 400 Gb/s NDR = 50 GB/s, NVIDIA DGX datasheets), at the 96% of line rate
+# all_reduce_perf reached over HDR in NVIDIA/nccl-tests#119 (96 of 100 GB/s peak). Latencies
+# (5 us NVLink, 10 us IB per ring step) are the earlier presets' and have no public measurement here.
+NVLINK_BUSBW = {"A100": 200e9, "H100": 370e9}
+IB_PER_GPU = {"A100": 25e9 * 0.96, "H100": 50e9 * 0.96}
+
+
+def dgx_cluster(device: Device, num_nodes: int, family: str, name: str | None = None) -> Cluster:
+    """`num_nodes` DGX-style nodes of 8 `device`s on NVLink, one InfiniBand NIC per GPU."""
+    name = name or (f"{num_nodes}x8x{device.name}" if num_nodes > 1 else f"8x{device.name}")
+    return Cluster((NodeGroup(device, num_nodes, 8),), NVLINK_BUSBW[family], 5e-6, IB_PER_GPU[family], 10e-6,
+                   "nccl", name)
 
 
 PRESETS: dict[str, Cluster] = {
-    "8xA100-80GB": _nvlink_cluster("8xA100-80GB", A100_80GB, 1, 300e9),
-    "8xH100-80GB": _nvlink_cluster("8xH100-80GB", H100_80GB, 1, 450e9),
-    "2x8xA100-80GB": _nvlink_cluster("2x8xA100-80GB", A100_80GB, 2, 300e9),
-    "16xA100-80GB": _nvlink_cluster("16xA100-80GB", A100_80GB, 2, 300e9),
-    "128x8xA100-80GB": _nvlink_cluster("128x8xA100-80GB", A100_80GB, 128, 300e9),
+    "8xA100-80GB": dgx_cluster(A100_80GB, 1, "A100"),
+    "8xA100-40GB": dgx_cluster(A100_40GB, 1, "A100"),
+    "8xH100-80GB": dgx_cluster(H100_80GB, 1, "H100"),
+    "2x8xA100-80GB": dgx_cluster(A100_80GB, 2, "A100"),
+    "2x8xH100-80GB": dgx_cluster(H100_80GB, 2, "H100"),
+    "16xA100-80GB": dgx_cluster(A100_80GB, 2, "A100", "16xA100-80GB"),
+    "128x8xA100-80GB": dgx_cluster(A100_80GB, 128, "A100"),
     "4xA100-80GB+4xV100-32GB": Cluster(
         (NodeGroup(A100_80GB, 1, 4), NodeGroup(V100_32GB, 1, 4)), 150e9, 5e-6, 12.5e9, 10e-6, "nccl",
         "4xA100-80GB+4xV100-32GB"),

@@ -131,7 +131,7 @@ def device_memory(plan: Plan, ir: IR | None = None, cluster: Cluster | None = No
     for rank in range(plan.num_devices):
         elements = per_stage[rank // devices_per_stage]
         states = {k: elements * v for k, v in BYTES_PER_ELEMENT.items()}
-        budget = cluster.device_of(rank).memory_bytes if cluster is not None else estimate.memory_budget
+        budget = cluster.device_of(rank).budget if cluster is not None else estimate.memory_budget
         out.append(DeviceMemory(rank, states["params"], states["grads"], states["optimizer"],
                                 max(0.0, estimate.peak_memory - sum(states.values())), budget))
     return out

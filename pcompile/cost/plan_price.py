@@ -34,7 +34,7 @@ def p2p_link(cluster: Cluster) -> tuple[float, float]:
 def stage_budgets(cluster: Cluster, pp: int) -> list[float]:
     """Each stage's memory budget: its smallest device's."""
     d = cluster.num_devices // pp
-    return [float(min(cluster.device_of(r).memory_bytes for r in range(k * d, (k + 1) * d))) for k in range(pp)]
+    return [float(min(cluster.device_of(r).budget for r in range(k * d, (k + 1) * d))) for k in range(pp)]
 
 
 def trivial_ends(ir: IR) -> tuple[bool, bool]:

@@ -303,7 +303,8 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     eta = cluster.overlap if options.overlap is None else options.overlap
     act = options.activation_scale
     scale = microbatch / batch / s.dp  # samples of one rank relative to the example batch
-    times = [compute(work, d, scale, s, act) for d in devices]  # every rank waits for the slowest
+    # every rank waits for the slowest, each computing at the plan's precision (Device.at_precision)
+    times = [compute(work, d.at_precision(options.mixed_precision), scale, s, act) for d in devices]
     fwd, bwd = max(t[0] for t in times), max(t[1] for t in times)
     tp_fwd = tp_bwd = 0.0
     if s.tp > 1:  # the same for every sdp / checkpoint / split choice: kept on the layout (the
@@ -481,8 +482,8 @@ def table_entries(c: LayerCost, foreach: bool) -> tuple[float, float, float, flo
 
 
 def stage_memory_budget(cluster: Cluster, first_rank: int, devices: int) -> int:
-    """The memory a stage's plan must fit: its smallest device's (never an average)."""
-    return min(cluster.device_of(r).memory_bytes for r in range(first_rank, first_rank + devices))
+    """The memory a stage's plan must fit: its smallest device's budget (never an average)."""
+    return min(cluster.device_of(r).budget for r in range(first_rank, first_rank + devices))
 
 
 # -- the first search's uniform estimate (kept for passes/search.py) -----------------------------

@@ -73,8 +73,8 @@ def test_groups_across_nodes_use_the_inter_node_link():
     cluster = pcompile.Cluster.preset("2x8xA100-80GB")
     inside = cluster.collective_time("all_reduce", 1e9, [[0, 1]])
     across = cluster.collective_time("all_reduce", 1e9, [[7, 8]])
-    assert math.isclose(inside, 2 * 5e-6 + 1e9 / 300e9)
-    assert math.isclose(across, 2 * 10e-6 + 1e9 / 25e9)
+    assert math.isclose(inside, 2 * 5e-6 + 1e9 / 200e9)  # nccl-tests busbw (cluster.py)
+    assert math.isclose(across, 2 * 10e-6 + 1e9 / 24e9)  # 96% of 200 Gb/s HDR
     # tp innermost: on 16 devices with tp=8 the tp groups fill a node, the dp groups (ranks 8 apart) span two
     tp_groups, dp_groups = stage_groups(0, 2, 8)
     assert {cluster.link_kind(g) for g in tp_groups} == {"intra"}

@@ -5,12 +5,13 @@ import json
 
 import numpy as np
 
-from pcompile.cluster import Cluster, CollectiveFit
+from pcompile.cluster import Cluster, CollectiveFit, gpu_reserve
 from pcompile.cost.pricing import CostOptions, cost_table, estimate_uniform, stage_memory_budget
 from pcompile.plan import Strategy
 
 MIXED = "4xA100-80GB+4xV100-32GB"
 GB = 2**30
+A100_BUDGET, V100_BUDGET = 80 * GB - gpu_reserve(80 * GB), 32 * GB - gpu_reserve(32 * GB)  # less the reserve
 
 
 def test_same_layer_costs_more_on_the_slower_device(gpt_ir):
@@ -32,11 +33,11 @@ def test_same_layer_costs_more_on_the_slower_device(gpt_ir):
 def test_a_stage_on_the_32gb_devices_is_charged_against_32gb(gpt_ir):
     ir, _ = gpt_ir
     cluster = Cluster.preset(MIXED)
-    assert stage_memory_budget(cluster, 0, 4) == 80 * GB
-    assert stage_memory_budget(cluster, 4, 4) == 32 * GB
-    assert stage_memory_budget(cluster, 0, 8) == 32 * GB
-    assert estimate_uniform(ir, cluster, Strategy(dp=4), options=CostOptions(first_rank=4)).memory_budget == 32 * GB
-    assert estimate_uniform(ir, cluster, Strategy(dp=4)).memory_budget == 80 * GB
+    assert stage_memory_budget(cluster, 0, 4) == A100_BUDGET
+    assert stage_memory_budget(cluster, 4, 4) == V100_BUDGET
+    assert stage_memory_budget(cluster, 0, 8) == V100_BUDGET
+    assert estimate_uniform(ir, cluster, Strategy(dp=4), options=CostOptions(first_rank=4)).memory_budget == V100_BUDGET
+    assert estimate_uniform(ir, cluster, Strategy(dp=4)).memory_budget == A100_BUDGET
 
 
 def test_measured_collective_fits_win_and_round_trip_json(tmp_path):
