@@ -74,6 +74,7 @@ BENCHES = (
                                                              "pp_ratio")}),
     Bench("memory_savings", (), 600, {"ckpt_err_pct": Target("abs<=", 10)}, quick_args=()),
     Bench("analysis_memory", (), 600, {"peak_rss_gb": Target("<", 2)}, quick_args=()),
+    Bench("galvatron_memory", (), 600, {"unexplained": Target("==", 0)}, quick_args=()),
     Bench("capture_large", (), 2400, {"peak_rss_gb": Target("<", 4)}),
     Bench("large_weights", (), 1800,
           {"tp4_growth_ratio": Target("<", 0.5), "zero3_growth_ratio": Target("<", 0.5),
