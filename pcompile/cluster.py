@@ -280,9 +280,14 @@ class Cluster:
                                 "ask for Cluster.local(n) with n >= 1")
         if torch.cuda.is_available() and torch.cuda.device_count() >= num_devices:
             props = torch.cuda.get_device_properties(0)
+            # a GPU in DATASHEET_FLOPS computes fp32 plans at its fp32 / TF32 rate (at_precision);
+            # memory_bytes given: the budget itself, else the GPU's memory less gpu_reserve
+            peaks = DATASHEET_FLOPS.get(props.name)
+            rates = dict(fp32_flops=peaks["fp32"] * EFFICIENCY, tf32_flops=peaks["tf32"] * EFFICIENCY) if peaks else {}
             device = Device(name=props.name, memory_bytes=memory_bytes or props.total_memory,
                             peak_flops=_GPU_FLOPS.get(props.name, 100e12) * EFFICIENCY,
-                            memory_bandwidth=2.0e12)
+                            memory_bandwidth=2.0e12, op_overhead=LAUNCH_OVERHEAD, backward_overhead=LAUNCH_OVERHEAD,
+                            memory_reserve=0 if memory_bytes else gpu_reserve(props.total_memory), **rates)
             return Cluster((NodeGroup(device, 1, num_devices),), 200e9, 10e-6, 25e9, 20e-6, "nccl",
                            f"local{num_devices}-cuda")
         # CPU ranks share this machine's cores and memory: figures of a 2-core box with gloo

@@ -76,3 +76,16 @@ def test_fp32_plan_is_priced_at_fp32():
     assert fp32.memory_budget == cluster.device_of(0).budget
     no_reserve = dataclasses.replace(A100_80GB, memory_reserve=0)
     assert no_reserve.budget == 80 * GB
+
+
+def test_a_local_gpu_prices_fp32_at_fp32(monkeypatch):
+    """Cluster.local on a GPU machine (emulated): the datasheet's fp32 rate, the reserve unless
+    the caller states the budget."""
+    props = type("Props", (), {"name": "NVIDIA H100 80GB HBM3", "total_memory": 80 * GB})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    device = pcompile.Cluster.local(8).device_of(0)
+    assert device.at_precision(False).peak_flops < 67e12 < device.at_precision(True).peak_flops
+    assert device.budget == 80 * GB - gpu_reserve(80 * GB)
+    assert pcompile.Cluster.local(8, memory_bytes=16 * GB).device_of(0).budget == 16 * GB
