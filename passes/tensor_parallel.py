@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, REPLICATED, NodeMeta, Placement, Shard
-from pcompile.ir.params import under_every_name
+from pcompile.ir.params import param_layers, under_every_name
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.passes.invariants import PLACEMENTS
 from pcompile.runtime import collectives, vocab_parallel
@@ -194,6 +194,18 @@ def _rewrite_broadcast(ir: IR, user: fx.Node, source: fx.Node, degree: int) -> N
     user.replace_input_with(source, copy)
 
 
+def _one_degree_per_parameter(ir: IR, degrees: dict[str, int], split: dict) -> None:
+    """A parameter tp splits has one sharding, which every layer reading it must use: refuse
+    layers at different tp degrees reading one (a module applied N times - ALBERT's shared
+    layer - reads its parameters in N layers; a tied table in two) before anything is split."""
+    for name, layers in param_layers(ir).items():
+        found = {layer: degrees.get(layer, 1) for layer in sorted(layers, key=ir.layers.index)}
+        if name in split and len(set(found.values())) > 1:
+            raise PcompileError(f"parameter {name} is split by tp and read by layers at different tp degrees "
+                                f"({', '.join(f'{layer}: tp={d}' for layer, d in found.items())})",
+                                f"give the layers that read it ({', '.join(found)}) one tp degree")
+
+
 @register_pass("tensor_parallel", kind="rewrite", requires=("plan", "loss_normalised"),
                ensures=("tensor_parallel", PLACEMENTS))
 def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
@@ -221,6 +233,7 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
         shardings[parts.weight] = Shard(AXIS, 1 - parts.out_dim, p.degree[parts.input])
     for node, degree in p.embeddings.items():
         shardings[embedding_parts(ir.gm, node).weight] = Shard(AXIS, 0, degree)
+    _one_degree_per_parameter(ir, degrees, under_every_name(ir.gm, shardings))
     ir = ir.replace(param_shardings=under_every_name(ir.gm, shardings))
     for node, dim in p.split_dim.items():
         ir.meta(node).placement = Placement.shard(dim, AXIS, p.degree[node])

@@ -1,10 +1,20 @@
-"""The model's repeated blocks, read from its module tree, and the block each graph node runs in.
+"""The model's repeated blocks, found by structure, and the block each graph node runs in.
 
-A block is a child of a container whose children are numbered 0..N-1 and share a class
-(ModuleList / Sequential). The container with the most such children wins, together with
-every other outermost container of blocks of the same class (an encoder-decoder such as T5 has
-`encoder.block.*` and `decoder.block.*`); blocks are ordered as the graph runs them. A model
-without any gets one unit per top-level child, looking through single-child wrappers.
+A block is a child of a container whose children repeat: numbered 0..N-1 and of one class
+(ModuleList / Sequential, HF's `h.*`, T5's `block.*` whose first block holds one more
+parameter), or - whatever their names - the children of an nn.Sequential, all of one class and
+of the same parameter and buffer shapes (torchvision's `encoder.layers.encoder_layer_N`). The
+container with the most such children wins, together with every other outermost container of
+blocks of the same class (an encoder-decoder such as T5 has `encoder.block.*` and
+`decoder.block.*`); blocks are ordered as the graph runs them.
+
+A model without such a container may apply one module N >= 2 times in sequence (ALBERT's shared
+layer: one parameter set). Both fx and torch.export number the calls in `nn_module_stack`
+(`block`, `block@1`, ...): each call is a block of its own, named so (`shared_blocks`), and
+every call reads the same parameters, whose gradient autograd sums over the calls - the
+rewrites treat them as a weight read by several layers (a tied weight). A model with neither
+gets one unit per top-level child, looking through single-child wrappers. Any unit called more
+than once is a unit per call (`proj`, ..., `proj@1`), so that every unit's nodes stay contiguous.
 
 Nodes are matched to blocks by module path: the call_module / get_attr target, or the
 `nn_module_stack` both fx and torch.export record on every other node. A parameter read
@@ -15,7 +25,6 @@ first blocks only).
 """
 from __future__ import annotations
 
-import itertools
 import re
 from collections import defaultdict
 
@@ -23,12 +32,21 @@ import torch
 import torch.fx as fx
 
 _NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+_CALL = re.compile(r"@(\d+)$")  # nn_module_stack's key of a module's second, third, ... call
 PRE, POST = "pre", "post"
 
 
-def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
-    """Containers whose children are numbered 0..N-1 (N >= 2, or 1 in a ModuleList) and share one
-    class: prefix -> (N, class)."""
+def _shapes(module: torch.nn.Module) -> tuple:
+    """The module tree's classes and parameter / buffer shapes: what makes two blocks alike."""
+    return tuple((name, type(m), tuple((k, tuple(p.shape)) for k, p in m._parameters.items() if p is not None),
+                  tuple((k, tuple(b.shape)) for k, b in m._buffers.items() if b is not None))
+                 for name, m in module.named_modules(remove_duplicate=False))
+
+
+def _containers(model: torch.nn.Module) -> dict[str, tuple[list[str], type]]:
+    """Containers of repeated blocks (module docstring): prefix -> (the blocks' names, class).
+    Numbered children: 0..N-1 (N >= 2, or 1 in a ModuleList) of one class; an nn.Sequential's
+    children under other names: N >= 2 of one class and the same shapes."""
     children: dict[str, list[tuple[int, type]]] = defaultdict(list)
     for name, module in model.named_modules():
         match = _NUMBERED.match(name) if "." in name else (re.match(r"^()(\d+)$", name))
@@ -42,7 +60,15 @@ def _containers(model: torch.nn.Module) -> dict[str, tuple[int, type]]:
         # a Sequential of one module is just a wrapper.
         single_ok = isinstance(model.get_submodule(prefix) if prefix else model, torch.nn.ModuleList)
         if len(classes) == 1 and indices == list(range(len(indices))) and (len(indices) > 1 or single_ok):
-            found[prefix] = (len(indices), classes.pop())
+            found[prefix] = ([f"{prefix}.{i}" if prefix else str(i) for i in indices], classes.pop())
+    for prefix, module in model.named_modules():
+        named = list(module.named_children())
+        if prefix in found or not isinstance(module, torch.nn.Sequential) or len(named) < 2:
+            continue
+        first = _shapes(named[0][1])
+        if (any(True for _ in named[0][1].parameters())  # blocks hold weights (not a row of activations)
+                and all(type(child) is type(named[0][1]) and _shapes(child) == first for _, child in named[1:])):
+            found[prefix] = ([f"{prefix}.{name}" if prefix else name for name, _ in named], type(named[0][1]))
     return found
 
 
@@ -52,7 +78,7 @@ def find_block_prefixes(model: torch.nn.Module) -> list[str]:
     found = _containers(model)
     if not found:
         return []
-    best = max(found, key=lambda prefix: found[prefix][0])  # first of the largest (model order)
+    best = max(found, key=lambda prefix: len(found[prefix][0]))  # first of the largest (model order)
     block_class = found[best][1]
 
     def nested(prefix: str) -> bool:
@@ -64,7 +90,7 @@ def find_block_prefixes(model: torch.nn.Module) -> list[str]:
 def find_block_prefix(model: torch.nn.Module) -> str | None:
     """The module path whose numbered children are the repeated blocks, or None."""
     found = _containers(model)
-    return max(found, key=lambda prefix: found[prefix][0]) if found else None
+    return max(found, key=lambda prefix: len(found[prefix][0])) if found else None
 
 
 def _module_paths(node: fx.Node) -> list[str]:
@@ -126,29 +152,78 @@ def block_names(model: torch.nn.Module) -> tuple[list[str], bool]:
     prefixes = find_block_prefixes(model)
     if not prefixes:
         return _top_level(model), False
-    names = []
-    for prefix in prefixes:
-        for index in itertools.count():
-            name = f"{prefix}.{index}" if prefix else str(index)
-            try:
-                model.get_submodule(name)
-            except AttributeError:
-                break
-            names.append(name)
-    return names, True
+    found = _containers(model)
+    return [name for prefix in prefixes for name in found[prefix][0]], True
 
 
 def _explicit_blocks(nodes: list[fx.Node], blocks: list[str]) -> list[str | None]:
     """The block each node's module path names (None for nodes of no block); a get_attr takes
     its first user's block (export reads every parameter at the top of the graph)."""
     lookup = _Lookup(blocks)
-    explicit = [None if node.op == "get_attr" else lookup(node) for node in nodes]
+    explicit = [None if node.op == "get_attr" else _with_call(node, lookup(node)) for node in nodes]
     index = {node: i for i, node in enumerate(nodes)}
     for i, node in enumerate(nodes):
         if node.op == "get_attr":
             users = sorted(index[u] for u in node.users)
             explicit[i] = explicit[users[0]] if users else lookup(node)
     return explicit
+
+
+def _call(node: fx.Node, path: str) -> int | None:
+    """Which call of the module at `path` `node` runs in (0, 1, ...: its nn_module_stack key,
+    `path@k`), or None when its stack does not name that module."""
+    for key, value in (node.meta.get("nn_module_stack") or {}).items():
+        if value[0] == path:
+            match = _CALL.search(key)
+            return int(match.group(1)) if match else 0
+    return None
+
+
+def _with_call(node: fx.Node, block: str | None) -> str | None:
+    """`block`, or `block@k` for a node of the module's call k > 0 (a module applied N times)."""
+    call = _call(node, block) if block is not None else None
+    return f"{block}@{call}" if call else block
+
+
+def shared_blocks(model: torch.nn.Module, nodes: list[fx.Node]) -> list[str]:
+    """[the module path] of a module with parameters that the graph calls N >= 2 times in
+    sequence - between its first call and its last, every node runs in it or in a module around
+    it, the calls in order (ALBERT's shared layer) -, the most called, outermost first; [] if
+    none. Its calls become blocks `path`, `path@1`, ... (assign_blocks)."""
+    calls: dict[str, set[int]] = defaultdict(set)
+    for node in nodes:
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            match = _CALL.search(key)
+            calls[value[0]].add(int(match.group(1)) if match else 0)
+    found = [path for path, seen in calls.items()
+             if path and len(seen) >= 2 and _has_parameters(model, path) and _in_sequence(nodes, path)]
+    return [max(found, key=lambda path: (len(calls[path]), -path.count(".")))] if found else []
+
+
+def _has_parameters(model: torch.nn.Module, path: str) -> bool:
+    try:
+        return any(True for _ in model.get_submodule(path).parameters())
+    except AttributeError:  # a path the capture made up
+        return False
+
+
+def _in_sequence(nodes: list[fx.Node], path: str) -> bool:
+    lookup = _Lookup([path])
+    inside = [i for i, node in enumerate(nodes) if node.op != "get_attr" and lookup(node) is not None]
+    last_call = 0
+    for node in nodes[inside[0]:inside[-1] + 1] if inside else []:
+        if node.op == "get_attr":  # fx reads a parameter where it is first used
+            continue
+        if lookup(node) is None:
+            paths = _module_paths(node)
+            if paths and paths[-1] and not path.startswith(paths[-1] + "."):
+                return False  # another module runs between the calls
+            continue
+        call = _call(node, path) or 0
+        if call < last_call:
+            return False
+        last_call = call
+    return bool(inside)
 
 
 def assign_blocks(nodes: list[fx.Node], blocks: list[str]) -> list[str]:

@@ -105,6 +105,8 @@ def repeated_blocks(model: torch.nn.Module) -> tuple[str, int] | None:
     container = model.get_submodule(prefixes[0])
     if not isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) or len(container) <= KEEP:
         return None
+    if list(container._modules) != [str(i) for i in range(len(container))]:  # the stitch moves paths by index:
+        return None  # blocks named otherwise (torchvision's encoder_layer_N) are captured whole
     blocks = list(container)
     found = [_structure(b) for b in blocks]
     if any(shape != found[0][0] or attrs.keys() != found[0][1].keys() for shape, attrs in found):

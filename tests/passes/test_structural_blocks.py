@@ -1,0 +1,111 @@
+"""Repeated blocks found by structure (issue #17): the children of an nn.Sequential of one class
+and the same shapes whatever their names (torchvision's `encoder_layer_N`), and one module
+applied N times in sequence (ALBERT's shared layer: N layers `block`, `block@1`, ...), under
+fx and torch.export; layers of one shared parameter at different tp degrees are refused."""
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import pcompile
+from pcompile.errors import PcompileError
+from pcompile.plan import LayerAssignment, Plan, Strategy
+from tests.models.structural import SharedLayers, VisionTransformer, token_inputs, vit_inputs
+from tests.toy import node
+
+VIT_BLOCKS = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
+
+
+def _in_module(ir, path: str) -> list:
+    """The ops run by the module at `path` (by target or nn_module_stack: fx and export alike)."""
+    def paths(n):
+        stack = n.meta.get("nn_module_stack") or {}
+        return [str(n.target)] if n.op == "call_module" else [v[0] for v in stack.values()]
+    return [n for n in ir.graph.nodes if n.op in ("call_module", "call_function") and path in paths(n)]
+
+
+def _ir(model, inputs, capture="auto", plan=None, stop_after="layers"):
+    return pcompile.compile(model, pcompile.Cluster.local(4), inputs, plan=plan, stop_after=stop_after,
+                            capture=capture)
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_torchvision_vit_blocks_are_its_encoder_layers(capture):
+    ir = _ir(VisionTransformer(), vit_inputs(0), capture)
+    assert ir.layers == ["pre", *VIT_BLOCKS, "post"] and ir.block_layers == VIT_BLOCKS
+    conv, head = _in_module(ir, "conv_proj"), _in_module(ir, "heads.head")
+    assert conv and {ir.meta(n).layer for n in conv} == {"pre"}  # the patch embedding, before the first block
+    assert head and {ir.meta(n).layer for n in head} == {"post"}
+
+
+class _Pair(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, width), nn.Linear(width, 8)
+
+    def forward(self, x):
+        return x + self.b(torch.tanh(self.a(x)))
+
+
+class _Trunk(nn.Module):
+    """Blocks in a Sequential under any names; `widths` alike or not."""
+
+    def __init__(self, widths=(8, 8, 8)):
+        super().__init__()
+        self.stem = nn.Linear(4, 8)
+        self.trunk = nn.Sequential(OrderedDict((name, _Pair(w))
+                                               for name, w in zip(("first", "second", "third"), widths)))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x, y):
+        return F.mse_loss(self.out(self.trunk(self.stem(x))), y)
+
+
+def test_a_sequential_of_alike_blocks_under_any_names():
+    ir = _ir(_Trunk(), (torch.randn(4, 4), torch.randn(4, 2)))
+    assert ir.layers == ["pre", "trunk.first", "trunk.second", "trunk.third", "post"]
+    assert ir.meta(node(ir, "stem")).layer == "pre" and ir.meta(node(ir, "out")).layer == "post"
+
+
+def test_a_sequential_of_blocks_of_other_shapes_is_not_a_block_list():
+    ir = _ir(_Trunk(widths=(8, 16, 8)), (torch.randn(4, 4), torch.randn(4, 2)))
+    assert ir.layers == ["pre", "stem", "trunk", "out", "post"] and ir.block_layers == []
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_one_module_applied_n_times_is_n_layers(capture):
+    ir = _ir(SharedLayers(times=3), token_inputs(0), capture)
+    assert ir.layers == ["pre", "block", "block@1", "block@2", "post"]
+    assert ir.block_layers == ["block", "block@1", "block@2"]
+    assert [ir.meta(n).layer for n in _in_module(ir, "block.up")] == ["block", "block@1", "block@2"]
+    assert {ir.meta(n).layer for n in _in_module(ir, "embed")} == {"pre"}
+
+
+class _CalledApart(nn.Module):
+    """One Linear applied twice with another module between: not blocks in sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.mid = nn.Linear(8, 8)
+        self.act = nn.Tanh()  # called twice, no parameters: never a block
+
+    def forward(self, x, y):
+        return F.mse_loss(self.act(self.proj(self.act(self.mid(self.proj(x))))), y)
+
+
+def test_a_module_called_twice_apart_is_no_block_but_a_unit_per_call():
+    ir = _ir(_CalledApart(), (torch.randn(4, 8), torch.randn(4, 8)))
+    assert ir.block_layers == []  # not in sequence: top-level children, each call its own (contiguous) unit
+    assert ir.layers == ["pre", "proj", "mid", "act", "proj@1", "act@1", "post"]
+
+
+def test_shared_layers_at_different_tp_degrees_are_refused_before_splitting():
+    plan = Plan(num_devices=4, default=Strategy(dp=4), layers=(LayerAssignment("block@1", Strategy(dp=2, tp=2)),))
+    with pytest.raises(PcompileError) as info:
+        _ir(SharedLayers(times=3), token_inputs(0), plan=plan, stop_after="tensor_parallel")
+    message = str(info.value)
+    assert "block.up.weight is split by tp and read by layers at different tp degrees" in message
+    assert "block: tp=1, block@1: tp=2, block@2: tp=1" in message and "one tp degree" in message
