@@ -72,8 +72,24 @@ def _worker(rank: int, world_size: int, port: int, backend: str, threads: int, f
     except BaseException:  # report every failure, including assertion errors, to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _teardown(rank, world_size)
+
+
+def _teardown(rank: int, world_size: int) -> None:
+    """Destroy the process group, rank 0 last: it hosts the TCPStore, and a rank still talking to
+    it once it is gone prints c10d warnings (sendBytes / recvValue failed) after a clean refusal.
+    The store is torch's default one (no public accessor): the others count themselves out on it."""
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()
+    if rank != 0:
+        dist.destroy_process_group()
+        store.add("pcompile_exited", 1)
+        return
+    deadline = time.monotonic() + 5  # a rank that died without reaching here is not waited for longer
+    while world_size > 1 and store.add("pcompile_exited", 0) < world_size - 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    dist.destroy_process_group()
 
 
 def launch(fn, world_size: int = 4, *args, backend: str | None = None, timeout: float = 600.0) -> list:

@@ -19,23 +19,28 @@ tp (Megatron)   : forward all-reduce after each row Linear, backward all-reduce 
                   [b, s, H] output in forward; the parallel cross-entropy all-reduces three fp32
                   [N] vectors (max, sum of exp, target logit) in forward, none in backward
 dp              : per step, all-reduce of the layer's gradients over the dp group (ranks tp apart),
-                  exposed part c - eta * min(c, backward) when the runtime overlaps it (eta = the
-                  cluster's calibrated overlap efficiency, or CostOptions.overlap); bucketed, plus
-                  the runtime's flatten / divide / copy-back passes over the gradient bytes
+                  exposed part c - eta * min(c, backward) as the runtime overlaps it with
+                  backward (eta = the cluster's calibrated overlap efficiency, or
+                  CostOptions.overlap); bucketed, plus the runtime's in-place divide by dp. A whole
+                  stage (estimate_uniform): its buckets issued as backward makes them ready
+                  (`_stage_sync`); the last is exposed whatever eta
 sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch and gathered unit (the
                   layer; with split k every op reading weights, a Linear k units: `sdp_units`)
                   an all-gather in forward, a re-gather in backward where an op saved a weight,
                   and a reduce-scatter of the gradients (what FSDP does with gradient
-                  accumulation); a gathered buffer of the layer's weights (of one 1/k slice of
-                  the largest Linear when split k) is a transient
+                  accumulation), each exposed as c - eta min(c, compute) (the runtime prefetches
+                  one unit ahead, FSDP2's schedule); transient: the runtime's (pcompile.runtime.sdp)
+                  backward peak U + G + (U + G)(1 + 1/dp) for a unit of U gathered bytes and G
+                  gradient bytes (the layer; one 1/k slice of the largest Linear when split k)
+tp / sp         : not overlapped (Megatron overlaps them only with its userbuffer GEMMs): charged whole
 collectives     : alpha-beta; a measured fit for (op, group size, link) when the cluster has one,
                   else the ring: all-reduce 2(n-1) alpha + 2(n-1)/n B / bw, all-gather and
                   reduce-scatter (n-1) alpha + (n-1)/n B / bw, on the intra-node link when every
                   rank of the group is in one node, else the inter-node link
 memory          : params, grads and optimizer states (bytes per element from CostOptions), saved
                   activations per in-flight micro-batch, and a transient: the largest op's output
-                  and gradient, the sdp gathered weights, the recomputed activations when checkpointed;
-                  with bucketed dp sync, the flat gradient buckets after backward (estimate_uniform)
+                  and gradient, the sdp gathered weights, the recomputed activations when checkpointed
+                  (dp sync's buckets are the gradients themselves: no transient)
 Ranks as pcompile.mesh lays them out (tp innermost, then dp, pp outermost); a stage starting at
 `CostOptions.first_rank` is charged on its own devices (the slowest one's time) and links.
 """
@@ -66,8 +71,8 @@ class CostOptions:
     optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
     mixed_precision: bool = False  # bf16 params and activations, fp32 master weights, grads and moments
     overlap_grad_sync: bool = True  # the runtime runs gradient sync concurrently with backward
-    # gradient sync message size, flattened into buckets as the runtime does (their flat copies
-    # are a transient of estimate_uniform); None = one in-place collective per parameter tensor
+    # gradient sync message size, in buckets as the runtime packs them (the gradients are views
+    # into them: no copy); None = one in-place collective per parameter tensor
     bucket_bytes: int | None = None
     overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
     first_rank: int = 0  # first rank of the stage whose devices and links are charged
@@ -97,10 +102,10 @@ class CostOptions:
 
     @staticmethod
     def runtime(mixed_precision: bool = False) -> "CostOptions":
-        """What pcompile's runtime does (backends/distributed.py): dp gradients all-reduced after
-        backward (not overlapped with it), in GRAD_BUCKET_BYTES buckets of flattened gradients.
-        The search and forced plans are costed with these."""
-        return CostOptions(mixed_precision=mixed_precision, overlap_grad_sync=False, bucket_bytes=GRAD_BUCKET_BYTES)
+        """What pcompile's runtime does (pcompile.runtime.grad_sync): dp gradients all-reduced in
+        GRAD_BUCKET_BYTES buckets (the first FIRST_BUCKET_BYTES, as DDP) issued during backward
+        as their gradients are ready. The search and forced plans are costed with these."""
+        return CostOptions(mixed_precision=mixed_precision, overlap_grad_sync=True, bucket_bytes=GRAD_BUCKET_BYTES)
 
     @property
     def activation_scale(self) -> float:
@@ -339,7 +344,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
                 cluster, "all_reduce", float(options.bucket_bytes), "dp")
         else:  # one in-place all-reduce per gradient tensor
             comm = sum(layout.collective_time(cluster, "all_reduce", n * g_bytes, "dp") for n in work.param_numels if n)
-        sync = (_exposed(comm, bwd, eta) if options.overlap_grad_sync else comm) + _bucket_copies(
+        sync = (_exposed(comm, bwd, eta) if options.overlap_grad_sync else comm) + _bucket_divide(
             elements * g_bytes, devices, options.bucket_bytes)
     fwd_comm = tp_fwd + sdp_fwd
     recompute = (fwd + fwd_comm) if s.checkpoint else 0.0
@@ -350,7 +355,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     gathered = 0.0
     if s.sdp and s.dp > 1:  # one FSDP unit per layer; with split k, one 1/k slice of a Linear at a time
         unit = max(work.largest_linear / s.split, elements - work.largest_linear) if s.split > 1 else elements
-        gathered = unit * p_bytes
+        gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp)
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
     memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / shard,
                          optimizer=elements * o_bytes / shard, activations=kept, temp=temp,
@@ -358,15 +363,28 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
 
 
-def _bucket_copies(grad_bytes: float, devices, bucket: int | None) -> float:
-    """Seconds of the memory passes bucketed gradient sync makes besides the collective
-    (backends/distributed.py _average_over_dp): flatten into the bucket, divide by dp in place,
-    copy back into the gradients; each reads and writes every byte, 6 x the gradient bytes at
-    the slowest device's bandwidth. On mlp-w512-b512 dp4 (16.8 MB of gradients, 8.3 GB/s profiled)
-    that is 12 ms; the runtime's sync measured 57-62 ms there, a lone 16.8 MB all-reduce 28 ms."""
+def _bucket_divide(grad_bytes: float, devices, bucket: int | None) -> float:
+    """Seconds of the memory pass bucketed gradient sync makes besides the collective
+    (pcompile.runtime.grad_sync): the gradients are views into the buckets (no flatten, no
+    copy back), divided by dp in place after the all-reduce: a read and a write of every byte,
+    2 x the gradient bytes at the slowest device's bandwidth."""
     if not bucket:
         return 0.0
-    return 6 * grad_bytes / min(d.memory_bandwidth for d in devices)
+    return 2 * grad_bytes / min(d.memory_bandwidth for d in devices)
+
+
+def sdp_transient(unit: float, grads: float, dp: int) -> float:
+    """ZeRO-3's transient bytes around a unit of `unit` gathered parameter bytes and `grads`
+    gradient bytes (pcompile.runtime.sdp's stated peak, in backward, neighbours of the same size):
+    the unit's parameters and gradients, the next unit's re-gather in flight (output and flat
+    input: 1 + 1/dp) and the previous unit's reduce-scatter in flight (input and output)."""
+    return unit + grads + (unit + grads) * (1 + 1 / dp)
+
+
+def _sdp_grad_bytes(options: "CostOptions") -> float:
+    """Bytes per element of a gathered unit's gradients: the compute dtype's (bf16 under mixed
+    precision: the fp32 masters receive the reduce-scattered shards)."""
+    return options.state_bytes()[0]
 
 
 def sdp_units(work: LayerWork, split: int) -> list[tuple[float, bool]]:
@@ -393,18 +411,11 @@ def _step_temp(work: LayerWork, options: CostOptions, cluster: Cluster) -> float
 
 
 def sync_buckets(numels, bytes_per: float, bucket: int) -> list[float]:
-    """The flat gradient buffers the runtime's dp sync allocates (pcompile.runtime.buckets: whole
-    tensors packed in order until a bucket reaches `bucket` bytes), in bytes."""
-    sizes = [n * bytes_per for n in numels]
+    """The gradient buckets of the runtime's dp sync (pcompile.runtime.buckets: whole tensors in
+    reverse order, the order backward makes them, packed until a bucket reaches its cap: the
+    first FIRST_BUCKET_BYTES at most, the others `bucket`), in bytes, in the order they are issued."""
+    sizes = [n * bytes_per for n in reversed(list(numels))]
     return [sum(sizes[a:b]) for a, b in bucket_ranges(sizes, bucket)]
-
-
-def sync_transient(numels, bytes_per: float, bucket: int) -> float:
-    """Peak bytes of flat gradient buckets alive at once during the dp sync: the largest one
-    (the runtime frees each bucket's flat copy before building the next; measured: MemTracker
-    sees one extra full copy of the gradients when they fit one bucket, e.g. 8.04 MB of TEMP for
-    mlp-w256-b64 dp4)."""
-    return max(sync_buckets(numels, bytes_per, bucket), default=0.0)
 
 
 def switch_time(cluster: Cluster, nbytes: float, a: Strategy, b: Strategy, first: int, groups=None) -> float:
@@ -504,21 +515,32 @@ def _loss_sync(cluster: Cluster, s: Strategy, first: int) -> float:
 def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: list[int], backward: float) -> float:
     """Bucketed dp gradient sync of a whole stage: the runtime packs every layer's gradients
     into the same buckets (one all-reduce for a small model, not one per layer), plus the
-    flatten / divide / copy-back passes (`_bucket_copies`)."""
+    in-place divide (`_bucket_divide`). Overlapped (options.overlap_grad_sync): bucket i is
+    ready when backward has made its share of the gradient bytes (backward's time spread over
+    them), issued then or when the previous one is done; the exposed time is what runs past
+    backward's end - at least the last bucket's - blended with the unoverlapped sum by the
+    overlap efficiency eta: (1 - eta) sum + eta exposed."""
     first = options.first_rank
     sizes = sync_buckets(numels, options.state_bytes()[1], options.bucket_bytes)
-    comm = sum(cluster.collective_time("all_reduce", b, stage_groups(first, s.dp, s.tp)[1]) for b in sizes)
-    eta = cluster.overlap if options.overlap is None else options.overlap
+    groups = stage_groups(first, s.dp, s.tp)[1]
+    times = [cluster.collective_time("all_reduce", b, groups) for b in sizes]
+    comm = sum(times)
     devices = {cluster.device_of(r) for r in range(first, first + s.num_devices)}
-    exposed = _exposed(comm, backward, eta) if options.overlap_grad_sync else comm
-    return exposed + _bucket_copies(sum(sizes), devices, options.bucket_bytes)
+    exposed = comm
+    if options.overlap_grad_sync:
+        eta = cluster.overlap if options.overlap is None else options.overlap
+        total, made, done = sum(sizes) or 1.0, 0.0, 0.0
+        for size, time in zip(sizes, times):
+            made += size
+            done = max(done, backward * made / total) + time
+        exposed = (1 - eta) * comm + eta * max(done - backward, 0.0)
+    return exposed + _bucket_divide(sum(sizes), devices, options.bucket_bytes)
 
 
 def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: CostOptions | None = None) -> Estimate:
     """One strategy for every layer, one micro-batch = the example batch: the layer costs
     summed (with bucketed dp sync, the stage's buckets: `_stage_sync`), peak memory by
-    `pcompile.search.schedules.backward_peak` or, with bucketed dp gradient sync, at the sync's
-    flat buckets (`sync_transient`) if that is higher."""
+    `pcompile.search.schedules.backward_peak`."""
     options = options or CostOptions()
     batch = example_batch(ir)
     works = layer_work(ir, strategy.tp)
@@ -531,9 +553,6 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     compute = sum(c.fwd + c.bwd for c in costs) - sum(c.comm for c in costs)
     memories = [c.memory for c in costs]
     peak = backward_peak(memories, in_flight=1, foreach=options.foreach(cluster))
-    if bucketed:  # after backward (activations freed) the dp sync flattens the gradients into buckets
-        held = sum(m.params + m.grads + m.optimizer for m in memories)
-        peak = max(peak, held + sync_transient(numels, options.state_bytes()[1], options.bucket_bytes))
     budget = stage_memory_budget(cluster, options.first_rank, strategy.num_devices)
     return Estimate(step_time=compute + comm, peak_memory=int(peak), compute_time=compute, comm_time=comm,
                     memory_budget=budget)

@@ -11,14 +11,15 @@ import pcompile
 from pcompile.cost.layer_work import layer_work
 from pcompile.cost.pricing import (
     CostOptions,
+    _stage_sync,
     cost_table,
     estimate_uniform,
     layer_cost,
     ring_allreduce_time,
+    sdp_transient,
     sdp_units,
     switch_time,
     sync_buckets,
-    sync_transient,
 )
 from pcompile.mesh import stage_groups
 from pcompile.models import GPT, GPTConfig, gpt_inputs
@@ -175,31 +176,37 @@ def test_vocab_parallel_collectives_are_charged(gpt_ir):
         assert layer_cost(post, cluster, strategy, b, b, options).bwd == no_backward
 
 
-def test_sync_buckets_pack_whole_tensors_until_full():
-    # 4-byte elements, 100-byte buckets: 40 + 80 closes the first (120 >= 100), 20 + 120 the second
-    assert sync_buckets([10, 20, 5, 30], 4.0, 100) == [120.0, 140.0]
+def test_sync_buckets_pack_whole_tensors_until_full_in_backward_order():
+    # 4-byte elements, 100-byte buckets, the last tensors first (backward makes them first):
+    # 120 closes the first, 20 + 80 the second, 40 is left
+    assert sync_buckets([10, 20, 5, 30], 4.0, 100) == [120.0, 100.0, 40.0]
     assert sync_buckets([10, 5], 4.0, 100) == [60.0]
-    # one bucket's flat copy at a time (freed before the next is built); one bucket alone is
-    # the whole gradient
-    assert sync_transient([10, 20, 5, 30, 1], 4.0, 100) == 140
-    assert sync_transient([10, 5], 4.0, 100) == 60
 
 
-def test_dp_sync_holds_a_flat_copy_of_the_gradients():
+def test_dp_sync_needs_no_memory_beyond_the_gradients():
     ir = analyse(OneLinear(64, 64), (torch.randn(2, 64), torch.randn(2, 64)))[0]
-    elements = 64 * 64 + 64
     cluster = pcompile.Cluster.local(2)
-    sgd = dict(optimizer="sgd")  # no optimizer transient: the sync's copy is the peak
+    sgd = dict(optimizer="sgd")
 
     def peak(strategy, bucket):
         return estimate_uniform(ir, cluster, strategy, CostOptions(bucket_bytes=bucket, **sgd)).peak_memory
 
-    # param + grad, then one 1 MiB bucket holding every gradient: a third copy
-    assert peak(Strategy(dp=2), 2**20) == elements * (4 + 4 + 4)
-    assert peak(Strategy(dp=2), None) < elements * (4 + 4 + 4)  # in-place per-tensor all-reduces
-    # ZeRO-3 reduce-scatters in the graph and dp = 1 has no sync: no flat copy
-    assert peak(Strategy(dp=2, sdp=True), 2**20) == peak(Strategy(dp=2, sdp=True), None)
+    # the gradients are views into the buckets (pcompile.runtime.grad_sync): bucketing is free
+    assert peak(Strategy(dp=2), 2**20) == peak(Strategy(dp=2), None)
     assert peak(Strategy(dp=1, tp=2), 2**20) == peak(Strategy(dp=1, tp=2), None)
+
+
+def test_zero3_transient_is_the_runtimes_stated_backward_peak():
+    ir = analyse(OneLinear(64, 64), (torch.randn(2, 64), torch.randn(2, 64)))[0]
+    cluster = pcompile.Cluster.local(4)
+    layer = ir.meta(next(n for n in ir.graph.nodes if n.target == "fc")).layer
+    work = layer_work(ir, 1)[layer]
+    unit = 4.0 * (64 * 64 + 64)  # fp32 parameters of the layer's one unit
+    for dp in (2, 4):
+        sharded, plain = (layer_cost(work, cluster, s, 4, 2, CostOptions()).memory.temp
+                          for s in (Strategy(dp=dp, sdp=True), Strategy(dp=dp)))
+        # U + G + (U + G)(1 + 1/dp): the unit and its gradients, the neighbours' collectives in flight
+        assert sharded - plain == sdp_transient(unit, unit, dp) == unit * (4 + 2 / dp)
 
 
 def test_sdp_units_are_what_the_zero3_rewrite_gathers(gpt_ir):
@@ -252,7 +259,7 @@ def test_uniform_estimate_charges_the_loss_all_reduce_over_dp(linear_ir):
                                                 for w in layer_work(linear_ir, 2).values()))
 
 
-def test_bucketed_dp_sync_is_a_share_of_a_bucket_plus_the_flatten_divide_copy_back_passes(linear_ir):
+def test_bucketed_dp_sync_is_a_share_of_a_bucket_plus_the_in_place_divide(linear_ir):
     cluster = pcompile.Cluster.local(2)
     work = layer_work(linear_ir, 1)[linear_ir.meta(next(n for n in linear_ir.graph.nodes if n.target == "fc")).layer]
     plain, bucketed = (layer_cost(work, cluster, Strategy(dp=2), 4, 4, CostOptions(overlap_grad_sync=False,
@@ -263,7 +270,7 @@ def test_bucketed_dp_sync_is_a_share_of_a_bucket_plus_the_flatten_divide_copy_ba
                         + cluster.collective_time("all_reduce", 5 * 4.0, [[0, 1]]))  # one per tensor
     # the layer's share of the stage's shared 1 MiB buckets: its bytes / 1 MiB of one bucket's all-reduce
     share = grad_bytes / 2**20 * cluster.collective_time("all_reduce", 2**20, [[0, 1]])
-    assert math.isclose(bucketed.sync, share + 6 * grad_bytes / cluster.device_of(0).memory_bandwidth)
+    assert math.isclose(bucketed.sync, share + 2 * grad_bytes / cluster.device_of(0).memory_bandwidth)
 
 
 def test_uniform_estimate_buckets_the_whole_stage(gpt_ir):
@@ -273,6 +280,27 @@ def test_uniform_estimate_buckets_the_whole_stage(gpt_ir):
     estimate = estimate_uniform(ir, cluster, Strategy(dp=2), options)
     grads = 4.0 * sum(n for w in layer_work(ir, 1).values() for n in w.param_numels)  # < 1 MiB: one bucket
     one = cluster.collective_time("all_reduce", grads, [[0, 1]])
-    copies = 6 * grads / cluster.device_of(0).memory_bandwidth
+    divide = 2 * grads / cluster.device_of(0).memory_bandwidth
     loss = cluster.collective_time("all_reduce", 4.0, [[0, 1]])
-    assert math.isclose(estimate.comm_time, one + copies + loss)  # one all-reduce, not one per layer
+    assert math.isclose(estimate.comm_time, one + divide + loss)  # one all-reduce, not one per layer
+
+
+def test_overlapped_stage_sync_exposes_what_runs_past_backward(gpt_ir):
+    ir, _ = gpt_ir
+    cluster = pcompile.Cluster.local(2)
+    numels = [n for w in layer_work(ir, 1).values() for n in w.param_numels]
+    bucket = 64 * 2**10  # several buckets
+    sizes = sync_buckets(numels, 4.0, bucket)
+    times = [cluster.collective_time("all_reduce", b, [[0, 1]]) for b in sizes]
+    divide = 2 * sum(sizes) / cluster.device_of(0).memory_bandwidth
+
+    def sync(backward, eta, overlap=True):
+        options = CostOptions(bucket_bytes=bucket, overlap=eta, overlap_grad_sync=overlap)
+        return _stage_sync(cluster, Strategy(dp=2), options, numels, backward) - divide
+
+    assert len(sizes) > 2 and sizes[0] <= 2**20
+    assert math.isclose(sync(1e-3, 1.0, overlap=False), sum(times))
+    assert math.isclose(sync(0.0, 1.0), sum(times))  # no backward to hide behind
+    assert math.isclose(sync(1e3, 1.0), times[-1])  # a long backward: the last bucket alone
+    assert math.isclose(sync(1e3, 0.0), sum(times))  # no overlap efficiency: the sum
+    assert math.isclose(sync(1e3, 0.5), 0.5 * sum(times) + 0.5 * times[-1])

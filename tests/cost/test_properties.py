@@ -24,17 +24,23 @@ def _total(table, layer: int, j: int) -> float:
 @given(microbatch=st.sampled_from([8, 16, 64]), options=options_st, checkpoint=st.booleans(),
        split=st.sampled_from([1, 2, 4]), tp=st.sampled_from([1, 2]))
 def test_memory_never_increases_as_sdp_degree_grows(gpt_ir, microbatch, options, checkpoint, split, tp):
+    """Sharding over more ranks never costs memory; against no sharding (dp = 1) the states and
+    activations shrink, while ZeRO-3's transient (the gathered unit and its neighbours' collectives
+    in flight, pcompile.runtime.sdp) may outweigh the saving on one small layer, as it does at run time."""
     ir, _ = gpt_ir
     cluster = pcompile.Cluster.preset("8xA100-80GB")
-    previous = None
+    previous = held = None
     for dp in (1, 2, 4):
         devices = dp * tp
         table = cost_table(ir, cluster, devices, microbatch,
                            [Strategy(dp=dp, tp=tp, sdp=dp > 1, checkpoint=checkpoint, split=split)], options)
         totals = [_total(table, i, 0) for i in range(table.num_layers)]
-        if previous is not None:
+        kept = [table.state_memory[i, 0] + table.activation_memory[i, 0] for i in range(table.num_layers)]
+        if held is not None:
+            assert all(k <= h + 1e-6 for k, h in zip(kept, held)), (dp, kept, held)
+        if previous is not None and dp > 2:
             assert all(t <= p + 1e-6 for t, p in zip(totals, previous)), (dp, totals, previous)
-        previous = totals
+        previous, held = totals, kept
 
 
 @settings(max_examples=25, deadline=None)
