@@ -5,8 +5,12 @@
           (HuggingFace transformers, control flow on config or sizes)
 
 `capture="auto"` tries fx first (its graph keeps the model's own modules) and falls back to
-export, reporting which path was used and why; `capture="fx"|"export"` forces one. Failures
-become one PcompileError naming the module path, the construct, and the fix.
+export, reporting which path was used and why: when fx fails, and when fx keeps a stock module
+that holds Linears as one opaque call (nn.MultiheadAttention, nn.TransformerEncoderLayer /
+DecoderLayer, nn.Transformer: fx does not trace into torch.nn modules, so tensor parallelism
+would find nothing to split there) - if export fails on such a model, the fx graph stays.
+`capture="fx"|"export"` forces one. Failures become one PcompileError naming the module path,
+the construct, and the fix.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.ir.replicate import capture_repeated
 from pcompile.passes.export import export_graph
+from pcompile.sharding.tp_rules import opaque_linears
 
 CAPTURES = ("auto", "fx", "export")
 
@@ -92,15 +97,25 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphMo
         gm, notes = export_graph(model, inputs)
         return gm, "export", ["captured with torch.export (forced: capture='export')"] + notes
     try:
-        return symbolic_trace(model), "fx", ["captured with torch.fx.symbolic_trace"]
+        traced = symbolic_trace(model)
     except PcompileError as fx_error:
-        why = fx_error.cause
+        traced, fx_cause = None, fx_error.cause
+        why = f"torch.fx.symbolic_trace failed: {fx_cause}"
+    else:
+        hidden = opaque_linears(traced)
+        if not hidden:
+            return traced, "fx", ["captured with torch.fx.symbolic_trace"]
+        more = f" and {len(hidden) - 1} more" if len(hidden) > 1 else ""
+        why = f"torch.fx keeps {hidden[0]}{more} as one call, whose Linears tensor parallelism could not split"
     try:
         gm, notes = export_graph(model, inputs)
     except PcompileError as export_error:
-        raise PcompileError(f"neither capture path works for {_forward_of(model)}.\n  torch.fx: {why}\n"
+        if traced is not None:
+            return traced, "fx", ["captured with torch.fx.symbolic_trace", f"{why}; torch.export failed "
+                                  f"({export_error.cause}): those modules stay whole (no tp inside them)"]
+        raise PcompileError(f"neither capture path works for {_forward_of(model)}.\n  torch.fx: {fx_cause}\n"
                             f"  torch.export: {export_error.cause}", export_error.fix) from export_error
-    return gm, "export", [f"captured with torch.export because torch.fx.symbolic_trace failed: {why}"] + notes
+    return gm, "export", [f"captured with torch.export because {why}"] + notes
 
 
 @register_pass("trace", kind="frontend", ensures=("captured",))

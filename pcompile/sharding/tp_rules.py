@@ -381,6 +381,19 @@ def _feeds_split_work(ir: IR, p: Propagation, origins: list[fx.Node]) -> bool:
 NO_LINEAR = "no Linear in the layer"
 
 
+def opaque_linears(gm: fx.GraphModule, nodes=None) -> list[str]:
+    """The calls (`target (Class)`) of modules that hide Linears from the graph: torch.nn modules
+    fx keeps as one call_module (nn.MultiheadAttention, nn.TransformerEncoderLayer, ...) that hold
+    Linear layers or attention projections - tensor parallelism sees nothing there to split."""
+    found = []
+    for node in gm.graph.nodes if nodes is None else nodes:
+        if node.op != "call_module" or isinstance(module := gm.get_submodule(node.target), torch.nn.Linear):
+            continue
+        if any(isinstance(m, (torch.nn.Linear, torch.nn.MultiheadAttention)) for m in module.modules()):
+            found.append(f"{node.target} ({type(module).__name__})")
+    return list(dict.fromkeys(found))
+
+
 def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
@@ -428,7 +441,10 @@ def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) ->
         p = propagate(ir, candidates, _before(p, index, start), start)
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
-            reasons.setdefault(layer, NO_LINEAR)
+            hidden = opaque_linears(ir.gm, ir.nodes_of(layer))
+            reasons.setdefault(layer, NO_LINEAR if not hidden else
+                               f"{NO_LINEAR} that torch.fx records: it keeps {', '.join(hidden)} as one call - "
+                               "capture with capture='export' (or 'auto'), which traces into its Linears")
         elif layer in indivisible and not _feeds_split_work(ir, p, indivisible_origins[layer]):
             reasons[layer] = indivisible[layer]
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):

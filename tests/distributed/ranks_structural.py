@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 from tests.distributed.ranks import _max_diff, train_side_by_side
-from tests.models.structural import SharedLayers, VisionTransformer, token_inputs, vit_inputs
+from tests.models.structural import SharedLayers, StockTransformer, VisionTransformer, token_inputs, vit_inputs
 
-MODELS = {"vit": (VisionTransformer, vit_inputs), "shared": (SharedLayers, token_inputs)}
+MODELS = {"vit": (VisionTransformer, vit_inputs), "shared": (SharedLayers, token_inputs),
+          "stock": (StockTransformer, token_inputs)}
 
 
 def compare_many(cases: list) -> list[dict]:
@@ -19,5 +20,5 @@ def compare_many(cases: list) -> list[dict]:
         cm, serial, loss_diff, grad_diff, _ = train_side_by_side(*MODELS[name], plan)
         out.append({"loss_diff": loss_diff, "grad_diff": grad_diff,
                     "param_diff": _max_diff(cm.full_state_dict(), serial.state_dict()),
-                    "layers": list(cm.ir.layers), "split": sorted(cm.ir.param_shardings)})
+                    "layers": list(cm.ir.layers), "split": sorted(cm.ir.param_shardings), "capture": cm.ir.capture})
     return out

@@ -7,6 +7,8 @@
   `heads.head`; its blocks' attention is nn.MultiheadAttention, their MLP an nn.Sequential
   numbered 0..4 (torchvision's MLPBlock); forward(images, labels) returns the cross-entropy.
 - `SharedLayers`: ALBERT's cross-layer sharing - one block (one parameter set) applied N times.
+- `StockTransformer`: torch's own nn.TransformerEncoder (of nn.TransformerEncoderLayer) and an
+  nn.TransformerDecoderLayer, which torch.fx keeps as opaque calls (pcompile exports it).
 """
 from __future__ import annotations
 
@@ -105,3 +107,18 @@ class SharedLayers(nn.Module):
 def token_inputs(step: int, batch: int = 8, seq: int = 4, vocab: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(step)
     return torch.randint(0, vocab, (batch, seq), generator=g), torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+class StockTransformer(nn.Module):
+    def __init__(self, vocab: int = 32, dim: int = 16, heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.decoder = nn.TransformerDecoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        h = self.embed(idx)
+        h = self.decoder(h, self.encoder(h))
+        return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())

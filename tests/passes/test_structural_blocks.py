@@ -1,7 +1,9 @@
 """Repeated blocks found by structure (issue #17): the children of an nn.Sequential of one class
 and the same shapes whatever their names (torchvision's `encoder_layer_N`), and one module
 applied N times in sequence (ALBERT's shared layer: N layers `block`, `block@1`, ...), under
-fx and torch.export; layers of one shared parameter at different tp degrees are refused."""
+fx and torch.export; layers of one shared parameter at different tp degrees are refused. Stock
+modules that hold Linears (nn.TransformerEncoderLayer, nn.MultiheadAttention), which fx keeps
+as one call, make capture="auto" export the model; forced fx, tp says to export."""
 from collections import OrderedDict
 
 import pytest
@@ -11,8 +13,9 @@ import torch.nn.functional as F
 
 import pcompile
 from pcompile.errors import PcompileError
+from pcompile.passes.trace import capture
 from pcompile.plan import LayerAssignment, Plan, Strategy
-from tests.models.structural import SharedLayers, VisionTransformer, token_inputs, vit_inputs
+from tests.models.structural import SharedLayers, StockTransformer, VisionTransformer, token_inputs, vit_inputs
 from tests.toy import node
 
 VIT_BLOCKS = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
@@ -109,3 +112,32 @@ def test_shared_layers_at_different_tp_degrees_are_refused_before_splitting():
     message = str(info.value)
     assert "block.up.weight is split by tp and read by layers at different tp degrees" in message
     assert "block: tp=1, block@1: tp=2, block@2: tp=1" in message and "one tp degree" in message
+
+
+def test_stock_modules_holding_linears_are_exported_so_tp_can_split_them():
+    ir = _ir(StockTransformer(), token_inputs(0))
+    assert ir.capture == "export" and ir.layers == ["pre", "encoder.layers.0", "encoder.layers.1", "post"]
+    _, _, report = capture(StockTransformer(), token_inputs(0), "auto")
+    assert report[0].startswith("captured with torch.export because torch.fx keeps encoder (TransformerEncoder) "
+                                "and 1 more as one call, whose Linears tensor parallelism could not split"), report
+    assert _ir(_Trunk(), (torch.randn(4, 4), torch.randn(4, 2))).capture == "fx"  # nothing hidden: fx stays
+
+
+class _EncoderLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+                                    for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x.pow(2).mean()
+
+
+def test_forced_fx_on_stock_modules_says_to_export_for_tp():
+    with pytest.raises(PcompileError) as info:
+        _ir(_EncoderLayers(), (torch.randn(8, 4, 16),), capture="fx", plan=Plan.uniform(dp=2, tp=2),
+            stop_after="search")
+    assert ("no Linear in the layer that torch.fx records: it keeps layers.0 (TransformerEncoderLayer) as one "
+            "call - capture with capture='export'") in str(info.value)
