@@ -18,6 +18,9 @@ class Strategy:
     sp: bool = False  # sequence parallel in the tp group's layernorm/dropout regions
     checkpoint: bool = False  # recompute the layer's activations in backward
     split: int = 1  # operator split: large Linears run as `split` chunks
+    # ZeRO-2: parameters replicated over the dp group, gradients reduce-scattered and optimizer
+    # states kept for this rank's 1/dp shard only (pcompile.runtime.zero2)
+    zero2: bool = False
 
     def __post_init__(self):
         for name in ("dp", "tp", "split"):
@@ -25,19 +28,25 @@ class Strategy:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"strategy field {name}={value!r} must be a positive integer",
                                     f"set {name} to 1 or more")
-        for name in ("sdp", "sp", "checkpoint"):
+        for name in ("sdp", "sp", "checkpoint", "zero2"):
             if not isinstance(getattr(self, name), bool):
                 raise PcompileError(f"strategy field {name}={getattr(self, name)!r} must be true or false",
                                     f"set {name} to true or false")
         if self.sp and self.tp == 1:
             raise PcompileError("sequence parallelism (sp) needs tp > 1", "set sp=false or tp >= 2")
+        if self.zero2 and self.sdp:
+            raise PcompileError("zero2 (sharded gradients and optimizer states) and sdp (ZeRO-3, sharded parameters "
+                                "too) are exclusive", "set zero2=false or sdp=false")
+        if self.zero2 and self.dp == 1:
+            raise PcompileError("zero2 shards over the data-parallel group and needs dp > 1",
+                                "set zero2=false or dp >= 2")
 
     @property
     def num_devices(self) -> int:
         return self.dp * self.tp
 
     def describe(self) -> str:
-        parts = [f"{'sdp' if self.sdp else 'dp'}{self.dp}", f"tp{self.tp}"]
+        parts = [f"{'sdp' if self.sdp else 'z2dp' if self.zero2 else 'dp'}{self.dp}", f"tp{self.tp}"]
         if self.sp:
             parts.append("sp")
         if self.checkpoint:
