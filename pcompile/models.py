@@ -105,6 +105,106 @@ def _init(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
+
+@dataclass(frozen=True)
+class MoEGPTConfig(GPTConfig):
+    """A GPT whose MLPs are mixtures of experts (Switch / Mixtral style): `num_experts` 2-Linear
+    MLPs per block, each token routed to its `top_k` experts by a softmax router (gates
+    renormalised over the chosen experts when top_k > 1), dropless; `aux_loss_coef` > 0 adds the
+    load-balancing loss num_experts * sum_e(share of routed assignments to e * mean router
+    probability of e) of every block, times the coefficient."""
+
+    num_experts: int = 4
+    top_k: int = 2
+    aux_loss_coef: float = 0.0
+
+
+class MoE(nn.Module):
+    """Router Linear -> softmax -> top-k -> experts (a ModuleList of MLPs) combined by their gates.
+
+    Written dense for capture: every expert runs on every token and its output is multiplied by
+    the token's gate for it (zero unless the expert is among the token's top-k), which is the
+    dropless top-k mixture's value and gradients exactly; expert parallelism
+    (passes/expert_parallel.py) replaces the dense combine by the sparse dispatch."""
+
+    def __init__(self, cfg: MoEGPTConfig):
+        super().__init__()
+        if not 1 <= cfg.top_k <= cfg.num_experts:
+            raise ValueError(f"top_k={cfg.top_k} must be between 1 and num_experts={cfg.num_experts}")
+        self.num_experts, self.top_k = cfg.num_experts, cfg.top_k
+        self.router = nn.Linear(cfg.hidden, cfg.num_experts, bias=False)
+        self.experts = nn.ModuleList([MLP(cfg.hidden, cfg.mlp_ratio) for _ in range(cfg.num_experts)])
+
+    def forward(self, x):
+        probs = F.softmax(self.router(x), dim=-1)  # (batch, seq, experts)
+        gates, chosen = torch.topk(probs, self.top_k, dim=-1)  # (batch, seq, top_k)
+        if self.top_k > 1:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        weights = torch.zeros_like(probs).scatter(-1, chosen, gates)  # each token's gate per expert
+        out = weights[..., 0:1] * self.experts[0](x)
+        for e in range(1, self.num_experts):
+            out = out + weights[..., e:e + 1] * self.experts[e](x)
+        share = F.one_hot(chosen, self.num_experts).float().mean(dim=(0, 1, 2))  # assignments per expert
+        aux = self.num_experts * (share * probs.mean(dim=(0, 1))).sum()
+        return out, aux
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, cfg: MoEGPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.hidden)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.hidden)
+        self.moe = MoE(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        out, aux = self.moe(self.ln2(x))
+        return x + out, aux
+
+
+class MoEGPT(nn.Module):
+    """The built-in GPT with MoE blocks; forward(tokens, targets) -> cross-entropy (+ the
+    coefficient times the blocks' summed load-balancing losses)."""
+
+    def __init__(self, cfg: MoEGPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
+        self.blocks = nn.ModuleList([MoEBlock(cfg) for _ in range(cfg.num_layers)])
+        self.ln_f = nn.LayerNorm(cfg.hidden)
+        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if cfg.tie_head:
+            self.head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        _init(module)
+
+    def forward(self, idx, targets):
+        positions = torch.arange(idx.shape[1], device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(positions)
+        aux = []
+        for block in self.blocks:
+            x, block_aux = block(x)
+            aux.append(block_aux)
+        logits = self.head(self.ln_f(x))
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if self.cfg.aux_loss_coef:
+            total = aux[0]
+            for term in aux[1:]:
+                total = total + term
+            loss = loss + self.cfg.aux_loss_coef * total
+        return loss
+
+
+def moe_gpt_inputs(cfg: MoEGPTConfig, batch: int, seed: int = 0, part: int = 0,
+                   parts: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (tokens, next tokens) for the MoE GPT, as gpt_inputs."""
+    return gpt_inputs(cfg, batch, seed, part, parts)
+
+
 @dataclass(frozen=True)
 class MLPConfig:
     width: int = 64

@@ -75,7 +75,7 @@ def _containers(model: torch.nn.Module) -> dict[str, tuple[list[str], type]]:
 def find_block_prefixes(model: torch.nn.Module) -> list[str]:
     """The container with the most repeated blocks, plus every other outermost container of
     blocks of the same class (e.g. T5's encoder.block and decoder.block); [] if none."""
-    found = _containers(model)
+    found = _outermost(_containers(model))
     if not found:
         return []
     best = max(found, key=lambda prefix: len(found[prefix][0]))  # first of the largest (model order)
@@ -87,9 +87,17 @@ def find_block_prefixes(model: torch.nn.Module) -> list[str]:
     return [prefix for prefix in found if prefix == best or (found[prefix][1] is block_class and not nested(prefix))]
 
 
+def _outermost(found: dict[str, tuple[list[str], type]]) -> dict[str, tuple[list[str], type]]:
+    """The containers not inside another's block: a mixture of experts' ModuleList inside each
+    transformer block (4 experts in 2 blocks) is part of the block, not the model's blocks."""
+    blocks = [name for names, _ in found.values() for name in names]
+    return {prefix: value for prefix, value in found.items()
+            if not any(prefix == block or prefix.startswith(block + ".") for block in blocks)}
+
+
 def find_block_prefix(model: torch.nn.Module) -> str | None:
     """The module path whose numbered children are the repeated blocks, or None."""
-    found = _containers(model)
+    found = _outermost(_containers(model))
     return max(found, key=lambda prefix: len(found[prefix][0])) if found else None
 
 
