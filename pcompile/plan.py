@@ -21,9 +21,12 @@ class Strategy:
     # ZeRO-2: parameters replicated over the dp group, gradients reduce-scattered and optimizer
     # states kept for this rank's 1/dp shard only (pcompile.runtime.zero2)
     zero2: bool = False
+    # expert parallelism: a mixture of experts' experts sharded over groups of `ep` ranks inside
+    # the dp group, tokens dispatched to them with all-to-all (passes/expert_parallel.py)
+    ep: int = 1
 
     def __post_init__(self):
-        for name in ("dp", "tp", "split"):
+        for name in ("dp", "tp", "split", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"strategy field {name}={value!r} must be a positive integer",
@@ -40,6 +43,9 @@ class Strategy:
         if self.zero2 and self.dp == 1:
             raise PcompileError("zero2 shards over the data-parallel group and needs dp > 1",
                                 "set zero2=false or dp >= 2")
+        if self.dp % self.ep:
+            raise PcompileError(f"expert parallelism ep={self.ep} must divide the data-parallel degree dp={self.dp} "
+                                "(the ep groups lie inside the dp group)", "choose ep among the divisors of dp")
 
     @property
     def num_devices(self) -> int:
@@ -53,6 +59,8 @@ class Strategy:
             parts.append("ckpt")
         if self.split > 1:
             parts.append(f"split{self.split}")
+        if self.ep > 1:
+            parts.append(f"ep{self.ep}")
         return "·".join(parts)
 
 
