@@ -24,6 +24,14 @@ dp              : per step, all-reduce of the layer's gradients over the dp grou
                   CostOptions.overlap); bucketed, plus the runtime's in-place divide by dp. A whole
                   stage (estimate_uniform): its buckets issued as backward makes them ready
                   (`_stage_sync`); the last is exposed whatever eta
+zero2 (ZeRO-2)  : params whole (replicated), grads / dp, optimizer states / dp plus the fp32 chunk
+                  the optimizer steps (pcompile.runtime.zero2; under mixed precision the fp32
+                  masters stay whole: 4 bytes per element, not / dp); per step a reduce-scatter of
+                  the gradients in buckets, exposed as the dp branch's all-reduce (c - eta min(c,
+                  backward)), and an all-gather of the stepped chunks into the parameters before
+                  the next forward, not overlapped, both in fp32 and charged in sync with the
+                  runtime's copies (gradients into the reduce-scatter's rows, the gathered values
+                  into the parameters); transient: the bucket backward fills and two in flight
 sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch and gathered unit (the
                   layer; with split k every op reading weights, a Linear k units: `sdp_units`)
                   an all-gather in forward, a re-gather in backward where an op saved a weight,
@@ -335,6 +343,13 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         gather, regather, scatter = layout._times[key]
         sdp_fwd = _exposed(gather, fwd, eta)
         sdp_bwd = _exposed(regather + scatter, bwd, eta)
+    elif s.dp > 1 and s.zero2:
+        fp32 = 4.0  # the chunks and the reduced gradients are fp32 (the masters') under mixed precision too
+        bucket = float(options.bucket_bytes or GRAD_BUCKET_BYTES)
+        scatter = elements * fp32 / bucket * layout.collective_time(cluster, "reduce_scatter", bucket, "dp")
+        gather = elements * fp32 / bucket * layout.collective_time(cluster, "all_gather", bucket, "dp")
+        passes = 2 * elements * fp32 * 2 / min(d.memory_bandwidth for d in devices)  # rows copy, gathered copy-out
+        sync = (_exposed(scatter, bwd, eta) if options.overlap_grad_sync else scatter) + gather + passes
     elif s.dp > 1:
         if options.bucket_bytes:
             # the runtime packs the whole stage's gradients into shared buckets: a layer's share
@@ -357,9 +372,15 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         unit = max(work.largest_linear / s.split, elements - work.largest_linear) if s.split > 1 else elements
         gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp)
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
-    memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / shard,
-                         optimizer=elements * o_bytes / shard, activations=kept, temp=temp,
-                         step_temp=_step_temp(work, options, cluster) / shard)
+    optimizer, states = elements * o_bytes / shard, shard
+    if s.zero2 and s.dp > 1:  # full gradients of the bucket being filled, two buckets' rows in flight
+        temp += 3 * min(elements * 4.0, float(options.bucket_bytes or GRAD_BUCKET_BYTES))
+        masters = 4.0 if options.mixed_precision else 0.0  # MasterWeights keeps every master whole
+        optimizer = elements * (masters + (o_bytes - masters) / s.dp + 4.0 / s.dp)  # + the fp32 chunk
+        states = s.dp
+    memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / states,
+                         optimizer=optimizer, activations=kept, temp=temp,
+                         step_temp=_step_temp(work, options, cluster) / states)
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
 
 
@@ -545,7 +566,7 @@ def estimate_uniform(ir: IR, cluster: Cluster, strategy: Strategy, options: Cost
     batch = example_batch(ir)
     works = layer_work(ir, strategy.tp)
     costs = [layer_cost(works[layer], cluster, strategy, batch, batch, options) for layer in ir.layers]
-    bucketed = strategy.dp > 1 and not strategy.sdp and options.bucket_bytes
+    bucketed = strategy.dp > 1 and not strategy.sdp and not strategy.zero2 and options.bucket_bytes
     numels = [n for layer in ir.layers for n in works[layer].param_numels]
     backward = sum(c.bwd for c in costs)
     sync = _stage_sync(cluster, strategy, options, numels, backward) if bucketed else sum(c.sync for c in costs)
