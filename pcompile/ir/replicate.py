@@ -1,9 +1,10 @@
 """Repeated blocks captured and analysed once: capture + analysis grow with the distinct blocks,
 not with the layers (a 96-block GPT-3 is captured as 3 blocks and annotated as 3).
 
-When the model's blocks are one container (ModuleList / Sequential) of N >= 4 blocks with the
-same structure - the same module classes, parameter and buffer shapes, and the same plain
-attributes but for an index counter (HuggingFace's `layer_idx`) - the model is captured with
+When the model's blocks are one container (ModuleList / Sequential, its children numbered or
+named otherwise: torchvision's encoder_layer_N) of N >= 4 blocks with the same structure - the
+same module classes, parameter and buffer shapes, and the same plain attributes but for an
+index counter (HuggingFace's `layer_idx`) - the model is captured with
 its first KEEP = 3 blocks only (the container truncated for the capture, restored after) and
 the graph of the N blocks is stitched from it:
 
@@ -105,8 +106,6 @@ def repeated_blocks(model: torch.nn.Module) -> tuple[str, int] | None:
     container = model.get_submodule(prefixes[0])
     if not isinstance(container, (torch.nn.ModuleList, torch.nn.Sequential)) or len(container) <= KEEP:
         return None
-    if list(container._modules) != [str(i) for i in range(len(container))]:  # the stitch moves paths by index:
-        return None  # blocks named otherwise (torchvision's encoder_layer_N) are captured whole
     blocks = list(container)
     found = [_structure(b) for b in blocks]
     if any(shape != found[0][0] or attrs.keys() != found[0][1].keys() for shape, attrs in found):
@@ -145,16 +144,19 @@ def _pattern(text: str, follow: str) -> re.Pattern:
 
 class _Mover:
     """Rewrites module paths (`model.h.2.attn`) and node names (`model_h_2_attn_weight`) of
-    block i to block j of the container `prefix`."""
+    block i to block j of the container `prefix`, whose children are named `children` (0, 1, ...
+    or torchvision's encoder_layer_0, ...: fx and export name nodes after them alike)."""
 
-    def __init__(self, prefix: str):
-        self.dotted, self.mangled = prefix, prefix.replace(".", "_")
+    def __init__(self, prefix: str, children: list[str]):
+        self.dotted, self.mangled, self.children = prefix, prefix.replace(".", "_"), children
         self._paths: dict[tuple, str] = {}  # a block's paths recur on many nodes: moved once each
 
     def path(self, text: str, i: int, j: int) -> str:
         got = self._paths.get((text, i, j))
         if got is None:
-            got = self._paths[(text, i, j)] = _pattern(f"{self.dotted}.{i}", r"\.").sub(f"{self.dotted}.{j}", text)
+            child = self.children
+            got = self._paths[(text, i, j)] = _pattern(f"{self.dotted}.{child[i]}", r"\.").sub(
+                f"{self.dotted}.{child[j]}", text)
         return got
 
     def stack(self, stack, i: int, j: int):
@@ -167,12 +169,12 @@ class _Mover:
         i's own path is blanked out of the kind (`model_h_2_ln_weight` names the same kind in
         every block)."""
         if i is not None:
-            name = _pattern(f"{self.mangled}_{i}", "_").sub("\0", name)
+            name = _pattern(f"{self.mangled}_{self.children[i]}", "_").sub("\0", name)
         match = _SUFFIX.match(name)
         return (match.group(1), int(match.group(2)), True) if match else (name, 0, False)
 
     def name(self, kind: str, counter: int, suffixed: bool, j: int | None = None) -> str:
-        base = kind if j is None else kind.replace("\0", f"{self.mangled}_{j}")
+        base = kind if j is None else kind.replace("\0", f"{self.mangled}_{self.children[j]}")
         return f"{base}_{counter}" if suffixed or counter else base
 
 
@@ -181,9 +183,9 @@ class _NoRepeat(Exception):
     """The capture's blocks do not repeat as the stitch needs: take the full path."""
 
 
-def _regions(nodes: list[fx.Node], prefix: str) -> tuple[list, list[list], list]:
+def _regions(nodes: list[fx.Node], prefix: str, children: list[str]) -> tuple[list, list[list], list]:
     """(pre, [block 0, 1, 2], post) node lists of the template capture, in graph order."""
-    names = [f"{prefix}.{i}" for i in range(KEEP)]
+    names = [f"{prefix}.{child}" for child in children[:KEEP]]
     order = [PRE] + names + [POST]
     groups: dict[str, list] = {name: [] for name in order}
     last = 0
@@ -232,16 +234,17 @@ def _steps(blocks: list[list], where: dict, move: _Mover) -> dict[str, int]:
     return steps
 
 
-def stitch(template: fx.GraphModule, prefix: str, count: int) -> tuple[fx.Graph, dict[str, fx.Node], tuple]:
-    """The graph of all `count` blocks from the capture of the first KEEP (module docstring):
-    (graph, IR node name -> template node, (block 1, block 2) node pairs). Raises _NoRepeat."""
-    nodes = list(template.graph.nodes)
-    pre, blocks, post = _regions(nodes, prefix)
+def stitch(template: fx.GraphModule, prefix: str, children: list[str]) -> tuple[fx.Graph, dict[str, fx.Node], tuple]:
+    """The graph of all blocks (the container's `children`) from the capture of the first KEEP
+    (module docstring): (graph, IR node name -> template node, (block 1, block 2) node pairs).
+    Raises _NoRepeat."""
+    nodes, count = list(template.graph.nodes), len(children)
+    pre, blocks, post = _regions(nodes, prefix, children)
     where = {n: (PRE, k) for k, n in enumerate(pre)}
     where.update({n: (POST, k) for k, n in enumerate(post)})
     for b, block in enumerate(blocks):
         where.update({n: (b, k) for k, n in enumerate(block)})
-    move = _Mover(prefix)
+    move = _Mover(prefix, children)
     steps = _steps(blocks, where, move)
     last = KEEP - 1
     graph = fx.Graph(tracer_cls=template.graph._tracer_cls, tracer_extras=template.graph._tracer_extras)
@@ -334,10 +337,10 @@ def _module_of(model: torch.nn.Module, graph: fx.Graph, template: fx.GraphModule
         for name, child in src._modules.items():
             dst._modules[name] = torch.nn.Module()
             tree(child, dst._modules[name], f"{path}{name}.", block)
-            if f"{path}{name}" == f"{move.dotted}.{last}":
+            if f"{path}{name}" == f"{move.dotted}.{move.children[last]}":
                 for k in range(KEEP, count):
-                    dst._modules[str(k)] = torch.nn.Module()
-                    tree(child, dst._modules[str(k)], f"{path}{name}.", k)
+                    dst._modules[move.children[k]] = torch.nn.Module()
+                    tree(child, dst._modules[move.children[k]], f"{path}{name}.", k)
 
     tree(template, gm, "", None)
     gm.graph = graph
@@ -352,11 +355,12 @@ def capture_repeated(model: torch.nn.Module, capture: Callable[[torch.nn.Module]
     if found is None:
         return None
     prefix, count = found
+    children = list(model.get_submodule(prefix)._modules)
     try:
         with truncated(model, prefix, KEEP):
             template, how, notes = capture(model)
-        graph, source, repeats = stitch(template, prefix, count)
-        gm = _module_of(model, graph, template, how, _Mover(prefix), count)
+        graph, source, repeats = stitch(template, prefix, children)
+        gm = _module_of(model, graph, template, how, _Mover(prefix, children), count)
     except Exception as exc:  # _NoRepeat, or a capture error: the full path captures it or says why not
         _log.debug("repeated blocks not stitched (%s: %s): capturing the whole model", type(exc).__name__, exc)
         return None

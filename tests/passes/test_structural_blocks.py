@@ -16,6 +16,7 @@ from pcompile.errors import PcompileError
 from pcompile.passes.trace import capture
 from pcompile.plan import LayerAssignment, Plan, Strategy
 from tests.models.structural import SharedLayers, StockTransformer, VisionTransformer, token_inputs, vit_inputs
+from tests.passes.test_replicate import analysed, assert_same_ir
 from tests.toy import node
 
 VIT_BLOCKS = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
@@ -141,3 +142,23 @@ def test_forced_fx_on_stock_modules_says_to_export_for_tp():
             stop_after="search")
     assert ("no Linear in the layer that torch.fx records: it keeps layers.0 (TransformerEncoderLayer) as one "
             "call - capture with capture='export'") in str(info.value)
+
+
+def _five_named(capture: str):
+    """ViT's five encoder_layer_N under fx (its attention one call); under export five named _Pair
+    blocks (export's MultiheadAttention blocks do not repeat node for node: captured whole)."""
+    if capture == "fx":
+        return VisionTransformer(layers=5), vit_inputs(0), "encoder.layers", "encoder.layers.encoder_layer_"
+    model = _Trunk()
+    model.trunk = nn.Sequential(OrderedDict((f"pair_{i}", _Pair(8)) for i in range(5)))
+    return model, (torch.randn(4, 4), torch.randn(4, 2)), "trunk", "trunk.pair_"
+
+
+@pytest.mark.parametrize("capture", ["fx", "export"])
+def test_named_blocks_are_captured_once_and_stitched_like_the_full_capture(capture):
+    model, inputs, prefix, block = _five_named(capture)
+    fast, full = (analysed(model, inputs, capture, full=f) for f in (False, True))
+    assert fast.replicas is not None and (fast.replicas.prefix, fast.replicas.blocks) == (prefix, 5)
+    assert full.replicas is None
+    assert_same_ir(fast, full, model)
+    assert fast.block_layers == [f"{block}{i}" for i in range(5)]
