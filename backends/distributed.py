@@ -27,7 +27,18 @@ from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.launch import rank_device
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_norm, grad_sync, materialise, modes, ops, optimizers, precision, rng
+from pcompile.runtime import (
+    collectives,
+    grad_norm,
+    grad_sync,
+    materialise,
+    modes,
+    ops,
+    optimizers,
+    precision,
+    rng,
+    zero2,
+)
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -47,6 +58,7 @@ class CompiledModel:
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
         self._dp_sync = None  # runtime.grad_sync.OverlappedAllReduce of a plain dp plan
+        self.zero2 = None  # runtime.zero2.ShardedGradients of the zero2 layers' parameters
         self.training = True
         self._sync = True  # False inside no_sync()
         self._grads = "clean"  # what .grad holds: "clean" (none), "pending" (unsynced sums), "synced"
@@ -64,6 +76,10 @@ class CompiledModel:
         self.layout = self.ir.mixed_layout  # per-layer (dp, tp) groupings, or None
         self.device = rank_device()
         if plan.pp > 1:
+            if any(plan.strategy_for(layer).zero2 for layer in self.ir.layers):
+                raise PcompileError(f"ZeRO-2 (zero2) layers in a pipelined plan (pp={plan.pp}) are not run by "
+                                    "the pipeline backend", "use zero2 with pp=1, or sdp / dp layers in a "
+                                    "pipelined plan (the search only offers zero2 with pp=1)")
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)
         self.materialised = not materialise.on_meta(gm)  # a meta model: values from init/load_weights
@@ -86,7 +102,10 @@ class CompiledModel:
         take_shards([gm], self.ir.param_shardings, self.coords)  # tied weights stay one parameter
         # ZeRO-3: this rank's dp chunk of each sdp parameter, taken from its tp shard
         take_shards([gm], self.ir.sdp_shardings, self.coords)
-        self.sdp_shardings = self.ir.sdp_shardings
+        # how the optimizer's piece of each parameter is cut over dp: ZeRO-3's chunks, ZeRO-2's
+        # (the module keeps a zero2 parameter whole; the optimizer steps its chunk)
+        z2 = zero2.shardings(self.ir, plan) if world > 1 else {}
+        self.sdp_shardings = {**self.ir.sdp_shardings, **z2}
         if not self.materialised:  # this rank's pieces only, without values yet
             materialise.allocate([gm], self.device)
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
@@ -98,6 +117,11 @@ class CompiledModel:
             params = [(p, p if self.masters is None else self.masters.master(p))
                       for name, p in gm.named_parameters() if name not in self.sdp_shardings]
             self._dp_sync = grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, {})
+        if z2:  # after the masters' hooks, like the dp sync; divided as layer_groups divides
+            self.zero2 = zero2.ShardedGradients(
+                [(p, p if self.masters is None else self.masters.master(p), z2[name])
+                 for name, p in gm.named_parameters() if name in z2],
+                self.groups, self.coords, self.dp if self.layout is None else self.layout.loss_dp)
         self.gm = gm
         self._run = gm  # what computes the graph: the GraphModule, or torch.compile's wrapper of it
         self._prefix = f"pcompile{uid}"
@@ -123,7 +147,7 @@ class CompiledModel:
             grad_norm.install()
             grad_norm.register(self)
             optimizers.install()
-            split = set(self.ir.param_shardings) | set(self.ir.sdp_shardings)
+            split = set(self.ir.param_shardings) | set(getattr(self._pipeline or self, "sdp_shardings", {}))
             optimizers.register_split(p for name, p in self.named_parameters() if name in split)
         return self
 
@@ -160,6 +184,8 @@ class CompiledModel:
     def _filled(self) -> "CompiledModel":
         holder = self._pipeline if self._pipeline is not None else self
         masters = self._pipeline.masters if self._pipeline is not None else self.masters
+        if self.zero2 is not None:  # the optimizer's chunks from the values just set
+            self.zero2.push(self.coords)
         if masters is not None:  # the bf16 parameters from their masters
             masters.pull()
         holder.materialised = True
@@ -331,6 +357,8 @@ class CompiledModel:
                 if self._pipeline is not None:
                     return self._pipeline.eval_step(batch)
                 counts = step_counts(self.ir.loss_counts, batch, self._batch_group())
+                if self.zero2 is not None:
+                    self.zero2.pull()
                 if self.masters is not None:
                     self.masters.pull()
                     batch = self.masters.cast_inputs(batch)
@@ -346,6 +374,9 @@ class CompiledModel:
 
     def _step(self, local: tuple) -> torch.Tensor:
         counts = step_counts(self.ir.loss_counts, local, self._batch_group())  # masked means: the step's count
+        if self.zero2 is not None:  # the chunks the optimizer stepped -> the replicated parameters
+            self.zero2.pull()
+            self.zero2.begin(self._sync)
         if self.masters is not None:
             self.masters.pull()
             local = self.masters.cast_inputs(local)
@@ -354,8 +385,12 @@ class CompiledModel:
         loss = self._run(*local, **counts)
         global_loss = self._global_loss(loss, wait=False)  # its reduction runs while backward does
         loss.backward()  # under mixed precision the gradients land in the fp32 masters (precision.py)
+        if self.zero2 is not None:  # buckets reduce-scattered during backward
+            self.zero2.finish()
         if self._sync and self.layout is not None:  # per-parameter dp groups, scaled by the last layer's dp
-            layer_groups.sync_grads(self.layout, self.named_parameters(), self.sdp_shardings, self.groups)
+            z2 = set(self.sdp_shardings) - set(self.ir.sdp_shardings)
+            layer_groups.sync_grads(self.layout, ((n, p) for n, p in self.named_parameters() if n not in z2),
+                                    self.ir.sdp_shardings, self.groups)
         elif self._dp_sync is not None:  # buckets issued during backward; sdp gradients were reduce-scattered
             self._dp_sync.finish()
         return global_loss()
@@ -384,7 +419,7 @@ class CompiledModel:
             return self._pipeline.replicas()
         out = {}
         for name, p in self.named_parameters():
-            pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.ir.sdp_shardings.get(name))
+            pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
                                if s is not None)
             out[id(p)] = world // pieces
         return out
@@ -416,17 +451,19 @@ class CompiledModel:
         self._check_lowered(values=False)
         if self._pipeline is not None:
             return self._pipeline.parameters()
-        return self.gm.parameters() if self.masters is None else self.masters.parameters()
+        return (p for _, p in self.named_parameters())
 
     def named_parameters(self):
         self._check_lowered(values=False)
         if self._pipeline is not None:
             return self._pipeline.named_parameters()
-        return self.gm.named_parameters() if self.masters is None else self.masters.named_parameters()
+        named = self.gm.named_parameters() if self.masters is None else self.masters.named_parameters()
+        return named if self.zero2 is None else ((name, self.zero2.chunk(p)) for name, p in named)
 
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        zero3, tp = self.ir.sdp_shardings.get(name), self.ir.param_shardings.get(name)
+        """The full tensor of this rank's piece of `name` (the optimizer's piece: a ZeRO-2 chunk)."""
+        zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
         local = gather_shards(local, zero3, self.groups.get(zero3.axis) if zero3 else None)  # dp, then tp
         return gather_shards(local, tp, self.groups.get(tp.axis) if tp else None)
 
@@ -435,9 +472,11 @@ class CompiledModel:
         self._check_lowered()
         if self._pipeline is not None:
             return self._pipeline.full_state_dict()
-        local = self.gm.state_dict()
+        local = self.gm.state_dict(keep_vars=True)
         if self.masters is not None:  # fp32 masters; bf16 buffers back in their original dtype
             local.update(self.masters.by_name())
+        if self.zero2 is not None:  # the optimizer's chunks (the replicated copies wait for the next pull)
+            local = {name: self.zero2.chunk(t) for name, t in local.items()}
         out = {}
         for name, original in self._model.state_dict().items():
             out[name] = (self._full(name, local[name]).to(original.dtype).cpu() if name in local
@@ -451,6 +490,8 @@ class CompiledModel:
             return self._pipeline.full_grads()
         local = dict(self.gm.named_parameters(remove_duplicate=False) if self.masters is None
                      else self.masters.by_name())
+        if self.zero2 is not None:
+            local = {name: self.zero2.chunk(t) for name, t in local.items()}
         out = {}
         for name, _ in self._model.named_parameters():
             p = local.get(name)
