@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from pcompile.backends import expert_groups
 from pcompile.errors import PcompileError
 from pcompile.ir import MixedLayout
 from pcompile.mesh import Axis, axis_groups
@@ -33,7 +34,9 @@ def _used_axes(ir, layout: MixedLayout) -> set[str]:
 
 def add_axes(ir, groups: dict, coords: dict) -> None:
     """Collective on every rank: create the process groups of the IR's axes beyond the default
-    mesh's, in one order on every rank; add this rank's group and coordinate of each."""
+    mesh's, in one order on every rank; add this rank's group and coordinate of each (the
+    expert-parallel groups too: backends/expert_groups.py)."""
+    expert_groups.add_expert_axes(ir, groups, coords)
     layout = ir.mixed_layout
     if layout is None:
         return

@@ -7,6 +7,7 @@ engine runs of the search pass), invariants."""
 from pcompile.passes import (
     activation_checkpoint,
     batch_statistics,
+    expert_parallel,
     flops,
     invariants,
     layers,
@@ -25,6 +26,6 @@ from pcompile.passes import (
     trace,
 )
 
-__all__ = ["activation_checkpoint", "batch_statistics", "flops", "invariants", "layers", "loss_check", "memory",
-           "normalise_loss", "operator_split", "pipeline_split", "reshard", "search", "sequence_parallel", "shapes",
-           "sharded_data_parallel", "symbolic", "tensor_parallel", "trace"]
+__all__ = ["activation_checkpoint", "batch_statistics", "expert_parallel", "flops", "invariants", "layers",
+           "loss_check", "memory", "normalise_loss", "operator_split", "pipeline_split", "reshard", "search",
+           "sequence_parallel", "shapes", "sharded_data_parallel", "symbolic", "tensor_parallel", "trace"]

@@ -29,6 +29,7 @@ PIPELINE = [
     "loss_check",       # needs the plan: a summed or batch-coupled loss is refused where dp / micro-batches average it
     "normalise_loss",   # masked means (ignore_index, loss masks) divide by the step's count, not each part's
     "batch_statistics",  # loss terms made of batch statistics (MoE aux losses) read the whole batch's
+    "expert_parallel",  # ep layers: experts over ep ranks, tokens sent by all-to-all (before tp: experts leave)
     "tensor_parallel",  # make the plan's tp real: split weights, insert tp_copy / tp_reduce
     "sequence_parallel",  # sp layers: tp_copy/tp_reduce -> all-gather/reduce-scatter over seq (needs TP's collectives)
     "operator_split",   # OSDP: Linears -> k input-feature chunks (needs TP's row-parallel form first)

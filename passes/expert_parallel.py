@@ -1,0 +1,132 @@
+"""Rewrite: expert parallelism (DeepSpeed-MoE / Megatron-Core) for the layers whose strategy has ep > 1.
+
+Each MoE layer (pcompile.sharding.moe) of the `modules` form - a ModuleList of 2-Linear expert
+MLPs whose gated outputs are summed, the gates the top-k's scattered into a (token, expert)
+matrix - has its dense mixture (every expert on every token) replaced by one
+`expert_mixture(tokens, indices, gates, activation, "ep", ep, E, has_bias, *expert params)`
+node (pcompile.runtime.expert_parallel): the ep ranks of a group (inside the dp group, see
+backends/expert_groups.py) each compute E/ep experts on the tokens routed to them, dispatched
+and combined with all-to-alls of variable split sizes (dropless). The router, the top-k, the
+gates and any load-balancing loss made of them are untouched (their batch statistics are the
+batch_statistics pass's, as under dp).
+
+Gradients (why the backend's dp averaging is left as it is): the serial loss is L = (1/dp)
+sum_r L_r over the dp ranks' parts, and dp averaging gives every replicated parameter
+(1/dp) sum_r dL_r/dtheta. Expert e's rank in ep group G computes e for every token of G, so the
+reverse all-to-all brings it sum_{r in G} dL_r/dtheta_e; the other ranks of G hold e without
+computing it, with a zero gradient. The dp all-reduce sums these over the dp group - each of
+the dp/ep groups contributes its sum once - and divides by dp: (1/dp) sum_r dL_r/dtheta_e, the
+serial gradient, and every rank steps every expert alike. The experts' storage is therefore
+not sharded yet (each rank holds all E experts; compute and activations are sharded): holding
+only E/ep per rank needs the gradient sum over the dp/ep replicas of each expert instead, and
+the checkpoint / full_state_dict / init paths taught about it (issue #18).
+
+Refused with a PcompileError naming the layer: experts held as batched weights (Hugging Face
+Mixtral / Qwen-MoE under torch.export: their grouped_mm experts are not rewritten yet), a
+mixture that is not the gated top-k sum, E not divisible by ep, ep layers in a pipelined plan,
+under ZeRO-3, activation checkpointing or operator split, and different ep degrees in one plan.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from pcompile.errors import PcompileError
+from pcompile.ir import IR, REPLICATED
+from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.runtime import expert_parallel
+from pcompile.sharding.moe import MoELayer, find_moe_layers
+
+AXIS = "ep"
+
+
+def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
+    strategy, where = ctx.plan.strategy_for(layer), f"expert parallelism (ep={ep}) in layer {layer!r}"
+    if moe.form == "stacked":
+        raise PcompileError(
+            f"{where}: its experts are batched weights ({', '.join(moe.stacked)}), as Hugging Face Mixtral / "
+            "Qwen-MoE hold them; pcompile rewrites only experts written as a ModuleList of 2-Linear MLPs yet",
+            "run this model with ep=1 (dp, tp, ZeRO-3 and pipelines run it exactly), or write the experts as "
+            "the built-in pcompile.models.MoEGPT does")
+    if moe.combine is None or moe.output is None or moe.indices is None or moe.gates is None:
+        raise PcompileError(f"{where}: its experts' outputs are not combined as the gated top-k mixture "
+                            "sum_e scatter(zeros, -1, top-k indices, gates)[..., e:e+1] * expert_e(x)",
+                            "write the combine as pcompile.models.MoE does, or use ep=1 for this layer")
+    if moe.num_experts % ep:
+        raise PcompileError(f"{where}: {moe.num_experts} experts do not split over {ep} ranks",
+                            f"choose ep among the divisors of {moe.num_experts}")
+    if len({len(e.params) for e in moe.experts}) != 1 or len(moe.experts[0].params) not in (2, 4):
+        raise PcompileError(f"{where}: its experts do not all have two Linears with (or all without) biases",
+                            "give every expert the same two Linears, or use ep=1 for this layer")
+    for name, on, fix in (("pipeline stages", ctx.plan.pp > 1, "pp=1"), ("ZeRO-3", strategy.sdp, "sdp=false"),
+                          ("activation checkpointing", strategy.checkpoint, "checkpoint=false"),
+                          ("operator split", strategy.split > 1, "split=1")):
+        if on:
+            raise PcompileError(f"{where} with {name} is not supported yet", f"use {fix} with ep, or ep=1")
+
+
+def _internal(moe: MoELayer) -> list[fx.Node]:
+    """The dense mixture's nodes: from the output back to the tokens, indices and gates."""
+    stop = {moe.tokens, moe.indices, moe.gates}
+    seen, todo = {}, [moe.output]
+    while todo:
+        node = todo.pop()
+        if node in stop or node in seen or node.op in ("placeholder", "output"):
+            continue
+        seen[node] = None
+        todo.extend(node.all_input_nodes)
+    return list(seen)
+
+
+def _rewrite(ir: IR, moe: MoELayer, ep: int) -> None:
+    graph, layer = ir.graph, ir.meta(moe.output).layer
+    internal = _internal(moe)
+    params = [name for expert in moe.experts for name in expert.params]
+    with graph.inserting_before(moe.output):
+        reads = [graph.get_attr(name) for name in params]
+        mixture = graph.call_function(expert_parallel.expert_mixture,
+                                      (moe.tokens, moe.indices, moe.gates, moe.experts[0].activation, AXIS, ep,
+                                       moe.num_experts, len(moe.experts[0].params) == 4, *reads))
+    for node, name in zip(reads, params):
+        meta, param = ir.meta(node), ir.gm.get_parameter(name)
+        meta.layer, meta.placement = layer, REPLICATED
+        meta.shape, meta.dtype = tuple(param.shape), str(param.dtype)
+        meta.output_bytes = param.numel() * param.element_size()
+    meta, old = ir.meta(mixture), ir.meta(moe.output)
+    meta.layer, meta.placement, meta.shape, meta.dtype, meta.output_bytes = \
+        layer, REPLICATED, old.shape, old.dtype, old.output_bytes
+    moe.output.replace_all_uses_with(mixture)
+    erased = []
+    for node in reversed([n for n in graph.nodes if n in set(internal)]):
+        if not node.users:  # the dense mixture's own nodes (the router and probabilities stay: the top-k reads them)
+            erased.append(ir.meta(node) if ir.has_meta(node) else None)
+            graph.erase_node(node)
+    share = moe.top_k / moe.num_experts  # each token runs top_k of the E experts the dense form ran
+    for attr in ("flops", "bwd_flops", "saved_bytes"):
+        total = sum(getattr(m, attr) or 0 for m in erased if m is not None)
+        setattr(meta, attr, type(getattr(old, attr) or 0)(share * total))
+
+
+@register_pass("expert_parallel", kind="rewrite", requires=("plan", "loss_normalised"), ensures=("expert_parallel",))
+def expert_parallel_pass(ir: IR, ctx: PassContext) -> IR:
+    """Experts of the ep > 1 layers' MoE sharded over ep ranks: all-to-all dispatch and combine."""
+    degrees = {layer: ctx.plan.strategy_for(layer).ep for layer in ir.layers}
+    wanted = {d for d in degrees.values() if d > 1}
+    if not wanted:
+        return ir
+    if len(wanted) > 1:
+        raise PcompileError(f"the plan uses different ep degrees ({sorted(wanted)}); one ep group size per plan "
+                            "is supported", "give every layer with ep > 1 the same ep")
+    found = [(moe.layer, moe) for moe in find_moe_layers(ir) if degrees.get(moe.layer, 1) > 1]
+    if not found:
+        raise PcompileError(f"the plan asks for expert parallelism (ep={wanted.pop()}) but no layer it names has a "
+                            "mixture of experts (a router Linear, softmax, top-k and experts)",
+                            "use ep=1, or plan a model with MoE layers (e.g. pcompile.models.MoEGPT)")
+    for layer, moe in found:
+        _check(layer, moe, degrees[layer], ctx)
+    for layer, moe in found:
+        _rewrite(ir, moe, degrees[layer])
+    ir.graph.lint()
+    ir.gm.recompile()
+    ctx.report.append(f"expert parallel: {len(found)} MoE layers, {found[0][1].num_experts} experts each over "
+                      f"ep={degrees[found[0][0]]} ranks (all-to-all dispatch, dropless)")
+    return ir

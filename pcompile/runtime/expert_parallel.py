@@ -1,0 +1,113 @@
+"""Expert parallelism at run time: a mixture of experts computed with its experts spread over
+the `ep` ranks of an expert-parallel group (passes/expert_parallel.py inserts `expert_mixture`).
+
+Rank r of the group computes experts r*E/ep .. (r+1)*E/ep - 1 (its local experts). Forward,
+dropless (every token goes to each of its top-k experts):
+  1. each (token, choice) pair is sorted by expert (a stable sort: a token's pairs stay in the
+     order of its choices' experts), its token row copied;
+  2. the count of pairs per expert is exchanged (an all-to-all of equal splits), so each rank
+     knows how many rows it receives from each source, for each of its local experts;
+  3. the rows go to their experts' ranks with an all-to-all of variable split sizes
+     (dist.all_to_all_single with input / output split sizes);
+  4. each local expert runs on its rows (fc -> activation -> out);
+  5. the results return by the reverse all-to-all, are multiplied by their gates and summed
+     back into their tokens (index_add, in expert order per token).
+`_AllToAll` is the autograd Function of step 3 and 5: its backward is the reverse all-to-all of
+the gradient. Each rank's expert gradients are then the sum over its group's tokens of the
+group's losses; the data-parallel averaging (which sums over the dp group and divides by dp)
+makes them the serial gradient: see passes/expert_parallel.py.
+
+Without a process group (collectives.simulate(): the shape checks on fake tensors) the mixture
+is computed densely from every expert (the values there do not matter, the shapes do).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pcompile.runtime import collectives, ops
+
+ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class _AllToAll(torch.autograd.Function):
+    """Rows of `x` sent to the group's ranks in blocks of `send` rows, `recv` rows received from
+    each; backward sends the gradient back the same way reversed."""
+
+    @staticmethod
+    def forward(ctx, x, send: list[int], recv: list[int], group):
+        ctx.send, ctx.recv, ctx.group = send, recv, group
+        return _exchange(x, send, recv, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _exchange(grad, ctx.recv, ctx.send, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), output_split_sizes=recv, input_split_sizes=send, group=group)
+    return out
+
+
+def _expert(x: torch.Tensor, activation: str, params: tuple) -> torch.Tensor:
+    fc_w, fc_b, out_w, out_b = params
+    return F.linear(ACTIVATIONS[activation](F.linear(x, fc_w, fc_b)), out_w, out_b)
+
+
+def _per_expert(params: tuple, num_experts: int, has_bias: bool) -> list[tuple]:
+    """(fc.weight, fc.bias, out.weight, out.bias) of every expert from the flat argument list."""
+    step = 4 if has_bias else 2
+    if len(params) != step * num_experts:
+        raise RuntimeError(f"pcompile: expert_mixture got {len(params)} parameters for {num_experts} experts")
+    out = []
+    for e in range(num_experts):
+        chunk = params[e * step:(e + 1) * step]
+        out.append(tuple(chunk) if has_bias else (chunk[0], None, chunk[1], None))
+    return out
+
+
+def _dense(x, indices, gates, activation, experts):
+    weights = torch.zeros(x.shape[0], len(experts), dtype=x.dtype, device=x.device).scatter(-1, indices, gates)
+    out = torch.zeros_like(x)
+    for e, params in enumerate(experts):
+        out = out + weights[:, e:e + 1] * _expert(x, activation, params)
+    return out
+
+
+@ops.collective(axis_arg=4)
+def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, activation: str, axis: str,
+                   size: int, num_experts: int, has_bias: bool, *params: torch.Tensor) -> torch.Tensor:
+    """The dropless top-k mixture sum_j gates[t, j] * expert_{indices[t, j]}(tokens[t]) of every
+    token, with the experts spread over the `size` ranks of `axis` (module docstring). `params`:
+    every expert's fc.weight, fc.bias, out.weight, out.bias in expert order (biases left out
+    when `has_bias` is False); only this rank's experts' are read."""
+    shape, width = tokens.shape, tokens.shape[-1]
+    k = indices.shape[-1]
+    x, chosen, gate = tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k)
+    experts = _per_expert(params, num_experts, has_bias)
+    group = collectives._group(axis)
+    if group is None:
+        return _dense(x, chosen, gate, activation, experts).view(shape)
+    per = num_experts // size
+    rank = dist.get_rank(group)
+    flat = chosen.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    token_of = torch.div(order, k, rounding_mode="floor")
+    counts = torch.bincount(flat, minlength=num_experts)
+    received_counts = torch.empty_like(counts)  # [source rank, local expert]
+    dist.all_to_all_single(received_counts, counts, group=group)
+    send = counts.view(size, per).sum(1).tolist()
+    received_counts = received_counts.view(size, per)
+    recv = received_counts.sum(1).tolist()
+    rows = _AllToAll.apply(x[token_of], send, recv, group)
+    local = torch.arange(per, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
+    computed = rows.new_zeros((rows.shape[0], experts[0][2].shape[0]))
+    for j in range(per):
+        at = (local == j).nonzero().squeeze(1)
+        if at.numel():
+            computed = computed.index_add(0, at, _expert(rows[at], activation, experts[rank * per + j]))
+    back = _AllToAll.apply(computed, recv, send, group)
+    weighted = back * gate.reshape(-1)[order].unsqueeze(1)
+    return torch.zeros_like(x).index_add(0, token_of, weighted).view(shape)
