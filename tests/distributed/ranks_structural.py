@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch
 
 from tests.distributed.ranks import _max_diff, train_side_by_side
-from tests.models.structural import SharedLayers, StockTransformer, VisionTransformer, token_inputs, vit_inputs
+from tests.models.structural import (
+    SharedLayers,
+    StockTransformer,
+    VisionTransformer,
+    hf_albert,
+    token_inputs,
+    vit_inputs,
+)
+from tests.models.zoo import token_batch
 
 MODELS = {"vit": (VisionTransformer, vit_inputs), "shared": (SharedLayers, token_inputs),
-          "stock": (StockTransformer, token_inputs)}
+          "stock": (StockTransformer, token_inputs), "albert": (hf_albert, token_batch)}
 
 
 def compare_many(cases: list) -> list[dict]:

@@ -5,7 +5,8 @@ key - and AdamW turns its rounding noise into whole lr steps, 1e-2 apart under p
 torchvision's ViT layout (blocks `encoder.layers.encoder_layer_N`)
 under dp2·tp2 - its blocks split, the Conv2d patch embedding replicated - and ALBERT-style shared
 layers (one block applied 3 times: 3 layers reading one parameter set, its gradient the sum over
-the calls) under dp2·tp2, ZeRO-3, a 2-stage pipeline and the searched plan; torch's own
+the calls) under dp2·tp2, ZeRO-3, a 2-stage pipeline and the searched plan, and Hugging Face
+ALBERT (its layer group applied 3 times: 3 layers) under dp2·tp2; torch's own
 nn.TransformerEncoder / nn.TransformerDecoderLayer under dp2·tp2 (exported: fx keeps them whole),
 their Linears split. One launch."""
 import pcompile
@@ -16,7 +17,7 @@ from tests.distributed.ranks_structural import compare_many
 PIPELINE = Plan(num_devices=4, default=Strategy(dp=2), pp=2, num_microbatches=2)
 CASES = [("vit", Plan.uniform(dp=2, tp=2)), ("shared", Plan.uniform(dp=2, tp=2)),
          ("shared", Plan.uniform(dp=4, sdp=True)), ("shared", PIPELINE), ("shared", None),
-         ("stock", Plan.uniform(dp=2, tp=2))]
+         ("albert", Plan.uniform(dp=2, tp=2)), ("stock", Plan.uniform(dp=2, tp=2))]
 
 
 def test_structural_blocks_train_like_serial():
@@ -36,3 +37,5 @@ def test_structural_blocks_train_like_serial():
     assert stock["capture"] == "export" and stock["layers"] == ["pre", "encoder.layers.0", "encoder.layers.1", "post"]
     assert {"encoder.layers.0.linear1.weight", "encoder.layers.0.linear2.weight", "decoder.linear1.weight"} \
         <= set(stock["split"]), stock["split"]
+    group = "model.albert.encoder.albert_layer_groups.0"
+    assert results[-2]["layers"][1:-1] == [group, f"{group}@1", f"{group}@2"] and results[-2]["split"]

@@ -7,6 +7,7 @@
   `heads.head`; its blocks' attention is nn.MultiheadAttention, their MLP an nn.Sequential
   numbered 0..4 (torchvision's MLPBlock); forward(images, labels) returns the cross-entropy.
 - `SharedLayers`: ALBERT's cross-layer sharing - one block (one parameter set) applied N times.
+- `hf_albert`: Hugging Face ALBERT (one layer group applied num_hidden_layers times), as a masked LM.
 - `StockTransformer`: torch's own nn.TransformerEncoder (of nn.TransformerEncoderLayer) and an
   nn.TransformerDecoderLayer, which torch.fx keeps as opaque calls (pcompile exports it).
 """
@@ -122,3 +123,14 @@ class StockTransformer(nn.Module):
         h = self.embed(idx)
         h = self.decoder(h, self.encoder(h))
         return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+
+def hf_albert(layers: int = 3) -> nn.Module:
+    import transformers as hf
+
+    from tests.models.zoo import VOCAB, MaskedLM
+
+    cfg = hf.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=layers,
+                          num_hidden_groups=1, num_attention_heads=4, intermediate_size=64, max_position_embeddings=8,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0)
+    return MaskedLM(hf.AlbertForMaskedLM(cfg))
