@@ -108,6 +108,10 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
         at = (local == j).nonzero().squeeze(1)
         if at.numel():
             computed = computed.index_add(0, at, _expert(rows[at], activation, experts[rank * per + j]))
+    if rows.requires_grad and not computed.requires_grad:
+        # no rows for this rank's experts: still one backward all-to-all per forward one on every
+        # rank of the group (collectives must match), with a zero gradient
+        computed = computed + 0 * rows.sum()
     back = _AllToAll.apply(computed, recv, send, group)
     weighted = back * gate.reshape(-1)[order].unsqueeze(1)
     return torch.zeros_like(x).index_add(0, token_of, weighted).view(shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from unittest import mock
 
+import torch
 import torch.distributed as dist
 
 from pcompile.models import MoEGPT, MoEGPTConfig, moe_gpt_inputs
@@ -15,15 +16,29 @@ CFG = MoEGPTConfig(num_layers=2, num_experts=4, top_k=2, hidden=16, num_heads=2,
 BATCH = 8
 
 
+def skewed(cfg: MoEGPTConfig) -> MoEGPT:
+    """Every block's router biased to experts 0 and 1 (top-2: no token reaches 2 or 3), so
+    under ep4 two ranks receive no rows at all and must still take part in every all-to-all."""
+    model = MoEGPT(cfg)
+    for block in model.blocks:
+        old = block.moe.router
+        block.moe.router = torch.nn.Linear(cfg.hidden, cfg.num_experts)
+        with torch.no_grad():
+            block.moe.router.weight.copy_(old.weight)
+            block.moe.router.bias.copy_(torch.tensor([20.0, 20.0, -20.0, -20.0]))
+    return model
+
+
 def compare_many(cases) -> list[dict]:
-    """Each (aux_loss_coef, plan): loss and gradient gaps to serial over 3 AdamW steps, the
-    number of expert_mixture nodes in the rewritten graph and of all-to-alls run."""
+    """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
+    steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run."""
     out = []
-    for coef, plan in cases:
+    for coef, plan, *options in cases:
         cfg = dataclasses.replace(CFG, aux_loss_coef=coef)
+        build = (lambda: skewed(cfg)) if "skewed" in options else (lambda: MoEGPT(cfg))
         with mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single) as all_to_all:
             cm, _, loss_diff, grad_diff, losses = train_side_by_side(
-                lambda: MoEGPT(cfg), lambda step: moe_gpt_inputs(cfg, BATCH, seed=step), plan, steps=3, lr=1e-2)
+                build, lambda step: moe_gpt_inputs(cfg, BATCH, seed=step), plan, steps=3, lr=1e-2)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": sum(n.target is expert_mixture for n in cm.ir.graph.nodes),
                     "all_to_alls": all_to_all.call_count})

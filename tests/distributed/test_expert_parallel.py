@@ -1,6 +1,7 @@
 """Expert parallelism equals the serial model: the built-in MoE GPT (4 experts, top-2, 2 blocks)
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
-attention) with it, loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
+attention) with it, and dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive
+no rows, yet take part in every all-to-all), loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
 mixtures replaced (2 expert_mixture nodes) and the tokens really dispatched (per rank and step,
 per layer one all-to-all of counts and two of rows forward, two backward). One 4-rank launch."""
 import pcompile
@@ -8,11 +9,11 @@ from pcompile import Plan
 from tests.distributed.ranks_moe import compare_many
 
 CASES = [(0.0, Plan.uniform(dp=4, ep=4)), (0.0, Plan.uniform(dp=4, ep=2)), (0.01, Plan.uniform(dp=4, ep=4)),
-         (0.01, Plan.uniform(dp=2, tp=2, ep=2))]
+         (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed")]
 
 
 def test_expert_parallel_matches_serial():
     results = pcompile.launch(compare_many, 4, CASES, timeout=900)[0]
-    for (coef, plan), r in zip(CASES, results):
-        assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, r)
+    for (coef, plan, *options), r in zip(CASES, results):
+        assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
         assert r["mixtures"] == 2 and r["all_to_alls"] == 3 * 2 * 5, r
