@@ -29,7 +29,7 @@ from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.passes.invariants import PLACEMENTS
 from pcompile.runtime import collectives, vocab_parallel
 from pcompile.sharding.tp_ops import embedding_parts, kind_of, loss_parts
-from pcompile.sharding.tp_rules import Propagation, linear_parts, plan_tensor_parallel
+from pcompile.sharding.tp_rules import NO_LINEAR, Propagation, linear_parts, plan_tensor_parallel
 
 AXIS = "tp"
 
@@ -215,7 +215,8 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
         return ir
     p, reasons = plan_tensor_parallel(ir, degrees)
     for layer in ir.block_layers or ir.layers:
-        if degrees.get(layer, 1) > 1 and layer in reasons:
+        # a layer without any Linear (the inputs' "pre", a norm) runs whole on every tp rank
+        if degrees.get(layer, 1) > 1 and layer in reasons and reasons[layer] != NO_LINEAR:
             raise PcompileError(
                 f"tp={degrees[layer]} cannot split layer {layer!r}: {reasons[layer]}",
                 "choose a tp degree that divides the number of attention heads and the hidden sizes "

@@ -62,11 +62,12 @@ def test_top_level_sequential_is_the_block_container():
     assert find_block_prefix(model) == ""
 
 
-def test_model_without_repeated_blocks_gets_one_layer_per_child():
+def test_model_without_repeated_blocks_gets_one_layer_per_child_pairs_joined():
     ir = analyse(TwoLinear(), (torch.randn(3, 8), torch.randn(3, 8)))
-    assert ir.layers == ["pre", "up", "down", "post"]
+    assert ir.layers == ["pre", "up+down", "post"]  # up's split output reaches down: one Megatron pair
     assert ir.block_layers == []
-    assert [ir.meta(n).layer for n in ir.graph.nodes] == ["pre", "pre", "up", "up", "down", "post", "post"]
+    assert [ir.meta(n).layer for n in ir.graph.nodes] == ["pre", "pre", "up+down", "up+down", "up+down", "post",
+                                                           "post"]
 
 
 def test_single_block_model_still_has_a_block_layer():

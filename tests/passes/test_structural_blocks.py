@@ -75,7 +75,8 @@ def test_a_sequential_of_alike_blocks_under_any_names():
 
 def test_a_sequential_of_blocks_of_other_shapes_is_not_a_block_list():
     ir = _ir(_Trunk(widths=(8, 16, 8)), (torch.randn(4, 4), torch.randn(4, 2)))
-    assert ir.layers == ["pre", "stem", "trunk", "out", "post"] and ir.block_layers == []
+    # no blocks: a unit per child, the Megatron pairs across them joined (stem's columns, out's rows)
+    assert ir.layers == ["pre", "stem+trunk+out", "post"] and ir.block_layers == []
 
 
 @pytest.mark.parametrize("capture", ["fx", "export"])
@@ -103,7 +104,7 @@ class _CalledApart(nn.Module):
 def test_a_module_called_twice_apart_is_no_block_but_a_unit_per_call():
     ir = _ir(_CalledApart(), (torch.randn(4, 8), torch.randn(4, 8)))
     assert ir.block_layers == []  # not in sequence: top-level children, each call its own (contiguous) unit
-    assert ir.layers == ["pre", "proj", "mid", "act", "proj@1", "act@1", "post"]
+    assert ir.layers == ["pre", "proj+mid", "act", "proj@1", "act@1", "post"]  # proj, mid: a Megatron pair
 
 
 def test_shared_layers_at_different_tp_degrees_are_refused_before_splitting():

@@ -45,8 +45,7 @@ def test_two_linear_is_one_column_row_pair():
     p, reasons = plan_tensor_parallel(ir, {layer: 2 for layer in ir.layers})
     assert _names(p.column) == ["up"] and _names(p.row) == ["down"]
     assert {n.name: d for n, d in p.split_dim.items()} == {"up": 1, "relu": 1}
-    assert reasons == {"pre": "no Linear in the layer", "down": "no Linear in the layer",
-                       "post": "no Linear in the layer"}
+    assert reasons == {"pre": "no Linear in the layer", "post": "no Linear in the layer"}  # one unit up+down
     parts = linear_parts(ir.gm, node(ir, "up"))
     assert (parts.weight, parts.bias, parts.in_features, parts.out_features) == ("up.weight", "up.bias", 8, 16)
 
