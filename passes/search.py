@@ -19,7 +19,9 @@ search space restricted to what the rewrite passes can run today:
   pp = 1 only;
 - a loss that sums over the batch or couples its samples (loss_terms) only with dp = 1 and one
   micro-batch: averaging would silently divide it; a loss with a function of batch statistics
-  (a router's balancing loss) only with one micro-batch and one dp degree for every layer.
+  (a router's balancing loss) only with one micro-batch and one dp degree for every layer; batch
+  norm in train mode only with one micro-batch (its statistics are synchronised over dp, not
+  across micro-batches).
 - a global-batch range (plan(global_batch=...)): every allowed batch is searched and the one
   with the most samples per second wins (costs scale from the example inputs' batch).
 
@@ -40,6 +42,7 @@ from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
+from pcompile.runtime.batch_norm import trains_batch_norm
 from pcompile.search.baselines import NoFit
 from pcompile.search.engine import SearchProblem
 from pcompile.search.engine import search as run_engine
@@ -210,17 +213,20 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     terms = classified(ir, ctx.example_inputs)
     summed = [t for t in terms if t.kind in (SUM, COUPLED)]
     statistics = any(t.kind == STATS for t in terms)  # exact under one dp grouping and one micro-batch
+    # a stage sees one micro-batch at a time: batch norm's statistics would be a micro-batch's
+    batch_norm = trains_batch_norm(ir.gm)
+    limits = {**ctx.options.space_limits, "microbatch_counts": (1,)} if batch_norm else ctx.options.space_limits
     costs = StageCosts(ir, cluster, cost_options(ctx), planned)
     cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
     layers = priced_layers(ir)
-    runs = engine_runs(ir, ctx.options.space_limits, tps, layers, bool(summed), one_grouping=statistics)
+    runs = engine_runs(ir, limits, tps, layers, bool(summed), one_grouping=statistics)
     bandwidth, latency = p2p_link(cluster)
     problem = dict(
         layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
         device_memory=tuple(float(cluster.device_of(r).budget) for r in range(cluster.num_devices)),
         p2p_bandwidth=bandwidth, p2p_latency=latency,
         # one micro-batch is all a summed loss allows: pp > 1 then still divides the memory
-        rules=SearchRules(microbatches_at_least_pp=not (summed or statistics)))
+        rules=SearchRules(microbatches_at_least_pp=not (summed or statistics or batch_norm)))
     batches = ctx.options.global_batches or (batch_size(ctx),)
     outcomes = {b: _search_at(b, runs, problem, cost) for b in batches}
     found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
@@ -243,6 +249,8 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     elif statistics:
         explanation += ("\nthe loss reads batch statistics (batch_statistics reduces them over dp): searched one "
                         "micro-batch and one dp degree for every layer only")
+    if batch_norm:
+        explanation += "\nbatch norm in train mode: searched one micro-batch only (its statistics are the batch's)"
     if len(batches) > 1:
         explanation += "\n" + _batch_report(outcomes, batch)
     return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best

@@ -23,8 +23,13 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.fx as fx
+import torch.nn.functional as F
 
-from pcompile.runtime import collectives, ops
+from pcompile.errors import PcompileError
+from pcompile.ir.graph import META_KEY
+from pcompile.ir.params import attribute
+from pcompile.runtime import collectives, ops, sdp
 
 
 def _local_stats(x: torch.Tensor, dims: list[int]) -> torch.Tensor:
@@ -142,3 +147,40 @@ def _synced_class(cls: type) -> type:
                                    self.eps, self.num_batches_tracked if tracked else None, *self._pcompile_batch)
         _SYNCED[cls] = type(f"Synced{cls.__name__}", (cls,), {"forward": forward, "_pcompile_synced": True})
     return _SYNCED[cls]
+
+
+# -- finding them in graphs (the backends bind them, the search keeps one micro-batch for them) --
+aten = torch.ops.aten
+_BN_MODULES = (torch.nn.modules.batchnorm._BatchNorm,)
+_FUNCTIONS = {F.batch_norm, torch.batch_norm, aten.batch_norm.default}
+_QUALNAMES = {"torch.nn.functional.batch_norm", "torch.batch_norm", "torch.ops.aten.batch_norm.default"}
+
+
+def layer_of(node: fx.Node) -> str | None:
+    return getattr(node.meta.get(META_KEY), "layer", None)
+
+
+def batch_norms(module: torch.nn.Module):
+    """(graph module, node, batch-norm module or None) of every batch norm in `module`'s graphs:
+    modules called (call_module) or fetched (get_attr: passed into a checkpoint region, or to
+    ZeRO-3's sdp_module), and F.batch_norm / aten.batch_norm calls (module None)."""
+    for gm in module.modules():
+        if not isinstance(gm, fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                target = attribute(gm, node.target)
+                if isinstance(target, _BN_MODULES):
+                    yield gm, node, target
+            elif node.op == "call_function" and node.target in _FUNCTIONS:
+                yield gm, node, None
+            elif node.op == "call_function" and node.target is sdp.sdp_function and node.args[0] in _QUALNAMES:
+                raise PcompileError(f"ZeRO-3 on the batch norm {node.name} of layer {layer_of(node)!r} (a function "
+                                    "call of an exported graph): its statistics cannot be synchronised",
+                                    "capture with capture='fx' (batch norm as a module), or give that layer sdp=False")
+
+
+def trains_batch_norm(module: torch.nn.Module) -> bool:
+    """Whether `module`'s graphs hold a batch norm that computes batch statistics (train mode, or
+    a function call: its training flag may be on)."""
+    return any(bn is None or bn.training for _, _, bn in batch_norms(module))

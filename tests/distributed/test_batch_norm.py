@@ -26,3 +26,15 @@ def test_batch_norm_equals_serial_under_split_batches():
                 assert result[key] < TOLERANCE, (case, key, result)
         (message,) = rank["refusals"]
         assert "micro-batch" in message and "bn" in message and "num_microbatches=1" in message, message
+
+
+def test_the_search_keeps_one_micro_batch_for_batch_norm_in_train_mode():
+    from tests.distributed.ranks_batch_norm import BNNet, batch
+
+    narrowed = {"pp_degrees": (2,)}  # a pipeline: several micro-batches would be refused at run time
+    plan = pcompile.plan(BNNet(), pcompile.Cluster.local(4), batch(0), search_space=narrowed)
+    assert plan.pp == 2 and plan.num_microbatches == 1, str(plan)
+    assert "batch norm in train mode" in plan.explanation
+    frozen = BNNet().eval()  # running statistics only: micro-batches are fine
+    plan = pcompile.plan(frozen, pcompile.Cluster.local(4), batch(0), search_space=narrowed)
+    assert plan.num_microbatches > 1 and "batch norm" not in plan.explanation, str(plan)
