@@ -43,10 +43,12 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
       every layer of a pipelined plan (sp across pipeline stages is not run by any test yet);
     - sdp with tp > 1 in a pipelined plan (exact for untied models, but refused by
       sharded_data_parallel where such layers read a tied weight);
+    - zero2 in a pipelined plan (the pipeline backend refuses it);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`)."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
-        return (s.sp and pipelined) or (pipelined and s.sdp and s.tp > 1) or (dp_one and s.dp > 1)
+        return ((s.sp and pipelined) or (pipelined and s.sdp and s.tp > 1) or (pipelined and s.zero2)
+                or (dp_one and s.dp > 1))
 
     def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
         return (s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])

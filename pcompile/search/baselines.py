@@ -108,9 +108,9 @@ def _pipeline_even(ctx) -> Baseline:
 def baselines(ctx) -> tuple[Baseline, ...]:
     dpn = ctx.problem.devices_per_node
     families = {
-        "dp": lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and s.split == 1,
+        "dp": lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and not s.zero2 and s.split == 1,
         "zero3": lambda st, s, tps: st.pp == 1 and s.tp == 1 and s.sdp and s.split == 1,
-        "megatron": lambda st, s, tps: (st.pp == 1 and not s.sdp and s.split == 1
+        "megatron": lambda st, s, tps: (st.pp == 1 and not s.sdp and not s.zero2 and s.split == 1
                                         and s.tp == max([t for t in tps if t <= dpn], default=0)),
         "uniform_3d": lambda st, s, tps: True,
     }

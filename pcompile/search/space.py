@@ -40,8 +40,8 @@ class SearchRules:
     """Galvatron's decision tree, restated as switchable pruning rules (True = prune).
 
     Always enforced (no flag: they only remove duplicates): sp needs tp > 1 (sp with tp = 1
-    is the plain layer); sdp needs dp > 1 (ZeRO-3 over one rank is plain dp); a layer is dp
-    or sdp, never a mix (one flag per Strategy, as in Galvatron)."""
+    is the plain layer); sdp and zero2 need dp > 1 (ZeRO over one rank is plain dp); a layer is
+    dp, zero2 or sdp, never a mix (one mode per Strategy, as in Galvatron)."""
 
     tp_within_node: bool = True
     """tp <= devices per node. tp all-reduces (or all-gathers + reduce-scatters) activations
@@ -81,6 +81,7 @@ class SearchSpace:
     virtual_stages: tuple[int, ...] = (2,)  # chunks per device for interleaved 1F1B
     splits: tuple[int, ...] = (1, 2, 4)
     sdp: tuple[bool, ...] = (False, True)
+    zero2: tuple[bool, ...] = (False, True)  # ZeRO-2 (dp > 1, not with sdp)
     sp: tuple[bool, ...] = (False, True)
     checkpoint: tuple[bool, ...] = (False, True)
 
@@ -158,8 +159,11 @@ def strategies_for(devices: int, devices_per_node: int, microbatch_size: int, sp
         dp = devices // tp
         if microbatch_size % dp:
             continue
-        for sdp in space.sdp:
-            if sdp and dp == 1:
+        # the dp group's mode: replicate (dp), shard everything (sdp, ZeRO-3), or shard gradients
+        # and optimizer states only (zero2, ZeRO-2), listed last so it wins no tie it did not before
+        modes = [(sdp, False) for sdp in space.sdp] + [(False, True) for z2 in space.zero2 if z2]
+        for sdp, zero2 in modes:
+            if (sdp or zero2) and dp == 1:
                 continue
             for sp in space.sp:
                 if sp and tp == 1:
@@ -168,7 +172,8 @@ def strategies_for(devices: int, devices_per_node: int, microbatch_size: int, sp
                     for split in space.splits:
                         if split > 1 and rules.split_only_with_sdp and not sdp:
                             continue
-                        out.append(Strategy(dp=dp, tp=tp, sdp=sdp, sp=sp, checkpoint=ckpt, split=split))
+                        out.append(Strategy(dp=dp, tp=tp, sdp=sdp, sp=sp, checkpoint=ckpt, split=split,
+                                            zero2=zero2))
     return tuple(out)
 
 
