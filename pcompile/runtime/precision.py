@@ -8,6 +8,9 @@ usual, then `MasterWeights`
      an fp32 buffer would promote bf16 activations back to fp32);
   2. `pull()` before each forward: the (possibly stepped) masters -> the bf16 parameters;
   3. `cast_inputs()`: floating inputs to bf16 (FSDP2's cast_forward_inputs); integer ones as is;
+     casts an export capture baked at fp32 that restore a dtype (RMSNorm's `.to(input_dtype)`)
+     are rewritten to follow the run-time dtype, the model's own fp32 upcasts kept
+     (`follow_run_time_dtype`, the rule at the end of this file);
   4. every backward (each micro-batch of a pipeline schedule, each train_step) moves the bf16
      gradient of a parameter into its fp32 master gradient as soon as autograd has accumulated
      it (a post-accumulate-grad hook: Megatron's main_grad), so gradients accumulate in fp32
@@ -53,6 +56,7 @@ class MasterWeights:
         self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
                         for _, p in module.named_parameters()]
         module.to(dtype)  # tied parameters stay one tensor
+        follow_run_time_dtype(module)  # export's baked `.to(input_dtype)` casts follow bf16 (below)
         self._low = [p for _, p in module.named_parameters()]
         self._by_id = {id(low): master for low, master in zip(self._low, self.masters)}
         for low in self._low:
@@ -91,3 +95,181 @@ class MasterWeights:
         else:
             master.grad.add_(low.grad)
         low.grad = None
+
+
+# -- casts the capture recorded at its own dtype ------------------------------------------------
+# torch.export runs the model once in fp32 and records every dtype as the constant it was then:
+# LlamaRMSNorm's `input_dtype = x.dtype; x = x.to(torch.float32); ...; return w * x.to(input_dtype)`
+# becomes two casts to fp32, and so do `softmax(s, dtype=torch.float32).to(q.dtype)` and RoPE's
+# `cos.to(dtype=x.dtype)`. Under bf16 the first of each pair must stay fp32 (the model's own
+# upcast for a stable variance / softmax) and the second must follow the run-time dtype: left
+# at fp32, the next Linear multiplies fp32 activations by bf16 weights and raises. (fx captures
+# keep `x.dtype` a graph value; only export graphs carry such constants.)
+#
+# The rule (`follow_run_time_dtype`), for a graph captured with its floating values in fp32:
+#   upcast   a node given dtype=float32 explicitly that reads a floating value already fp32 at
+#            capture: a no-op cast (`.float()`, `.to(torch.float32)`) or an op computing in fp32
+#            (softmax / log_softmax / sum / mean with dtype=torch.float32);
+#   restore  a no-op cast to fp32 whose input was computed (by an op that is not a view, copy
+#            or cast: arithmetic, or the fp32-computing upcast itself) from an upcast's output
+#            in the same module call (the same nn_module_stack: one forward's own code, not
+#            the calls it makes - the loss' `logits.float()` in LlamaForCausalLM.forward is not a
+#            restore of the final norm's upcast in its submodule). It casts back to the
+#            run-time dtype of what that upcast read (`getattr(x, "dtype")` in the graph), as
+#            the source's `.to(input_dtype)` did; of repeated upcasts of one value through views
+#            (`x.float().expand(...).float()`), the first one's.
+# Every other cast keeps its constant: a first upcast (RMSNorm's `.to(torch.float32)`; the loss'
+# `logits.float()`, with no upcast before it in its module call), an int -> float cast, and a
+# second `.float()` of an upcast value reached through views only (old RoPE's
+# `inv_freq[None, :, None].float().expand(...).float()`: nothing was computed in fp32 to bring
+# back, so it means the fp32 it says). Under fp32 every rewritten cast still casts to fp32.
+#
+# Aliases: at capture a no-op `x.to(torch.float32)` returned x itself, so export recorded every
+# later use of x as a use of the cast - LlamaDecoderLayer's `residual + attn` reads RMSNorm's
+# upcast. At run time the cast makes a new fp32 tensor, and the residual stream would silently
+# turn fp32. A no-op upcast read outside its module call, by a module call that returned something
+# else, is therefore read there as the x it aliased (a module that returns its upcast - nothing
+# else of it read outside - keeps it). Not covered: a factory op given the capture dtype
+# (`torch.full(..., dtype=x.dtype)`, an eager attention's float mask) stays fp32 and promotes
+# what it meets, as an fp32 constant would.
+_CASTS = {"to", "_to_copy", "convert_element_type"}
+
+
+def _dtype_arg(node) -> tuple[int | str, object] | None:
+    """(position or keyword, value) of the `dtype` argument an aten op node was given, if any."""
+    schema = getattr(node.target, "_schema", None)
+    if node.op != "call_function" or schema is None:
+        return None
+    for index, argument in enumerate(schema.arguments):
+        if argument.name == "dtype":
+            if not argument.kwarg_only and index < len(node.args):
+                return index, node.args[index]
+            if "dtype" in node.kwargs:
+                return "dtype", node.kwargs["dtype"]
+    return None
+
+
+def _capture_dtype(value, depth: int = 8) -> torch.dtype | None:
+    """A node's dtype at capture: export's `val`. A node a rewrite inserted has none and takes the
+    dtype of its first floating input (collectives, gathers and vocab-parallel lookups keep
+    their data's dtype: tp_reduce, sdp_gather, vocab_embedding's weight)."""
+    if not isinstance(value, torch.fx.Node):
+        return None
+    val = value.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return val.dtype
+    if val is None and depth and value.op == "call_function":
+        dtypes = [_capture_dtype(arg, depth - 1) for arg in value.all_input_nodes]
+        return next((d for d in dtypes if d is not None and d.is_floating_point), None)
+    return None
+
+
+def _is_cast(node: torch.fx.Node) -> bool:
+    return getattr(node.target, "_opname", None) in _CASTS
+
+
+def _to_fp32(node: torch.fx.Node) -> bool:
+    """Given dtype=float32, reading a floating value that was fp32 at capture (a no-op there)."""
+    given = _dtype_arg(node)
+    source = node.args[0] if node.args else None
+    return (given is not None and given[1] == torch.float32 and _capture_dtype(source) == torch.float32
+            and _capture_dtype(node) == torch.float32)
+
+
+def _computes(node: torch.fx.Node) -> bool:
+    """Whether a node computes new values (not a view, alias, copy or cast of its input)."""
+    return not (_is_cast(node) or getattr(node.target, "_opname", None) in ("clone", "contiguous")
+                or any(r.alias_info is not None for r in node.target._schema.returns))
+
+
+def _call(node: torch.fx.Node) -> tuple | None:
+    """The module call a node belongs to: its nn_module_stack's keys, outermost first."""
+    stack = node.meta.get("nn_module_stack")
+    return tuple(stack) if stack else None
+
+
+def _within(node: torch.fx.Node, call: tuple, depth: int = 4) -> bool:
+    """Whether a node runs in module call `call` or in a call inside it. A node a rewrite inserted
+    (no nn_module_stack: tp_copy, a gather) runs where the nodes it feeds run."""
+    inner = _call(node)
+    if inner is None:
+        return bool(depth and node.users) and all(_within(user, call, depth - 1) for user in node.users)
+    return inner[:len(call)] == call
+
+
+def _restored(cast: torch.fx.Node) -> torch.fx.Node | None:
+    """The upcast a no-op fp32 cast restores (the rule above), or None."""
+    call = _call(cast)
+    if call is None:
+        return None
+    todo, seen = [(cast.args[0], False)], set()  # (node, whether fp32 was computed after it)
+    while todo:
+        node, computed = todo.pop()
+        if (not isinstance(node, torch.fx.Node) or node.op != "call_function" or (node, computed) in seen
+                or getattr(node.target, "_schema", None) is None or _call(node) != call):
+            continue
+        seen.add((node, computed))
+        if _to_fp32(node) and (computed or not _is_cast(node)):
+            return _first(node, call)
+        computed = computed or _computes(node)
+        todo.extend((arg, computed) for arg in node.all_input_nodes)
+    return None
+
+
+def _first(upcast: torch.fx.Node, call: tuple) -> torch.fx.Node:
+    """The first of repeated upcasts of one value (`x.float().expand(...).float()`): the one that
+    read the value in its own dtype - what a restore casts back to."""
+    node = upcast.args[0]
+    while (isinstance(node, torch.fx.Node) and node.op == "call_function" and _call(node) == call
+           and getattr(node.target, "_schema", None) is not None and not _computes(node)):
+        if _to_fp32(node):
+            upcast = node
+        node = node.args[0]
+    return upcast
+
+
+def _unalias(gm: torch.fx.GraphModule, upcast: torch.fx.Node) -> bool:
+    """Readers of a no-op upcast outside its module call read the value it aliased at capture."""
+    call = _call(upcast)
+    if call is None:
+        return False
+    outside = [user for user in upcast.users if not _within(user, call)]
+    returned_else = any(not _within(user, call) for node in gm.graph.nodes
+                        if node is not upcast and _call(node) == call for user in node.users)
+    if not outside or not returned_else:
+        return False
+    for user in outside:
+        user.replace_input_with(upcast, upcast.args[0])
+    return True
+
+
+def follow_run_time_dtype(module: torch.nn.Module) -> int:
+    """Apply the rule above to every GraphModule in `module` (nested ones too: checkpoint regions,
+    pipeline stages): restore casts cast to the run-time dtype of what their upcast read, and a
+    no-op upcast's readers outside its module call read what it aliased. Returns the number
+    of casts rewritten plus the number of upcasts un-aliased."""
+    rewritten = 0
+    for gm in module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        changed, dtypes = False, {}  # upcast -> the node reading its input's dtype
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or not _is_cast(node) or not _to_fp32(node):
+                continue
+            upcast = _restored(node)
+            if upcast is None:  # an upcast itself (or a cast left as it says)
+                if _unalias(gm, node):
+                    changed, rewritten = True, rewritten + 1
+                continue
+            if upcast not in dtypes:
+                with gm.graph.inserting_after(upcast):
+                    dtypes[upcast] = gm.graph.call_function(getattr, (upcast.args[0], "dtype"))
+            where, _ = _dtype_arg(node)
+            if where == "dtype":
+                node.kwargs = {**node.kwargs, "dtype": dtypes[upcast]}
+            else:
+                node.args = node.args[:where] + (dtypes[upcast],) + node.args[where + 1:]
+            changed, rewritten = True, rewritten + 1
+        if changed:
+            gm.recompile()
+    return rewritten

@@ -83,9 +83,10 @@ def _dtypes(cm, optimizer) -> dict:
     return {"module": module, "masters": masters, "optimizer": states, "full": full}
 
 
-def run_bf16(model_name: str, plan: pcompile.Plan) -> dict:
-    """The compiled bf16 program vs the serial bf16 and fp32 references."""
-    build, inputs = MODELS[model_name]
+def run_bf16(model_name: str, plan: pcompile.Plan, models: dict | None = None) -> dict:
+    """The compiled bf16 program vs the serial bf16 and fp32 references (`models`: name ->
+    (build, inputs), tests.distributed.ranks.MODELS unless given)."""
+    build, inputs = (models or MODELS)[model_name]
     torch.manual_seed(0)
     model = build()
     ref_losses, ref_grads = serial_bf16(model, inputs)
