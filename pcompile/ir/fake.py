@@ -2,7 +2,7 @@
 node, so analysis passes can observe each node. Shared by the shape, FLOP and memory passes."""
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, ExitStack
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Callable
 
 import torch
@@ -58,6 +58,22 @@ class _Observed(fx.Interpreter):
         return result
 
 
+@contextmanager
+def _constant_momentum(gm: fx.GraphModule):
+    """Batch norms with momentum=None (a cumulative average) run with a constant momentum: the
+    average's factor 1 / num_batches_tracked reads a buffer's value, which a fake tensor has not
+    (a data-dependent error), while shapes, FLOPs and memory are the same either way."""
+    cumulative = [m for m in gm.modules()
+                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.momentum is None]
+    for module in cumulative:
+        module.momentum = 0.1
+    try:
+        yield
+    finally:
+        for module in cumulative:
+            module.momentum = None
+
+
 def fake_run(ir: IR, inputs: tuple, on_result: Callable[[fx.Node, object], None],
              hook: NodeHook | None = None, shard=None, grad: bool = True) -> None:
     """Interpret `ir` on fake tensors; call `on_result(node, value)` after every node."""
@@ -65,7 +81,8 @@ def fake_run(ir: IR, inputs: tuple, on_result: Callable[[fx.Node, object], None]
     state = fake_state(ir.gm, mode, shard)
     args = fake_inputs(mode, inputs)
     try:
-        with mode, torch.set_grad_enabled(grad), _reparametrize_module(ir.gm, state, tie_weights=True):
+        with mode, torch.set_grad_enabled(grad), _reparametrize_module(ir.gm, state, tie_weights=True), \
+                _constant_momentum(ir.gm):
             _Observed(ir.gm, hook, on_result).run(*args)
     except PcompileError:
         raise

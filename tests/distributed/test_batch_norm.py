@@ -1,7 +1,8 @@
 """BatchNorm over a batch split across ranks (pcompile.runtime.batch_norm), on 4 gloo ranks in
 one launch: loss, gradients, running statistics (and the eval-mode loss that reads them) equal
 the serial model's after 3 AdamW steps under dp4, ZeRO-3, checkpointing (the recomputation
-does not count the batch twice), F.batch_norm calls, an export capture, and a pipeline with one
+does not count the batch twice), F.batch_norm calls, an export capture, momentum=None (planned
+with a constant momentum: the fake analysis cannot read num_batches_tracked), and a pipeline with one
 micro-batch (its metadata inference leaves the running statistics alone: before, NaN); a
 pipeline with several micro-batches is refused naming the layer and the fixes."""
 import pcompile
@@ -12,6 +13,7 @@ from tests.distributed.ranks_batch_norm import pipeline, run_all
 CHECKPOINTED = Plan(num_devices=4, default=Strategy(dp=4, checkpoint=True))
 CASES = [(Plan.uniform(dp=4),), (Plan.uniform(dp=4, sdp=True),), (CHECKPOINTED,),
          (Plan.uniform(dp=4), True), (Plan.uniform(dp=4), False, 0.1, "export"),
+         (Plan.uniform(dp=4), False, None),  # momentum=None: the cumulative average over num_batches_tracked
          (pipeline(2, 2, 1),)]
 REFUSALS = [pipeline(2, 2, 2)]
 TOLERANCE = 1e-5
