@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pcompile import checkpoint
 from pcompile.backends import batch_norm as batch_norms
-from pcompile.backends import devices, layer_groups, random_streams
+from pcompile.backends import devices, expert_groups, layer_groups, random_streams
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
@@ -58,6 +58,7 @@ class CompiledModel:
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
         self._dp_sync = None  # runtime.grad_sync.OverlappedAllReduce of a plain dp plan
+        self.experts = None  # backends.expert_groups.ExpertStorage under expert parallelism
         self.zero2 = None  # runtime.zero2.ShardedGradients of the zero2 layers' parameters
         self.training = True
         self._sync = True  # False inside no_sync()
@@ -106,6 +107,8 @@ class CompiledModel:
         # (the module keeps a zero2 parameter whole; the optimizer steps its chunk)
         z2 = zero2.shardings(self.ir, plan) if world > 1 else {}
         self.sdp_shardings = {**self.ir.sdp_shardings, **z2}
+        # expert parallelism: this rank's experts only (backends/expert_groups.py)
+        self.experts = expert_groups.hold_local(gm, self.ir, self.groups, self.coords) if world > 1 else None
         if not self.materialised:  # this rank's pieces only, without values yet
             materialise.allocate([gm], self.device)
         if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
@@ -114,9 +117,14 @@ class CompiledModel:
         batch_norms.bind([gm], plan, f"pcompile{uid}", mixed=self.layout is not None)  # the whole batch's statistics
         self._dp_sync = None  # dp averaging overlapped with backward (after the masters' hooks)
         if world > 1 and self.dp > 1 and self.layout is None:
+            experts = self.experts.owner if self.experts is not None else {}
             params = [(p, p if self.masters is None else self.masters.master(p))
-                      for name, p in gm.named_parameters() if name not in self.sdp_shardings]
-            self._dp_sync = grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, {})
+                      for name, p in gm.named_parameters() if name not in self.sdp_shardings and name not in experts]
+            self._dp_sync = grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, {}) if params else None
+            if self.experts is not None:  # experts: summed over their replicas only, divided by dp
+                self._dp_sync = expert_groups.with_sync(
+                    self._dp_sync, self.experts, [(n, p, p if self.masters is None else self.masters.master(p))
+                                                  for n, p in gm.named_parameters()], self.dp)
         if z2:  # after the masters' hooks, like the dp sync; divided as layer_groups divides
             self.zero2 = zero2.ShardedGradients(
                 [(p, p if self.masters is None else self.masters.master(p), z2[name])
@@ -197,6 +205,7 @@ class CompiledModel:
         one device; each module's own initialisation rule, one module at a time
         (pcompile.runtime.materialise)."""
         self._check_lowered(values=False)
+        expert_groups.refuse(getattr(self, "experts", None), "init_weights")
         materialise.fill_from_init(self._model, self._targets(), self._cuts, seed)
         return self._filled()
 
@@ -206,6 +215,7 @@ class CompiledModel:
         checkpoint directory (pcompile.checkpoint.save), under any plan. Buffers a checkpoint does
         not hold (non-persistent ones, e.g. rotary tables) come from the model's initialisation."""
         self._check_lowered(values=False)
+        expert_groups.refuse(getattr(self, "experts", None), "load_weights")
         if os.path.isdir(path) and os.path.exists(os.path.join(path, checkpoint.LATEST)):
             self._filled()
             checkpoint.load(self, path)
@@ -421,6 +431,7 @@ class CompiledModel:
         for name, p in self.named_parameters():
             pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
                                if s is not None)
+            pieces *= self.experts.pieces(name) if self.experts is not None else 1
             out[id(p)] = world // pieces
         return out
 
@@ -463,6 +474,8 @@ class CompiledModel:
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """The full tensor of this rank's piece of `name` (the optimizer's piece: a ZeRO-2 chunk)."""
+        if self.experts is not None and name in self.experts.owner:  # held by one rank of the ep group
+            return self.experts.full(name, local)
         zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
         local = gather_shards(local, zero3, self.groups.get(zero3.axis) if zero3 else None)  # dp, then tp
         return gather_shards(local, tp, self.groups.get(tp.axis) if tp else None)

@@ -1,17 +1,19 @@
 """The backend's part of expert parallelism (passes/expert_parallel.py): the process groups of
 the "ep" axis the rewritten IR's `expert_mixture` nodes name. An ep group is `ep` consecutive
 ranks of one data-parallel group (one tp coordinate): dp coordinates a*ep .. (a+1)*ep - 1.
-Gradients need nothing of their own here: every rank holds every expert, the ranks not
-computing an expert have a zero gradient for it, and the dp averaging (sum over dp / dp) gives
-the serial gradient (the pass's docstring)."""
+Each rank holds its own experts only (ExpertStorage): their gradients are summed over the
+ranks holding the same experts and divided by dp, not averaged over dp (the pass's docstring)."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
+from pcompile.errors import PcompileError
 from pcompile.mesh import rank_grid
 from pcompile.runtime import expert_parallel, ops
 
 AXIS = "ep"
+EDP = "edp"  # the ranks holding the same experts: one per ep group of the dp group
 
 
 def ep_degree(gm) -> int:
@@ -22,8 +24,9 @@ def ep_degree(gm) -> int:
 
 
 def add_expert_axes(ir, groups: dict, coords: dict) -> None:
-    """Collective on every rank: the ep groups of every dp group, created in one order on every
-    rank; this rank's group and coordinate under "ep"."""
+    """Collective on every rank: the ep groups of every dp group, then (dp > ep) the groups of
+    the ranks holding the same experts, created in one order on every rank; this rank's groups
+    and coordinates under "ep" and "edp"."""
     ep = ep_degree(ir.gm)
     if ep == 1 or AXIS in groups:
         return
@@ -35,3 +38,133 @@ def add_expert_axes(ir, groups: dict, coords: dict) -> None:
             group = dist.new_group(ranks)
             if rank in ranks:
                 groups[AXIS], coords[AXIS] = group, ranks.index(rank)
+    if dp == ep:
+        return
+    for t in range(tp):
+        for offset in range(ep):
+            ranks = [grid[d][t] for d in range(offset, dp, ep)]
+            group = dist.new_group(ranks)
+            if rank in ranks:
+                groups[EDP], coords[EDP] = group, ranks.index(rank)
+
+
+class ExpertStorage:
+    """This rank's experts only (holding E/ep of them, issue #18): every expert parameter the
+    graph's expert mixtures read is owned by one ep coordinate (expert e by e // (E/ep)); the
+    others are replaced by empty Parameters (their names stay, for the optimizer and the state
+    dict's order). Gradients: the dp averaging skips the experts; `finish()` sums an owned
+    expert's gradient over its replicas - the ranks of the same ep coordinate in the other ep
+    groups of the dp group ("edp", dp/ep ranks; none when ep == dp) - and divides by dp (the
+    pass's derivation: each owner holds sum over its ep group's parts of dL_r/dtheta, the serial
+    gradient is (1/dp) sum over all parts). Full tensors are broadcast from the owner."""
+
+    def __init__(self, owner: dict[str, int], ep: int, groups: dict, coords: dict, shapes: dict):
+        self.owner, self.ep, self.shapes = owner, ep, shapes
+        self.group, self.coord, self.edp = groups[AXIS], coords[AXIS], groups.get(EDP)
+        self.held = {name for name, c in owner.items() if c == self.coord}
+        self._params: list = []  # (leaf, holder of .grad), owned
+        self._remote: list = []  # holders of the experts held elsewhere
+        self._active = False
+
+    def pieces(self, name: str) -> int:
+        """How many distinct pieces the ranks hold of parameter `name` (for the gradient norm)."""
+        return self.ep if name in self.owner else 1
+
+    def drop_remote(self, gm) -> None:
+        """Replace the experts this rank does not own by empty Parameters."""
+        for name in self.owner:
+            if name in self.held:
+                continue
+            path, _, attr = name.rpartition(".")
+            module = gm.get_submodule(path)
+            old = getattr(module, attr)
+            setattr(module, attr, torch.nn.Parameter(old.detach().new_empty(0), requires_grad=old.requires_grad))
+
+    def attach(self, named: list) -> None:
+        """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank."""
+        self._params = [(leaf, holder) for name, leaf, holder in named if name in self.held]
+        self._remote = [holder for name, _, holder in named if name in self.owner and name not in self.held]
+
+    def begin(self, sync: bool) -> None:
+        self._active = sync
+
+    def finish(self, divisor: int) -> None:
+        """After backward: owned experts' gradients summed over their replicas, divided by
+        `divisor` (dp); the remote experts get empty gradients (so every rank takes part in the
+        collectives that read gradients, e.g. full_grads)."""
+        if not self._active:
+            return
+        for leaf, holder in self._params:
+            if holder.grad is None:  # no token reached it on any rank of the group this step
+                holder.grad = torch.zeros_like(holder)
+            if self.edp is not None:
+                dist.all_reduce(holder.grad, group=self.edp)
+            holder.grad.div_(divisor)
+        for holder in self._remote:
+            if holder.grad is None:
+                holder.grad = torch.zeros_like(holder)
+        self._active = False
+
+    def full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """Collective over the ep group: the owner's tensor `name` (a parameter, its gradient or
+        an optimizer state of its shape) on every rank."""
+        out = local.detach().clone() if name in self.held else \
+            torch.empty(self.shapes[name], dtype=local.dtype, device=local.device)
+        dist.broadcast(out, src=dist.get_global_rank(self.group, self.owner[name]), group=self.group)
+        return out
+
+
+class _Syncs:
+    """The dp averaging of the other parameters and the experts' own, as one sync."""
+
+    def __init__(self, dense, experts: ExpertStorage, divisor: int):
+        self.dense, self.experts, self.divisor = dense, experts, divisor
+
+    def begin(self, sync: bool) -> None:
+        if self.dense is not None:
+            self.dense.begin(sync)
+        self.experts.begin(sync)
+
+    def finish(self) -> None:
+        if self.dense is not None:
+            self.dense.finish()
+        self.experts.finish(self.divisor)
+
+    def remove(self) -> None:
+        if self.dense is not None:
+            self.dense.remove()
+
+
+def expert_owners(gm) -> dict[str, int]:
+    """Expert parameter name -> the ep coordinate that owns it, from the expert mixtures' args."""
+    owner = {}
+    for _, node in ops.collectives_of(gm):
+        if ops.op_of(node).fn is not expert_parallel.expert_mixture:
+            continue
+        ep, experts, bias = node.args[5], node.args[6], node.args[7]
+        step, per = (4 if bias else 2), experts // ep
+        for i, read in enumerate(node.args[8:]):
+            owner[str(read.target)] = (i // step) // per
+    return owner
+
+
+def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
+    """This rank's expert storage (None without expert parallelism): remote experts dropped."""
+    owner = expert_owners(ir.gm)
+    if not owner or AXIS not in groups:
+        return None
+    shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in owner}
+    storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes)
+    storage.drop_remote(gm)
+    return storage
+
+
+def with_sync(dense, storage: ExpertStorage, named: list, divisor: int) -> _Syncs:
+    storage.attach(named)
+    return _Syncs(dense, storage, divisor)
+
+
+def refuse(storage: ExpertStorage | None, what: str) -> None:
+    if storage is not None:
+        raise PcompileError(f"{what} with expert parallelism (each rank holds only its experts) is not supported yet",
+                            "use ep=1 for this (train under ep from weights the model was built with)")

@@ -10,16 +10,15 @@ and combined with all-to-alls of variable split sizes (dropless). The router, th
 gates and any load-balancing loss made of them are untouched (their batch statistics are the
 batch_statistics pass's, as under dp).
 
-Gradients (why the backend's dp averaging is left as it is): the serial loss is L = (1/dp)
-sum_r L_r over the dp ranks' parts, and dp averaging gives every replicated parameter
-(1/dp) sum_r dL_r/dtheta. Expert e's rank in ep group G computes e for every token of G, so the
-reverse all-to-all brings it sum_{r in G} dL_r/dtheta_e; the other ranks of G hold e without
-computing it, with a zero gradient. The dp all-reduce sums these over the dp group - each of
-the dp/ep groups contributes its sum once - and divides by dp: (1/dp) sum_r dL_r/dtheta_e, the
-serial gradient, and every rank steps every expert alike. The experts' storage is therefore
-not sharded yet (each rank holds all E experts; compute and activations are sharded): holding
-only E/ep per rank needs the gradient sum over the dp/ep replicas of each expert instead, and
-the checkpoint / full_state_dict / init paths taught about it (issue #18).
+Storage and gradients: each rank holds only its E/ep experts (backends/expert_groups.py drops
+the others at lowering). The serial loss is L = (1/dp) sum_r L_r over the dp ranks' parts, and
+dp averaging gives every replicated parameter (1/dp) sum_r dL_r/dtheta. Expert e's owner in ep
+group G computes e for every token of G, so the reverse all-to-all brings it
+sum_{r in G} dL_r/dtheta_e. The experts therefore skip the dp averaging: an owner's gradient is
+summed over the owners of e in the dp/ep ep groups of the dp group ("edp"; nothing when
+ep == dp) and divided by dp, which is (1/dp) sum_r dL_r/dtheta_e, the serial gradient.
+full_state_dict / full_grads broadcast each expert from its owner; the gradient norm counts it
+once; checkpoints, init_weights and load_weights refuse ep plans (not supported yet).
 
 Refused with a PcompileError naming the layer: experts held as batched weights (Hugging Face
 Mixtral / Qwen-MoE under torch.export: their grouped_mm experts are not rewritten yet), a

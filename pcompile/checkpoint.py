@@ -161,6 +161,14 @@ def _full(cm, name: str, local: torch.Tensor) -> torch.Tensor:
     return (cm if pipeline is None else pipeline)._full(name, local)
 
 
+def _refuse_experts(cm, what: str) -> None:
+    """Expert parallelism holds each expert on one rank of its ep group (backends/expert_groups.py):
+    not saved or loaded as such yet - refused rather than written as the empty local tensors."""
+    if getattr(cm, "experts", None) is not None:
+        raise PcompileError(f"{what} under expert parallelism (each rank holds only its experts) is not supported "
+                            "yet", "save cm.full_state_dict() with torch.save, or train with ep=1 to checkpoint")
+
+
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
     """Tied parameters: every extra name -> the name named_parameters() keeps."""
     return {name: first for name, first in canonical(model).items() if name != first}
@@ -168,6 +176,7 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> str:
     """Collective: save parameters (and optimizer states) as the plan holds them. Returns the path."""
+    _refuse_experts(cm, "checkpoint.save")
     final = os.path.join(directory, f"step-{step:08d}")
     tmp = final + ".tmp"
     _check_shared(directory)
@@ -219,6 +228,7 @@ def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
+    _refuse_experts(cm, "checkpoint.load")
     missing_on = _ranks_failing(lambda: os.path.exists(os.path.join(path, META))
                                 or os.path.exists(os.path.join(path, LATEST)))
     if missing_on and len(missing_on) < (dist.get_world_size() if _distributed() else 1):

@@ -12,10 +12,9 @@ batch, hidden size H and expert FLOPs f per routed token (2 x the expert's multi
            rows of H values each, plus one of the E counts: alpha-beta on the ep group's link,
            (n-1) alpha + (n-1)/n B / bw (the ring model of Cluster.collective_time), or a
            measured "all_to_all" fit of the cluster (pcompile profile) when it has one
-  memory   the experts' parameters, gradients and AdamW moments. The runtime keeps every expert
-           on every rank (its storage is not sharded yet: issue #18), so `held_experts` is E
-           whatever ep, and the dp gradient all-reduce covers all of them; `sharded_storage=True`
-           prices the E/ep the issue asks for.
+  memory   the experts' parameters, gradients and AdamW moments of the E/ep experts a rank
+           holds (backends/expert_groups.py); their gradients are all-reduced over the dp/ep
+           ranks holding the same experts (`sync_bytes` over `sync_ranks`), not over dp
 
 `ep_degrees(num_experts, dp)` is what a search may offer: the ep > 1 that divide both the
 experts and the data-parallel degree. Nothing here is wired into the search yet.
@@ -52,7 +51,8 @@ class ExpertCost:
     held_experts: int
     param_bytes: float  # the held experts' parameters
     state_bytes: float  # their gradients and optimizer moments
-    dp_sync_bytes: float  # expert gradient bytes the data-parallel all-reduce sums
+    sync_bytes: float  # expert gradient bytes all-reduced per step
+    sync_ranks: int  # over this many ranks (those holding the same experts: dp / ep)
 
     @property
     def time(self) -> float:
@@ -103,8 +103,7 @@ def all_to_all_time(cluster: Cluster, nbytes: float, ranks) -> float:
 
 
 def expert_cost(shape: MoEShape, cluster: Cluster, dp: int, ep: int, *, first_rank: int = 0,
-                dtype_bytes: int = 4, optimizer_states: int = 2, imbalance: float = 1.0,
-                sharded_storage: bool = False) -> ExpertCost:
+                dtype_bytes: int = 4, optimizer_states: int = 2, imbalance: float = 1.0) -> ExpertCost:
     """Per rank and step, the experts of `shape` under dp-way data parallelism with ep-way expert
     parallelism (ep groups: ep consecutive ranks of the dp group from `first_rank`)."""
     if ep < 1 or dp % ep or shape.num_experts % ep:
@@ -122,7 +121,8 @@ def expert_cost(shape: MoEShape, cluster: Cluster, dp: int, ep: int, *, first_ra
         group = range(first_rank, first_rank + ep)
         row_bytes = local_tokens * shape.top_k * shape.hidden * dtype_bytes
         a2a = 4 * all_to_all_time(cluster, row_bytes, group) + all_to_all_time(cluster, 8.0 * shape.num_experts, group)
-    held = shape.num_experts // ep if sharded_storage else shape.num_experts
+    held = shape.num_experts // ep
     params = float(held * shape.expert_params * dtype_bytes)
     return ExpertCost(compute=3 * forward, all_to_all=a2a, held_experts=held, param_bytes=params,
-                      state_bytes=params * (1 + optimizer_states), dp_sync_bytes=params if dp > 1 else 0.0)
+                      state_bytes=params * (1 + optimizer_states), sync_bytes=params if dp > ep else 0.0,
+                      sync_ranks=dp // ep)

@@ -14,8 +14,9 @@ dropless (every token goes to each of its top-k experts):
      back into their tokens (index_add, in expert order per token).
 `_AllToAll` is the autograd Function of step 3 and 5: its backward is the reverse all-to-all of
 the gradient. Each rank's expert gradients are then the sum over its group's tokens of the
-group's losses; the data-parallel averaging (which sums over the dp group and divides by dp)
-makes them the serial gradient: see passes/expert_parallel.py.
+group's losses; backends/expert_groups.py sums them over the expert's replicas and divides by
+dp, the serial gradient: see passes/expert_parallel.py. Only this rank's experts' parameters
+hold values (the others are empty tensors at run time).
 
 Without a process group (collectives.simulate(): the shape checks on fake tensors) the mixture
 is computed densely from every expert (the values there do not matter, the shapes do).
@@ -103,7 +104,7 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
     recv = received_counts.sum(1).tolist()
     rows = _AllToAll.apply(x[token_of], send, recv, group)
     local = torch.arange(per, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
-    computed = rows.new_zeros((rows.shape[0], experts[0][2].shape[0]))
+    computed = rows.new_zeros((rows.shape[0], experts[rank * per][2].shape[0]))  # a local expert: its out width
     for j in range(per):
         at = (local == j).nonzero().squeeze(1)
         if at.numel():

@@ -1,7 +1,7 @@
 """The price of MoE experts under expert parallelism (pcompile.cost.moe): the layer's numbers
 read from the built-in MoE GPT's IR, the ep degrees a search may offer, the all-to-all's
 alpha-beta (or a measured fit), expert FLOPs by top-k / E under ep (the dense form's E
-without), and the experts' memory per rank (all held today; E/ep with sharded storage)."""
+without), and the experts' memory per rank (E/ep held) and gradient sync (over dp/ep ranks)."""
 import dataclasses
 
 import pytest
@@ -53,9 +53,10 @@ def test_expert_cost_by_ep():
                                            + all_to_all_time(cluster, 64, range(4)))
     skewed = expert_cost(SHAPE, cluster, dp=8, ep=4, imbalance=1.5)
     assert skewed.compute == pytest.approx(1.5 * ep4.compute)
-    assert ep4.held_experts == 8 and ep4.memory == dense.memory  # the runtime holds every expert
-    sharded = expert_cost(SHAPE, cluster, dp=8, ep=4, sharded_storage=True)
-    assert sharded.held_experts == 2 and sharded.memory == pytest.approx(dense.memory / 4)
-    assert sharded.memory == pytest.approx(2 * 8e6 * 4 * 4)  # parameters, gradients, two AdamW moments
+    assert dense.held_experts == 8 and (dense.sync_ranks, dense.sync_bytes) == (8, 8 * 8e6 * 4)
+    assert ep4.held_experts == 2 and ep4.memory == pytest.approx(dense.memory / 4)
+    assert ep4.memory == pytest.approx(2 * 8e6 * 4 * 4)  # parameters, gradients, two AdamW moments
+    assert (ep4.sync_ranks, ep4.sync_bytes) == (2, 2 * 8e6 * 4)
+    assert expert_cost(SHAPE, cluster, dp=8, ep=8).sync_bytes == 0.0  # one holder of each expert
     with pytest.raises(PcompileError, match="ep=3 must divide"):
         expert_cost(SHAPE, cluster, dp=8, ep=3)

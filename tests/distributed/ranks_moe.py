@@ -29,17 +29,47 @@ def skewed(cfg: MoEGPTConfig) -> MoEGPT:
     return model
 
 
+def _held(cm) -> float:
+    """Experts per MoE layer this rank holds (parameters with values; 4 per expert, 2 layers)."""
+    return sum(p.numel() > 0 for n, p in cm.gm.named_parameters() if ".experts." in n) / 4 / CFG.num_layers
+
+
+def _norm_gap(cm, serial, cfg) -> float:
+    """One more step: the gradient norm clipping computes (the experts counted once) vs serial's."""
+    batch = moe_gpt_inputs(cfg, BATCH, seed=7)
+    cm.train_step(*batch)
+    serial(*batch).backward()
+    got = cm.clip_grad_norm_(1e9).item()
+    return abs(got - torch.nn.utils.clip_grad_norm_(serial.parameters(), 1e9).item())
+
+
+def _checkpoint_refused(cm) -> bool:
+    import tempfile
+
+    from pcompile import checkpoint
+    from pcompile.errors import PcompileError
+
+    try:
+        checkpoint.save(cm, tempfile.mkdtemp())
+    except PcompileError:
+        return True
+    return False
+
+
 def compare_many(cases) -> list[dict]:
     """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
-    steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run."""
+    steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
+    experts per layer rank 0 holds, the clipping norm's gap to serial after one more step, and
+    whether checkpoint.save refused."""
     out = []
     for coef, plan, *options in cases:
         cfg = dataclasses.replace(CFG, aux_loss_coef=coef)
         build = (lambda: skewed(cfg)) if "skewed" in options else (lambda: MoEGPT(cfg))
         with mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single) as all_to_all:
-            cm, _, loss_diff, grad_diff, losses = train_side_by_side(
+            cm, serial, loss_diff, grad_diff, losses = train_side_by_side(
                 build, lambda step: moe_gpt_inputs(cfg, BATCH, seed=step), plan, steps=3, lr=1e-2)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": sum(n.target is expert_mixture for n in cm.ir.graph.nodes),
-                    "all_to_alls": all_to_all.call_count})
+                    "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, cfg),
+                    "checkpoint_refused": _checkpoint_refused(cm)})
     return out

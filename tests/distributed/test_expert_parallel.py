@@ -3,7 +3,9 @@ under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2
 attention) with it, and dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive
 no rows, yet take part in every all-to-all), loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
 mixtures replaced (2 expert_mixture nodes) and the tokens really dispatched (per rank and step,
-per layer one all-to-all of counts and two of rows forward, two backward). One 4-rank launch."""
+per layer one all-to-all of counts and two of rows forward, two backward); each rank holds
+E/ep experts per layer, the gradient norm clipping computes counts each expert once (equal to
+serial's), and checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
 import pcompile
 from pcompile import Plan
 from tests.distributed.ranks_moe import compare_many
@@ -17,3 +19,4 @@ def test_expert_parallel_matches_serial():
     for (coef, plan, *options), r in zip(CASES, results):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
         assert r["mixtures"] == 2 and r["all_to_alls"] == 3 * 2 * 5, r
+        assert r["held"] == 4 // plan.default.ep and r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
