@@ -15,8 +15,8 @@ search space restricted to what the rewrite passes can run today:
 - sdp (ZeRO-3) with and without pipelining (the pipeline backend gathers sdp parameters per
   micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
-- sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), with
-  pp = 1 only;
+- sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), inside
+  pipeline stages too; ZeRO-3 with tp > 1 in pipelines except on layers reading a tied weight;
 - a loss that sums over the batch or couples its samples (loss_terms) only with dp = 1 and one
   micro-batch: averaging would silently divide it; a loss with a function of batch statistics
   (a router's balancing loss) only with one micro-batch and one dp degree for every layer; batch

@@ -37,24 +37,23 @@ MAX_MIXED_RUNS = 16
 
 
 def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
-                dp_one: bool) -> CostTable:
+                dp_one: bool, tied: frozenset = frozenset()) -> CostTable:
     """Strategies made impossible (time inf) where a rewrite cannot run them:
-    - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals), and on
-      every layer of a pipelined plan (sp across pipeline stages is not run by any test yet);
-    - sdp with tp > 1 in a pipelined plan (exact for untied models, but refused by
-      sharded_data_parallel where such layers read a tied weight);
+    - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals);
+    - sdp with tp > 1 in a pipelined plan on a layer reading a tied weight (`tied`: refused by
+      sharded_data_parallel; exact elsewhere, tests/distributed/test_pipeline.py);
     - zero2 in a pipelined plan (the pipeline backend refuses it);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`)."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
-        return ((s.sp and pipelined) or (pipelined and s.sdp and s.tp > 1) or (pipelined and s.zero2)
-                or (dp_one and s.dp > 1))
+        return (pipelined and s.zero2) or (dp_one and s.dp > 1)
 
     def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
-        return (s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
+        return ((s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
+                or (pipelined and s.sdp and s.tp > 1 and layer in tied))
 
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
-    named = {layer for tp in refused.values() for layer in tp} | set(pins)  # layers a rule names
+    named = {layer for tp in refused.values() for layer in tp} | set(pins) | tied  # layers a rule names
     candidates = [i for i, layer in enumerate(table.layers) if layer in named]
     for j, s in enumerate(table.strategies):
         rows = slice(None) if everywhere(s) else [i for i in candidates if forbidden(table.layers[i], s)]
@@ -68,13 +67,14 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
     per class of equivalent stages) and kept per table so the engine's index memo hits."""
     cache: dict[tuple, CostTable] = {}
     trim = _without_ends(ir)
+    tied = frozenset(layer for group in tied_groups(ir, tuple(ir.layers)) for layer in group)
 
     def for_run(pins: dict[str, int]):
         def cost(query: StageQuery) -> CostTable:
             table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
-                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one))
+                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one, tied))
             return cache[key]
         return cost
     return for_run

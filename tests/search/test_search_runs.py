@@ -49,6 +49,15 @@ def test_pinned_layers_cannot_take_another_tp():
     assert np.isfinite(summed.fwd_time).tolist() == [[False, False, False, True]] * 3
 
 
+def test_pipelines_take_sp_and_zero3_with_tp_except_on_tied_layers():
+    strategies = (Strategy(dp=4), Strategy(dp=2, tp=2, sp=True), Strategy(dp=2, tp=2, sdp=True))
+    table = RandomCosts(("pre", "blocks.0", "post"), seed=0, inf_rate=0.0)(StageQuery(2, 0, 0, 4, 8, strategies))
+    out = _restricted(table, {}, True, {}, dp_one=False, tied=frozenset({"pre", "post"}))
+    assert np.isfinite(out.fwd_time).tolist() == [[True, True, False],  # pre reads the tied table: no sdp x tp
+                                                  [True, True, True],
+                                                  [True, True, False]]
+
+
 # a large vocabulary and short sequences: untied, the embedding and the LM head want different tp
 BIG_VOCAB = {"vocab_size": 8192, "seq_len": 8, "hidden": 64, "num_heads": 4, "num_layers": 2}
 

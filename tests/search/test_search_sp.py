@@ -17,17 +17,25 @@ TIGHT = int(2.5 * 2**20)  # activations must shrink: the search picks sp
 NO_PP_NO_SDP = {"pp_degrees": (1,), "sdp": (False,)}
 
 
-def searched_sp_vs_serial(steps: int = 3) -> dict:
-    """On each rank: the searched plan (sp) trains next to the serial model."""
-    cluster = pcompile.Cluster.local(dist.get_world_size(), memory_bytes=TIGHT)
+# a pipeline under tighter memory: sp inside its stages
+PIPELINED = (int(1.5 * 2**20), {"pp_degrees": (2,), "sdp": (False,)})
 
-    def search(model, cluster, inputs):
-        return pcompile.plan(model, cluster, inputs, search_space=NO_PP_NO_SDP)
 
-    cm, _, loss_diff, grad_diff, _ = train_side_by_side(lambda: GPT(GPT_CFG), lambda seed: gpt_inputs(GPT_CFG, 8, seed),
-                                                        search, steps, 1e-3, cluster)
-    plan = cm.plan
-    return {"sp": [a.layer for a in plan.layers if a.strategy.sp], "loss_diff": loss_diff, "grad_diff": grad_diff}
+def searched_sp_vs_serial(cases=((TIGHT, NO_PP_NO_SDP), PIPELINED), steps: int = 3) -> list[dict]:
+    """On each rank: the plan searched under each (memory, space) trains next to the serial model."""
+    out = []
+    for memory, space in cases:
+        cluster = pcompile.Cluster.local(dist.get_world_size(), memory_bytes=memory)
+
+        def search(model, cluster, inputs, space=space):
+            return pcompile.plan(model, cluster, inputs, search_space=space)
+
+        cm, _, loss_diff, grad_diff, _ = train_side_by_side(
+            lambda: GPT(GPT_CFG), lambda seed: gpt_inputs(GPT_CFG, 8, seed), search, steps, 1e-3, cluster)
+        plan = cm.plan
+        out.append({"sp": [a.layer for a in plan.layers if a.strategy.sp], "pp": plan.pp,
+                    "loss_diff": loss_diff, "grad_diff": grad_diff})
+    return out
 
 
 def test_gpt_plan_uses_sp_and_compiles():
@@ -41,15 +49,12 @@ def test_gpt_plan_uses_sp_and_compiles():
     assert counts.get("call_function:pcompile.runtime.collectives.sp_reduce_scatter", 0) >= 2 * len(sp) - 2
 
 
-def test_searched_sp_plan_trains_like_serial():
-    for r in pcompile.launch(searched_sp_vs_serial, 4):
-        assert r["sp"] and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
-
-
-def test_sp_only_without_pipelining():
-    plan = pcompile.plan(GPT(GPT_CFG), pcompile.Cluster.local(4), gpt_inputs(GPT_CFG, 8),
-                         search_space={"pp_degrees": (2,)})
-    assert plan.pp == 2 and not any(a.strategy.sp for a in plan.layers)
+def test_searched_sp_plans_train_like_serial_with_and_without_pipelining():
+    for rank in pcompile.launch(searched_sp_vs_serial, 4):
+        (flat, pipelined) = rank
+        assert flat["pp"] == 1 and pipelined["pp"] == 2, rank
+        for r in rank:
+            assert r["sp"] and r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, r
 
 
 def test_sp_never_on_refused_layers():
