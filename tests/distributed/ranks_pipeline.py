@@ -26,11 +26,11 @@ MODELS = {
 
 
 def pipeline_plan(pp: int, schedule: str, microbatches: int, dp: int = 1, tp: int = 1, virtual_stages: int = 0,
-                  sdp: bool = False, checkpoint: tuple[str, ...] = ()) -> pcompile.Plan:
+                  sdp: bool = False, checkpoint: tuple[str, ...] = (), sp: bool = False) -> pcompile.Plan:
     """A uniform plan; virtual_stages 0 = 2 for the interleaved schedule, else 1; the layers of
     `checkpoint` also recompute their activations."""
     v = virtual_stages or (2 if schedule == "Interleaved1F1B" else 1)
-    plan = dataclasses.replace(pcompile.Plan.uniform(dp=dp, tp=tp, pp=pp, sdp=sdp), schedule=schedule,
+    plan = dataclasses.replace(pcompile.Plan.uniform(dp=dp, tp=tp, pp=pp, sdp=sdp, sp=sp), schedule=schedule,
                                num_microbatches=microbatches, virtual_stages=v)
     strategy = dataclasses.replace(plan.default, checkpoint=True)
     return dataclasses.replace(plan, layers=tuple(LayerAssignment(layer, strategy) for layer in checkpoint))

@@ -47,12 +47,14 @@ CASES = {
         ("gpt4", dataclasses.replace(pipeline_plan(2, "GPipe", 2, dp=2), layers=(  # head sdp, tied embedding dp
             LayerAssignment("blocks.2", Strategy(dp=2, sdp=True)), LayerAssignment("post", Strategy(dp=2, sdp=True))))),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, sdp=True))],
-    # 3-D: pp2 x dp2 x tp2 and pp2 x sdp2 x tp2, one 8-rank launch (sdp x tp over GPT's tied
+    # 3-D: pp2 x dp2 x tp2, pp2 x sdp2 x tp2 and both with sp, one 8-rank launch (sdp x tp over GPT's tied
     # embedding/head across stages is refused: test below)
     8: [("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2)),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, tp=2)),
         ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True)),
-        ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2, tp=2, sdp=True))],
+        ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2, tp=2, sdp=True)),
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sp=True)),  # sequence parallelism inside the stages
+        ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True))],
 }
 
 
