@@ -117,7 +117,7 @@ class CompiledModel:
         batch_norms.bind([gm], plan, f"pcompile{uid}", mixed=self.layout is not None)  # the whole batch's statistics
         self._dp_sync = None  # dp averaging overlapped with backward (after the masters' hooks)
         if world > 1 and self.dp > 1 and self.layout is None:
-            experts = self.experts.owner if self.experts is not None else {}
+            experts = self.experts.names if self.experts is not None else set()
             params = [(p, p if self.masters is None else self.masters.master(p))
                       for name, p in gm.named_parameters() if name not in self.sdp_shardings and name not in experts]
             self._dp_sync = grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, {}) if params else None

@@ -16,10 +16,12 @@ AXIS = "ep"
 EDP = "edp"  # the ranks holding the same experts: one per ep group of the dp group
 
 
+MIXTURES = (expert_parallel.expert_mixture, expert_parallel.gated_expert_mixture)
+
+
 def ep_degree(gm) -> int:
     """The ep degree the graph's expert mixtures use (1 when none)."""
-    sizes = {node.args[5] for _, node in ops.collectives_of(gm)
-             if ops.op_of(node).fn is expert_parallel.expert_mixture}
+    sizes = {node.args[5] for _, node in ops.collectives_of(gm) if ops.op_of(node).fn in MIXTURES}
     return sizes.pop() if sizes else 1
 
 
@@ -56,12 +58,16 @@ class ExpertStorage:
     expert's gradient over its replicas - the ranks of the same ep coordinate in the other ep
     groups of the dp group ("edp", dp/ep ranks; none when ep == dp) - and divides by dp (the
     pass's derivation: each owner holds sum over its ep group's parts of dL_r/dtheta, the serial
-    gradient is (1/dp) sum over all parts). Full tensors are broadcast from the owner."""
+    gradient is (1/dp) sum over all parts). Full tensors are broadcast from the owner.
+    `chunked`: batched expert weights split along the experts over ep (param_shardings: their
+    chunks taken and gathered as tensor parallelism's), synced as the owned experts are."""
 
-    def __init__(self, owner: dict[str, int], ep: int, groups: dict, coords: dict, shapes: dict):
-        self.owner, self.ep, self.shapes = owner, ep, shapes
+    def __init__(self, owner: dict[str, int], ep: int, groups: dict, coords: dict, shapes: dict,
+                 chunked: frozenset = frozenset()):
+        self.owner, self.ep, self.shapes, self.chunked = owner, ep, shapes, chunked
         self.group, self.coord, self.edp = groups[AXIS], coords[AXIS], groups.get(EDP)
-        self.held = {name for name, c in owner.items() if c == self.coord}
+        self.held = {name for name, c in owner.items() if c == self.coord} | set(chunked)
+        self.names = set(owner) | set(chunked)  # every expert parameter: none is averaged over dp
         self._params: list = []  # (leaf, holder of .grad), owned
         self._remote: list = []  # holders of the experts held elsewhere
         self._active = False
@@ -83,7 +89,7 @@ class ExpertStorage:
     def attach(self, named: list) -> None:
         """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank."""
         self._params = [(leaf, holder) for name, leaf, holder in named if name in self.held]
-        self._remote = [holder for name, _, holder in named if name in self.owner and name not in self.held]
+        self._remote = [holder for name, _, holder in named if name in self.names and name not in self.held]
 
     def begin(self, sync: bool) -> None:
         self._active = sync
@@ -135,26 +141,30 @@ class _Syncs:
             self.dense.remove()
 
 
-def expert_owners(gm) -> dict[str, int]:
-    """Expert parameter name -> the ep coordinate that owns it, from the expert mixtures' args."""
-    owner = {}
+def expert_owners(gm) -> tuple[dict[str, int], frozenset]:
+    """(expert parameter name -> the ep coordinate that owns it, from the expert mixtures' args;
+    the batched expert weights the gated mixtures read, split over ep)."""
+    owner, chunked = {}, set()
     for _, node in ops.collectives_of(gm):
-        if ops.op_of(node).fn is not expert_parallel.expert_mixture:
+        fn = ops.op_of(node).fn
+        if fn is expert_parallel.gated_expert_mixture:
+            chunked.update(str(read.target) for read in node.args[7:])
+        if fn is not expert_parallel.expert_mixture:
             continue
         ep, experts, bias = node.args[5], node.args[6], node.args[7]
         step, per = (4 if bias else 2), experts // ep
         for i, read in enumerate(node.args[8:]):
             owner[str(read.target)] = (i // step) // per
-    return owner
+    return owner, frozenset(chunked)
 
 
 def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
     """This rank's expert storage (None without expert parallelism): remote experts dropped."""
-    owner = expert_owners(ir.gm)
-    if not owner or AXIS not in groups:
+    owner, chunked = expert_owners(ir.gm)
+    if not (owner or chunked) or AXIS not in groups:
         return None
     shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in owner}
-    storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes)
+    storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked)
     storage.drop_remote(gm)
     return storage
 

@@ -20,9 +20,15 @@ ep == dp) and divided by dp, which is (1/dp) sum_r dL_r/dtheta_e, the serial gra
 full_state_dict / full_grads broadcast each expert from its owner; the gradient norm counts it
 once; checkpoints, init_weights and load_weights refuse ep plans (not supported yet).
 
-Refused with a PcompileError naming the layer: experts held as batched weights (Hugging Face
-Mixtral / Qwen-MoE under torch.export: their grouped_mm experts are not rewritten yet), a
-mixture that is not the gated top-k sum, E not divisible by ep, ep layers in a pipelined plan,
+Batched expert weights (Hugging Face Mixtral / Qwen-MoE under torch.export, read as HF's
+grouped-mm experts: pcompile.sharding.moe) become one `gated_expert_mixture` node instead,
+the stacked weights split along the experts' dim over "ep" (a Shard in param_shardings: each
+rank takes its E/ep experts' chunk, full_state_dict gathers it as tensor parallelism's; the
+checkpoint / init refusals hold as for the modules form); their gradients are summed over the
+ranks holding the same chunk and divided by dp as the modules form's.
+
+Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm (or
+with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers in a pipelined plan,
 under ZeRO-3, activation checkpointing or operator split, and different ep degrees in one plan.
 """
 from __future__ import annotations
@@ -30,7 +36,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from pcompile.errors import PcompileError
-from pcompile.ir import IR, REPLICATED
+from pcompile.ir import IR, REPLICATED, Placement, Shard
+from pcompile.ir.params import under_every_name
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.runtime import expert_parallel
 from pcompile.sharding.moe import MoELayer, find_moe_layers
@@ -40,20 +47,24 @@ AXIS = "ep"
 
 def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
     strategy, where = ctx.plan.strategy_for(layer), f"expert parallelism (ep={ep}) in layer {layer!r}"
-    if moe.form == "stacked":
+    if moe.form == "stacked" and moe.gated is None:
         raise PcompileError(
-            f"{where}: its experts are batched weights ({', '.join(moe.stacked)}), as Hugging Face Mixtral / "
-            "Qwen-MoE hold them; pcompile rewrites only experts written as a ModuleList of 2-Linear MLPs yet",
-            "run this model with ep=1 (dp, tp, ZeRO-3 and pipelines run it exactly), or write the experts as "
-            "the built-in pcompile.models.MoEGPT does")
-    if moe.combine is None or moe.output is None or moe.indices is None or moe.gates is None:
+            f"{where}: its experts are batched weights ({', '.join(moe.stacked)}) not read as Hugging Face's "
+            "grouped-mm experts (grouped_mm(x, gate_up) -> chunk(2) -> act(gate) * up -> grouped_mm(., down), gated "
+            "and summed)", "run this model with ep=1 (dp, tp, ZeRO-3 and pipelines run it exactly)")
+    if moe.form == "stacked" and strategy.tp > 1:
+        raise PcompileError(f"{where}: batched experts with tp={strategy.tp} are not supported yet",
+                            "use tp=1 in the MoE layers with ep, or ep=1")
+    if moe.output is None or moe.indices is None or moe.gates is None or \
+            (moe.form == "modules" and moe.combine is None):
         raise PcompileError(f"{where}: its experts' outputs are not combined as the gated top-k mixture "
                             "sum_e scatter(zeros, -1, top-k indices, gates)[..., e:e+1] * expert_e(x)",
                             "write the combine as pcompile.models.MoE does, or use ep=1 for this layer")
     if moe.num_experts % ep:
         raise PcompileError(f"{where}: {moe.num_experts} experts do not split over {ep} ranks",
                             f"choose ep among the divisors of {moe.num_experts}")
-    if len({len(e.params) for e in moe.experts}) != 1 or len(moe.experts[0].params) not in (2, 4):
+    if moe.form == "modules" and (len({len(e.params) for e in moe.experts}) != 1
+                                  or len(moe.experts[0].params) not in (2, 4)):
         raise PcompileError(f"{where}: its experts do not all have two Linears with (or all without) biases",
                             "give every expert the same two Linears, or use ep=1 for this layer")
     for name, on, fix in (("pipeline stages", ctx.plan.pp > 1, "pp=1"), ("ZeRO-3", strategy.sdp, "sdp=false"),
@@ -65,7 +76,7 @@ def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
 
 def _internal(moe: MoELayer) -> list[fx.Node]:
     """The dense mixture's nodes: from the output back to the tokens, indices and gates."""
-    stop = {moe.tokens, moe.indices, moe.gates}
+    stop = {moe.tokens, moe.indices, moe.gates} | ({moe.gated[3]} if moe.gated else set())
     seen, todo = {}, [moe.output]
     while todo:
         node = todo.pop()
@@ -79,15 +90,21 @@ def _internal(moe: MoELayer) -> list[fx.Node]:
 def _rewrite(ir: IR, moe: MoELayer, ep: int) -> None:
     graph, layer = ir.graph, ir.meta(moe.output).layer
     internal = _internal(moe)
-    params = [name for expert in moe.experts for name in expert.params]
+    if moe.form == "modules":
+        params = [name for expert in moe.experts for name in expert.params]
+        placement = REPLICATED  # whole experts, each held by one rank of the group (backends/expert_groups.py)
+        target, head = expert_parallel.expert_mixture, (moe.tokens, moe.indices, moe.gates, moe.experts[0].activation)
+        tail = (len(moe.experts[0].params) == 4,)
+    else:  # batched weights: this rank's chunk of the experts along dim 0
+        gate_up, down, activation, source = moe.gated
+        params, placement = [gate_up, down], Placement.shard(0, AXIS, ep)
+        target, head, tail = expert_parallel.gated_expert_mixture, (source, moe.indices, moe.gates, activation), ()
     with graph.inserting_before(moe.output):
         reads = [graph.get_attr(name) for name in params]
-        mixture = graph.call_function(expert_parallel.expert_mixture,
-                                      (moe.tokens, moe.indices, moe.gates, moe.experts[0].activation, AXIS, ep,
-                                       moe.num_experts, len(moe.experts[0].params) == 4, *reads))
+        mixture = graph.call_function(target, (*head, AXIS, ep, moe.num_experts, *tail, *reads))
     for node, name in zip(reads, params):
         meta, param = ir.meta(node), ir.gm.get_parameter(name)
-        meta.layer, meta.placement = layer, REPLICATED
+        meta.layer, meta.placement = layer, placement
         meta.shape, meta.dtype = tuple(param.shape), str(param.dtype)
         meta.output_bytes = param.numel() * param.element_size()
     meta, old = ir.meta(mixture), ir.meta(moe.output)
@@ -122,8 +139,12 @@ def expert_parallel_pass(ir: IR, ctx: PassContext) -> IR:
                             "use ep=1, or plan a model with MoE layers (e.g. pcompile.models.MoEGPT)")
     for layer, moe in found:
         _check(layer, moe, degrees[layer], ctx)
+    shardings = dict(ir.param_shardings)
     for layer, moe in found:
         _rewrite(ir, moe, degrees[layer])
+        if moe.form == "stacked":
+            shardings.update({name: Shard(AXIS, 0, degrees[layer]) for name in moe.gated[:2]})
+    ir = ir.replace(param_shardings=under_every_name(ir.gm, shardings))
     ir.graph.lint()
     ir.gm.recompile()
     ctx.report.append(f"expert parallel: {len(found)} MoE layers, {found[0][1].num_experts} experts each over "

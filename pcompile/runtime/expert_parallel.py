@@ -84,15 +84,50 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
     token, with the experts spread over the `size` ranks of `axis` (module docstring). `params`:
     every expert's fc.weight, fc.bias, out.weight, out.bias in expert order (biases left out
     when `has_bias` is False); only this rank's experts' are read."""
-    shape, width = tokens.shape, tokens.shape[-1]
-    k = indices.shape[-1]
-    x, chosen, gate = tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k)
     experts = _per_expert(params, num_experts, has_bias)
     group = collectives._group(axis)
     if group is None:
-        return _dense(x, chosen, gate, activation, experts).view(shape)
+        k, width = indices.shape[-1], tokens.shape[-1]
+        dense = _dense(tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k), activation, experts)
+        return dense.view(tokens.shape)
+    first = dist.get_rank(group) * (num_experts // size)
+    return _dispatch(tokens, indices, gates, group, size, num_experts, experts[first][2].shape[0],
+                     lambda j, rows: _expert(rows, activation, experts[first + j]))
+
+
+def _gated_expert(x: torch.Tensor, activation: str, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's expert: act(x W_gate^T) * (x W_up^T), then W_down (gate_up holds W_gate, W_up)."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(ACTIVATIONS[activation](gate) * up, down)
+
+
+@ops.collective(axis_arg=4)
+def gated_expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, activation: str, axis: str,
+                         size: int, num_experts: int, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """expert_mixture for batched expert weights (Hugging Face Mixtral / Qwen-MoE): `gate_up`
+    (E/size, 2I, H) and `down` (E/size, H, I) are this rank's chunks of the experts' stacked
+    weights (rank r: experts r*E/size ..)."""
+    group = collectives._group(axis)
+    if group is None:  # the local experts only, densely (shapes)
+        k, width = indices.shape[-1], tokens.shape[-1]
+        x, chosen = tokens.reshape(-1, width), indices.reshape(-1, k) % gate_up.shape[0]
+        experts = [(gate_up[e], down[e]) for e in range(gate_up.shape[0])]
+        weights = torch.zeros(x.shape[0], len(experts), dtype=x.dtype, device=x.device).scatter(
+            -1, chosen, gates.reshape(-1, k).to(x.dtype))
+        out = torch.zeros_like(x)
+        for e, (w1, w2) in enumerate(experts):
+            out = out + weights[:, e:e + 1] * _gated_expert(x, activation, w1, w2)
+        return out.view(tokens.shape)
+    return _dispatch(tokens, indices, gates, group, size, num_experts, down.shape[1],
+                     lambda j, rows: _gated_expert(rows, activation, gate_up[j], down[j]))
+
+
+def _dispatch(tokens, indices, gates, group, size: int, num_experts: int, out_width: int, compute) -> torch.Tensor:
+    """Steps 1-5 of the module docstring; `compute(j, rows)`: local expert j on its rows."""
+    shape, width = tokens.shape, tokens.shape[-1]
+    k = indices.shape[-1]
+    x, chosen, gate = tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k)
     per = num_experts // size
-    rank = dist.get_rank(group)
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     token_of = torch.div(order, k, rounding_mode="floor")
@@ -104,15 +139,15 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
     recv = received_counts.sum(1).tolist()
     rows = _AllToAll.apply(x[token_of], send, recv, group)
     local = torch.arange(per, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
-    computed = rows.new_zeros((rows.shape[0], experts[rank * per][2].shape[0]))  # a local expert: its out width
+    computed = rows.new_zeros((rows.shape[0], out_width))
     for j in range(per):
         at = (local == j).nonzero().squeeze(1)
         if at.numel():
-            computed = computed.index_add(0, at, _expert(rows[at], activation, experts[rank * per + j]))
+            computed = computed.index_add(0, at, compute(j, rows[at]))
     if rows.requires_grad and not computed.requires_grad:
         # no rows for this rank's experts: still one backward all-to-all per forward one on every
         # rank of the group (collectives must match), with a zero gradient
         computed = computed + 0 * rows.sum()
     back = _AllToAll.apply(computed, recv, send, group)
-    weighted = back * gate.reshape(-1)[order].unsqueeze(1)
+    weighted = back * gate.reshape(-1)[order].unsqueeze(1).to(back.dtype)
     return torch.zeros_like(x).index_add(0, token_of, weighted).view(shape)

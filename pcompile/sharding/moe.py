@@ -8,7 +8,11 @@ tokens the experts read. The experts are then either
            reading the tokens, one elementwise activation, a Linear; each output multiplied by
            the expert's gate column and summed (`output`: the sum of all experts' terms)
   stacked  batched expert weights, one tensor per projection with the experts along dim 0
-           (Hugging Face Mixtral / Qwen-MoE under torch.export: gate_up_proj, down_proj)
+           (Hugging Face Mixtral / Qwen-MoE under torch.export: gate_up_proj, down_proj). When
+           they are read as HF's grouped-mm experts - grouped_mm(x, gate_up^T) -> chunk(2) ->
+           act(gate) * up -> grouped_mm(., down^T) -> times the gates -> summed back to the
+           tokens' shape - `gated` records it: (gate_up, down, activation, the experts'
+           input) and `output` the mixture
 
 `find_moe_layers(ir)` returns one MoELayer per top-k that fits, in graph order; the expert
 parallel rewrite (passes/expert_parallel.py) reads it.
@@ -65,6 +69,7 @@ class MoELayer:
     # modules form: the (tokens, experts) gate matrix scatter(zeros, -1, indices, gates) when
     # every expert's term is its column times its output (what makes `output` the top-k mixture)
     combine: fx.Node | None = None
+    gated: tuple | None = None  # stacked form: (gate_up name, down name, activation, experts' input node)
     notes: tuple[str, ...] = field(default=())
 
     @property
@@ -216,8 +221,65 @@ def moe_layer_at(ir: IR, topk: fx.Node) -> MoELayer | None:
     stacked = tuple(name for name, p in gm.named_parameters()
                     if name.startswith(owner + ".") and name != weight and p.dim() == 3 and p.shape[0] == num_experts)
     if stacked:
-        return MoELayer(form="stacked", stacked=stacked, **common)
+        found = _grouped_mm(ir, stacked, tuple(ir.meta(tokens).shape) if ir.has_meta(tokens) else None, gates)
+        gated, output = (found[:4], found[4]) if found else (None, None)
+        return MoELayer(form="stacked", stacked=stacked, gated=gated, output=output, **common)
     return None
+
+
+def _read_through(node: fx.Node) -> fx.Node:
+    """A parameter read through transposes and casts."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.args and \
+            (node.target in _CASTS or node.target in (torch.ops.aten.transpose.int, torch.transpose)):
+        node = node.args[0]
+    return node
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _grouped_mm(ir: IR, stacked: tuple[str, ...], token_shape, gates) -> tuple | None:
+    """(gate_up, down, activation, experts' input, output) of HF's grouped-mm experts, or None."""
+    mms = {}
+    for node in ir.graph.nodes:
+        if node.op == "call_function" and len(node.args) >= 2 and isinstance(node.args[1], fx.Node):
+            read = _read_through(node.args[1])
+            if read.op == "get_attr" and read.target in stacked:
+                mms[read.target] = node
+    if len(mms) != 2:
+        return None
+    first, second = sorted(mms.values(), key=lambda n: list(ir.graph.nodes).index(n))
+    chunk = _single_user(first)
+    if not _is(chunk, {torch.ops.aten.chunk.default, torch.chunk}) or chunk.args[1:] not in ((2, -1), (2,)):
+        return None
+    gate, up = _getitem(chunk, 0), _getitem(chunk, 1)
+    act = _single_user(gate) if gate is not None else None
+    product = _single_user(act) if act is not None and act.target in _ACTIVATIONS else None
+    if product is None or not _is(product, _MUL) or set(product.args) != {act, up} or \
+            _through_casts(second.args[0]) is not product:
+        return None
+    node, gated = second, False
+    while node is not None and (not ir.has_meta(node) or tuple(ir.meta(node).shape or ()) != token_shape):
+        gated = gated or (_is(node, _MUL) and any(gates in _ancestors(a, 12) for a in node.args
+                                                  if isinstance(a, fx.Node) and a is not second))
+        node = _single_user(node)
+    if node is None or not gated:
+        return None
+    source = _through_casts(first.args[0])
+    expert_input = source.args[0] if _is(source, {torch.ops.aten.index.Tensor}) else None
+    if expert_input is None:
+        return None
+    return (str(_read_through(first.args[1]).target), str(_read_through(second.args[1]).target),
+            _ACTIVATIONS[act.target], expert_input, node)
+
+
+def _ancestors(node: fx.Node, depth: int) -> set:
+    seen, frontier = {node}, [node]
+    for _ in range(depth):
+        frontier = [a for n in frontier for a in n.all_input_nodes if a not in seen]
+        seen.update(frontier)
+    return seen
 
 
 def find_moe_layers(ir: IR) -> list[MoELayer]:

@@ -1,5 +1,7 @@
 """Rank functions for the expert-parallel tests: the built-in MoE GPT (4 experts, top-2, two
-blocks) trained side by side with its serial copy under plans with ep, one launch for many."""
+blocks) and the batch-statistics test's Hugging Face Mixtral (4 experts as batched weights,
+top-2, aux loss) trained side by side with their serial copies under plans with ep, one launch
+for many."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pcompile.models import MoEGPT, MoEGPTConfig, moe_gpt_inputs
-from pcompile.runtime.expert_parallel import expert_mixture
+from pcompile.runtime.expert_parallel import expert_mixture, gated_expert_mixture
 from tests.distributed.ranks import train_side_by_side
 
 CFG = MoEGPTConfig(num_layers=2, num_experts=4, top_k=2, hidden=16, num_heads=2, seq_len=8, vocab_size=32)
@@ -30,13 +32,17 @@ def skewed(cfg: MoEGPTConfig) -> MoEGPT:
 
 
 def _held(cm) -> float:
-    """Experts per MoE layer this rank holds (parameters with values; 4 per expert, 2 layers)."""
+    """Experts per MoE layer this rank holds: the chunk of batched expert weights, or the
+    expert parameters with values (4 per expert, 2 layers)."""
+    stacked = [p.shape[0] for n, p in cm.gm.named_parameters() if ".experts." in n and p.dim() == 3]
+    if stacked:
+        return stacked[0]
     return sum(p.numel() > 0 for n, p in cm.gm.named_parameters() if ".experts." in n) / 4 / CFG.num_layers
 
 
-def _norm_gap(cm, serial, cfg) -> float:
+def _norm_gap(cm, serial, inputs) -> float:
     """One more step: the gradient norm clipping computes (the experts counted once) vs serial's."""
-    batch = moe_gpt_inputs(cfg, BATCH, seed=7)
+    batch = inputs(7)
     cm.train_step(*batch)
     serial(*batch).backward()
     got = cm.clip_grad_norm_(1e9).item()
@@ -65,11 +71,16 @@ def compare_many(cases) -> list[dict]:
     for coef, plan, *options in cases:
         cfg = dataclasses.replace(CFG, aux_loss_coef=coef)
         build = (lambda: skewed(cfg)) if "skewed" in options else (lambda: MoEGPT(cfg))
+        inputs = lambda step: moe_gpt_inputs(cfg, BATCH, seed=step)  # noqa: E731
+        if "mixtral" in options:  # HF Mixtral (export; batched experts, aux loss 0.1): the statistics test's
+            from tests.distributed.ranks_statistics import batch, mixtral
+
+            build, inputs = mixtral, batch
         with mock.patch.object(dist, "all_to_all_single", wraps=dist.all_to_all_single) as all_to_all:
-            cm, serial, loss_diff, grad_diff, losses = train_side_by_side(
-                build, lambda step: moe_gpt_inputs(cfg, BATCH, seed=step), plan, steps=3, lr=1e-2)
+            cm, serial, loss_diff, grad_diff, losses = train_side_by_side(build, inputs, plan, steps=3, lr=1e-2)
+        mixtures = sum(n.target in (expert_mixture, gated_expert_mixture) for n in cm.ir.graph.nodes)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
-                    "losses": losses, "mixtures": sum(n.target is expert_mixture for n in cm.ir.graph.nodes),
-                    "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, cfg),
+                    "losses": losses, "mixtures": mixtures,
+                    "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, inputs),
                     "checkpoint_refused": _checkpoint_refused(cm)})
     return out

@@ -1,7 +1,8 @@
 """Expert parallelism equals the serial model: the built-in MoE GPT (4 experts, top-2, 2 blocks)
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
-attention) with it, and dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive
-no rows, yet take part in every all-to-all), loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
+attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive
+no rows, yet take part in every all-to-all), and Hugging Face Mixtral (batched experts, its aux
+loss) under dp4·ep4 and dp4·ep2, loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
 mixtures replaced (2 expert_mixture nodes) and the tokens really dispatched (per rank and step,
 per layer one all-to-all of counts and two of rows forward, two backward); each rank holds
 E/ep experts per layer, the gradient norm clipping computes counts each expert once (equal to
@@ -11,7 +12,8 @@ from pcompile import Plan
 from tests.distributed.ranks_moe import compare_many
 
 CASES = [(0.0, Plan.uniform(dp=4, ep=4)), (0.0, Plan.uniform(dp=4, ep=2)), (0.01, Plan.uniform(dp=4, ep=4)),
-         (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed")]
+         (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
+         (0.0, Plan.uniform(dp=4, ep=4), "mixtral"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral")]
 
 
 def test_expert_parallel_matches_serial():

@@ -1,7 +1,8 @@
 """The expert-parallel rewrite on the graph (passes/expert_parallel.py): each MoE block's dense
 mixture becomes one expert_mixture node reading every expert's parameters (the router, top-k
 and aux loss stay), and what it cannot run exactly is refused naming the layer: batched experts
-(HF Mixtral), experts that do not split over ep, no MoE layer, ZeRO-3 / pipeline with ep."""
+with tp, experts that do not split over ep, no MoE layer, ZeRO-3 with ep; HF Mixtral's batched
+experts become one gated_expert_mixture per layer, their weights split over "ep"."""
 import dataclasses
 
 import pytest
@@ -10,8 +11,9 @@ import torch
 import pcompile
 from pcompile import Plan
 from pcompile.errors import PcompileError
+from pcompile.ir import Shard
 from pcompile.models import GPT, GPTConfig, MoEGPT, MoEGPTConfig, gpt_inputs, moe_gpt_inputs
-from pcompile.runtime.expert_parallel import expert_mixture
+from pcompile.runtime.expert_parallel import expert_mixture, gated_expert_mixture
 
 CFG = MoEGPTConfig(num_layers=2, num_experts=4, top_k=2, hidden=16, num_heads=2, seq_len=8, vocab_size=32,
                    aux_loss_coef=0.01)
@@ -36,12 +38,26 @@ def test_dense_mixture_becomes_one_dispatch_per_block():
     assert sum(n.target is torch.topk for n in ir.graph.nodes) == 2  # the aux loss still reads the router
 
 
+def test_mixtral_batched_experts_split_over_ep():
+    from tests.distributed.ranks_statistics import batch, mixtral
+
+    torch.manual_seed(0)
+    ir = _rewrite(mixtral(), batch(0), Plan.uniform(dp=4, ep=2))
+    mixtures = [n for n in ir.graph.nodes if n.target is gated_expert_mixture]
+    assert [ir.meta(n).layer for n in mixtures] == ["model.model.layers.0", "model.model.layers.1"]
+    assert mixtures[0].args[3:7] == ("silu", "ep", 2, 4)
+    name = "model.model.layers.0.mlp.experts.gate_up_proj"
+    assert [str(a.target) for a in mixtures[0].args[7:]] == [name, name.replace("gate_up", "down")]
+    assert ir.param_shardings[name] == Shard("ep", 0, 2)
+    assert not any("grouped_mm" in str(n.target) for n in ir.graph.nodes)
+
+
 def test_refusals():
     from tests.distributed.ranks_statistics import batch, mixtral
 
     torch.manual_seed(0)
-    with pytest.raises(PcompileError, match="batched weights.*Mixtral"):
-        _rewrite(mixtral(), batch(0), Plan.uniform(dp=2, ep=2))
+    with pytest.raises(PcompileError, match="batched experts with tp=2 are not supported"):
+        _rewrite(mixtral(), batch(0), Plan.uniform(dp=2, tp=2, ep=2))
     two = dataclasses.replace(CFG, num_experts=2)
     with pytest.raises(PcompileError, match="2 experts do not split over 4 ranks"):
         _rewrite(MoEGPT(two), moe_gpt_inputs(two, 4), Plan.uniform(dp=4, ep=4))

@@ -39,7 +39,11 @@ def test_hf_mixtral_under_export():
     torch.manual_seed(0)
     layers = find_moe_layers(_ir(mixtral(), batch(0)))
     assert [m.layer for m in layers] == ["model.model.layers.0", "model.model.layers.1"]
-    assert all(m.form == "stacked" and m.num_experts == 4 and m.top_k == 2 and m.output is None for m in layers)
+    assert all(m.form == "stacked" and m.num_experts == 4 and m.top_k == 2 for m in layers)
+    assert [m.output.name for m in layers] == ["sum_2", "sum_4"]  # the gated sum back in the tokens' shape
+    gate_up, down, activation, source = layers[0].gated
+    assert (gate_up.rpartition(".")[2], down.rpartition(".")[2], activation) == ("gate_up_proj", "down_proj", "silu")
+    assert source.name == "view_3"  # what the experts read (the router reads a reshape of it)
     assert layers[1].expert_params == ("model.model.layers.1.mlp.experts.gate_up_proj",
                                        "model.model.layers.1.mlp.experts.down_proj")
 
