@@ -29,7 +29,8 @@ ranks holding the same chunk and divided by dp as the modules form's.
 
 Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm (or
 with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers in a pipelined plan,
-under ZeRO-3, activation checkpointing or operator split, and different ep degrees in one plan.
+under ZeRO-3 / ZeRO-2, activation checkpointing or operator split, and different ep degrees in
+one plan.
 """
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
         raise PcompileError(f"{where}: its experts do not all have two Linears with (or all without) biases",
                             "give every expert the same two Linears, or use ep=1 for this layer")
     for name, on, fix in (("pipeline stages", ctx.plan.pp > 1, "pp=1"), ("ZeRO-3", strategy.sdp, "sdp=false"),
+                          ("ZeRO-2", strategy.zero2, "zero2=false"),
                           ("activation checkpointing", strategy.checkpoint, "checkpoint=false"),
                           ("operator split", strategy.split > 1, "split=1")):
         if on:

@@ -4,7 +4,8 @@ as the runtime runs them (pcompile.runtime.expert_parallel, passes/expert_parall
 Per rank and step, for one MoE layer of E experts, top-k routing, T tokens of the global
 batch, hidden size H and expert FLOPs f per routed token (2 x the expert's multiply-adds):
 
-  compute  ep = 1: the model's dense form (every expert on every token, gated), T/dp x E x f
+  compute  ep = 1: the built-in MoE's dense form (every expert on every token, gated),
+           T/dp x E x f; HF's grouped-mm experts T/dp x k x f (dropless already)
            ep > 1: the dropless dispatch, T/dp x k x f x imbalance (the busiest rank of the
            group waits for its most loaded experts; 1 = uniform routing)
            backward twice the forward
@@ -40,6 +41,8 @@ class MoEShape:
     hidden: int  # values per token row sent
     expert_params: int  # parameters of one expert
     flops_per_token: float  # forward FLOPs of one expert on one token
+    dense: bool = True  # without ep every expert runs on every token (the built-in MoE's form);
+    # False: the model's own dispatch is dropless already (HF's grouped-mm experts)
 
 
 @dataclass(frozen=True)
@@ -67,17 +70,22 @@ def moe_shapes(ir: IR) -> list[MoEShape]:
     """The MoE layers of an analysed IR (shapes pass run) with the numbers the price needs."""
     out = []
     for moe in find_moe_layers(ir):
-        if moe.form != "modules":
+        if moe.form == "stacked" and moe.gated is None:
             continue
         shape = ir.meta(moe.tokens).shape
         tokens = 1
         for size in shape[:-1]:
             tokens *= size
-        expert = moe.experts[0]
-        params = sum(ir.gm.get_parameter(name).numel() for name in expert.params)
-        weights = [ir.gm.get_parameter(name) for name in expert.params if name.endswith("weight")]
-        flops = float(sum(2 * w.numel() for w in weights))  # a multiply-add per weight per token
-        out.append(MoEShape(moe.layer, moe.num_experts, moe.top_k, tokens, shape[-1], params, flops))
+        if moe.form == "modules":
+            expert = moe.experts[0]
+            params = sum(ir.gm.get_parameter(name).numel() for name in expert.params)
+            weights = [ir.gm.get_parameter(name).numel() for name in expert.params if name.endswith("weight")]
+        else:  # batched: one expert's slice of each stacked weight
+            weights = [ir.gm.get_parameter(name)[0].numel() for name in moe.gated[:2]]
+            params = sum(weights)
+        flops = float(sum(2 * w for w in weights))  # a multiply-add per weight per token
+        out.append(MoEShape(moe.layer, moe.num_experts, moe.top_k, tokens, shape[-1], params, flops,
+                            dense=moe.form == "modules"))
     return out
 
 
@@ -114,7 +122,7 @@ def expert_cost(shape: MoEShape, cluster: Cluster, dp: int, ep: int, *, first_ra
                             "pass 1.0 for uniform routing or the measured max / mean expert load")
     device = cluster.device_of(first_rank)
     local_tokens = shape.tokens / dp
-    rows = local_tokens * (shape.top_k * imbalance if ep > 1 else shape.num_experts)
+    rows = local_tokens * (shape.top_k * imbalance if ep > 1 else shape.num_experts if shape.dense else shape.top_k)
     forward = rows * shape.flops_per_token / device.peak_flops
     a2a = 0.0
     if ep > 1:

@@ -28,6 +28,21 @@ def test_shapes_read_from_the_ir():
                       for layer in ("blocks.0", "blocks.1")]
 
 
+def test_shapes_of_hf_mixtral():
+    from tests.distributed.ranks_statistics import batch, mixtral
+
+    torch.manual_seed(0)
+    ir = pcompile.compile(mixtral(), pcompile.Cluster.local(2), batch(0), plan=pcompile.Plan.uniform(dp=2),
+                          stop_after="layers")
+    first = moe_shapes(ir)[0]
+    per_expert = 2 * 64 * 32 + 32 * 64  # gate_up (2I, H) and down (H, I) of one expert
+    assert (first.num_experts, first.top_k, first.tokens, first.hidden) == (4, 2, 64, 32)
+    assert (first.expert_params, first.flops_per_token, first.dense) == (per_expert, 2.0 * per_expert, False)
+    cluster = pcompile.Cluster.preset("8xA100-80GB")
+    plain = expert_cost(first, cluster, dp=4, ep=1)
+    assert plain.compute == pytest.approx(expert_cost(first, cluster, dp=4, ep=2).compute)  # dropless already
+
+
 def test_ep_degrees_divide_experts_and_dp():
     assert ep_degrees(8, 8) == [2, 4, 8] and ep_degrees(4, 8) == [2, 4] and ep_degrees(6, 4) == [2]
     assert ep_degrees(3, 4) == []

@@ -1,7 +1,7 @@
 """The expert-parallel rewrite on the graph (passes/expert_parallel.py): each MoE block's dense
 mixture becomes one expert_mixture node reading every expert's parameters (the router, top-k
 and aux loss stay), and what it cannot run exactly is refused naming the layer: batched experts
-with tp, experts that do not split over ep, no MoE layer, ZeRO-3 with ep; HF Mixtral's batched
+with tp, experts that do not split over ep, no MoE layer, ZeRO-3 / ZeRO-2 with ep; HF Mixtral's batched
 experts become one gated_expert_mixture per layer, their weights split over "ep"."""
 import dataclasses
 
@@ -63,5 +63,7 @@ def test_refusals():
         _rewrite(MoEGPT(two), moe_gpt_inputs(two, 4), Plan.uniform(dp=4, ep=4))
     with pytest.raises(PcompileError, match="ZeRO-3 is not supported"):
         _rewrite(MoEGPT(CFG), moe_gpt_inputs(CFG, 4), Plan.uniform(dp=4, ep=2, sdp=True))
+    with pytest.raises(PcompileError, match="ZeRO-2 is not supported"):
+        _rewrite(MoEGPT(CFG), moe_gpt_inputs(CFG, 4), Plan.uniform(dp=4, ep=2, zero2=True))
     with pytest.raises(PcompileError, match="no layer it names has a mixture of experts"):
         _rewrite(GPT(GPTConfig(num_layers=1)), gpt_inputs(GPTConfig(), 4), Plan.uniform(dp=2, ep=2))
