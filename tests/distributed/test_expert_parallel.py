@@ -1,19 +1,24 @@
 """Expert parallelism equals the serial model: the built-in MoE GPT (4 experts, top-2, 2 blocks)
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
-attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive
-no rows, yet take part in every all-to-all), and Hugging Face Mixtral (batched experts, its aux
-loss) under dp4·ep4 and dp4·ep2, loss and every gradient within 1e-5 after each of 3 AdamW steps, the dense
-mixtures replaced (2 expert_mixture nodes) and the tokens really dispatched (per rank and step,
-per layer one all-to-all of counts and two of rows forward, two backward); each rank holds
-E/ep experts per layer, the gradient norm clipping computes counts each expert once (equal to
-serial's), and checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
+attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive no
+rows, yet take part in every all-to-all), Hugging Face Mixtral (batched experts, its aux loss)
+under dp4·ep4 and dp4·ep2, and a ZeRO-3 embedding / head with ep4 blocks: loss and every
+gradient within 1e-5 after each of 3 AdamW steps, the dense mixtures replaced (2 mixture nodes)
+and the tokens really dispatched (per rank and step, per layer one all-to-all of counts and two
+of rows forward, two backward); each rank holds E/ep experts per layer, the gradient norm
+clipping computes counts each expert once (equal to serial's), and checkpoint.save refuses (not
+supported with ep yet). One 4-rank launch."""
 import pcompile
 from pcompile import Plan
+from pcompile.plan import LayerAssignment, Strategy
 from tests.distributed.ranks_moe import compare_many
 
+EP4 = Strategy(dp=4, ep=4)
+SDP_EP = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),  # ZeRO-3 embedding and head, ep4 blocks
+              layers=(LayerAssignment("blocks.0", EP4), LayerAssignment("blocks.1", EP4)))
 CASES = [(0.0, Plan.uniform(dp=4, ep=4)), (0.0, Plan.uniform(dp=4, ep=2)), (0.01, Plan.uniform(dp=4, ep=4)),
          (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
-         (0.0, Plan.uniform(dp=4, ep=4), "mixtral"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral")]
+         (0.0, Plan.uniform(dp=4, ep=4), "mixtral"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"), (0.01, SDP_EP)]
 
 
 def test_expert_parallel_matches_serial():
@@ -21,4 +26,5 @@ def test_expert_parallel_matches_serial():
     for (coef, plan, *options), r in zip(CASES, results):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
         assert r["mixtures"] == 2 and r["all_to_alls"] == 3 * 2 * 5, r
-        assert r["held"] == 4 // plan.default.ep and r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
+        assert r["held"] == 4 // plan.strategy_for("blocks.0").ep, r
+        assert r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
