@@ -16,7 +16,7 @@ import numpy as np
 
 from pcompile.errors import PcompileError
 from pcompile.search.result import Baseline, size_text
-from pcompile.search.space import Setting, even_segments
+from pcompile.search.space import Setting, even_segments, p2p_time
 
 DESCRIPTIONS = {
     "dp": "pure data parallel on every device",
@@ -41,7 +41,7 @@ def uniform_costs(setting: Setting, tables, budgets, segments, p2p_bandwidth: fl
             t = t + (tab.fwd_time[rows] + tab.bwd_time[rows]).sum(axis=0)
             t = t + np.diagonal(tab.switch_time[a:b - 1], axis1=1, axis2=2).sum(axis=0)
             if b - 1 < last:
-                t = t + 2 * (p2p_latency + tab.boundary_bytes[b - 1] / p2p_bandwidth)
+                t = t + p2p_time(tab, b - 1, p2p_bandwidth, p2p_latency)
             sync = sync + tab.sync_time[rows].sum(axis=0)
             state = state + tab.state_memory[rows].sum(axis=0)
             act = act + tab.activation_memory[rows].sum(axis=0)

@@ -39,3 +39,13 @@ class CostTable:
     @property
     def num_strategies(self) -> int:
         return len(self.strategies)
+
+    @property
+    def send_split(self) -> int:
+        """How many links a pipeline send's boundary bytes spread over, at least: each of a stage's
+        dp replicas sends its own part of the micro-batch to its peer in the next stage, in
+        parallel; the smallest dp among the stage's strategies (exact when the stage's layers run
+        at it - a uniform tp x dp pipeline at its largest tp - conservative otherwise: the search
+        prices a send before choosing the strategies)."""
+        dps = [s.dp for s in self.strategies if s.dp * s.tp == self.devices_per_stage]
+        return min(dps, default=1)

@@ -149,7 +149,7 @@ class SearchContext:
         priced = np.where(finite[None], cost[None] + lams[:, None, None] * weight[None], np.inf)
         dual = (priced.min(axis=2).sum(axis=1) - lams * sum(budgets)).max()
         p = self.problem
-        sends = min((float(np.min(2 * (p.p2p_latency + t.boundary_bytes / p.p2p_bandwidth)))
+        sends = min((float(np.min(2 * (p.p2p_latency + t.boundary_bytes / t.send_split / p.p2p_bandwidth)))
                      for t in distinct.values() if t.num_layers > 1), default=0.0)
         return max(single, float(dual + (pp * setting.chunks - 1) * c * sends) / pp)
 

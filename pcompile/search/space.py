@@ -280,8 +280,9 @@ def balanced_split(costs: list[float], num_stages: int, first: float = 0.0, last
 
 
 def p2p_time(table: CostTable, layer: int, bandwidth: float, latency: float) -> float:
-    """Sending the activation after `layer` to the next stage and its gradient back."""
-    return 2 * (latency + table.boundary_bytes[layer] / bandwidth)
+    """Sending the activation after `layer` to the next stage and its gradient back, each dp
+    replica its part over its own link (CostTable.send_split)."""
+    return 2 * (latency + table.boundary_bytes[layer] / table.send_split / bandwidth)
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def oracle(problem):
                         if l + 1 < b:
                             T += tab.switch_time[l, s, choices[:, l + 1]]
                     if b < L:
-                        T += 2 * (problem.p2p_latency + tab.boundary_bytes[b - 1] / problem.p2p_bandwidth)
+                        sent = tab.boundary_bytes[b - 1] / tab.send_split  # each dp replica its part
+                        T += 2 * (problem.p2p_latency + sent / problem.p2p_bandwidth)
                 value = np.maximum(value, c * T + sync)
                 fits &= state + setting.in_flight(k) * act + temp <= budgets[k]
             value = np.where(fits & np.isfinite(value), value, np.inf)
