@@ -1,0 +1,103 @@
+"""Expert parallelism on 4 gloo ranks (issue #18, partial): the built-in MoE GPT (8 experts,
+top-2) trained under dp4, dp4·ep2 and dp4·ep4, one launch. Per plan:
+1. measured step time (median of STEPS train steps after 2 warm-up steps, rank 0);
+2. expert bytes each rank holds (parameters with values) next to pcompile/cost/moe.py's
+   expert_cost (E/ep experts per rank), and the price's all-to-all and expert compute seconds
+   on Cluster.local(4) (alpha-beta on its link, the device's FLOP/s);
+3. tokens per expert of the first block's router on the first batch (max / mean per expert,
+   which the price takes as the busiest rank's imbalance: an upper bound, a rank holding
+   several experts averages some of it out).
+Measured on 2 shared cores (4 ranks): dp4 409.6 ms, dp4·ep2 206.1 ms, dp4·ep4 210.2 ms per step
+(dp runs the dense-written mixture, every expert on every token; ep the dropless top-2), expert
+bytes per rank 8.04 / 4.02 / 2.01 MiB, equal to the price's.
+Not here yet (#18): the plan's predicted step time with ep (the search's pricing does not know
+ep: pcompile.estimate prices the dense mixture), tokens before / after rebalancing (no FlexMoE
+rebalancing yet), the search's choice for a memory-bound MoE on 8 A100s (the search does not
+offer ep).
+
+Usage: python benchmarks/moe.py. Last line: key=value.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pcompile  # noqa: E402
+from pcompile import Plan  # noqa: E402
+from pcompile.cost.moe import expert_cost, moe_shapes  # noqa: E402
+from pcompile.models import MoEGPT, MoEGPTConfig, moe_gpt_inputs  # noqa: E402
+
+CFG = MoEGPTConfig(vocab_size=512, seq_len=64, hidden=128, num_heads=4, num_layers=2, num_experts=8, top_k=2,
+                   aux_loss_coef=0.01)
+BATCH, STEPS = 16, 5
+PLANS = {"dp4": Plan.uniform(dp=4), "dp4ep2": Plan.uniform(dp=4, ep=2), "dp4ep4": Plan.uniform(dp=4, ep=4)}
+
+
+def _loads(model: MoEGPT, ids: torch.Tensor) -> list[int]:
+    """Tokens routed to each expert of the first block (top-k assignments) on `ids`."""
+    with torch.no_grad():
+        x = model.tok_emb(ids) + model.pos_emb(torch.arange(ids.shape[1]))
+        block = model.blocks[0]
+        x = x + block.attn(block.ln1(x))
+        chosen = torch.topk(block.moe.router(block.ln2(x)), CFG.top_k, dim=-1).indices
+    return torch.bincount(chosen.flatten(), minlength=CFG.num_experts).tolist()
+
+
+def run() -> dict:
+    out = {}
+    for name, plan in PLANS.items():
+        torch.manual_seed(0)
+        model = MoEGPT(CFG)
+        loads = _loads(model, moe_gpt_inputs(CFG, BATCH)[0])
+        cm = pcompile.compile(model, pcompile.Cluster.local(4), moe_gpt_inputs(CFG, BATCH), plan=plan)
+        optimizer = torch.optim.AdamW(cm.parameters(), lr=1e-3)
+        times = []
+        for step in range(STEPS + 2):
+            batch = moe_gpt_inputs(CFG, BATCH, seed=step)
+            start = time.perf_counter()
+            cm.train_step(*batch)
+            optimizer.step()
+            optimizer.zero_grad()
+            times.append(time.perf_counter() - start)
+        held = sum(p.numel() * p.element_size() for n, p in cm.gm.named_parameters() if ".experts." in n)
+        out[name] = {"step_s": statistics.median(times[2:]), "held_bytes": held, "loads": loads}
+        cm.close()
+    return out
+
+
+def main() -> None:
+    t0 = time.time()
+    measured = pcompile.launch(run, 4, timeout=900)[0]
+    torch.manual_seed(0)
+    model = MoEGPT(CFG)
+    cluster = pcompile.Cluster.local(4)
+    ir = pcompile.compile(model, cluster, moe_gpt_inputs(CFG, BATCH), plan=Plan.uniform(dp=4), stop_after="layers")
+    shapes = moe_shapes(ir)
+    figures = {}
+    for name, plan in PLANS.items():
+        ep = plan.default.ep
+        loads = measured[name]["loads"]
+        imbalance = max(loads) / statistics.mean(loads)
+        costs = [expert_cost(s, cluster, dp=4, ep=ep, imbalance=imbalance if ep > 1 else 1.0) for s in shapes]
+        priced = sum(c.param_bytes for c in costs)
+        m = measured[name]
+        print(f"{name:8} step {m['step_s'] * 1e3:8.1f} ms   expert bytes held {m['held_bytes']:>9,} "
+              f"(priced {priced:>11,.0f})   expert compute {sum(c.compute for c in costs) * 1e3:7.3f} ms "
+              f"all-to-all {sum(c.all_to_all for c in costs) * 1e3:7.3f} ms (priced)   "
+              f"tokens per expert {loads} (max/mean {imbalance:.2f})")
+        figures[f"{name}_step_ms"] = round(m["step_s"] * 1e3, 1)
+        figures[f"{name}_expert_mib"] = round(m["held_bytes"] / 2**20, 3)
+        assert m["held_bytes"] == priced, (name, m["held_bytes"], priced)
+    figures["imbalance"] = round(imbalance, 2)
+    figures["seconds"] = round(time.time() - t0, 1)
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
