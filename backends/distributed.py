@@ -77,10 +77,6 @@ class CompiledModel:
         self.layout = self.ir.mixed_layout  # per-layer (dp, tp) groupings, or None
         self.device = rank_device()
         if plan.pp > 1:
-            if any(plan.strategy_for(layer).zero2 for layer in self.ir.layers):
-                raise PcompileError(f"ZeRO-2 (zero2) layers in a pipelined plan (pp={plan.pp}) are not run by "
-                                    "the pipeline backend", "use zero2 with pp=1, or sdp / dp layers in a "
-                                    "pipelined plan (the search only offers zero2 with pp=1)")
             return self._lower_pipeline()
         gm = copy.deepcopy(self.ir.gm)
         self.materialised = not materialise.on_meta(gm)  # a meta model: values from init/load_weights
@@ -143,6 +139,7 @@ class CompiledModel:
                                 "run the 'pipeline_split' pass last among the rewrites (pcompile.api.PIPELINE)")
         uid = next(_COMPILE_IDS)
         self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device, uid, self.compute_dtype)
+        self.zero2 = self._pipeline.zero2  # its chunks take the values init_weights / load_weights set
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
         self._prefix = f"pcompile{uid}"
         self.streams = random_streams.bind(self._pipeline.modules, self.plan, self.device, self._prefix)

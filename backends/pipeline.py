@@ -9,7 +9,10 @@ stage's tp group and gradients are averaged over the dp group after the schedule
 ZeRO-3 (sdp) layers keep this rank's dp chunk of their parameters (of its tp shard); their
 `sdp_gather` nodes are bound to the stage's dp group, so each micro-batch gathers them and
 reduce-scatters (averages over dp) its gradient into the chunk's .grad, where the
-micro-batches accumulate; those gradients skip the dp all-reduce.
+micro-batches accumulate; those gradients skip the dp all-reduce. ZeRO-2 (zero2) layers keep
+their parameters whole and this rank's dp chunk of each for the optimizer
+(pcompile.runtime.zero2): their buckets are reduce-scattered as the last micro-batch's backward
+completes them, and the chunks all-gathered into the parameters before the step's first forward.
 
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
@@ -36,7 +39,7 @@ from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
-from pcompile.runtime import collectives, grad_sync, materialise, precision, rng
+from pcompile.runtime import collectives, grad_sync, materialise, precision, rng, zero2
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
@@ -144,6 +147,9 @@ class PipelineRuntime:
             bind_axes(module, keys)
         self.owners = _owners(split)
         self.tie_groups = self._tie_groups()
+        z2 = zero2.shardings(ir, plan)  # the optimizer's piece of each parameter over dp: ZeRO-3's and ZeRO-2's chunks
+        self.sdp_shardings = {**self.sdp_shardings, **z2}
+        self.zero2 = self._zero2(z2, plan.num_microbatches) if z2 else None
         self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 else None
         num_stages = len(split.stages)
         self.stages = [_without_side_effects(PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"]))
@@ -174,21 +180,35 @@ class PipelineRuntime:
             out.append((name, by_holders[holders]))
         return out
 
-    def _overlapped_dp(self, microbatches: int) -> grad_sync.OverlappedAllReduce:
-        """dp averaging issued during the last micro-batch's backward: a parameter gets one
-        accumulation per micro-batch and stage of this rank holding it."""
+    def _accumulations(self, microbatches: int) -> tuple[list[torch.nn.Parameter], dict[int, int]]:
+        """This rank's parameters once each, and id -> gradient accumulations per step: one per
+        micro-batch and stage of this rank holding it."""
         holders: dict[int, int] = {}
-        params, seen = [], set()
+        params = {}
         for module in self.modules:
             for p in {id(p): p for p in module.parameters()}.values():
                 holders[id(p)] = holders.get(id(p), 0) + 1
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    holder = p if self.masters is None else self.masters.master(p)
-                    if id(holder) not in self.sdp_params:
-                        params.append((p, holder))
-        expected = {key: count * microbatches for key, count in holders.items()}
-        return grad_sync.OverlappedAllReduce(params, self.groups["dp"], self.dp, expected)
+                params.setdefault(id(p), p)
+        return list(params.values()), {key: count * microbatches for key, count in holders.items()}
+
+    def _zero2(self, shardings: dict, microbatches: int) -> zero2.ShardedGradients:
+        """ZeRO-2 for this rank's zero2 parameters (after the masters' hooks, like the dp sync)."""
+        names = {id(p): name for module in self.modules for name, p in module.named_parameters(remove_duplicate=False)}
+        params, expected = self._accumulations(microbatches)
+        members = [(p, p if self.masters is None else self.masters.master(p), shardings[names[id(p)]])
+                   for p in params if names[id(p)] in shardings]
+        return zero2.ShardedGradients(members, self.groups, self.coords, self.dp, expected)
+
+    def _overlapped_dp(self, microbatches: int) -> grad_sync.OverlappedAllReduce:
+        """dp averaging issued during the last micro-batch's backward, for what neither ZeRO shards."""
+        params, expected = self._accumulations(microbatches)
+        pairs = []
+        for p in params:
+            holder = p if self.masters is None else self.masters.master(p)
+            zero2_param = self.zero2 is not None and self.zero2.chunk(holder) is not holder
+            if id(holder) not in self.sdp_params and not zero2_param:
+                pairs.append((p, holder))
+        return grad_sync.OverlappedAllReduce(pairs, self.groups["dp"], self.dp, expected)
 
     def process_groups(self) -> list[dist.ProcessGroup]:
         """Every group this rank created and belongs to: the mesh's axes and the tied weights'."""
@@ -202,7 +222,8 @@ class PipelineRuntime:
             for name, p in module.named_parameters(remove_duplicate=False):
                 if id(p) not in seen:
                     seen.add(id(p))
-                    yield self.split.canonical.get(name, name), p if self.masters is None else self.masters.master(p)
+                    p = p if self.masters is None else self.masters.master(p)
+                    yield self.split.canonical.get(name, name), p if self.zero2 is None else self.zero2.chunk(p)
 
     def parameters(self):
         for _, p in self.named_parameters():
@@ -220,6 +241,8 @@ class PipelineRuntime:
             raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
                                 f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
         counts = step_counts(self.ir.loss_counts, local_inputs, self.groups["dp"] if self.dp > 1 else None)
+        if self.zero2 is not None:  # the chunks the optimizer stepped -> the replicated parameters
+            self.zero2.pull()
         if self.masters is not None:
             self.masters.pull()
             local_inputs = self.masters.cast_inputs(local_inputs)
@@ -233,12 +256,16 @@ class PipelineRuntime:
         losses: list[torch.Tensor] = []
         if self._dp_sync is not None:
             self._dp_sync.begin(sync)
+        if self.zero2 is not None:
+            self.zero2.begin(sync)
         self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
                            **kwargs)  # under mixed precision: accumulated in the fp32 masters (precision.py)
+        if self.zero2 is not None:  # its buckets reduce-scattered during the last micro-batch's backward
+            self.zero2.finish()
         if sync:
             if self._dp_sync is not None:  # sdp chunks' gradients were reduce-scattered over dp in backward
                 self._dp_sync.finish()
-            self._sum_tied(params)
+            self._sum_tied(params)  # a zero2 weight's chunks: the same piece on every pp rank holding it
         return self._global_loss(losses)
 
     def eval_step(self, local_inputs: tuple) -> torch.Tensor:
@@ -306,7 +333,9 @@ class PipelineRuntime:
         state: dict[str, torch.Tensor] = {}
         for module in self.modules:
             state.update(module.state_dict(keep_vars=True))
-        return state if self.masters is None else {k: self.masters.master(v) for k, v in state.items()}
+        if self.masters is not None:
+            state = {k: self.masters.master(v) for k, v in state.items()}
+        return state if self.zero2 is None else {k: self.zero2.chunk(v) for k, v in state.items()}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         local = self._local_state()

@@ -42,11 +42,10 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
     - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals);
     - sdp with tp > 1 in a pipelined plan on a layer reading a tied weight (`tied`: refused by
       sharded_data_parallel; exact elsewhere, tests/distributed/test_pipeline.py);
-    - zero2 in a pipelined plan (the pipeline backend refuses it);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`)."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
-        return (pipelined and s.zero2) or (dp_one and s.dp > 1)
+        return dp_one and s.dp > 1
 
     def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
         return ((s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])

@@ -78,10 +78,12 @@ class _Member:
 class ShardedGradients:
     """ZeRO-2 for `params`: (leaf, holder, Shard) in registration order, each holder's .grad
     reduce-scattered over groups[shard.axis] and divided by `divisor`; `coords`: this rank's
-    coordinate on each axis."""
+    coordinate on each axis; `expected`: id(leaf) -> accumulations per step (default 1; a
+    pipeline rank: one per micro-batch and stage holding it, so a bucket goes with the last
+    micro-batch's backward)."""
 
     def __init__(self, params: list[tuple[torch.Tensor, torch.Tensor, Shard]], groups: dict, coords: dict,
-                 divisor: int, bucket_bytes: int | None = None):
+                 divisor: int, expected: dict[int, int] | None = None, bucket_bytes: int | None = None):
         self.groups, self.divisor = groups, divisor
         members = []
         for leaf, holder, shard in params:
@@ -95,8 +97,9 @@ class ShardedGradients:
             sizes = [m.holder.numel() * m.holder.element_size() for m in run]
             self.buckets += [run[a:b] for a, b in bucket_ranges(sizes, bucket_bytes or BUCKET_BYTES)]
         self._bucket_of = {id(m.leaf): i for i, bucket in enumerate(self.buckets) for m in bucket}
+        self._expected = {id(m.leaf): (expected or {}).get(id(m.leaf), 1) for m in members}
         self._ready = [0] * len(self.buckets)
-        self._done: set[int] = set()
+        self._counts: dict[int, int] = {}
         self._works: dict[int, tuple] = {}  # in flight, in issue order
         self._issued: set[int] = set()
         self._active = False
@@ -145,12 +148,14 @@ class ShardedGradients:
             if m.marker is not None and (m.chunk.grad is not m.marker[0] or m.marker[0]._version != m.marker[1]):
                 m.holder.grad, m.marker = None, None
         self._ready = [0] * len(self.buckets)
-        self._done, self._works, self._issued, self._active = set(), {}, set(), sync
+        self._counts, self._works, self._issued, self._active = dict.fromkeys(self._expected, 0), {}, set(), sync
 
     def _accumulated(self, leaf: torch.Tensor) -> None:
-        if not self._active or id(leaf) in self._done:
+        if not self._active:
             return
-        self._done.add(id(leaf))
+        self._counts[id(leaf)] += 1
+        if self._counts[id(leaf)] != self._expected[id(leaf)]:
+            return
         index = self._bucket_of[id(leaf)]
         self._ready[index] += 1
         if self._ready[index] == len(self.buckets[index]):
