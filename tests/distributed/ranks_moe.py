@@ -62,6 +62,31 @@ def _checkpoint_refused(cm) -> bool:
     return False
 
 
+def _accumulation(cm, serial, inputs) -> tuple[float, float]:
+    """4 train_steps before one optimizer step (3 under no_sync), then 4 synced ones without
+    zeroing, against the serial model's 4 backward passes (worst gradient gaps)."""
+    from tests.distributed.ranks import _max_diff
+
+    for p in list(cm.parameters()) + list(serial.parameters()):
+        p.grad = None
+    batches = [inputs(10 + step) for step in range(4)]
+    for batch in batches:
+        serial(*batch).backward()
+    expected = {n: p.grad for n, p in serial.named_parameters()}
+    for i, batch in enumerate(batches):
+        if i < 3:
+            with cm.no_sync():
+                cm.train_step(*batch)
+        else:
+            cm.train_step(*batch)
+    no_sync = _max_diff(cm.full_grads(), expected)
+    for p in cm.parameters():
+        p.grad = None
+    for batch in batches:
+        cm.train_step(*batch)
+    return no_sync, _max_diff(cm.full_grads(), expected)
+
+
 def compare_many(cases) -> list[dict]:
     """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
     steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
@@ -83,4 +108,6 @@ def compare_many(cases) -> list[dict]:
                     "losses": losses, "mixtures": mixtures,
                     "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, inputs),
                     "checkpoint_refused": _checkpoint_refused(cm)})
+        if "accumulate" in options:
+            out[-1]["no_sync_diff"], out[-1]["synced_diff"] = _accumulation(cm, serial, inputs)
     return out

@@ -5,9 +5,10 @@ rows, yet take part in every all-to-all), Hugging Face Mixtral (batched experts,
 under dp4·ep4 and dp4·ep2, and a ZeRO-3 embedding / head with ep4 blocks: loss and every
 gradient within 1e-5 after each of 3 AdamW steps, the dense mixtures replaced (2 mixture nodes)
 and the tokens really dispatched (per rank and step, per layer one all-to-all of counts and two
-of rows forward, two backward); each rank holds E/ep experts per layer, the gradient norm
-clipping computes counts each expert once (equal to serial's), and checkpoint.save refuses (not
-supported with ep yet). One 4-rank launch."""
+of rows forward, two backward); gradients accumulated over no_sync steps and over synced steps
+(dp4·ep4, dp4·ep2, Mixtral dp4·ep4) equal serial's sums; each rank holds E/ep experts per
+layer, the gradient norm clipping computes counts each expert once (equal to serial's), and
+checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
 import pcompile
 from pcompile import Plan
 from pcompile.plan import LayerAssignment, Strategy
@@ -16,9 +17,11 @@ from tests.distributed.ranks_moe import compare_many
 EP4 = Strategy(dp=4, ep=4)
 SDP_EP = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),  # ZeRO-3 embedding and head, ep4 blocks
               layers=(LayerAssignment("blocks.0", EP4), LayerAssignment("blocks.1", EP4)))
-CASES = [(0.0, Plan.uniform(dp=4, ep=4)), (0.0, Plan.uniform(dp=4, ep=2)), (0.01, Plan.uniform(dp=4, ep=4)),
+CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "accumulate"),
+         (0.01, Plan.uniform(dp=4, ep=4)),
          (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
-         (0.0, Plan.uniform(dp=4, ep=4), "mixtral"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"), (0.01, SDP_EP)]
+         (0.0, Plan.uniform(dp=4, ep=4), "mixtral", "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"),
+         (0.01, SDP_EP)]
 
 
 def test_expert_parallel_matches_serial():
@@ -28,3 +31,5 @@ def test_expert_parallel_matches_serial():
         assert r["mixtures"] == 2 and r["all_to_alls"] == 3 * 2 * 5, r
         assert r["held"] == 4 // plan.strategy_for("blocks.0").ep, r
         assert r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
+        if "accumulate" in options:
+            assert r["no_sync_diff"] < 1e-5 and r["synced_diff"] < 1e-5, r
