@@ -11,6 +11,7 @@ from pcompile.runtime import zero2
 from tests.distributed.ranks import _max_diff, gap
 from tests.distributed.ranks_mixed_precision import cross_load, run_bf16
 from tests.distributed.ranks_sdp import MODELS
+from tests.distributed.ranks_weights import train_from_file, weights
 
 
 def optimizer_numel(cm) -> tuple[int, int, int]:
@@ -76,10 +77,12 @@ def _eval(model, batch) -> float:
         return model(*batch).item()
 
 
-def run_all(cases: list[tuple], bf16: list, loads: list, directory: str) -> dict:
+def run_all(cases: list[tuple], bf16: list, loads: list, directory: str, meta: list = (), from_file: list = ()) -> dict:
     """`cases`: (model name, plan[, bucket bytes]); `bf16`, `loads`: ranks_mixed_precision's
-    run_bf16 and cross_load cases."""
+    run_bf16 and cross_load cases; `meta`, `from_file`: ranks_weights' weights and train_from_file
+    cases (a model built on the meta device, given values by init_weights / load_weights)."""
     return {"fp32": [train(*case) for case in cases],
+            "meta": [weights(*case) for case in meta], "from_file": [train_from_file(*case) for case in from_file],
             "bf16": [run_bf16(name, plan) for name, plan in bf16],
             "loads": [cross_load(name, save_as, load_as, f"{directory}/{i}")
                       for i, (name, save_as, load_as) in enumerate(loads)]}

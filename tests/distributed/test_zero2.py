@@ -7,16 +7,21 @@ layer at dp4 and dp2·tp2, beside dp and ZeRO-3 layers, and in a plan whose laye
 Under bf16 (fp32 masters) zero2 matches the serial bf16 policy as closely as the other plans
 do (test_mixed_precision.py's tolerances); a zero2 checkpoint loads under dp·tp in bf16 and a dp
 one under zero2 bit for bit, and both then take the same step.
-Pipelined: pp2·z2dp2 (1F1B, the tied embedding / head on two pp ranks) the same, in fp32 and bf16."""
+Pipelined: pp2·z2dp2 (1F1B, the tied embedding / head on two pp ranks) the same, in fp32 and bf16.
+A model built on the meta device gets the same values from init_weights / load_weights under
+zero2 as on one device, and trains from loaded weights as the serial model does."""
 import dataclasses
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import pcompile
 from pcompile import Plan
+from pcompile.models import GPT
 from pcompile.plan import LayerAssignment, Strategy
 from pcompile.runtime import zero2
+from tests.distributed.ranks_weights import CFG, meta_gpt
 from tests.distributed.ranks_zero2 import run_all
 from tests.distributed.test_mixed_precision import FIRST_GRADS, LATER_GRADS, LOSS_VS_BF16, LOSS_VS_FP32, _relative
 
@@ -39,13 +44,33 @@ LOADS = [("gpt", (Plan.uniform(dp=4, zero2=True), None), (Plan.uniform(dp=2, tp=
          ("gpt", (Plan.uniform(dp=4), None), (Plan.uniform(dp=2, tp=2, zero2=True), None))]
 
 
+SEED = 3
+
+
 @pytest.fixture(scope="module")
 def per_rank(tmp_path_factory):
-    return pcompile.launch(run_all, 4, CASES, BF16, LOADS, str(tmp_path_factory.mktemp("zero2")))
+    torch.manual_seed(7)
+    serial = GPT(CFG)
+    path = str(tmp_path_factory.mktemp("weights") / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in serial.state_dict().items() if k != "head.weight"}, path)  # tied
+    meta = [(Plan.uniform(dp=4, zero2=True), SEED, path), (PP2, SEED, path)]
+    out = pcompile.launch(run_all, 4, CASES, BF16, LOADS, str(tmp_path_factory.mktemp("zero2")), meta,
+                          [(Plan.uniform(dp=4, zero2=True), path)])
+    return out, serial.state_dict(), pcompile.init_weights(meta_gpt(), SEED).state_dict()
+
+
+def test_zero2_meta_models_get_their_weights(per_rank):
+    ranks, loaded, initialised = per_rank
+    for rank in ranks:
+        for r in rank["meta"]:
+            assert all(torch.equal(r["init"][k], v) for k, v in initialised.items())
+            assert all(torch.equal(r["loaded"][k], v) for k, v in loaded.items())
+        for r in rank["from_file"]:
+            assert r["loss_diff"] < TOLERANCE and r["grad_diff"] < TOLERANCE and r["param_diff"] < TOLERANCE, r
 
 
 def test_zero2_bf16_and_checkpoints(per_rank):
-    for rank in per_rank:
+    for rank in per_rank[0]:
         for r in rank["bf16"]:
             assert _relative(r["losses"], r["bf16_ref"]) < LOSS_VS_BF16, r
             assert _relative(r["losses"], r["fp32_ref"]) < LOSS_VS_FP32, r
@@ -59,7 +84,7 @@ def test_zero2_bf16_and_checkpoints(per_rank):
 
 
 def test_zero2_plans_match_serial(per_rank):
-    for rank in per_rank:
+    for rank in per_rank[0]:
         results = rank["fp32"]
         assert len(results) == len(CASES)
         for r in results:
