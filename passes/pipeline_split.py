@@ -100,17 +100,26 @@ def build_stage(ir: IR, stage_of: dict[fx.Node, int], index: int, inputs: list[f
     """The stage's GraphModule: forward(*inputs, **model_inputs) -> tuple(outputs) (or the loss)."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    # received values, model inputs and get_attrs keep the meta of the node they stand for (as
+    # node_copy keeps it for the rest): its shape and capture dtype, which the lowering reads
+    # (pcompile.runtime.precision.follow_run_time_dtype)
     for node in inputs:
         env[node] = graph.placeholder(node.name)
+        env[node].meta = dict(node.meta)
     for node in ir.graph.nodes:
         if node.op == "placeholder":
             default = node.args[0] if node.args else inspect.Signature.empty
             env[node] = graph.placeholder(node.target, default_value=default)
+            env[node].meta = dict(node.meta)
 
     def value(arg: fx.Node) -> fx.Node:
         """A value this stage reads: its own or a received one, or a free node re-created on first use."""
         if arg not in env and arg not in stage_of:
-            env[arg] = graph.get_attr(arg.target) if arg.op == "get_attr" else graph.node_copy(arg, value)
+            if arg.op == "get_attr":
+                env[arg] = graph.get_attr(arg.target)
+                env[arg].meta = dict(arg.meta)
+            else:
+                env[arg] = graph.node_copy(arg, value)
         return env[arg]
 
     for node in ir.graph.nodes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import torch
 
 from pcompile.errors import PcompileError
+from pcompile.ir.graph import META_KEY
 
 DTYPES = {None: None, "bf16": torch.bfloat16}
 
@@ -55,8 +56,10 @@ class MasterWeights:
         self._names = [name for name, _ in module.named_parameters()]  # one name per tensor (tied ones once)
         self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
                         for _, p in module.named_parameters()]
+        # export's baked `.to(input_dtype)` casts follow bf16 (below); first, while get_attr
+        # tensors still have their capture dtype
+        follow_run_time_dtype(module)
         module.to(dtype)  # tied parameters stay one tensor
-        follow_run_time_dtype(module)  # export's baked `.to(input_dtype)` casts follow bf16 (below)
         self._low = [p for _, p in module.named_parameters()]
         self._by_id = {id(low): master for low, master in zip(self._low, self.masters)}
         for low in self._low:
@@ -127,9 +130,11 @@ class MasterWeights:
 # Aliases: at capture a no-op `x.to(torch.float32)` returned x itself, so export recorded every
 # later use of x as a use of the cast - LlamaDecoderLayer's `residual + attn` reads RMSNorm's
 # upcast. At run time the cast makes a new fp32 tensor, and the residual stream would silently
-# turn fp32. A no-op upcast read outside its module call, by a module call that returned something
-# else, is therefore read there as the x it aliased (a module that returns its upcast - nothing
-# else of it read outside - keeps it). Not covered: a factory op given the capture dtype
+# turn fp32. A no-op upcast of a value from outside its module call (the caller holds it), read
+# outside that call, by a module call that returned something else, is therefore read there as
+# the x it aliased (a module that returns its upcast - nothing else of it read outside - keeps it).
+# Nodes the rewrites inserted (sp_split, tp_copy, gathers: no nn_module_stack) are transparent to
+# both walks: they run where the values they carry are read. Not covered: a factory op given the capture dtype
 # (`torch.full(..., dtype=x.dtype)`, an eager attention's float mask) stays fp32 and promotes
 # what it meets, as an fp32 constant would.
 _CASTS = {"to", "_to_copy", "convert_element_type"}
@@ -150,14 +155,28 @@ def _dtype_arg(node) -> tuple[int | str, object] | None:
 
 
 def _capture_dtype(value, depth: int = 8) -> torch.dtype | None:
-    """A node's dtype at capture: export's `val`. A node a rewrite inserted has none and takes the
-    dtype of its first floating input (collectives, gathers and vocab-parallel lookups keep
-    their data's dtype: tp_reduce, sdp_gather, vocab_embedding's weight)."""
+    """A node's dtype at capture: export's `val`, else the IR's NodeMeta (the shapes pass and the
+    rewrites record it; a checkpoint region's inputs carry their outer node's). Failing both, a
+    node a rewrite inserted takes the dtype of its first floating input (collectives, gathers and
+    vocab-parallel lookups keep their data's dtype: tp_reduce, sdp_gather, vocab_embedding)."""
     if not isinstance(value, torch.fx.Node):
         return None
     val = value.meta.get("val")
     if isinstance(val, torch.Tensor):
         return val.dtype
+    recorded = getattr(value.meta.get(META_KEY), "dtype", None)
+    if isinstance(recorded, str) and recorded.startswith("torch."):
+        dtype = getattr(torch, recorded[len("torch."):], None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    if value.op == "get_attr":  # a parameter or buffer, read before MasterWeights casts it
+        owner = value.graph.owning_module
+        try:
+            tensor = owner.get_submodule(value.target.rpartition(".")[0]) if owner is not None else None
+            tensor = getattr(tensor, value.target.rpartition(".")[2], None)
+        except AttributeError:
+            tensor = None
+        return tensor.dtype if isinstance(tensor, torch.Tensor) else None
     if val is None and depth and value.op == "call_function":
         dtypes = [_capture_dtype(arg, depth - 1) for arg in value.all_input_nodes]
         return next((d for d in dtypes if d is not None and d.is_floating_point), None)
@@ -197,6 +216,18 @@ def _within(node: torch.fx.Node, call: tuple, depth: int = 4) -> bool:
     return inner[:len(call)] == call
 
 
+def _made_within(node, call: tuple, depth: int = 4) -> bool:
+    """Whether a value was computed in module call `call` (or a call inside it); a node a rewrite
+    inserted, from what it reads. Graph inputs and parameters come from outside."""
+    if not isinstance(node, torch.fx.Node) or node.op in ("placeholder", "get_attr"):
+        return False
+    inner = _call(node)
+    if inner is None:
+        inputs = node.all_input_nodes
+        return bool(depth and inputs) and all(_made_within(arg, call, depth - 1) for arg in inputs)
+    return inner[:len(call)] == call
+
+
 def _restored(cast: torch.fx.Node) -> torch.fx.Node | None:
     """The upcast a no-op fp32 cast restores (the rule above), or None."""
     call = _call(cast)
@@ -205,13 +236,18 @@ def _restored(cast: torch.fx.Node) -> torch.fx.Node | None:
     todo, seen = [(cast.args[0], False)], set()  # (node, whether fp32 was computed after it)
     while todo:
         node, computed = todo.pop()
-        if (not isinstance(node, torch.fx.Node) or node.op != "call_function" or (node, computed) in seen
-                or getattr(node.target, "_schema", None) is None or _call(node) != call):
+        if not isinstance(node, torch.fx.Node) or node.op != "call_function" or (node, computed) in seen:
             continue
         seen.add((node, computed))
-        if _to_fp32(node) and (computed or not _is_cast(node)):
-            return _first(node, call)
-        computed = computed or _computes(node)
+        inner = _call(node)
+        if inner is not None and inner != call:  # another module call's value: the walk ends
+            continue
+        # nodes a rewrite inserted (no nn_module_stack: sp_split, tp_copy, ...) and run-time ops
+        # pass the value on; the model's own aten ops are upcasts, computations or views
+        if inner is not None and getattr(node.target, "_schema", None) is not None:
+            if _to_fp32(node) and (computed or not _is_cast(node)):
+                return _first(node, call)
+            computed = computed or _computes(node)
         todo.extend((arg, computed) for arg in node.all_input_nodes)
     return None
 
@@ -231,7 +267,7 @@ def _first(upcast: torch.fx.Node, call: tuple) -> torch.fx.Node:
 def _unalias(gm: torch.fx.GraphModule, upcast: torch.fx.Node) -> bool:
     """Readers of a no-op upcast outside its module call read the value it aliased at capture."""
     call = _call(upcast)
-    if call is None:
+    if call is None or _made_within(upcast.args[0], call):  # an alias of a value the caller holds only
         return False
     outside = [user for user in upcast.users if not _within(user, call)]
     returned_else = any(not _within(user, call) for node in gm.graph.nodes
