@@ -134,9 +134,13 @@ class MasterWeights:
 # outside that call, by a module call that returned something else, is therefore read there as
 # the x it aliased (a module that returns its upcast - nothing else of it read outside - keeps it).
 # Nodes the rewrites inserted (sp_split, tp_copy, gathers: no nn_module_stack) are transparent to
-# both walks: they run where the values they carry are read. Not covered: a factory op given the capture dtype
-# (`torch.full(..., dtype=x.dtype)`, an eager attention's float mask) stays fp32 and promotes
-# what it meets, as an fp32 constant would.
+# both walks: they run where the values they carry are read.
+#
+# Not covered: a factory op given the capture dtype (`torch.full(..., torch.finfo(dtype).min,
+# dtype=dtype)`) stays fp32 and promotes what it meets. Hugging Face's eager attention adds such a
+# float mask to the scores, so its softmax restore follows fp32 and the matmul with the bf16 values
+# raises (loudly: "expected ... same dtype"); its default attention (sdpa, a boolean mask) is
+# covered - load the model with attn_implementation="sdpa".
 _CASTS = {"to", "_to_copy", "convert_element_type"}
 
 
