@@ -94,7 +94,7 @@ def compare_many(cases) -> list[dict]:
     whether checkpoint.save refused."""
     out = []
     for coef, plan, *options in cases:
-        cfg = dataclasses.replace(CFG, aux_loss_coef=coef)
+        cfg = dataclasses.replace(CFG, aux_loss_coef=coef, top_k=1 if "top1" in options else CFG.top_k)
         build = (lambda: skewed(cfg)) if "skewed" in options else (lambda: MoEGPT(cfg))
         inputs = lambda step: moe_gpt_inputs(cfg, BATCH, seed=step)  # noqa: E731
         if "mixtral" in options:  # HF Mixtral (export; batched experts, aux loss 0.1): the statistics test's

@@ -2,7 +2,8 @@
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
 attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive no
 rows, yet take part in every all-to-all), Hugging Face Mixtral (batched experts, its aux loss)
-under dp4·ep4 and dp4·ep2, and a ZeRO-3 embedding / head with ep4 blocks: loss and every
+under dp4·ep4 and dp4·ep2, a ZeRO-3 embedding / head with ep4 blocks, and top-1 routing (Switch:
+gates not renormalised) under dp4·ep2: loss and every
 gradient within 1e-5 after each of 3 AdamW steps, the dense mixtures replaced (2 mixture nodes)
 and the tokens really dispatched (per rank and step, per layer one all-to-all of counts and two
 of rows forward, two backward); gradients accumulated over no_sync steps and over synced steps
@@ -21,7 +22,7 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
          (0.01, Plan.uniform(dp=4, ep=4)),
          (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
          (0.0, Plan.uniform(dp=4, ep=4), "mixtral", "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"),
-         (0.01, SDP_EP)]
+         (0.01, SDP_EP), (0.01, Plan.uniform(dp=4, ep=2), "top1")]
 
 
 def test_expert_parallel_matches_serial():
