@@ -141,6 +141,7 @@ class CompiledModel:
         self._pipeline = PipelineRuntime(self.ir, self.plan, split, self._model, self.device, uid, self.compute_dtype)
         self.zero2 = self._pipeline.zero2  # its chunks take the values init_weights / load_weights set
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
+        self.experts = self._pipeline.experts
         self._prefix = f"pcompile{uid}"
         self.streams = random_streams.bind(self._pipeline.modules, self.plan, self.device, self._prefix)
         return self._registered()

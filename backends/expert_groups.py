@@ -25,29 +25,24 @@ def ep_degree(gm) -> int:
     return sizes.pop() if sizes else 1
 
 
-def add_expert_axes(ir, groups: dict, coords: dict) -> None:
-    """Collective on every rank: the ep groups of every dp group, then (dp > ep) the groups of
-    the ranks holding the same experts, created in one order on every rank; this rank's groups
-    and coordinates under "ep" and "edp"."""
+def add_expert_axes(ir, groups: dict, coords: dict, pp: int = 1) -> None:
+    """Collective on every rank: the ep groups of every dp group (of every pipeline stage when
+    pp > 1), then (dp > ep) the groups of the ranks holding the same experts, created in one
+    order on every rank; this rank's groups and coordinates under "ep" and "edp"."""
     ep = ep_degree(ir.gm)
     if ep == 1 or AXIS in groups:
         return
     dp, tp = dist.get_world_size(groups["dp"]), dist.get_world_size(groups["tp"])
-    grid, rank = rank_grid(1, dp, tp)[0], dist.get_rank()
-    for t in range(tp):
-        for start in range(0, dp, ep):
-            ranks = [grid[d][t] for d in range(start, start + ep)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups[AXIS], coords[AXIS] = group, ranks.index(rank)
-    if dp == ep:
-        return
-    for t in range(tp):
-        for offset in range(ep):
-            ranks = [grid[d][t] for d in range(offset, dp, ep)]
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                groups[EDP], coords[EDP] = group, ranks.index(rank)
+    grids, rank = rank_grid(pp, dp, tp), dist.get_rank()
+    for axis, blocks in ((AXIS, [range(start, start + ep) for start in range(0, dp, ep)]),
+                         (EDP, [range(offset, dp, ep) for offset in range(ep)] if dp > ep else [])):
+        for grid in grids:
+            for t in range(tp):
+                for block in blocks:
+                    ranks = [grid[d][t] for d in block]
+                    group = dist.new_group(ranks)
+                    if rank in ranks:
+                        groups[axis], coords[axis] = group, ranks.index(rank)
 
 
 class ExpertStorage:
@@ -76,15 +71,18 @@ class ExpertStorage:
         """How many distinct pieces the ranks hold of parameter `name` (for the gradient norm)."""
         return self.ep if name in self.owner else 1
 
-    def drop_remote(self, gm) -> None:
-        """Replace the experts this rank does not own by empty Parameters."""
-        for name in self.owner:
-            if name in self.held:
-                continue
-            path, _, attr = name.rpartition(".")
-            module = gm.get_submodule(path)
-            old = getattr(module, attr)
-            setattr(module, attr, torch.nn.Parameter(old.detach().new_empty(0), requires_grad=old.requires_grad))
+    def drop_remote(self, modules) -> None:
+        """Replace the experts this rank does not own by empty Parameters (in every module of
+        `modules` holding them: a pipeline rank's stages)."""
+        for gm in modules:
+            held = dict(gm.named_parameters(remove_duplicate=False))
+            for name in self.owner:
+                if name in self.held or name not in held:
+                    continue
+                path, _, attr = name.rpartition(".")
+                module = gm.get_submodule(path)
+                setattr(module, attr, torch.nn.Parameter(held[name].detach().new_empty(0),
+                                                         requires_grad=held[name].requires_grad))
 
     def attach(self, named: list) -> None:
         """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank."""
@@ -159,13 +157,14 @@ def expert_owners(gm) -> tuple[dict[str, int], frozenset]:
 
 
 def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
-    """This rank's expert storage (None without expert parallelism): remote experts dropped."""
+    """This rank's expert storage (None without expert parallelism): remote experts dropped from
+    `gm` (a module, or a pipeline rank's list of stage modules)."""
     owner, chunked = expert_owners(ir.gm)
     if not (owner or chunked) or AXIS not in groups:
         return None
     shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in owner}
     storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked)
-    storage.drop_remote(gm)
+    storage.drop_remote(gm if isinstance(gm, list) else [gm])
     return storage
 
 

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from pcompile.backends import batch_norm as batch_norms
+from pcompile.backends import expert_groups
 from pcompile.backends.devices import follow_device
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
@@ -115,7 +116,8 @@ class PipelineRuntime:
         self.mesh = device_mesh(device.type, self.pp, self.dp, self.tp, AXES)
         self.groups = {axis: self.mesh.get_group(axis) for axis in AXES}
         self.coords = {axis: self.mesh.get_local_rank(axis) for axis in AXES}
-        keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp")}
+        expert_groups.add_expert_axes(ir, self.groups, self.coords, self.pp)  # ep (and edp) groups of each stage
+        keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp", expert_groups.AXIS) if axis in self.groups}
         for axis, key in keys.items():
             collectives.bind_group(key, self.groups[axis])
         full, stage_gms = copy.deepcopy((ir.gm, [s.gm for s in split.stages]))  # one copy: ties stay shared
@@ -129,6 +131,8 @@ class PipelineRuntime:
         take_shards(self.modules, ir.param_shardings, self.coords)
         self.sdp_shardings = ir.sdp_shardings
         self.sdp_params = take_shards(self.modules, self.sdp_shardings, self.coords)
+        # expert parallelism: this rank's experts only (backends/expert_groups.py)
+        self.experts = expert_groups.hold_local(self.modules, ir, self.groups, self.coords)
         if self.materialised:  # this rank's stages only (their buffers live in their own containers)
             for module in self.modules:
                 module.to(device)
@@ -202,13 +206,20 @@ class PipelineRuntime:
     def _overlapped_dp(self, microbatches: int) -> grad_sync.OverlappedAllReduce:
         """dp averaging issued during the last micro-batch's backward, for what neither ZeRO shards."""
         params, expected = self._accumulations(microbatches)
+        names = {id(p): name for module in self.modules for name, p in module.named_parameters(remove_duplicate=False)}
+        experts = self.experts.names if self.experts is not None else set()
         pairs = []
         for p in params:
             holder = p if self.masters is None else self.masters.master(p)
             zero2_param = self.zero2 is not None and self.zero2.chunk(holder) is not holder
-            if id(holder) not in self.sdp_params and not zero2_param:
+            if id(holder) not in self.sdp_params and not zero2_param and names[id(p)] not in experts:
                 pairs.append((p, holder))
-        return grad_sync.OverlappedAllReduce(pairs, self.groups["dp"], self.dp, expected)
+        dense = grad_sync.OverlappedAllReduce(pairs, self.groups["dp"], self.dp, expected)
+        if self.experts is None:
+            return dense
+        # experts: summed over the ranks holding them after the last micro-batch, divided by dp
+        return expert_groups.with_sync(dense, self.experts, [(names[id(p)], p, p if self.masters is None else
+                                                              self.masters.master(p)) for p in params], self.dp)
 
     def process_groups(self) -> list[dist.ProcessGroup]:
         """Every group this rank created and belongs to: the mesh's axes and the tied weights'."""
@@ -305,11 +316,14 @@ class PipelineRuntime:
         for name, p in self.named_parameters():
             pieces = math.prod(s.size for s in (self.ir.param_shardings.get(name), self.sdp_shardings.get(name))
                                if s is not None)
+            pieces *= self.experts.pieces(name) if self.experts is not None else 1
             out[id(p)] = self.dp * self.tp * len(holders[name]) // pieces
         return out
 
     # -- full views, collective over every rank ----------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        if self.experts is not None and name in self.experts.owner:  # held by one rank of the stage's ep group
+            return self.experts.full(name, local)
         zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
         local = gather_shards(local, zero3, self.groups["dp"])  # dp, then tp
         return gather_shards(local, tp, self.groups["tp"])

@@ -28,7 +28,7 @@ checkpoint / init refusals hold as for the modules form); their gradients are su
 ranks holding the same chunk and divided by dp as the modules form's.
 
 Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm (or
-with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers in a pipelined plan,
+with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers
 under ZeRO-3 / ZeRO-2, activation checkpointing or operator split, and different ep degrees in
 one plan.
 """
@@ -68,7 +68,7 @@ def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
                                   or len(moe.experts[0].params) not in (2, 4)):
         raise PcompileError(f"{where}: its experts do not all have two Linears with (or all without) biases",
                             "give every expert the same two Linears, or use ep=1 for this layer")
-    for name, on, fix in (("pipeline stages", ctx.plan.pp > 1, "pp=1"), ("ZeRO-3", strategy.sdp, "sdp=false"),
+    for name, on, fix in (("ZeRO-3", strategy.sdp, "sdp=false"),
                           ("ZeRO-2", strategy.zero2, "zero2=false"),
                           ("activation checkpointing", strategy.checkpoint, "checkpoint=false"),
                           ("operator split", strategy.split > 1, "split=1")):

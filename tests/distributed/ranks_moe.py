@@ -34,10 +34,12 @@ def skewed(cfg: MoEGPTConfig) -> MoEGPT:
 def _held(cm) -> float:
     """Experts per MoE layer this rank holds: the chunk of batched expert weights, or the
     expert parameters with values (4 per expert, 2 layers)."""
-    stacked = [p.shape[0] for n, p in cm.gm.named_parameters() if ".experts." in n and p.dim() == 3]
+    named = list(cm.named_parameters())  # a pipeline rank: its stages' (one MoE layer each here)
+    stacked = [p.shape[0] for n, p in named if ".experts." in n and p.dim() == 3]
     if stacked:
         return stacked[0]
-    return sum(p.numel() > 0 for n, p in cm.gm.named_parameters() if ".experts." in n) / 4 / CFG.num_layers
+    layers = {n.split(".experts.")[0] for n, _ in named if ".experts." in n}
+    return sum(p.numel() > 0 for n, p in named if ".experts." in n) / 4 / len(layers)
 
 
 def _norm_gap(cm, serial, inputs) -> float:

@@ -2,14 +2,17 @@
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
 attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive no
 rows, yet take part in every all-to-all), Hugging Face Mixtral (batched experts, its aux loss)
-under dp4·ep4 and dp4·ep2, a ZeRO-3 embedding / head with ep4 blocks, and top-1 routing (Switch:
-gates not renormalised) under dp4·ep2: loss and every
-gradient within 1e-5 after each of 3 AdamW steps, the dense mixtures replaced (2 mixture nodes)
-and the tokens really dispatched (per rank and step, per layer one all-to-all of counts and two
-of rows forward, two backward); gradients accumulated over no_sync steps and over synced steps
-(dp4·ep4, dp4·ep2, Mixtral dp4·ep4) equal serial's sums; each rank holds E/ep experts per
-layer, the gradient norm clipping computes counts each expert once (equal to serial's), and
-checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
+under dp4·ep4 and dp4·ep2, a ZeRO-3 embedding / head with ep4 blocks, top-1 routing (Switch:
+gates not renormalised) under dp4·ep2, and 2-stage pipelines pp2·dp2·ep2 (1F1B over 2
+micro-batches; GPipe over 1 with the aux loss): loss and every gradient within 1e-5 after each
+of 3 AdamW steps, the dense mixtures replaced (2 mixture nodes) and the tokens really
+dispatched (without pp, per rank and step, per layer one all-to-all of counts and two of rows
+forward, two backward); gradients accumulated over no_sync steps and over synced steps
+(dp4·ep4, dp4·ep2, Mixtral dp4·ep4, pp2·dp2·ep2) equal serial's sums; each rank holds E/ep
+experts per layer, the gradient norm clipping computes counts each expert once (equal to
+serial's), and checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
+import dataclasses
+
 import pcompile
 from pcompile import Plan
 from pcompile.plan import LayerAssignment, Strategy
@@ -18,18 +21,20 @@ from tests.distributed.ranks_moe import compare_many
 EP4 = Strategy(dp=4, ep=4)
 SDP_EP = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),  # ZeRO-3 embedding and head, ep4 blocks
               layers=(LayerAssignment("blocks.0", EP4), LayerAssignment("blocks.1", EP4)))
+PP = dataclasses.replace(Plan.uniform(dp=2, pp=2, ep=2), schedule="1F1B", num_microbatches=2)
+PP_ONE = dataclasses.replace(Plan.uniform(dp=2, pp=2, ep=2), schedule="GPipe", num_microbatches=1)  # aux loss: 1 mb
 CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "accumulate"),
          (0.01, Plan.uniform(dp=4, ep=4)),
          (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
          (0.0, Plan.uniform(dp=4, ep=4), "mixtral", "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"),
-         (0.01, SDP_EP), (0.01, Plan.uniform(dp=4, ep=2), "top1")]
+         (0.01, SDP_EP), (0.01, Plan.uniform(dp=4, ep=2), "top1"), (0.0, PP, "accumulate"), (0.01, PP_ONE)]
 
 
 def test_expert_parallel_matches_serial():
     results = pcompile.launch(compare_many, 4, CASES, timeout=900)[0]
     for (coef, plan, *options), r in zip(CASES, results):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
-        assert r["mixtures"] == 2 and r["all_to_alls"] == 3 * 2 * 5, r
+        assert r["mixtures"] == 2 and (r["all_to_alls"] == 3 * 2 * 5 if plan.pp == 1 else r["all_to_alls"] > 0), r
         assert r["held"] == 4 // plan.strategy_for("blocks.0").ep, r
         assert r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
         if "accumulate" in options:
