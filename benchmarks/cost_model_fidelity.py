@@ -16,13 +16,22 @@
    vs measured, the mean absolute % error of step times, the Spearman rank correlation of
    step times and the mean / worst % error of peak memory.
 
+With `--latency L`: a slow network. Every transfer is made to take at least L ms from its
+issue (pcompile.runtime.latency.inject: a sleep, no CPU), so what the runtime overlaps with
+compute hides and what it waits for shows; the plans are LATENCY_CASES (dp, ZeRO-3, ZeRO-3 with
+split, tp, sp, checkpointing, pipelines with 1F1B and GPipe) on the 4-block GPT, each priced by
+`pcompile.cost.plan_price.price` (the search's price) on the profiled cluster with
+`with_min_transfer(L)` and an overlap efficiency of 1 (an injected wait uses no CPU, so it hides
+entirely behind compute; the profile's eta describes gloo's own transfers, which share the cores).
+
 Run: python benchmarks/cost_model_fidelity.py [--quick-profile] [--profile PATH] [--steps N] [--only a,b]
-(`--only` keeps the plans whose label contains one of the comma-separated words, e.g.
+[--latency L] (`--only` keeps the plans whose label contains one of the comma-separated words, e.g.
 `--only sdp,ckpt,pp2`). The last line holds the headline figures as key=value pairs.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -35,9 +44,11 @@ import torch
 import torch.distributed as dist
 
 import pcompile
+from pcompile.cost.plan_price import price
 from pcompile.cost.pricing import CostOptions, estimate_uniform
 from pcompile.models import GPT, GPTConfig, MLPConfig, MLPModel, gpt_inputs, mlp_inputs
 from pcompile.plan import Plan
+from pcompile.runtime import latency
 
 WORLD = 4
 GPT4 = dict(hidden=256, num_heads=8, num_layers=4, seq_len=64, vocab_size=512)
@@ -67,6 +78,26 @@ FEATURES = (
     ("mlp4-w512-b256", "sdp4·split2", dict(dp=4, sdp=True, split=2)),
     ("mlp4-w512-b256", "dp4·ckpt", dict(dp=4, checkpoint=True)),
     ("mlp4-w512-b256", "pp2 1F1B", dict(PIPE, schedules=("1F1B",))),
+)
+
+
+def _pipeline(schedule: str, microbatches: int, **strategy) -> Plan:
+    return dataclasses.replace(Plan.uniform(pp=2, **strategy), schedule=schedule, num_microbatches=microbatches)
+
+
+# (label, plan) on gpt4-h256-b32 under injected latency: every kind of communication the runtime
+# overlaps (dp buckets, ZeRO-3 prefetch and reduce-scatters, pipeline sends) or waits for (tp, sp)
+LATENCY_CASES = (
+    ("dp4", Plan.uniform(dp=4)),
+    ("sdp4", Plan.uniform(dp=4, sdp=True)),
+    ("sdp4·split2", Plan.uniform(dp=4, sdp=True, split=2)),
+    ("dp2·tp2", Plan.uniform(dp=2, tp=2)),
+    ("dp1·tp4", Plan.uniform(tp=4)),
+    ("dp2·tp2·sp", Plan.uniform(dp=2, tp=2, sp=True)),
+    ("dp4·ckpt", Plan.uniform(dp=4, checkpoint=True)),
+    ("pp2·dp2 1F1B m4", _pipeline("1F1B", 4, dp=2)),
+    ("pp2·dp2 GPipe m2", _pipeline("GPipe", 2, dp=2)),
+    ("pp2·tp2 1F1B m2", _pipeline("1F1B", 2, tp=2)),
 )
 
 
@@ -128,12 +159,17 @@ def _tracker():
     return Tracker()
 
 
-def measure(plans: list[tuple[str, Plan]], warmup: int, steps: int) -> list[dict]:
-    """On every rank: per plan, this rank's step times and peak bytes."""
-    return [_measure_one(name, plan, warmup, steps) for name, plan in plans]
+def latency_cases() -> list[Case]:
+    return [Case(f"gpt4-h256-b32 {label}", "gpt4-h256-b32", plan, False) for label, plan in LATENCY_CASES]
 
 
-def _measure_one(name: str, plan: Plan, warmup: int, steps: int) -> dict:
+def measure(plans: list[tuple[str, Plan]], warmup: int, steps: int, ms: float = 0.0) -> list[dict]:
+    """On every rank: per plan, this rank's step times and peak bytes (steps under `ms` of
+    injected latency per transfer when ms > 0)."""
+    return [_measure_one(name, plan, warmup, steps, ms) for name, plan in plans]
+
+
+def _measure_one(name: str, plan: Plan, warmup: int, steps: int, ms: float = 0.0) -> dict:
     """One plan (its model, compiled module and optimizer are freed on return)."""
     model, (x, y) = build(name)
     cm = pcompile.compile(model, pcompile.Cluster.local(WORLD), (x, y), plan=plan)
@@ -144,16 +180,17 @@ def _measure_one(name: str, plan: Plan, warmup: int, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(warmup):
-        step()
     times = []
-    for _ in range(steps):
-        dist.barrier()
-        start = time.perf_counter()
-        cm.train_step(x, y)
-        times.append(time.perf_counter() - start)
-        optimizer.step()
-        optimizer.zero_grad()
+    with latency.inject(ms) if ms > 0 else _nothing():
+        for _ in range(warmup):
+            step()
+        for _ in range(steps):
+            dist.barrier()
+            start = time.perf_counter()
+            cm.train_step(x, y)
+            times.append(time.perf_counter() - start)
+            optimizer.step()
+            optimizer.zero_grad()
     tracker = _tracker()
     # the rank's modules: its graph, or its pipeline stages' graphs
     modules = [cm.gm] if cm._pipeline is None else cm._pipeline.modules
@@ -167,13 +204,23 @@ def _measure_one(name: str, plan: Plan, warmup: int, steps: int) -> dict:
             "breakdown": {str(k): v for k, v in snapshot.items()}}
 
 
-def predict(cluster: pcompile.Cluster, case: Case):
-    """(step seconds, peak bytes) the cost model predicts for the case's plan."""
+def _nothing():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def predict(cluster: pcompile.Cluster, case: Case, priced: bool = False):
+    """(step seconds, peak bytes) the cost model predicts for the case's plan (`priced`: by
+    plan_price.price, the search's price for any plan)."""
     if case.searched:
         return case.plan.estimate.step_time, case.plan.estimate.peak_memory
     model, inputs = build(case.model)
     ir = pcompile.compile(model, cluster, inputs, plan=case.plan, stop_after="layers")
     options = CostOptions.runtime()
+    if priced:
+        estimate, _ = price(ir, cluster, case.plan, options)
+        return estimate.step_time, estimate.peak_memory
     estimate = estimate_uniform(ir, cluster, case.plan.default, options=options)
     return estimate.step_time, estimate.peak_memory
 
@@ -192,6 +239,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", help="comma-separated words: keep the plans whose label contains one")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="inject this many ms per transfer and run LATENCY_CASES (see the docstring)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     load = os.getloadavg()[0]  # ranks share the cores with whatever else runs: timings move with it
@@ -205,12 +254,16 @@ def main(argv=None) -> None:
     print(f"profiled in {time.perf_counter() - start:.1f} s: peak {device.peak_flops / 1e9:.1f} GFLOP/s, "
           f"{device.memory_bandwidth / 1e9:.2f} GB/s, op overhead {device.op_overhead * 1e6:.1f} / "
           f"{device.backward_overhead * 1e6:.1f} us, overlap {cluster.overlap:.2f}")
-    chosen = cases(cluster)
+    chosen = latency_cases() if args.latency else cases(cluster)
     if args.only:
         chosen = [c for c in chosen if any(word in c.label for word in args.only.split(","))]
-    predictions = [predict(cluster, c) for c in chosen]  # before the launch: a planning error shows at once
+    if args.latency:
+        cluster = dataclasses.replace(cluster.with_min_transfer(args.latency / 1e3), overlap=1.0)
+        print(f"injected latency {args.latency:g} ms per transfer; priced on {cluster.name} with overlap 1")
+    # before the launch: a planning error shows at once
+    predictions = [predict(cluster, c, priced=bool(args.latency)) for c in chosen]
     ranks = pcompile.launch(measure, WORLD, [(c.model, c.plan) for c in chosen], args.warmup, args.steps,
-                            timeout=3000.0)
+                            args.latency, timeout=3000.0)
     rows = []
     width = max(len(c.label) for c in chosen) + 1
     print(f"{'plan':<{width}} {'pred ms':>9} {'meas ms':>9} {'err %':>7} {'pred MB':>9} {'meas MB':>9} {'err %':>7}")
@@ -228,7 +281,8 @@ def main(argv=None) -> None:
     rho = spearman(predicted, measured)
     print(f"spearman={rho:.3f} time_mape_pct={np.mean(np.abs(t_errs)):.1f} "
           f"mem_err_pct={np.mean(np.abs(m_errs)):.1f} mem_err_max_pct={np.max(np.abs(m_errs)):.1f} "
-          f"plans={len(chosen)} seconds={time.perf_counter() - start:.0f} load1_start={load:.2f} "
+          f"plans={len(chosen)} latency_ms={args.latency:g} seconds={time.perf_counter() - start:.0f} "
+          f"load1_start={load:.2f} "
           f"load1_end={os.getloadavg()[0]:.2f}")
 
 

@@ -128,6 +128,9 @@ class Cluster:
     # pays on top of its fit when it follows that much compute (ranks sharing cores wake peers
     # preempted by the others' compute; pcompile.cost.profile._wakeup). Empty = nothing extra.
     wakeup: tuple[tuple[int, float, float], ...] = ()
+    # Seconds every transfer (collective or send) takes at least from its issue: a slow network's
+    # latency, as pcompile.runtime.latency.inject makes one on CPU ranks (with_min_transfer).
+    min_transfer: float = 0.0
 
     def __post_init__(self):
         if not self.node_groups:
@@ -215,6 +218,9 @@ class Cluster:
     def _collective(self, op: str, nbytes: float, size: int, kind: str) -> float:
         if nbytes <= 0 or (size <= 1 and op != "send"):
             return 0.0
+        return max(self._transfer(op, nbytes, size, kind), self.min_transfer)
+
+    def _transfer(self, op: str, nbytes: float, size: int, kind: str) -> float:
         fit = next((f for f in self.collectives if (f.op, f.group_size, f.link) == (op, size, kind)), None)
         if fit is not None:
             return fit.latency + nbytes * fit.seconds_per_byte
@@ -309,6 +315,11 @@ class Cluster:
             raise PcompileError(f"{str(path)!r} is not a cluster profile (no 'cluster' entry)",
                                 "write one with pcompile.cost.profile.profile_cluster(path=...)")
         return Cluster.from_dict(data["cluster"])
+
+    def with_min_transfer(self, seconds: float) -> "Cluster":
+        """This cluster with every transfer taking at least `seconds` (see `min_transfer`): what
+        the cost model charges for plans run under pcompile.runtime.latency.inject(ms)."""
+        return dataclasses.replace(self, min_transfer=seconds, name=f"{self.name}+{seconds * 1e3:g}ms")
 
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:

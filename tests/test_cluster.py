@@ -91,3 +91,17 @@ def test_with_memory_sets_every_device_budget():
 def test_cluster_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         Cluster.local(2).backend = "nccl"
+
+
+def test_a_slow_network_floors_every_transfer():
+    from pcompile.cost.plan_price import p2p_link
+
+    base = Cluster.local(4)
+    slow = base.with_min_transfer(0.02)  # what latency.inject(20) does to the ranks' transfers
+    groups = [[0, 1, 2, 3]]
+    small, large = 4.0, 1e12
+    assert slow.collective_time("all_reduce", small, groups) == 0.02 > base.collective_time("all_reduce", small, groups)
+    assert slow.collective_time("all_reduce", large, groups) == base.collective_time("all_reduce", large, groups)
+    assert slow.collective_time("all_reduce", small, [[0]]) == 0.0  # one rank: no transfer
+    assert p2p_link(slow)[1] == 0.02
+    assert Cluster.from_json(slow.to_json()) == slow

@@ -25,10 +25,11 @@ from pcompile.search.space import PlanCost, Setting, balanced_split, evaluate
 
 
 def p2p_link(cluster: Cluster) -> tuple[float, float]:
-    """(bandwidth, latency) of the sends between pipeline stages: across nodes when there are several."""
+    """(bandwidth, latency) of the sends between pipeline stages: across nodes when there are
+    several; the latency at least the cluster's min_transfer (a send's bytes then ride on it)."""
     if cluster.num_nodes > 1:
-        return cluster.inter_node_bandwidth, cluster.inter_node_latency
-    return cluster.intra_node_bandwidth, cluster.intra_node_latency
+        return cluster.inter_node_bandwidth, max(cluster.inter_node_latency, cluster.min_transfer)
+    return cluster.intra_node_bandwidth, max(cluster.intra_node_latency, cluster.min_transfer)
 
 
 def stage_budgets(cluster: Cluster, pp: int) -> list[float]:
