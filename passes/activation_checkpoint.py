@@ -48,8 +48,11 @@ def region_name(layer: str) -> str:
 
 
 def layer_region(ir: IR, layer: str) -> list[fx.Node]:
-    """The layer's computing nodes (placeholders and the output stay outside), checked contiguous."""
-    order = {node: i for i, node in enumerate(ir.graph.nodes)}
+    """The layer's computing nodes (placeholders and the output stay outside), checked contiguous
+    among the graph's computing nodes: the graph's inputs stay outside every region, so they may
+    sit between a layer's nodes (torch.export puts the get_attrs of HF Llama's `pre` first, then
+    the placeholders, then the rest)."""
+    order = {node: i for i, node in enumerate(n for n in ir.graph.nodes if n.op != "placeholder")}
     nodes = [n for n in ir.nodes_of(layer) if n.op not in ("placeholder", "output")]
     positions = [order[n] for n in nodes]
     if positions and positions[-1] - positions[0] + 1 != len(positions):

@@ -90,3 +90,16 @@ def test_dp_tp_plans_with_checkpoint_and_split_match_serial_on_4_ranks():
         assert [r["model"] for r in results] == [m for m, _ in cases]
         for result, count in zip(results, regions):
             _check(result, count)
+
+
+def test_an_export_capture_checkpoints_its_first_layer():
+    """torch.export puts HF Llama's `pre` get_attrs before the graph's inputs: the placeholders
+    between them stay outside every region and do not make `pre` non-contiguous (it was an
+    internal error for every plan that checkpoints `pre`)."""
+    pytest.importorskip("transformers")
+    from tests.distributed.ranks import train_side_by_side
+    from tests.models.zoo import llama, token_batch
+
+    cm, _, loss_diff, grad_diff, _ = train_side_by_side(llama, token_batch, Plan.uniform(checkpoint=True), 2, 1e-2)
+    assert loss_diff < TOLERANCE and grad_diff < TOLERANCE
+    assert sum(1 for n in cm.ir.graph.nodes if n.target is run_checkpointed) == 4  # pre, two blocks, post
