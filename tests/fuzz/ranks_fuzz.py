@@ -33,7 +33,9 @@ def cases(draw, world: int):
         attention=draw(st.sampled_from(["sdpa", "manual"])),
     )
     tp = draw(st.sampled_from([d for d in (1, 2, 4) if world % d == 0]))
-    plan = pcompile.Plan.uniform(dp=world // tp, tp=tp)
+    dp = world // tp
+    mode = draw(st.sampled_from(["dp", "zero2"] if dp > 1 else ["dp"]))  # ZeRO-2 over the same groups
+    plan = pcompile.Plan.uniform(dp=dp, tp=tp, zero2=mode == "zero2")
     return cfg, plan
 
 
