@@ -6,13 +6,19 @@ gets a *chunk*: a separate Parameter holding this rank's 1/dp of it along its fi
 group divides (`shardings`: a Shard over the parameter's dp axis, like ZeRO-3's). The chunks
 are what the user's optimizer steps (`cm.parameters()` lists them under the parameters'
 names), so its states exist for 1/dp of the parameter only, and checkpoints, full_state_dict,
-full_grads and the gradient norm see them as they see ZeRO-3's chunks.
+full_grads and the gradient norm see them as they see ZeRO-3's chunks. A parameter read by
+a zero2 layer and another kind (a tied embedding / head) stays as the other reader has it.
 
 Per step:
   1. `pull()` before forward: every chunk (maybe stepped by the optimizer, or loaded by a
      checkpoint) all-gathered back into the replicated parameters (one flat all-gather per
      bucket, IN_FLIGHT at a time). Not overlapped with anything: pcompile
-     cannot know when the optimizer steps, so the gather runs when the parameters are read next.
+     cannot know when the optimizer steps, so the gather runs when the parameters are read next:
+     at every train_step and eval_step, also between no_sync() accumulation steps (k gathers
+     for k steps, where one would do: skipping one on "no chunk changed" would need a test
+     every rank agrees on, and a version counter misses writes through .data - a silently
+     stale replica is worse than a gather). A pipeline rank gathers before the step's first
+     micro-batch.
   2. backward: a post-accumulate-grad hook per parameter (after MasterWeights' under mixed
      precision, so the fp32 master's gradient is what is reduced); once every parameter of a
      bucket (pcompile.runtime.buckets, reverse registration order as DDP's) has its gradient,
