@@ -20,7 +20,7 @@ _INSTALLED = []
 
 
 def register_split(parameters) -> None:
-    """These parameters hold a piece of a model tensor (a tp shard, a ZeRO-3 chunk)."""
+    """These parameters hold a piece of a model tensor (a tp shard, a ZeRO-3 or ZeRO-2 chunk)."""
     for p in parameters:
         setattr(p, _SPLIT, True)
 
@@ -32,10 +32,10 @@ def _check(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     if split:
         raise PcompileError(
             f"{type(optimizer).__name__} updates each parameter from the whole tensor, but this plan splits "
-            "parameters over ranks (tensor parallelism or ZeRO-3): it would step every piece as if it were "
-            "the whole tensor",
-            "use an elementwise optimizer (SGD, Adam, AdamW, Adagrad, RMSprop, ...), or a plan without tp and "
-            "ZeRO-3 (pure data / pipeline parallelism keeps every tensor whole)")
+            "parameters over ranks (tensor parallelism, ZeRO-3 or ZeRO-2): it would step every piece as if it "
+            "were the whole tensor",
+            "use an elementwise optimizer (SGD, Adam, AdamW, Adagrad, RMSprop, ...), or a plan without tp, "
+            "ZeRO-3 and ZeRO-2 (pure data / pipeline parallelism keeps every tensor whole)")
 
 
 def install() -> None:

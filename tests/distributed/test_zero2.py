@@ -3,7 +3,8 @@ serial on 4 gloo ranks: losses, global-norm-clipped gradients and the norm itsel
 over 3 AdamW steps of two train_steps each (gradient accumulation, the first under no_sync),
 eval loss and parameters after them, on GPT (tied embedding / head) and an MLP; zero2 on every
 layer at dp4 and dp2·tp2, beside dp and ZeRO-3 layers, and in a plan whose layers use different
-(dp, tp) groupings. Each rank's AdamW state is 1/dp of the zero2 parameters (their tp slices).
+(dp, tp) groupings. Each rank's AdamW state is 1/dp of the zero2 parameters (their tp slices);
+a whole-tensor optimizer (Adafactor) is refused on the chunks.
 Under bf16 (fp32 masters) zero2 matches the serial bf16 policy as closely as the other plans
 do (test_mixed_precision.py's tolerances); a zero2 checkpoint loads under dp·tp in bf16 and a dp
 one under zero2 bit for bit, and both then take the same step.
@@ -92,6 +93,7 @@ def test_zero2_plans_match_serial(per_rank):
             assert r["norm_diff"] < TOLERANCE and r["eval_diff"] < TOLERANCE, r
             assert r["param_diff"] < PARAM_TOLERANCE, r
             assert r["zero2_params"] > 0, r
+            assert "Adafactor updates each parameter from the whole tensor" in r["adafactor"], r
             assert r["optimizer_numel"] == r["expected_numel"] < r["replicated_numel"], r
         uniform = results[0]  # GPT at dp4: every parameter but the odd-sized ones 1/4
         assert uniform["optimizer_numel"] < 0.3 * uniform["replicated_numel"], uniform
