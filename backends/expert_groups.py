@@ -14,6 +14,7 @@ from pcompile.runtime import expert_parallel, ops
 
 AXIS = "ep"
 EDP = "edp"  # the ranks holding the same experts: one per ep group of the dp group
+EXPERT_PARAMS = "pcompile_expert_params"  # node.meta key set by passes/expert_parallel.py
 
 
 MIXTURES = (expert_parallel.expert_mixture, expert_parallel.gated_expert_mixture)
@@ -145,14 +146,17 @@ def expert_owners(gm) -> tuple[dict[str, int], frozenset]:
     owner, chunked = {}, set()
     for _, node in ops.collectives_of(gm):
         fn = ops.op_of(node).fn
+        # the names the rewrite recorded (inside a checkpoint region the parameters come in as inputs)
+        first = 7 if fn is expert_parallel.gated_expert_mixture else 8
+        names = node.meta.get(EXPERT_PARAMS) or [str(read.target) for read in node.args[first:]]
         if fn is expert_parallel.gated_expert_mixture:
-            chunked.update(str(read.target) for read in node.args[7:])
+            chunked.update(names)
         if fn is not expert_parallel.expert_mixture:
             continue
         ep, experts, bias = node.args[5], node.args[6], node.args[7]
         step, per = (4 if bias else 2), experts // ep
-        for i, read in enumerate(node.args[8:]):
-            owner[str(read.target)] = (i // step) // per
+        for i, name in enumerate(names):
+            owner[name] = (i // step) // per
     return owner, frozenset(chunked)
 
 

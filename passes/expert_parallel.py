@@ -29,8 +29,10 @@ ranks holding the same chunk and divided by dp as the modules form's.
 
 Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm (or
 with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers
-under ZeRO-3 / ZeRO-2, activation checkpointing or operator split, and different ep degrees in
-one plan.
+under ZeRO-3 / ZeRO-2 or operator split, and different ep degrees in one plan. A checkpointed
+ep layer recomputes its dispatch (all-to-alls included) in backward; the mixture node records
+its expert parameters' names (node.meta[EXPERT_PARAMS]) for the backend, as inside the
+checkpoint region the parameters arrive as inputs.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from pcompile.runtime import expert_parallel
 from pcompile.sharding.moe import MoELayer, find_moe_layers
 
 AXIS = "ep"
+EXPERT_PARAMS = "pcompile_expert_params"  # node.meta key: the expert parameter names a mixture reads
 
 
 def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
@@ -70,7 +73,6 @@ def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
                             "give every expert the same two Linears, or use ep=1 for this layer")
     for name, on, fix in (("ZeRO-3", strategy.sdp, "sdp=false"),
                           ("ZeRO-2", strategy.zero2, "zero2=false"),
-                          ("activation checkpointing", strategy.checkpoint, "checkpoint=false"),
                           ("operator split", strategy.split > 1, "split=1")):
         if on:
             raise PcompileError(f"{where} with {name} is not supported yet", f"use {fix} with ep, or ep=1")
@@ -104,6 +106,7 @@ def _rewrite(ir: IR, moe: MoELayer, ep: int) -> None:
     with graph.inserting_before(moe.output):
         reads = [graph.get_attr(name) for name in params]
         mixture = graph.call_function(target, (*head, AXIS, ep, moe.num_experts, *tail, *reads))
+    mixture.meta[EXPERT_PARAMS] = tuple(params)  # the names, also where a checkpoint region passes them in
     for node, name in zip(reads, params):
         meta, param = ir.meta(node), ir.gm.get_parameter(name)
         meta.layer, meta.placement = layer, placement
