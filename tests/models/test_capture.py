@@ -128,4 +128,5 @@ class Wrapped(nn.Module):
 
 def test_without_repeated_blocks_layers_are_the_children_inside_a_wrapper():
     ir = _ir(Wrapped(), (torch.randn(4, 4), torch.randint(0, 3, (4,))))
-    assert ir.layers == ["pre", "net.stem", "net.body", "net.head", "post"] and ir.block_layers == []
+    # net.stem's column Linear and net.body's row partner: one unit (a Megatron pair, passes/layers.py)
+    assert ir.layers == ["pre", "net.stem+net.body", "net.head", "post"] and ir.block_layers == []
