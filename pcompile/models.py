@@ -70,12 +70,14 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    block_class = Block  # MoEGPT's blocks differ, nothing else
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
+        self.blocks = nn.ModuleList([self.block_class(cfg) for _ in range(cfg.num_layers)])
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if cfg.tie_head:
@@ -163,24 +165,11 @@ class MoEBlock(nn.Module):
         return x + out, aux
 
 
-class MoEGPT(nn.Module):
+class MoEGPT(GPT):
     """The built-in GPT with MoE blocks; forward(tokens, targets) -> cross-entropy (+ the
     coefficient times the blocks' summed load-balancing losses)."""
 
-    def __init__(self, cfg: MoEGPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.hidden)
-        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.hidden)
-        self.blocks = nn.ModuleList([MoEBlock(cfg) for _ in range(cfg.num_layers)])
-        self.ln_f = nn.LayerNorm(cfg.hidden)
-        self.head = nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
-        if cfg.tie_head:
-            self.head.weight = self.tok_emb.weight
-        self.apply(self._init_weights)
-
-    def _init_weights(self, module: nn.Module) -> None:
-        _init(module)
+    block_class = MoEBlock
 
     def forward(self, idx, targets):
         positions = torch.arange(idx.shape[1], device=idx.device)
