@@ -8,23 +8,63 @@ the same plan, on 4 local gloo ranks, measured side by side in one run.
   pp4      torch.distributed.pipelining Schedule1F1B over hand-written stages  vs  pcompile pp=4
            (1F1B, 4 micro-batches, the same cut; LM head untied from the embedding on both sides)
 
+Under injected latency (--latency-ms L, default 30; 0 skips these rows): dp4, sdp4 and pp4
+again with every torch.distributed transfer taking at least L ms from its issue, without CPU
+(pcompile.runtime.latency.inject, as a slow network would), the torch-native side set up to
+overlap as it does on GPUs:
+
+  dp4+L    DDP with a comm hook that all-reduces each bucket through the Python
+           dist.all_reduce(async_op=True) (DDP's reducer calls the C++ all-reduce itself, which
+           latency.inject cannot see); the bucket is divided by the world size first, as DDP's
+           default hook does; the hook's future completes when the delayed work does
+  sdp4+L   FSDP2 with asynchronous unshard and explicit prefetch (forward: the next block, backward:
+           the previous one); its reduce-scatter stays synchronous on CPU (on GPUs it runs on its
+           own stream: FSDP2 has no async reduce-scatter without streams)
+  pp4+L    the same two 1F1B programs; torch 2.13's pipelining issues homogeneous p2p batches
+           (only sends, only receives) with dist.isend / irecv directly, which latency.inject leaves
+           alone (P2POp accepts only the originals), so for both sides every batch goes through
+           dist.batch_isend_irecv, which it delays (what the schedule did before that fast path)
+
+Each side's transfers per step are counted (latency.inject's `calls`, and by function), so a
+transfer one side exposes and the other hides can be named; exposed ms = step under latency -
+step without it (the rows above), hidden % = 1 - exposed / (transfers x L). latency.DelayedWork
+is no dist.Work, which FSDP2 requires of an async all-gather before it waits for it: the
+benchmark hands out a dist.Work that wraps it (_DelayedAsWork), else FSDP2 copies out gathers
+still in flight (NaN loss) and is not delayed at all.
+
+What pcompile issues that the native programs do not (each a synchronous transfer, so one L
+exposed per step under latency): dp / ZeRO-3, the step's loss-count all-reduce before the
+forward (runtime.loss_counts.step_counts; its global-loss all-reduce is async, behind
+backward); pp, the broadcast of the loss from the last stage (torch's schedule leaves it there).
+Measured at L = 30 (3 runs on 2 shared cores, load 5-6, medians): ddp_latency_ratio 1.22 -
+pcompile exposes 34-49 ms of 4 all-reduces against DDP's 9-18 ms of 2, about one L more: the
+loss-count all-reduce; pp_latency_ratio 1.10 (pcompile +23-35 ms exposed: the loss broadcast);
+fsdp_latency_ratio 0.95 (FSDP2's 5 synchronous reduce-scatters; pcompile's are async, though it
+too exposes the loss-count all-reduce).
+
 A step is forward + backward + gradient synchronisation + AdamW step on the same global
 batch, both programs built from the same seed (their first losses are printed as a check
 that the two sides run the same model). The two sides alternate step by step; a step's time
 is the slowest rank's (barrier before, max-reduce after); the figure is the median of the
-timed steps after warm-up. Ratio = pcompile / native (target <= 1.10). Ends with one
+timed steps after warm-up. Ratio = pcompile / native (target <= 1.10). A pair's +L
+programs run in the same rotation as its plain ones, so both rows see the same load. Ends with one
 `key=value` line.
 
   python benchmarks/runtime_overhead.py [--steps 10] [--warmup 3] [--hidden 128] [--layers 4]
+                                       [--latency-ms 30] [--only dp4,sdp4,pp4]
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
+import functools
 import math
 import os
 import statistics
 import sys
+import threading
 import time
 import types
 
@@ -38,6 +78,7 @@ import pcompile  # noqa: E402
 from pcompile.api import PIPELINE  # noqa: E402
 from pcompile.models import GPT, GPTConfig, gpt_inputs  # noqa: E402
 from pcompile.plan import LayerAssignment, Strategy  # noqa: E402
+from pcompile.runtime import latency  # noqa: E402
 
 WORLD = 4
 PAIRS = [  # (key, native description, pcompile plan)
@@ -49,6 +90,8 @@ PAIRS = [  # (key, native description, pcompile plan)
 PP_PAIR = ("pp4", "pipelining 1F1B", dict(pp=4))  # 4 micro-batches, stage i = block i (+ embeddings / head)
 RATIO_KEYS = {"dp4": "ddp_ratio", "sdp4": "fsdp_ratio", "tp4": "tp_ratio", "dp2tp2": "dp2tp2_ratio",
               "pp4": "pp_ratio"}
+LATENCY_KEYS = {"dp4": "ddp_latency_ratio", "sdp4": "fsdp_latency_ratio", "pp4": "pp_latency_ratio"}
+LATENCY_NAMES = {"dp4": "DDP, Python hook", "sdp4": "FSDP2 async prefetch", "pp4": "pipelining 1F1B"}
 MICROBATCHES = 4
 
 
@@ -134,20 +177,60 @@ def pipeline_plan(cfg: GPTConfig) -> pcompile.Plan:
                                       stages + [("post", WORLD - 1)]))
 
 
-def native_program(key: str, model: GPT):
-    """(module to call on the local batch, dp degree, dp coordinate)."""
+def python_all_reduce_hook(group, bucket):  # no annotations: DDP checks them, and these are strings
+    """DDP comm hook: DDP's default (divide the bucket by the world size, all-reduce it), but
+    through the Python dist.all_reduce(async_op=True), looked up at call time, so latency.inject
+    delays it as it delays pcompile's buckets. The returned future completes when the work
+    handle's wait() returns (a delayed handle: no earlier than issue + L), waited on a thread
+    of its own, so backward goes on meanwhile, as DDP's does while NCCL reduces."""
+    tensor = bucket.buffer().div_(dist.get_world_size(group))
+    work = dist.all_reduce(tensor, group=group, async_op=True)
+    future = torch.futures.Future()
+
+    def complete():
+        try:
+            work.wait()
+            future.set_result(tensor)
+        except Exception as error:  # noqa: BLE001  (the reducer re-raises it)
+            future.set_exception(error)
+    threading.Thread(target=complete, daemon=True).start()
+    return future
+
+
+def _fsdp2_overlap(model: GPT) -> None:
+    """FSDP2's explicit prefetching with asynchronous unshard (its overlap where there are no
+    streams): each block's forward issues the next block's all-gather, each block's backward the
+    previous one's; the root's forward the first block's."""
+    blocks = list(model.blocks)
+    for module in [model, *blocks]:
+        module._set_unshard_async_op(True)
+    model.set_modules_to_forward_prefetch(blocks[:1])
+    for i, block in enumerate(blocks):
+        block.set_modules_to_forward_prefetch(blocks[i + 1:i + 2])
+        block.set_modules_to_backward_prefetch(blocks[max(i - 1, 0):i])
+
+
+def native_program(key: str, model: GPT, overlap: bool = False):
+    """(module to call on the local batch, dp degree, dp coordinate). `overlap`: set up DDP / FSDP2
+    to overlap communication through the Python collectives (the rows under latency)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     if key == "dp4":
-        return DDP(model), WORLD, dist.get_rank()
+        ddp = DDP(model)
+        if overlap:
+            ddp.register_comm_hook(None, python_all_reduce_hook)
+        return ddp, WORLD, dist.get_rank()
     if key == "sdp4":
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh("cpu", (WORLD,))
         for block in model.blocks:
             fully_shard(block, mesh=mesh)
-        return fully_shard(model, mesh=mesh), WORLD, dist.get_rank()
+        root = fully_shard(model, mesh=mesh)
+        if overlap:
+            _fsdp2_overlap(root)
+        return root, WORLD, dist.get_rank()
     if key == "tp4":
         _tensor_parallel(model, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)))
         return model, 1, 0
@@ -161,12 +244,12 @@ def native_program(key: str, model: GPT):
     raise ValueError(key)
 
 
-def native_step(key: str, cfg: GPTConfig, x, y):
+def native_step(key: str, cfg: GPTConfig, x, y, overlap: bool = False):
     """(one training step, the divisor that turns the sum of the ranks' losses into the loss)."""
     if key == "pp4":
         return native_pipeline(cfg, x, y)
     torch.manual_seed(0)
-    module, dp, coord = native_program(key, GPT(cfg))
+    module, dp, coord = native_program(key, GPT(cfg), overlap)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, foreach=False)
     xl, yl = x.chunk(dp)[coord], y.chunk(dp)[coord]
 
@@ -205,13 +288,78 @@ def pcompile_step(cfg: GPTConfig, plan: pcompile.Plan, x, y):
 
 
 # -- measurement (runs on every rank) ----------------------------------------------------------
-def _timed(fn) -> tuple[float, float]:
+class _DelayedAsWork(dist.distributed_c10d.Work):
+    """A latency.DelayedWork that is a dist.Work: FSDP2 waits an async all-gather only
+    `if isinstance(work, dist.distributed_c10d.Work)` (_fsdp_collectives.foreach_all_gather_copy_out),
+    so with the bare DelayedWork it neither waits nor gets delayed - and copies out a gather
+    still in flight (NaN losses under async unshard)."""
+
+    def __init__(self, delayed):
+        super().__init__()
+        self._delayed = delayed
+
+    def wait(self, *args, **kwargs):
+        return self._delayed.wait(*args, **kwargs)
+
+    def is_completed(self) -> bool:
+        return self._delayed.is_completed()
+
+    def get_future(self):
+        return self._delayed.get_future()
+
+
+def _all_through_batch(p2p_ops, desc=None):
+    """torch's pipelining _batch_p2p without its homogeneous-batch fast path (which calls
+    dist.isend / irecv, invisible to latency.inject): every batch via dist.batch_isend_irecv."""
+    return dist.batch_isend_irecv(p2p_ops) if p2p_ops else []
+
+
+@contextlib.contextmanager
+def injected_latency(ms: float):
+    """latency.inject(ms), with pipelining's p2p routed through batch_isend_irecv, every
+    delayed function counted by name and its async handles made dist.Work; yields
+    (Injected, Counter)."""
+    from torch.distributed.pipelining import schedules
+
+    counts = collections.Counter()
+
+    def counting(name, fn):
+        @functools.wraps(fn)
+        def call(*args, **kwargs):
+            counts[name] += 1
+            result = fn(*args, **kwargs)
+            return _DelayedAsWork(result) if isinstance(result, latency.DelayedWork) else result
+        return call
+
+    with latency.inject(ms) as injected:
+        delayed = {name: getattr(dist, name) for name in (*latency._COLLECTIVES, "batch_isend_irecv")
+                   if hasattr(dist, name)}
+        batch_p2p = schedules._batch_p2p
+        try:
+            schedules._batch_p2p = _all_through_batch
+            for name, fn in delayed.items():
+                setattr(dist, name, counting(name, fn))
+            yield injected, counts
+        finally:
+            schedules._batch_p2p = batch_p2p
+            for name, fn in delayed.items():
+                setattr(dist, name, fn)
+
+
+def _timed(fn, latency_ms: float = 0.0) -> tuple[float, float, collections.Counter]:
+    """(slowest rank's seconds, this rank's loss, this rank's delayed transfers by function)."""
     dist.barrier()
+    counts = collections.Counter()
     start = time.perf_counter()
-    loss = fn()
+    if latency_ms:
+        with injected_latency(latency_ms) as (injected, counts):
+            loss = fn()
+        assert injected.calls == sum(counts.values()), (injected.calls, counts)
+    else:
+        loss = fn()
     elapsed = torch.tensor(time.perf_counter() - start)
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-    return elapsed.item(), loss
+    return elapsed.item(), loss, counts
 
 
 def _global_loss(loss: float, divisor: int) -> float:
@@ -220,7 +368,31 @@ def _global_loss(loss: float, divisor: int) -> float:
     return total.item() / divisor
 
 
-def measure(cfg: GPTConfig, batch: int, warmup: int, steps: int, keys: list[str]) -> list[dict]:
+def _interleaved(programs: dict, divisor: int, warmup: int, steps: int) -> dict:
+    """programs: (row, side) -> (step, latency ms), run in turn step by step (so the rows with and
+    without latency see the same load). Per program: median ms, first-step loss, and (under
+    latency) delayed transfers per step: the most over the ranks, and that rank's by function."""
+    times = {k: [] for k in programs}
+    losses, counts = {}, {}
+    for i in range(warmup + steps):
+        for k, (fn, ms) in programs.items():
+            elapsed, loss, counts[k] = _timed(fn, ms)
+            if i == 0:
+                losses[k] = _global_loss(loss, divisor) if k[1] == "native" else loss
+            if i >= warmup:
+                times[k].append(elapsed)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, counts)
+    out = {}
+    for k in programs:
+        most = max((c[k] for c in everyone), key=lambda c: sum(c.values()))
+        out[k] = {"ms": 1e3 * statistics.median(times[k]), "loss": losses[k], "calls": sum(most.values()),
+                  "by_fn": dict(most)}
+    return out
+
+
+def measure(cfg: GPTConfig, batch: int, warmup: int, steps: int, keys: list[str],
+            latency_ms: float = 0.0) -> list[dict]:
     rows = []
     for key, native_name, degrees in [pair for pair in PAIRS + [PP_PAIR] if pair[0] in keys]:
         model_cfg = dataclasses.replace(cfg, tie_head=False) if key == "pp4" else cfg  # no cross-stage tie
@@ -228,20 +400,26 @@ def measure(cfg: GPTConfig, batch: int, warmup: int, steps: int, keys: list[str]
         native, divisor = native_step(key, model_cfg, x, y)
         plan = pipeline_plan(model_cfg) if key == "pp4" else pcompile.Plan.uniform(**degrees)
         ours = pcompile_step(model_cfg, plan, x, y)
-        times = {"native": [], "pcompile": []}
-        losses = {}
-        for i in range(warmup + steps):
-            for side, fn in (("native", native), ("pcompile", ours)):
-                elapsed, loss = _timed(fn)
-                if i == 0:
-                    losses[side] = _global_loss(loss, divisor) if side == "native" else loss
-                if i >= warmup:
-                    times[side].append(elapsed)
-        rows.append({"key": key, "native_name": native_name,
-                     "native_ms": 1e3 * statistics.median(times["native"]),
-                     "pcompile_ms": 1e3 * statistics.median(times["pcompile"]),
-                     "loss_diff": abs(losses["native"] - losses["pcompile"])})
-        del native, ours
+        programs = {("plain", "native"): (native, 0.0), ("plain", "pcompile"): (ours, 0.0)}
+        latency_row = bool(latency_ms) and key in LATENCY_KEYS
+        if latency_row:
+            if key == "pp4":  # the same two programs, every other step under latency
+                programs.update({("L", "native"): (native, latency_ms), ("L", "pcompile"): (ours, latency_ms)})
+            else:  # their own programs: DDP with the Python hook, FSDP2 with async prefetch
+                programs[("L", "native")] = (native_step(key, model_cfg, x, y, overlap=True)[0], latency_ms)
+                programs[("L", "pcompile")] = (pcompile_step(model_cfg, plan, x, y), latency_ms)
+        got = _interleaved(programs, divisor, warmup, steps)
+        plain = {"native_ms": got["plain", "native"]["ms"], "pcompile_ms": got["plain", "pcompile"]["ms"],
+                 "loss_diff": abs(got["plain", "native"]["loss"] - got["plain", "pcompile"]["loss"])}
+        rows.append({"key": key, "native_name": native_name, **plain})
+        if latency_row:
+            row = {"key": f"{key}+L", "native_name": LATENCY_NAMES[key], "plain": plain,
+                   "loss_diff": abs(got["L", "native"]["loss"] - got["L", "pcompile"]["loss"])}
+            for side in ("native", "pcompile"):
+                row.update({f"{side}_ms": got["L", side]["ms"], f"{side}_calls": got["L", side]["calls"],
+                            f"{side}_by_fn": got["L", side]["by_fn"]})
+            rows.append(row)
+        del native, ours, programs
     return rows
 
 
@@ -263,6 +441,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--only", default="dp4,sdp4,tp4,dp2tp2,pp4", help="comma-separated pairs to measure")
+    parser.add_argument("--latency-ms", type=float, default=30.0,
+                        help="also measure dp4, sdp4, pp4 with this latency injected per transfer (0: not)")
     args = parser.parse_args(argv)
     cfg = GPTConfig(vocab_size=2048, seq_len=args.seq, hidden=args.hidden, num_heads=8, num_layers=args.layers)
     sys.path.insert(0, ROOT)  # ranks import this module as benchmarks.runtime_overhead
@@ -270,21 +450,44 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     reason = pp_status(cfg)
     keys = [k for k in args.only.split(",") if k != "pp4" or reason is None]
-    rows = pcompile.launch(this.measure, WORLD, cfg, args.batch, args.warmup, args.steps, keys, timeout=900)[0]
+    start, load_start = time.perf_counter(), os.getloadavg()[0]  # the cores are shared: timings move with it
+    rows = pcompile.launch(this.measure, WORLD, cfg, args.batch, args.warmup, args.steps, keys, args.latency_ms,
+                           timeout=1800)[0]
     print(f"GPT hidden={cfg.hidden} layers={cfg.num_layers} seq={cfg.seq_len} vocab={cfg.vocab_size}, "
-          f"global batch {args.batch}, {WORLD} gloo ranks, {torch.get_num_threads()} threads here; "
+          f"global batch {args.batch}, {WORLD} gloo ranks, {torch.get_num_threads()} threads here, "
+          f"{os.cpu_count()} cores, load {load_start:.1f} -> {os.getloadavg()[0]:.1f}; "
           f"median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'plan':<8} {'native':<20} {'native ms':>10} {'pcompile ms':>12} {'ratio':>6} {'|loss diff|':>12}")
     figures = {}
     for r in rows:
         ratio = r["pcompile_ms"] / r["native_ms"]
-        figures[RATIO_KEYS[r["key"]]] = ratio
+        key = r["key"].removesuffix("+L")
+        figures[(LATENCY_KEYS if r["key"].endswith("+L") else RATIO_KEYS)[key]] = ratio
         print(f"{r['key']:<8} {r['native_name']:<20} {r['native_ms']:>10.1f} {r['pcompile_ms']:>12.1f} "
               f"{ratio:>6.2f} {r['loss_diff']:>12.2e}")
     if reason is not None and "pp4" in args.only:
         print(f"pp4      torch.distributed.pipelining: not measured ({reason})")
         figures["pp_ratio"] = math.nan
-    print(" ".join(f"{k}={v:.3f}" for k, v in figures.items()))
+        if args.latency_ms:
+            figures["pp_latency_ratio"] = math.nan
+    latency_rows = [r for r in rows if r["key"].endswith("+L")]
+    if latency_rows:
+        ms = args.latency_ms
+        print(f"\nunder {ms:g} ms per transfer (+L rows): transfers per step (the rank with the most), "
+              f"exposed ms = +L step - plain step, hidden % = 1 - exposed / (transfers x {ms:g} ms)")
+        print(f"{'plan':<8} {'side':<9} {'transfers':>9} {'exposed ms':>11} {'hidden':>7}  by function")
+        for r in latency_rows:
+            for side in ("native", "pcompile"):
+                calls = r[f"{side}_calls"]
+                exposed = r[f"{side}_ms"] - r["plain"][f"{side}_ms"]
+                hidden = 100 * (1 - exposed / (calls * ms)) if calls else math.nan
+                by_fn = ", ".join(f"{name} {n}" for name, n in sorted(r[f"{side}_by_fn"].items()))
+                print(f"{r['key']:<8} {side:<9} {calls:>9} {exposed:>11.1f} {hidden:>6.0f}%  {by_fn}")
+        figures["latency_ms"] = ms
+    figures["load1_start"], figures["load1_end"] = load_start, os.getloadavg()[0]
+    figures["seconds"] = time.perf_counter() - start
+    print(" ".join(f"{k}={v:.3f}" if "ratio" in k else f"{k}={v:.2f}" if "load" in k else f"{k}={v:.0f}"
+                   for k, v in figures.items()))
     return figures
 
 
