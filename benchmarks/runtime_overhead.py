@@ -21,16 +21,16 @@ overlap as it does on GPUs:
            the previous one); its reduce-scatter stays synchronous on CPU (on GPUs it runs on its
            own stream: FSDP2 has no async reduce-scatter without streams)
   pp4+L    the same two 1F1B programs; torch 2.13's pipelining issues homogeneous p2p batches
-           (only sends, only receives) with dist.isend / irecv directly, which latency.inject leaves
-           alone (P2POp accepts only the originals), so for both sides every batch goes through
+           (only sends, only receives) with dist.isend / irecv directly, which cannot be delayed
+           (P2POp accepts only the originals), so inside latency.inject every batch goes through
            dist.batch_isend_irecv, which it delays (what the schedule did before that fast path)
 
 Each side's transfers per step are counted (latency.inject's `calls`, and by function), so a
 transfer one side exposes and the other hides can be named; exposed ms = step under latency -
 step without it (the rows above), hidden % = 1 - exposed / (transfers x L). latency.DelayedWork
-is no dist.Work, which FSDP2 requires of an async all-gather before it waits for it: the
-benchmark hands out a dist.Work that wraps it (_DelayedAsWork), else FSDP2 copies out gathers
-still in flight (NaN loss) and is not delayed at all.
+is a dist.Work, which FSDP2 requires of an async all-gather before it waits for it (else it
+copies out gathers still in flight: NaN losses), and inject() routes pipelining's p2p through
+batch_isend_irecv (its isend / irecv fast path would escape the delay).
 
 What pcompile issues that the native programs do not (each a synchronous transfer, so one L
 exposed per step under latency): dp / ZeRO-3, the step's loss-count all-reduce before the
@@ -288,60 +288,28 @@ def pcompile_step(cfg: GPTConfig, plan: pcompile.Plan, x, y):
 
 
 # -- measurement (runs on every rank) ----------------------------------------------------------
-class _DelayedAsWork(dist.distributed_c10d.Work):
-    """A latency.DelayedWork that is a dist.Work: FSDP2 waits an async all-gather only
-    `if isinstance(work, dist.distributed_c10d.Work)` (_fsdp_collectives.foreach_all_gather_copy_out),
-    so with the bare DelayedWork it neither waits nor gets delayed - and copies out a gather
-    still in flight (NaN losses under async unshard)."""
-
-    def __init__(self, delayed):
-        super().__init__()
-        self._delayed = delayed
-
-    def wait(self, *args, **kwargs):
-        return self._delayed.wait(*args, **kwargs)
-
-    def is_completed(self) -> bool:
-        return self._delayed.is_completed()
-
-    def get_future(self):
-        return self._delayed.get_future()
-
-
-def _all_through_batch(p2p_ops, desc=None):
-    """torch's pipelining _batch_p2p without its homogeneous-batch fast path (which calls
-    dist.isend / irecv, invisible to latency.inject): every batch via dist.batch_isend_irecv."""
-    return dist.batch_isend_irecv(p2p_ops) if p2p_ops else []
-
-
 @contextlib.contextmanager
 def injected_latency(ms: float):
-    """latency.inject(ms), with pipelining's p2p routed through batch_isend_irecv, every
-    delayed function counted by name and its async handles made dist.Work; yields
-    (Injected, Counter)."""
-    from torch.distributed.pipelining import schedules
-
+    """latency.inject(ms) (pipelining's p2p routed through batch_isend_irecv, async handles
+    dist.Work: both in pcompile.runtime.latency), every delayed function counted by name;
+    yields (Injected, Counter)."""
     counts = collections.Counter()
 
     def counting(name, fn):
         @functools.wraps(fn)
         def call(*args, **kwargs):
             counts[name] += 1
-            result = fn(*args, **kwargs)
-            return _DelayedAsWork(result) if isinstance(result, latency.DelayedWork) else result
+            return fn(*args, **kwargs)
         return call
 
     with latency.inject(ms) as injected:
         delayed = {name: getattr(dist, name) for name in (*latency._COLLECTIVES, "batch_isend_irecv")
                    if hasattr(dist, name)}
-        batch_p2p = schedules._batch_p2p
         try:
-            schedules._batch_p2p = _all_through_batch
             for name, fn in delayed.items():
                 setattr(dist, name, counting(name, fn))
             yield injected, counts
         finally:
-            schedules._batch_p2p = batch_p2p
             for name, fn in delayed.items():
                 setattr(dist, name, fn)
 

@@ -24,16 +24,19 @@ import time
 import torch.distributed as dist
 
 # isend / irecv stay as they are: P2POp accepts only the originals (batch_isend_irecv, which
-# torch's pipelining issues them through, is delayed as a whole)
+# torch's pipelining issues them through - inside inject() always - is delayed as a whole)
 _COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
                 "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "reduce", "gather", "scatter",
                 "all_gather_single", "reduce_scatter_single")  # the last two: torch 2.13's new names
 
 
-class DelayedWork:
-    """A work handle that completes no earlier than `deadline` (time.monotonic())."""
+class DelayedWork(dist.distributed_c10d.Work):
+    """A work handle that completes no earlier than `deadline` (time.monotonic()). A dist.Work:
+    FSDP2 waits an async all-gather only if it is one (else it copies out a gather still in
+    flight, and is not delayed)."""
 
     def __init__(self, work, deadline: float):
+        super().__init__()
         self._work, self._deadline = work, deadline
 
     def wait(self, *args, **kwargs):
@@ -46,7 +49,10 @@ class DelayedWork:
     def is_completed(self) -> bool:
         return time.monotonic() >= self._deadline and (self._work is None or self._work.is_completed())
 
-    def __getattr__(self, name):  # get_future, exception, ... of the real handle
+    def get_future(self):  # the real handle's: it completes without the delay
+        return self._work.get_future()
+
+    def __getattr__(self, name):  # exception, ... of the real handle
         return getattr(self._work, name)
 
 
@@ -87,13 +93,34 @@ def inject(ms: float):
     yields an Injected that counts them."""
     seconds, injected = ms / 1e3, Injected()
     originals = {name: getattr(dist, name) for name in (*_COLLECTIVES, "batch_isend_irecv") if hasattr(dist, name)}
+    schedules = _pipelining_schedules()
+    batch_p2p = getattr(schedules, "_batch_p2p", None)
     try:
         for name, fn in originals.items():
             if name == "batch_isend_irecv":
                 setattr(dist, name, _delayed_batch(fn, seconds, injected))
             else:
                 setattr(dist, name, _delayed(fn, seconds, injected))
+        if batch_p2p is not None:
+            # torch's pipelining sends a batch of only sends or only receives through isend / irecv
+            # (its fast path), which cannot be delayed here (P2POp takes only the originals):
+            # every batch goes through batch_isend_irecv instead (a private function of torch)
+            schedules._batch_p2p = _through_batch
         yield injected
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+        if batch_p2p is not None:
+            schedules._batch_p2p = batch_p2p
+
+
+def _pipelining_schedules():
+    try:
+        from torch.distributed.pipelining import schedules
+    except ImportError:
+        return None
+    return schedules
+
+
+def _through_batch(p2p_ops, desc=None):
+    return dist.batch_isend_irecv(p2p_ops) if p2p_ops else []

@@ -56,3 +56,14 @@ def test_injected_latency_is_paid_once_and_hidden_by_overlapped_work():
         assert t["issue"] < MS / 2e3, t
         assert t["overlapped"] < 1.5 * MS / 1e3, t  # max(compute, latency), not their sum
         assert t["after"] < MS / 2e3, t
+
+
+def test_pipelining_sends_and_fsdp2_waits_are_delayed_too():
+    from torch.distributed.pipelining import schedules
+
+    # FSDP2 waits an async all-gather only if its handle is a dist.Work
+    assert issubclass(latency.DelayedWork, dist.distributed_c10d.Work)
+    original = schedules._batch_p2p  # its isend / irecv fast path escapes the delay: batched instead
+    with latency.inject(1):
+        assert schedules._batch_p2p is latency._through_batch
+    assert schedules._batch_p2p is original
