@@ -19,7 +19,7 @@
 With `--latency L`: a slow network. Every transfer is made to take at least L ms from its
 issue (pcompile.runtime.latency.inject: a sleep, no CPU), so what the runtime overlaps with
 compute hides and what it waits for shows; the plans are LATENCY_CASES (dp, ZeRO-3, ZeRO-3 with
-split, tp, sp, checkpointing, pipelines with 1F1B and GPipe) on the 4-block GPT, each priced by
+split, ZeRO-2, tp, sp, checkpointing, pipelines with 1F1B and GPipe) on the 4-block GPT, each priced by
 `pcompile.cost.plan_price.price` (the search's price) on the profiled cluster with
 `with_min_transfer(L)` and an overlap efficiency of 1 (an injected wait uses no CPU, so it hides
 entirely behind compute; the profile's eta describes gloo's own transfers, which share the cores).
@@ -91,6 +91,7 @@ LATENCY_CASES = (
     ("dp4", Plan.uniform(dp=4)),
     ("sdp4", Plan.uniform(dp=4, sdp=True)),
     ("sdp4·split2", Plan.uniform(dp=4, sdp=True, split=2)),
+    ("z2dp4", Plan.uniform(dp=4, zero2=True)),
     ("dp2·tp2", Plan.uniform(dp=2, tp=2)),
     ("dp1·tp4", Plan.uniform(tp=4)),
     ("dp2·tp2·sp", Plan.uniform(dp=2, tp=2, sp=True)),
