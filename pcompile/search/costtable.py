@@ -10,6 +10,7 @@ time = inf. Times are seconds, memory is bytes per device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class CostTable:
     def num_strategies(self) -> int:
         return len(self.strategies)
 
-    @property
+    @cached_property  # read for every layer of every stage solver: once per table
     def send_split(self) -> int:
         """How many links a pipeline send's boundary bytes spread over, at least: each of a stage's
         dp replicas sends its own part of the micro-batch to its peer in the next stage, in
