@@ -52,7 +52,8 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
                 or (pipelined and s.sdp and s.tp > 1 and layer in tied))
 
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
-    named = {layer for tp in refused.values() for layer in tp} | set(pins) | tied  # layers a rule names
+    # layers a rule names (the tied ones only matter in a pipeline)
+    named = {layer for tp in refused.values() for layer in tp} | set(pins) | (tied if pipelined else set())
     candidates = [i for i, layer in enumerate(table.layers) if layer in named]
     for j, s in enumerate(table.strategies):
         rows = slice(None) if everywhere(s) else [i for i in candidates if forbidden(table.layers[i], s)]
