@@ -20,7 +20,7 @@ import itertools
 
 import numpy as np
 
-from pcompile.cost.plan_price import trivial_ends
+from pcompile.cost.plan_price import ends_trimmer
 from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
@@ -66,7 +66,7 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
     pcompile.cost.pricing.cost_table, built by StageCosts (shared per-tp layer work, one table
     per class of equivalent stages) and kept per table so the engine's index memo hits."""
     cache: dict[tuple, CostTable] = {}
-    trim = _without_ends(ir)
+    trim = ends_trimmer(ir)
     tied = frozenset(layer for group in tied_groups(ir, tuple(ir.layers)) for layer in group)
 
     def for_run(pins: dict[str, int]):
@@ -78,22 +78,6 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
             return cache[key]
         return cost
     return for_run
-
-
-def _without_ends(ir: IR):
-    """pcompile.cost.plan_price.without_ends with the trivial ends found once per search (finding
-    them walks every node of the IR, and a search trims a hundred tables)."""
-    drop_first, drop_last = trivial_ends(ir)
-
-    def trim(table: CostTable) -> CostTable:
-        rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
-        edges = slice(rows.start, rows.stop - 1)
-        return dataclasses.replace(
-            table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
-            sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
-            activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
-            switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
-    return trim
 
 
 def tied_groups(ir: IR, layers: tuple[str, ...]) -> list[tuple[str, ...]]:

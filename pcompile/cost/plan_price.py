@@ -53,14 +53,23 @@ def priced_layers(ir: IR) -> tuple[str, ...]:
 
 def without_ends(ir: IR, table: CostTable) -> CostTable:
     """`table` without the rows of the trivial ends."""
+    return ends_trimmer(ir)(table)
+
+
+def ends_trimmer(ir: IR):
+    """A function taking a table to `without_ends` of it, the trivial ends found once (finding
+    them walks every node of the IR, and a search trims a hundred tables)."""
     drop_first, drop_last = trivial_ends(ir)
-    rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
-    edges = slice(rows.start, rows.stop - 1)
-    return dataclasses.replace(
-        table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
-        sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
-        activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
-        switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
+
+    def trim(table: CostTable) -> CostTable:
+        rows = slice(1 if drop_first else 0, table.num_layers - (1 if drop_last else 0))
+        edges = slice(rows.start, rows.stop - 1)
+        return dataclasses.replace(
+            table, layers=table.layers[rows], fwd_time=table.fwd_time[rows], bwd_time=table.bwd_time[rows],
+            sync_time=table.sync_time[rows], state_memory=table.state_memory[rows],
+            activation_memory=table.activation_memory[rows], temp_memory=table.temp_memory[rows],
+            switch_time=table.switch_time[edges], boundary_bytes=table.boundary_bytes[edges])
+    return trim
 
 
 def setting_of(plan: Plan) -> Setting:
