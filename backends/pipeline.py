@@ -288,11 +288,18 @@ class PipelineRuntime:
         return self._global_loss(losses)
 
     def _sum_tied(self, params: dict) -> None:
-        """A weight tied across stages on several pp ranks: the sum of its copies' gradients."""
+        """A weight tied across stages on several pp ranks: the sum of its copies' gradients. The
+        group holds the ranks of the same (dp, tp) coordinates, so under tp and ZeRO-3 / ZeRO-2 the
+        same shard / chunk. Every holder joins, after the schedule (which every rank finishes): a
+        copy that got no gradient contributes zeros (as autograd sums an unused read) - skipping it
+        would leave the other holders waiting in the all-reduce."""
         for name, group in self.tie_groups:
-            grad = params[name].grad if name in params else None
-            if group is not None and grad is not None:
-                dist.all_reduce(grad, group=group)
+            param = params.get(name)
+            if group is None or param is None or not param.requires_grad:
+                continue
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            dist.all_reduce(param.grad, group=group)
 
     def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The mean of the micro-batch losses (the sum of their 1/n shares), from the last stage to

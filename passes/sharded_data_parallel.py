@@ -45,7 +45,7 @@ from torch.fx.node import _get_qualified_name
 
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, Placement, Shard, local_shape
-from pcompile.ir.params import by_tensor, tied, under_every_name
+from pcompile.ir.params import by_tensor, under_every_name
 from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.runtime import ops, sdp
 
@@ -283,17 +283,6 @@ def _prefetch_across(ir: IR, ctx: PassContext, previous: fx.Node, layer: str) ->
     return ctx.plan.pp == 1 and ctx.plan.strategy_for(ir.meta(previous).layer).dp == ctx.plan.strategy_for(layer).dp
 
 
-def _tied_across_tp_sdp_layers(ir: IR, reads: dict, layers: list[str]) -> str | None:
-    """A parameter with several names (tied) read by one of `layers`, or None."""
-    shared = tied(ir.gm)
-    for node, slots in reads.items():
-        if ir.meta(node).layer in layers:
-            hit = next((r.name for r in slots.values() if r.name in shared), None)
-            if hit:
-                return hit
-    return None
-
-
 @register_pass("sharded_data_parallel", kind="rewrite", requires=("tensor_parallel", "operator_split"),
                ensures=("sharded_data_parallel",))
 def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
@@ -302,13 +291,6 @@ def sharded_data_parallel(ir: IR, ctx: PassContext) -> IR:
     if not layers:
         return ir
     reads = parameter_reads(ir)
-    tp_layers = [layer for layer in layers if ctx.plan.strategy_for(layer).tp > 1]
-    if ctx.plan.pp > 1 and (shared := _tied_across_tp_sdp_layers(ir, reads, tp_layers)):
-        # pp2·sdp2·tp2 with GPT's tied embedding/head: the head stage's chunk gets no gradient and
-        # the tie all-reduce hangs (untied GPT and the MLP match serial under pp x sdp x tp)
-        raise PcompileError(f"a tied parameter ({shared}) read by ZeRO-3 (sdp) layers with tp > 1 inside pipeline "
-                            "stages is not supported yet",
-                            "use dp instead of sdp (or tp=1) for the layers that read the tied weight, or pp=1")
     shardings, replicated = choose_shardings(ir, reads, layers)
     per_op = {layer for layer in layers if ctx.plan.strategy_for(layer).split > 1}
     recomputed = {layer for layer in ir.layers if ctx.plan.strategy_for(layer).checkpoint}

@@ -2,9 +2,9 @@
 1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B (2 and 3 virtual stages) at pp=2 and pp=4,
 pp x dp, pp x tp, and ZeRO-3 inside stages (pp x sdp, with activation checkpointing, mixed
 with dp layers over a tied weight, interleaved), on the built-in GPT (tied and untied head)
-and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp). One 2-, one 4- and one 8-rank launch. Plus the pass's
-pure parts (balanced cut,
-stage assignment, errors) without ranks."""
+and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp, ZeRO-3 over the tied embedding/head too).
+One 2-, one 4- and one 8-rank launch. Plus the pass's pure parts (balanced cut, stage
+assignment, errors) without ranks."""
 import dataclasses
 
 import pytest
@@ -47,14 +47,15 @@ CASES = {
         ("gpt4", dataclasses.replace(pipeline_plan(2, "GPipe", 2, dp=2), layers=(  # head sdp, tied embedding dp
             LayerAssignment("blocks.2", Strategy(dp=2, sdp=True)), LayerAssignment("post", Strategy(dp=2, sdp=True))))),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, sdp=True))],
-    # 3-D: pp2 x dp2 x tp2, pp2 x sdp2 x tp2 and both with sp, one 8-rank launch (sdp x tp over GPT's tied
-    # embedding/head across stages is refused: test below)
+    # 3-D: pp2 x dp2 x tp2, pp2 x sdp2 x tp2 and both with sp, one 8-rank launch; ZeRO-3 x tp over GPT's tied
+    # embedding/head on both stages (each stage's dp chunk of its tp shard, summed over the two pp ranks)
     8: [("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2)),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, tp=2)),
         ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True)),
         ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2, tp=2, sdp=True)),
         ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sp=True)),  # sequence parallelism inside the stages
-        ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True))],
+        ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True)),
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True))],
 }
 
 
@@ -180,11 +181,3 @@ def test_schedule_limits_are_errors_at_compile_time():
     with pytest.raises(PcompileError, match="does not split into dp=2 x 8 micro-batches"):
         check_schedule(pipeline_plan(2, "GPipe", 8, dp=2), 8)
     check_schedule(pipeline_plan(2, "Interleaved1F1B", 4), 8)
-
-
-def test_zero3_with_tp_over_a_tied_weight_inside_pipeline_stages_is_refused():
-    model, inputs = MODELS["gpt4"][0](), MODELS["gpt4"][1](0)
-    plan = pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True)
-    with pytest.raises(PcompileError, match=r"tied parameter .*\(sdp\) layers with tp > 1 inside pipeline") as info:
-        pcompile.compile(model, pcompile.Cluster.local(8), inputs, plan=plan, stop_after="sharded_data_parallel")
-    assert "tp=1" in info.value.fix
