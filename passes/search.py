@@ -16,7 +16,7 @@ search space restricted to what the rewrite passes can run today:
   micro-batch and reduce-scatters their gradients, as the cost model charges), and GPipe,
   1F1B and interleaved 1F1B (its chunks become Plan.virtual_stages);
 - sequence parallelism per layer where the sp rewrite accepts the layer (sp_refusals), inside
-  pipeline stages too; ZeRO-3 with tp > 1 in pipelines except on layers reading a tied weight;
+  pipeline stages too; ZeRO-3 with tp > 1 in pipelines (over a weight tied across stages too);
 - a loss that sums over the batch or couples its samples (loss_terms) only with dp = 1 and one
   micro-batch: averaging would silently divide it; a loss with a function of batch statistics
   (a router's balancing loss) only with one micro-batch and one dp degree for every layer; batch

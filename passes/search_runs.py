@@ -37,23 +37,19 @@ MAX_MIXED_RUNS = 16
 
 
 def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
-                dp_one: bool, tied: frozenset = frozenset()) -> CostTable:
+                dp_one: bool) -> CostTable:
     """Strategies made impossible (time inf) where a rewrite cannot run them:
     - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals);
-    - sdp with tp > 1 in a pipelined plan on a layer reading a tied weight (`tied`: refused by
-      sharded_data_parallel; exact elsewhere, tests/distributed/test_pipeline.py);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`)."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
         return dp_one and s.dp > 1
 
     def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
-        return ((s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
-                or (pipelined and s.sdp and s.tp > 1 and layer in tied))
+        return (s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
 
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
-    # layers a rule names (the tied ones only matter in a pipeline)
-    named = {layer for tp in refused.values() for layer in tp} | set(pins) | (tied if pipelined else set())
+    named = {layer for tp in refused.values() for layer in tp} | set(pins)  # layers a rule names
     candidates = [i for i, layer in enumerate(table.layers) if layer in named]
     for j, s in enumerate(table.strategies):
         rows = slice(None) if everywhere(s) else [i for i in candidates if forbidden(table.layers[i], s)]
@@ -67,14 +63,13 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
     per class of equivalent stages) and kept per table so the engine's index memo hits."""
     cache: dict[tuple, CostTable] = {}
     trim = ends_trimmer(ir)
-    tied = frozenset(layer for group in tied_groups(ir, tuple(ir.layers)) for layer in group)
 
     def for_run(pins: dict[str, int]):
         def cost(query: StageQuery) -> CostTable:
             table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
-                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one, tied))
+                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one))
             return cache[key]
         return cost
     return for_run

@@ -5,8 +5,10 @@ import numpy as np
 
 import pcompile
 from pcompile import Cluster
+from pcompile.cost.pricing import CostOptions
+from pcompile.cost.stage_costs import StageCosts
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, mixed_pins, tied_groups
+from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, cost_callback, mixed_pins, tied_groups
 from pcompile.plan import Strategy
 from pcompile.search.engine import StageQuery
 from tests.cost.conftest import analyse
@@ -49,13 +51,16 @@ def test_pinned_layers_cannot_take_another_tp():
     assert np.isfinite(summed.fwd_time).tolist() == [[False, False, False, True]] * 3
 
 
-def test_pipelines_take_sp_and_zero3_with_tp_except_on_tied_layers():
+def test_pipelines_take_sp_and_zero3_with_tp_on_every_layer():
+    """A pipelined stage's table keeps sp and ZeRO-3 x tp possible on every layer, the tied
+    embedding / LM head included (the pipeline backend sums their chunks over the pp ranks:
+    tests/distributed/test_pipeline.py runs pp2·sdp2·tp2 on the tied GPT)."""
+    ir = _ir(TIED)
+    costs = StageCosts(ir, Cluster.local(8), CostOptions.runtime())
     strategies = (Strategy(dp=4), Strategy(dp=2, tp=2, sp=True), Strategy(dp=2, tp=2, sdp=True))
-    table = RandomCosts(("pre", "blocks.0", "post"), seed=0, inf_rate=0.0)(StageQuery(2, 0, 0, 4, 8, strategies))
-    out = _restricted(table, {}, True, {}, dp_one=False, tied=frozenset({"pre", "post"}))
-    assert np.isfinite(out.fwd_time).tolist() == [[True, True, False],  # pre reads the tied table: no sdp x tp
-                                                  [True, True, True],
-                                                  [True, True, False]]
+    table = cost_callback(ir, costs, {}, dp_one=False)({})(StageQuery(2, 1, 4, 4, 4, strategies))
+    assert table.layers[0] == "pre" and table.layers[-1] == "post", table.layers  # both read tok_emb.weight
+    assert np.isfinite(table.fwd_time + table.bwd_time).all(), table.fwd_time
 
 
 # a large vocabulary and short sequences: untied, the embedding and the LM head want different tp
