@@ -39,7 +39,7 @@ from pcompile.runtime import (
     rng,
     zero2,
 )
-from pcompile.runtime.loss_counts import step_counts
+from pcompile.runtime.loss_counts import issue_step_counts, step_counts
 from pcompile.runtime.shards import gather_shards, take_shards
 
 _COMPILE_IDS = itertools.count()
@@ -381,7 +381,8 @@ class CompiledModel:
         return self.groups["dp"] if self.dp > 1 else None
 
     def _step(self, local: tuple) -> torch.Tensor:
-        counts = step_counts(self.ir.loss_counts, local, self._batch_group())  # masked means: the step's count
+        # masked means: the step's count, summed over the batch's ranks while the forward runs
+        counts = issue_step_counts(self.ir.loss_counts, local, self._batch_group())
         if self.zero2 is not None:  # the chunks the optimizer stepped -> the replicated parameters
             self.zero2.pull()
             self.zero2.begin(self._sync)

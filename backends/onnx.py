@@ -48,6 +48,7 @@ from pcompile.ir.fake import fake_run
 from pcompile.mesh import group_of
 from pcompile.plan import Plan
 from pcompile.runtime import batch_regroup, collectives, ops, sdp, vocab_parallel
+from pcompile.runtime.loss_counts import step_count
 from pcompile.runtime.shards import take_shards
 
 DOMAIN = "pcompile"
@@ -496,6 +497,9 @@ def _translate(g: _Graph, node: fx.Node) -> None:
         else:
             g.inputs.append(g.typed(node, node.name))
         g.names[node.name] = node.name
+        return
+    if node.target is step_count:  # the runtime's wait for a step count: the count input itself
+        g.names[node.name] = g.names[node.args[0].name]
         return
     tensor = _is_tensor(value)
     if not tensor and not (isinstance(value, tuple) and value and all(map(_is_tensor, value))):

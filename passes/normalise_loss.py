@@ -11,9 +11,10 @@ P parts (dp ranks x micro-batches) averaged by the runtime, each part's loss bec
 
 whose average over the parts is sum_step / count_step, the serial loss, and whose gradient is
 the serial gradient (the count holds no parameter). `count_step` is a new graph input
-(`pcompile_loss_count{i}`, one per masked term): `IR.loss_counts.gm` computes the counts from the
-model's inputs, and the backend sums the rank's local counts over the ranks that split the batch
-before the step (every micro-batch then reads the same total), passing 1 when no element counts
+(`pcompile_loss_count{i}`, one per masked term, read through a `step_count` node placed just before
+its first use): `IR.loss_counts.gm` computes the counts from the model's inputs, and the backend
+sums the rank's local counts over the ranks that split the batch, issued before the step and
+waited by `step_count` (every micro-batch then reads the same total), passing 1 when no element counts
 at all (the loss and its gradient are then 0: an all-ignored batch contributes nothing, without
 NaN). Which terms: pcompile.sharding.loss_terms (kind "masked"): cross-entropy / NLL with
 reduction="mean" over class indices (-> reduction="sum" / the valid targets, weighted by the
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, LossCounts
 from pcompile.ir.pass_manager import PassContext, register_pass
+from pcompile.runtime.loss_counts import step_count
 from pcompile.sharding.loss_terms import CROSS_ENTROPY, MASKED, averaging, loss_terms, op_name
 from pcompile.sharding.tp_ops import REDUCTIONS
 
@@ -146,7 +148,7 @@ def normalise_loss(ir: IR, ctx: PassContext) -> IR:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     env = {p: counts.placeholder(p.target, default_value=p.args[0] if p.args else inspect.Signature.empty)
            for p in placeholders}
-    outputs, names, last, dead = [], [], placeholders[-1], []
+    outputs, names, last, dead, count_nodes = [], [], placeholders[-1], [], []
     for i, term in enumerate(masked):
         plan, layer = ctx.plan, ir.meta(term.node).layer
         parts = plan.strategy_for(layer).dp * (plan.num_microbatches if plan.pp > 1 else 1)
@@ -154,6 +156,7 @@ def normalise_loss(ir: IR, ctx: PassContext) -> IR:
             last = graph.placeholder(f"{COUNT}{i}", default_value=1.0)
         ir.meta(last).layer = ir.meta(placeholders[0]).layer
         names.append(last.name)
+        count_nodes.append(last)
         if term.count is None:  # a loss op's own mean: its sum over the step's valid targets
             outputs.append(_count_of_loss(ir, counts, env, term.node))
             numerator = summed_loss(ir, term.node)
@@ -174,6 +177,13 @@ def normalise_loss(ir: IR, ctx: PassContext) -> IR:
             meta.output_bytes = ir.meta(term.node).output_bytes
     counts.output(tuple(outputs))
     _erase_dead(graph, dead)
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for count in count_nodes:  # read where first used: the counts' all-reduce runs while the forward does
+        first = min(count.users, key=order.__getitem__)
+        with graph.inserting_before(first):
+            read = graph.call_function(step_count, (count,))
+        count.replace_all_uses_with(read, delete_user_cb=lambda user: user is not read)
+        ir.meta(read).layer = ir.meta(first).layer
     graph.lint()
     ir.gm.recompile()
     how = ", ".join(f"{t.node.name} ({t.how})" for t in masked)

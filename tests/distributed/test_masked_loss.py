@@ -4,11 +4,14 @@ plan that averages: the built-in GPT with ignore_index labels, a loss-mask model
 batches masked unequally per sample with one micro-batch (and one dp4 shard) holding no valid
 label at all: loss and gradients within 1e-5 after each of 3 AdamW steps under dp4, dp2·tp2,
 ZeRO-3 and a pipeline of 2 stages x 2 micro-batches. One 4-rank launch."""
+import operator
+
 import pytest
 
 import pcompile
 from pcompile import PcompileError, Plan
 from pcompile.ir.graph import IR
+from pcompile.runtime.loss_counts import step_count
 from tests.distributed.ranks_masked import MODELS, compare_many, pipelined
 
 PLANS = {"dp4": Plan.uniform(dp=4), "dp2·tp2": Plan.uniform(dp=2, tp=2), "zero3": Plan.uniform(dp=4, sdp=True),
@@ -40,6 +43,14 @@ def test_the_rewrite_divides_by_the_step_count(name):
     assert count.item() == expected.item()
     # 2 dp parts x 2 micro-batches are averaged: each part's sum is scaled by 4 / the step's count
     assert "* 4.0" in ir.gm.code
+    # the count is read (its all-reduce waited) only where the loss divides by it: after every
+    # matmul of the forward, so the all-reduce runs while the forward computes
+    nodes = list(ir.graph.nodes)
+    (read,) = [n for n in nodes if n.target is step_count]
+    assert [u.target for u in read.users] == [operator.truediv]
+    matmuls = [i for i, n in enumerate(nodes) if "linear" in str(n.target) or "matmul" in str(n.target)
+               or n.op == "call_module" and "head" in str(n.target)]
+    assert matmuls and nodes.index(read) > max(matmuls)
 
 
 def test_plans_that_average_nothing_keep_the_loss():
