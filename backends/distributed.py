@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from pcompile import checkpoint
 from pcompile.backends import batch_norm as batch_norms
-from pcompile.backends import devices, expert_groups, layer_groups, random_streams
+from pcompile.backends import devices, expert_groups, expert_rebalance, layer_groups, random_streams
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.backends.pipeline import PipelineRuntime
 from pcompile.errors import PcompileError
@@ -456,6 +456,21 @@ class CompiledModel:
         grad_norm.clip_(grads, max_norm, total)
         return total
 
+    # -- expert parallelism: FlexMoE's load rebalancing (backends/expert_rebalance.py) --------
+    def expert_loads(self) -> dict[str, list[int]]:
+        """Collective over the dp group: tokens routed to each expert per MoE layer, summed over
+        the dp group, since the last rebalancing."""
+        self._check_lowered(values=False)
+        return expert_rebalance.loads(self)
+
+    def rebalance(self, optimizer=None, threshold: float = 1.25, capacity: int | None = None,
+                  placements: dict | None = None) -> dict:
+        """Collective, between steps: move and replicate experts where the measured load's
+        imbalance exceeds `threshold` (FlexMoE), the parameters and `optimizer`'s states moved
+        with them; numerics unchanged. Returns layer -> ExpertPlacement applied."""
+        self._check_lowered()
+        return expert_rebalance.rebalance(self, optimizer, threshold, capacity, placements)
+
     def parameters(self):
         """What the optimizer steps: the module's parameters, or their fp32 masters under mixed precision."""
         self._check_lowered(values=False)
@@ -517,6 +532,8 @@ class CompiledModel:
         if not self._lowered:
             return
         rng.unregister(self._prefix)
+        if self.experts is not None:  # its layers' routings
+            self.experts.close()
         if not dist.is_initialized():
             self._lowered = False
             return

@@ -2,8 +2,15 @@
 the "ep" axis the rewritten IR's `expert_mixture` nodes name. An ep group is `ep` consecutive
 ranks of one data-parallel group (one tp coordinate): dp coordinates a*ep .. (a+1)*ep - 1.
 Each rank holds its own experts only (ExpertStorage): their gradients are summed over the
-ranks holding the same experts and divided by dp, not averaged over dp (the pass's docstring)."""
+ranks holding the same experts and divided by dp, not averaged over dp (the pass's docstring).
+Each MoE layer's placement (pcompile.runtime.expert_placement) can change between steps
+(FlexMoE's rebalancing, backends/expert_rebalance.py): experts moved, hot ones replicated on
+several ranks of the ep group; every ep group of the dp group uses the same placement."""
 from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch.distributed as dist
@@ -11,6 +18,7 @@ import torch.distributed as dist
 from pcompile.errors import PcompileError
 from pcompile.mesh import rank_grid
 from pcompile.runtime import expert_parallel, ops
+from pcompile.runtime.expert_placement import ExpertPlacement
 
 AXIS = "ep"
 EDP = "edp"  # the ranks holding the same experts: one per ep group of the dp group
@@ -18,6 +26,19 @@ EXPERT_PARAMS = "pcompile_expert_params"  # node.meta key set by passes/expert_p
 
 
 MIXTURES = (expert_parallel.expert_mixture, expert_parallel.gated_expert_mixture)
+_ROUTE_IDS = itertools.count()
+
+
+@dataclass(frozen=True)
+class ExpertLayer:
+    """One expert mixture of the graph: its module path (e.g. blocks.0.moe), each expert's
+    parameter names (the modules form; () for batched weights, `gated`) and its routing key."""
+
+    name: str
+    experts: tuple[tuple[str, ...], ...]
+    num_experts: int
+    gated: bool
+    route: str
 
 
 def ep_degree(gm) -> int:
@@ -59,18 +80,38 @@ class ExpertStorage:
     chunks taken and gathered as tensor parallelism's), synced as the owned experts are."""
 
     def __init__(self, owner: dict[str, int], ep: int, groups: dict, coords: dict, shapes: dict,
-                 chunked: frozenset = frozenset()):
-        self.owner, self.ep, self.shapes, self.chunked = owner, ep, shapes, chunked
+                 chunked: frozenset = frozenset(), layers: tuple = ()):
+        self.ep, self.shapes, self.chunked, self.layers = ep, shapes, chunked, layers
         self.group, self.coord, self.edp = groups[AXIS], coords[AXIS], groups.get(EDP)
-        self.held = {name for name, c in owner.items() if c == self.coord} | set(chunked)
+        self.groups = groups
+        self.holders = {name: (c,) for name, c in owner.items()}  # the ep coordinates holding each
+        self.routes = {layer.name: expert_parallel.Routing(ExpertPlacement.static(layer.num_experts, ep))
+                       for layer in layers}
+        for layer in layers:
+            expert_parallel.bind_routing(layer.route, self.routes[layer.name])
         self.names = set(owner) | set(chunked)  # every expert parameter: none is averaged over dp
-        self._params: list = []  # (leaf, holder of .grad), owned
+        self._named: list = []
+        self._params: list = []  # (leaf, holder of .grad), held
         self._remote: list = []  # holders of the experts held elsewhere
         self._active = False
 
-    def pieces(self, name: str) -> int:
-        """How many distinct pieces the ranks hold of parameter `name` (for the gradient norm)."""
-        return self.ep if name in self.owner else 1
+    @property
+    def owner(self) -> dict[str, int]:
+        """Expert parameter -> the ep coordinate its full tensor is read from (its first holder)."""
+        return {name: held[0] for name, held in self.holders.items()}
+
+    @property
+    def held(self) -> set[str]:
+        return {name for name, held in self.holders.items() if self.coord in held} | set(self.chunked)
+
+    def pieces(self, name: str) -> int | Fraction:
+        """How many distinct pieces the ranks hold of parameter `name` (for the gradient norm:
+        world // pieces ranks hold each piece); an expert with m replicas per ep group: ep / m."""
+        return Fraction(self.ep, len(self.holders[name])) if name in self.holders else 1
+
+    def close(self) -> None:
+        for layer in self.layers:
+            expert_parallel.unbind_routing(layer.route)
 
     def drop_remote(self, modules) -> None:
         """Replace the experts this rank does not own by empty Parameters (in every module of
@@ -86,9 +127,12 @@ class ExpertStorage:
                                                          requires_grad=held[name].requires_grad))
 
     def attach(self, named: list) -> None:
-        """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank."""
-        self._params = [(leaf, holder) for name, leaf, holder in named if name in self.held]
-        self._remote = [holder for name, _, holder in named if name in self.names and name not in self.held]
+        """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank (again
+        after a rebalancing: the holders changed, the parameter objects did not)."""
+        held = self.held
+        self._named = named
+        self._params = [(name, holder) for name, leaf, holder in named if name in held]
+        self._remote = [holder for name, _, holder in named if name in self.names and name not in held]
 
     def begin(self, sync: bool) -> None:
         self._active = sync
@@ -99,24 +143,94 @@ class ExpertStorage:
         collectives that read gradients, e.g. full_grads)."""
         if not self._active:
             return
-        for leaf, holder in self._params:
+        for _, holder in self._params:
             if holder.grad is None:  # no token reached it on any rank of the group this step
                 holder.grad = torch.zeros_like(holder)
-            if self.edp is not None:
+            if self.edp is not None:  # the same coordinate holds the same experts in every ep group
                 dist.all_reduce(holder.grad, group=self.edp)
+        self._sum_replicas()
+        for _, holder in self._params:
             holder.grad.div_(divisor)
         for holder in self._remote:
             if holder.grad is None:
                 holder.grad = torch.zeros_like(holder)
         self._active = False
 
+    def _sum_replicas(self) -> None:
+        """A replicated expert's holders each computed its gradient from their part of its rows:
+        summed over them (one all-reduce over the ep group of every replicated expert's
+        gradients, zeros from the ranks not holding it), so every replica steps the same."""
+        replicated = [name for name, held in self.holders.items() if len(held) > 1]
+        if not replicated:
+            return
+        grads = dict((name, holder.grad) for name, holder in self._params)
+        like = self._named[0][2]  # dtype and device of the gradients (a rank may hold no expert)
+        flat = torch.cat([grads[name].reshape(-1) if name in grads else
+                          like.new_zeros(_numel(self.shapes[name])) for name in replicated])
+        dist.all_reduce(flat, group=self.group)
+        offset = 0
+        for name in replicated:
+            n = _numel(self.shapes[name])
+            if name in grads:
+                grads[name].copy_(flat[offset:offset + n].view_as(grads[name]))
+            offset += n
+
+    def move(self, layer: ExpertLayer, placement: ExpertPlacement, state_of) -> None:
+        """Collective over the ep group (every ep group moves alike): layer `layer`'s experts to
+        `placement`. An expert gaining holders is broadcast from its first holder - its
+        parameters and, per parameter, the optimizer state tensors `state_of(leaf)` names (a
+        dict key -> tensor of the parameter's shape, e.g. AdamW's moments; the same keys on
+        every rank) - into the parameter objects the optimizer steps (their .data replaced: the
+        optimizer keeps its references); a rank that stops holding one keeps empty tensors.
+        Gradients must be cleared first (backends/expert_rebalance.py checks)."""
+        routing = self.routes[layer.name]
+        leaves = {name: leaf for name, leaf, _ in self._named}
+        for e, names in enumerate(layer.experts):
+            before, after = routing.placement.holders[e], placement.holders[e]
+            if before == after:
+                continue
+            pieces = [(leaves[name], state_of(leaves[name])) for name in names]
+            if set(after) - set(before):
+                tensors = [t for leaf, state in pieces for t in (leaf, *state.values())]
+                if self.coord == before[0]:
+                    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+                else:
+                    sizes = [_numel(self.shapes[name]) * (1 + len(state)) for name, (_, state) in zip(names, pieces)]
+                    flat = tensors[0].new_empty(sum(sizes))
+                dist.broadcast(flat, src=dist.get_global_rank(self.group, before[0]), group=self.group)
+                if self.coord in after and self.coord not in before:
+                    offset = 0
+                    for name, (leaf, state) in zip(names, pieces):
+                        n, shape = _numel(self.shapes[name]), self.shapes[name]
+                        leaf.data = flat[offset:offset + n].view(shape).clone()
+                        offset += n
+                        for key in state:
+                            state[key].data = flat[offset:offset + n].view(shape).clone()
+                            offset += n
+            if self.coord in before and self.coord not in after:
+                for leaf, state in pieces:
+                    leaf.data = leaf.data.new_empty(0)
+                    for key in state:
+                        state[key].data = state[key].data.new_empty(0)
+            for name in names:
+                self.holders[name] = after
+        routing.place(placement)
+        self.attach(self._named)
+
     def full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """Collective over the ep group: the owner's tensor `name` (a parameter, its gradient or
         an optimizer state of its shape) on every rank."""
-        out = local.detach().clone() if name in self.held else \
+        out = local.detach().clone() if self.coord in self.holders[name] else \
             torch.empty(self.shapes[name], dtype=local.dtype, device=local.device)
-        dist.broadcast(out, src=dist.get_global_rank(self.group, self.owner[name]), group=self.group)
+        dist.broadcast(out, src=dist.get_global_rank(self.group, self.holders[name][0]), group=self.group)
         return out
+
+
+def _numel(shape: tuple) -> int:
+    out = 1
+    for size in shape:
+        out *= size
+    return out
 
 
 class _Syncs:
@@ -140,18 +254,25 @@ class _Syncs:
             self.dense.remove()
 
 
+def _mixtures(gm):
+    """(module, node, expert parameter names) of every expert mixture in `gm` and its nested
+    GraphModules (checkpoint regions, pipeline stages)."""
+    for module, node in ops.collectives_of(gm):
+        fn = ops.op_of(node).fn
+        if fn not in MIXTURES:
+            continue
+        # the names the rewrite recorded (inside a checkpoint region the parameters come in as inputs)
+        first = 7 if fn is expert_parallel.gated_expert_mixture else 8
+        yield module, node, tuple(node.meta.get(EXPERT_PARAMS) or [str(read.target) for read in node.args[first:]])
+
+
 def expert_owners(gm) -> tuple[dict[str, int], frozenset]:
     """(expert parameter name -> the ep coordinate that owns it, from the expert mixtures' args;
     the batched expert weights the gated mixtures read, split over ep)."""
     owner, chunked = {}, set()
-    for _, node in ops.collectives_of(gm):
-        fn = ops.op_of(node).fn
-        # the names the rewrite recorded (inside a checkpoint region the parameters come in as inputs)
-        first = 7 if fn is expert_parallel.gated_expert_mixture else 8
-        names = node.meta.get(EXPERT_PARAMS) or [str(read.target) for read in node.args[first:]]
-        if fn is expert_parallel.gated_expert_mixture:
+    for _, node, names in _mixtures(gm):
+        if ops.op_of(node).fn is expert_parallel.gated_expert_mixture:
             chunked.update(names)
-        if fn is not expert_parallel.expert_mixture:
             continue
         ep, experts, bias = node.args[5], node.args[6], node.args[7]
         step, per = (4 if bias else 2), experts // ep
@@ -160,15 +281,36 @@ def expert_owners(gm) -> tuple[dict[str, int], frozenset]:
     return owner, frozenset(chunked)
 
 
+def bind_routes(modules: list) -> tuple[ExpertLayer, ...]:
+    """Each expert mixture of this rank's lowered `modules` told the key of its layer's Routing
+    (a `route` keyword: the IR itself stays rank-generic); the layers, in graph order."""
+    layers, touched = {}, set()
+    for module in modules:
+        for graph_module, node, names in _mixtures(module):
+            gated = ops.op_of(node).fn is expert_parallel.gated_expert_mixture
+            name = names[0].split(".experts.")[0] if ".experts." in names[0] else names[0].rpartition(".")[0]
+            if name not in layers:
+                step = 0 if gated else (4 if node.args[7] else 2)
+                experts = () if gated else tuple(names[i:i + step] for i in range(0, len(names), step))
+                layers[name] = ExpertLayer(name, experts, node.args[6], gated, f"pcompile-moe{next(_ROUTE_IDS)}/{name}")
+            node.kwargs = {**node.kwargs, "route": layers[name].route}
+            touched.add(graph_module)
+    for graph_module in touched:
+        graph_module.recompile()
+    return tuple(layers.values())
+
+
 def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
     """This rank's expert storage (None without expert parallelism): remote experts dropped from
-    `gm` (a module, or a pipeline rank's list of stage modules)."""
+    `gm` (a module, or a pipeline rank's list of stage modules), its mixtures bound to their
+    layers' routings."""
     owner, chunked = expert_owners(ir.gm)
     if not (owner or chunked) or AXIS not in groups:
         return None
+    modules = gm if isinstance(gm, list) else [gm]
     shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in owner}
-    storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked)
-    storage.drop_remote(gm if isinstance(gm, list) else [gm])
+    storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked, bind_routes(modules))
+    storage.drop_remote(modules)
     return storage
 
 

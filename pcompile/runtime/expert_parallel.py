@@ -1,12 +1,18 @@
 """Expert parallelism at run time: a mixture of experts computed with its experts spread over
 the `ep` ranks of an expert-parallel group (passes/expert_parallel.py inserts `expert_mixture`).
 
-Rank r of the group computes experts r*E/ep .. (r+1)*E/ep - 1 (its local experts). Forward,
-dropless (every token goes to each of its top-k experts):
+Rank r of the group computes experts r*E/ep .. (r+1)*E/ep - 1 (its local experts), or those
+of its slots in the layer's `Routing` (FlexMoE's rebalancing, pcompile.runtime.expert_placement:
+experts moved between ranks, hot ones replicated on several). Forward, dropless (every token
+goes to each of its top-k experts):
   1. each (token, choice) pair is sorted by expert (a stable sort: a token's pairs stay in the
-     order of its choices' experts), its token row copied;
-  2. the count of pairs per expert is exchanged (an all-to-all of equal splits), so each rank
-     knows how many rows it receives from each source, for each of its local experts;
+     order of its choices' experts), its token row copied; the rows of an expert with m
+     replicas are cut into m contiguous parts (sizes differing by at most one, the first ones
+     larger), part i for its i-th holder, and sorted (stably) by (holder rank, slot);
+  2. the count of pairs per (rank, slot) is exchanged (an all-to-all of equal splits), so each
+     rank knows how many rows it receives from each source, for each of its slots; the
+     per-expert counts are added to the routing's measured loads (forward passes with
+     gradients, not a checkpointed region's recomputation);
   3. the rows go to their experts' ranks with an all-to-all of variable split sizes
      (dist.all_to_all_single with input / output split sizes);
   4. each local expert runs on its rows (fc -> activation -> out);
@@ -27,9 +33,62 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pcompile.runtime import collectives, ops
+from pcompile.runtime import batch_norm, collectives, ops
+from pcompile.runtime.expert_placement import ExpertPlacement
 
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+class Routing:
+    """One MoE layer's placement at run time (the same on every rank of the dp group) and the
+    tokens this rank routed to each expert since the last `reset()` (a rebalancing)."""
+
+    def __init__(self, placement: ExpertPlacement):
+        self.loads = None  # int64 tensor [E], this rank's tokens per expert
+        self.place(placement)
+
+    def place(self, placement: ExpertPlacement) -> None:
+        self.placement, self.capacity = placement, placement.capacity
+        self.slots = [placement.slots(r) for r in range(placement.ranks)]
+        # (rank, slot) of each part of each expert, as a flat index rank * capacity + slot
+        self._keys = [[r * self.capacity + self.slots[r].index(e) for r in held]
+                      for e, held in enumerate(placement.holders)]
+
+    def record(self, counts: torch.Tensor) -> None:
+        # a checkpointed region's recomputation sees the same tokens again: counted once
+        if torch.is_grad_enabled() and not batch_norm._RECOMPUTING[0]:
+            self.loads = counts.detach().clone() if self.loads is None else self.loads + counts
+
+    def reset(self) -> None:
+        self.loads = None
+
+    def parts(self, counts: list[int]) -> tuple[list[int], list[int]]:
+        """(rank * capacity + slot, rows) of every part of every expert, in expert order: an
+        expert's `counts[e]` sorted rows cut into contiguous parts over its holders."""
+        keys, sizes = [], []
+        for e, count in enumerate(counts):
+            whole, extra = divmod(count, len(self._keys[e]))
+            for i, key in enumerate(self._keys[e]):
+                keys.append(key)
+                sizes.append(whole + (i < extra))
+        return keys, sizes
+
+
+_ROUTES: dict[str, Routing] = {}  # bound by backends/expert_groups.py into the lowered graphs' mixtures
+
+
+def bind_routing(key: str, routing: Routing) -> None:
+    _ROUTES[key] = routing
+
+
+def unbind_routing(key: str) -> None:
+    _ROUTES.pop(key, None)
+
+
+def _routing(route: str | None, size: int, num_experts: int) -> Routing:
+    if route is not None:
+        return _ROUTES[route]
+    return Routing(ExpertPlacement.static(num_experts, size))  # a graph run outside a lowering: fixed placement
 
 
 class _AllToAll(torch.autograd.Function):
@@ -79,20 +138,22 @@ def _dense(x, indices, gates, activation, experts):
 
 @ops.collective(axis_arg=4)
 def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, activation: str, axis: str,
-                   size: int, num_experts: int, has_bias: bool, *params: torch.Tensor) -> torch.Tensor:
+                   size: int, num_experts: int, has_bias: bool, *params: torch.Tensor,
+                   route: str | None = None) -> torch.Tensor:
     """The dropless top-k mixture sum_j gates[t, j] * expert_{indices[t, j]}(tokens[t]) of every
     token, with the experts spread over the `size` ranks of `axis` (module docstring). `params`:
     every expert's fc.weight, fc.bias, out.weight, out.bias in expert order (biases left out
-    when `has_bias` is False); only this rank's experts' are read."""
+    when `has_bias` is False); only this rank's experts' are read. `route`: the key of the
+    layer's Routing (the static placement without one)."""
     experts = _per_expert(params, num_experts, has_bias)
     group = collectives._group(axis)
     if group is None:
         k, width = indices.shape[-1], tokens.shape[-1]
         dense = _dense(tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k), activation, experts)
         return dense.view(tokens.shape)
-    first = dist.get_rank(group) * (num_experts // size)
-    return _dispatch(tokens, indices, gates, group, size, num_experts, experts[first][2].shape[0],
-                     lambda j, rows: _expert(rows, activation, experts[first + j]))
+    routing = _routing(route, size, num_experts)
+    return _dispatch(tokens, indices, gates, group, routing, tokens.shape[-1],
+                     lambda e, rows: _expert(rows, activation, experts[e]))
 
 
 def _gated_expert(x: torch.Tensor, activation: str, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -103,10 +164,12 @@ def _gated_expert(x: torch.Tensor, activation: str, gate_up: torch.Tensor, down:
 
 @ops.collective(axis_arg=4)
 def gated_expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, activation: str, axis: str,
-                         size: int, num_experts: int, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+                         size: int, num_experts: int, gate_up: torch.Tensor, down: torch.Tensor,
+                         route: str | None = None) -> torch.Tensor:
     """expert_mixture for batched expert weights (Hugging Face Mixtral / Qwen-MoE): `gate_up`
     (E/size, 2I, H) and `down` (E/size, H, I) are this rank's chunks of the experts' stacked
-    weights (rank r: experts r*E/size ..)."""
+    weights (rank r: experts r*E/size ..; its routing keeps that static placement: the chunks
+    cannot be re-placed)."""
     group = collectives._group(axis)
     if group is None:  # the local experts only, densely (shapes)
         k, width = indices.shape[-1], tokens.shape[-1]
@@ -118,32 +181,39 @@ def gated_expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: tor
         for e, (w1, w2) in enumerate(experts):
             out = out + weights[:, e:e + 1] * _gated_expert(x, activation, w1, w2)
         return out.view(tokens.shape)
-    return _dispatch(tokens, indices, gates, group, size, num_experts, down.shape[1],
-                     lambda j, rows: _gated_expert(rows, activation, gate_up[j], down[j]))
+    first = dist.get_rank(group) * (num_experts // size)
+    return _dispatch(tokens, indices, gates, group, _routing(route, size, num_experts), down.shape[1],
+                     lambda e, rows: _gated_expert(rows, activation, gate_up[e - first], down[e - first]))
 
 
-def _dispatch(tokens, indices, gates, group, size: int, num_experts: int, out_width: int, compute) -> torch.Tensor:
-    """Steps 1-5 of the module docstring; `compute(j, rows)`: local expert j on its rows."""
+def _dispatch(tokens, indices, gates, group, routing: Routing, out_width: int, compute) -> torch.Tensor:
+    """Steps 1-5 of the module docstring; `compute(e, rows)`: expert e (one of this rank's
+    slots) on its rows."""
     shape, width = tokens.shape, tokens.shape[-1]
-    k = indices.shape[-1]
+    k, size, capacity = indices.shape[-1], routing.placement.ranks, routing.capacity
     x, chosen, gate = tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k)
-    per = num_experts // size
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=routing.placement.num_experts)
+    routing.record(counts)
+    keys, sizes = routing.parts(counts.tolist())
+    # each sorted pair's (rank, slot); pairs re-sorted by it, stably (an expert's parts in order)
+    key = torch.repeat_interleave(torch.tensor(keys, device=x.device), torch.tensor(sizes, device=x.device))
+    order = order[torch.argsort(key, stable=True)]
     token_of = torch.div(order, k, rounding_mode="floor")
-    counts = torch.bincount(flat, minlength=num_experts)
-    received_counts = torch.empty_like(counts)  # [source rank, local expert]
-    dist.all_to_all_single(received_counts, counts, group=group)
-    send = counts.view(size, per).sum(1).tolist()
-    received_counts = received_counts.view(size, per)
+    sent_counts = torch.bincount(key, minlength=size * capacity)
+    received_counts = torch.empty_like(sent_counts)  # [source rank, slot]
+    dist.all_to_all_single(received_counts, sent_counts, group=group)
+    send = sent_counts.view(size, capacity).sum(1).tolist()
+    received_counts = received_counts.view(size, capacity)
     recv = received_counts.sum(1).tolist()
     rows = _AllToAll.apply(x[token_of], send, recv, group)
-    local = torch.arange(per, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
+    slot = torch.arange(capacity, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
     computed = rows.new_zeros((rows.shape[0], out_width))
-    for j in range(per):
-        at = (local == j).nonzero().squeeze(1)
+    for j, e in enumerate(routing.slots[dist.get_rank(group)]):
+        at = (slot == j).nonzero().squeeze(1)
         if at.numel():
-            computed = computed.index_add(0, at, compute(j, rows[at]))
+            computed = computed.index_add(0, at, compute(e, rows[at]))
     if rows.requires_grad and not computed.requires_grad:
         # no rows for this rank's experts: still one backward all-to-all per forward one on every
         # rank of the group (collectives must match), with a zero gradient

@@ -7,6 +7,8 @@ as L-BFGS) would silently see pieces: `install()` registers a global optimizer-s
 refuses such a step on a split parameter with an error naming the optimizer."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
@@ -17,6 +19,12 @@ ELEMENTWISE = tuple(getattr(torch.optim, name) for name in (
     if hasattr(torch.optim, name))
 _SPLIT = "_pcompile_split"  # set on parameters that hold a piece of a model tensor
 _INSTALLED = []
+_STEPPED = weakref.WeakSet()  # optimizers that stepped since install(): their states may need moving
+
+
+def stepped() -> list[torch.optim.Optimizer]:
+    """The live optimizers that took a step (an expert rebalancing moves their states)."""
+    return list(_STEPPED)
 
 
 def register_split(parameters) -> None:
@@ -26,6 +34,7 @@ def register_split(parameters) -> None:
 
 
 def _check(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    _STEPPED.add(optimizer)
     if isinstance(optimizer, ELEMENTWISE):
         return
     split = any(getattr(p, _SPLIT, False) for group in optimizer.param_groups for p in group["params"])

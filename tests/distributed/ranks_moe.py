@@ -4,16 +4,19 @@ top-2, aux loss) trained side by side with their serial copies under plans with 
 for many."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 from unittest import mock
 
 import torch
 import torch.distributed as dist
 
+import pcompile
 from pcompile.models import MoEGPT, MoEGPTConfig, moe_gpt_inputs
 from pcompile.passes.expert_parallel import EXPERT_PARAMS
 from pcompile.runtime import ops
 from pcompile.runtime.expert_parallel import expert_mixture, gated_expert_mixture
+from pcompile.runtime.expert_placement import ExpertPlacement
 from tests.distributed.ranks import train_side_by_side
 
 CFG = MoEGPTConfig(num_layers=2, num_experts=4, top_k=2, hidden=16, num_heads=2, seq_len=8, vocab_size=32)
@@ -116,3 +119,68 @@ def compare_many(cases) -> list[dict]:
         if "accumulate" in options:
             out[-1]["no_sync_diff"], out[-1]["synced_diff"] = _accumulation(cm, serial, inputs)
     return out
+
+
+# FlexMoE's rebalancing (backends/expert_rebalance.py): placements forced in the tests, each both
+# moving experts and replicating some (E = 4; the static ones: ep4 r0:[0] .. r3:[3], ep2 r0:[0, 1] r1:[2, 3])
+FORCED = {4: ExpertPlacement(((0, 1), (2,), (0, 3), (1,)), 4),  # r0:[0, 2] r1:[0, 3] r2:[1] r3:[2]
+          2: ExpertPlacement(((0, 1), (1,), (0,), (0, 1)), 2)}  # r0:[0, 2, 3] r1:[0, 1, 3]
+
+
+def _rebalanced(plan, skew: bool) -> dict:
+    """3 AdamW steps side by side with the serial model, the experts rebalanced between steps 1
+    and 2: forced (FORCED) or, with the skewed router, as the planner proposes (threshold 1.0).
+    Also: the loads step 1 measured, the placements applied, the rebalanced ranks' loads of
+    step 2 (max / mean), how many experts rank 0 holds after, and the full state's gap."""
+    from tests.distributed.ranks import _max_diff, gap
+
+    torch.manual_seed(0)
+    model = skewed(CFG) if skew else MoEGPT(CFG)
+    serial = copy.deepcopy(model)
+    inputs = lambda step: moe_gpt_inputs(CFG, BATCH, seed=step)  # noqa: E731
+    cm = pcompile.compile(model, pcompile.Cluster.local(4), inputs(0), plan=plan)
+    optimizers = (torch.optim.AdamW(cm.parameters(), lr=1e-2), torch.optim.AdamW(serial.parameters(), lr=1e-2))
+    ep = plan.default.ep
+    out = {"plan": plan.default.describe(), "loss_diff": 0.0, "grad_diff": 0.0}
+    for step in range(3):
+        if step == 1:
+            out["loads"] = cm.expert_loads()
+            forced = None if skew else {layer: FORCED[ep] for layer in out["loads"]}
+            applied = cm.rebalance(optimizers[0], threshold=1.0, placements=forced)
+            out["applied"] = {layer: p.describe() for layer, p in applied.items()}
+        batch = inputs(step)
+        loss = cm.train_step(*batch)
+        expected = serial(*batch)
+        expected.backward()
+        out["loss_diff"] = max(out["loss_diff"], gap(loss.item(), expected.item()))
+        out["grad_diff"] = max(out["grad_diff"], _max_diff(cm.full_grads(),
+                                                           {n: p.grad for n, p in serial.named_parameters()}))
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+        if step == 1:
+            after = cm.expert_loads()
+            out["imbalance_after"] = max(cm.experts.routes[layer].placement.imbalance(after[layer]) for layer in after)
+    out["imbalance_before"] = max(ExpertPlacement.static(CFG.num_experts, ep).imbalance(loads)
+                                  for loads in out["loads"].values())
+    out["held_after"] = _held(cm)
+    out["param_diff"] = _max_diff(cm.full_state_dict(), serial.state_dict())
+    out["norm_diff"] = _norm_gap(cm, serial, inputs)
+    return out
+
+
+def compare_rebalanced(cases) -> list[dict]:
+    """Each (plan, skewed): `_rebalanced`, with its seconds on this rank."""
+    import time
+
+    out = []
+    for plan, skew in cases:
+        began = time.perf_counter()
+        out.append(_rebalanced(plan, skew))
+        out[-1]["seconds"] = time.perf_counter() - began
+    return out
+
+
+def compare_all(cases, rebalanced) -> tuple[list[dict], list[dict]]:
+    """compare_many(cases) and compare_rebalanced(rebalanced) in one launch."""
+    return compare_many(cases), compare_rebalanced(rebalanced)

@@ -12,13 +12,18 @@ of counts and two of rows forward, two backward, and the forward three again whe
 checkpointed); gradients accumulated over no_sync steps and over synced steps
 (dp4·ep4, dp4·ep2, Mixtral dp4·ep4, pp2·dp2·ep2) equal serial's sums; each rank holds E/ep
 experts per layer, the gradient norm clipping computes counts each expert once (equal to
-serial's), and checkpoint.save refuses (not supported with ep yet). One 4-rank launch."""
+serial's), and checkpoint.save refuses (not supported with ep yet). FlexMoE's rebalancing between
+steps 1 and 2: the skewed router's dp4·ep4 as the planner proposes (experts 0 and 1 replicated on
+two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0) and dp4·ep2 forced to a
+placement that moves two experts and replicates two: loss and gradients within 1e-5 of serial
+after each of the 3 steps, parameters (full_state_dict) and the clipping norm too. One 4-rank
+launch."""
 import dataclasses
 
 import pcompile
 from pcompile import Plan
 from pcompile.plan import LayerAssignment, Strategy
-from tests.distributed.ranks_moe import compare_many
+from tests.distributed.ranks_moe import FORCED, compare_all
 
 EP4 = Strategy(dp=4, ep=4)
 SDP_EP = Plan(num_devices=4, default=Strategy(dp=4, sdp=True),  # ZeRO-3 embedding and head, ep4 blocks
@@ -33,8 +38,11 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
          (0.01, Plan.uniform(dp=4, ep=4, checkpoint=True)), (0.0, Plan.uniform(dp=4, ep=2, checkpoint=True), "mixtral")]
 
 
+REBALANCED = [(Plan.uniform(dp=4, ep=4), True), (Plan.uniform(dp=4, ep=2), False)]  # (plan, skewed router)
+
+
 def test_expert_parallel_matches_serial():
-    results = pcompile.launch(compare_many, 4, CASES, timeout=900)[0]
+    results, rebalanced = pcompile.launch(compare_all, 4, CASES, REBALANCED, timeout=900)[0]
     for (coef, plan, *options), r in zip(CASES, results):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
         # 3 steps x 2 layers x (counts + 2 rows forward + 2 backward), + the 3 forward ones recomputed
@@ -44,3 +52,12 @@ def test_expert_parallel_matches_serial():
         assert r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
         if "accumulate" in options:
             assert r["no_sync_diff"] < 1e-5 and r["synced_diff"] < 1e-5, r
+    skewed, forced = rebalanced
+    for r in rebalanced:
+        assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
+        assert r["param_diff"] < 1e-4, r  # AdamW's first steps on near-zero gradients (observed < 1e-5)
+        assert [sum(loads) for loads in r["loads"].values()] == [8 * 8 * 2] * 2, r  # tokens x top-2, per layer
+    assert skewed["loads"] == {"blocks.0.moe": [64, 64, 0, 0], "blocks.1.moe": [64, 64, 0, 0]}, skewed
+    assert set(skewed["applied"].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, skewed
+    assert skewed["imbalance_before"] == 2.0 and skewed["imbalance_after"] == 1.0 and skewed["held_after"] == 1, skewed
+    assert set(forced["applied"].values()) == {FORCED[2].describe()} and forced["held_after"] == 3, forced

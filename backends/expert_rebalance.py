@@ -1,0 +1,141 @@
+"""FlexMoE's load rebalancing for a compiled model with expert parallelism (issue #18): what
+`cm.expert_loads()` and `cm.rebalance(optimizer)` do.
+
+Loads: every expert mixture adds the tokens this rank routed to each expert to its layer's
+Routing (pcompile.runtime.expert_parallel) on every training forward; `loads` sums them over
+the data-parallel group (every ep group: they share one placement), since the last rebalancing.
+
+Rebalancing, between steps (after optimizer.step() and zero_grad()), collective: the loads
+are summed as above (the same on every rank), the planner (pcompile.runtime.expert_placement)
+proposes a placement per layer, the same on every rank, and the storage
+(backends/expert_groups.py ExpertStorage.move) broadcasts each expert gaining holders, with its
+optimizer state, from its first holder inside every ep group. Numerics do not change: every
+token still meets the same expert weights (a replica computes part of its rows), and a
+replicated expert's gradient is summed over all its holders before the division by dp, so
+each replica steps the same gradient from the same moments (the serial update).
+
+Refused with a PcompileError: plans without ep, pipelined plans, batched expert weights (HF
+Mixtral / Qwen-MoE: each rank holds one chunk of the stacked tensor, which cannot hold another
+set of experts), mixed precision (the bf16 copies and fp32 masters would both need moving),
+per-layer (dp, tp) layouts, gradients not cleared, an optimizer with expert state not passed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from pcompile.errors import PcompileError
+from pcompile.runtime import optimizers
+from pcompile.runtime.expert_placement import ExpertPlacement, propose
+
+
+def _storage(cm, what: str):
+    if cm.experts is None:
+        raise PcompileError(f"{what} needs expert parallelism, and this plan has none (ep=1 everywhere)",
+                            "plan the MoE layers with ep > 1 (e.g. Plan.uniform(dp=4, ep=4)), or drop the rebalancing")
+    return cm.experts
+
+
+def _summed(cm, storage, extra: list[float] = ()) -> tuple[dict[str, list[int]], list[float]]:
+    """Each layer's loads (and `extra` numbers) summed over the data-parallel group."""
+    device = storage._named[0][1].device if storage._named else torch.device("cpu")
+    parts = [storage.routes[layer.name].loads for layer in storage.layers]
+    flat = torch.cat([torch.zeros(layer.num_experts, dtype=torch.float64, device=device) if part is None
+                      else part.to(torch.float64) for layer, part in zip(storage.layers, parts)]
+                     + [torch.tensor(list(extra), dtype=torch.float64, device=device)])
+    group = cm.groups.get("dp")
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    values, out, offset = flat.tolist(), {}, 0
+    for layer in storage.layers:
+        out[layer.name] = [int(v) for v in values[offset:offset + layer.num_experts]]
+        offset += layer.num_experts
+    return out, values[offset:]
+
+
+def loads(cm) -> dict[str, list[int]]:
+    """Collective over the dp group: tokens routed to each expert, per MoE layer (its module
+    path), summed over the dp group's ranks since the last rebalancing (a pipeline rank: its
+    stage's layers)."""
+    return _summed(cm, _storage(cm, "expert_loads()"))[0]
+
+
+def _refuse_unsupported(cm, storage) -> None:
+    fix = "train without rebalancing (the static placement is exact too)"
+    if cm.plan.pp > 1:
+        raise PcompileError("expert rebalancing of a pipelined plan is not supported yet", fix + ", or use pp=1")
+    gated = [layer.name for layer in storage.layers if layer.gated]
+    if gated:
+        raise PcompileError(f"expert rebalancing of batched expert weights ({', '.join(gated)}: each rank holds one "
+                            "chunk of the stacked tensors) is not supported", fix)
+    if cm.masters is not None:
+        raise PcompileError("expert rebalancing under mixed precision is not supported yet", fix + ", or use fp32")
+    if cm.layout is not None:
+        raise PcompileError("expert rebalancing with per-layer (dp, tp) groupings is not supported yet",
+                            fix + ", or give every layer the same dp and tp")
+
+
+def _states(optimizer, storage, leaves: list) -> dict[int, dict]:
+    """id(leaf) -> the optimizer's state tensors of that parameter's shape (moved with it)."""
+    held = {id(leaf) for leaf in leaves}
+    others = [o for o in optimizers.stepped() if o is not optimizer
+              and any(id(p) in held and o.state.get(p) for g in o.param_groups for p in g["params"])]
+    if others:
+        raise PcompileError(f"an optimizer ({type(others[0]).__name__}) holds state for the experts but was not passed "
+                            "to rebalance: its moments would stay behind", "call cm.rebalance(optimizer)")
+    out = {}
+    for leaf in leaves:
+        state = optimizer.state.get(leaf, {}) if optimizer is not None else {}
+        # moments have the parameter's shape (empty where the expert is held elsewhere); step counts are scalars
+        tensors = {k: v for k, v in sorted(state.items()) if torch.is_tensor(v) and v.dim() > 0}
+        if any(v.dtype != leaf.dtype for v in tensors.values()):
+            raise PcompileError(f"{type(optimizer).__name__}'s state is not in the parameters' dtype {leaf.dtype}",
+                                "use an optimizer whose moments have the parameters' dtype (AdamW, Adam, SGD)")
+        out[id(leaf)] = tensors
+    return out
+
+
+def rebalance(cm, optimizer=None, threshold: float = 1.25, capacity: int | None = None,
+              placements: dict[str, ExpertPlacement] | None = None) -> dict[str, ExpertPlacement]:
+    """Collective (module docstring): re-place the experts of every MoE layer whose imbalance
+    (max rank load / mean) exceeds `threshold`, with at most `capacity` experts per rank
+    (default E/ep + 1: one spare slot for a replica); `placements` (layer -> ExpertPlacement)
+    forces them instead. Returns the placements applied (the loads measured are reset)."""
+    storage = _storage(cm, "rebalance()")
+    _refuse_unsupported(cm, storage)
+    expert_names = {name for layer in storage.layers for names in layer.experts for name in names}
+    pending = [leaf for name, leaf, holder in storage._named if name in expert_names
+               for g in (leaf.grad, holder.grad) if g is not None and bool(g.ne(0).any())]
+    measured, (dirty,) = _summed(cm, storage, [float(len(pending))])
+    if dirty:
+        raise PcompileError("rebalance() with gradients pending: they were computed under the old placement",
+                            "call it between steps, after optimizer.step() and optimizer.zero_grad()")
+    chosen = {}
+    for layer in storage.layers:
+        current = storage.routes[layer.name].placement
+        if placements is not None:
+            new = placements.get(layer.name)
+            if new is not None and (new.ranks != storage.ep or new.num_experts != layer.num_experts):
+                raise PcompileError(f"placement for {layer.name} has {new.ranks} ranks and {new.num_experts} experts, "
+                                    f"the layer {storage.ep} and {layer.num_experts}", "give one over its ep group")
+        else:
+            slots = capacity if capacity is not None else layer.num_experts // storage.ep + 1
+            new = propose(measured[layer.name], current, slots, threshold)
+        if new is not None and new != current:
+            chosen[layer.name] = new
+    leaves = [leaf for name, leaf, _ in storage._named if name in expert_names]
+    states = _states(optimizer, storage, leaves) if chosen else {}
+    if chosen and storage.group is not None:  # every rank must move the same state tensors
+        keys = sorted({k for tensors in states.values() for k in tensors})
+        seen = [None] * dist.get_world_size(storage.group)
+        dist.all_gather_object(seen, keys, group=storage.group)
+        if any(other != keys for other in seen):
+            raise PcompileError("the ranks' optimizer states for the experts differ (some ranks never stepped them)",
+                                "rebalance after the same optimizer steps on every rank")
+    for layer in storage.layers:
+        if layer.name in chosen:
+            for leaf in leaves:
+                leaf.grad = None
+            storage.move(layer, chosen[layer.name], lambda leaf: states[id(leaf)])
+        storage.routes[layer.name].reset()
+    return chosen
