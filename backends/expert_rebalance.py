@@ -60,6 +60,26 @@ def loads(cm) -> dict[str, list[int]]:
     return _summed(cm, _storage(cm, "expert_loads()"))[0]
 
 
+def check_plan(plan, every: int) -> None:
+    """Refuse rebalancing every `every` steps under a plan that cannot rebalance (before any
+    rank starts): no ep anywhere, or a pipeline."""
+    if every < 0:
+        raise PcompileError(f"rebalancing every {every} steps", "give a positive number of steps (0: off)")
+    if not every:
+        return
+    if max([plan.default.ep] + [assignment.strategy.ep for assignment in plan.layers]) <= 1:
+        raise PcompileError("expert rebalancing needs expert parallelism, and this plan has none (ep=1 everywhere)",
+                            "plan the MoE layers with ep > 1 (e.g. Plan.uniform(dp=4, ep=4)), or drop the rebalancing")
+    if plan.pp > 1:
+        raise PcompileError("expert rebalancing of a pipelined plan is not supported yet",
+                            "train without rebalancing (the static placement is exact too), or use pp=1")
+
+
+def check(cm) -> None:
+    """Refuse rebalancing on this compiled model now rather than after the first steps."""
+    _refuse_unsupported(cm, _storage(cm, "rebalancing"))
+
+
 def _refuse_unsupported(cm, storage) -> None:
     fix = "train without rebalancing (the static placement is exact too)"
     if cm.plan.pp > 1:

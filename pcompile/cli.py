@@ -290,6 +290,7 @@ class RunOptions:
     init_seed: int = 0
     weights: str | None = None
     mixed_precision: str | None = None
+    rebalance_every: int = 0  # FlexMoE: re-place and replicate experts every N steps (ep plans)
 
 
 def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
@@ -297,7 +298,8 @@ def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
     device: each rank allocates only its pieces, filled by init_weights(init_seed) or from the
     `weights` checkpoint), train `steps` AdamW steps on random data (a built-in model's: each
     rank draws only its part of the batch), the gradients clipped to a global norm of `clip`
-    (0: not clipped), a held-out batch evaluated every `eval_every` steps."""
+    (0: not clipped), a held-out batch evaluated every `eval_every` steps, the experts of an ep
+    plan rebalanced every `rebalance_every` steps (cm.rebalance: FlexMoE)."""
     import torch.distributed as dist
 
     import pcompile
@@ -317,6 +319,10 @@ def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
     elif not cm.has_values:
         cm.init_weights(options.init_seed)
     steps, clip, eval_every = options.steps, options.clip, options.eval_every
+    if options.rebalance_every:
+        from pcompile.backends import expert_rebalance
+
+        expert_rebalance.check(cm)
     optimizer = torch.optim.AdamW(cm.parameters(), lr=options.lr)
     flops = cm.ir.total("flops") + cm.ir.total("bwd_flops")
     cuda = cm.device.type == "cuda"
@@ -352,6 +358,9 @@ def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
             record["eval_loss"] = cm.eval_step(*held_out, local=local).item()
         if peak_device:
             record["mfu"] = flops / seconds / world / peak_device
+        if options.rebalance_every and (step + 1) % options.rebalance_every == 0 and step + 1 < steps:
+            moved = cm.rebalance(optimizer)  # collective; between steps, not timed with the step
+            record["rebalanced"] = {layer: placement.describe() for layer, placement in moved.items()}
         records.append(record)
         if rank == 0:
             print(f"step {step + 1}/{steps}  loss {record['loss']:.4f}  {seconds * 1e3:.1f} ms  "
@@ -359,7 +368,9 @@ def train_rank(spec: str, plan_json: str, options: RunOptions) -> dict:
                   f"{report.human(record['tflops_per_device'] * 1e12, 'FLOP/s')} per device"
                   + (f"  grad norm {record['grad_norm']:.3f}" if "grad_norm" in record else "")
                   + (f"  eval loss {record['eval_loss']:.4f}" if "eval_loss" in record else "")
-                  + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else ""), file=stream, flush=True)
+                  + (f"  MFU {record['mfu']:.1%}" if "mfu" in record else "")
+                  + (f"  rebalanced {len(record['rebalanced'])} MoE layer(s)" if record.get("rebalanced") else ""),
+                  file=stream, flush=True)
     peak, kind = _peak_memory()
     return {"rank": rank, "plan": cm.plan.default.describe(), "steps": records, "peak_memory": peak,
             "memory_kind": kind, "unit": workload.unit}
@@ -371,7 +382,8 @@ def _launched(args, plan) -> list[dict]:
     import pcompile
 
     options = RunOptions(args.steps, args.batch, args.seq, args.lr, "stderr" if args.json else "stdout", args.clip,
-                         args.eval_every, args.cluster, args.init_seed, args.weights, args.mixed_precision)
+                         args.eval_every, args.cluster, args.init_seed, args.weights, args.mixed_precision,
+                         args.rebalance_every)
     call = (args.model, plan.to_json(), options)
     if args.local:
         if args.local != plan.num_devices:
@@ -423,7 +435,10 @@ def rank_refusal(traceback_text: str):
 
 
 def cmd_run(args) -> int:
+    from pcompile.backends.expert_rebalance import check_plan
+
     plan = read_plan(args.plan)
+    check_plan(plan, args.rebalance_every)  # before any rank starts
     check_plan_matches(plan, load_workload(args.model, args.batch, args.seq, meta=args.model in BUILTINS))
     results = _launched(args, plan)
     if not results:  # a torchrun rank other than 0
@@ -506,6 +521,8 @@ def parser() -> argparse.ArgumentParser:
                                        "pcompile checkpoint")
     run.add_argument("--mixed-precision", choices=["bf16"], help="bf16 compute with fp32 master weights")
     run.add_argument("--json", action="store_true", help="print per-rank results as JSON")
+    run.add_argument("--rebalance-every", type=int, default=0, metavar="N",
+                     help="ep plans: move and replicate experts by their measured token load every N steps (FlexMoE)")
     profile = commands.add_parser("profile", help="measure this cluster's devices and links (under torchrun: "
                                                   "every node, links within and across nodes apart)")
     profile.add_argument("--ranks", type=int, default=4, help="local ranks to measure with (outside torchrun)")

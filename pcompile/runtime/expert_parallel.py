@@ -45,6 +45,7 @@ class Routing:
 
     def __init__(self, placement: ExpertPlacement):
         self.loads = None  # int64 tensor [E], this rank's tokens per expert
+        self.rows = 0  # rows this rank's experts computed (the load it carried), same forwards
         self.place(placement)
 
     def place(self, placement: ExpertPlacement) -> None:
@@ -54,13 +55,14 @@ class Routing:
         self._keys = [[r * self.capacity + self.slots[r].index(e) for r in held]
                       for e, held in enumerate(placement.holders)]
 
-    def record(self, counts: torch.Tensor) -> None:
+    def record(self, counts: torch.Tensor, rows: int) -> None:
         # a checkpointed region's recomputation sees the same tokens again: counted once
         if torch.is_grad_enabled() and not batch_norm._RECOMPUTING[0]:
             self.loads = counts.detach().clone() if self.loads is None else self.loads + counts
+            self.rows += rows
 
     def reset(self) -> None:
-        self.loads = None
+        self.loads, self.rows = None, 0
 
     def parts(self, counts: list[int]) -> tuple[list[int], list[int]]:
         """(rank * capacity + slot, rows) of every part of every expert, in expert order: an
@@ -195,7 +197,6 @@ def _dispatch(tokens, indices, gates, group, routing: Routing, out_width: int, c
     flat = chosen.reshape(-1)
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=routing.placement.num_experts)
-    routing.record(counts)
     keys, sizes = routing.parts(counts.tolist())
     # each sorted pair's (rank, slot); pairs re-sorted by it, stably (an expert's parts in order)
     key = torch.repeat_interleave(torch.tensor(keys, device=x.device), torch.tensor(sizes, device=x.device))
@@ -207,6 +208,7 @@ def _dispatch(tokens, indices, gates, group, routing: Routing, out_width: int, c
     send = sent_counts.view(size, capacity).sum(1).tolist()
     received_counts = received_counts.view(size, capacity)
     recv = received_counts.sum(1).tolist()
+    routing.record(counts, sum(recv))
     rows = _AllToAll.apply(x[token_of], send, recv, group)
     slot = torch.arange(capacity, device=x.device).repeat(size).repeat_interleave(received_counts.reshape(-1))
     computed = rows.new_zeros((rows.shape[0], out_width))

@@ -181,6 +181,27 @@ def compare_rebalanced(cases) -> list[dict]:
     return out
 
 
-def compare_all(cases, rebalanced) -> tuple[list[dict], list[dict]]:
-    """compare_many(cases) and compare_rebalanced(rebalanced) in one launch."""
-    return compare_many(cases), compare_rebalanced(rebalanced)
+def cli_rebalanced(plan) -> dict:
+    """`pcompile run tests/cli/moe_factory.py:moe --rebalance-every 1 --steps 3` as its ranks run
+    it (cli.train_rank), and the serial model's losses under the same AdamW steps and clipping."""
+    from pcompile import cli
+
+    factory = "tests/cli/moe_factory.py:moe"
+    options = cli.RunOptions(steps=3, lr=1e-2, log="stderr", rebalance_every=1)
+    records = cli.train_rank(factory, plan.to_json(), options)["steps"]
+    model, inputs = cli.load_workload(factory).model, cli.load_workload(factory).inputs
+    optimizer, serial = torch.optim.AdamW(model.parameters(), lr=1e-2), []
+    for _ in range(3):
+        loss = model(*inputs)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip)
+        optimizer.step()
+        optimizer.zero_grad()
+        serial.append(loss.item())
+    return {"losses": [r["loss"] for r in records], "serial": serial,
+            "rebalanced": [r.get("rebalanced") for r in records]}
+
+
+def compare_all(cases, rebalanced, cli_plan) -> tuple[list[dict], list[dict], dict]:
+    """compare_many(cases), compare_rebalanced(rebalanced) and cli_rebalanced(cli_plan) in one launch."""
+    return compare_many(cases), compare_rebalanced(rebalanced), cli_rebalanced(cli_plan)

@@ -16,8 +16,9 @@ serial's), and checkpoint.save refuses (not supported with ep yet). FlexMoE's re
 steps 1 and 2: the skewed router's dp4·ep4 as the planner proposes (experts 0 and 1 replicated on
 two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0) and dp4·ep2 forced to a
 placement that moves two experts and replicates two: loss and gradients within 1e-5 of serial
-after each of the 3 steps, parameters (full_state_dict) and the clipping norm too. One 4-rank
-launch."""
+after each of the 3 steps, parameters (full_state_dict) and the clipping norm too; and `pcompile
+run --rebalance-every 1` (cli.train_rank) on the skewed model under dp4·ep4: its losses are
+serial's and it rebalanced after step 1 only (then balanced). One 4-rank launch."""
 import dataclasses
 
 import pcompile
@@ -42,7 +43,8 @@ REBALANCED = [(Plan.uniform(dp=4, ep=4), True), (Plan.uniform(dp=4, ep=2), False
 
 
 def test_expert_parallel_matches_serial():
-    results, rebalanced = pcompile.launch(compare_all, 4, CASES, REBALANCED, timeout=900)[0]
+    results, rebalanced, run = pcompile.launch(compare_all, 4, CASES, REBALANCED, Plan.uniform(dp=4, ep=4),
+                                               timeout=900)[0]
     for (coef, plan, *options), r in zip(CASES, results):
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5, (plan.default.describe(), coef, options, r)
         # 3 steps x 2 layers x (counts + 2 rows forward + 2 backward), + the 3 forward ones recomputed
@@ -61,3 +63,6 @@ def test_expert_parallel_matches_serial():
     assert set(skewed["applied"].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, skewed
     assert skewed["imbalance_before"] == 2.0 and skewed["imbalance_after"] == 1.0 and skewed["held_after"] == 1, skewed
     assert set(forced["applied"].values()) == {FORCED[2].describe()} and forced["held_after"] == 3, forced
+    assert all(abs(a - b) < 1e-5 for a, b in zip(run["losses"], run["serial"])) and len(run["losses"]) == 3, run
+    assert set(run["rebalanced"][0].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, run
+    assert run["rebalanced"][1:] == [{}, None], run  # balanced after; none after the last step
