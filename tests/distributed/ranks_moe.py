@@ -94,11 +94,23 @@ def _accumulation(cm, serial, inputs) -> tuple[float, float]:
     return no_sync, _max_diff(cm.full_grads(), expected)
 
 
+def _rebalance_refused(cm) -> str | None:
+    """The cause of cm.rebalance()'s refusal (batched experts, pipelines), or None."""
+    from pcompile.errors import PcompileError
+
+    try:
+        cm.rebalance(threshold=1.0)
+    except PcompileError as refused:
+        return str(refused)
+    return None
+
+
 def compare_many(cases) -> list[dict]:
     """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
     steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
-    experts per layer rank 0 holds, the clipping norm's gap to serial after one more step, and
-    whether checkpoint.save refused."""
+    experts per layer rank 0 holds, the clipping norm's gap to serial after one more step,
+    whether checkpoint.save refused, the tokens cm.expert_loads() counted per layer over the 3
+    steps and (Mixtral, pipelines) why cm.rebalance() refused."""
     out = []
     for coef, plan, *options in cases:
         cfg = dataclasses.replace(CFG, aux_loss_coef=coef, top_k=1 if "top1" in options else CFG.top_k)
@@ -112,8 +124,10 @@ def compare_many(cases) -> list[dict]:
             cm, serial, loss_diff, grad_diff, losses = train_side_by_side(build, inputs, plan, steps=3, lr=1e-2)
         mixtures = len({node.meta[EXPERT_PARAMS] for _, node in ops.collectives_of(cm.ir.gm)  # checkpoint regions too
                         if node.target in (expert_mixture, gated_expert_mixture)})
+        loads = cm.expert_loads() if plan.pp == 1 else {}  # the 3 steps' tokens per expert (pipelines refuse)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
-                    "losses": losses, "mixtures": mixtures,
+                    "losses": losses, "mixtures": mixtures, "routed": [sum(v) for v in loads.values()],
+                    "rebalance_refused": _rebalance_refused(cm) if "mixtral" in options or plan.pp > 1 else None,
                     "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, inputs),
                     "checkpoint_refused": _checkpoint_refused(cm)})
         if "accumulate" in options:

@@ -18,7 +18,9 @@ two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0) and dp4·ep2 fo
 placement that moves two experts and replicates two: loss and gradients within 1e-5 of serial
 after each of the 3 steps, parameters (full_state_dict) and the clipping norm too; and `pcompile
 run --rebalance-every 1` (cli.train_rank) on the skewed model under dp4·ep4: its losses are
-serial's and it rebalanced after step 1 only (then balanced). One 4-rank launch."""
+serial's and it rebalanced after step 1 only (then balanced); cm.expert_loads() counts every
+routed token once (checkpointed blocks too; pipelines refuse it) and rebalancing refuses
+Mixtral's batched experts and pipelines. One 4-rank launch."""
 import dataclasses
 
 import pcompile
@@ -54,6 +56,12 @@ def test_expert_parallel_matches_serial():
         assert r["norm_diff"] < 1e-5 and r["checkpoint_refused"], r
         if "accumulate" in options:
             assert r["no_sync_diff"] < 1e-5 and r["synced_diff"] < 1e-5, r
+        if "mixtral" not in options:  # 3 steps x 8 x 8 tokens x top-k, once each (checkpoint recomputation too)
+            top_k = 1 if "top1" in options else 2
+            assert r["routed"] == ([3 * 8 * 8 * top_k] * 2 if plan.pp == 1 else []), r
+        if "mixtral" in options or plan.pp > 1:
+            assert "batched expert" in r["rebalance_refused"] if "mixtral" in options and plan.pp == 1 else \
+                "pipelined" in r["rebalance_refused"], r
     skewed, forced = rebalanced
     for r in rebalanced:
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
