@@ -153,6 +153,6 @@ def expert_parallel_pass(ir: IR, ctx: PassContext) -> IR:
     ir.graph.lint()
     ir.gm.recompile()
     ctx.report.append(f"expert parallel: {len(found)} MoE layers, {found[0][1].num_experts} experts each over "
-                      f"ep={degrees[found[0][0]]} ranks (all-to-all dispatch, dropless); the plan's estimate prices "
-                      "them as without ep (the search's tables do not know ep yet: pcompile.cost.moe prices it)")
+                      f"ep={degrees[found[0][0]]} ranks (all-to-all dispatch, dropless; the plan's estimate prices "
+                      "them so: pcompile.cost.moe)")
     return ir

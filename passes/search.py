@@ -40,7 +40,7 @@ from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.ir.pass_manager import PassContext, register_pass
-from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs
+from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs, ep_offered
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
 from pcompile.runtime.batch_norm import trains_batch_norm
 from pcompile.search.baselines import NoFit
@@ -87,6 +87,13 @@ def _forced(ir: IR, ctx: PassContext) -> None:
                             "choose degrees that divide the batch, heads and hidden sizes, or pass plan=None "
                             "to let pcompile search")
     costs = StageCosts(ir, ctx.cluster, cost_options(ctx))
+    if forced.default.ep > 1 or any(a.strategy.ep > 1 for a in forced.layers):
+        for layer, (shape, _) in costs.moe.items():
+            ep = forced.strategy_for(layer).ep
+            if shape.num_experts % ep:  # as the expert_parallel rewrite refuses it, before pricing
+                raise PcompileError(f"expert parallelism (ep={ep}) in layer {layer!r}: {shape.num_experts} experts "
+                                    f"do not split over {ep} ranks",
+                                    f"choose ep among the divisors of {shape.num_experts}")
     staged = with_stages(ir, forced, costs, batch_size(ctx))
     estimate, _ = price(ir, ctx.cluster, staged, cost_options(ctx), costs, batch_size(ctx))
     ctx.plan = dataclasses.replace(staged, estimate=estimate, reason="forced by the user",
@@ -104,10 +111,13 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     drop_first, drop_last = layers[0].layer != ir.layers[0], layers[-1].layer != ir.layers[-1]
     # without sp: a trivial end has no ops for sp to shard, and the rewrite refuses sp on a
     # layer without tp collectives unless it can borrow a single sequence length
+    # nor ep: a trivial end holds no mixture of experts
     if drop_first:
-        layers.insert(0, LayerAssignment("pre", dataclasses.replace(layers[0].strategy, sp=False), layers[0].stage))
+        layers.insert(0, LayerAssignment("pre", dataclasses.replace(layers[0].strategy, sp=False, ep=1),
+                                         layers[0].stage))
     if drop_last:
-        layers.append(LayerAssignment("post", dataclasses.replace(layers[-1].strategy, sp=False), layers[-1].stage))
+        layers.append(LayerAssignment("post", dataclasses.replace(layers[-1].strategy, sp=False, ep=1),
+                                      layers[-1].stage))
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
@@ -199,6 +209,29 @@ def _batch_report(outcomes: dict, chosen: int) -> str:
     return "\n".join(lines)
 
 
+def _ep_report(experts: dict, offer: dict, limit, results: list[SearchResult], summed: bool) -> str:
+    """What the search did with expert parallelism: the degrees offered, and the best plan with
+    and without ep (the runs at the chosen batch)."""
+    counts = sorted({count for count, _ in experts.values()})
+    head = (f"expert parallelism: {len(experts)} MoE layer(s) ({'/'.join(map(str, counts))} experts); ")
+    degrees = sorted({e for es in offer.values() for e in es})
+    if not degrees:
+        why = ("the loss allows no data parallelism" if summed else "turned off by search_space ep" if limit
+               is not None and not any(e > 1 for e in limit) else "no ep > 1 divides both the experts and dp")
+        return head + f"ep not offered ({why})"
+    def best(with_ep: bool):
+        found = [r for r in results if any(c.strategy.ep > 1 for c in r.layers) == with_ep]
+        return min(found, key=lambda r: r.step_time) if found else None
+    text = head + (f"offered ep {degrees} on them, one engine run per degree besides the run without ep (one "
+                   "ep degree per plan), the fastest kept")
+    ep, other = best(True), best(False)
+    if ep is not None:
+        text += f"; best with ep: {ep.step_time * 1e3:.2f} ms"
+    if other is not None:
+        text += f"; best without: {other.step_time * 1e3:.2f} ms"
+    return text
+
+
 def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     cluster = ctx.cluster
     # only the degrees the engine's rules allow (within a node, powers of two): asking tp_rules
@@ -219,7 +252,9 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     costs = StageCosts(ir, cluster, cost_options(ctx), planned)
     cost = cost_callback(ir, costs, refused, dp_one=bool(summed))
     layers = priced_layers(ir)
-    runs = engine_runs(ir, limits, tps, layers, bool(summed), one_grouping=statistics)
+    experts = {layer: (shape.num_experts, not shape.dense) for layer, (shape, _) in costs.moe.items()}
+    offer = ep_offered(experts, cluster.num_devices, tps, limits.get("ep"), bool(summed))
+    runs = engine_runs(ir, limits, tps, layers, bool(summed), one_grouping=statistics, ep_offer=offer)
     bandwidth, latency = p2p_link(cluster)
     problem = dict(
         layers=layers, num_devices=cluster.num_devices, devices_per_node=cluster.devices_per_node,
@@ -251,6 +286,8 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
                         "micro-batch and one dp degree for every layer only")
     if batch_norm:
         explanation += "\nbatch norm in train mode: searched one micro-batch only (its statistics are the batch's)"
+    if experts:
+        explanation += "\n" + _ep_report(experts, offer, limits.get("ep"), outcomes[batch][0], bool(summed))
     if len(batches) > 1:
         explanation += "\n" + _batch_report(outcomes, batch)
     return dataclasses.replace(plan, explanation=explanation, global_batch=batch), best

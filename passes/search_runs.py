@@ -5,10 +5,16 @@ whose tables mark as impossible what the rewrite passes cannot lower there:
 
 - uniform runs, one per valid tp degree, every layer at that tp: every pp, sdp, sp and
   schedule the rewrites run (SUPPORTED_SPACE);
-- mixed runs, each layer its own tp (MIXED_SPACE: pp = 1, no sp, as passes/reshard.py lowers
-  them; dp = devices / tp degrees that divide each other). Layers that share a parameter (a
+- mixed runs, each layer its own tp (MIXED_SPACE: no sp, as passes/reshard.py lowers them, in
+  pipeline stages too; dp = devices / pp / tp degrees that divide each other). Layers that share a parameter (a
   tied embedding and LM head) are pinned to one tp per run - reshard refuses a sharded
   parameter read at different dp degrees - so there is one mixed run per tp of each such group.
+- expert parallelism (models with a mixture of experts ep can run: pcompile.cost.moe.ep_layers):
+  the runtime runs one ep degree per plan, which per-layer choices cannot enforce, so a uniform
+  run at tp is followed by one run per ep degree offered at tp (its strategies ep = 1 and
+  ep = e), the fastest plan of all runs kept. ep > 1 is impossible in the tables' rows of the layers without
+  a mixture, whose experts it does not divide, and of batched (HF) experts at tp > 1 (refused by
+  the rewrite). Mixed runs get no ep (the expert groups are built on the default dp grouping).
 
 "pre" / "post" layers with no parameters and no FLOPs are left out of the tables
 (pcompile.cost.plan_price.trivial_ends) and follow their neighbour's strategy.
@@ -20,6 +26,7 @@ import itertools
 
 import numpy as np
 
+from pcompile.cost.moe import ep_degrees
 from pcompile.cost.plan_price import ends_trimmer
 from pcompile.cost.stage_costs import StageCosts
 from pcompile.errors import PcompileError
@@ -32,27 +39,35 @@ from pcompile.search.space import SearchSpace
 
 # What the rewrite passes can run (see the module docstring).
 SUPPORTED_SPACE = dict(schedules=("1F1B", "GPipe", "Interleaved1F1B"))
-MIXED_SPACE = dict(pp_degrees=(1,), sp=(False,))  # what reshard lowers for per-layer tp mixing
+MIXED_SPACE = dict(sp=(False,))  # what reshard lowers for per-layer tp mixing (every pp)
 MAX_MIXED_RUNS = 16
 
 
 def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined: bool, pins: dict[str, int],
-                dp_one: bool) -> CostTable:
+                dp_one: bool, experts: dict | None = None) -> CostTable:
     """Strategies made impossible (time inf) where a rewrite cannot run them:
     - sp on the layers the rewrite refuses at their tp (`refused[tp]`: sp_refusals);
     - a layer of a mixed run at another tp than its tied group's (`pins`);
-    - dp > 1 when the loss sums over the batch (`dp_one`)."""
+    - dp > 1 when the loss sums over the batch (`dp_one`);
+    - ep > 1 on a layer without a mixture of experts ep runs (`experts`: layer -> (E, batched)),
+      whose E it does not divide, or with batched experts at tp > 1."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
         return dp_one and s.dp > 1
 
     def forbidden(layer: str, s: Strategy) -> bool:  # the layer-dependent rest
         return (s.sp and layer in refused.get(s.tp, {})) or (layer in pins and s.tp != pins[layer])
 
+    def no_ep(layer: str, s: Strategy) -> bool:
+        found = (experts or {}).get(layer)
+        return found is None or found[0] % s.ep != 0 or (found[1] and s.tp > 1)
+
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
     named = {layer for tp in refused.values() for layer in tp} | set(pins)  # layers a rule names
     candidates = [i for i, layer in enumerate(table.layers) if layer in named]
     for j, s in enumerate(table.strategies):
         rows = slice(None) if everywhere(s) else [i for i in candidates if forbidden(table.layers[i], s)]
+        if s.ep > 1 and not everywhere(s):
+            rows = sorted(set(rows) | {i for i, layer in enumerate(table.layers) if no_ep(layer, s)})
         fwd[rows, j] = bwd[rows, j] = np.inf
     return dataclasses.replace(table, fwd_time=fwd, bwd_time=bwd)
 
@@ -69,7 +84,10 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
             table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
-                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one))
+                # the MoE layers (found by StageCosts when first asked) only matter to ep > 1
+                experts = {layer: (shape.num_experts, not shape.dense) for layer, (shape, _) in costs.moe.items()} \
+                    if any(s.ep > 1 for s in query.strategies) else {}
+                cache[key] = trim(_restricted(table, refused, query.pp > 1, pins, dp_one, experts))
             return cache[key]
         return cost
     return for_run
@@ -122,20 +140,42 @@ def narrow(space: dict, user: dict) -> dict | None:
 
 
 def engine_runs(ir: IR, limits: dict, tps: list[int], layers: tuple[str, ...], dp_one: bool,
-                one_grouping: bool = False) -> list[tuple]:
+                one_grouping: bool = False, ep_offer: dict[int, tuple[int, ...]] | None = None) -> list[tuple]:
     """(SearchSpace fields, tied-group pins, mixed?) of each engine run: one per tp with every
-    layer at it (every pp, sdp, sp, schedule), then the mixed runs (each layer its own tp);
+    layer at it (every pp, sdp, sp, schedule), each followed by one per ep degree `ep_offer[tp]`
+    offers at that tp (ep_offered), then the mixed runs (each layer its own tp, no ep);
     `limits`: the user's narrowing (CompileOptions.space_limits). `dp_one`: dp = 1 and one
     micro-batch; `one_grouping`: one micro-batch and no mixed runs (one dp for every layer)."""
     user = dict(limits)
     user.pop("tp_degrees", None)
+    user.pop("ep", None)  # ep_offer has it
     if dp_one or one_grouping:  # several micro-batches average the loss too
         user["microbatch_counts"] = tuple(m for m in user.get("microbatch_counts", (1,)) if m == 1)
     runs = []
     uniform = narrow({}, user)
     if uniform is not None:
-        runs += [({**uniform, "tp_degrees": (tp,)}, {}, False) for tp in tps]
+        for tp in tps:
+            degrees = (ep_offer or {}).get(tp, ())
+            # the run without ep first: its plan is the explanation's "best without ep" (and wins ties)
+            runs += [({**uniform, "tp_degrees": (tp,)}, {}, False)]
+            runs += [({**uniform, "tp_degrees": (tp,), "ep": (1, e)}, {}, False) for e in degrees]
     mixed = narrow(MIXED_SPACE, user)
     if mixed is not None and not (dp_one or one_grouping):  # dp = 1 everywhere leaves one tp: nothing to mix
         runs += [({**mixed, "tp_degrees": tuple(tps)}, pins, True) for pins in mixed_pins(tps, tied_groups(ir, layers))]
     return runs
+
+
+def ep_offered(experts: dict, num_devices: int, tps: list[int], limit: tuple | None, dp_one: bool) -> dict:
+    """{tp: the ep > 1 a search at tp offers}: those dividing the experts of some MoE layer ep
+    runs (`experts`: layer -> (E, batched)) and the largest dp at that tp (devices / tp), batched
+    experts only at tp = 1; within the user's search_space ep (`limit`; (1,) turns ep off);
+    none when the loss allows no data parallelism (`dp_one`)."""
+    if dp_one or not experts:
+        return {}
+    out = {}
+    for tp in tps:
+        dp = num_devices // tp
+        degrees = sorted({e for count, batched in experts.values() if not (batched and tp > 1)
+                          for e in ep_degrees(count, dp)})
+        out[tp] = tuple(e for e in degrees if limit is None or e in limit)
+    return out

@@ -166,11 +166,14 @@ class NodeFacts:
         return self._ops[run]
 
 
-def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts | None = None) -> dict[str, LayerWork]:
+def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts | None = None,
+               skip: frozenset = frozenset()) -> dict[str, LayerWork]:
     """Per layer, the ops, activations, parameters and tp collectives of one rank of a tp group
     (tp_rules decides which Linears split, as the tensor_parallel rewrite will; `planned`: its
     plan_tensor_parallel for every layer at `tp`, when the caller has it; `facts`: the IR's
-    NodeFacts, shared across tp degrees)."""
+    NodeFacts, shared across tp degrees). `skip`: nodes left out with their parameters and tp
+    collectives - the dense expert mixtures expert parallelism replaces, priced apart
+    (pcompile.cost.moe)."""
     facts = facts or NodeFacts(ir)
     split_out, row, column, scatters, embeddings, losses = set(), set(), set(), [], {}, {}
     if tp > 1:
@@ -204,6 +207,8 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
             seen_params.update(id(param) for node in nodes for _, param in facts.param_tensors(node))
             continue
         for op in facts.ops(run):
+            if op.node in skip:
+                continue
             node, meta, a = op.node, ir.meta(op.node), acc[op.layer]
             for name, param in op.params:
                 if id(param) not in seen_params:
@@ -237,16 +242,18 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
             if node in losses:
                 rows = math.prod(ir.meta(loss_parts(ir.gm, node).target).shape or ())  # one per target
                 a["loss"] += [4.0 * rows] * 3
-    for source in {facts.linear(n).input for n in column}:
-        acc[ir.meta(next(iter(u for u in source.users if u in column))).layer]["bwd"].append(
+    kept = column - skip
+    for source in {facts.linear(n).input for n in kept}:
+        acc[ir.meta(next(iter(u for u in source.users if u in kept))).layer]["bwd"].append(
             float(ir.meta(source).output_bytes))
     for user, source, _ in scatters:
-        acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
+        if user not in skip:
+            acc[ir.meta(user).layer]["gather"].append(float(ir.meta(source).output_bytes))
     if copies:
         last = max(ir.layers.index(layer) for layer in copies)
         if (last_reader is None or ir.layers.index(last_reader) < last
                 or any(acc[layer][k] != acc[twin][k] for layer, twin in copies.items() for k in ("bwd", "gather"))):
-            return layer_work(dataclasses.replace(ir, replicas=None), tp, planned, facts)
+            return layer_work(dataclasses.replace(ir, replicas=None), tp, planned, facts, skip)
     works = {layer: LayerWork(tuple(a["ops"]), a["saved"], a["saved_sp"],
                               float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
                               tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),

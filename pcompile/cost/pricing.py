@@ -40,6 +40,10 @@ sdp (ZeRO-3)    : params, grads and optimizer states / dp; per micro-batch and g
                   one unit ahead, FSDP2's schedule); transient: the runtime's (pcompile.runtime.sdp)
                   backward peak U + G + (U + G)(1 + 1/dp) for a unit of U gathered bytes and G
                   gradient bytes (the layer; one 1/k slice of the largest Linear when split k)
+ep (experts)    : a MoE layer with ep > 1 is its work without the dense mixture priced here, plus
+                  the experts as pcompile.cost.moe prices them (ep_layer_cost: dispatched compute,
+                  all-to-alls, E/ep experts held, their sync over dp/ep ranks); a layer without a
+                  mixture of experts runs as ep = 1 (pcompile.cost.stage_costs chooses)
 tp / sp         : not overlapped (Megatron overlaps them only with its userbuffer GEMMs): charged whole
 collectives     : alpha-beta; a measured fit for (op, group size, link) when the cluster has one,
                   else the ring: all-reduce 2(n-1) alpha + 2(n-1)/n B / bw, all-gather and
@@ -89,10 +93,16 @@ class CostOptions:
     # default on CPUs) two temporaries of one tensor at a time. None = foreach on NCCL clusters.
     optimizer_foreach: bool | None = None
 
+    # Expert parallelism (pcompile.cost.moe): the busiest rank's routed rows over the mean, which
+    # every rank of the ep group waits for; 1 = uniform routing (what the search assumes)
+    expert_imbalance: float = 1.0
     def __post_init__(self):
         if self.optimizer not in MOMENTS:
             raise PcompileError(f"unknown optimizer {self.optimizer!r}", f"use one of {sorted(MOMENTS)}")
 
+        if not self.expert_imbalance >= 1.0:
+            raise PcompileError(f"expert_imbalance={self.expert_imbalance} is below 1 (the busiest rank's load over "
+                                "the mean)", "use 1.0 for uniform routing, or the measured max / mean expert load")
     def foreach(self, cluster: Cluster) -> bool:
         """Whether the optimizer step runs foreach (every layer's step_temp at once)."""
         return cluster.backend == "nccl" if self.optimizer_foreach is None else self.optimizer_foreach

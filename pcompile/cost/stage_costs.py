@@ -15,6 +15,11 @@ pair fills the switch matrices. A strategy's column is kept per (stage class, mi
 size), so a table over the union of other tables' strategies (the search's mixed-tp runs)
 only costs its switch matrices. tests/search/test_stage_costs.py checks the tables equal
 cost_table's entry by entry.
+
+Expert parallelism: under a strategy with ep > 1 each layer holding a mixture of experts the
+ep rewrite runs (pcompile.cost.moe.ep_layers) is priced as its work without the dense mixture
+plus the experts (moe.ep_layer_cost); every other layer as under the same strategy with ep = 1
+(the rewrite leaves it alone). The search offers ep only on the former (passes/search_runs.py).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 
 from pcompile.cluster import Cluster
 from pcompile.cost.layer_work import NodeFacts, boundary_bytes, example_batch, layer_work
+from pcompile.cost.moe import ep_layer_cost, ep_layers, plain
 from pcompile.cost.pricing import (
     CostOptions,
     StageLayout,
@@ -60,6 +66,24 @@ class StageCosts:
         self._layouts: dict[tuple, StageLayout] = {}  # (stage class, dp, tp) -> its groups and devices
         self._switches: dict[tuple, tuple] = {}  # (stage class, coarse, fine) -> the regrouping's groups
         self._compute: dict[tuple, tuple[float, float]] = {}  # compute_times memo
+        self._moe: dict | None = None  # layer -> (MoEShape, dense mixture nodes): moe.ep_layers
+        self._ep_works: dict[int, dict] = {}  # tp -> layer -> its work without the dense mixture
+
+    @property
+    def moe(self) -> dict:
+        """The layers ep can run ({layer: (MoEShape, mixture nodes)}), found when first asked."""
+        if self._moe is None:
+            self._moe = ep_layers(self.ir)
+        return self._moe
+
+    def ep_work(self, tp: int, layer: str):
+        """The MoE layer's work without its dense mixture (what the ep rewrite leaves), at `tp`."""
+        if tp not in self._ep_works:
+            self._facts = self._facts or NodeFacts(self.ir)
+            skip = frozenset().union(*(nodes for _, nodes in self.moe.values()))
+            per_layer = layer_work(self.ir, tp, self.planned.get(tp), self._facts, skip)
+            self._ep_works[tp] = {name: per_layer[name] for name in self.moe}
+        return self._ep_works[tp][layer]
 
     def works(self, tp: int) -> tuple[list, list[int]]:
         if tp not in self._works:
@@ -152,10 +176,24 @@ class StageCosts:
         distinct, index = self.works(s.tp)
         foreach = options.foreach(self.cluster)
         layout = self.layout(first, s)
-        rows = [table_entries(layer_cost(work, self.cluster, s, microbatch, self.batch, options, layout,
+        rows = [table_entries(layer_cost(work, self.cluster, plain(s), microbatch, self.batch, options, layout,
                                          self.compute_times), foreach)
                 for work in distinct]
-        return np.array(rows)[index]
+        column = np.array(rows)[index]
+        if s.ep > 1:  # the mixtures of experts under ep (moe.ep_layer_cost); the other layers as above
+            priced: dict[tuple, tuple] = {}  # identical blocks: one price
+            for i, layer in enumerate(self.layers):
+                if layer in self.moe:
+                    work, shape = self.ep_work(s.tp, layer), self.moe[layer][0]
+                    if shape.num_experts % s.ep:  # the rewrite refuses it (a forced plan: passes/search.py)
+                        column[i, :3] = np.inf
+                        continue
+                    key = (id(work), dataclasses.replace(shape, layer=""))
+                    if key not in priced:
+                        priced[key] = table_entries(ep_layer_cost(work, shape, self.cluster, s, microbatch, self.batch,
+                                                                  options, layout, self.compute_times), foreach)
+                    column[i] = priced[key]
+        return column
 
     def compute_times(self, work, device, scale: float, s, act: float) -> tuple[float, float]:
         """pricing.compute_times, memoised on what it reads of the strategy (split, and tp under

@@ -84,11 +84,20 @@ class SearchSpace:
     zero2: tuple[bool, ...] = (False, True)  # ZeRO-2 (dp > 1, not with sdp)
     sp: tuple[bool, ...] = (False, True)
     checkpoint: tuple[bool, ...] = (False, True)
+    # expert parallelism degrees (1 = none). The engine cannot know which layers hold experts:
+    # the caller offers ep > 1 only for models with a mixture of experts and marks it impossible
+    # in the other layers' table rows (passes/search_runs.py), one ep > 1 per run (the runtime
+    # runs one ep degree per plan). (1,) turns it off.
+    ep: tuple[int, ...] = (1,)
 
     def __post_init__(self):
         unknown = [s for s in self.schedules if s not in SCHEDULES]
         if unknown:
             raise PcompileError(f"unknown pipeline schedule(s) {unknown}", f"use some of {SCHEDULES}")
+        bad = [e for e in self.ep if not isinstance(e, int) or isinstance(e, bool) or e < 1]
+        if bad:
+            raise PcompileError(f"search space ep={self.ep}: {bad} are not positive integers",
+                                "give expert-parallel degrees of 1 or more, e.g. ep=(1, 4); ep=(1,) turns it off")
 
 
 @dataclass(frozen=True)
@@ -153,7 +162,10 @@ def tp_options(devices: int, devices_per_node: int, space: SearchSpace, rules: S
 
 def strategies_for(devices: int, devices_per_node: int, microbatch_size: int, space: SearchSpace,
                    rules: SearchRules) -> tuple[Strategy, ...]:
-    """Every per-layer Strategy of a stage of `devices` whose dp divides the micro-batch."""
+    """Every per-layer Strategy of a stage of `devices` whose dp divides the micro-batch. ep > 1
+    (space.ep) where it divides dp, as the runtime runs it: with plain dp (not ZeRO-3 / ZeRO-2),
+    without operator split (both refused by passes/expert_parallel.py) and without sp (not run
+    with ep by any test: not offered)."""
     out = []
     for tp in tp_options(devices, devices_per_node, space, rules):
         dp = devices // tp
@@ -172,8 +184,11 @@ def strategies_for(devices: int, devices_per_node: int, microbatch_size: int, sp
                     for split in space.splits:
                         if split > 1 and rules.split_only_with_sdp and not sdp:
                             continue
-                        out.append(Strategy(dp=dp, tp=tp, sdp=sdp, sp=sp, checkpoint=ckpt, split=split,
-                                            zero2=zero2))
+                        for ep in space.ep:
+                            if ep > 1 and (dp % ep or sdp or zero2 or split > 1 or sp):
+                                continue
+                            out.append(Strategy(dp=dp, tp=tp, sdp=sdp, sp=sp, checkpoint=ckpt, split=split,
+                                                zero2=zero2, ep=ep))
     return tuple(out)
 
 
