@@ -50,11 +50,13 @@ class CompiledModel:
     """This rank's part of the parallel program (or the plan alone when no ranks run)."""
 
     def __init__(self, ir: IR, plan: Plan, model: torch.nn.Module, report: list[str],
-                 mixed_precision: str | None = None):
+                 mixed_precision: str | None = None, offload_optimizer: bool = False):
         self.ir, self.plan, self.report = ir, plan, report
         self._model = model
         self.compute_dtype = precision.compute_dtype(mixed_precision)
-        self.masters = None  # precision.MasterWeights under mixed precision (the optimizer's parameters)
+        self.offload_optimizer = offload_optimizer
+        # precision.MasterWeights under mixed precision or an offloaded optimizer (the optimizer's parameters)
+        self.masters = None
         self._lowered = False
         self._pipeline = None  # backends.pipeline.PipelineRuntime when plan.pp > 1
         self._dp_sync = None  # runtime.grad_sync.OverlappedAllReduce of a plain dp plan
@@ -107,8 +109,9 @@ class CompiledModel:
         self.experts = expert_groups.hold_local(gm, self.ir, self.groups, self.coords) if world > 1 else None
         if not self.materialised:  # this rank's pieces only, without values yet
             materialise.allocate([gm], self.device)
-        if self.compute_dtype is not None:  # after sharding: the masters are this rank's shards
-            self.masters = precision.MasterWeights(gm, self.compute_dtype)
+        if self.compute_dtype is not None or self.offload_optimizer:  # after sharding: this rank's shards
+            self.masters = precision.MasterWeights(gm, self.compute_dtype or torch.float32,
+                                                   offload=self.offload_optimizer)
         devices.follow_device(gm, self.device)  # export captures: their device constants
         batch_norms.bind([gm], plan, f"pcompile{uid}", mixed=self.layout is not None)  # the whole batch's statistics
         self._dp_sync = None  # dp averaging overlapped with backward (after the masters' hooks)
@@ -442,7 +445,7 @@ class CompiledModel:
         by_grad = {id(p.grad): p for p in self.parameters() if p.grad is not None}
         replicas = self._replicas()
         return grad_norm.global_norm(grads, [replicas[id(by_grad[id(g)])] for g in grads], norm_type,
-                                     error_if_nonfinite)
+                                     error_if_nonfinite, reduce_device=self.device)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
                         parameters=None) -> torch.Tensor:

@@ -96,7 +96,7 @@ def _run(manager: PassManager, ctx: PassContext) -> IR:
 
 def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, capture: str = "auto",
          debug_dir: str | None = None, search_space: dict | None = None,
-         mixed_precision: str | None = None, global_batch=None) -> Plan:
+         mixed_precision: str | None = None, global_batch=None, offload_optimizer: bool = False) -> Plan:
     """The plan compile() would run, found on fake tensors: no process group, no GPU, no weights touched.
 
     `search_space` narrows the search, with the fields of pcompile.search.space.SearchSpace,
@@ -106,19 +106,27 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
     `global_batch`: the global batch sizes the user allows (an int or an iterable, e.g.
     range(64, 513, 64)); the plan takes the one with the most samples per second (costs scale
     from the example inputs' batch) and records it in Plan.global_batch: compile it with
-    example inputs of that many samples. None: the example inputs' batch."""
+    example inputs of that many samples. None: the example inputs' batch.
+    `offload_optimizer=True` (ZeRO-Offload, as compile()'s): the fp32 masters, their gradients and
+    the optimizer's moments live in host memory and the optimizer steps on the CPU; the devices
+    hold the compute-dtype parameters (ZeRO-3 chunks) and transient gradients, and the step pays
+    the host transfers and the CPU step (pcompile.cost.pricing.offload_time). One-stage ZeRO-3
+    plans only (Plan.offload_optimizer)."""
     return plan_and_ir(model, cluster, example_inputs, capture=capture, debug_dir=debug_dir,
-                       search_space=search_space, mixed_precision=mixed_precision, global_batch=global_batch)[0]
+                       search_space=search_space, mixed_precision=mixed_precision, global_batch=global_batch,
+                       offload_optimizer=offload_optimizer)[0]
 
 
 def plan_and_ir(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, rewrite: bool = False,
                 capture: str = "auto", debug_dir: str | None = None, search_space: dict | None = None,
-                mixed_precision: str | None = None, global_batch=None) -> tuple[Plan, IR]:
+                mixed_precision: str | None = None, global_batch=None,
+                offload_optimizer: bool = False) -> tuple[Plan, IR]:
     """plan(), and the IR it was found on, from one capture: the analysed IR the search read
     (its totals: FLOPs, parameter bytes), or with `rewrite` the IR after every rewrite of
     compile()'s pipeline for that plan (what ONNX export, plots and the pass dump need; the
     rewrites run on the example inputs, so not with a range of global batches)."""
-    options = CompileOptions.make(capture, search_space, mixed_precision, global_batch)
+    options = CompileOptions.make(capture, search_space, mixed_precision, global_batch,
+                                  offload_optimizer=offload_optimizer)
     if rewrite and len(options.global_batches or ()) > 1:
         raise PcompileError("rewriting for a plan needs the global batch it runs, not a range to choose from",
                             "plan with the range first, then compile(..., plan=plan) with inputs of plan.global_batch")
@@ -140,7 +148,8 @@ def estimate(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pl
     if not isinstance(plan, Plan):
         raise PcompileError(f"plan must be a pcompile.Plan, got {type(plan).__name__}",
                             "use pcompile.plan(...), pcompile.Plan.uniform(...) or Plan.from_json(...)")
-    ctx = _context(model, cluster, example_inputs, plan, CompileOptions.make(capture, mixed_precision=mixed_precision))
+    ctx = _context(model, cluster, example_inputs, plan, CompileOptions.make(
+        capture, mixed_precision=mixed_precision, offload_optimizer=plan.offload_optimizer))
     with collector_paused():
         _run(PassManager(PLAN_PIPELINE), ctx)
     return ctx.plan.estimate
@@ -149,7 +158,7 @@ def estimate(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pl
 def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, plan: Plan | None = None, *,
             debug_dir: str | None = None, capture: str = "auto", stop_after: str | None = None,
             verify: bool = True, passes: list[str] | None = None, search_space: dict | None = None,
-            mixed_precision: str | None = None):
+            mixed_precision: str | None = None, offload_optimizer: bool = False):
     """Plan (or take `plan`), rewrite and lower `model` for `cluster`.
 
     Returns a CompiledModel for this rank; with `stop_after="pass-name"`, the IR at that point.
@@ -157,15 +166,22 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     `mixed_precision="bf16"`: the rank's module computes in bf16 while cm.parameters() (what the
     optimizer steps, what full_state_dict / checkpoints hold) are fp32 masters (pcompile.runtime.precision);
     None (the default) runs fp32 throughout.
+    `offload_optimizer=True`: the optimizer's masters and moments in host memory, stepped on the
+    CPU (see plan()); a given `plan` is run offloaded then too (its own Plan.offload_optimizer
+    counts either way).
     """
-    options = CompileOptions.make(capture, search_space, mixed_precision)
+    if plan is not None and offload_optimizer and not plan.offload_optimizer:
+        plan = dataclasses.replace(plan, offload_optimizer=True)  # checked there: ZeRO-3, one stage
+    options = CompileOptions.make(capture, search_space, mixed_precision,
+                                  offload_optimizer=plan.offload_optimizer if plan is not None else offload_optimizer)
     ctx = _context(model, cluster, example_inputs, plan, options)
     manager = PassManager(PIPELINE if passes is None else list(passes), verify_each=verify, debug_dir=debug_dir,
                           stop_after=stop_after)
     ir = _run(manager, ctx)
     if stop_after is not None:
         return ir
-    compiled = CompiledModel(ir, ctx.plan, model, ctx.report, mixed_precision=mixed_precision)
+    compiled = CompiledModel(ir, ctx.plan, model, ctx.report, mixed_precision=mixed_precision,
+                             offload_optimizer=ctx.plan.offload_optimizer)
     compiled.timings = manager.timings
     if torch.distributed.is_initialized() or ctx.plan.num_devices == 1:
         compiled.lower()

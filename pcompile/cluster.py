@@ -52,6 +52,19 @@ class Device:
     # Bytes of memory_bytes a plan may not fill: CUDA context and kernels, NCCL buffers, the
     # caching allocator's fragmentation (presets; a profiled device's memory_bytes is already net).
     memory_reserve: int = 0
+    # An offloaded optimizer's (Plan.offload_optimizer): bytes/s of this device's copies to and
+    # from pinned host memory, and its share of the host's memory bandwidth for the CPU step.
+    # 0 = memory_bandwidth (a CPU device: the host is the device).
+    host_bandwidth: float = 0.0
+    host_step_bandwidth: float = 0.0
+
+    @property
+    def host_link(self) -> float:
+        return self.host_bandwidth or self.memory_bandwidth
+
+    @property
+    def host_step(self) -> float:
+        return self.host_step_bandwidth or self.memory_bandwidth
 
     @property
     def budget(self) -> int:
@@ -421,11 +434,22 @@ def gpu_reserve(memory_bytes: int) -> int:
     return int(memory_bytes - rest * (1 - FRAGMENTATION))
 
 
+# Host side, for an offloaded optimizer. PCIe: Gen4 x16 (A100 SXM4) 31.5 GB/s per direction, Gen5
+# x16 (H100 SXM5) 63 GB/s (PCI-SIG line rates, 128b/130b); pinned cudaMemcpy reaches about 80% of
+# it (the project's stated figure, not measured here: ~25 and ~50 GB/s). Host memory: DGX A100's
+# two AMD EPYC 7742 (8 channels of DDR4-3200 each, 409.6 GB/s), DGX H100's two Xeon Platinum 8480C
+# (8 of DDR5-4800 each, 614.4 GB/s) (NVIDIA DGX A100 / H100 user guides, AMD / Intel datasheets),
+# at 70% (a STREAM-like share; stated, not measured), shared by the node's 8 GPUs.
+PCIE_PINNED = {"A100": 31.5e9 * 0.8, "H100": 63e9 * 0.8}
+HOST_MEMORY_PER_GPU = {"A100": 409.6e9 * 0.7 / 8, "H100": 614.4e9 * 0.7 / 8}
+
+
 def _gpu(name: str, cuda_name: str, family: str, memory_bytes: int, hbm: float) -> Device:
     peaks, eff = DATASHEET_FLOPS[cuda_name], MAMF_EFFICIENCY[family]
     return Device(name, memory_bytes, peaks["bf16"] * eff, hbm, op_overhead=LAUNCH_OVERHEAD,
                   backward_overhead=LAUNCH_OVERHEAD, fp32_flops=peaks["fp32"] * eff, tf32_flops=peaks["tf32"] * eff,
-                  memory_reserve=gpu_reserve(memory_bytes))
+                  memory_reserve=gpu_reserve(memory_bytes), host_bandwidth=PCIE_PINNED[family],
+                  host_step_bandwidth=HOST_MEMORY_PER_GPU[family])
 
 
 A100_80GB = _gpu("A100-80GB", "NVIDIA A100-SXM4-80GB", "A100", 80 * GB, 2.039e12)

@@ -11,6 +11,10 @@ from pcompile.search.space import SearchSpace
 
 CAPTURES = ("auto", "fx", "export")
 PRECISIONS = (None, "bf16")
+# What Plan._check_offload lets an offloaded optimizer run with: ZeRO-3 wherever dp > 1 (a dp = 1
+# layer is plain whatever sdp says; expert parallelism needs plain dp, so it is not offered), no
+# ZeRO-2, one stage
+OFFLOAD_SPACE = {"sdp": (True,), "zero2": (False,), "pp_degrees": (1,)}
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,9 @@ class CompileOptions:
     global_batches: tuple[int, ...] | None = None  # the batches the search may pick; None: the inputs'
     # the symbolic analysis' batch / sequence dims: (("b", ((input, dim), ...)), ("s", ...)); () = found
     symbolic_dims: tuple[tuple[str, tuple[tuple[int, int], ...]], ...] = ()
+    # ZeRO-Offload (Plan.offload_optimizer): the search then offers what the offloaded step runs
+    # with, one stage and ZeRO-3 on every data-parallel layer (OFFLOAD_SPACE)
+    offload_optimizer: bool = False
 
     def __post_init__(self):
         if self.capture not in CAPTURES:
@@ -38,16 +45,27 @@ class CompileOptions:
 
     @staticmethod
     def make(capture: str = "auto", search_space: dict | None = None, mixed_precision: str | None = None,
-             global_batch=None, symbolic_dims: dict | None = None) -> "CompileOptions":
+             global_batch=None, symbolic_dims: dict | None = None,
+             offload_optimizer: bool = False) -> "CompileOptions":
         """From the public API's arguments (a dict search space, an int or iterable global batch)."""
         if search_space is not None and not isinstance(search_space, dict):
             raise PcompileError(f"search_space must be a dict, got {type(search_space).__name__}",
                                 "pass e.g. search_space={'pp_degrees': (1,)}")
-        space = tuple((key, tuple(values) if isinstance(values, (list, tuple, set, range)) else (values,))
-                      for key, values in sorted((search_space or {}).items()))
+        limits = {key: tuple(values) if isinstance(values, (list, tuple, set, range)) else (values,)
+                  for key, values in (search_space or {}).items()}
+        if offload_optimizer:
+            for key, allowed in OFFLOAD_SPACE.items():
+                narrowed = tuple(v for v in limits.get(key, allowed) if v in allowed)
+                if not narrowed:
+                    raise PcompileError(f"search_space {key}={limits[key]} leaves nothing an offloaded optimizer runs "
+                                        f"with ({key} in {allowed})", f"drop {key} from search_space, or "
+                                        "offload_optimizer=False")
+                limits[key] = narrowed
+        space = tuple(sorted(limits.items()))
         dims = tuple((name, tuple(tuple(place) for place in places))
                      for name, places in sorted((symbolic_dims or {}).items()))
-        return CompileOptions(capture, space, mixed_precision, _global_batches(global_batch), dims)
+        return CompileOptions(capture, space, mixed_precision, _global_batches(global_batch), dims,
+                              bool(offload_optimizer))
 
     @property
     def space_limits(self) -> dict[str, tuple]:

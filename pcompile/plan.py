@@ -102,6 +102,9 @@ class Plan:
     virtual_stages: int = 1  # model chunks per pp rank (Interleaved1F1B: >= 2); stage s runs on pp rank s mod pp
     model: str = ""  # fingerprint of the model the plan was made for ("" = any)
     global_batch: int | None = None  # samples per step the plan was made for (None = the example inputs')
+    # ZeRO-Offload: fp32 master weights, their gradients and the optimizer's moments in host
+    # memory, the step on the CPU (pcompile.runtime.precision.MasterWeights(offload=True))
+    offload_optimizer: bool = False
     estimate: Estimate | None = None
     candidates: tuple[Candidate, ...] = field(default=(), compare=False)
     reason: str = field(default="", compare=False)
@@ -138,6 +141,8 @@ class Plan:
                     f"layer {assignment.layer!r} uses {assignment.strategy.describe()} = "
                     f"{assignment.strategy.num_devices} devices per stage, but the plan has "
                     f"{self.num_devices // self.pp} per stage", "make every layer's dp * tp equal devices / pp")
+        if self.offload_optimizer:
+            self._check_offload()
         stages = [a.stage for a in self.layers]
         if stages != sorted(stages):
             raise PcompileError("the plan's layers are not in stage order (stages must be contiguous)",
@@ -148,11 +153,24 @@ class Plan:
                 f"{self.default.num_devices * self.pp} devices but says num_devices={self.num_devices}",
                 "make dp * tp * pp equal the number of devices")
 
+    def _check_offload(self) -> None:
+        """What the offloaded optimizer runs with: one stage, and every data-parallel layer ZeRO-3
+        (its gradient chunks reduce-scattered on the device, then copied to the host masters; a
+        replicated layer's all-reduce would have to run on host tensors, which NCCL cannot)."""
+        if self.pp > 1:
+            raise PcompileError(f"offload_optimizer with pp={self.pp}: offloading runs in one-stage plans only",
+                                "use pp=1 with offload_optimizer, or keep the optimizer on the devices")
+        plain = [s for s in (self.default, *(a.strategy for a in self.layers)) if s.dp > 1 and not s.sdp]
+        if plain:
+            raise PcompileError(f"offload_optimizer with {plain[0].describe()}: an offloaded optimizer needs every "
+                                "data-parallel layer sharded with ZeRO-3 (sdp)",
+                                "set sdp=True on the layers with dp > 1, or keep the optimizer on the devices")
+
     @staticmethod
-    def uniform(dp: int = 1, tp: int = 1, pp: int = 1, **strategy) -> "Plan":
+    def uniform(dp: int = 1, tp: int = 1, pp: int = 1, offload_optimizer: bool = False, **strategy) -> "Plan":
         """One strategy for every layer, e.g. Plan.uniform(dp=2, tp=2)."""
         default = Strategy(dp=dp, tp=tp, **strategy)
-        return Plan(num_devices=dp * tp * pp, default=default, pp=pp)
+        return Plan(num_devices=dp * tp * pp, default=default, pp=pp, offload_optimizer=offload_optimizer)
 
     def explain(self) -> str:
         """Per layer: the chosen strategy, its time and memory, the runner-ups, the binding
@@ -174,7 +192,8 @@ class Plan:
     def __str__(self) -> str:
         lines = [f"Plan for {self.num_devices} device(s): {self.default.describe()}"
                  + (f" x pp{self.pp} ({self.describe_schedule()})" if self.pp > 1 else "")
-                 + (f", global batch {self.global_batch}" if self.global_batch else "")]
+                 + (f", global batch {self.global_batch}" if self.global_batch else "")
+                 + (", optimizer offloaded to the host" if self.offload_optimizer else "")]
         for assignment in self.layers:
             lines.append(f"  {assignment.layer:<24} {assignment.strategy.describe():<20} stage {assignment.stage}")
         if self.estimate is not None:
@@ -217,6 +236,7 @@ class Plan:
                 virtual_stages=data.get("virtual_stages", 2 if data.get("schedule") == "Interleaved1F1B" else 1),
                 model=data.get("model", ""),
                 global_batch=data.get("global_batch"),
+                offload_optimizer=data.get("offload_optimizer", False),
                 estimate=estimate(data.get("estimate")),
                 candidates=tuple(Candidate(Strategy(**c["strategy"]), estimate(c["estimate"]), c["verdict"])
                                  for c in data.get("candidates", ())),

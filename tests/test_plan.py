@@ -111,3 +111,23 @@ def test_virtual_stages_json_round_trip_and_text():
     assert Plan.from_dict(old).virtual_stages == 2
     assert Plan.from_dict({k: v for k, v in Plan.uniform(dp=2, pp=2).to_dict().items()
                            if k != "virtual_stages"}).virtual_stages == 1
+
+
+def test_an_offloaded_optimizer_needs_zero3_on_one_stage_and_round_trips():
+    plan = Plan.uniform(dp=4, sdp=True, offload_optimizer=True)
+    assert Plan.from_json(plan.to_json()) == plan and "offloaded to the host" in str(plan)
+    assert Plan.from_json(Plan.uniform(dp=4).to_json()).offload_optimizer is False
+    with pytest.raises(PcompileError, match="needs every data-parallel layer sharded with ZeRO-3"):
+        Plan.uniform(dp=4, offload_optimizer=True)
+    with pytest.raises(PcompileError, match="one-stage plans only"):
+        Plan.uniform(dp=2, pp=2, sdp=True, offload_optimizer=True)
+    Plan.uniform(tp=4, offload_optimizer=True)  # dp = 1: nothing to shard
+
+
+def test_offloading_narrows_the_search_to_what_it_runs_with():
+    from pcompile.options import CompileOptions
+
+    limits = CompileOptions.make(offload_optimizer=True, search_space={"checkpoint": (True,)}).space_limits
+    assert limits == {"checkpoint": (True,), "sdp": (True,), "zero2": (False,), "pp_degrees": (1,)}
+    with pytest.raises(PcompileError, match="leaves nothing an offloaded optimizer runs with"):
+        CompileOptions.make(offload_optimizer=True, search_space={"sdp": (False,)})

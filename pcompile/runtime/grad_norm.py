@@ -30,29 +30,37 @@ _TORCH_TOTAL_NORM = clip_grad._get_total_norm
 
 
 def global_norm(grads: list[torch.Tensor], replicas: list[int], norm_type: float = 2.0,
-                error_if_nonfinite: bool = False, group=None) -> torch.Tensor:
+                error_if_nonfinite: bool = False, group=None, reduce_device=None) -> torch.Tensor:
     """The norm of the whole model's gradient from this rank's `grads`, each held by
-    `replicas[i]` ranks in the same form (collective over `group`, None: the world)."""
+    `replicas[i]` ranks in the same form (collective over `group`, None: the world; on
+    `reduce_device` when given: an offloaded optimizer's gradients live in host memory, and
+    NCCL reduces device tensors only)."""
     norm_type = float(norm_type)
     device = grads[0].device if grads else torch.device("cpu")
     if math.isinf(norm_type):
         local = torch.stack([g.detach().abs().max().double() for g in grads]).max() if grads else \
             torch.zeros((), dtype=torch.float64, device=device)
         if dist.is_initialized():
-            dist.all_reduce(local, op=dist.ReduceOp.MAX, group=group)
+            local = _all_reduce(local, dist.ReduceOp.MAX, group, reduce_device)
         total = local
     else:
         local = torch.zeros((), dtype=torch.float64, device=device)
         for g, n in zip(grads, replicas):
             local += torch.linalg.vector_norm(g.detach().double(), norm_type) ** norm_type / n
         if dist.is_initialized():
-            dist.all_reduce(local, group=group)
+            local = _all_reduce(local, dist.ReduceOp.SUM, group, reduce_device)
         total = local ** (1.0 / norm_type)
     total = total.to(grads[0].dtype if grads else torch.float32)
     if error_if_nonfinite and not torch.isfinite(total):
         raise PcompileError(f"the total norm of order {norm_type} of the gradients is non-finite ({total.item()})",
                             "lower the learning rate, check the loss, or pass error_if_nonfinite=False")
     return total
+
+
+def _all_reduce(value: torch.Tensor, op, group, device) -> torch.Tensor:
+    moved = value if device is None else value.to(device)
+    dist.all_reduce(moved, op=op, group=group)
+    return moved.to(value.device)
 
 
 def clip_(grads: list[torch.Tensor], max_norm: float, total: torch.Tensor) -> None:

@@ -27,6 +27,15 @@ the step, not 16).
 The user's optimizer is built on `CompiledModel.parameters()`, which are the masters, so it
 steps (and keeps its moments) in fp32 and checkpoints save fp32; the next train_step's
 `pull()` is the copy back to bf16 (done lazily so any optimizer and checkpoint.load work).
+
+Offloaded (`offload=True`, Plan.offload_optimizer; ZeRO-Offload, FSDP2's CPUOffloadPolicy for
+the optimizer): the masters live in host memory (pinned when the module is on a GPU), so the
+user's optimizer keeps its moments there and steps on the CPU; the hook copies each gradient to
+the host as backward finishes it (in the compute dtype, cast to fp32 there) and frees the
+device's; `pull()` casts the masters to the compute dtype on the host and copies them in. Also
+with fp32 compute (the masters then fp32 copies of fp32 parameters). The plan makes every
+data-parallel layer ZeRO-3 (Plan._check_offload): its gradients are reduce-scattered on the
+device before the hook sees them, so no collective reads a host tensor.
 """
 from __future__ import annotations
 
@@ -50,11 +59,12 @@ def compute_dtype(mixed_precision: str | None) -> torch.dtype | None:
 class MasterWeights:
     """fp32 masters for a module whose parameters compute in `dtype`."""
 
-    def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
-        self.dtype = dtype
+    def __init__(self, module: torch.nn.Module, dtype: torch.dtype, offload: bool = False):
+        self.dtype, self.offload = dtype, offload
         self._module = module
         self._names = [name for name, _ in module.named_parameters()]  # one name per tensor (tied ones once)
-        self.masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad)
+        self.masters = [torch.nn.Parameter(_host(p.detach().float()) if offload else p.detach().float().clone(),
+                                           requires_grad=p.requires_grad)
                         for _, p in module.named_parameters()]
         # export's baked `.to(input_dtype)` casts follow bf16 (below); first, while get_attr
         # tensors still have their capture dtype
@@ -84,7 +94,8 @@ class MasterWeights:
         """Masters -> the module's bf16 parameters (after an optimizer step or checkpoint load)."""
         with torch.no_grad():
             for low, master in zip(self._low, self.masters):
-                low.copy_(master)
+                # offloaded: cast on the host, copy the compute dtype's bytes in
+                low.copy_(master.to(low.dtype) if self.offload else master)
 
     def cast_inputs(self, inputs: tuple) -> tuple:
         return tuple(x.to(self.dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
@@ -93,11 +104,18 @@ class MasterWeights:
     def _accumulate(self, low: torch.Tensor) -> None:
         """Post-accumulate-grad hook of a bf16 parameter: its gradient into the master's, in fp32."""
         master = self._by_id[id(low)]
+        grad = low.grad.to(master.device) if self.offload else low.grad  # offloaded: the compute dtype's bytes out
         if master.grad is None:
-            master.grad = low.grad.float()
+            master.grad = grad.float()
         else:
-            master.grad.add_(low.grad)
+            master.grad.add_(grad)
         low.grad = None
+
+
+def _host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in host memory, pinned when it comes from a GPU (asynchronous copies)."""
+    host = tensor.to("cpu", copy=True)
+    return host.pin_memory() if tensor.is_cuda else host
 
 
 # -- casts the capture recorded at its own dtype ------------------------------------------------

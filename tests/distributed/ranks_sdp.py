@@ -60,11 +60,13 @@ def compare_with_serial(model_name: str, plan: pcompile.Plan, steps: int = 3, lr
             "numel": sum(p.numel() for p in cm.parameters()), "expected_numel": expected_numel,
             "replicated_numel": replicated,
             "sharded": len({id(cm.ir.gm.get_parameter(n)) for n in cm.ir.sdp_shardings}),
-            "alive_after_forward": alive[0], "last_unit": alive[1]}
+            "alive_after_forward": alive[0], "last_unit": alive[1],
+            "offloaded": cm.masters is not None and cm.masters.offload}
 
 
 def describe(plan: pcompile.Plan) -> str:
-    return plan.default.describe() + "".join(f" {a.layer}={a.strategy.describe()}" for a in plan.layers)
+    return plan.default.describe() + "".join(f" {a.layer}={a.strategy.describe()}" for a in plan.layers) + (
+        " offloaded" if plan.offload_optimizer else "")
 
 
 def compare_many(cases: list[tuple[str, pcompile.Plan]]) -> list[dict]:

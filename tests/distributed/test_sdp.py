@@ -4,7 +4,8 @@ sdp, some dp, a tied weight shared by both), on the built-in GPT and MLP models.
 rank stores 1/dp of the sdp parameters, and between forward and backward no gathered parameter
 is alive but those of the last unit (ZeRO-3, not ZeRO-1: autograd keeps references to shards,
 not gathered weights); each unit's all-gather is issued while the previous unit computes
-(test_sdp_overlap.py times the schedule)."""
+(test_sdp_overlap.py times the schedule). With the optimizer offloaded (Plan.offload_optimizer:
+fp32 masters of the chunks in host memory, gradients moved there by the hook) the same holds."""
 import torch
 import torch.fx as fx
 
@@ -34,6 +35,9 @@ CASES = [
     ("gpt", Plan(num_devices=4, default=Strategy(dp=4, sdp=True), layers=(  # with checkpointing / splitting
         LayerAssignment("blocks.0", Strategy(dp=4, sdp=True, checkpoint=True)),
         LayerAssignment("blocks.1", Strategy(dp=4, sdp=True, split=2))))),
+    # the optimizer offloaded (fp32 masters of the chunks and their gradients in host memory)
+    ("gpt", Plan.uniform(dp=4, sdp=True, offload_optimizer=True)),
+    ("gpt", Plan.uniform(dp=2, tp=2, sdp=True, offload_optimizer=True)),
 ]
 
 
@@ -50,6 +54,7 @@ def test_sdp_plans_match_serial():
             if plan.default.sdp:  # every layer sdp and every parameter divisible: exactly 1/dp
                 assert r["numel"] * plan.default.dp == r["replicated_numel"], r
             assert r["alive_after_forward"] <= r["last_unit"] <= 4, r  # ZeRO-1 would keep ~all 36
+            assert r["offloaded"] == plan.offload_optimizer, r
 
 
 def _rewritten(plan: Plan) -> pcompile.IR:
