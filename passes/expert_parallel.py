@@ -20,6 +20,12 @@ ep == dp) and divided by dp, which is (1/dp) sum_r dL_r/dtheta_e, the serial gra
 full_state_dict / full_grads broadcast each expert from its owner; the gradient norm counts it
 once; checkpoints, init_weights and load_weights refuse ep plans (not supported yet).
 
+FlexMoE's rebalancing (cm.rebalance: backends/expert_rebalance.py) changes who holds which
+expert between steps: an expert with m holders in each ep group gets its rows cut into m parts,
+one per holder, so the holders together still compute it for every token of their group, and
+its gradient is summed over all m * dp/ep holders before the division by dp - the same serial
+gradient. The rewritten graph does not change (the placement lives in the backend's routings).
+
 Batched expert weights (Hugging Face Mixtral / Qwen-MoE under torch.export, read as HF's
 grouped-mm experts: pcompile.sharding.moe) become one `gated_expert_mixture` node instead,
 the stacked weights split along the experts' dim over "ep" (a Shard in param_shardings: each
