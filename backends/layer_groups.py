@@ -3,7 +3,8 @@ the process groups of every axis the rewritten IR names, the input batch split b
 layer's dp, and gradients summed per parameter over its layer's dp group.
 
 Axes beyond the default mesh's "dp" / "tp" ("tp{k}", "dp{d}", "batch{c}:{f}") get their
-groups from the rank layout, pcompile.mesh.axis_groups.
+groups from the rank layout, pcompile.mesh.axis_groups; in a pipeline, those of each stage's
+ranks (stage_axis_groups).
 
 Gradient scaling: each rank's backward differentiates the sum of the last layer's part losses
 (the serial loss is their mean over `loss_dp` parts), so a replicated parameter's gradient is
@@ -37,15 +38,37 @@ def add_axes(ir, groups: dict, coords: dict) -> None:
     mesh's, in one order on every rank; add this rank's group and coordinate of each (the
     expert-parallel groups too: backends/expert_groups.py)."""
     expert_groups.add_expert_axes(ir, groups, coords)
+    add_stage_axes(ir, groups, coords, 1)
+
+
+def stage_axis_groups(axis: str, world: int, pp: int) -> list[list[int]]:
+    """Every group of a degree-named or batch axis when `world` ranks run `pp` pipeline stages:
+    in each stage, the groups the flat layout of its world / pp ranks has (a layer's grouping
+    is one of its stage's ranks; pp rank p holds ranks [p * world / pp, (p + 1) * world / pp))."""
+    size = world // pp
+    return [[p * size + r for r in ranks] for p in range(pp) for ranks in axis_groups(axis, size)]
+
+
+def add_stage_axes(ir, groups: dict, coords: dict, pp: int) -> list[str]:
+    """Collective on every rank: the groups of the IR's mixed-layout axes beyond the default
+    mesh's (stage_axis_groups), in one order on every rank; this rank's group and coordinate of
+    each added to `groups` / `coords`. Returns the axes added."""
     layout = ir.mixed_layout
     if layout is None:
-        return
+        return []
     world, rank = dist.get_world_size(), dist.get_rank()
-    for axis in sorted(_used_axes(ir, layout) - set(groups)):
-        for ranks in axis_groups(axis, world):
+    added = sorted(_used_axes(ir, layout) - set(groups))
+    for axis in added:
+        for ranks in stage_axis_groups(axis, world, pp):
             group = dist.new_group(ranks) if len(ranks) > 1 else None
             if rank in ranks:
                 groups[axis], coords[axis] = group, ranks.index(rank)
+    return added
+
+
+def batch_group(layout: MixedLayout, groups: dict):
+    """The ranks that split the batch at the first layer (sum the step's loss counts), or None."""
+    return groups.get(layout.input_axis) if layout.input_dp > 1 else None
 
 
 def local_batch(layout: MixedLayout, coords: dict, inputs: tuple) -> tuple:

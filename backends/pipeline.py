@@ -14,6 +14,15 @@ their parameters whole and this rank's dp chunk of each for the optimizer
 (pcompile.runtime.zero2): their buckets are reduce-scattered as the last micro-batch's backward
 completes them, and the chunks all-gathered into the parameters before the step's first forward.
 
+Layers at other (dp, tp) groupings (passes/reshard.py) group their stage's ranks as the flat
+backend groups all ranks: each degree-named / batch axis gets the groups of every stage
+(layer_groups.add_stage_axes), so local rank i of every stage holds what rank i holds in the
+flat layout of dp * tp ranks, and the activations a stage sends (rank i to rank i of the next)
+are regrouped by the reading layer. Gradients are then summed per parameter over its layer's
+dp group and divided by the loss layer's dp after the schedule (layer_groups.sync_grads, not
+overlapped with backward); ZeRO-2 chunks are divided likewise; the loss is averaged over the
+loss layer's dp group; the step's loss counts are summed over the first layer's.
+
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
 mean of the n micro-batch losses: each micro-batch's backward starts from 1/n of its loss
@@ -34,7 +43,7 @@ import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
 from pcompile.backends import batch_norm as batch_norms
-from pcompile.backends import expert_groups
+from pcompile.backends import expert_groups, layer_groups
 from pcompile.backends.devices import follow_device
 from pcompile.backends.groups import bind_axes, device_mesh
 from pcompile.errors import PcompileError
@@ -117,7 +126,11 @@ class PipelineRuntime:
         self.groups = {axis: self.mesh.get_group(axis) for axis in AXES}
         self.coords = {axis: self.mesh.get_local_rank(axis) for axis in AXES}
         expert_groups.add_expert_axes(ir, self.groups, self.coords, self.pp)  # ep (and edp) groups of each stage
-        keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp", expert_groups.AXIS) if axis in self.groups}
+        # layers at other (dp, tp) groupings than the default (passes/reshard.py): their axes' groups in each stage
+        self.layout = ir.mixed_layout
+        mixed = layer_groups.add_stage_axes(ir, self.groups, self.coords, self.pp)
+        keys = {axis: f"pcompile{uid}/{axis}" for axis in ("dp", "tp", expert_groups.AXIS, *mixed)
+                if axis in self.groups}
         for axis, key in keys.items():
             collectives.bind_group(key, self.groups[axis])
         full, stage_gms = copy.deepcopy((ir.gm, [s.gm for s in split.stages]))  # one copy: ties stay shared
@@ -141,7 +154,7 @@ class PipelineRuntime:
             self.sdp_params = {id(fresh[i]) for i in self.sdp_params}
         for module in self.modules:  # export captures: their device constants
             follow_device(module, device)
-        batch_norms.bind(self.modules, plan, f"pcompile{uid}", mixed=False)  # the dp group's whole batch
+        batch_norms.bind(self.modules, plan, f"pcompile{uid}", mixed=self.layout is not None)  # the whole batch's
         self.masters = None  # under mixed precision: fp32 masters of this rank's shards (pcompile.runtime.precision)
         if compute_dtype is not None:
             self.masters = precision.MasterWeights(torch.nn.ModuleList(self.modules), compute_dtype)
@@ -154,7 +167,8 @@ class PipelineRuntime:
         z2 = zero2.shardings(ir, plan)  # the optimizer's piece of each parameter over dp: ZeRO-3's and ZeRO-2's chunks
         self.sdp_shardings = {**self.sdp_shardings, **z2}
         self.zero2 = self._zero2(z2, plan.num_microbatches) if z2 else None
-        self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 else None
+        # mixed groupings: each parameter summed over its own layer's dp group after the schedule (sync_grads)
+        self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 and self.layout is None else None
         num_stages = len(split.stages)
         self.stages = [_without_side_effects(PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"]))
                        for m, s in zip(self.modules, mine)]
@@ -201,7 +215,8 @@ class PipelineRuntime:
         params, expected = self._accumulations(microbatches)
         members = [(p, p if self.masters is None else self.masters.master(p), shardings[names[id(p)]])
                    for p in params if names[id(p)] in shardings]
-        return zero2.ShardedGradients(members, self.groups, self.coords, self.dp, expected)
+        divisor = self.dp if self.layout is None else self.layout.loss_dp  # as layer_groups.sync_grads divides
+        return zero2.ShardedGradients(members, self.groups, self.coords, divisor, expected)
 
     def _overlapped_dp(self, microbatches: int) -> grad_sync.OverlappedAllReduce:
         """dp averaging issued during the last micro-batch's backward, for what neither ZeRO shards."""
@@ -251,7 +266,7 @@ class PipelineRuntime:
         if len(local_inputs) != len(self.split.model_inputs):
             raise PcompileError(f"train_step got {len(local_inputs)} inputs, the model takes "
                                 f"{list(self.split.model_inputs)}", "pass every input of forward, positionally")
-        counts = step_counts(self.ir.loss_counts, local_inputs, self.groups["dp"] if self.dp > 1 else None)
+        counts = step_counts(self.ir.loss_counts, local_inputs, self._batch_group())
         if self.zero2 is not None:  # the chunks the optimizer stepped -> the replicated parameters
             self.zero2.pull()
         if self.masters is not None:
@@ -276,6 +291,10 @@ class PipelineRuntime:
         if sync:
             if self._dp_sync is not None:  # sdp chunks' gradients were reduce-scattered over dp in backward
                 self._dp_sync.finish()
+            if self.layout is not None:  # per-parameter dp groups of the stage, scaled by the loss layer's dp
+                z2 = set(self.sdp_shardings) - set(self.ir.sdp_shardings)
+                layer_groups.sync_grads(self.layout, ((n, p) for n, p in params.items() if n not in z2),
+                                        self.ir.sdp_shardings, self.groups)
             self._sum_tied(params)  # a zero2 weight's chunks: the same piece on every pp rank holding it
         return self._global_loss(losses)
 
@@ -301,12 +320,21 @@ class PipelineRuntime:
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad, group=group)
 
+    def _batch_group(self):
+        """The ranks that split the batch (and hold its other parts), or None."""
+        if self.layout is not None:
+            return layer_groups.batch_group(self.layout, self.groups)
+        return self.groups["dp"] if self.dp > 1 else None
+
     def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
         """The mean of the micro-batch losses (the sum of their 1/n shares), from the last stage to
-        every pp rank, over dp."""
+        every pp rank (local rank i of each stage gets that of the last stage), over the loss
+        layer's dp group (of each stage: the same parts)."""
         loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.is_last
                 else torch.zeros((), device=self.device))
         dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
+        if self.layout is not None:
+            return layer_groups.global_loss(self.layout, loss, self.groups)
         if self.dp > 1:
             dist.all_reduce(loss, group=self.groups["dp"])
             loss /= self.dp
@@ -332,8 +360,8 @@ class PipelineRuntime:
         if self.experts is not None and name in self.experts.owner:  # held by one rank of the stage's ep group
             return self.experts.full(name, local)
         zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
-        local = gather_shards(local, zero3, self.groups["dp"])  # dp, then tp
-        return gather_shards(local, tp, self.groups["tp"])
+        local = gather_shards(local, zero3, self.groups[zero3.axis] if zero3 else None)  # dp, then tp
+        return gather_shards(local, tp, self.groups[tp.axis] if tp else None)
 
     def _from_owners(self, items: list[tuple[str, torch.Tensor | None, torch.Tensor]]) -> list[torch.Tensor]:
         """Full tensors for (state_dict key, local tensor or None, tensor of the full shape) items:

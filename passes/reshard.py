@@ -25,8 +25,16 @@ and LM head) is summed over its finest dp group; its reads at a coarser dp d are
 d / finest in backward (`grad_scale`), since that group holds each of their parts
 finest / d times. Such a parameter must be replicated (not tp- or sdp-sharded).
 
+Pipelines (pp > 1): every stage has the same N/pp ranks, and a layer's (dp, tp) is a grouping
+of its stage's ranks, so the degree-named axes are groups of one stage (the pipeline backend
+creates each stage's: backends/layer_groups.stage_axis_groups) and pp rank p's local rank i
+holds in every stage what rank i holds in the flat (N/pp)-rank layout. An activation crossing a
+stage boundary is sent from rank i to rank i of the next stage as it is and regrouped in the
+reading layer, in the next stage, exactly as between two layers of one stage; each micro-batch
+is regrouped on its own.
+
 Ordering: after tensor_parallel and sharded_data_parallel (it renames their collectives),
-before checkpoint and pipeline_split. Pipelined plans (pp > 1) must keep one grouping.
+before checkpoint and pipeline_split.
 """
 from __future__ import annotations
 
@@ -51,8 +59,7 @@ def axis_name(kind: str, size: int, default: int) -> str:
 def _check_plan(ir: IR, ctx: PassContext, dps: dict[str, int]) -> None:
     plan = ctx.plan
     if plan.pp > 1:
-        raise PcompileError("layers with different (dp, tp) groupings are not lowered with pipelining (pp > 1)",
-                            "give every layer the plan's default dp and tp when pp > 1")
+        _check_pipelined(ir, plan, dps, ctx.example_inputs)
     sp = [layer for layer in ir.layers if plan.strategy_for(layer).sp]
     if sp:
         raise PcompileError(f"sequence parallelism in {sp} with layers of different tp degrees: the sequence "
@@ -67,6 +74,23 @@ def _check_plan(ir: IR, ctx: PassContext, dps: dict[str, int]) -> None:
         raise PcompileError(f"global batch {batch} is not divisible by dp={degrees[-1]} (layer "
                             f"{next(l for l, d in dps.items() if d == degrees[-1])!r})",
                             f"use a global batch that is a multiple of {degrees[-1]}")
+
+
+def _check_pipelined(ir: IR, plan, dps: dict[str, int], inputs) -> None:
+    """What a pipelined plan with mixed groupings needs beyond a flat one: every micro-batch
+    regroups between its layers' dp degrees (so it must split into the finest dp), and no expert
+    parallelism (its groups are built on the default grouping of each stage)."""
+    ep = [layer for layer in ir.layers if plan.strategy_for(layer).ep > 1]
+    if ep:
+        raise PcompileError(f"expert parallelism in {ep} with layers of different (dp, tp) groupings in a pipeline",
+                            "give every layer the plan's default dp and tp, or ep=1")
+    batch = inputs[0].shape[0] if getattr(inputs[0], "ndim", 0) else 1
+    finest = max(dps.values())
+    if batch % (finest * plan.num_microbatches):
+        layer = next(layer for layer, d in dps.items() if d == finest)
+        raise PcompileError(f"global batch {batch} does not split into {plan.num_microbatches} micro-batches for "
+                            f"dp={finest} (layer {layer!r}): each micro-batch is regrouped between the layers' dp "
+                            "degrees", f"use a global batch that is a multiple of {finest * plan.num_microbatches}")
 
 
 def adopt_entries(ir: IR, tps: dict[str, int]) -> int:

@@ -13,12 +13,15 @@ from tests.distributed.ranks import _max_diff, train_side_by_side
 GPT4 = GPTConfig(num_layers=4)  # pp=2 interleaved / pp=4: one block per stage
 GPT8 = GPTConfig(num_layers=8)  # pp=4 interleaved: 8 stages
 MLP4 = MLPConfig(num_layers=4)
+# a large vocabulary and short sequences: the embedding / LM head want another tp than the blocks
+BIG_VOCAB = GPTConfig(vocab_size=8192, seq_len=8, hidden=64, num_heads=4, num_layers=4)
 BATCH = 8
 
 MODELS = {
     "gpt4": (lambda: GPT(GPT4), lambda seed: gpt_inputs(GPT4, BATCH, seed)),
     "gpt8": (lambda: GPT(GPT8), lambda seed: gpt_inputs(GPT8, BATCH, seed)),
     "gpt4-untied": (lambda: GPT(dataclasses.replace(GPT4, tie_head=False)), lambda seed: gpt_inputs(GPT4, BATCH, seed)),
+    "gpt4-vocab": (lambda: GPT(BIG_VOCAB), lambda seed: gpt_inputs(BIG_VOCAB, BATCH, seed)),
     "mlp4": (lambda: MLPModel(MLP4), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
     "mlp6": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=6)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
     "mlp8": (lambda: MLPModel(dataclasses.replace(MLP4, num_layers=8)), lambda seed: mlp_inputs(MLP4, BATCH, seed)),
@@ -34,6 +37,12 @@ def pipeline_plan(pp: int, schedule: str, microbatches: int, dp: int = 1, tp: in
                                num_microbatches=microbatches, virtual_stages=v)
     strategy = dataclasses.replace(plan.default, checkpoint=True)
     return dataclasses.replace(plan, layers=tuple(LayerAssignment(layer, strategy) for layer in checkpoint))
+
+
+def with_layers(plan: pcompile.Plan, **strategies) -> pcompile.Plan:
+    """`plan` with these layers' strategies ("blocks_1" names blocks.1)."""
+    return dataclasses.replace(plan, layers=tuple(LayerAssignment(name.replace("_", "."), strategy)
+                                                  for name, strategy in strategies.items()))
 
 
 def describe(plan: pcompile.Plan) -> str:

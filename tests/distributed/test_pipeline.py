@@ -2,9 +2,10 @@
 1e-5 (fp32) for GPipe, 1F1B and interleaved 1F1B (2 and 3 virtual stages) at pp=2 and pp=4,
 pp x dp, pp x tp, and ZeRO-3 inside stages (pp x sdp, with activation checkpointing, mixed
 with dp layers over a tied weight, interleaved), on the built-in GPT (tied and untied head)
-and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp, ZeRO-3 over the tied embedding/head too).
-One 2-, one 4- and one 8-rank launch. Plus the pass's pure parts (balanced cut, stage
-assignment, errors) without ranks."""
+and the MLP, and 3-D pp2 x dp2 x tp2 (dp or sdp, ZeRO-3 over the tied embedding/head too;
+per-layer tp degrees mixed inside the stages, forced and searched). One 2-, one 4- and one
+8-rank launch. Plus the pass's pure parts (balanced cut, stage assignment, errors) without
+ranks."""
 import dataclasses
 
 import pytest
@@ -21,7 +22,7 @@ from pcompile.passes.pipeline_split import check_schedule
 from pcompile.plan import LayerAssignment, Strategy
 from pcompile.runtime.loss_counts import step_counts
 from pcompile.search.space import balanced_split
-from tests.distributed.ranks_pipeline import GPT4, MODELS, compare_many, describe, pipeline_plan
+from tests.distributed.ranks_pipeline import GPT4, MODELS, compare_many, describe, pipeline_plan, with_layers
 
 TOLERANCE = 1e-5
 PARAM_TOLERANCE = 3e-3  # 3 Adam steps of lr=1e-3 on entries whose gradient is rounding noise
@@ -48,14 +49,21 @@ CASES = {
             LayerAssignment("blocks.2", Strategy(dp=2, sdp=True)), LayerAssignment("post", Strategy(dp=2, sdp=True))))),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, sdp=True))],
     # 3-D: pp2 x dp2 x tp2, pp2 x sdp2 x tp2 and both with sp, one 8-rank launch; ZeRO-3 x tp over GPT's tied
-    # embedding/head on both stages (each stage's dp chunk of its tp shard, summed over the two pp ranks)
+    # embedding/head on both stages (each stage's dp chunk of its tp shard, summed over the two pp ranks);
+    # per-layer tp mixing in the stages (and a searched such plan: searched_mixed_case)
     8: [("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2)),
         ("mlp4", pipeline_plan(2, "Interleaved1F1B", 2, dp=2, tp=2)),
         ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True)),
         ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2, tp=2, sdp=True)),
         ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sp=True)),  # sequence parallelism inside the stages
-        ("gpt4-untied", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True)),
-        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True))],
+        ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True)),  # sdp x tp over the tied weight
+        # per-layer (dp, tp) groupings inside the stages (passes/reshard.py): the tied embedding / head at dp4
+        # on both stages, the batch regrouped at the stage boundary (blocks.1 dp4 -> blocks.2 dp2·tp2) ...
+        ("gpt4", with_layers(pipeline_plan(2, "Interleaved1F1B", 2, dp=2, tp=2), pre=Strategy(dp=4),
+                             blocks_0=Strategy(dp=4, sdp=True), blocks_1=Strategy(dp=4), post=Strategy(dp=4))),
+        # ... and ZeRO-3 at tp2, then a dp1·tp4 layer (its dp axis one rank) across the boundary, on a dp4 default
+        ("gpt4-untied", with_layers(pipeline_plan(2, "GPipe", 2, dp=4), blocks_1=Strategy(dp=2, tp=2),
+                                    blocks_2=Strategy(dp=2, tp=2, sdp=True), blocks_3=Strategy(dp=1, tp=4)))],
 }
 
 
@@ -82,10 +90,21 @@ def searched_cases() -> list[tuple[str, pcompile.Plan]]:
     return cases
 
 
+def searched_mixed_case() -> tuple[str, pcompile.Plan]:
+    """A pipeline the search chose with per-layer tp: on 8 ranks in 2 stages, the large-vocabulary GPT's
+    tied embedding / head at another tp than its blocks."""
+    name = "gpt4-vocab"
+    plan = pcompile.plan(MODELS[name][0](), pcompile.Cluster.local(8), MODELS[name][1](0),
+                         search_space={"pp_degrees": (2,)})
+    assert plan.pp == 2 and len({a.strategy.tp for a in plan.layers} | {plan.default.tp}) > 1, str(plan)
+    return name, plan
+
+
 @pytest.mark.parametrize("world", sorted(CASES))
 def test_pipeline_plans_match_serial(world):
-    """The 4-rank launch also runs plans the search chose (`searched_cases`)."""
-    cases = CASES[world] + (searched_cases() if world == 4 else [])
+    """The 4-rank launch also runs plans the search chose (`searched_cases`), the 8-rank one a
+    searched pipeline mixing tp degrees (`searched_mixed_case`)."""
+    cases = CASES[world] + (searched_cases() if world == 4 else []) + ([searched_mixed_case()] if world == 8 else [])
     per_rank = pcompile.launch(compare_many, world, cases)
     assert len(per_rank) == world
     for (name, plan), *results in zip(cases, *per_rank):

@@ -3,6 +3,8 @@ at dp2·tp2, blocks 2-3 at dp1·tp4, the head at dp4·tp1), the IR after the pas
 all-gather and two batch slices where the dp degree changes, degree-named axes on the layers
 off the default grouping, the tied weight's coarser read scaled, and the layout the backend
 needs. Uniform plans are left alone; plans the pass cannot run are refused."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -89,11 +91,39 @@ def test_uniform_plan_is_left_alone():
     assert not any("reshard" in key for key in ir.op_counts())
 
 
-def test_pipelined_mixed_plan_is_refused():
-    plan = Plan(num_devices=4, default=Strategy(dp=1, tp=2), pp=2,
-                layers=(LayerAssignment("blocks.0", Strategy(dp=2, tp=1)),))
-    with pytest.raises(PcompileError, match="pipelining"):
-        _ir(plan)
+def test_pipelined_mixed_plan_regroups_in_the_reading_stage():
+    """pp2 with blocks.1 at dp2·tp1 on a dp1·tp2 default: the batch is sliced where blocks.1 reads
+    blocks.0 and gathered where blocks.2 (the next stage) reads blocks.1, each in its reading layer,
+    so each stage regroups what it received; the axes are the flat names of one stage's 2 ranks."""
+    plan = dataclasses.replace(Plan(num_devices=4, default=Strategy(dp=1, tp=2), pp=2, layers=(
+        LayerAssignment("blocks.0", Strategy(dp=1, tp=2), 0), LayerAssignment("blocks.1", Strategy(dp=2, tp=1), 0),
+        *(LayerAssignment(layer, Strategy(dp=1, tp=2), 1) for layer in ("blocks.2", "blocks.3", "post")))),
+        num_microbatches=2)
+    ir = _ir(plan)
+    assert [_layer(ir, n) for n in _calls(ir, batch_slice)] == ["blocks.1"]
+    assert [_layer(ir, n) for n in _calls(ir, batch_gather)] == ["blocks.2"]
+    assert {n.args[2] for n in _calls(ir, batch_slice) + _calls(ir, batch_gather)} == {"batch1:2"}
+    assert ir.mixed_layout.param_axes["blocks.1.attn.q.weight"] == ("dp2", 2)
+
+
+def test_pipelined_mixed_plan_needs_micro_batches_the_finest_dp_splits():
+    plan = dataclasses.replace(Plan(num_devices=4, default=Strategy(dp=1, tp=2), pp=2,
+                                    layers=(LayerAssignment("blocks.1", Strategy(dp=2, tp=1)),)), num_microbatches=8)
+    with pytest.raises(PcompileError, match="does not split into 8 micro-batches for dp=2") as info:
+        _ir(plan)  # 8 samples: 8 micro-batches of 1, which blocks.1's 2 ranks cannot split
+    assert "multiple of 16" in info.value.fix
+
+
+def test_pipelined_mixed_plan_with_expert_parallelism_is_refused():
+    from pcompile.models import MoEGPT, moe_gpt_inputs
+    from tests.distributed.ranks_moe import CFG as MOE
+
+    plan = dataclasses.replace(Plan(num_devices=8, default=Strategy(dp=4, ep=2), pp=2,
+                                    layers=(LayerAssignment("blocks.0", Strategy(dp=2, tp=2)),)), num_microbatches=2)
+    with pytest.raises(PcompileError, match="expert parallelism in .*blocks.1.* groupings in a pipeline") as info:
+        pcompile.compile(MoEGPT(MOE), pcompile.Cluster.local(8), moe_gpt_inputs(MOE, 8), plan=plan,
+                         stop_after="reshard")
+    assert "ep=1" in info.value.fix
 
 
 LINEAR_FIRST = Plan(num_devices=4, default=Strategy(dp=4), layers=(LayerAssignment("blocks.1", Strategy(dp=2, tp=2)),))

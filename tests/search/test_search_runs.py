@@ -8,7 +8,7 @@ from pcompile import Cluster
 from pcompile.cost.pricing import CostOptions
 from pcompile.cost.stage_costs import StageCosts
 from pcompile.models import GPT, GPTConfig, gpt_inputs
-from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, cost_callback, mixed_pins, tied_groups
+from pcompile.passes.search_runs import MAX_MIXED_RUNS, _restricted, cost_callback, engine_runs, mixed_pins, tied_groups
 from pcompile.plan import Strategy
 from pcompile.search.engine import StageQuery
 from tests.cost.conftest import analyse
@@ -61,6 +61,16 @@ def test_pipelines_take_sp_and_zero3_with_tp_on_every_layer():
     table = cost_callback(ir, costs, {}, dp_one=False)({})(StageQuery(2, 1, 4, 4, 4, strategies))
     assert table.layers[0] == "pre" and table.layers[-1] == "post", table.layers  # both read tok_emb.weight
     assert np.isfinite(table.fwd_time + table.bwd_time).all(), table.fwd_time
+
+
+def test_mixed_runs_take_pipelines():
+    """Per-layer tp mixing is searched with pp > 1 too (passes/reshard.py lowers it in pipeline
+    stages: tests/distributed/test_pipeline.py runs searched and forced mixed pipelines)."""
+    layers = ("pre", "blocks.0", "blocks.1", "post")
+    runs = engine_runs(_ir(TIED), {"pp_degrees": (2,)}, [1, 2, 4], layers, dp_one=False)
+    mixed = [(fields, pins) for fields, pins, is_mixed in runs if is_mixed]
+    assert [pins for _, pins in mixed] == [{"pre": t, "post": t} for t in (1, 2, 4)]  # the tied pair pinned
+    assert all(f["pp_degrees"] == (2,) and f["tp_degrees"] == (1, 2, 4) and f["sp"] == (False,) for f, _ in mixed)
 
 
 # a large vocabulary and short sequences: untied, the embedding and the LM head want different tp
