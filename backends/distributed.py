@@ -146,7 +146,8 @@ class CompiledModel:
         self.groups, self.coords = self._pipeline.groups, self._pipeline.coords
         self.experts = self._pipeline.experts
         self._prefix = f"pcompile{uid}"
-        self.streams = random_streams.bind(self._pipeline.modules, self.plan, self.device, self._prefix)
+        self.streams = random_streams.bind(self._pipeline.modules, self.plan, self.device, self._prefix,
+                                           mixed=self.layout is not None)  # a layer's own dp axis in its stage
         return self._registered()
 
     def _registered(self) -> "CompiledModel":

@@ -48,12 +48,23 @@ def bind(modules: list[torch.nn.Module], plan: Plan, device: torch.device, prefi
     return streams
 
 
+def stream_coordinate(rank: int, axis: str, world: int, plan: Plan) -> int:
+    """`rank`'s coordinate on a stream's axis. A degree-named or batch axis ("dp4", "tp2",
+    "batch2:4") groups the ranks of one pipeline stage (passes/reshard.py), so its coordinate is
+    the stage-local one: over all ranks, ranks of one stage holding different batch parts would
+    share it (and draw the same masks)."""
+    parsed = Axis.parse(axis)
+    if parsed is not None and parsed.kind != "pp" and (parsed.size or parsed.kind == "batch"):
+        stage = world // plan.pp
+        return coordinate(rank % stage, axis, stage)
+    return coordinate(rank, axis, world, plan.default.dp, plan.default.tp, plan.pp)
+
+
 def reseed(streams: rng.Streams, plan: Plan, seed: int) -> None:
     """Every stream of this rank from `seed` (the same on every rank)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
 
     def coordinates(key: str) -> tuple[tuple[str, int], ...]:
-        return tuple((axis, coordinate(rank, axis, world, plan.default.dp, plan.default.tp, plan.pp) if world > 1
-                      else 0) for axis in key.split(","))
+        return tuple((axis, stream_coordinate(rank, axis, world, plan) if world > 1 else 0) for axis in key.split(","))
     streams.reseed(seed, coordinates)
