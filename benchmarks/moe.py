@@ -23,6 +23,12 @@ bytes per rank 8.04 / 4.02 / 2.01 MiB, equal to the price's.
    states replicated), and the best plan the search finds with ep turned off (search_space
    ep=(1,)): dp8·ep8 in both MoE blocks (sdp8 pre, dp8 post), predicted 150.7 ms, 17.3 GiB per
    device (search_ep=8); without ep 485.5 ms (dp1·tp8); dp8 replicated needs 96.7 of 72.9 GiB.
+6. FlexMoE's rebalancing (`rebalancing_figures`): dp4·ep4 with the routers biased towards
+   experts 0-2 (SKEW), 4 steps with the static placement, cm.rebalance(optimizer,
+   threshold=1.1), 4 steps more; the rows each rank's experts computed, busiest over mean (the
+   worst MoE layer): `imbalance_before` 3.99 -> `imbalance_after` 1.13 measured on 2 shared
+   cores (step times 179 -> 168 ms in one run, 197 -> 225 ms in another: on shared CPU cores with
+   gloo they are noise, not the busiest rank's expert compute).
 
 Usage: python benchmarks/moe.py. Last line: key=value.
 """
