@@ -14,7 +14,10 @@ The result is made to look like an fx capture so every later pass works on it un
   * `config.use_cache` of HuggingFace models is off during capture (a training step never uses
     the KV cache; with it on, export fails on the cache object);
   * a model on the meta device is exported on fake CPU tensors, then the graph is given the
-    model's meta parameters back: a 175B-parameter model is captured without its weights.
+    model's meta parameters back: a 175B-parameter model is captured without its weights;
+  * nn.MultiheadAttention's head reshape keeps the heads a dim of their own (`heads_apart`, for
+    tensor parallelism), and `x.to(device)` does not record the capture's dtype (`device_moves`,
+    for bf16).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from pcompile.errors import PcompileError
 
+aten = torch.ops.aten
 _DROPPED_TARGETS = (torch.ops.aten._assert_tensor_metadata.default,)
 _NOISY_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
 SUPPORTED = "torch 2.13 and transformers 5.x"
@@ -138,6 +143,67 @@ def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _same(a, b) -> bool:
+    return bool(statically_known_true(a == b))
+
+
+def heads_apart(graph: fx.Graph) -> int:
+    """nn.MultiheadAttention's head reshape, exported: `x.view(S, B*H, hd).transpose(0, 1)
+    .view(B, H, S, hd)` (torch merges batch and heads into one dim, so no dim of the first view
+    holds the heads) becomes `x.view(S, B, H, hd).permute(1, 2, 0, 3)`: the same values, with
+    the heads a dim of their own that tensor parallelism can split (tp_rules). Returns the count."""
+    count = 0
+    for last in [n for n in graph.nodes if n.op == "call_function" and n.target is aten.view.default]:
+        t = last.args[0]
+        if not (t.op == "call_function" and t.target is aten.transpose.int and len(t.users) == 1
+                and sorted(d % 3 for d in t.args[1:3]) == [0, 1] and len(t.args) == 3):
+            continue
+        first = t.args[0]
+        if not (first.op == "call_function" and first.target is aten.view.default and len(first.users) == 1):
+            continue
+        x, sizes = first.args[0], list(last.args[1])
+        vals = [n.meta.get("val") for n in (x, first, last)]
+        if len(sizes) != 4 or not all(isinstance(v, torch.Tensor) for v in vals):
+            continue
+        (s, b, e), (_, bh, hd), (b2, h, s2, hd2) = (tuple(v.shape) for v in vals) if (
+            [v.dim() for v in vals] == [3, 3, 4]) else ((None,) * 3, (None,) * 3, (None,) * 4)
+        if s is None or not (_same(b, b2) and _same(s, s2) and _same(hd, hd2) and _same(b * h, bh)
+                             and _same(h * hd, e)):
+            continue
+        with graph.inserting_before(last):
+            view = graph.call_function(aten.view.default, (x, [sizes[2], sizes[0], sizes[1], sizes[3]]))
+            heads = graph.call_function(aten.permute.default, (view, [1, 2, 0, 3]))
+        view.meta.update({k: v for k, v in first.meta.items() if k != "val"})
+        heads.meta.update({k: v for k, v in last.meta.items() if k != "val"})
+        view.meta["val"] = vals[0].view(s, b, h, hd)
+        heads.meta["val"] = view.meta["val"].permute(1, 2, 0, 3)
+        last.replace_all_uses_with(heads)
+        for node in (last, t, first):
+            graph.erase_node(node)
+        count += 1
+    return count
+
+
+def device_moves(graph: fx.Graph) -> int:
+    """`x.to(device)` is recorded as `aten.to.dtype_layout(x, dtype=<x's dtype at capture>,
+    layout, device)`: a cast to fp32 in an fp32 capture, which under bf16 would turn the moved
+    value fp32 (GPT-2's `position_embeds.to(inputs_embeds.device)` promotes the residual stream,
+    and the next LayerNorm refuses its bf16 weight). When the recorded dtype and device are the
+    input's own at capture, the dtype is dropped: the op keeps the run-time dtype, as the source
+    did. (An explicit `.to(torch.float32)` / `.float()` is aten.to.dtype: kept.) Returns the count."""
+    count = 0
+    for node in graph.nodes:
+        if not (node.op == "call_function" and node.target is aten.to.dtype_layout and "dtype" in node.kwargs
+                and "device" in node.kwargs and node.args):
+            continue
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if (isinstance(value, torch.Tensor) and node.kwargs["dtype"] == value.dtype
+                and torch.device(node.kwargs["device"]) == value.device):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "dtype"}
+            count += 1
+    return count
+
+
 def batch_is_dynamic(gm: fx.GraphModule) -> bool:
     """Whether export kept dim 0 of the tensor inputs symbolic (needed to run dp > 1)."""
     for node in gm.graph.nodes:
@@ -161,6 +227,9 @@ def export_graph(model: torch.nn.Module, inputs: tuple) -> tuple[fx.GraphModule,
     gm = program.module()
     _restore_state(gm, model)
     gm = normalize(gm)
+    if heads_apart(gm.graph) + device_moves(gm.graph):
+        gm.graph.lint()
+        gm.recompile()
     if not batch_is_dynamic(gm):
         notes.append("the model needs a static batch size (export specialised dim 0): data parallelism "
                      "must keep the example batch per rank")

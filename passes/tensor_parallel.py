@@ -138,6 +138,12 @@ def _divide(graph: fx.Graph, node: fx.Node, value, degree: int):
 
 def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
     """view / reshape / expand (x, sizes) or (x, *sizes): divide the size of the split dim."""
+    if kind_of(ir.gm, node) == "unflatten":  # unflatten(x, dim, sizes)
+        along = node.args[1] % len(ir.meta(node.args[0]).shape)
+        sizes = list(node.args[2])
+        sizes[out_dim - along] = _divide(ir.graph, node, sizes[out_dim - along], degree)
+        node.args = (node.args[0], node.args[1], sizes) + tuple(node.args[3:])
+        return
     head = 1
     sizes = node.args[head:]
     packed = len(sizes) == 1 and isinstance(sizes[0], (tuple, list))
@@ -156,7 +162,7 @@ def _rewrite_view(ir: IR, node: fx.Node, out_dim: int, degree: int) -> None:
 def _rewrite_split(ir: IR, node: fx.Node, degree: int) -> None:
     """split(x, size | [sizes], ..) of a fused projection's blocks: each block's local size
     (chunk(x, n) keeps its count)."""
-    if kind_of(ir.gm, node) == "chunk":
+    if kind_of(ir.gm, node) in ("chunk", "unflatten"):  # a count of blocks / sizes divided as a view's
         return
     sizes = node.args[1]
     local = (type(sizes)(_divide(ir.graph, node, s, degree) for s in sizes) if isinstance(sizes, (list, tuple))
@@ -165,6 +171,18 @@ def _rewrite_split(ir: IR, node: fx.Node, degree: int) -> None:
         if isinstance(new, fx.Node) and not ir.has_meta(new):
             _annotate(ir, new, node, None, tensor=False)
     node.args = (node.args[0], local) + tuple(node.args[2:])
+
+
+def _rewrite_packed(ir: IR, splits: set[fx.Node], degree: int) -> None:
+    """The splits into pieces of a packed weight (and bias) column Linears read: this rank's
+    rows of each piece (every size divided), each piece placed as split."""
+    for split in splits:
+        sizes = split.args[1]
+        split.args = (split.args[0], [s // degree for s in sizes] if isinstance(sizes, (list, tuple))
+                      else sizes if kind_of(ir.gm, split) == "chunk" else sizes // degree) + tuple(split.args[2:])
+        ir.meta(split).placement = Placement.shard(0, AXIS, degree)
+        for piece in split.users:
+            ir.meta(piece).placement = Placement.shard(0, AXIS, degree)
 
 
 def _rewrite_size(ir: IR, node: fx.Node, dim: int, degree: int) -> None:
@@ -225,7 +243,9 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     fused = p.fused
     for node in p.column:
         parts = linear_parts(ir.gm, node)
-        blocks = fused.get(node, 1)  # q, k, v side by side: each block chunked (tp_fused)
+        # q, k, v side by side: each block chunked (tp_fused); a piece of a packed weight: the
+        # packed parameter's blocks (MultiheadAttention's in_proj read as q and kv: 3)
+        blocks = parts.packed[1] if parts.packed else fused.get(node, 1)
         shardings[parts.weight] = Shard(AXIS, parts.out_dim, p.degree[node], blocks)
         if parts.bias:
             shardings[parts.bias] = Shard(AXIS, 0, p.degree[node], blocks)
@@ -241,6 +261,10 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     # Record the inputs' degrees before nodes are replaced.
     row_degree = {node: p.degree[linear_parts(ir.gm, node).input] for node in p.row}
     _insert_copies(ir, p)
+    # (the pieces are found from the splits' sizes: all before any is divided)
+    packed = {split: p.degree[node] for node in p.column for split in linear_parts(ir.gm, node).splits}
+    for split, degree in packed.items():
+        _rewrite_packed(ir, {split}, degree)
     for node, out_dim in p.view_dims.items():
         _rewrite_view(ir, node, out_dim, p.degree[node])
     for node, dim in p.size_nodes.items():

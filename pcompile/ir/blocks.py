@@ -6,7 +6,9 @@ parameter), or - whatever their names - the children of an nn.Sequential, all of
 of the same parameter and buffer shapes (torchvision's `encoder.layers.encoder_layer_N`). The
 container with the most such children wins, together with every other outermost container of
 blocks of the same class (an encoder-decoder such as T5 has `encoder.block.*` and
-`decoder.block.*`); blocks are ordered as the graph runs them.
+`decoder.block.*`) or of the same attribute of a sibling module (nn.Transformer's
+`encoder.layers.*` of TransformerEncoderLayer and `decoder.layers.*` of TransformerDecoderLayer);
+blocks are ordered as the graph runs them.
 
 A model without such a container may apply one module N >= 2 times in sequence (ALBERT's shared
 layer: one parameter set). Both fx and torch.export number the calls in `nn_module_stack`
@@ -74,7 +76,8 @@ def _containers(model: torch.nn.Module) -> dict[str, tuple[list[str], type]]:
 
 def find_block_prefixes(model: torch.nn.Module) -> list[str]:
     """The container with the most repeated blocks, plus every other outermost container of
-    blocks of the same class (e.g. T5's encoder.block and decoder.block); [] if none."""
+    blocks of the same class (e.g. T5's encoder.block and decoder.block) or the other stack of
+    an encoder-decoder (nn.Transformer's decoder.layers beside encoder.layers); [] if none."""
     found = _outermost(_containers(model))
     if not found:
         return []
@@ -84,7 +87,15 @@ def find_block_prefixes(model: torch.nn.Module) -> list[str]:
     def nested(prefix: str) -> bool:
         return any(other != prefix and (other == "" or prefix.startswith(other + ".")) for other in found)
 
-    return [prefix for prefix in found if prefix == best or (found[prefix][1] is block_class and not nested(prefix))]
+    def other_stack(prefix: str) -> bool:
+        """An encoder-decoder's other stack, of another class: the same attribute of a sibling
+        module (nn.Transformer's encoder.layers / decoder.layers, BART's), 2 or more blocks."""
+        (parent, _, name), (best_parent, _, best_name) = prefix.rpartition("."), best.rpartition(".")
+        return (name == best_name and len(found[prefix][0]) >= 2 and parent and best_parent
+                and parent.rpartition(".")[0] == best_parent.rpartition(".")[0])
+
+    return [prefix for prefix in found if prefix == best or (
+        (found[prefix][1] is block_class or other_stack(prefix)) and not nested(prefix))]
 
 
 def _outermost(found: dict[str, tuple[list[str], type]]) -> dict[str, tuple[list[str], type]]:

@@ -8,6 +8,7 @@ methods) and torch.export captures (aten.linear, aten.addmm of GPT-2's Conv1D wi
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ FUNCTION_KINDS = {
     aten.unsqueeze.default: "unsqueeze", aten.slice.Tensor: "slice", aten.select.int: "select",
     aten.cat.default: "cat", torch.cat: "cat", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
     torch.split: "split", torch.chunk: "chunk", aten.chunk.default: "chunk",
-    operator.getitem: "getitem",
+    operator.getitem: "getitem", aten.unflatten.int: "unflatten", torch.unflatten: "unflatten",
+    aten.squeeze.dim: "squeeze", aten.squeeze.dims: "squeeze", aten.squeeze.default: "squeeze",
+    torch.squeeze: "squeeze",
 }
 
 
@@ -60,10 +63,57 @@ class LinearParts:
     in_features: int
     out_features: int
     out_dim: int = 0  # the weight's output-feature dim: 0 for Linear's [out, in], 1 for addmm's [in, out]
+    # A piece of a packed weight (nn.MultiheadAttention's in_proj [3E, E] split [E, 2E] for
+    # cross-attention's q and kv): `weight` / `bias` name the packed parameters, out_features is
+    # the piece's rows, `packed` = (the piece's equal blocks, the packed parameter's), `splits`
+    # the graph's split of the weight (and bias). None for a Linear reading a whole parameter.
+    packed: tuple[int, int] | None = None
+    splits: tuple = ()
 
 
 def _param_attr(node) -> bool:
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+PARAM_SPLITS = {aten.split_with_sizes.default: "sizes", aten.split.Tensor: "size", aten.chunk.default: "count"}
+
+
+def _piece(gm: fx.GraphModule, node) -> tuple[fx.Node, str, list[int], int] | None:
+    """(split node, parameter, sizes, index) when `node` is piece `index` of a parameter split
+    along dim 0 into `sizes` (getitem of aten split_with_sizes / split / chunk of a get_attr)."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    split, index = node.args
+    if not (isinstance(split, fx.Node) and split.op == "call_function" and split.target in PARAM_SPLITS
+            and _param_attr(split.args[0]) and isinstance(index, int)):
+        return None
+    if _arg(split, 2, "dim", 0) != 0:
+        return None
+    rows = gm.get_parameter(split.args[0].target).shape[0]
+    arg, how = split.args[1], PARAM_SPLITS[split.target]
+    if how == "sizes" and all(isinstance(s, int) for s in arg):
+        sizes = list(arg)
+    elif how == "size" and isinstance(arg, int) and arg > 0:
+        sizes = [min(arg, rows - start) for start in range(0, rows, arg)]
+    elif how == "count" and isinstance(arg, int) and rows % arg == 0:
+        sizes = [rows // arg] * arg
+    else:
+        return None
+    return (split, split.args[0].target, sizes, index) if sum(sizes) == rows else None
+
+
+def _packed_parts(gm: fx.GraphModule, node: fx.Node, weight, bias) -> LinearParts | None:
+    """linear(x, W.split(sizes)[i], b.split(sizes)[i]): the packed weight's equal blocks are the
+    sizes' greatest common divisor (MultiheadAttention's [E, 2E]: 3 blocks, q one, kv two)."""
+    w = _piece(gm, weight)
+    b = None if bias is None else _piece(gm, bias)
+    if w is None or (bias is not None and (b is None or b[2:] != w[2:])):
+        return None
+    split, name, sizes, index = w
+    unit = math.gcd(*sizes)
+    in_f = gm.get_parameter(name).shape[1]
+    return LinearParts(node.args[0], name, None if b is None else b[1], in_f, sizes[index], 0,
+                       (sizes[index] // unit, sum(sizes) // unit), (split,) + (() if b is None else (b[0],)))
 
 
 def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
@@ -79,6 +129,7 @@ def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
         if _param_attr(weight) and (bias is None or _param_attr(bias)):
             out_f, in_f = gm.get_parameter(weight.target).shape
             return LinearParts(node.args[0], weight.target, bias.target if bias is not None else None, in_f, out_f)
+        return _packed_parts(gm, node, weight, bias)
     if node.target in ADDMMS and len(node.args) == 3 and not node.kwargs:
         bias, source, weight = node.args
         if _param_attr(weight) and _param_attr(bias) and gm.get_parameter(weight.target).dim() == 2:
@@ -196,7 +247,7 @@ def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
             return {"log_softmax": "softmax"}.get(m, m)
         if m in ("matmul", "bmm"):
             return "matmul"
-        if m in ("split", "chunk"):
+        if m in ("split", "chunk", "unflatten", "squeeze"):
             return m
         return "other"
     return "source"

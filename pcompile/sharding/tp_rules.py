@@ -96,6 +96,8 @@ def propagate(ir: IR, candidates: dict[fx.Node, int], p: Propagation | None = No
             if source in p.split_dim:
                 if p.split_dim[source] != _ndim(ir, source) - 1:
                     return _fail(p, node, "Linear fed a tensor split along a non-feature dim", source)
+                if parts.packed:  # its weight is a piece of a parameter split by rows: not row-parallel
+                    return _fail(p, node, "Linear reading a piece of a packed weight fed a split tensor", source)
                 p.row.add(node)  # partial sums: reduced right after, output replicated
                 continue
             if node in candidates:
@@ -123,7 +125,7 @@ def propagate(ir: IR, candidates: dict[fx.Node, int], p: Propagation | None = No
             return _fail(p, node, problem[0], origins=frozenset().union(*(p.origins[t] for t in problem[1])))
         if problem:
             return _fail(p, node, problem, origins=origins)
-    return p
+    return _packed_pieces(ir, p)
 
 
 # -- one rule per op kind: set the output's split (or record a rewrite), or say why not --------
@@ -194,6 +196,65 @@ def _split(ir, p, node, dim, degree, origins):
             return "split of the split dim of a tensor read elsewhere or reshaped on the way from its Linear"
         p.split_sizes[node] = (next(iter(origins)), blocks)
     _set(ir, p, node, dim, degree, origins)
+
+
+def _unflatten(ir, p, node, dim, degree, origins):
+    """unflatten(x, along, sizes): another dim keeps the split (shifted). The split dim itself
+    unflattened into [n, E], E the input features of the Linear it comes from, is a packed
+    projection's n equal blocks (torch's F._in_projection_packed: linear(x, in_proj[3E, E])
+    .unflatten(-1, (3, E)), then q, k, v selected): split block-wise as tp_fused's split, the
+    split landing on E; any other unflatten of it is a view (the split on its first dim)."""
+    n_in = _ndim(ir, node.args[0])
+    along, sizes = _arg(node, 1, "dim") % n_in, list(_arg(node, 2, "sizes"))
+    if dim != along:
+        _set(ir, p, node, dim if dim < along else dim + len(sizes) - 1, degree, origins)
+        return None
+    origin = next(iter(origins)) if len(origins) == 1 else None
+    parts = linear_parts(ir.gm, origin) if origin is not None else None
+    if (parts is not None and len(sizes) == 2 and sizes[1] == parts.in_features
+            and only_layout_from(ir, p.split_dim, node.args[0], origin)):
+        if sizes[1] % degree:
+            return f"packed projection of {sizes[0]} blocks of {sizes[1]} features, not divisible by tp={degree}"
+        p.split_sizes[node] = (origin, sizes[0])
+        out_dim = along + 1
+    else:
+        out_dim, why = view_split_dim(ir.meta(node.args[0]).shape, ir.meta(node).shape, dim, degree)
+        if out_dim is None:
+            return why
+    p.view_dims[node] = out_dim
+    _set(ir, p, node, out_dim, degree, origins)
+    return None
+
+
+def _squeeze(ir, p, node, dim, degree, origins):
+    shape = ir.meta(node.args[0]).shape
+    dims = _arg(node, 1, "dim")
+    dims = range(len(shape)) if dims is None else [dims] if isinstance(dims, int) else dims
+    removed = {d % len(shape) for d in dims if shape[d % len(shape)] == 1}
+    if dim in removed:
+        return "squeeze of the split dim"
+    _set(ir, p, node, dim - sum(d < dim for d in removed), degree, origins)
+    return None
+
+
+def _packed_pieces(ir: IR, p: Propagation) -> Propagation:
+    """A packed weight (nn.MultiheadAttention's in_proj split into q and kv) is one parameter
+    with one sharding (its equal blocks, each chunked by tp): every piece must be read by a
+    Linear split alike, and a piece of several blocks (kv) must reach a split into exactly those
+    blocks (tp_fused), or its local [k_r, v_r] would be read as one contiguous chunk."""
+    fused = p.fused
+    for node in [n for n in p.column if linear_parts(ir.gm, n).packed]:
+        parts = linear_parts(ir.gm, node)
+        if fused.get(node, 1) != parts.packed[0]:
+            return _fail(p, node, f"a piece of the packed {parts.weight} ({parts.packed[0]} blocks) is not cut "
+                                  "into its blocks before use", origins=frozenset({node}))
+        readers = {u for split in parts.splits for piece in split.users for u in piece.users}
+        alike = {u for u in readers if u in p.column and p.degree[u] == p.degree[node]}
+        if readers - alike:
+            return _fail(p, node, f"a piece of the packed {parts.weight} is read by "
+                                  f"{', '.join(sorted(u.name for u in readers - alike))}, not split alike",
+                         origins=frozenset(alike))
+    return p
 
 
 def _getitem(ir, p, node, dim, degree, origins):
@@ -340,6 +401,7 @@ def carries_grad(ir: IR, p: Propagation, node: fx.Node) -> bool:
 
 RULES = {"unary": _unary, "binary": _binary, "view": _view, "expand": _expand, "unsqueeze": _unsqueeze,
          "slice": _slice, "select": _select, "cat": _cat, "split": _split, "chunk": _split, "getitem": _getitem,
+         "unflatten": _unflatten, "squeeze": _squeeze,
          "transpose": _transpose, "permute": _permute, "flatten": _flatten, "softmax": _softmax, "sdpa": _sdpa,
          "matmul": _matmul, "size": _size, "cross_entropy": _cross_entropy}
 

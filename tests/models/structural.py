@@ -10,6 +10,7 @@
 - `hf_albert`: Hugging Face ALBERT (one layer group applied num_hidden_layers times), as a masked LM.
 - `StockTransformer`: torch's own nn.TransformerEncoder (of nn.TransformerEncoderLayer) and an
   nn.TransformerDecoderLayer, which torch.fx keeps as opaque calls (pcompile exports it).
+- `StockEncoderDecoder`: torch's nn.Transformer (an encoder and a decoder stack), exported too.
 """
 from __future__ import annotations
 
@@ -123,6 +124,21 @@ class StockTransformer(nn.Module):
         h = self.embed(idx)
         h = self.decoder(h, self.encoder(h))
         return F.cross_entropy(self.head(h).flatten(0, 1), targets.flatten())
+
+
+class StockEncoderDecoder(nn.Module):
+    """torch's nn.Transformer (encoder-decoder: nn.TransformerEncoder and nn.TransformerDecoder
+    stacks), tokens embedded on both sides, the decoder's output classified per position."""
+
+    def __init__(self, vocab: int = 32, dim: int = 16, heads: int = 2, layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.transformer = nn.Transformer(dim, heads, layers, layers, 2 * dim, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        h = self.transformer(self.embed(src), self.embed(tgt))
+        return F.cross_entropy(self.head(h).flatten(0, 1), tgt.flatten())
 
 
 def hf_albert(layers: int = 3) -> nn.Module:

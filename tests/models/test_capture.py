@@ -130,3 +130,35 @@ def test_without_repeated_blocks_layers_are_the_children_inside_a_wrapper():
     ir = _ir(Wrapped(), (torch.randn(4, 4), torch.randint(0, 3, (4,))))
     # net.stem's column Linear and net.body's row partner: one unit (a Megatron pair, passes/layers.py)
     assert ir.layers == ["pre", "net.stem+net.body", "net.head", "post"] and ir.block_layers == []
+
+
+def _tp_ir(model, inputs, tp=2):
+    return pcompile.compile(model, pcompile.Cluster.local(4), inputs, plan=Plan.uniform(dp=4 // tp, tp=tp),
+                            stop_after="tensor_parallel")
+
+
+def test_exported_multihead_attention_is_split_by_heads():
+    """nn.MultiheadAttention under export (#17): the packed in_proj [3E, E] in 3 blocks, each
+    chunked by tp (self-attention's q / k / v, cross-attention's q and kv pieces of one
+    parameter), out_proj row-parallel; nn.Transformer's decoder stack is blocks too."""
+    from pcompile.ir.placement import Shard
+    from tests.models.structural import StockEncoderDecoder, token_inputs
+
+    ir = _tp_ir(StockEncoderDecoder(), token_inputs(0))
+    assert ir.block_layers == [f"transformer.{side}.layers.{i}" for side in ("encoder", "decoder") for i in range(2)]
+    for attn in ("encoder.layers.0.self_attn", "decoder.layers.1.self_attn", "decoder.layers.1.multihead_attn"):
+        assert ir.param_shardings[f"transformer.{attn}.in_proj_weight"] == Shard("tp", 0, 2, 3), attn
+        assert ir.param_shardings[f"transformer.{attn}.in_proj_bias"] == Shard("tp", 0, 2, 3), attn
+        assert ir.param_shardings[f"transformer.{attn}.out_proj.weight"] == Shard("tp", 1, 2), attn
+    heads = [n for n in ir.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    assert len(heads) == 6 and all(ir.meta(n).placement.shards[0].dim == 1 for n in heads)  # [B, H, S, hd]
+
+
+def test_multihead_attention_with_fewer_heads_than_tp_is_refused_naming_the_layer():
+    from tests.models.structural import StockEncoderDecoder, token_inputs
+
+    with pytest.raises(PcompileError) as info:
+        _tp_ir(StockEncoderDecoder(), token_inputs(0), tp=4)  # 2 heads
+    message = str(info.value)  # the heads view is the first op tp=4 cannot split
+    assert "tp=4 cannot split transformer.encoder.layers.0 (view_default: view/reshape" in message, message
+    assert "divide the batch, heads and hidden sizes" in message
