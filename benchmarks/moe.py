@@ -3,7 +3,7 @@ top-2) trained under dp4, dp4·ep2 and dp4·ep4, one launch. Per plan:
 1. measured step time (median of STEPS train steps after 2 warm-up steps, rank 0);
 2. expert bytes each rank holds (parameters with values) next to pcompile/cost/moe.py's
    expert_cost (E/ep experts per rank), and the price's all-to-all and expert compute seconds
-   on Cluster.local(4) (alpha-beta on its link, the device's FLOP/s);
+   on Cluster.local(4) (alpha-beta on its link, each held expert's Linears by the device's op time);
 3. tokens per expert of the first block's router on the first batch (max / mean per expert,
    which the price takes as the busiest rank's imbalance: an upper bound, a rank holding
    several experts averages some of it out).

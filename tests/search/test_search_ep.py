@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 
 import pcompile
@@ -104,3 +105,7 @@ def test_small_moe_takes_ep_only_where_the_price_says_it_pays():
     uses = {a.strategy.ep for a in plan.layers if a.layer in moe} != {1}
     other, cost = price(ir, cluster, _ep_flipped(plan, moe, 1 if uses else 2), CostOptions.runtime())
     assert cost.fits and plan.estimate.step_time <= other.step_time  # the search's choice is the cheaper
+    off = pcompile.plan(MoEGPT(cfg), cluster, moe_gpt_inputs(cfg, 8), search_space={"ep": (1,)})
+    assert all(a.strategy.ep == 1 for a in off.layers) and "ep not offered (turned off" in off.explanation
+    with pytest.raises(pcompile.PcompileError, match="not positive integers"):
+        SearchSpace(ep=(1, 0))
