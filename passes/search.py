@@ -227,6 +227,8 @@ def _ep_report(experts: dict, offer: dict, limit, results: list[SearchResult], s
     ep, other = best(True), best(False)
     if ep is not None:
         text += f"; best with ep: {ep.step_time * 1e3:.2f} ms"
+    else:
+        text += "; ep did not pay (every ep run's best plan kept ep = 1)"
     if other is not None:
         text += f"; best without: {other.step_time * 1e3:.2f} ms"
     return text
