@@ -118,6 +118,25 @@ def capture(model: torch.nn.Module, inputs: tuple, how: str) -> tuple[fx.GraphMo
     return gm, "export", [f"captured with torch.export because {why}"] + notes
 
 
+def _refuse_eager_attention(model: torch.nn.Module, precision: str) -> None:
+    """Hugging Face's eager attention adds a float mask made by a factory op given the dtype
+    (`torch.full(..., torch.finfo(dtype).min, dtype=dtype)`): export records it at the capture's
+    fp32, and under bf16 it promotes the scores, so the matmul with the bf16 values raises on
+    the first step (pcompile.runtime.precision's rule covers casts, not factory ops). Refused
+    at compile time, naming the module and the fix (the sdpa attention takes a boolean mask)."""
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) == "eager":
+            raise PcompileError(
+                f"{path or 'the model'} ({type(module).__name__}) uses Hugging Face's eager attention "
+                f"(config._attn_implementation='eager') under mixed_precision={precision!r}: torch.export records "
+                "its float attention mask (torch.full(..., torch.finfo(dtype).min, dtype=dtype)) at the capture's "
+                "fp32, which would promote the bf16 attention scores to fp32 and fail at the next matmul",
+                "load the model with attn_implementation='sdpa' (from_pretrained(..., attn_implementation='sdpa') or "
+                "its config's attn_implementation='sdpa'; the same attention, with a boolean mask), or compile in "
+                "fp32 (mixed_precision=None)")
+
+
 @register_pass("trace", kind="frontend", ensures=("captured",))
 def trace(ir: IR | None, ctx: PassContext) -> IR:
     """Capture the model (fx, or torch.export when fx cannot); parameters keep their original names.
@@ -128,5 +147,7 @@ def trace(ir: IR | None, ctx: PassContext) -> IR:
     else:
         (gm, how, notes), replicas = capture(ctx.model, ctx.example_inputs, ctx.options.capture), None
     _check_loss_output(gm)
+    if how == "export" and ctx.options.mixed_precision is not None:
+        _refuse_eager_attention(ctx.model, ctx.options.mixed_precision)
     ctx.report.extend(notes)
     return IR(gm=gm, capture=how, replicas=replicas)

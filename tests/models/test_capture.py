@@ -162,3 +162,25 @@ def test_multihead_attention_with_fewer_heads_than_tp_is_refused_naming_the_laye
     message = str(info.value)  # the heads view is the first op tp=4 cannot split
     assert "tp=4 cannot split transformer.encoder.layers.0 (view_default: view/reshape" in message, message
     assert "divide the batch, heads and hidden sizes" in message
+
+
+def test_hf_eager_attention_is_refused_under_bf16_with_the_sdpa_fix():
+    from tests.models.zoo import gpt2
+
+    with pytest.raises(PcompileError) as info:
+        pcompile.compile(gpt2("eager"), pcompile.Cluster.local(1), token_batch(0), mixed_precision="bf16",
+                         stop_after="trace")
+    message = str(info.value)
+    assert "model (GPT2LMHeadModel) uses Hugging Face's eager attention" in message
+    assert "float attention mask" in message and "attn_implementation='sdpa'" in message.split("fix:")[1]
+    assert _ir(gpt2("eager"), token_batch(0), stop_after="trace").capture == "export"  # fp32: fine
+
+
+def test_a_device_move_is_not_recorded_as_a_cast_to_the_capture_dtype():
+    """GPT-2's `position_embeds.to(inputs_embeds.device)`: under bf16 a recorded fp32 made the
+    residual stream fp32 (the zoo's bf16 case trains it)."""
+    from tests.models.zoo import gpt2
+
+    ir = _ir(gpt2(), token_batch(0), stop_after="trace")
+    moves = [n for n in ir.graph.nodes if n.target is torch.ops.aten.to.dtype_layout]
+    assert moves and all("dtype" not in n.kwargs for n in moves)
