@@ -102,7 +102,7 @@ def _forced(ir: IR, ctx: PassContext) -> None:
 
 def cost_options(ctx: PassContext) -> CostOptions:
     """How the search and forced plans are costed: as the runtime runs them."""
-    return CostOptions.runtime(ctx.options.mixed_precision is not None)
+    return CostOptions.runtime(ctx.options.mixed_precision is not None, ctx.options.offload_optimizer)
 
 
 def _with_ends(ir: IR, plan: Plan) -> Plan:
@@ -302,6 +302,8 @@ def search(ir: IR, ctx: PassContext) -> IR:
         _forced(ir, ctx)
         return ir
     ctx.plan, ctx.search_result = searched_plan(ir, ctx)
+    if ctx.options.offload_optimizer:  # priced offloaded (cost_options), run offloaded
+        ctx.plan = dataclasses.replace(ctx.plan, offload_optimizer=True)
     if not math.isfinite(ctx.search_result.step_time):
         raise PcompileError("the search returned no finite plan", "this is a pcompile bug; please report it")
     return ir

@@ -59,7 +59,7 @@ Ranks as pcompile.mesh lays them out (tp innermost, then dp, pp outermost); a st
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -82,6 +82,7 @@ MOMENTS = {"adam": 2, "momentum": 1, "sgd": 0}
 class CostOptions:
     optimizer: str = "adam"  # "adam" (two fp32 moments), "momentum" (one), "sgd" (none)
     mixed_precision: bool = False  # bf16 params and activations, fp32 master weights, grads and moments
+    offload_optimizer: bool = False  # masters, their gradients and the moments in host memory (offload_time)
     overlap_grad_sync: bool = True  # the runtime runs gradient sync concurrently with backward
     # gradient sync message size, in buckets as the runtime packs them (the gradients are views
     # into them: no copy); None = one in-place collective per parameter tensor
@@ -92,17 +93,17 @@ class CostOptions:
     # for every parameter at once: one fp32 copy of all of them; the per-tensor loop (its
     # default on CPUs) two temporaries of one tensor at a time. None = foreach on NCCL clusters.
     optimizer_foreach: bool | None = None
-
     # Expert parallelism (pcompile.cost.moe): the busiest rank's routed rows over the mean, which
     # every rank of the ep group waits for; 1 = uniform routing (what the search assumes)
     expert_imbalance: float = 1.0
+
     def __post_init__(self):
         if self.optimizer not in MOMENTS:
             raise PcompileError(f"unknown optimizer {self.optimizer!r}", f"use one of {sorted(MOMENTS)}")
-
         if not self.expert_imbalance >= 1.0:
             raise PcompileError(f"expert_imbalance={self.expert_imbalance} is below 1 (the busiest rank's load over "
                                 "the mean)", "use 1.0 for uniform routing, or the measured max / mean expert load")
+
     def foreach(self, cluster: Cluster) -> bool:
         """Whether the optimizer step runs foreach (every layer's step_temp at once)."""
         return cluster.backend == "nccl" if self.optimizer_foreach is None else self.optimizer_foreach
@@ -119,11 +120,12 @@ class CostOptions:
         return 4.0, 4.0, 4.0 * moments
 
     @staticmethod
-    def runtime(mixed_precision: bool = False) -> "CostOptions":
+    def runtime(mixed_precision: bool = False, offload_optimizer: bool = False) -> "CostOptions":
         """What pcompile's runtime does (pcompile.runtime.grad_sync): dp gradients all-reduced in
         GRAD_BUCKET_BYTES buckets (the first FIRST_BUCKET_BYTES, as DDP) issued during backward
         as their gradients are ready. The search and forced plans are costed with these."""
-        return CostOptions(mixed_precision=mixed_precision, overlap_grad_sync=True, bucket_bytes=GRAD_BUCKET_BYTES)
+        return CostOptions(mixed_precision=mixed_precision, overlap_grad_sync=True, bucket_bytes=GRAD_BUCKET_BYTES,
+                           offload_optimizer=offload_optimizer)
 
     @property
     def activation_scale(self) -> float:
@@ -391,7 +393,30 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / states,
                          optimizer=optimizer, activations=kept, temp=temp,
                          step_temp=_step_temp(work, options, cluster) / states)
+    if options.offload_optimizer:  # Plan._check_offload: sdp wherever dp > 1, so shard = the dp degree
+        sync += offload_time(elements / shard, p_bytes, devices)
+        # every gradient leaves for the host as backward finishes it: one parameter's at a time
+        memory = replace(memory, grads=0.0, optimizer=0.0, step_temp=0.0,
+                         temp=temp + work.largest_param * p_bytes / shard)
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
+
+
+def offload_time(elements: float, p_bytes: float, devices) -> float:
+    """Seconds per step of an offloaded optimizer (pcompile.runtime.precision, offload=True) for
+    `elements` parameter elements held by a rank, on the slowest of `devices`: each gradient
+    copied to the host in the compute dtype (p_bytes) as backward makes it, each stepped master
+    copied back in it before the next forward (Device.host_bandwidth, both ways), and the CPU's
+    step - memory-bound: Adam reads the fp32 master, gradient and two moments and writes the
+    master and moments (28 bytes), plus the gradient's cast to fp32 (p_bytes + 4) and the
+    master's to the compute dtype (4 + p_bytes) - at the device's share of host memory bandwidth
+    (Device.host_step_bandwidth). Not overlapped: the step runs after backward, its copies between
+    the optimizer step and the next forward (the gradients' copies during backward are charged
+    whole too: they are synchronous in the runtime)."""
+    if elements <= 0:
+        return 0.0
+    copies = 2 * elements * p_bytes / min(d.host_link for d in devices)
+    step = elements * (28 + 2 * (p_bytes + 4)) / min(d.host_step for d in devices)
+    return copies + step
 
 
 def _bucket_divide(grad_bytes: float, devices, bucket: int | None) -> float:

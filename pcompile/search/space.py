@@ -174,9 +174,9 @@ def strategies_for(devices: int, devices_per_node: int, microbatch_size: int, sp
         # the dp group's mode: replicate (dp), shard everything (sdp, ZeRO-3), or shard gradients
         # and optimizer states only (zero2, ZeRO-2), listed last so it wins no tie it did not before
         modes = [(sdp, False) for sdp in space.sdp] + [(False, True) for z2 in space.zero2 if z2]
+        if dp == 1:  # ZeRO over one rank is the plain layer, whichever modes the space narrows to
+            modes = [(False, False)]
         for sdp, zero2 in modes:
-            if (sdp or zero2) and dp == 1:
-                continue
             for sp in space.sp:
                 if sp and tp == 1:
                     continue
