@@ -235,8 +235,11 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     for layer in ir.block_layers or ir.layers:
         # a layer without any Linear (the inputs' "pre", a norm) runs whole on every tp rank
         if degrees.get(layer, 1) > 1 and layer in reasons and reasons[layer] != NO_LINEAR:
+            packed = "of the packed" in reasons[layer]  # tp_rules._packed_pieces
             raise PcompileError(
                 f"tp={degrees[layer]} cannot split layer {layer!r}: {reasons[layer]}",
+                "give this layer tp=1, or read a packed weight's pieces only through Linears (or let pcompile "
+                "search the plan)" if packed else
                 "choose a tp degree that divides the number of attention heads and the hidden sizes "
                 "(or let pcompile search the plan)")
     shardings = dict(ir.param_shardings)

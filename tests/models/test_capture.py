@@ -184,3 +184,38 @@ def test_a_device_move_is_not_recorded_as_a_cast_to_the_capture_dtype():
     ir = _ir(gpt2(), token_batch(0), stop_after="trace")
     moves = [n for n in ir.graph.nodes if n.target is torch.ops.aten.to.dtype_layout]
     assert moves and all("dtype" not in n.kwargs for n in moves)
+
+
+class _PackedPieces(nn.Module):
+    """One packed [3E, E] weight read as a q piece and a kv piece (nn.MultiheadAttention's
+    cross-attention layout), heads attended, an output projection; `leak` also reads the kv
+    piece outside a Linear (its local rows would be a shard)."""
+
+    def __init__(self, leak: bool = False, dim: int = 8, heads: int = 2):
+        super().__init__()
+        self.packed = nn.Parameter(torch.randn(3 * dim, dim) / dim ** 0.5)
+        self.out = nn.Linear(dim, dim)
+        self.leak, self.dim, self.heads = leak, dim, heads
+
+    def forward(self, x, y):
+        wq, wkv = self.packed.split([self.dim, 2 * self.dim])
+        b, s, e, h = *x.shape[:2], self.dim, self.heads
+        q = F.linear(x, wq).view(b, s, h, e // h).transpose(1, 2)
+        k, v = (t.view(b, s, h, e // h).transpose(1, 2) for t in F.linear(x, wkv).chunk(2, dim=-1))
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, s, e)
+        loss = F.mse_loss(self.out(o), y)
+        return loss + wkv.sum() * 1e-3 if self.leak else loss
+
+
+def test_a_packed_weight_is_split_only_when_every_piece_is_read_by_a_linear_split_alike():
+    from pcompile.ir.placement import Shard
+
+    inputs = (torch.randn(4, 3, 8), torch.randn(4, 3, 8))
+    ir = pcompile.compile(_PackedPieces(), pcompile.Cluster.local(2), inputs, plan=Plan.uniform(dp=1, tp=2),
+                          capture="export", stop_after="tensor_parallel")
+    assert ir.param_shardings["packed"] == Shard("tp", 0, 2, 3)  # q | k | v blocks, each chunked
+    with pytest.raises(PcompileError) as info:  # the sum would read this rank's rows of the kv piece
+        pcompile.compile(_PackedPieces(leak=True), pcompile.Cluster.local(2), inputs, plan=Plan.uniform(dp=1, tp=2),
+                         capture="export", stop_after="tensor_parallel")
+    assert "a piece of the packed packed is read by sum_1, not split alike" in str(info.value)
+    assert "give this layer tp=1" in str(info.value).split("fix:")[1]
