@@ -128,10 +128,23 @@ def _placed(cm, name: str, local: torch.Tensor, meshes: dict):
     return DTensor.from_local(local, meshes[axes], [Shard(c.dim) for c in cuts], run_check=False)
 
 
+def _remote_experts(cm) -> set[str]:
+    """Expert parameters this rank holds no values of (expert parallelism keeps each expert on
+    its holders only, backends/expert_groups.py): left out of what it saves and loads. Each
+    holder of an expert writes it under its own name (holders of the same expert - dp replicas,
+    FlexMoE replicas - write equal values, which DCP's planner saves once); a batched expert
+    weight is an "ep"-sharded DTensor like a tp shard."""
+    experts = getattr(cm, "experts", None)
+    return set() if experts is None else experts.names - experts.held
+
+
 def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dict:
     state = {}
     meshes: dict = {}
+    remote = _remote_experts(cm)
     for name, p in cm.named_parameters():
+        if name in remote:
+            continue
         state[f"model.{name}"] = _placed(cm, name, p.detach(), meshes)
         if optimizer is None:
             continue
@@ -161,14 +174,6 @@ def _full(cm, name: str, local: torch.Tensor) -> torch.Tensor:
     return (cm if pipeline is None else pipeline)._full(name, local)
 
 
-def _refuse_experts(cm, what: str) -> None:
-    """Expert parallelism holds each expert on one rank of its ep group (backends/expert_groups.py):
-    not saved or loaded as such yet - refused rather than written as the empty local tensors."""
-    if getattr(cm, "experts", None) is not None:
-        raise PcompileError(f"{what} under expert parallelism (each rank holds only its experts) is not supported "
-                            "yet", "save cm.full_state_dict() with torch.save, or train with ep=1 to checkpoint")
-
-
 def _aliases(model: torch.nn.Module) -> dict[str, str]:
     """Tied parameters: every extra name -> the name named_parameters() keeps."""
     return {name: first for name, first in canonical(model).items() if name != first}
@@ -176,7 +181,6 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> str:
     """Collective: save parameters (and optimizer states) as the plan holds them. Returns the path."""
-    _refuse_experts(cm, "checkpoint.save")
     final = os.path.join(directory, f"step-{step:08d}")
     tmp = final + ".tmp"
     _check_shared(directory)
@@ -228,7 +232,6 @@ def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
-    _refuse_experts(cm, "checkpoint.load")
     missing_on = _ranks_failing(lambda: os.path.exists(os.path.join(path, META))
                                 or os.path.exists(os.path.join(path, LATEST)))
     if missing_on and len(missing_on) < (dist.get_world_size() if _distributed() else 1):
@@ -258,8 +261,11 @@ def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
                             "load a checkpoint saved from the same model architecture")
     wanted = {k: v for k, v in state.items() if k in keys}
     dcp.load(wanted, checkpoint_id=path, no_dist=not _distributed())
+    remote = _remote_experts(cm)
     with torch.no_grad():
         for name, p in cm.named_parameters():
+            if name in remote:
+                continue
             value = wanted[f"model.{name}"]
             p.copy_(_local(cm, name, value, p))
             for slot, target in (optimizer.state.get(p, {}).items() if optimizer else ()):
@@ -294,8 +300,17 @@ def full_optimizer_state(cm, optimizer: torch.optim.Optimizer) -> dict[str, torc
     """Collective: optimizer states as full tensors, keyed "optim.<param name>.<state>" as saved.
     Under pipelining a rank returns the states of its own stages' parameters."""
     out = {}
+    remote = _remote_experts(cm)
+    # a remote expert's states come from its holder (a collective every rank joins): the slots
+    # of a held expert stand in for its missing ones - Adam keeps one step count for all
+    held = [optimizer.state[p] for name, p in cm.named_parameters() if name in getattr(cm.experts, "names", ())
+            and name not in remote and p in optimizer.state]
     for name, p in cm.named_parameters():
-        for slot, value in optimizer.state.get(p, {}).items():
+        slots = optimizer.state.get(p, {})
+        if name in remote and held:
+            slots = {slot: value.new_empty(0) if value.shape != () else value for slot, value in held[0].items()
+                     if isinstance(value, torch.Tensor)}
+        for slot, value in slots.items():
             if isinstance(value, torch.Tensor):
                 full = _full(cm, name, value) if value.shape == p.shape else value.detach().clone()
                 out[f"optim.{name}.{slot}"] = full.cpu()

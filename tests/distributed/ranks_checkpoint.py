@@ -78,3 +78,50 @@ def node_local_directories(root: str) -> dict:
     except pcompile.PcompileError as error:
         out["load"] = (error.cause, error.fix)
     return out
+
+
+# -- expert parallelism: each rank saves and loads the experts it holds ----------------------------
+MOE_CONFIG = None  # built on first use (pcompile.models.MoEGPTConfig)
+
+
+def _moe(plan: pcompile.Plan, seed: int = 0):
+    from pcompile.models import MoEGPT, MoEGPTConfig, moe_gpt_inputs
+
+    global MOE_CONFIG
+    MOE_CONFIG = MOE_CONFIG or MoEGPTConfig(num_layers=2, num_experts=4, top_k=2, aux_loss_coef=0.01)
+    torch.manual_seed(seed)
+    cm = pcompile.compile(MoEGPT(MOE_CONFIG), pcompile.Cluster.local(dist.get_world_size()),
+                          moe_gpt_inputs(MOE_CONFIG, BATCH), plan=plan)
+    return cm, torch.optim.AdamW(cm.parameters(), lr=1e-2)
+
+
+def _moe_train(cm, optimizer, steps: range) -> list[float]:
+    from pcompile.models import moe_gpt_inputs
+
+    losses = []
+    for step in steps:
+        losses.append(cm.train_step(*moe_gpt_inputs(MOE_CONFIG, BATCH, seed=step)).item())
+        optimizer.step()
+        optimizer.zero_grad()
+    return losses
+
+
+def experts_save_and_load(saved_under: pcompile.Plan, loads: list[pcompile.Plan], directory: str) -> dict:
+    """Train 2 steps under `saved_under` (ep), save, train 2 more (the uninterrupted run); then for
+    each plan of `loads`: a model of other initial weights loads the checkpoint and trains the
+    same 2 steps. Full states / Adam states as loaded, and the losses."""
+    cm, optimizer = _moe(saved_under)
+    _moe_train(cm, optimizer, range(2))
+    checkpoint.save(cm, directory, optimizer, step=2)
+    saved = {"state": cm.full_state_dict(), "optim": checkpoint.full_optimizer_state(cm, optimizer)}
+    saved["losses"] = _moe_train(cm, optimizer, range(2, 4))
+    cm.close()
+    out = []
+    for plan in loads:
+        cm, optimizer = _moe(plan, seed=123)
+        step = checkpoint.load(cm, directory, optimizer)
+        out.append({"step": step, "state": cm.full_state_dict(),
+                    "optim": checkpoint.full_optimizer_state(cm, optimizer),
+                    "losses": _moe_train(cm, optimizer, range(2, 4))})
+        cm.close()
+    return {"saved": saved, "loaded": out}

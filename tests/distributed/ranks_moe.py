@@ -56,19 +56,6 @@ def _norm_gap(cm, serial, inputs) -> float:
     return abs(got - torch.nn.utils.clip_grad_norm_(serial.parameters(), 1e9).item())
 
 
-def _checkpoint_refused(cm) -> bool:
-    import tempfile
-
-    from pcompile import checkpoint
-    from pcompile.errors import PcompileError
-
-    try:
-        checkpoint.save(cm, tempfile.mkdtemp())
-    except PcompileError:
-        return True
-    return False
-
-
 def _accumulation(cm, serial, inputs) -> tuple[float, float]:
     """4 train_steps before one optimizer step (3 under no_sync), then 4 synced ones without
     zeroing, against the serial model's 4 backward passes (worst gradient gaps)."""
@@ -109,7 +96,7 @@ def compare_many(cases) -> list[dict]:
     """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
     steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
     experts per layer rank 0 holds, the clipping norm's gap to serial after one more step,
-    whether checkpoint.save refused, the tokens cm.expert_loads() counted per layer over the 3
+    the tokens cm.expert_loads() counted per layer over the 3
     steps and (Mixtral, pipelines) why cm.rebalance() refused."""
     out = []
     for coef, plan, *options in cases:
@@ -128,8 +115,8 @@ def compare_many(cases) -> list[dict]:
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": mixtures, "routed": [sum(v) for v in loads.values()],
                     "rebalance_refused": _rebalance_refused(cm) if "mixtral" in options or plan.pp > 1 else None,
-                    "all_to_alls": all_to_all.call_count, "held": _held(cm), "norm_diff": _norm_gap(cm, serial, inputs),
-                    "checkpoint_refused": _checkpoint_refused(cm)})
+                    "all_to_alls": all_to_all.call_count, "held": _held(cm),
+                    "norm_diff": _norm_gap(cm, serial, inputs)})
         if "accumulate" in options:
             out[-1]["no_sync_diff"], out[-1]["synced_diff"] = _accumulation(cm, serial, inputs)
     return out

@@ -118,3 +118,20 @@ def test_directories_not_shared_by_every_rank_are_refused(tmp_path):
         assert "not shared by every rank" in cause and "rank(s) 1 on" in cause and "NFS" in fix
         cause, fix = result["load"]
         assert "missing on rank(s) 1 on" in cause and "NFS" in fix
+
+
+def test_expert_parallel_checkpoints_load_under_other_ep_degrees(tmp_path):
+    """The built-in MoE GPT saved under dp4·ep4 (each rank holds one expert of each block, and
+    writes only it) loads under dp4·ep2, dp4 (no ep) and back into ep4: parameters and Adam states
+    equal exactly, training continues with the uninterrupted losses; load_full reads every expert."""
+    loads = [Plan.uniform(dp=4, ep=2), Plan.uniform(dp=4), Plan.uniform(dp=4, ep=4)]
+    per_rank = pcompile.launch(rc.experts_save_and_load, 4, Plan.uniform(dp=4, ep=4), loads, str(tmp_path))
+    saved = per_rank[0]["saved"]
+    for rank_result in per_rank:
+        for plan, r in zip(loads, rank_result["loaded"]):
+            assert r["step"] == 2
+            _equal(r["state"], saved["state"])
+            _equal(r["optim"], saved["optim"])
+            for got, expected in zip(r["losses"], saved["losses"]):
+                assert abs(got - expected) < 1e-5, (plan.default.describe(), got, expected)
+    _equal(checkpoint.load_full(str(tmp_path)), saved["state"])
