@@ -20,10 +20,10 @@ def build(plan: pcompile.Plan, seed: int = 0):
     return cm, torch.optim.AdamW(cm.parameters(), lr=1e-2)
 
 
-def train(cm, optimizer, steps: range) -> list[float]:
+def train(cm, optimizer, steps: range, inputs=lambda step: gpt_inputs(CONFIG, BATCH, seed=step)) -> list[float]:
     losses = []
     for step in steps:
-        losses.append(cm.train_step(*gpt_inputs(CONFIG, BATCH, seed=step)).item())
+        losses.append(cm.train_step(*inputs(step)).item())
         optimizer.step()
         optimizer.zero_grad()
     return losses
@@ -98,12 +98,7 @@ def _moe(plan: pcompile.Plan, seed: int = 0):
 def _moe_train(cm, optimizer, steps: range) -> list[float]:
     from pcompile.models import moe_gpt_inputs
 
-    losses = []
-    for step in steps:
-        losses.append(cm.train_step(*moe_gpt_inputs(MOE_CONFIG, BATCH, seed=step)).item())
-        optimizer.step()
-        optimizer.zero_grad()
-    return losses
+    return train(cm, optimizer, steps, lambda step: moe_gpt_inputs(MOE_CONFIG, BATCH, seed=step))
 
 
 def experts_save_and_load(saved_under: pcompile.Plan, loads: list[pcompile.Plan], directory: str) -> dict:
