@@ -160,8 +160,8 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
                              "use a mean loss (reduction='mean', or divide the sum by the batch size), or a "
                              "cluster whose node holds the model at tp = devices")
     memory = [e for e in errors if "memory" in str(e)]
-    if memory:  # the memory verdict names the minimum memory that would fit
-        return min(memory, key=lambda e: len(str(e)))
+    if memory:  # the verdict of the run whose leanest plan needs the least memory, naming that need
+        return min(memory, key=lambda e: getattr(e, "need", math.inf))
     if errors and batch_fix:
         return PcompileError(
             f"no plan is valid for {ctx.cluster.num_devices} devices and a global batch of "

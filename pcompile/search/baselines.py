@@ -169,11 +169,11 @@ def leanest_plan(ctx) -> tuple[float, Setting | None, tuple[int, ...]]:
 
 class NoFit(PcompileError):
     """Nothing fits: the error, with the baselines (each family's leanest peak) for the caller's
-    comparison table."""
+    comparison table, and `need`: the leanest plan's peak per device (bytes)."""
 
-    def __init__(self, cause: str, fix: str, found: tuple[Baseline, ...]):
+    def __init__(self, cause: str, fix: str, found: tuple[Baseline, ...], need: float = math.inf):
         super().__init__(cause, fix)
-        self.baselines = found
+        self.baselines, self.need = found, need
 
 
 def no_fit_error(ctx) -> PcompileError:
@@ -188,4 +188,4 @@ def no_fit_error(ctx) -> PcompileError:
         f"no plan fits the devices' memory ({have}): the leanest plan ({setting.describe()}, stages starting at "
         f"layers {list(starts)}) needs {size_text(need)} per device",
         f"give every device at least {size_text(need)}, add devices, lower the global batch, or allow "
-        "checkpointing / ZeRO-3 in the search space", baselines(ctx))
+        "checkpointing / ZeRO-3 in the search space", baselines(ctx), need)
