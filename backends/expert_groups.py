@@ -85,6 +85,10 @@ class ExpertStorage:
         self.group, self.coord, self.edp = groups[AXIS], coords[AXIS], groups.get(EDP)
         self.groups = groups
         self.holders = {name: (c,) for name, c in owner.items()}  # the ep coordinates holding each
+        # the ep coordinate an expert's full tensor is read from (its first holder), and what this
+        # rank holds: kept with `holders` (full_state_dict asks per parameter)
+        self.owner = dict(owner)
+        self.held = self._held()
         self.routes = {layer.name: expert_parallel.Routing(ExpertPlacement.static(layer.num_experts, ep))
                        for layer in layers}
         for layer in layers:
@@ -95,13 +99,7 @@ class ExpertStorage:
         self._remote: list = []  # holders of the experts held elsewhere
         self._active = False
 
-    @property
-    def owner(self) -> dict[str, int]:
-        """Expert parameter -> the ep coordinate its full tensor is read from (its first holder)."""
-        return {name: held[0] for name, held in self.holders.items()}
-
-    @property
-    def held(self) -> set[str]:
+    def _held(self) -> set[str]:
         return {name for name, held in self.holders.items() if self.coord in held} | set(self.chunked)
 
     def pieces(self, name: str) -> int | Fraction:
@@ -129,7 +127,7 @@ class ExpertStorage:
     def attach(self, named: list) -> None:
         """`named`: (name, leaf parameter, the tensor whose .grad is averaged) of this rank (again
         after a rebalancing: the holders changed, the parameter objects did not)."""
-        held = self.held
+        held = self.held = self._held()
         self._named = named
         self._params = [(name, holder) for name, leaf, holder in named if name in held]
         self._remote = [holder for name, _, holder in named if name in self.names and name not in held]
@@ -213,7 +211,7 @@ class ExpertStorage:
                     for key in state:
                         state[key].data = state[key].data.new_empty(0)
             for name in names:
-                self.holders[name] = after
+                self.holders[name], self.owner[name] = after, after[0]
         routing.place(placement)
         self.attach(self._named)
 
