@@ -33,9 +33,12 @@ rank takes its E/ep experts' chunk, full_state_dict gathers it as tensor paralle
 checkpoint / init refusals hold as for the modules form); their gradients are summed over the
 ranks holding the same chunk and divided by dp as the modules form's.
 
-Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm (or
-with tp > 1), a mixture that is not the gated top-k sum, E not divisible by ep, ep layers
-under ZeRO-3 / ZeRO-2 or operator split, and different ep degrees in one plan. A checkpointed
+Under tp > 1 the experts (either form) stay whole on every tp rank, which holds the layer's
+tokens whole between attention's row-parallel output and the next block: each tp coordinate's
+ep group dispatches the same tokens (tensor parallelism of the experts themselves is not offered).
+Refused with a PcompileError naming the layer: batched experts not read as HF's grouped-mm, a
+mixture that is not the gated top-k sum, E not divisible by ep, ep layers under ZeRO-3 / ZeRO-2
+or operator split, and different ep degrees in one plan. A checkpointed
 ep layer recomputes its dispatch (all-to-alls included) in backward; the mixture node records
 its expert parameters' names (node.meta[EXPERT_PARAMS]) for the backend, as inside the
 checkpoint region the parameters arrive as inputs.
@@ -62,9 +65,6 @@ def _check(layer: str, moe: MoELayer, ep: int, ctx: PassContext) -> None:
             f"{where}: its experts are batched weights ({', '.join(moe.stacked)}) not read as Hugging Face's "
             "grouped-mm experts (grouped_mm(x, gate_up) -> chunk(2) -> act(gate) * up -> grouped_mm(., down), gated "
             "and summed)", "run this model with ep=1 (dp, tp, ZeRO-3 and pipelines run it exactly)")
-    if moe.form == "stacked" and strategy.tp > 1:
-        raise PcompileError(f"{where}: batched experts with tp={strategy.tp} are not supported yet",
-                            "use tp=1 in the MoE layers with ep, or ep=1")
     if moe.output is None or moe.indices is None or moe.gates is None or \
             (moe.form == "modules" and moe.combine is None):
         raise PcompileError(f"{where}: its experts' outputs are not combined as the gated top-k mixture "

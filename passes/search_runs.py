@@ -12,9 +12,9 @@ whose tables mark as impossible what the rewrite passes cannot lower there:
 - expert parallelism (models with a mixture of experts ep can run: pcompile.cost.moe.ep_layers):
   the runtime runs one ep degree per plan, which per-layer choices cannot enforce, so a uniform
   run at tp is followed by one run per ep degree offered at tp (its strategies ep = 1 and
-  ep = e), the fastest plan of all runs kept. ep > 1 is impossible in the tables' rows of the layers without
-  a mixture, whose experts it does not divide, and of batched (HF) experts at tp > 1 (refused by
-  the rewrite). Mixed runs get no ep (the expert groups are built on the default dp grouping).
+  ep = e), the fastest plan of all runs kept. ep > 1 is impossible in the tables' rows of the
+  layers without a mixture or whose experts it does not divide. Mixed runs get no ep (the expert
+  groups are built on the default dp grouping).
 
 "pre" / "post" layers with no parameters and no FLOPs are left out of the tables
 (pcompile.cost.plan_price.trivial_ends) and follow their neighbour's strategy.
@@ -50,7 +50,7 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
     - a layer of a mixed run at another tp than its tied group's (`pins`);
     - dp > 1 when the loss sums over the batch (`dp_one`);
     - ep > 1 on a layer without a mixture of experts ep runs (`experts`: layer -> (E, batched)),
-      whose E it does not divide, or with batched experts at tp > 1."""
+      or whose E it does not divide."""
     def everywhere(s: Strategy) -> bool:  # forbidden on every layer
         return dp_one and s.dp > 1
 
@@ -59,7 +59,7 @@ def _restricted(table: CostTable, refused: dict[int, dict[str, str]], pipelined:
 
     def no_ep(layer: str, s: Strategy) -> bool:
         found = (experts or {}).get(layer)
-        return found is None or found[0] % s.ep != 0 or (found[1] and s.tp > 1)
+        return found is None or found[0] % s.ep != 0
 
     fwd, bwd = table.fwd_time.copy(), table.bwd_time.copy()
     named = {layer for tp in refused.values() for layer in tp} | set(pins)  # layers a rule names
@@ -167,15 +167,14 @@ def engine_runs(ir: IR, limits: dict, tps: list[int], layers: tuple[str, ...], d
 
 def ep_offered(experts: dict, num_devices: int, tps: list[int], limit: tuple | None, dp_one: bool) -> dict:
     """{tp: the ep > 1 a search at tp offers}: those dividing the experts of some MoE layer ep
-    runs (`experts`: layer -> (E, batched)) and the largest dp at that tp (devices / tp), batched
-    experts only at tp = 1; within the user's search_space ep (`limit`; (1,) turns ep off);
-    none when the loss allows no data parallelism (`dp_one`)."""
+    runs (`experts`: layer -> (E, batched)) and the largest dp at that tp (devices / tp); within
+    the user's search_space ep (`limit`; (1,) turns ep off); none when the loss allows no data
+    parallelism (`dp_one`)."""
     if dp_one or not experts:
         return {}
     out = {}
     for tp in tps:
         dp = num_devices // tp
-        degrees = sorted({e for count, batched in experts.values() if not (batched and tp > 1)
-                          for e in ep_degrees(count, dp)})
+        degrees = sorted({e for count, _ in experts.values() for e in ep_degrees(count, dp)})
         out[tp] = tuple(e for e in degrees if limit is None or e in limit)
     return out

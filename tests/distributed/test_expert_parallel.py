@@ -38,7 +38,8 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
          (0.01, Plan.uniform(dp=2, tp=2, ep=2)), (0.0, Plan.uniform(dp=4, ep=4), "skewed"),
          (0.0, Plan.uniform(dp=4, ep=4), "mixtral", "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"),
          (0.01, SDP_EP), (0.01, Plan.uniform(dp=4, ep=2), "top1"), (0.0, PP, "accumulate"), (0.01, PP_ONE),
-         (0.01, Plan.uniform(dp=4, ep=4, checkpoint=True)), (0.0, Plan.uniform(dp=4, ep=2, checkpoint=True), "mixtral")]
+         (0.01, Plan.uniform(dp=4, ep=4, checkpoint=True)), (0.0, Plan.uniform(dp=4, ep=2, checkpoint=True), "mixtral"),
+         (0.0, Plan.uniform(dp=2, tp=2, ep=2), "mixtral"), (0.0, PP_ONE, "mixtral")]  # tp2 attention; a pipeline
 
 
 REBALANCED = [(Plan.uniform(dp=4, ep=4), True), (Plan.uniform(dp=4, ep=2), False)]  # (plan, skewed router)

@@ -35,7 +35,8 @@ def test_space_lists_ep_where_it_divides_dp_and_the_runtime_runs_it():
 
 def test_ep_offered_divides_the_experts_and_dp():
     assert ep_offered({"b": (6, False)}, 8, [1, 2], None, False) == {1: (2,), 2: (2,)}
-    assert ep_offered({"b": (8, True)}, 8, [1, 2], None, False) == {1: (2, 4, 8), 2: ()}  # batched: tp = 1
+    # batched (HF) experts too: whole on every tp rank under tp, as the ModuleList ones
+    assert ep_offered({"b": (8, True)}, 8, [1, 2], None, False) == {1: (2, 4, 8), 2: (2, 4)}
     assert ep_offered({"b": (8, False)}, 8, [1], (1, 4), False) == {1: (4,)}
     assert ep_offered({"b": (8, False)}, 8, [1], (1,), False) == {1: ()}  # search_space ep=(1,): off
     assert ep_offered({"b": (8, False)}, 8, [1], None, True) == {} and ep_offered({}, 8, [1], None, False) == {}
