@@ -15,6 +15,11 @@ strategies do not fit).
 `min_s'` is taken per class of identical switch rows (strategies with the same activation
 layout), V x C x S instead of V x S x S. States are memoised by the signature of the layer
 sequence, so identical blocks share them (a 96-block model has ~100 distinct stage prefixes).
+A layer's strategy b is dropped before the DP when a lower-indexed a dominates it (no slower,
+no sync and no memory column larger, the same switches: f[a] <= f[b] in every cell, ties go to
+a; TableIndex.kept), which changes no value and no argmin. A state keeps h behind V infs (per
+target class, 2V floats) and each row's (shift, cost); the S x V rows exist only while a child
+takes their class minima, all strategies in one gather from a strided window.
 
 Stages: F[k][j] = min_i max(F[k-1][i], g_k(i, j)) over contiguous partitions (g monotone in
 j and in -i, which prunes the scan at the incumbent); interleaved 1F1B uses the even chunks.
@@ -34,56 +39,45 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pcompile.errors import PcompileError
-from pcompile.search.costtable import CostTable
+from pcompile.search.index import FIRST, SEAM, TableIndex, median, unique
 from pcompile.search.space import Setting, even_segments, p2p_time
 
-FIRST, SEAM = -2, -1  # incoming edge of a stage's first layer / of a chunk's first layer (no switch)
 _SPREAD = np.geomspace(1e-3, 1e3, 31)  # the multipliers' range around the exchange rate (StageSolver.lams)
-
-
-def _unique(values: np.ndarray) -> np.ndarray:
-    """np.unique of a 1-D float array without NaN (sorted, each value once), without the
-    numpy.ma import np.unique makes on its first plain call (0.1 s of a first plan)."""
-    ordered = np.sort(values, axis=None)
-    if len(ordered) < 2:
-        return ordered
-    first = np.empty(len(ordered), dtype=bool)
-    first[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
-    return ordered[first]
-
-
-def median(values: np.ndarray) -> float:
-    """np.median of a non-empty 1-D array without NaN (the middle value, or the mean of the two
-    middle ones: the same float), without its dispatch overhead."""
-    ordered = np.sort(values, axis=None)
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-
-
-@dataclass(frozen=True)
-class _Key:
-    parent: int
-    layer: int
-    incoming: int  # boundary index (switch between layer-1 and layer), FIRST or SEAM
-    thetas: np.ndarray  # distinct temp values of the valid strategies of the sequence's layers
-    max_temp: float  # the largest of them (-inf: none)
+_ONE = np.zeros(1, dtype=np.int64)  # the one target class of a layer entered without a switch
 
 
 class _State(NamedTuple):
-    """A DP state f[s, v] stored by the strategies that can hold a plan: f[i] is strategy
-    rows[i]'s row (rows ascending); every other strategy's row is inf. `live`: the positions
-    i whose row holds a plan somewhere (a state is non-increasing in the cells: its last cell
+    """A DP state f[s, v], kept as what its rows read (the last layer's h behind V infs, and per
+    strategy its shift and cost: ~T x 2V floats instead of S x V): f[i, v] = padded[t_i,
+    shift_i + v] + cost_i for strategy rows[i] (rows ascending), every other strategy's row is
+    inf. `live`: some row holds a plan (a state is non-increasing in the cells: its last cell
     is finite)."""
 
     rows: np.ndarray  # strategy indices, ascending
-    f: np.ndarray  # [len(rows), cells]
-    live: list[int]
+    padded: np.ndarray  # [target class, 2V]: V infs, then h of the class
+    which: np.ndarray | None  # the target class each row reads (None: the one class)
+    shift: np.ndarray  # V - w per row: the first of the V cells its row reads
+    cost: np.ndarray  # [rows, 1]
+    live: bool
+
+    def f(self) -> np.ndarray:
+        """[rows, V], each row read from a strided window of its class's padded row (one gather)."""
+        T, width = self.padded.shape
+        V = width // 2
+        size = self.padded.itemsize
+        window = np.ndarray((T, V + 1, V), buffer=self.padded, strides=(width * size, size, size))
+        out = window[0][self.shift] if self.which is None else window[self.which, self.shift]
+        out += self.cost
+        return out
+
+    def column(self, v: int) -> np.ndarray:
+        """f[:, v] (v < 0 counts from the end, as an array index would)."""
+        at = self.shift + (v if v >= 0 else v + self.padded.shape[1] // 2)
+        return (self.padded[0, at] if self.which is None else self.padded[self.which, at]) + self.cost[:, 0]
 
     def best(self) -> np.ndarray:
         """min over strategies, per cell."""
-        return self.f.min(axis=0) if len(self.rows) else np.full(self.f.shape[1], np.inf)
+        return self.f().min(axis=0) if len(self.rows) else np.full(self.padded.shape[1] // 2, np.inf)
 
     def argmin(self, values: np.ndarray) -> int:
         """The strategy of the first smallest of `values` (one per row): the full [strategy]
@@ -91,89 +85,14 @@ class _State(NamedTuple):
         return int(self.rows[int(np.argmin(values))])
 
 
-def _key(parent: int, layer: int, incoming: int, thetas: np.ndarray) -> _Key:
-    return _Key(parent, layer, incoming, thetas, float(thetas[-1]) if len(thetas) else -math.inf)
+class _Layer(NamedTuple):
+    """What one layer may take under a temp threshold: its strategies, their cost and their
+    weight as a shift V - w; per incoming switch signature the target classes it reads (memo)."""
 
-
-class TableIndex:
-    """A CostTable prepared for the DP: time/sync/memory rows, row and switch signatures,
-    switch matrices compressed to classes of identical source rows, interned sequence keys."""
-
-    def __init__(self, table: CostTable):
-        _check_table(table)
-        self.table = table
-        self.time = np.where(np.isfinite(table.fwd_time + table.bwd_time), table.fwd_time + table.bwd_time, np.inf)
-        valid = np.isfinite(self.time) & np.isfinite(table.sync_time)
-        rows = np.stack([self.time, table.sync_time, table.state_memory, table.activation_memory,
-                         table.temp_memory], axis=1)
-        self.row_sig = _signatures([rows[l].tobytes() for l in range(table.num_layers)])
-        # identical rows (repeated blocks) have identical temps: one unique per distinct row
-        first = {sig: l for l, sig in reversed(list(enumerate(self.row_sig)))}
-        distinct = {sig: _unique(table.temp_memory[l, valid[l]]) for sig, l in first.items()}
-        self.temps = [distinct[sig] for sig in self.row_sig]
-        self.switch_sig = _signatures([table.switch_time[b].tobytes() for b in range(table.num_layers - 1)])
-        self.switch_classes: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-        self.keys: dict[tuple[int, int, int], int] = {}
-        self._sequences: dict[tuple, int] = {}  # segments -> key (sequence's memo)
-        self.info: list[_Key] = [_key(-1, -1, FIRST, np.empty(0))]
-
-    def child(self, parent: int, layer: int, incoming: int) -> int:
-        """The key of sequence `parent` + `layer` (entered through `incoming`)."""
-        edge = self.switch_sig[incoming] if incoming >= 0 else incoming
-        sig = (parent, edge, self.row_sig[layer])
-        key = self.keys.get(sig)
-        if key is None:
-            key = len(self.info)
-            self.keys[sig] = key
-            thetas = _unique(np.concatenate([self.info[parent].thetas, self.temps[layer]]))  # np.union1d
-            self.info.append(_key(parent, layer, incoming, thetas))
-        return key
-
-    def sequence(self, segments) -> int:
-        segments = tuple(tuple(s) for s in segments)
-        key = self._sequences.get(segments)
-        if key is None:
-            key = 0
-            for a, b in segments:
-                for layer in range(a, b):
-                    key = self.child(key, layer, FIRST if key == 0 else (SEAM if layer == a else layer - 1))
-            self._sequences[segments] = key
-        return key
-
-    def compressed_switch(self, boundary: int):
-        """(labels, rows, targets): strategies grouped by identical switch rows (source classes:
-        `labels[s]`) and by identical columns (target classes: `targets[s]`); rows[c, t] is the
-        switch time from source class c to target class t.
-        min over s' of f[s'] + sw[s', s] = min over c of (min over s' in c of f[s']) + rows[c, t(s)]."""
-        sig = self.switch_sig[boundary]
-        if sig not in self.switch_classes:
-            rows, labels = np.unique(self.table.switch_time[boundary], axis=0, return_inverse=True)
-            cols, targets = np.unique(rows, axis=1, return_inverse=True)
-            self.switch_classes[sig] = (labels.reshape(-1).tolist(), cols, targets.reshape(-1).tolist())
-        return self.switch_classes[sig]
-
-
-def _signatures(blobs: list[bytes]) -> list[int]:
-    ids: dict[bytes, int] = {}
-    return [ids.setdefault(b, len(ids)) for b in blobs]
-
-
-def _check_table(t: CostTable) -> None:
-    L, S = t.num_layers, t.num_strategies
-    shapes = {"fwd_time": (L, S), "bwd_time": (L, S), "sync_time": (L, S), "state_memory": (L, S),
-              "activation_memory": (L, S), "temp_memory": (L, S), "switch_time": (max(L - 1, 0), S, S),
-              "boundary_bytes": (max(L - 1, 0),)}
-    for name, shape in shapes.items():
-        got = np.shape(getattr(t, name))
-        if got != shape:
-            raise PcompileError(f"CostTable.{name} has shape {got}, expected {shape} ({L} layers x {S} strategies)",
-                                "fill every array for every (layer, strategy) of the table")
-    for name in ("state_memory", "activation_memory", "temp_memory", "switch_time", "boundary_bytes"):
-        arr = np.asarray(getattr(t, name))
-        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise PcompileError(f"CostTable.{name} has negative or non-finite entries",
-                                "memory, switch times and boundary bytes must be finite and >= 0 "
-                                "(mark impossible strategies with time = inf instead)")
+    valid: np.ndarray
+    cost: np.ndarray  # [n, 1]
+    shift: np.ndarray
+    targets: dict
 
 
 class StageSolver:
@@ -240,59 +159,62 @@ class StageSolver:
             self.states[(k, self._norm(k, theta))] = f
         return f
 
-    def _layer(self, layer: int, theta: float) -> tuple[np.ndarray, list[int], list[int], list[float]]:
-        """(strategies, as an array and a list, weight and cost of each) the layer can take with
-        temps <= theta: memoised by the layer's row signature (identical blocks share it)."""
-        key = (self.index.row_sig[layer], theta)
+    def _layer(self, layer: int, theta: float) -> _Layer:
+        """The strategies the layer can take with temps <= theta (undominated: TableIndex.kept),
+        memoised by the layer's place (identical blocks share it)."""
+        key = (self.index.place_sig[layer], theta)
         got = self._layers.get(key)
         if got is None:
             cost = self.cost[layer]
             if theta < math.inf:
                 cost = np.where(self.index.table.temp_memory[layer] <= theta, cost, np.inf)
             w = self.w[layer]
-            valid = np.flatnonzero(np.isfinite(cost) & (w < self.V))
-            order = valid.tolist()
-            got = self._layers[key] = (valid, order, w[valid].tolist(), cost[valid].tolist())
+            valid = np.flatnonzero(np.isfinite(cost) & (w < self.V) & self.index.kept(layer))
+            got = self._layers[key] = _Layer(valid, cost[valid][:, None], self.V - w[valid], {})
         return got
 
     def _extend(self, prev: _State | None, key: int, theta: float) -> _State:
         """One layer of the recurrence, for the strategies the layer can take only, from the
-        rows of `prev` that hold a plan: f[s, w[s]:] = h[target(s)] + cost[s], inf below w[s],
-        h[t] = min over source classes c of (min over c's rows of prev) + c switch[c, t]."""
+        rows of `prev`: f[s, w[s]:] = h[target(s)] + cost[s], inf below w[s],
+        h[t] = min over source classes c of (min over c's rows of prev) + c switch[c, t].
+        Stored as h behind V infs (f[s] is that row read from V - w[s] on, plus cost[s]):
+        prev's rows exist only while its classes' minima are taken."""
         info = self.index.info[key]
         V = self.V
-        valid, order, ws, costs = self._layer(info.layer, theta)
-        if not order or (prev is not None and not prev.live):
-            return _State(valid[:0], np.empty((0, V)), [])
-        out = np.empty((len(order), V))
-        live = []
-        if prev is None:
-            for i, (a, cost) in enumerate(zip(ws, costs)):
-                out[i, :a] = np.inf
-                out[i, a:] = cost
-            return _State(valid, out, list(range(len(order))))
-        if info.incoming == SEAM:
-            h, targets = {0: prev.f[prev.live].min(axis=0)}, None
+        layer = self._layer(info.layer, theta)
+        if not len(layer.valid) or (prev is not None and not prev.live):
+            return _State(layer.valid[:0], np.full((1, 2 * V), np.inf), None, layer.shift[:0], layer.cost[:0], False)
+        if prev is None or info.incoming == SEAM:  # no switch: one class, h = 0 (first) or min of prev
+            targets, which = _ONE, None
         else:
-            labels, rows, targets = self.index.compressed_switch(info.incoming)
-            sources = prev.rows
-            best: dict[int, np.ndarray] = {}  # source class -> min over its rows that hold a plan
-            for i in prev.live:
-                c = labels[sources[i]]
-                best[c] = prev.f[i] if c not in best else np.minimum(best[c], prev.f[i])
-            h = {}
-            for t in {targets[s] for s in order}:
-                for c, g in best.items():
-                    moved = g + self.c * rows[c, t]
-                    h[t] = moved if t not in h else np.minimum(h[t], moved, out=h[t])
-        for i, s in enumerate(order):
-            a = ws[i]
-            g = h[0 if targets is None else targets[s]]
-            out[i, :a] = np.inf
-            np.add(g[:V - a], costs[i], out=out[i, a:])
-            if g[V - 1 - a] < math.inf:
-                live.append(i)
-        return _State(valid, out, live)
+            labels, rows, classes = self.index.compressed_switch(info.incoming)
+            edge = self.index.switch_sig[info.incoming]
+            if edge not in layer.targets:  # the target classes this layer's strategies read
+                used = unique(classes[layer.valid])  # sorted: which[i] indexes it
+                layer.targets[edge] = (used, np.searchsorted(used, classes[layer.valid]) if len(used) > 1 else None)
+            targets, which = layer.targets[edge]
+        padded = np.empty((len(targets), 2 * V))
+        padded[:, :V] = np.inf
+        h = padded[:, V:]
+        if prev is None:
+            h[:] = 0.0
+        else:
+            f = prev.f()
+            if targets is _ONE:
+                np.min(f, axis=0, out=h[0])
+            else:
+                sources = labels[prev.rows]
+                if (sources == sources[0]).all():  # one source class
+                    np.add(f.min(axis=0), (self.c * rows[sources[0], targets])[:, None], out=h)
+                else:  # a few classes (activation layouts): a loop beats a [class, target, V] array
+                    for n, c in enumerate(unique(sources)):
+                        moved = f[sources == c].min(axis=0) + (self.c * rows[c, targets])[:, None]
+                        if n:
+                            np.minimum(h, moved, out=h)
+                        else:
+                            h[:] = moved
+        last = h[0, layer.shift - 1] if which is None else h[which, layer.shift - 1]  # f[:, V - 1] - cost
+        return _State(layer.valid, padded, which, layer.shift, layer.cost, bool((last < math.inf).any()))
 
     def dual(self, key: int) -> np.ndarray:
         """[theta of the sequence, lambda]: sum over its layers of min over strategies with temp
@@ -381,7 +303,7 @@ class StageSolver:
                 best, arg = bound, (theta, math.inf)
                 continue
             state = self.state(key, theta)
-            val = float(state.f[:, self.cells(theta)].min()) if len(state.rows) else math.inf
+            val = float(state.column(self.cells(theta)).min()) if len(state.rows) else math.inf
             if val < best:
                 best, arg = val, (theta, theta)
         self.values[key] = (best, arg)
@@ -404,15 +326,15 @@ class StageSolver:
         info = self.index.info
         v = self.cells(reserve)
         state = self.state(key, restrict)
-        s = state.argmin(state.f[:, v])
+        s = state.argmin(state.column(v))
         out, k = [s], key
         while info[k].parent:
             v -= int(self.w[info[k].layer, s])
             prev = self.state(info[k].parent, restrict)
             if info[k].incoming == SEAM:
-                s = prev.argmin(prev.f[:, v])
+                s = prev.argmin(prev.column(v))
             else:
-                s = prev.argmin(prev.f[:, v] + self.c * self.index.table.switch_time[info[k].incoming][prev.rows, s])
+                s = prev.argmin(prev.column(v) + self.c * self.index.table.switch_time[info[k].incoming][prev.rows, s])
             out.append(s)
             k = info[k].parent
         return out[::-1]

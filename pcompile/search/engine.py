@@ -20,7 +20,8 @@ from pcompile.errors import PcompileError
 from pcompile.plan import Strategy
 from pcompile.search.baselines import baselines, no_fit_error
 from pcompile.search.costtable import CostTable
-from pcompile.search.dp import SettingPlan, SettingSolver, TableIndex, median
+from pcompile.search.dp import SettingPlan, SettingSolver
+from pcompile.search.index import TableIndex, median
 from pcompile.search.result import SearchResult, StagePlan, layer_choices
 from pcompile.search.space import (
     PlanCost,
