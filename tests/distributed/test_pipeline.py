@@ -57,14 +57,13 @@ CASES = {
         ("mlp4", pipeline_plan(2, "GPipe", 2, dp=2, tp=2, sdp=True)),
         ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sp=True)),  # sequence parallelism inside the stages
         ("gpt4", pipeline_plan(2, "1F1B", 2, dp=2, tp=2, sdp=True, sp=True)),  # sdp x tp over the tied weight
-        # per-layer (dp, tp) groupings inside the stages (passes/reshard.py): the tied embedding / head at dp4
-        # on both stages, the batch regrouped at the stage boundary (blocks.1 dp4 -> blocks.2 dp2·tp2) ...
+        # per-layer (dp, tp) groupings inside the stages (passes/reshard.py), 4 interleaved stages [pre, blocks.0]
+        # [blocks.1] [blocks.2] [blocks.3, post]: the tied embedding / head at dp4 on the first and last stage, the
+        # grouping changing at every boundary (sdp4 -> ZeRO-2 at dp2·tp2 -> dp1·tp4, its dp axis one rank -> sdp2·tp2)
         ("gpt4", with_layers(pipeline_plan(2, "Interleaved1F1B", 2, dp=2, tp=2), pre=Strategy(dp=4),
-                             blocks_0=Strategy(dp=4, sdp=True), blocks_1=Strategy(dp=4), post=Strategy(dp=4))),
-        # ... and ZeRO-2 and ZeRO-3 at tp2, then a dp1·tp4 layer (its dp axis one rank) across the boundary, on a
-        # dp4 default
-        ("gpt4-untied", with_layers(pipeline_plan(2, "GPipe", 2, dp=4), blocks_1=Strategy(dp=2, tp=2, zero2=True),
-                                    blocks_2=Strategy(dp=2, tp=2, sdp=True), blocks_3=Strategy(dp=1, tp=4)))],
+                             blocks_0=Strategy(dp=4, sdp=True), blocks_1=Strategy(dp=2, tp=2, zero2=True),
+                             blocks_2=Strategy(dp=1, tp=4), blocks_3=Strategy(dp=2, tp=2, sdp=True),
+                             post=Strategy(dp=4)))],
 }
 
 
