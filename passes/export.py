@@ -25,6 +25,7 @@ import contextlib
 import copy
 import itertools
 import logging
+import operator
 import re
 
 import torch
@@ -178,8 +179,12 @@ def heads_apart(graph: fx.Graph) -> int:
         view.meta["val"] = vals[0].view(s, b, h, hd)
         heads.meta["val"] = view.meta["val"].permute(1, 2, 0, 3)
         last.replace_all_uses_with(heads)
+        merged = list(first.args[1])
         for node in (last, t, first):
             graph.erase_node(node)
+        for size in merged:  # B*H, computed for the merged view only
+            if isinstance(size, fx.Node) and not size.users and size.target is operator.mul:
+                graph.erase_node(size)
         count += 1
     return count
 
