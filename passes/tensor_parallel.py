@@ -289,4 +289,8 @@ def tensor_parallel(ir: IR, ctx: PassContext) -> IR:
     ctx.report.append(f"tensor parallel: {len(p.column)} column-parallel and {len(row_degree)} row-parallel Linears, "
                       f"{len(p.embeddings)} vocab-parallel embeddings, {len(p.losses)} vocab-parallel cross-entropies")
     ctx.report.extend(f"vocab parallel: {note}" for note in p.notes)
+    if p.partly:  # exact either way; what tp does not split runs whole on every tp rank
+        layer, why = next(iter(p.partly.items()))
+        more = f" (and {len(p.partly) - 1} more layers)" if len(p.partly) > 1 else ""
+        ctx.report.append(f"tensor parallel: layer {layer}{more} split in part, the rest kept whole: {why}")
     return ir

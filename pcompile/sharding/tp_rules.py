@@ -55,6 +55,7 @@ class Propagation:
     losses: dict[fx.Node, int] = field(default_factory=dict)  # cross-entropy of vocab-split logits -> tp
     embeddings: dict[fx.Node, int] = field(default_factory=dict)  # embedding split along the vocabulary -> tp
     notes: list[str] = field(default_factory=list)  # what stayed whole for vocab parallelism, and why
+    partly: dict[str, str] = field(default_factory=dict)  # layer split in part -> why the rest stays whole
     split_sizes: dict[fx.Node, tuple[fx.Node, int]] = field(default_factory=dict)  # split of a fused
     # projection's output (tp_fused) -> (its column Linear, the number of equal blocks): sizes divide by tp
 
@@ -510,7 +511,8 @@ def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) ->
         elif layer in indivisible and not _feeds_split_work(ir, p, indivisible_origins[layer]):
             reasons[layer] = indivisible[layer]
         elif layer in reasons and any(ir.meta(n).layer == layer for n in p.column):
-            del reasons[layer]  # partly split (e.g. GPT-2's fused qkv kept whole, its MLP split)
+            # partly split (e.g. nn.MultiheadAttention with need_weights=True kept whole, its MLP split)
+            p.partly[layer] = reasons.pop(layer)
     return p, reasons
 
 

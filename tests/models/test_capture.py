@@ -219,3 +219,41 @@ def test_a_packed_weight_is_split_only_when_every_piece_is_read_by_a_linear_spli
                          capture="export", stop_after="tensor_parallel")
     assert "a piece of the packed packed is read by sum_1, not split alike" in str(info.value)
     assert "give this layer tp=1" in str(info.value).split("fix:")[1]
+
+
+class _WeightsBlock(nn.Module):
+    """nn.MultiheadAttention asked for its attention weights (need_weights=True: batched matmuls
+    over merged batch x heads, not split by tp), then an MLP."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.up, self.down = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(x, x, x, need_weights=True)[0]
+        return x + self.down(F.relu(self.up(x)))
+
+
+class _WeightsModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_WeightsBlock() for _ in range(2))
+
+    def forward(self, x, y):
+        for block in self.blocks:
+            x = block(x)
+        return F.mse_loss(x, y)
+
+
+def test_attention_tp_cannot_split_stays_whole_and_is_reported_while_the_mlp_splits():
+    from pcompile.sharding.tp_rules import plan_tensor_parallel
+
+    inputs = (torch.randn(4, 3, 16), torch.randn(4, 3, 16))
+    ir = _tp_ir(_WeightsModel(), inputs)
+    assert "blocks.0.up.weight" in ir.param_shardings and "blocks.0.attn.in_proj_weight" not in ir.param_shardings
+    p, reasons = plan_tensor_parallel(_ir(_WeightsModel(), inputs), {"blocks.0": 2, "blocks.1": 2})
+    assert not reasons and set(p.partly) == {"blocks.0", "blocks.1"}, (reasons, p.partly)
+    cm = pcompile.compile(_WeightsModel(), pcompile.Cluster.local(2), inputs, plan=Plan.uniform(dp=1, tp=2))
+    assert any(line.startswith("tensor parallel: layer blocks.0 (and 1 more layers) split in part, the rest kept "
+                               "whole: ") for line in cm.report), cm.report
