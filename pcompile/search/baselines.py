@@ -92,7 +92,7 @@ def _pipeline_even(ctx) -> Baseline:
         if segments is None:
             continue
         solver = ctx.solver(setting, p.grid_cells, ceil=True)
-        if best is not None and solver.fixed_lower(segments) >= best[0]:
+        if best is not None and solver.fixed_lower(segments, best[0]) >= best[0]:
             continue
         plan = solver.fixed(segments)
         if plan is None:

@@ -362,10 +362,15 @@ class SettingSolver:
             if cache_key not in solver_cache:
                 solver_cache[cache_key] = StageSolver(index, r, c, budget, cells, ceil)
             self.solvers.append(solver_cache[cache_key])
-        L = indexes[0].table.num_layers
-        self.p2p = [np.array([c * p2p_time(ix.table, l, p2p_bandwidth, p2p_latency) for l in range(L - 1)] + [0.0])
-                    for ix in indexes]
-        self.p2p_list = [p.tolist() for p in self.p2p]
+        self.p2p, self.p2p_list = [], []
+        for ix in indexes:  # c x each boundary's send, then 0 after the last layer: per table and c
+            cache_key = ("p2p", id(ix), c, p2p_bandwidth, p2p_latency)
+            if cache_key not in solver_cache:
+                sends = np.r_[c * p2p_time(ix.table, slice(None), p2p_bandwidth, p2p_latency), 0.0]
+                solver_cache[cache_key] = (sends, sends.tolist())
+            sends, listed = solver_cache[cache_key]
+            self.p2p.append(sends)
+            self.p2p_list.append(listed)
 
     def fixed(self, segments) -> SettingPlan | None:
         """The best plan with these stage segments (even split, interleaved chunks)."""
@@ -388,20 +393,28 @@ class SettingSolver:
                 choice[layer] = s
         return SettingPlan(self.setting, value, tuple(segments), tuple(choice))
 
-    def fixed_lower(self, segments) -> float:
-        """A lower bound of fixed(segments) from unrestricted DP states only."""
-        return max(self.solvers[k].lower(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
-                   for k, segs in enumerate(segments))
+    def _stages_max(self, segments, value, stop: float = math.inf) -> float:
+        """max over stages of value(its solver, its sequence's key) + its sends; stopped at the
+        first stage whose running max reaches `stop` (then that partial max: >= stop too)."""
+        top = -math.inf
+        for k, segs in enumerate(segments):
+            sends = sum(self.p2p[k][b - 1] for _, b in segs)
+            top = max(top, value(self.solvers[k], self.indexes[k].sequence(segs)) + sends)
+            if top >= stop:
+                break
+        return top
+
+    def fixed_lower(self, segments, stop: float = math.inf) -> float:
+        """A lower bound of fixed(segments) from unrestricted DP states only (partial once it
+        reaches `stop`: the stages after the first that does are not solved)."""
+        return self._stages_max(segments, StageSolver.lower, stop)
 
     def even_upper(self) -> float:
         """The value of a real plan (even stages, each stage's unrestricted DP at budget M minus
         its largest temp) from unrestricted states only: an upper bound of this setting."""
         s = self.setting
         segments = even_segments(self.indexes[0].table.layers, s.pp, s.chunks)
-        if segments is None:
-            return math.inf
-        return max(self.solvers[k].upper(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
-                   for k, segs in enumerate(segments))
+        return math.inf if segments is None else self._stages_max(segments, StageSolver.upper)
 
     def lower_bound(self, bound: float) -> float:
         """A lower bound of this setting's optimum from unrestricted DP states only (no
@@ -411,8 +424,8 @@ class SettingSolver:
             segments = even_segments(self.indexes[0].table.layers, s.pp, s.chunks)
             if segments is None:
                 return math.inf
-            return max(self.solvers[k].lower(self.indexes[k].sequence(segs)) + sum(self.p2p[k][b - 1] for _, b in segs)
-                       for k, segs in enumerate(segments))
+            low = self.fixed_lower(segments, math.nextafter(bound, math.inf))
+            return math.inf if low > bound else low
         return float(self._partition(bound, exact=False)[0][-1])
 
     def best(self, bound: float) -> SettingPlan | None:

@@ -8,6 +8,7 @@ explanation and the baselines of pcompile.search.baselines.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 import time
@@ -34,6 +35,9 @@ from pcompile.search.space import (
 )
 
 _SPREAD = np.geomspace(1e-4, 1e4, 48)  # the cheap bound's multipliers around the exchange rate
+# one tuple per stage shape across settings and engine runs: Strategy objects are built once,
+# and the callback's table keys and the check below compare them by identity
+_strategies = functools.lru_cache(maxsize=1024)(strategies_for)
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ class SearchContext:
         key = (setting.pp, setting.microbatches)
         if key not in self._tables:
             d, mb = p.num_devices // setting.pp, p.global_batch // setting.microbatches
-            strategies = strategies_for(d, p.devices_per_node, mb, p.space, p.rules)
+            strategies = _strategies(d, p.devices_per_node, mb, p.space, p.rules)
             tables = None
             if strategies:
                 tables = [p.cost(StageQuery(setting.pp, k, k * d, d, mb, strategies)) for k in range(setting.pp)]
