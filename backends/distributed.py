@@ -443,9 +443,14 @@ class CompiledModel:
         """Collective: the norm over the whole model of these gradients of this rank's parameters
         (each piece counted once: pcompile.runtime.grad_norm), the same on every rank."""
         self._check_lowered(values=False)
-        by_grad = {id(p.grad): p for p in self.parameters() if p.grad is not None}
-        replicas = self._replicas()
-        return grad_norm.global_norm(grads, [replicas[id(by_grad[id(g)])] for g in grads], norm_type,
+        by_grad = {id(p.grad): (name, p) for name, p in self.named_parameters() if p.grad is not None}
+        replicas, terms = self._replicas(), []
+        for g in grads:
+            name, p = by_grad[id(g)]
+            # re-stacked expert weights (FlexMoE): their rows are held by different numbers of ranks
+            terms += self.experts.norm_terms(name, g, replicas[id(p)]) if self.experts is not None else \
+                [(g, replicas[id(p)])]
+        return grad_norm.global_norm([g for g, _ in terms], [n for _, n in terms], norm_type,
                                      error_if_nonfinite, reduce_device=self.device)
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False,
@@ -492,7 +497,7 @@ class CompiledModel:
     # -- full (unsharded) views, collective ------------------------------------------------
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """The full tensor of this rank's piece of `name` (the optimizer's piece: a ZeRO-2 chunk)."""
-        if self.experts is not None and name in self.experts.owner:  # held by one rank of the ep group
+        if self.experts is not None and self.experts.gathers(name):  # held by ep ranks by their placement
             return self.experts.full(name, local)
         zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
         local = gather_shards(local, zero3, self.groups.get(zero3.axis) if zero3 else None)  # dp, then tp

@@ -5,7 +5,13 @@ Each rank holds its own experts only (ExpertStorage): their gradients are summed
 ranks holding the same experts and divided by dp, not averaged over dp (the pass's docstring).
 Each MoE layer's placement (pcompile.runtime.expert_placement) can change between steps
 (FlexMoE's rebalancing, backends/expert_rebalance.py): experts moved, hot ones replicated on
-several ranks of the ep group; every ep group of the dp group uses the same placement."""
+several ranks of the ep group; every ep group of the dp group uses the same placement.
+Batched expert weights (HF Mixtral: `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) are held
+as stacked rows: a rank's local tensor has one row per expert it holds, in its slot order, so
+the static placement's rows are exactly the "ep" Shard of param_shardings (the chunk
+r*E/ep ..) and a rebalancing re-stacks them (ExpertStorage.restacked: names whose rows no
+longer are that chunk; full tensors, checkpoints and the gradient norm then read the rows by
+the placement instead of the Shard)."""
 from __future__ import annotations
 
 import itertools
@@ -39,6 +45,11 @@ class ExpertLayer:
     num_experts: int
     gated: bool
     route: str
+    stacked: tuple[str, ...] = ()  # batched weights (gated): the stacked parameters' names, row e = expert e
+
+    @property
+    def params(self) -> tuple[str, ...]:
+        return self.stacked + tuple(name for names in self.experts for name in names)
 
 
 def ep_degree(gm) -> int:
@@ -77,7 +88,8 @@ class ExpertStorage:
     pass's derivation: each owner holds sum over its ep group's parts of dL_r/dtheta, the serial
     gradient is (1/dp) sum over all parts). Full tensors are broadcast from the owner.
     `chunked`: batched expert weights split along the experts over ep (param_shardings: their
-    chunks taken and gathered as tensor parallelism's), synced as the owned experts are."""
+    chunks taken and gathered as tensor parallelism's), synced as the owned experts are; after a
+    rebalancing their rows are re-stacked per the placement (`restacked`, the module docstring)."""
 
     def __init__(self, owner: dict[str, int], ep: int, groups: dict, coords: dict, shapes: dict,
                  chunked: frozenset = frozenset(), layers: tuple = ()):
@@ -94,6 +106,8 @@ class ExpertStorage:
         for layer in layers:
             expert_parallel.bind_routing(layer.route, self.routes[layer.name])
         self.names = set(owner) | set(chunked)  # every expert parameter: none is averaged over dp
+        self.stacked_layer = {name: layer for layer in layers for name in layer.stacked}
+        self.restacked: set[str] = set()  # stacked weights whose rows follow a non-static placement
         self._named: list = []
         self._params: list = []  # (leaf, holder of .grad), held
         self._remote: list = []  # holders of the experts held elsewhere
@@ -157,20 +171,27 @@ class ExpertStorage:
     def _sum_replicas(self) -> None:
         """A replicated expert's holders each computed its gradient from their part of its rows:
         summed over them (one all-reduce over the ep group of every replicated expert's
-        gradients, zeros from the ranks not holding it), so every replica steps the same."""
-        replicated = [name for name, held in self.holders.items() if len(held) > 1]
-        if not replicated:
-            return
+        gradients - whole parameters, or its row of stacked weights - zeros from the ranks not
+        holding it), so every replica steps the same."""
         grads = dict((name, holder.grad) for name, holder in self._params)
+        pieces = [(_numel(self.shapes[name]), grads.get(name))
+                  for name, held in self.holders.items() if len(held) > 1]
+        for layer in self.layers:
+            placement = self.routes[layer.name].placement
+            rows = {e: j for j, e in enumerate(placement.slots(self.coord))}
+            for e, held in enumerate(placement.holders if layer.stacked else ()):
+                if len(held) > 1:
+                    pieces += [(_numel(self.shapes[name][1:]), grads[name][rows[e]] if e in rows else None)
+                               for name in layer.stacked]
+        if not pieces:
+            return
         like = self._named[0][2]  # dtype and device of the gradients (a rank may hold no expert)
-        flat = torch.cat([grads[name].reshape(-1) if name in grads else
-                          like.new_zeros(_numel(self.shapes[name])) for name in replicated])
+        flat = torch.cat([like.new_zeros(n) if grad is None else grad.reshape(-1) for n, grad in pieces])
         dist.all_reduce(flat, group=self.group)
         offset = 0
-        for name in replicated:
-            n = _numel(self.shapes[name])
-            if name in grads:
-                grads[name].copy_(flat[offset:offset + n].view_as(grads[name]))
+        for n, grad in pieces:
+            if grad is not None:
+                grad.copy_(flat[offset:offset + n].view_as(grad))
             offset += n
 
     def move(self, layer: ExpertLayer, placement: ExpertPlacement, state_of) -> None:
@@ -183,6 +204,8 @@ class ExpertStorage:
         Gradients must be cleared first (backends/expert_rebalance.py checks)."""
         routing = self.routes[layer.name]
         leaves = {name: leaf for name, leaf, _ in self._named}
+        if layer.stacked:
+            self._restack(layer, placement, [(leaves[name], state_of(leaves[name])) for name in layer.stacked])
         for e, names in enumerate(layer.experts):
             before, after = routing.placement.holders[e], placement.holders[e]
             if before == after:
@@ -215,13 +238,69 @@ class ExpertStorage:
         routing.place(placement)
         self.attach(self._named)
 
+    def _restack(self, layer: ExpertLayer, placement: ExpertPlacement, pieces: list) -> None:
+        """move() for batched weights: each expert gaining holders has its rows (of every stacked
+        parameter and of its optimizer states, `pieces`: (leaf, state dict)) broadcast from its
+        first holder; then every tensor of a rank whose experts changed is re-stacked in its new
+        slot order from its kept rows and the received ones (.data replaced, as in move())."""
+        old = {e: j for j, e in enumerate(self.routes[layer.name].slots[self.coord])}
+        new = placement.slots(self.coord)
+        tensors = [(name, t) for name, (leaf, state) in zip(layer.stacked, pieces) for t in (leaf, *state.values())]
+        sizes = [_numel(self.shapes[name][1:]) for name, _ in tensors]
+        received = {}
+        for e in range(layer.num_experts):
+            before, after = self.routes[layer.name].placement.holders[e], placement.holders[e]
+            if not set(after) - set(before):
+                continue
+            if self.coord == before[0]:
+                flat = torch.cat([t.detach()[old[e]].reshape(-1) for _, t in tensors])
+            else:
+                flat = tensors[0][1].new_empty(sum(sizes))
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, before[0]), group=self.group)
+            if e in new and e not in old:
+                received[e] = flat.split(sizes)
+        if tuple(old) != new:
+            for i, (name, t) in enumerate(tensors):
+                rows = [t.detach()[old[e]] if e in old else received[e][i].view(self.shapes[name][1:]) for e in new]
+                t.data = torch.stack(rows) if rows else t.data.new_empty((0, *self.shapes[name][1:]))
+        if placement == ExpertPlacement.static(layer.num_experts, self.ep):  # the Shard's chunk again
+            self.restacked -= set(layer.stacked)
+        else:
+            self.restacked |= set(layer.stacked)
+
+    def gathers(self, name: str) -> bool:
+        """Whether `full` (not the param_shardings' gather) gives parameter `name`'s full tensor."""
+        return name in self.owner or name in self.restacked
+
     def full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """Collective over the ep group: the owner's tensor `name` (a parameter, its gradient or
-        an optimizer state of its shape) on every rank."""
+        an optimizer state of its shape) on every rank; re-stacked weights: each expert's row
+        from its first holder (summed with the others' zeros: exact)."""
+        if name in self.restacked:
+            placement = self.routes[self.stacked_layer[name].name].placement
+            out = local.new_zeros(self.shapes[name])
+            for j, e in enumerate(placement.slots(self.coord)):
+                if placement.holders[e][0] == self.coord:
+                    out[e] = local.detach()[j]
+            dist.all_reduce(out, group=self.group)
+            return out
         out = local.detach().clone() if self.coord in self.holders[name] else \
             torch.empty(self.shapes[name], dtype=local.dtype, device=local.device)
         dist.broadcast(out, src=dist.get_global_rank(self.group, self.holders[name][0]), group=self.group)
         return out
+
+    def local_rows(self, name: str, full: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of re-stacked weight `name`'s full tensor (a checkpoint's value)."""
+        slots = self.routes[self.stacked_layer[name].name].placement.slots(self.coord)
+        return full[list(slots)]
+
+    def norm_terms(self, name: str, grad: torch.Tensor, replicas: int) -> list[tuple[torch.Tensor, int]]:
+        """(piece, ranks holding it) of a gradient for the global norm: a re-stacked weight's
+        rows one by one, expert e's held by m_e times the `replicas` its "ep" Shard counts."""
+        if name not in self.restacked:
+            return [(grad, replicas)]
+        placement = self.routes[self.stacked_layer[name].name].placement
+        return [(grad[j], replicas * len(placement.holders[e])) for j, e in enumerate(placement.slots(self.coord))]
 
 
 def _numel(shape: tuple) -> int:
@@ -290,7 +369,8 @@ def bind_routes(modules: list) -> tuple[ExpertLayer, ...]:
             if name not in layers:
                 step = 0 if gated else (4 if node.args[7] else 2)
                 experts = () if gated else tuple(names[i:i + step] for i in range(0, len(names), step))
-                layers[name] = ExpertLayer(name, experts, node.args[6], gated, f"pcompile-moe{next(_ROUTE_IDS)}/{name}")
+                layers[name] = ExpertLayer(name, experts, node.args[6], gated, f"pcompile-moe{next(_ROUTE_IDS)}/{name}",
+                                           tuple(names) if gated else ())
             node.kwargs = {**node.kwargs, "route": layers[name].route}
             touched.add(graph_module)
     for graph_module in touched:
@@ -306,7 +386,7 @@ def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
     if not (owner or chunked) or AXIS not in groups:
         return None
     modules = gm if isinstance(gm, list) else [gm]
-    shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in owner}
+    shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in set(owner) | chunked}  # full shapes
     storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked, bind_routes(modules))
     storage.drop_remote(modules)
     return storage

@@ -9,15 +9,16 @@ Rebalancing, between steps (after optimizer.step() and zero_grad()), collective:
 are summed as above (the same on every rank), the planner (pcompile.runtime.expert_placement)
 proposes a placement per layer, the same on every rank, and the storage
 (backends/expert_groups.py ExpertStorage.move) broadcasts each expert gaining holders, with its
-optimizer state, from its first holder inside every ep group. Numerics do not change: every
+optimizer state, from its first holder inside every ep group (batched expert weights, HF
+Mixtral's: its rows of the stacked tensors and of their moments, each rank's tensors then
+re-stacked with one row per expert it holds). Numerics do not change: every
 token still meets the same expert weights (a replica computes part of its rows), and a
 replicated expert's gradient is summed over all its holders before the division by dp, so
 each replica steps the same gradient from the same moments (the serial update).
 
-Refused with a PcompileError: plans without ep, pipelined plans, batched expert weights (HF
-Mixtral / Qwen-MoE: each rank holds one chunk of the stacked tensor, which cannot hold another
-set of experts), mixed precision (the bf16 copies and fp32 masters would both need moving),
-per-layer (dp, tp) layouts, gradients not cleared, an optimizer with expert state not passed.
+Refused with a PcompileError: plans without ep, pipelined plans, mixed precision (the bf16
+copies and fp32 masters would both need moving), per-layer (dp, tp) layouts, gradients not
+cleared, an optimizer with expert state not passed.
 """
 from __future__ import annotations
 
@@ -88,10 +89,6 @@ def _refuse_unsupported(cm, storage) -> None:
     fix = "train without rebalancing (the static placement is exact too)"
     if cm.plan.pp > 1:
         raise PcompileError("expert rebalancing of a pipelined plan is not supported yet", fix + ", or use pp=1")
-    gated = [layer.name for layer in storage.layers if layer.gated]
-    if gated:
-        raise PcompileError(f"expert rebalancing of batched expert weights ({', '.join(gated)}: each rank holds one "
-                            "chunk of the stacked tensors) is not supported", fix)
     if cm.masters is not None:
         raise PcompileError("expert rebalancing under mixed precision is not supported yet", fix + ", or use fp32")
     if cm.layout is not None:
@@ -127,7 +124,7 @@ def rebalance(cm, optimizer=None, threshold: float = 1.25, capacity: int | None 
     forces them instead. Returns the placements applied (the loads measured are reset)."""
     storage = _storage(cm, "rebalance()")
     _refuse_unsupported(cm, storage)
-    expert_names = {name for layer in storage.layers for names in layer.experts for name in names}
+    expert_names = {name for layer in storage.layers for name in layer.params}
     pending = [leaf for name, leaf, holder in storage._named if name in expert_names
                for g in (leaf.grad, holder.grad) if g is not None and bool(g.ne(0).any())]
     measured, (dirty,) = _summed(cm, storage, [float(len(pending))])

@@ -18,7 +18,8 @@ sum_{r in G} dL_r/dtheta_e. The experts therefore skip the dp averaging: an owne
 summed over the owners of e in the dp/ep ep groups of the dp group ("edp"; nothing when
 ep == dp) and divided by dp, which is (1/dp) sum_r dL_r/dtheta_e, the serial gradient.
 full_state_dict / full_grads broadcast each expert from its owner; the gradient norm counts it
-once; checkpoints, init_weights and load_weights refuse ep plans (not supported yet).
+once; checkpoints save and load each rank's experts (pcompile/checkpoint.py); init_weights
+and load_weights refuse ep plans (not supported yet).
 
 FlexMoE's rebalancing (cm.rebalance: backends/expert_rebalance.py) changes who holds which
 expert between steps: an expert with m holders in each ep group gets its rows cut into m parts,
@@ -30,8 +31,9 @@ Batched expert weights (Hugging Face Mixtral / Qwen-MoE under torch.export, read
 grouped-mm experts: pcompile.sharding.moe) become one `gated_expert_mixture` node instead,
 the stacked weights split along the experts' dim over "ep" (a Shard in param_shardings: each
 rank takes its E/ep experts' chunk, full_state_dict gathers it as tensor parallelism's; the
-checkpoint / init refusals hold as for the modules form); their gradients are summed over the
-ranks holding the same chunk and divided by dp as the modules form's.
+init refusals hold as for the modules form); their gradients are summed over the ranks holding
+the same chunk and divided by dp as the modules form's. A rebalancing re-stacks a rank's rows
+to the experts its placement gives it (backends/expert_groups.py): the graph does not change.
 
 Under tp > 1 the experts (either form) stay whole on every tp rank, which holds the layer's
 tokens whole between attention's row-parallel output and the next block: each tp coordinate's

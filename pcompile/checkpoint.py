@@ -120,12 +120,20 @@ def _placed(cm, name: str, local: torch.Tensor, meshes: dict):
             if s is not None and s.size > 1]
     if not cuts or not _distributed():
         return local
-    if any(c.blocks > 1 for c in cuts):  # block-wise (fused qkv): no DTensor placement says so; saved whole
+    # block-wise (fused qkv), or batched expert weights re-stacked by a rebalancing (a rank's rows
+    # are any set of experts, backends/expert_groups.py): no DTensor placement says so; saved whole
+    if any(c.blocks > 1 for c in cuts) or name in _restacked(cm):
         return _full(cm, name, local)
     axes = tuple(c.axis for c in cuts)
     if axes not in meshes:
         meshes[axes] = _mesh(cm, axes, local.device.type)
     return DTensor.from_local(local, meshes[axes], [Shard(c.dim) for c in cuts], run_check=False)
+
+
+def _restacked(cm) -> set[str]:
+    """Batched expert weights whose rows follow a rebalanced placement, not their "ep" Shard."""
+    experts = getattr(cm, "experts", None)
+    return set() if experts is None else experts.restacked
 
 
 def _remote_experts(cm) -> set[str]:
@@ -224,6 +232,8 @@ def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
     """This rank's part of a loaded value: a DTensor's shard, or a whole block-wise split one's chunks."""
     if isinstance(value, DTensor):
         return value.to_local()
+    if name in _restacked(cm) and value.shape != like.shape:  # loaded whole (_placed): this rank's experts' rows
+        return cm.experts.local_rows(name, value)
     for cut in (cm.ir.param_shardings.get(name), _sdp_shardings(cm).get(name)):
         if value.shape != like.shape and cut is not None and cut.size > 1:
             value = cut.chunk(value, cm.coords[cut.axis])

@@ -155,7 +155,7 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
         return dense.view(tokens.shape)
     routing = _routing(route, size, num_experts)
     return _dispatch(tokens, indices, gates, group, routing, tokens.shape[-1],
-                     lambda e, rows: _expert(rows, activation, experts[e]))
+                     lambda slot, e, rows: _expert(rows, activation, experts[e]))
 
 
 def _gated_expert(x: torch.Tensor, activation: str, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -169,9 +169,10 @@ def gated_expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: tor
                          size: int, num_experts: int, gate_up: torch.Tensor, down: torch.Tensor,
                          route: str | None = None) -> torch.Tensor:
     """expert_mixture for batched expert weights (Hugging Face Mixtral / Qwen-MoE): `gate_up`
-    (E/size, 2I, H) and `down` (E/size, H, I) are this rank's chunks of the experts' stacked
-    weights (rank r: experts r*E/size ..; its routing keeps that static placement: the chunks
-    cannot be re-placed)."""
+    (n, 2I, H) and `down` (n, H, I) hold the stacked rows of this rank's n experts, row j the
+    routing's slot j (its j-th held expert, ascending): under the static placement the chunk
+    r*E/size .. of the stacked weights, after a rebalancing whichever experts the placement
+    gives the rank (backends/expert_groups.py re-stacks them)."""
     group = collectives._group(axis)
     if group is None:  # the local experts only, densely (shapes)
         k, width = indices.shape[-1], tokens.shape[-1]
@@ -183,14 +184,13 @@ def gated_expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: tor
         for e, (w1, w2) in enumerate(experts):
             out = out + weights[:, e:e + 1] * _gated_expert(x, activation, w1, w2)
         return out.view(tokens.shape)
-    first = dist.get_rank(group) * (num_experts // size)
     return _dispatch(tokens, indices, gates, group, _routing(route, size, num_experts), down.shape[1],
-                     lambda e, rows: _gated_expert(rows, activation, gate_up[e - first], down[e - first]))
+                     lambda slot, e, rows: _gated_expert(rows, activation, gate_up[slot], down[slot]))
 
 
 def _dispatch(tokens, indices, gates, group, routing: Routing, out_width: int, compute) -> torch.Tensor:
-    """Steps 1-5 of the module docstring; `compute(e, rows)`: expert e (one of this rank's
-    slots) on its rows."""
+    """Steps 1-5 of the module docstring; `compute(slot, e, rows)`: expert e (this rank's slot
+    `slot`) on its rows."""
     shape, width = tokens.shape, tokens.shape[-1]
     k, size, capacity = indices.shape[-1], routing.placement.ranks, routing.capacity
     x, chosen, gate = tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k)
@@ -215,7 +215,7 @@ def _dispatch(tokens, indices, gates, group, routing: Routing, out_width: int, c
     for j, e in enumerate(routing.slots[dist.get_rank(group)]):
         at = (slot == j).nonzero().squeeze(1)
         if at.numel():
-            computed = computed.index_add(0, at, compute(e, rows[at]))
+            computed = computed.index_add(0, at, compute(j, e, rows[at]))
     if rows.requires_grad and not computed.requires_grad:
         # no rows for this rank's experts: still one backward all-to-all per forward one on every
         # rank of the group (collectives must match), with a zero gradient

@@ -82,7 +82,7 @@ def _accumulation(cm, serial, inputs) -> tuple[float, float]:
 
 
 def _rebalance_refused(cm) -> str | None:
-    """The cause of cm.rebalance()'s refusal (batched experts, pipelines), or None."""
+    """The cause of cm.rebalance()'s refusal (pipelines), or None."""
     from pcompile.errors import PcompileError
 
     try:
@@ -97,7 +97,7 @@ def compare_many(cases) -> list[dict]:
     steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
     experts per layer rank 0 holds, the clipping norm's gap to serial after one more step,
     the tokens cm.expert_loads() counted per layer over the 3
-    steps and (Mixtral, pipelines) why cm.rebalance() refused."""
+    steps and (pipelines) why cm.rebalance() refused."""
     out = []
     for coef, plan, *options in cases:
         cfg = dataclasses.replace(CFG, aux_loss_coef=coef, top_k=1 if "top1" in options else CFG.top_k)
@@ -114,7 +114,7 @@ def compare_many(cases) -> list[dict]:
         loads = cm.expert_loads() if plan.pp == 1 else {}  # the 3 steps' tokens per expert (pipelines refuse)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": mixtures, "routed": [sum(v) for v in loads.values()],
-                    "rebalance_refused": _rebalance_refused(cm) if "mixtral" in options or plan.pp > 1 else None,
+                    "rebalance_refused": _rebalance_refused(cm) if plan.pp > 1 else None,
                     "all_to_alls": all_to_all.call_count, "held": _held(cm),
                     "norm_diff": _norm_gap(cm, serial, inputs)})
         if "accumulate" in options:
@@ -128,17 +128,22 @@ FORCED = {4: ExpertPlacement(((0, 1), (2,), (0, 3), (1,)), 4),  # r0:[0, 2] r1:[
           2: ExpertPlacement(((0, 1), (1,), (0,), (0, 1)), 2)}  # r0:[0, 2, 3] r1:[0, 1, 3]
 
 
-def _rebalanced(plan, skew: bool) -> dict:
+def _rebalanced(plan, kind: str) -> dict:
     """3 AdamW steps side by side with the serial model, the experts rebalanced between steps 1
-    and 2: forced (FORCED) or, with the skewed router, as the planner proposes (threshold 1.0).
-    Also: the loads step 1 measured, the placements applied, the rebalanced ranks' loads of
-    step 2 (max / mean), how many experts rank 0 holds after, and the full state's gap."""
+    and 2: forced (FORCED; kind "forced", or "mixtral": HF Mixtral's batched experts) or, kind
+    "skewed", as the planner proposes for the skewed router (threshold 1.0). Also: the loads
+    step 1 measured, the placements applied, the rebalanced ranks' loads of step 2 (max /
+    mean), how many experts rank 0 holds after, and the full state's gap."""
     from tests.distributed.ranks import _max_diff, gap
 
     torch.manual_seed(0)
-    model = skewed(CFG) if skew else MoEGPT(CFG)
-    serial = copy.deepcopy(model)
+    model = skewed(CFG) if kind == "skewed" else MoEGPT(CFG)
     inputs = lambda step: moe_gpt_inputs(CFG, BATCH, seed=step)  # noqa: E731
+    if kind == "mixtral":
+        from tests.distributed.ranks_statistics import batch, mixtral
+
+        model, inputs = mixtral(), batch
+    serial = copy.deepcopy(model)
     cm = pcompile.compile(model, pcompile.Cluster.local(4), inputs(0), plan=plan)
     optimizers = (torch.optim.AdamW(cm.parameters(), lr=1e-2), torch.optim.AdamW(serial.parameters(), lr=1e-2))
     ep = plan.strategy_for("blocks.0").ep  # the MoE blocks' (the default may be ep=1)
@@ -146,7 +151,7 @@ def _rebalanced(plan, skew: bool) -> dict:
     for step in range(3):
         if step == 1:
             out["loads"] = cm.expert_loads()
-            forced = None if skew else {layer: FORCED[ep] for layer in out["loads"]}
+            forced = None if kind == "skewed" else {layer: FORCED[ep] for layer in out["loads"]}
             applied = cm.rebalance(optimizers[0], threshold=1.0, placements=forced)
             out["applied"] = {layer: p.describe() for layer, p in applied.items()}
         batch = inputs(step)
@@ -162,22 +167,52 @@ def _rebalanced(plan, skew: bool) -> dict:
         if step == 1:
             after = cm.expert_loads()
             out["imbalance_after"] = max(cm.experts.routes[layer].placement.imbalance(after[layer]) for layer in after)
-    out["imbalance_before"] = max(ExpertPlacement.static(CFG.num_experts, ep).imbalance(loads)
+    out["imbalance_before"] = max(ExpertPlacement.static(len(loads), ep).imbalance(loads)
                                   for loads in out["loads"].values())
     out["held_after"] = _held(cm)
     out["param_diff"] = _max_diff(cm.full_state_dict(), serial.state_dict())
+    if kind == "mixtral":
+        out["saved_diff"], out["loaded_diff"] = _round_trip(cm, optimizers[0], serial)
     out["norm_diff"] = _norm_gap(cm, serial, inputs)
     return out
 
 
+def _round_trip(cm, optimizer, serial) -> tuple[float, float]:
+    """A checkpoint of the rebalanced model (its re-stacked expert weights saved whole): its
+    parameters read back as a plain state dict vs serial's, and, loaded into `cm` after its
+    parameters and moments were zeroed, the worst gap of parameters (to serial's) and moments
+    (to what they were before)."""
+    import shutil
+    import tempfile
+
+    from pcompile import checkpoint
+    from tests.distributed.ranks import _max_diff
+
+    where = [tempfile.mkdtemp(prefix="pcompile-moe-") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(where)
+    path = checkpoint.save(cm, where[0], optimizer, step=3)
+    saved = _max_diff(checkpoint.load_full(path), serial.state_dict())
+    moments = checkpoint.full_optimizer_state(cm, optimizer)
+    with torch.no_grad():
+        for tensor in [*cm.parameters(), *(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0)]:
+            tensor.zero_()
+    checkpoint.load(cm, path, optimizer)
+    loaded = max(_max_diff(cm.full_state_dict(), serial.state_dict()),
+                 _max_diff(checkpoint.full_optimizer_state(cm, optimizer), moments))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(where[0], ignore_errors=True)
+    return saved, loaded
+
+
 def compare_rebalanced(cases) -> list[dict]:
-    """Each (plan, skewed): `_rebalanced`, with its seconds on this rank."""
+    """Each (plan, kind): `_rebalanced`, with its seconds on this rank."""
     import time
 
     out = []
-    for plan, skew in cases:
+    for plan, kind in cases:
         began = time.perf_counter()
-        out.append(_rebalanced(plan, skew))
+        out.append(_rebalanced(plan, kind))
         out[-1]["seconds"] = time.perf_counter() - began
     return out
 

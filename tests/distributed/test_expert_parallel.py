@@ -14,13 +14,16 @@ checkpointed); gradients accumulated over no_sync steps and over synced steps
 experts per layer, the gradient norm clipping computes counts each expert once (equal to
 serial's) (checkpoints under ep: tests/distributed/test_checkpoint.py). FlexMoE's rebalancing between
 steps 1 and 2: the skewed router's dp4·ep4 as the planner proposes (experts 0 and 1 replicated on
-two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0) and dp4·ep2 forced to a
-placement that moves two experts and replicates two: loss and gradients within 1e-5 of serial
-after each of the 3 steps, parameters (full_state_dict) and the clipping norm too; and `pcompile
+two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0), dp4·ep2 forced to a
+placement that moves two experts and replicates two, and Mixtral's batched experts under dp4·ep2
+forced to the same placement (each rank's stacked rows re-stacked: 3 experts held, replicas'
+rows summed): loss and gradients within 1e-5 of serial after each of the 3 steps, parameters
+(full_state_dict) and the clipping norm too, and for Mixtral a checkpoint of the rebalanced
+model (saved, read back whole, loaded into it after zeroing its parameters and moments); and `pcompile
 run --rebalance-every 1` (cli.train_rank) on the skewed model under dp4·ep4: its losses are
 serial's and it rebalanced after step 1 only (then balanced); cm.expert_loads() counts every
 routed token once (checkpointed blocks too; pipelines refuse it) and rebalancing refuses
-Mixtral's batched experts and pipelines. One 4-rank launch."""
+pipelines. One 4-rank launch."""
 import dataclasses
 
 import pcompile
@@ -42,7 +45,9 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
          (0.0, Plan.uniform(dp=2, tp=2, ep=2), "mixtral"), (0.0, PP_ONE, "mixtral")]  # tp2 attention; a pipeline
 
 
-REBALANCED = [(Plan.uniform(dp=4, ep=4), True), (Plan.uniform(dp=4, ep=2), False)]  # (plan, skewed router)
+# (plan, kind): the skewed router as the planner places it; placements forced (MoE GPT, Mixtral)
+REBALANCED = [(Plan.uniform(dp=4, ep=4), "skewed"), (Plan.uniform(dp=4, ep=2), "forced"),
+              (Plan.uniform(dp=4, ep=2), "mixtral")]
 
 
 def test_expert_parallel_matches_serial():
@@ -60,10 +65,9 @@ def test_expert_parallel_matches_serial():
         if "mixtral" not in options:  # 3 steps x 8 x 8 tokens x top-k, once each (checkpoint recomputation too)
             top_k = 1 if "top1" in options else 2
             assert r["routed"] == ([3 * 8 * 8 * top_k] * 2 if plan.pp == 1 else []), r
-        if "mixtral" in options or plan.pp > 1:
-            assert "batched expert" in r["rebalance_refused"] if "mixtral" in options and plan.pp == 1 else \
-                "pipelined" in r["rebalance_refused"], r
-    skewed, forced = rebalanced
+        if plan.pp > 1:
+            assert "pipelined" in r["rebalance_refused"], r
+    skewed, forced, mixtral = rebalanced
     for r in rebalanced:
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
         assert r["param_diff"] < 1e-4, r  # AdamW's first steps on near-zero gradients (observed < 1e-5)
@@ -72,6 +76,8 @@ def test_expert_parallel_matches_serial():
     assert set(skewed["applied"].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, skewed
     assert skewed["imbalance_before"] == 2.0 and skewed["imbalance_after"] == 1.0 and skewed["held_after"] == 1, skewed
     assert set(forced["applied"].values()) == {FORCED[2].describe()} and forced["held_after"] == 3, forced
+    assert set(mixtral["applied"].values()) == {FORCED[2].describe()} and mixtral["held_after"] == 3, mixtral
+    assert mixtral["saved_diff"] < 1e-4 and mixtral["loaded_diff"] < 1e-4, mixtral  # as param_diff
     assert all(abs(a - b) < 1e-5 for a, b in zip(run["losses"], run["serial"])) and len(run["losses"]) == 3, run
     assert set(run["rebalanced"][0].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, run
     assert run["rebalanced"][1:] == [{}, None], run  # balanced after; none after the last step
