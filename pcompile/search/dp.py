@@ -59,6 +59,7 @@ class _State(NamedTuple):
     shift: np.ndarray  # V - w per row: the first of the V cells its row reads
     cost: np.ndarray  # [rows, 1]
     live: bool
+    memo: dict  # "best": best(), kept (a child entered through one source class reads it too)
 
     def f(self) -> np.ndarray:
         """[rows, V], each row read from a strided window of its class's padded row (one gather)."""
@@ -77,7 +78,11 @@ class _State(NamedTuple):
 
     def best(self) -> np.ndarray:
         """min over strategies, per cell."""
-        return self.f().min(axis=0) if len(self.rows) else np.full(self.padded.shape[1] // 2, np.inf)
+        got = self.memo.get("best")
+        if got is None:
+            got = self.memo["best"] = (self.f().min(axis=0) if len(self.rows)
+                                       else np.full(self.padded.shape[1] // 2, np.inf))
+        return got
 
     def argmin(self, values: np.ndarray) -> int:
         """The strategy of the first smallest of `values` (one per row): the full [strategy]
@@ -183,7 +188,8 @@ class StageSolver:
         V = self.V
         layer = self._layer(info.layer, theta)
         if not len(layer.valid) or (prev is not None and not prev.live):
-            return _State(layer.valid[:0], np.full((1, 2 * V), np.inf), None, layer.shift[:0], layer.cost[:0], False)
+            return _State(layer.valid[:0], np.full((1, 2 * V), np.inf), None, layer.shift[:0], layer.cost[:0], False,
+                          {})
         if prev is None or info.incoming == SEAM:  # no switch: one class, h = 0 (first) or min of prev
             targets, which = _ONE, None
         else:
@@ -198,23 +204,22 @@ class StageSolver:
         h = padded[:, V:]
         if prev is None:
             h[:] = 0.0
+        elif targets is _ONE:
+            h[0] = prev.best()
         else:
-            f = prev.f()
-            if targets is _ONE:
-                np.min(f, axis=0, out=h[0])
-            else:
-                sources = labels[prev.rows]
-                if (sources == sources[0]).all():  # one source class
-                    np.add(f.min(axis=0), (self.c * rows[sources[0], targets])[:, None], out=h)
-                else:  # a few classes (activation layouts): a loop beats a [class, target, V] array
-                    for n, c in enumerate(unique(sources)):
-                        moved = f[sources == c].min(axis=0) + (self.c * rows[c, targets])[:, None]
-                        if n:
-                            np.minimum(h, moved, out=h)
-                        else:
-                            h[:] = moved
+            sources = labels[prev.rows]
+            if (sources == sources[0]).all():  # one source class
+                np.add(prev.best(), (self.c * rows[sources[0], targets])[:, None], out=h)
+            else:  # a few classes (activation layouts): a loop beats a [class, target, V] array
+                f = prev.f()
+                for n, c in enumerate(unique(sources)):
+                    moved = f[sources == c].min(axis=0) + (self.c * rows[c, targets])[:, None]
+                    if n:
+                        np.minimum(h, moved, out=h)
+                    else:
+                        h[:] = moved
         last = h[0, layer.shift - 1] if which is None else h[which, layer.shift - 1]  # f[:, V - 1] - cost
-        return _State(layer.valid, padded, which, layer.shift, layer.cost, bool((last < math.inf).any()))
+        return _State(layer.valid, padded, which, layer.shift, layer.cost, bool((last < math.inf).any()), {})
 
     def dual(self, key: int) -> np.ndarray:
         """[theta of the sequence, lambda]: sum over its layers of min over strategies with temp
