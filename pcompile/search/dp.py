@@ -121,6 +121,7 @@ class StageSolver:
         self._own_dual: dict[tuple, np.ndarray] = {}
         self._lams: np.ndarray | None = None
         self._bounds_memo: dict[int, tuple] = {}
+        self._reserved: dict[int, tuple] = {}  # id(thetas) -> what _bounds reads of their cells
         self._upper: dict[int, tuple] = {}
         self._layers: dict[tuple, tuple] = {}
 
@@ -230,7 +231,7 @@ class StageSolver:
         if got is None:
             info = self.index.info[key]
             # the layer's own term depends on its row and the thresholds only: identical blocks share it
-            own = (self.index.row_sig[info.layer], info.thetas.tobytes())
+            own = (self.index.row_sig[info.layer], id(info.thetas))  # thetas: one array per set (TableIndex)
             got = self._own_dual.get(own)
             if got is None:
                 temp = self.index.table.temp_memory[info.layer]
@@ -272,17 +273,28 @@ class StageSolver:
             free, top, upper = self._free(key)
             bounds = []
             if len(thetas):
-                cells = self._cells_of(thetas[:-1])
-                keep = np.flatnonzero((cells >= 0) & (cells != top))
+                keep, v, last = self._reserve(thetas, top)
                 if len(keep):
-                    v = cells[keep]
                     relaxed = (self.dual(key)[keep] - self.lams[None, :] * v[:, None]).max(axis=1)
-                    bound = np.maximum(free[v], relaxed)
-                    # thresholds that reserve the same cells: only the largest (most strategies) counts
-                    group = {int(c): (float(b), float(t)) for c, b, t in zip(v, bound, thetas[keep])}
-                    bounds = sorted(group.values())
+                    bound = np.maximum(free[v], relaxed)[last]
+                    theta = thetas[keep][last]
+                    order = np.lexsort((theta, bound))  # as sorted() orders the (bound, theta) pairs
+                    bounds = list(zip(bound[order].tolist(), theta[order].tolist()))
             lower = min(upper, bounds[0][0]) if bounds else upper
             got = self._bounds_memo[key] = (upper, lower, bounds)
+        return got
+
+    def _reserve(self, thetas: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(the thresholds below the largest whose cells are >= 0 and not `top`'s, their cells v,
+        the positions in v of the largest threshold of each v: the one that counts, with the most
+        strategies): memoised per set of thresholds (v is non-increasing in theta)."""
+        got = self._reserved.get(id(thetas))
+        if got is None:
+            cells = self._cells_of(thetas[:-1])
+            keep = np.flatnonzero((cells >= 0) & (cells != top))
+            v = cells[keep]
+            last = np.flatnonzero(np.r_[v[1:] != v[:-1], True]) if len(v) else v
+            got = self._reserved[id(thetas)] = (keep, v, last)
         return got
 
     def upper(self, key: int) -> float:

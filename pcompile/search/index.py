@@ -76,6 +76,7 @@ class TableIndex:
         self._kept: dict[int, np.ndarray] = {}
         self.keys: dict[tuple[int, int, int], int] = {}
         self._sequences: dict[tuple, int] = {}  # segments -> key (sequence's memo)
+        self._thetas: dict[bytes, np.ndarray] = {}
         self.info: list[_Key] = [_key(-1, -1, FIRST, np.empty(0))]
 
     def child(self, parent: int, layer: int, incoming: int) -> int:
@@ -87,6 +88,8 @@ class TableIndex:
             key = len(self.info)
             self.keys[sig] = key
             thetas = unique(np.concatenate([self.info[parent].thetas, self.temps[layer]]))  # np.union1d
+            # one array per distinct set (most sequences share a few): the solvers' memos key on it
+            thetas = self._thetas.setdefault(thetas.tobytes(), thetas)
             self.info.append(_key(parent, layer, incoming, thetas))
         return key
 
