@@ -426,12 +426,13 @@ class SettingSolver:
         reaches `stop`: the stages after the first that does are not solved)."""
         return self._stages_max(segments, StageSolver.lower, stop)
 
-    def even_upper(self) -> float:
+    def even_upper(self, stop: float = math.inf) -> float:
         """The value of a real plan (even stages, each stage's unrestricted DP at budget M minus
-        its largest temp) from unrestricted states only: an upper bound of this setting."""
+        its largest temp) from unrestricted states only: an upper bound of this setting. Once it
+        reaches `stop` (a bound it is only compared with) the other stages are not solved."""
         s = self.setting
         segments = even_segments(self.indexes[0].table.layers, s.pp, s.chunks)
-        return math.inf if segments is None else self._stages_max(segments, StageSolver.upper)
+        return math.inf if segments is None else self._stages_max(segments, StageSolver.upper, stop)
 
     def lower_bound(self, bound: float) -> float:
         """A lower bound of this setting's optimum from unrestricted DP states only (no
@@ -451,7 +452,7 @@ class SettingSolver:
         if s.chunks > 1:
             plan = self.fixed(even_segments(self.indexes[0].table.layers, s.pp, s.chunks))
             return plan if plan is not None and plan.value <= bound else None
-        bound = min(bound, self.even_upper())
+        bound = min(bound, self.even_upper(bound))
         F, back = self._partition(bound, exact=True)
         L, pp = len(F) - 1, s.pp
         if not F[L] <= bound or F[L] == math.inf:

@@ -203,7 +203,7 @@ def best_plan(ctx: SearchContext, cells: int, ceil: bool, incumbent: float = mat
         if bound >= incumbent or bound > upper or bound == math.inf:
             break
         solver = ctx.solver(setting, cells, ceil)
-        upper = min(upper, solver.even_upper())
+        upper = min(upper, solver.even_upper(incumbent))  # an upper >= the incumbent cuts nothing
         relaxed = solver.lower_bound(min(incumbent, upper))
         if relaxed < incumbent and relaxed <= upper:
             heapq.heappush(queue, (relaxed, n, solver))
