@@ -498,7 +498,10 @@ class CompiledModel:
     def _full(self, name: str, local: torch.Tensor) -> torch.Tensor:
         """The full tensor of this rank's piece of `name` (the optimizer's piece: a ZeRO-2 chunk)."""
         if self.experts is not None and self.experts.gathers(name):  # held by ep ranks by their placement
-            return self.experts.full(name, local)
+            local, tp = self.experts.full(name, local), self.ir.param_shardings.get(name)
+            if name not in self.experts.owner or tp is None:
+                return local
+            return gather_shards(local, tp, self.groups.get(tp.axis))  # an expert's tp slices (etp)
         zero3, tp = self.sdp_shardings.get(name), self.ir.param_shardings.get(name)
         local = gather_shards(local, zero3, self.groups.get(zero3.axis) if zero3 else None)  # dp, then tp
         return gather_shards(local, tp, self.groups.get(tp.axis) if tp else None)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from pcompile.errors import PcompileError
+from pcompile.ir.placement import local_shape
 from pcompile.mesh import rank_grid
 from pcompile.runtime import expert_parallel, ops
 from pcompile.runtime.expert_placement import ExpertPlacement
@@ -46,6 +47,7 @@ class ExpertLayer:
     gated: bool
     route: str
     stacked: tuple[str, ...] = ()  # batched weights (gated): the stacked parameters' names, row e = expert e
+    tp_split: bool = False  # expert tensor parallelism: each expert's Linears split over tp
 
     @property
     def params(self) -> tuple[str, ...]:
@@ -103,6 +105,12 @@ class ExpertStorage:
         self.held = self._held()
         self.routes = {layer.name: expert_parallel.Routing(ExpertPlacement.static(layer.num_experts, ep))
                        for layer in layers}
+        # expert tensor parallelism: out's bias added by tp coordinate 0 only (passes/expert_parallel.py)
+        # and its gradient summed over tp (the other coordinates' is zero) so every copy steps alike
+        self.tp_split = any(layer.tp_split for layer in layers)
+        self._tp_biases = {names[3] for layer in layers if layer.tp_split for names in layer.experts if len(names) == 4}
+        for layer in layers:
+            self.routes[layer.name].adds_bias = not layer.tp_split or coords.get("tp", 0) == 0
         for layer in layers:
             expert_parallel.bind_routing(layer.route, self.routes[layer.name])
         self.names = set(owner) | set(chunked)  # every expert parameter: none is averaged over dp
@@ -160,6 +168,12 @@ class ExpertStorage:
                 holder.grad = torch.zeros_like(holder)
             if self.edp is not None:  # the same coordinate holds the same experts in every ep group
                 dist.all_reduce(holder.grad, group=self.edp)
+        biases = [holder.grad for name, holder in self._params if name in self._tp_biases]
+        if biases:  # etp: added (and differentiated) on tp coordinate 0 only
+            flat = torch.cat([g.reshape(-1) for g in biases])
+            dist.all_reduce(flat, group=self.groups["tp"])
+            for g, part in zip(biases, flat.split([g.numel() for g in biases])):
+                g.copy_(part.view_as(g))
         self._sum_replicas()
         for _, holder in self._params:
             holder.grad.div_(divisor)
@@ -370,7 +384,7 @@ def bind_routes(modules: list) -> tuple[ExpertLayer, ...]:
                 step = 0 if gated else (4 if node.args[7] else 2)
                 experts = () if gated else tuple(names[i:i + step] for i in range(0, len(names), step))
                 layers[name] = ExpertLayer(name, experts, node.args[6], gated, f"pcompile-moe{next(_ROUTE_IDS)}/{name}",
-                                           tuple(names) if gated else ())
+                                           tuple(names) if gated else (), bool(node.kwargs.get("tp_split")))
             node.kwargs = {**node.kwargs, "route": layers[name].route}
             touched.add(graph_module)
     for graph_module in touched:
@@ -386,7 +400,10 @@ def hold_local(gm, ir, groups: dict, coords: dict) -> ExpertStorage | None:
     if not (owner or chunked) or AXIS not in groups:
         return None
     modules = gm if isinstance(gm, list) else [gm]
-    shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in set(owner) | chunked}  # full shapes
+    # full shapes; an expert's tp slice under etp (its param_shardings: the shape each holder has)
+    shapes = {name: tuple(ir.gm.get_parameter(name).shape) for name in chunked}
+    shapes.update({name: tuple(local_shape(ir.gm.get_parameter(name).shape, ir.param_shardings.get(name)))
+                   for name in owner})
     storage = ExpertStorage(owner, ep_degree(ir.gm), groups, coords, shapes, chunked, bind_routes(modules))
     storage.drop_remote(modules)
     return storage

@@ -24,6 +24,10 @@ class Strategy:
     # expert parallelism: a mixture of experts' experts sharded over groups of `ep` ranks inside
     # the dp group, tokens dispatched to them with all-to-all (passes/expert_parallel.py)
     ep: int = 1
+    # expert tensor parallelism (with ep > 1 and tp > 1, checked by passes/expert_parallel.py):
+    # each expert's two Linears split Megatron-style over the tp group instead of whole on every
+    # tp rank; left out of the JSON when off, so plans written before it read and write the same bytes
+    etp: bool = False
 
     def __post_init__(self):
         for name in ("dp", "tp", "split", "ep"):
@@ -31,7 +35,7 @@ class Strategy:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PcompileError(f"strategy field {name}={value!r} must be a positive integer",
                                     f"set {name} to 1 or more")
-        for name in ("sdp", "sp", "checkpoint", "zero2"):
+        for name in ("sdp", "sp", "checkpoint", "zero2", "etp"):
             if not isinstance(getattr(self, name), bool):
                 raise PcompileError(f"strategy field {name}={getattr(self, name)!r} must be true or false",
                                     f"set {name} to true or false")
@@ -61,6 +65,8 @@ class Strategy:
             parts.append(f"split{self.split}")
         if self.ep > 1:
             parts.append(f"ep{self.ep}")
+        if self.etp:
+            parts.append("etp")
         return "·".join(parts)
 
 
@@ -213,7 +219,7 @@ class Plan:
 
     # -- JSON ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _without_etp_off(dataclasses.asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -257,3 +263,12 @@ class Plan:
         if not isinstance(data, dict):
             raise PcompileError("plan JSON is not an object", "write plans with Plan.to_json()")
         return Plan.from_dict(data)
+
+
+def _without_etp_off(data):
+    """Every strategy's `etp` dropped where false (the field came after plans were pinned)."""
+    if isinstance(data, dict):
+        return {k: _without_etp_off(v) for k, v in data.items() if not (k == "etp" and not v)}
+    if isinstance(data, (list, tuple)):
+        return type(data)(_without_etp_off(v) for v in data)
+    return data

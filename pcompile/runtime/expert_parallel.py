@@ -46,6 +46,9 @@ class Routing:
     def __init__(self, placement: ExpertPlacement):
         self.loads = None  # int64 tensor [E], this rank's tokens per expert
         self.rows = 0  # rows this rank's experts computed (the load it carried), same forwards
+        # expert tensor parallelism: whether this rank adds out's bias (tp coordinate 0 only: the
+        # partial outputs are summed over tp after the mixture); set by backends/expert_groups.py
+        self.adds_bias = True
         self.place(placement)
 
     def place(self, placement: ExpertPlacement) -> None:
@@ -141,12 +144,14 @@ def _dense(x, indices, gates, activation, experts):
 @ops.collective(axis_arg=4)
 def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Tensor, activation: str, axis: str,
                    size: int, num_experts: int, has_bias: bool, *params: torch.Tensor,
-                   route: str | None = None) -> torch.Tensor:
+                   route: str | None = None, tp_split: bool = False) -> torch.Tensor:
     """The dropless top-k mixture sum_j gates[t, j] * expert_{indices[t, j]}(tokens[t]) of every
     token, with the experts spread over the `size` ranks of `axis` (module docstring). `params`:
     every expert's fc.weight, fc.bias, out.weight, out.bias in expert order (biases left out
     when `has_bias` is False); only this rank's experts' are read. `route`: the key of the
-    layer's Routing (the static placement without one)."""
+    layer's Routing (the static placement without one). `tp_split` (expert tensor parallelism,
+    passes/expert_parallel.py): the params are this tp rank's slices, the result a partial sum
+    over tp, out's bias added where the routing says (tp coordinate 0)."""
     experts = _per_expert(params, num_experts, has_bias)
     group = collectives._group(axis)
     if group is None:
@@ -154,6 +159,8 @@ def expert_mixture(tokens: torch.Tensor, indices: torch.Tensor, gates: torch.Ten
         dense = _dense(tokens.reshape(-1, width), indices.reshape(-1, k), gates.reshape(-1, k), activation, experts)
         return dense.view(tokens.shape)
     routing = _routing(route, size, num_experts)
+    if tp_split and has_bias and not routing.adds_bias:
+        experts = [(fc_w, fc_b, out_w, None) for fc_w, fc_b, out_w, _ in experts]
     return _dispatch(tokens, indices, gates, group, routing, tokens.shape[-1],
                      lambda slot, e, rows: _expert(rows, activation, experts[e]))
 

@@ -47,6 +47,12 @@ def _held(cm) -> float:
     return sum(p.numel() > 0 for n, p in named if ".experts." in n) / 4 / len(layers)
 
 
+def _fc_rows(cm) -> int | None:
+    """Rows of the first expert fc weight this rank holds (a tp slice under etp); None for batched experts."""
+    return next((p.shape[0] for n, p in cm.named_parameters() if n.endswith(".fc.weight") and ".experts." in n
+                 and p.numel()), None)
+
+
 def _norm_gap(cm, serial, inputs) -> float:
     """One more step: the gradient norm clipping computes (the experts counted once) vs serial's."""
     batch = inputs(7)
@@ -82,20 +88,25 @@ def _accumulation(cm, serial, inputs) -> tuple[float, float]:
 
 
 def _rebalance_refused(cm) -> str | None:
-    """The cause of cm.rebalance()'s refusal (pipelines), or None."""
+    """The cause of cm.rebalance()'s refusal (pipelines, etp; under etp checkpoints' too), or None."""
+    from pcompile import checkpoint
     from pcompile.errors import PcompileError
 
-    try:
-        cm.rebalance(threshold=1.0)
-    except PcompileError as refused:
-        return str(refused)
-    return None
+    causes = []
+    for refused in [lambda: cm.rebalance(threshold=1.0)] + ([lambda: checkpoint.save(cm, "/nonexistent")]
+                                                            if cm.plan.default.etp else []):
+        try:
+            refused()
+        except PcompileError as why:
+            causes.append(str(why))
+    return " | ".join(causes) or None
 
 
 def compare_many(cases) -> list[dict]:
     """Each (aux_loss_coef, plan[, "skewed"]): loss and gradient gaps to serial over 3 AdamW
     steps, the number of expert_mixture nodes in the rewritten graph and of all-to-alls run, the
-    experts per layer rank 0 holds, the clipping norm's gap to serial after one more step,
+    experts per layer rank 0 holds (and the rows of its first expert fc weight), the clipping
+    norm's gap to serial after one more step,
     the tokens cm.expert_loads() counted per layer over the 3
     steps and (pipelines) why cm.rebalance() refused."""
     out = []
@@ -114,8 +125,8 @@ def compare_many(cases) -> list[dict]:
         loads = cm.expert_loads() if plan.pp == 1 else {}  # the 3 steps' tokens per expert (pipelines refuse)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": mixtures, "routed": [sum(v) for v in loads.values()],
-                    "rebalance_refused": _rebalance_refused(cm) if plan.pp > 1 else None,
-                    "all_to_alls": all_to_all.call_count, "held": _held(cm),
+                    "rebalance_refused": _rebalance_refused(cm) if plan.pp > 1 or plan.default.etp else None,
+                    "all_to_alls": all_to_all.call_count, "held": _held(cm), "fc_rows": _fc_rows(cm),
                     "norm_diff": _norm_gap(cm, serial, inputs)})
         if "accumulate" in options:
             out[-1]["no_sync_diff"], out[-1]["synced_diff"] = _accumulation(cm, serial, inputs)

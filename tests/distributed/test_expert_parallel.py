@@ -1,8 +1,10 @@
 """Expert parallelism equals the serial model: the built-in MoE GPT (4 experts, top-2, 2 blocks)
 under dp4·ep4, dp4·ep2, dp4·ep4 with the load-balancing aux loss and dp2·tp2·ep2 (tp in
 attention) with it, dp4·ep4 with every token routed to experts 0 and 1 (two ranks receive no
-rows, yet take part in every all-to-all), Hugging Face Mixtral (batched experts, its aux loss)
-under dp4·ep4 and dp4·ep2, a ZeRO-3 embedding / head with ep4 blocks, top-1 routing (Switch:
+rows, yet take part in every all-to-all), dp2·tp2·ep2 with expert tensor parallelism (etp: each
+expert's fc column- and out row-parallel over tp; the aux loss; gradients accumulated too),
+Hugging Face Mixtral (batched experts, its aux loss) under dp4·ep4 and dp4·ep2, a ZeRO-3
+embedding / head with ep4 blocks, top-1 routing (Switch:
 gates not renormalised) under dp4·ep2, and 2-stage pipelines pp2·dp2·ep2 (1F1B over 2
 micro-batches; GPipe over 1 with the aux loss), and activation checkpointing of the MoE blocks
 (dp4·ep4 with the aux loss, Mixtral dp4·ep2: the dispatch recomputed in backward): loss and
@@ -42,7 +44,8 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
          (0.0, Plan.uniform(dp=4, ep=4), "mixtral", "accumulate"), (0.0, Plan.uniform(dp=4, ep=2), "mixtral"),
          (0.01, SDP_EP), (0.01, Plan.uniform(dp=4, ep=2), "top1"), (0.0, PP, "accumulate"), (0.01, PP_ONE),
          (0.01, Plan.uniform(dp=4, ep=4, checkpoint=True)), (0.0, Plan.uniform(dp=4, ep=2, checkpoint=True), "mixtral"),
-         (0.0, Plan.uniform(dp=2, tp=2, ep=2), "mixtral"), (0.0, PP_ONE, "mixtral")]  # tp2 attention; a pipeline
+         (0.0, Plan.uniform(dp=2, tp=2, ep=2), "mixtral"), (0.0, PP_ONE, "mixtral"),  # tp2 attention; a pipeline
+         (0.01, Plan.uniform(dp=2, tp=2, ep=2, etp=True), "accumulate")]  # experts split over tp too
 
 
 # (plan, kind): the skewed router as the planner places it; placements forced (MoE GPT, Mixtral)
@@ -59,6 +62,7 @@ def test_expert_parallel_matches_serial():
         dispatched = 3 * 2 * (5 + 3 * plan.default.checkpoint)
         assert r["mixtures"] == 2 and (r["all_to_alls"] == dispatched if plan.pp == 1 else r["all_to_alls"] > 0), r
         assert r["held"] == 4 // plan.strategy_for("blocks.0").ep, r
+        assert r["fc_rows"] == (None if "mixtral" in options else 64 // (2 if plan.default.etp else 1)), r
         assert r["norm_diff"] < 1e-5, r
         if "accumulate" in options:
             assert r["no_sync_diff"] < 1e-5 and r["synced_diff"] < 1e-5, r
@@ -67,6 +71,8 @@ def test_expert_parallel_matches_serial():
             assert r["routed"] == ([3 * 8 * 8 * top_k] * 2 if plan.pp == 1 else []), r
         if plan.pp > 1:
             assert "pipelined" in r["rebalance_refused"], r
+        if plan.default.etp:  # rebalancing and checkpoints
+            assert r["rebalance_refused"].count("expert tensor parallelism (etp)") == 2, r
     skewed, forced, mixtral = rebalanced
     for r in rebalanced:
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r

@@ -69,3 +69,26 @@ def test_refusals():
         _rewrite(MoEGPT(CFG), moe_gpt_inputs(CFG, 4), Plan.uniform(dp=4, ep=2, zero2=True))
     with pytest.raises(PcompileError, match="no layer it names has a mixture of experts"):
         _rewrite(GPT(GPTConfig(num_layers=1)), gpt_inputs(GPTConfig(), 4), Plan.uniform(dp=2, ep=2))
+
+
+def test_expert_tensor_parallelism_splits_each_expert_over_tp():
+    """etp: fc column-, out row-parallel over tp (out's bias whole), the mixture a partial sum
+    over tp reduced once after it, its tokens and gates entering through tp_copy; refused for
+    batched experts and without both ep > 1 and tp > 1 (equal to serial: tests/distributed)."""
+    from pcompile.runtime.collectives import tp_copy, tp_reduce
+    from tests.distributed.ranks_statistics import batch, mixtral
+
+    torch.manual_seed(0)
+    ir = _rewrite(MoEGPT(CFG), moe_gpt_inputs(CFG, 4), Plan.uniform(dp=2, tp=2, ep=2, etp=True))
+    expert = "blocks.0.moe.experts.0"
+    assert {n: ir.param_shardings.get(f"{expert}.{n}") for n in ("fc.weight", "fc.bias", "out.weight", "out.bias")} \
+        == {"fc.weight": Shard("tp", 0, 2), "fc.bias": Shard("tp", 0, 2), "out.weight": Shard("tp", 1, 2),
+            "out.bias": None}
+    mixture = next(n for n in ir.graph.nodes if n.target is expert_mixture)
+    assert mixture.kwargs == {"tp_split": True} and [u.target for u in mixture.users] == [tp_reduce]
+    assert mixture.args[0].target is tp_copy and mixture.args[2].target is tp_copy
+    assert str(ir.meta(mixture).placement) == "P@tp"
+    with pytest.raises(PcompileError, match="batched weights"):
+        _rewrite(mixtral(), batch(0), Plan.uniform(dp=2, tp=2, ep=2, etp=True))
+    with pytest.raises(PcompileError, match="needs ep > 1 and tp > 1"):
+        _rewrite(MoEGPT(CFG), moe_gpt_inputs(CFG, 4), Plan.uniform(dp=4, ep=2, etp=True))
