@@ -89,6 +89,7 @@ class SearchContext:
         self._indexes: dict[int, TableIndex] = {}
         self._times: dict[int, np.ndarray] = {}
         self._solvers: dict = {}
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
         self._ordered: list[tuple[float, Setting]] | None = None
 
     def tables(self, setting: Setting) -> list[CostTable] | None:
@@ -132,31 +133,49 @@ class SearchContext:
         c, budgets, pp = setting.coefficient, self.problem.budgets(setting.pp), setting.pp
         flights = [setting.in_flight(k) for k in range(pp)]
         distinct = {id(t): t for t in tables}
+        rows, first = self._distinct_rows(setting, distinct)  # identical layers (blocks) priced once
         priced = {}
         for key, t in distinct.items():
-            time = self._time(t)
-            priced[key] = np.where(np.isfinite(time), c * time + t.sync_time, np.inf)
+            time = self._time(t)[first]
+            priced[key] = np.where(np.isfinite(time), c * time + t.sync_time[first], np.inf)
         alone = []
         for key, flight, budget in dict.fromkeys((id(t), flights[k], budgets[k]) for k, t in enumerate(tables)):
             t = distinct[key]
-            fits = t.state_memory + flight * t.activation_memory + t.temp_memory <= budget
+            fits = t.state_memory[first] + flight * t.activation_memory[first] + t.temp_memory[first] <= budget
             alone.append(np.where(fits, priced[key], np.inf).min(axis=1))
         single = float(np.min(alone, axis=0).max())
         cost = np.min(list(priced.values()), axis=0)
-        weight = np.min([t.state_memory + min(flights) * t.activation_memory for t in distinct.values()], axis=0)
+        weight = np.min([t.state_memory[first] + min(flights) * t.activation_memory[first]
+                         for t in distinct.values()], axis=0)
         if not np.isfinite(single):
             return math.inf
         finite = np.isfinite(cost)
-        scale = median(cost[finite]) / max(median(weight[finite]), 1e-30)
+        every = finite[rows]  # the medians are of every layer's entries
+        scale = median(cost[rows][every]) / max(median(weight[rows][every]), 1e-30)
         lams = np.r_[0.0, scale * _SPREAD]
-        # every multiplier at once: [lambda, layer] minima summed per lambda (each row summed as
-        # the 1-D sum of one multiplier's minima is)
+        # every multiplier at once: [lambda, layer] minima (per distinct row, then laid out per
+        # layer) summed per lambda (each row summed as the 1-D sum of one multiplier's minima is)
         priced = np.where(finite[None], cost[None] + lams[:, None, None] * weight[None], np.inf)
-        dual = (priced.min(axis=2).sum(axis=1) - lams * sum(budgets)).max()
+        dual = (priced.min(axis=2)[:, rows].sum(axis=1) - lams * sum(budgets)).max()
         p = self.problem
         sends = min((float(np.min(2 * (p.p2p_latency + t.boundary_bytes / t.send_split / p.p2p_bandwidth)))
                      for t in distinct.values() if t.num_layers > 1), default=0.0)
         return max(single, float(dual + (pp * setting.chunks - 1) * c * sends) / pp)
+
+    def _distinct_rows(self, setting: Setting, distinct: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, first): layer l's row is the same in every table as layer first[rows[l]]'s
+        (byte for byte), per (pp, micro-batch count): the tables' key."""
+        key = (setting.pp, setting.microbatches)
+        got = self._rows.get(key)
+        if got is None:
+            columns = np.concatenate([np.stack([self._time(t), t.sync_time, t.state_memory, t.activation_memory,
+                                                t.temp_memory], axis=1).reshape(t.num_layers, -1)
+                                      for t in distinct.values()], axis=1)
+            ids: dict[bytes, int] = {}
+            rows = np.array([ids.setdefault(row.tobytes(), len(ids)) for row in columns])
+            first = np.flatnonzero(np.r_[True, rows[1:] > np.maximum.accumulate(rows)[:-1]])
+            got = self._rows[key] = (rows, first)
+        return got
 
     def _time(self, table: CostTable) -> np.ndarray:
         """fwd + bwd, inf where not finite (TableIndex.time, without indexing the table)."""
