@@ -242,9 +242,12 @@ class StageSolver:
                 cheapest = np.minimum.accumulate(priced, axis=1)
                 got = self._own_dual[own] = np.where(at[:, None] >= 0, cheapest[:, np.maximum(at, 0)].T, np.inf)
             if info.parent:
-                parent = self.index.info[info.parent].thetas
-                at = np.searchsorted(parent, info.thetas, side="right") - 1
-                got = got + np.where(at[:, None] >= 0, self.dual(info.parent)[np.maximum(at, 0)], np.inf)
+                parent, below = self.index.info[info.parent].thetas, self.dual(info.parent)
+                if parent is info.thetas:  # the same set (interned): row for row
+                    got = got + below
+                else:
+                    at = np.searchsorted(parent, info.thetas, side="right") - 1
+                    got = got + np.where(at[:, None] >= 0, below[np.maximum(at, 0)], np.inf)
             self._dual[key] = got
         return got
 
