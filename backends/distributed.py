@@ -374,7 +374,8 @@ class CompiledModel:
                 if self.masters is not None:
                     self.masters.pull()
                     batch = self.masters.cast_inputs(batch)
-                return self._global_loss(self._run(*batch, **counts))
+                with precision.dtype_errors(self.compute_dtype):
+                    return self._global_loss(self._run(*batch, **counts))
         finally:
             self.train(training)
 
@@ -395,7 +396,8 @@ class CompiledModel:
             local = self.masters.cast_inputs(local)
         if self._dp_sync is not None:
             self._dp_sync.begin(self._sync)
-        loss = self._run(*local, **counts)
+        with precision.dtype_errors(self.compute_dtype):
+            loss = self._run(*local, **counts)
         global_loss = self._global_loss(loss, wait=False)  # its reduction runs while backward does
         loss.backward()  # under mixed precision the gradients land in the fp32 masters (precision.py)
         if self.zero2 is not None:  # buckets reduce-scattered during backward

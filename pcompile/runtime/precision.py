@@ -39,6 +39,9 @@ device before the hook sees them, so no collective reads a host tensor.
 """
 from __future__ import annotations
 
+import contextlib
+import re
+
 import torch
 
 from pcompile.errors import PcompileError
@@ -110,6 +113,29 @@ class MasterWeights:
         else:
             master.grad.add_(grad)
         low.grad = None
+
+
+# torch's messages for an op given tensors of two floating dtypes (matmul, linear, conv, addmm, ...)
+_DTYPE_MISMATCH = re.compile(r"same dtype|expected scalar type|should be the same|dtype mismatch", re.IGNORECASE)
+
+
+@contextlib.contextmanager
+def dtype_errors(dtype: torch.dtype | None):
+    """Under mixed precision, a forward that fails because an op meets fp32 and `dtype` tensors is
+    a dtype the capture baked in that the cast rule below cannot follow (a Python branch on a
+    tensor's dtype, a factory op given the capture's dtype): raised as a PcompileError naming
+    that, not as torch's message. Every rank runs the same graph to the same op, so all raise."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if dtype is None or not _DTYPE_MISMATCH.search(str(exc)):
+            raise
+        raise PcompileError(
+            f"under mixed_precision='bf16' an op of the captured graph meets fp32 and {dtype} tensors ({exc}): "
+            "the model chose a dtype in Python while it was captured in fp32 (e.g. T5LayerNorm's "
+            "`if self.weight.dtype in (float16, bfloat16)`, a mask built with the input's dtype), so the "
+            "captured graph keeps fp32 where the bf16 model would not",
+            "train this model in fp32 (mixed_precision=None)") from None
 
 
 def _host(tensor: torch.Tensor) -> torch.Tensor:
