@@ -152,7 +152,7 @@ class SearchContext:
         finite = np.isfinite(cost)
         every = finite[rows]  # the medians are of every layer's entries
         scale = median(cost[rows][every]) / max(median(weight[rows][every]), 1e-30)
-        lams = np.r_[0.0, scale * _SPREAD]
+        lams = np.concatenate(([0.0], scale * _SPREAD))
         # every multiplier at once: [lambda, layer] minima (per distinct row, then laid out per
         # layer) summed per lambda (each row summed as the 1-D sum of one multiplier's minima is)
         priced = np.where(finite[None], cost[None] + lams[:, None, None] * weight[None], np.inf)
