@@ -16,8 +16,8 @@ token still meets the same expert weights (a replica computes part of its rows),
 replicated expert's gradient is summed over all its holders before the division by dp, so
 each replica steps the same gradient from the same moments (the serial update).
 
-Refused with a PcompileError: plans without ep, pipelined plans, expert tensor parallelism
-(etp), mixed precision (the bf16
+Under expert tensor parallelism (etp) every tp coordinate's ep group moves its slices of the
+experts alike. Refused with a PcompileError: plans without ep, pipelined plans, mixed precision (the bf16
 copies and fp32 masters would both need moving), per-layer (dp, tp) layouts, gradients not
 cleared, an optimizer with expert state not passed.
 """
@@ -79,9 +79,7 @@ def check_plan(plan, every: int) -> None:
     if plan.pp > 1:
         raise PcompileError("expert rebalancing of a pipelined plan is not supported yet",
                             "train without rebalancing (the static placement is exact too), or use pp=1")
-    if any(s.etp for s in [plan.default] + [assignment.strategy for assignment in plan.layers]):
-        raise PcompileError("expert rebalancing with expert tensor parallelism (etp) is not supported yet",
-                            "train without rebalancing (the static placement is exact too), or set etp=false")
+
 
 
 def check(cm) -> None:
@@ -93,9 +91,6 @@ def _refuse_unsupported(cm, storage) -> None:
     fix = "train without rebalancing (the static placement is exact too)"
     if cm.plan.pp > 1:
         raise PcompileError("expert rebalancing of a pipelined plan is not supported yet", fix + ", or use pp=1")
-    if storage.tp_split:
-        raise PcompileError("expert rebalancing with expert tensor parallelism (etp) is not supported yet",
-                            fix + ", or set etp=false")
     if cm.masters is not None:
         raise PcompileError("expert rebalancing under mixed precision is not supported yet", fix + ", or use fp32")
     if cm.layout is not None:

@@ -141,17 +141,10 @@ def _remote_experts(cm) -> set[str]:
     its holders only, backends/expert_groups.py): left out of what it saves and loads. Each
     holder of an expert writes it under its own name (holders of the same expert - dp replicas,
     FlexMoE replicas - write equal values, which DCP's planner saves once); a batched expert
-    weight is an "ep"-sharded DTensor like a tp shard."""
+    weight is an "ep"-sharded DTensor like a tp shard, and so is an expert's tp slice under
+    expert tensor parallelism (a "tp"-sharded one)."""
     experts = getattr(cm, "experts", None)
     return set() if experts is None else experts.names - experts.held
-
-
-def _refuse_etp(cm) -> None:
-    """Expert tensor parallelism's slices of experts held by ep ranks: not written nor read yet."""
-    if getattr(getattr(cm, "experts", None), "tp_split", False):
-        raise PcompileError("checkpoints of a plan with expert tensor parallelism (etp) are not supported yet",
-                            "train with etp=false to checkpoint, or save cm.full_state_dict() (it gathers every "
-                            "expert)")
 
 
 def _state(cm, optimizer, optim_keys: dict[str, list[str]] | None = None) -> dict:
@@ -197,7 +190,6 @@ def _aliases(model: torch.nn.Module) -> dict[str, str]:
 
 def save(cm, directory: str, optimizer: torch.optim.Optimizer | None = None, step: int = 0) -> str:
     """Collective: save parameters (and optimizer states) as the plan holds them. Returns the path."""
-    _refuse_etp(cm)
     final = os.path.join(directory, f"step-{step:08d}")
     tmp = final + ".tmp"
     _check_shared(directory)
@@ -251,7 +243,6 @@ def _local(cm, name: str, value, like: torch.Tensor) -> torch.Tensor:
 
 def load(cm, path: str, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Collective: load a checkpoint saved under any plan into this compiled model. Returns the step."""
-    _refuse_etp(cm)
     missing_on = _ranks_failing(lambda: os.path.exists(os.path.join(path, META))
                                 or os.path.exists(os.path.join(path, LATEST)))
     if missing_on and len(missing_on) < (dist.get_world_size() if _distributed() else 1):

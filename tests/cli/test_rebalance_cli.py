@@ -8,8 +8,7 @@ from pcompile.errors import PcompileError
 
 
 @pytest.mark.parametrize("plan, cause", [(Plan.uniform(dp=4), "has none"),
-                                         (Plan.uniform(dp=2, pp=2, ep=2), "pipelined"),
-                                         (Plan.uniform(dp=2, tp=2, ep=2, etp=True), "expert tensor parallelism")])
+                                         (Plan.uniform(dp=2, pp=2, ep=2), "pipelined")])
 def test_rebalancing_refused_without_ep_and_in_pipelines(plan, cause, tmp_path, capsys):
     with pytest.raises(PcompileError, match=cause) as refused:
         check_plan(plan, 2)

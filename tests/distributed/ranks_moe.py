@@ -88,18 +88,14 @@ def _accumulation(cm, serial, inputs) -> tuple[float, float]:
 
 
 def _rebalance_refused(cm) -> str | None:
-    """The cause of cm.rebalance()'s refusal (pipelines, etp; under etp checkpoints' too), or None."""
-    from pcompile import checkpoint
+    """The cause of cm.rebalance()'s refusal (pipelines), or None."""
     from pcompile.errors import PcompileError
 
-    causes = []
-    for refused in [lambda: cm.rebalance(threshold=1.0)] + ([lambda: checkpoint.save(cm, "/nonexistent")]
-                                                            if cm.plan.default.etp else []):
-        try:
-            refused()
-        except PcompileError as why:
-            causes.append(str(why))
-    return " | ".join(causes) or None
+    try:
+        cm.rebalance(threshold=1.0)
+    except PcompileError as refused:
+        return str(refused)
+    return None
 
 
 def compare_many(cases) -> list[dict]:
@@ -125,7 +121,7 @@ def compare_many(cases) -> list[dict]:
         loads = cm.expert_loads() if plan.pp == 1 else {}  # the 3 steps' tokens per expert (pipelines refuse)
         out.append({"plan": plan.default.describe(), "coef": coef, "loss_diff": loss_diff, "grad_diff": grad_diff,
                     "losses": losses, "mixtures": mixtures, "routed": [sum(v) for v in loads.values()],
-                    "rebalance_refused": _rebalance_refused(cm) if plan.pp > 1 or plan.default.etp else None,
+                    "rebalance_refused": _rebalance_refused(cm) if plan.pp > 1 else None,
                     "all_to_alls": all_to_all.call_count, "held": _held(cm), "fc_rows": _fc_rows(cm),
                     "norm_diff": _norm_gap(cm, serial, inputs)})
         if "accumulate" in options:
@@ -142,7 +138,8 @@ FORCED = {4: ExpertPlacement(((0, 1), (2,), (0, 3), (1,)), 4),  # r0:[0, 2] r1:[
 def _rebalanced(plan, kind: str) -> dict:
     """3 AdamW steps side by side with the serial model, the experts rebalanced between steps 1
     and 2: forced (FORCED; kind "forced", or "mixtral": HF Mixtral's batched experts) or, kind
-    "skewed", as the planner proposes for the skewed router (threshold 1.0). Also: the loads
+    "skewed", as the planner proposes for the skewed router (threshold 1.0); kind "etp": forced
+    under a plan with expert tensor parallelism. Also: the loads
     step 1 measured, the placements applied, the rebalanced ranks' loads of step 2 (max /
     mean), how many experts rank 0 holds after, and the full state's gap."""
     from tests.distributed.ranks import _max_diff, gap
@@ -182,17 +179,17 @@ def _rebalanced(plan, kind: str) -> dict:
                                   for loads in out["loads"].values())
     out["held_after"] = _held(cm)
     out["param_diff"] = _max_diff(cm.full_state_dict(), serial.state_dict())
-    if kind == "mixtral":
-        out["saved_diff"], out["loaded_diff"] = _round_trip(cm, optimizers[0], serial)
+    if kind in ("mixtral", "etp"):
+        out["saved_diff"], out["loaded_diff"] = _round_trip(cm, optimizers[0])
     out["norm_diff"] = _norm_gap(cm, serial, inputs)
     return out
 
 
-def _round_trip(cm, optimizer, serial) -> tuple[float, float]:
-    """A checkpoint of the rebalanced model (its re-stacked expert weights saved whole): its
-    parameters read back as a plain state dict vs serial's, and, loaded into `cm` after its
-    parameters and moments were zeroed, the worst gap of parameters (to serial's) and moments
-    (to what they were before)."""
+def _round_trip(cm, optimizer) -> tuple[float, float]:
+    """A checkpoint of the rebalanced model (re-stacked expert weights saved whole, etp's expert
+    slices as tp shards): its parameters read back as a plain state dict, and, loaded into `cm`
+    after its parameters and moments were zeroed, its parameters and moments: the worst gaps to
+    what `cm` held before saving (exact: 0)."""
     import shutil
     import tempfile
 
@@ -201,14 +198,14 @@ def _round_trip(cm, optimizer, serial) -> tuple[float, float]:
 
     where = [tempfile.mkdtemp(prefix="pcompile-moe-") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(where)
+    params, moments = cm.full_state_dict(), checkpoint.full_optimizer_state(cm, optimizer)
     path = checkpoint.save(cm, where[0], optimizer, step=3)
-    saved = _max_diff(checkpoint.load_full(path), serial.state_dict())
-    moments = checkpoint.full_optimizer_state(cm, optimizer)
+    saved = _max_diff(checkpoint.load_full(path), params)
     with torch.no_grad():
         for tensor in [*cm.parameters(), *(v for s in optimizer.state.values() for v in s.values() if v.dim() > 0)]:
             tensor.zero_()
     checkpoint.load(cm, path, optimizer)
-    loaded = max(_max_diff(cm.full_state_dict(), serial.state_dict()),
+    loaded = max(_max_diff(cm.full_state_dict(), params),
                  _max_diff(checkpoint.full_optimizer_state(cm, optimizer), moments))
     dist.barrier()
     if dist.get_rank() == 0:

@@ -17,11 +17,13 @@ experts per layer, the gradient norm clipping computes counts each expert once (
 serial's) (checkpoints under ep: tests/distributed/test_checkpoint.py). FlexMoE's rebalancing between
 steps 1 and 2: the skewed router's dp4·ep4 as the planner proposes (experts 0 and 1 replicated on
 two ranks each, expert 1 moved off rank 1: imbalance 2.0 -> 1.0), dp4·ep2 forced to a
-placement that moves two experts and replicates two, and Mixtral's batched experts under dp4·ep2
+placement that moves two experts and replicates two, Mixtral's batched experts under dp4·ep2
 forced to the same placement (each rank's stacked rows re-stacked: 3 experts held, replicas'
-rows summed): loss and gradients within 1e-5 of serial after each of the 3 steps, parameters
-(full_state_dict) and the clipping norm too, and for Mixtral a checkpoint of the rebalanced
-model (saved, read back whole, loaded into it after zeroing its parameters and moments); and `pcompile
+rows summed) and the MoE GPT under dp2·tp2·ep2·etp forced to it (each tp coordinate's ep group
+moving its slices): loss and gradients within 1e-5 of serial after each of the 3 steps,
+parameters (full_state_dict) and the clipping norm too, and for Mixtral and etp a checkpoint of
+the rebalanced model (saved, read back whole, loaded into it after zeroing its parameters and
+moments: exact); and `pcompile
 run --rebalance-every 1` (cli.train_rank) on the skewed model under dp4·ep4: its losses are
 serial's and it rebalanced after step 1 only (then balanced); cm.expert_loads() counts every
 routed token once (checkpointed blocks too; pipelines refuse it) and rebalancing refuses
@@ -50,7 +52,7 @@ CASES = [(0.0, Plan.uniform(dp=4, ep=4), "accumulate"), (0.0, Plan.uniform(dp=4,
 
 # (plan, kind): the skewed router as the planner places it; placements forced (MoE GPT, Mixtral)
 REBALANCED = [(Plan.uniform(dp=4, ep=4), "skewed"), (Plan.uniform(dp=4, ep=2), "forced"),
-              (Plan.uniform(dp=4, ep=2), "mixtral")]
+              (Plan.uniform(dp=4, ep=2), "mixtral"), (Plan.uniform(dp=2, tp=2, ep=2, etp=True), "etp")]
 
 
 def test_expert_parallel_matches_serial():
@@ -71,19 +73,21 @@ def test_expert_parallel_matches_serial():
             assert r["routed"] == ([3 * 8 * 8 * top_k] * 2 if plan.pp == 1 else []), r
         if plan.pp > 1:
             assert "pipelined" in r["rebalance_refused"], r
-        if plan.default.etp:  # rebalancing and checkpoints
-            assert r["rebalance_refused"].count("expert tensor parallelism (etp)") == 2, r
-    skewed, forced, mixtral = rebalanced
+    skewed, forced, mixtral, etp = rebalanced
     for r in rebalanced:
         assert r["loss_diff"] < 1e-5 and r["grad_diff"] < 1e-5 and r["norm_diff"] < 1e-5, r
-        assert r["param_diff"] < 1e-4, r  # AdamW's first steps on near-zero gradients (observed < 1e-5)
+        # AdamW's first steps on near-zero gradients (observed < 1e-5; under tp2 3e-4, as plain
+        # dp2·tp2 without ep gives 3.6e-4: a rarely routed expert's out weight)
+        assert r["param_diff"] < (1e-3 if r is etp else 1e-4), r
         assert [sum(loads) for loads in r["loads"].values()] == [8 * 8 * 2] * 2, r  # tokens x top-2, per layer
     assert skewed["loads"] == {"blocks.0.moe": [64, 64, 0, 0], "blocks.1.moe": [64, 64, 0, 0]}, skewed
     assert set(skewed["applied"].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, skewed
     assert skewed["imbalance_before"] == 2.0 and skewed["imbalance_after"] == 1.0 and skewed["held_after"] == 1, skewed
     assert set(forced["applied"].values()) == {FORCED[2].describe()} and forced["held_after"] == 3, forced
     assert set(mixtral["applied"].values()) == {FORCED[2].describe()} and mixtral["held_after"] == 3, mixtral
-    assert mixtral["saved_diff"] < 1e-4 and mixtral["loaded_diff"] < 1e-4, mixtral  # as param_diff
+    assert set(etp["applied"].values()) == {FORCED[2].describe()} and etp["held_after"] == 3, etp
+    for r in (mixtral, etp):  # the checkpoint round trip after the rebalancing: exact
+        assert r["saved_diff"] == 0 and r["loaded_diff"] == 0, r
     assert all(abs(a - b) < 1e-5 for a, b in zip(run["losses"], run["serial"])) and len(run["losses"]) == 3, run
     assert set(run["rebalanced"][0].values()) == {"r0:[0] r1:[0] r2:[1, 2] r3:[1, 3]"}, run
     assert run["rebalanced"][1:] == [{}, None], run  # balanced after; none after the last step
