@@ -61,14 +61,18 @@ class _State(NamedTuple):
     live: bool
     memo: dict  # "best": best(), kept (a child entered through one source class reads it too)
 
-    def f(self) -> np.ndarray:
-        """[rows, V], each row read from a strided window of its class's padded row (one gather)."""
+    def f(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """[rows, V] (all, or the positions `rows` selects), each row read from a strided window
+        of its class's padded row (one gather)."""
         T, width = self.padded.shape
         V = width // 2
         size = self.padded.itemsize
         window = np.ndarray((T, V + 1, V), buffer=self.padded, strides=(width * size, size, size))
-        out = window[0][self.shift] if self.which is None else window[self.which, self.shift]
-        out += self.cost
+        which, shift, cost = self.which, self.shift, self.cost
+        if rows is not None:
+            which, shift, cost = None if which is None else which[rows], shift[rows], cost[rows]
+        out = window[0][shift] if which is None else window[which, shift]
+        out += cost
         return out
 
     def column(self, v: int) -> np.ndarray:
@@ -212,9 +216,8 @@ class StageSolver:
             if (sources == sources[0]).all():  # one source class
                 np.add(prev.best(), (self.c * rows[sources[0], targets])[:, None], out=h)
             else:  # a few classes (activation layouts): a loop beats a [class, target, V] array
-                f = prev.f()
                 for n, c in enumerate(unique(sources)):
-                    moved = f[sources == c].min(axis=0) + (self.c * rows[c, targets])[:, None]
+                    moved = prev.f(sources == c).min(axis=0) + (self.c * rows[c, targets])[:, None]
                     if n:
                         np.minimum(h, moved, out=h)
                     else:
