@@ -79,11 +79,13 @@ def sp_problem(reduce_shapes: list, copy_shapes: list, layer: str, tp: int) -> s
     return None
 
 
-def planned_shapes(ir: IR, p, layer: str) -> tuple[list, list]:
+def planned_shapes(ir: IR, p, layer: str, order: dict | None = None) -> tuple[list, list]:
     """`collective_shapes` before the rewrite, from a sharding propagation `p`
     (tp_rules.plan_tensor_parallel): row Linears' outputs, column Linears' inputs. For the
-    search: sp_problem(*planned_shapes(ir, p, layer), layer, tp)."""
-    order = {n: i for i, n in enumerate(ir.graph.nodes)}
+    search: sp_problem(*planned_shapes(ir, p, layer), layer, tp). `order`: node -> its index in
+    the graph (built here when not given: a caller asking for every layer builds it once)."""
+    if order is None:
+        order = {n: i for i, n in enumerate(ir.graph.nodes)}
     rows = sorted((n for n in p.row if ir.meta(n).layer == layer), key=order.__getitem__)
     columns = sorted((n for n in p.column if ir.meta(n).layer == layer), key=order.__getitem__)
     return [shape_of(ir, n) for n in rows], [shape_of(ir, linear_parts(ir.gm, n).input) for n in columns]
@@ -100,8 +102,9 @@ def sp_refusals(ir: IR, tp: int, p=None) -> dict[str, str]:
     if p is None:
         p, _ = plan_tensor_parallel(ir, {layer: tp for layer in ir.layers})
     out = {}
+    order = {n: i for i, n in enumerate(ir.graph.nodes)}
     for layer in ir.layers:
-        shapes = planned_shapes(ir, p, layer)
+        shapes = planned_shapes(ir, p, layer, order)
         if sequence_length(*shapes) is None:
             out[layer] = f"layer {layer!r} has no tensor-parallel collective for sp to replace"
         elif problem := sp_problem(*shapes, layer, tp):
