@@ -170,10 +170,10 @@ def compile(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, pla
     CPU (see plan()); a given `plan` is run offloaded then too (its own Plan.offload_optimizer
     counts either way).
     """
-    if plan is not None and offload_optimizer and not plan.offload_optimizer:
+    if isinstance(plan, Plan) and offload_optimizer and not plan.offload_optimizer:
         plan = dataclasses.replace(plan, offload_optimizer=True)  # checked there: ZeRO-3, one stage
-    options = CompileOptions.make(capture, search_space, mixed_precision,
-                                  offload_optimizer=plan.offload_optimizer if plan is not None else offload_optimizer)
+    offload = plan.offload_optimizer if isinstance(plan, Plan) else offload_optimizer  # a non-Plan: _context refuses
+    options = CompileOptions.make(capture, search_space, mixed_precision, offload_optimizer=offload)
     ctx = _context(model, cluster, example_inputs, plan, options)
     manager = PassManager(PIPELINE if passes is None else list(passes), verify_each=verify, debug_dir=debug_dir,
                           stop_after=stop_after)
