@@ -32,15 +32,14 @@ is a dist.Work, which FSDP2 requires of an async all-gather before it waits for 
 copies out gathers still in flight: NaN losses), and inject() routes pipelining's p2p through
 batch_isend_irecv (its isend / irecv fast path would escape the delay).
 
-What pcompile issues that the native programs do not (each a synchronous transfer, so one L
-exposed per step under latency): dp / ZeRO-3, the step's loss-count all-reduce before the
-forward (runtime.loss_counts.step_counts; its global-loss all-reduce is async, behind
-backward); pp, the broadcast of the loss from the last stage (torch's schedule leaves it there).
-Measured at L = 30 (3 runs on 2 shared cores, load 5-6, medians): ddp_latency_ratio 1.22 -
-pcompile exposes 34-49 ms of 4 all-reduces against DDP's 9-18 ms of 2, about one L more: the
-loss-count all-reduce; pp_latency_ratio 1.10 (pcompile +23-35 ms exposed: the loss broadcast);
-fsdp_latency_ratio 0.95 (FSDP2's 5 synchronous reduce-scatters; pcompile's are async, though it
-too exposes the loss-count all-reduce).
+What pcompile issues that the native programs do not: dp / ZeRO-3, the masked-mean loss-count
+all-reduce (issued before the forward, waited where the loss divides: runtime.loss_counts) and
+the global-loss all-reduce (async, behind backward); pp, the broadcast of the loss from the last
+stage (torch's schedule leaves it there, synchronous: one L exposed).
+Measured at L = 30 on 2 cores, quiet (load 0.8-1.6), one run: ddp_latency_ratio 1.125 (was 1.22
+with the loss counts reduced synchronously before the forward) - pcompile exposes 24.7 ms of 4
+all-reduces against DDP's 11.0 ms of 2; fsdp_latency_ratio 0.925; pp_latency_ratio 1.098
+(pcompile +27 ms exposed: the loss broadcast).
 
 A step is forward + backward + gradient synchronisation + AdamW step on the same global
 batch, both programs built from the same seed (their first losses are printed as a check
