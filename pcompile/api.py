@@ -110,7 +110,7 @@ def plan(model: torch.nn.Module, cluster: Cluster, example_inputs: tuple, *, cap
     `offload_optimizer=True` (ZeRO-Offload, as compile()'s): the fp32 masters, their gradients and
     the optimizer's moments live in host memory and the optimizer steps on the CPU; the devices
     hold the compute-dtype parameters (ZeRO-3 chunks) and transient gradients, and the step pays
-    the host transfers and the CPU step (pcompile.cost.pricing.offload_time). One-stage ZeRO-3
+    the host transfers and the CPU step (pcompile.cost.offload.offload_time). One-stage ZeRO-3
     plans only (Plan.offload_optimizer)."""
     return plan_and_ir(model, cluster, example_inputs, capture=capture, debug_dir=debug_dir,
                        search_space=search_space, mixed_precision=mixed_precision, global_batch=global_batch,

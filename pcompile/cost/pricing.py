@@ -65,6 +65,7 @@ import numpy as np
 
 from pcompile.cluster import Cluster
 from pcompile.cost.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
+from pcompile.cost.offload import offload_time
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.mesh import regroup_groups, stage_groups
@@ -399,24 +400,6 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         memory = replace(memory, grads=0.0, optimizer=0.0, step_temp=0.0,
                          temp=temp + work.largest_param * p_bytes / shard)
     return LayerCost(fwd + fwd_comm, bwd + tp_bwd + sdp_bwd + recompute, sync, fwd_comm + bwd_comm, memory)
-
-
-def offload_time(elements: float, p_bytes: float, devices) -> float:
-    """Seconds per step of an offloaded optimizer (pcompile.runtime.precision, offload=True) for
-    `elements` parameter elements held by a rank, on the slowest of `devices`: each gradient
-    copied to the host in the compute dtype (p_bytes) as backward makes it, each stepped master
-    copied back in it before the next forward (Device.host_bandwidth, both ways), and the CPU's
-    step - memory-bound: Adam reads the fp32 master, gradient and two moments and writes the
-    master and moments (28 bytes), plus the gradient's cast to fp32 (p_bytes + 4) and the
-    master's to the compute dtype (4 + p_bytes) - at the device's share of host memory bandwidth
-    (Device.host_step_bandwidth). Not overlapped: the step runs after backward, its copies between
-    the optimizer step and the next forward (the gradients' copies during backward are charged
-    whole too: they are synchronous in the runtime)."""
-    if elements <= 0:
-        return 0.0
-    copies = 2 * elements * p_bytes / min(d.host_link for d in devices)
-    step = elements * (28 + 2 * (p_bytes + 4)) / min(d.host_step for d in devices)
-    return copies + step
 
 
 def _bucket_divide(grad_bytes: float, devices, bucket: int | None) -> float:

@@ -7,7 +7,7 @@ dp layer, one stage) picks sdp4·tp2 with sp in the blocks, 8 micro-batches of 8
 12.05 GiB (bf16 chunks 1.60 + activations 8.45 + largest transient 1.95; gradients, masters and
 moments on the host), predicted step 4.61 s, of which ~1.06 s is the offload (gradients out and
 parameters in over PCIe at 25.2 GB/s, 0.13 s; the CPU's Adam at the GPU's 35.8 GB/s share of host
-memory bandwidth, 0.93 s: pcompile.cost.pricing.offload_time). GPT-3 6.7B (pcompile's built-in
+memory bandwidth, 0.93 s: pcompile.cost.offload.offload_time). GPT-3 6.7B (pcompile's built-in
 GPT at hidden 4096, 32 layers, 32 heads, vocabulary 50257, tied head: 6.658e9 parameters) under
 bf16 mixed precision with Adam holds 18 bytes per parameter as pcompile's runtime runs it
 (pcompile.runtime.precision: 2 bf16 parameter + 4 fp32 master gradient + 4 fp32 master + 8 for the
