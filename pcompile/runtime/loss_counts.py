@@ -16,19 +16,29 @@ from pcompile.ir import LossCounts
 from pcompile.runtime.ops import local
 
 
-class PendingCount:
-    """One masked term's step count whose all-reduce may still be in flight (shared by the
-    step's terms: one all-reduce of every count)."""
+class _Sum:
+    """The step's counts of every masked term, their all-reduce maybe still in flight: waited
+    once, by the first term read."""
 
-    def __init__(self, total: torch.Tensor, index: int, work: list):
-        self._total, self._index, self._work = total, index, work  # work: [the all-reduce's handle or None]
+    def __init__(self, total: torch.Tensor, work):
+        self.total, self.work = total, work
+
+    def read(self, index: int) -> float:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+        value = float(self.total[index])
+        return value if value != 0 else 1.0
+
+
+class PendingCount:
+    """One masked term's step count: its index in the step's (possibly pending) sum."""
+
+    def __init__(self, counts: _Sum, index: int):
+        self._counts, self._index = counts, index
 
     def value(self) -> float:
-        if self._work[0] is not None:
-            self._work[0].wait()
-            self._work[0] = None
-        value = float(self._total[self._index])
-        return value if value != 0 else 1.0
+        return self._counts.read(self._index)
 
 
 @local
@@ -51,9 +61,8 @@ def issue_step_counts(counts: LossCounts | None, inputs: tuple, group) -> dict[s
     if counts is None:
         return {}
     total = _local_counts(counts, inputs)
-    work = dist.all_reduce(total, group=group, async_op=True) if group is not None else None
-    shared = [work]  # one handle for every term: the first to read waits, the others find it done
-    return {name: PendingCount(total, index, shared) for index, name in enumerate(counts.placeholders)}
+    summed = _Sum(total, dist.all_reduce(total, group=group, async_op=True) if group is not None else None)
+    return {name: PendingCount(summed, index) for index, name in enumerate(counts.placeholders)}
 
 
 def step_counts(counts: LossCounts | None, inputs: tuple, group) -> dict[str, float]:
