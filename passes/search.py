@@ -43,13 +43,14 @@ from pcompile.ir.pass_manager import PassContext, register_pass
 from pcompile.passes.search_runs import SUPPORTED_SPACE, cost_callback, engine_runs, ep_offered
 from pcompile.plan import Candidate, LayerAssignment, Plan, Strategy
 from pcompile.runtime.batch_norm import trains_batch_norm
-from pcompile.search.baselines import NoFit
-from pcompile.search.engine import SearchProblem
+from pcompile.search.baselines import NoFit, baselines
+from pcompile.search.engine import SearchContext, SearchProblem
 from pcompile.search.engine import search as run_engine
-from pcompile.search.result import SearchResult, to_plan
+from pcompile.search.result import Baseline, SearchResult, to_plan
 from pcompile.search.space import SearchRules, SearchSpace, nearest_batches, tp_options
 from pcompile.sharding.loss_terms import COUPLED, STATS, SUM, classified
 from pcompile.sharding.sp_rules import sp_refusals
+from pcompile.sharding.tp_ops import OpKinds
 from pcompile.sharding.tp_rules import plan_tensor_parallel, tp_problem
 
 
@@ -121,18 +122,15 @@ def _with_ends(ir: IR, plan: Plan) -> Plan:
     return dataclasses.replace(plan, layers=tuple(layers))
 
 
-def _merge_baselines(results: list[SearchResult], errors: list[PcompileError]):
-    """Each baseline family at its best over the runs (mixed runs bring none; a run where
-    nothing fits brings its families' leanest peaks)."""
+def _merge_baselines(found: list[tuple[Baseline, ...]]) -> tuple[Baseline, ...]:
+    """Each baseline family at its best over the runs' baselines (a run where nothing fits
+    brings its families' leanest peaks)."""
     merged = {}
-    found = [r.baselines for r in results] + [e.baselines for e in errors if isinstance(e, NoFit)]
-    order = next(b for b in found if b)
-    for baselines in found:
-        for b in baselines:
-            if b.name not in merged or (b.step_time, b.peak_memory) < (merged[b.name].step_time,
-                                                                        merged[b.name].peak_memory):
-                merged[b.name] = b
-    return tuple(merged[b.name] for b in order)
+    for b in (b for run in found for b in run):
+        if b.name not in merged or (b.step_time, b.peak_memory) < (merged[b.name].step_time,
+                                                                    merged[b.name].peak_memory):
+            merged[b.name] = b
+    return tuple(merged.values())
 
 
 def _batch_fix(ctx: PassContext, batches, layers: tuple[str, ...], space: SearchSpace | None, rules) -> str:
@@ -178,28 +176,57 @@ def _no_plan(ctx: PassContext, tps: list[int], rejected: dict, errors: list, sum
                          "use a device count the heads divide")
 
 
-def _search_at(batch: int, runs: list[tuple], problem: dict, cost) -> tuple[list[SearchResult], list[PcompileError]]:
-    """Every engine run's result (and error) at this global batch; `problem`: the SearchProblem
-    fields every run shares."""
-    results, errors = [], []
+def _search_at(batch: int, runs: list[tuple], problem: dict, cost) -> tuple[list[SearchResult], list[PcompileError],
+                                                                             list[tuple[Baseline, ...]]]:
+    """Every engine run's result, error and baselines at this global batch; `problem`: the
+    SearchProblem fields every run shares. Branch and bound across runs: the uniform runs
+    without ep go most promising first (_promise), and each after the first
+    (like every mixed run) looks only for plans faster than the best so far, so a run that
+    cannot win is cut by its bounds before its exact DPs (Llama-2-70B on 64 devices searches in
+    half the time); its baselines are priced all the same (each family's best is over every
+    uniform run). Mixed runs bring no baselines."""
+    results, errors, found, queued = [], [], [], []
     for fields, pins, mixed in runs:
-        # a mixed run only looks for plans faster than the best so far: it has the baselines
-        # of the uniform runs, and branch and bound then cuts most of the mixed space
-        faster_than = min((r.step_time for r in results), default=math.inf) if mixed else math.inf
         try:
-            found = run_engine(SearchProblem(**problem, global_batch=batch, cost=cost(pins),
-                                             space=SearchSpace(**{**SUPPORTED_SPACE, **fields})), faster_than)
+            context = SearchContext(SearchProblem(**problem, global_batch=batch, cost=cost(pins),
+                                                  space=SearchSpace(**{**SUPPORTED_SPACE, **fields})))
+            bounded = not mixed and "ep" not in fields
+            queued.append((0 if bounded else 1, _promise(context) if bounded else 0.0, len(queued), context, mixed))
         except PcompileError as exc:
             errors.append(exc)
+    for bounded, _, _, context, mixed in sorted(queued, key=lambda q: q[:3]):
+        faster_than = min((r.step_time for r in results), default=math.inf) if bounded == 0 or mixed else math.inf
+        try:
+            result = run_engine(context.problem, faster_than, context)
+        except PcompileError as exc:
+            errors.append(exc)
+            found += [exc.baselines] if isinstance(exc, NoFit) else []
             continue
-        results += [found] if found is not None else []
-    return results, errors
+        results += [result] if result is not None else []
+        if mixed:
+            continue
+        if result is not None and result.baselines:
+            found.append(result.baselines)
+        else:  # a run bounded by the best so far: its baselines, the pipeline_even only if faster (merged by the least)
+            even = min((b.step_time for run in found for b in run if b.name == "pipeline_even"), default=math.inf)
+            found.append(baselines(context, pipeline_even_below=even))
+    return results, errors, found
+
+
+def _promise(context: SearchContext) -> float:
+    """Which uniform run goes first: the least value of a real plan (even stages, the DP's
+    unrestricted states: SettingSolver.even_upper) over the run's three settings of least lower
+    bound - the lower bounds alone put Llama-2-70B's tp=4 before the tp=8 that wins. Their DP
+    states are the run's own, kept in its context; inf when nothing can run."""
+    cells = context.problem.grid_cells
+    return min((context.solver(setting, cells, True).even_upper() for bound, setting in context.ordered()[:3]
+                if math.isfinite(bound)), default=math.inf)
 
 
 def _batch_report(outcomes: dict, chosen: int) -> str:
     """One line per searched global batch: its throughput, or why it has no plan."""
     lines = ["global batch (the range allowed): the most samples per second wins"]
-    for batch, (results, errors) in outcomes.items():
+    for batch, (results, errors, _) in outcomes.items():
         if results:
             step = min(r.step_time for r in results)
             lines.append(f"  {batch:>6}: {batch / step:,.1f} samples/s (step {step * 1e3:.2f} ms)"
@@ -241,7 +268,8 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
     tps = tp_options(cluster.num_devices, cluster.devices_per_node, SearchSpace(), SearchRules())
     wanted = ctx.options.space_limits.get("tp_degrees")
     tps = [t for t in tps if wanted is None or t in wanted]
-    planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}) for t in tps if t > 1}
+    kinds = OpKinds(ir.gm)  # the graph's op kinds, found once for every degree
+    planned = {t: plan_tensor_parallel(ir, {layer: t for layer in ir.layers}, kinds) for t in tps if t > 1}
     rejected = {t: tp_problem(ir, t, planned.get(t)) for t in tps}
     tps = [t for t in tps if rejected[t] is None]
     refused = {t: sp_refusals(ir, t, planned[t][0]) for t in tps if t > 1}
@@ -266,17 +294,17 @@ def searched_plan(ir: IR, ctx: PassContext) -> tuple[Plan, SearchResult]:
         rules=SearchRules(microbatches_at_least_pp=not (summed or statistics or batch_norm)))
     batches = ctx.options.global_batches or (batch_size(ctx),)
     outcomes = {b: _search_at(b, runs, problem, cost) for b in batches}
-    found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _) in outcomes.items()
+    found = {b: min(results, key=lambda r: (r.step_time, r.peak_memory)) for b, (results, _, _) in outcomes.items()
              if results}
     if not found:
-        errors = [e for _, errors in outcomes.values() for e in errors]
+        errors = [e for _, errors, _ in outcomes.values() for e in errors]
         fix = ""
         if errors and not summed and not any("memory" in str(e) for e in errors):
             space = SearchSpace(**{**SUPPORTED_SPACE, **runs[0][0], "tp_degrees": tuple(tps)}) if runs else None
             fix = _batch_fix(ctx, batches, layers, space, problem["rules"])
         raise _no_plan(ctx, tps, rejected, errors, summed, batches, fix)
     batch = max(found, key=lambda b: (b / found[b].step_time, -b))  # samples per second; on a tie the smaller
-    best = dataclasses.replace(found[batch], baselines=_merge_baselines(*outcomes[batch]))
+    best = dataclasses.replace(found[batch], baselines=_merge_baselines(outcomes[batch][2]))
     plan = _with_ends(ir, to_plan(best, model=ctx.fingerprint))
     notes = [r for r in rejected.values() if r]
     explanation = best.explain() + ("\nnot searched: " + "; ".join(notes) if notes else "")

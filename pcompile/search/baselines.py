@@ -80,32 +80,34 @@ def _uniform_families(ctx, families: dict) -> list[Baseline]:
             else Baseline(name, DESCRIPTIONS[name], math.inf, leanest[name]) for name in families]
 
 
-def _pipeline_even(ctx) -> Baseline:
+def _pipeline_even(ctx, below: float = math.inf) -> Baseline:
     """Branch and bound over settings with pp > 1: exact DP only where the even split's bound
-    from unrestricted DP states can beat the best so far."""
+    from unrestricted DP states can beat the best so far - or `below`, a step time the caller
+    holds already (another run's pipeline_even: only a faster one is looked for, inf if none)."""
     p = ctx.problem
-    best = None
+    best, limit = None, below
     for bound, setting in ctx.ordered():
-        if setting.pp == 1 or bound == math.inf or (best is not None and bound >= best[0]):
+        if setting.pp == 1 or bound == math.inf or bound >= limit:
             continue
         segments = even_segments(p.layers, setting.pp, setting.chunks)
         if segments is None:
             continue
         solver = ctx.solver(setting, p.grid_cells, ceil=True)
-        if best is not None and solver.fixed_lower(segments, best[0]) >= best[0]:
+        if limit < math.inf and solver.fixed_lower(segments, limit) >= limit:
             continue
         plan = solver.fixed(segments)
         if plan is None:
             continue
         cost = ctx.cost_of(plan)
-        if cost.fits and (best is None or cost.step_time < best[0]):
-            best = (cost.step_time, max(cost.stage_memory), setting.describe())
+        if cost.fits and cost.step_time < limit:
+            best, limit = (cost.step_time, max(cost.stage_memory), setting.describe()), cost.step_time
     if best is None:
         return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], math.inf, math.inf)
     return Baseline("pipeline_even", DESCRIPTIONS["pipeline_even"], *best)
 
 
-def baselines(ctx) -> tuple[Baseline, ...]:
+def baselines(ctx, pipeline_even_below: float = math.inf) -> tuple[Baseline, ...]:
+    """Every family's baseline; `pipeline_even_below`: as _pipeline_even's `below`."""
     dpn = ctx.problem.devices_per_node
     families = {
         "dp": lambda st, s, tps: st.pp == 1 and s.tp == 1 and not s.sdp and not s.zero2 and s.split == 1,
@@ -114,7 +116,7 @@ def baselines(ctx) -> tuple[Baseline, ...]:
                                         and s.tp == max([t for t in tps if t <= dpn], default=0)),
         "uniform_3d": lambda st, s, tps: True,
     }
-    return tuple(_uniform_families(ctx, families)) + (_pipeline_even(ctx),)
+    return tuple(_uniform_families(ctx, families)) + (_pipeline_even(ctx, pipeline_even_below),)
 
 
 # -- the leanest plan ----------------------------------------------------------------------------

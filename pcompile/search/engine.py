@@ -260,13 +260,15 @@ def certified_plan(ctx: SearchContext, settings_filter=None, faster_than: float 
     return Outcome(up, cost, False, (up.value / low.value - 1) if up else math.inf, cells // 2, solved)
 
 
-def search(problem: SearchProblem, faster_than: float = math.inf) -> SearchResult | None:
+def search(problem: SearchProblem, faster_than: float = math.inf,
+           context: SearchContext | None = None) -> SearchResult | None:
     """The fastest plan of the problem's space that fits every stage's memory, with baselines
     and an explanation. Raises PcompileError (with the leanest plan) when nothing fits.
     With a finite `faster_than` (the step time of a plan the caller holds, baselines included):
-    only a faster plan, without baselines, or None."""
+    only a faster plan, without baselines, or None. `context`: the problem's SearchContext when
+    the caller made it already (its tables and bounds are kept)."""
     start = time.perf_counter()
-    ctx = SearchContext(problem)
+    ctx = context or SearchContext(problem)
     out = certified_plan(ctx, faster_than=faster_than)
     plan, cost = out.plan, out.cost
     if plan is None:

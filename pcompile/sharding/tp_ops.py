@@ -208,6 +208,25 @@ def loss_parts(gm: fx.GraphModule, node: fx.Node) -> LossParts | None:
     return LossParts(logits, target, ignore, reduction, why)
 
 
+class OpKinds:
+    """kind_of and linear_parts of one graph, each node's answer computed once: a tp
+    propagation asks them of every node once per degree and once per resumed pass (9 times on
+    GPT-3's 5,000 nodes: a third of its search). Valid while the graph is not rewritten."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm, self._kinds, self._linears = gm, {}, {}
+
+    def kind(self, node: fx.Node) -> str:
+        if node not in self._kinds:
+            self._kinds[node] = kind_of(self.gm, node)
+        return self._kinds[node]
+
+    def linear(self, node: fx.Node) -> LinearParts | None:
+        if node not in self._linears:
+            self._linears[node] = linear_parts(self.gm, node)
+        return self._linears[node]
+
+
 def kind_of(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         module = gm.get_submodule(node.target)

@@ -29,7 +29,15 @@ import torch.fx as fx
 from pcompile.ir import IR
 from pcompile.ir.params import attribute
 from pcompile.sharding.tp_fused import equal_blocks, only_layout_from
-from pcompile.sharding.tp_ops import LinearParts, kind_of, linear_parts, loss_parts, view_groups, view_split_dim
+from pcompile.sharding.tp_ops import (
+    LinearParts,
+    OpKinds,
+    kind_of,
+    linear_parts,
+    loss_parts,
+    view_groups,
+    view_split_dim,
+)
 from pcompile.sharding.tp_vocab import disagreements, vocab_embeddings
 
 __all__ = ["LinearParts", "Propagation", "linear_parts", "plan_tensor_parallel", "propagate", "tp_problem",
@@ -83,16 +91,17 @@ def _set(ir: IR, p: Propagation, node: fx.Node, dim: int, degree: int, origins: 
     p.split_dim[node], p.degree[node], p.origins[node] = dim % max(_ndim(ir, node), 1), degree, origins
 
 
-def propagate(ir: IR, candidates: dict[fx.Node, int], p: Propagation | None = None, start: int = 0) -> Propagation:
+def propagate(ir: IR, candidates: dict[fx.Node, int], p: Propagation | None = None, start: int = 0,
+              kinds: OpKinds | None = None) -> Propagation:
     """One pass of sharding propagation with `candidates` (Linear -> tp degree) as column-parallel;
     with `p` and `start`, resumes from the graph's node number `start` on `p`'s state."""
-    gm = ir.gm
+    kinds = kinds or OpKinds(ir.gm)
     p = p or Propagation(degree={}, split_dim={}, origins={})
     for node in list(ir.graph.nodes)[start:]:
         ins = [a for a in _tensor_args(node) if a in p.split_dim]
-        kind = kind_of(gm, node)
+        kind = kinds.kind(node)
         if kind == "linear":
-            parts = linear_parts(gm, node)
+            parts = kinds.linear(node)
             source = parts.input
             if source in p.split_dim:
                 if p.split_dim[source] != _ndim(ir, source) - 1:
@@ -457,16 +466,19 @@ def opaque_linears(gm: fx.GraphModule, nodes=None) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagation, dict[str, str]]:
+def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int],
+                         kinds: OpKinds | None = None) -> tuple[Propagation, dict[str, str]]:
     """Fixed point: start with every Linear of a tp>1 layer as column-parallel, drop the ones
     whose split output reaches an op that cannot take it. Returns the final propagation and,
     per layer left unsplit (or split only partly because tp does not divide a head count or a
     feature size), the reason. Embeddings split along the vocabulary where every reader of
-    their table (a tied LM head) splits it the same way (tp_vocab); `p.notes` says what did not."""
-    embeddings, notes = vocab_embeddings(ir, layer_degree)
+    their table (a tied LM head) splits it the same way (tp_vocab); `p.notes` says what did not.
+    `kinds`: the graph's op kinds, shared by callers planning several degrees."""
+    kinds = kinds or OpKinds(ir.gm)
+    embeddings, notes = vocab_embeddings(ir, layer_degree, kinds)
     dropped: set[fx.Node] = set()
     while True:
-        p, reasons = _fixed_point(ir, layer_degree, dropped)
+        p, reasons = _fixed_point(ir, layer_degree, dropped, kinds)
         drop_emb, drop_col, why = disagreements(ir, p, embeddings)
         if not drop_emb and not drop_col:
             break
@@ -480,14 +492,15 @@ def plan_tensor_parallel(ir: IR, layer_degree: dict[str, int]) -> tuple[Propagat
     return p, reasons
 
 
-def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) -> tuple[Propagation, dict[str, str]]:
+def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node],
+                 kinds: OpKinds) -> tuple[Propagation, dict[str, str]]:
     candidates = {n: layer_degree[ir.meta(n).layer] for n in ir.graph.nodes
-                  if kind_of(ir.gm, n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1 and n not in dropped}
+                  if kinds.kind(n) == "linear" and layer_degree.get(ir.meta(n).layer, 1) > 1 and n not in dropped}
     reasons: dict[str, str] = {}
     indivisible: dict[str, str] = {}  # a degree that does not divide heads / features is never "partly fine"
     indivisible_origins: dict[str, list[fx.Node]] = {}
     index = {node: i for i, node in enumerate(ir.graph.nodes)}
-    p = propagate(ir, candidates)
+    p = propagate(ir, candidates, kinds=kinds)
     while p.failure is not None:
         node, why, origins = p.failure
         if not origins:
@@ -501,7 +514,7 @@ def _fixed_point(ir: IR, layer_degree: dict[str, int], dropped: set[fx.Node]) ->
         # Nodes before the first dropped Linear do not depend on it: resume there, not from the top
         # (one failure per layer of an 80-layer model would otherwise cost 80 whole-graph passes).
         start = min(index[o] for o in origins)
-        p = propagate(ir, candidates, _before(p, index, start), start)
+        p = propagate(ir, candidates, _before(p, index, start), start, kinds)
     for layer, degree in layer_degree.items():
         if degree > 1 and not any(ir.meta(n).layer == layer for n in p.column):
             hidden = opaque_linears(ir.gm, ir.nodes_of(layer))

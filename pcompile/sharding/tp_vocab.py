@@ -19,17 +19,19 @@ import torch.fx as fx
 
 from pcompile.ir import IR, reads_inputs
 from pcompile.ir.params import aliases
-from pcompile.sharding.tp_ops import embedding_parts, kind_of, linear_parts
+from pcompile.sharding.tp_ops import OpKinds, embedding_parts, linear_parts
 
 
-def vocab_embeddings(ir: IR, layer_degree: dict[str, int]) -> tuple[dict[fx.Node, int], list[str]]:
+def vocab_embeddings(ir: IR, layer_degree: dict[str, int],
+                     kinds: OpKinds | None = None) -> tuple[dict[fx.Node, int], list[str]]:
     """Embeddings of tp>1 layers that can split along the vocabulary -> tp; and a note for each
     one that cannot, saying why. Tables indexed by computed positions (not the inputs) stay
     whole, as in Megatron: they are small, and splitting one would cost an all-reduce."""
     chosen, notes = {}, []
+    kinds = kinds or OpKinds(ir.gm)
     for node in ir.graph.nodes:
         degree = layer_degree.get(ir.meta(node).layer, 1) if ir.has_meta(node) else 1
-        if degree == 1 or kind_of(ir.gm, node) != "embedding":
+        if degree == 1 or kinds.kind(node) != "embedding":
             continue
         parts = embedding_parts(ir.gm, node)
         # token ids, not ranges built from sizes (positions): shape queries are not followed

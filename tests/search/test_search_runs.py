@@ -1,6 +1,8 @@
 """The engine runs of one search (passes/search_runs.py): tied layers found and pinned, one
 mixed run per tp of each tied group, pins respected by the searched plan, and mixing never
 loses to the uniform runs (it only reports a plan when it is faster)."""
+import dataclasses
+
 import numpy as np
 
 import pcompile
@@ -102,3 +104,24 @@ def test_a_run_where_nothing_fits_still_reports_its_baselines():
     verdicts = {c.verdict.split(":")[0]: c.verdict for c in plan.candidates}
     assert verdicts["baseline dp"].startswith("baseline dp: out of memory (leanest needs"), verdicts
     assert "not in the searched space" in verdicts["baseline zero3"]  # excluded by the user
+
+
+def test_runs_bounded_by_the_best_so_far_lose_no_plan_and_no_baseline():
+    """The uniform runs after the first look only for faster plans (passes/search.py _search_at):
+    the plan is the best of the runs each searched alone, and each baseline family the best of
+    theirs (a bounded run still prices its baselines; pipeline_even only where it is faster)."""
+    from pcompile.passes.search import searched_plan
+
+    cfg = GPTConfig(**BIG_VOCAB)
+    ir, ctx = analyse(GPT(cfg), gpt_inputs(cfg, 8))
+    _, together = searched_plan(ir, ctx)
+    alone = []
+    for tp in (1, 2, 4):
+        ctx.options = dataclasses.replace(ctx.options, search_space=(("tp_degrees", (tp,)),))
+        alone.append(searched_plan(ir, ctx)[1])
+    assert together.step_time <= min(r.step_time for r in alone)
+    best = {b.name: min((r for a in alone for r in a.baselines if r.name == b.name),
+                        key=lambda r: (r.step_time, r.peak_memory)) for b in together.baselines}
+    assert {b.name: (b.step_time, b.peak_memory) for b in together.baselines} == \
+        {name: (b.step_time, b.peak_memory) for name, b in best.items()}
+    assert sum(np.isfinite(b.step_time) for b in together.baselines) >= 4, together.baselines
