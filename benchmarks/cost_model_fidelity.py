@@ -21,8 +21,8 @@ issue (pcompile.runtime.latency.inject: a sleep, no CPU), so what the runtime ov
 compute hides and what it waits for shows; the plans are LATENCY_CASES (dp, ZeRO-3, ZeRO-3 with
 split, ZeRO-2, tp, sp, checkpointing, pipelines with 1F1B and GPipe) on the 4-block GPT, each priced by
 `pcompile.cost.plan_price.price` (the search's price) on the profiled cluster with
-`with_min_transfer(L)` and an overlap efficiency of 1 (an injected wait uses no CPU, so it hides
-entirely behind compute; the profile's eta describes gloo's own transfers, which share the cores).
+`with_min_transfer(L)`: a transfer's own work (gloo's, sharing the cores) overlaps compute at the
+profiled efficiency eta, the injected wait beyond it hides wholly (it uses no CPU; pricing._exposed).
 
 Run: python benchmarks/cost_model_fidelity.py [--quick-profile] [--profile PATH] [--steps N] [--only a,b]
 [--latency L] (`--only` keeps the plans whose label contains one of the comma-separated words, e.g.
@@ -259,8 +259,9 @@ def main(argv=None) -> None:
     if args.only:
         chosen = [c for c in chosen if any(word in c.label for word in args.only.split(","))]
     if args.latency:
-        cluster = dataclasses.replace(cluster.with_min_transfer(args.latency / 1e3), overlap=1.0)
-        print(f"injected latency {args.latency:g} ms per transfer; priced on {cluster.name} with overlap 1")
+        cluster = cluster.with_min_transfer(args.latency / 1e3)
+        print(f"injected latency {args.latency:g} ms per transfer; priced on {cluster.name} (overlap "
+              f"{cluster.overlap:.2f} for the transfers' own work, the injected wait hidden wholly)")
     # before the launch: a planning error shows at once
     predictions = [predict(cluster, c, priced=bool(args.latency)) for c in chosen]
     ranks = pcompile.launch(measure, WORLD, [(c.model, c.plan) for c in chosen], args.warmup, args.steps,

@@ -217,21 +217,24 @@ class Cluster:
             return self.intra_node_bandwidth, self.intra_node_latency
         return self.inter_node_bandwidth, self.inter_node_latency
 
-    def collective_time(self, op: str, nbytes: float, groups) -> float:
+    def collective_time(self, op: str, nbytes: float, groups, work_only: bool = False) -> float:
         """Seconds of collective `op` run by every group of `groups` (lists of ranks) at once: the
         slowest group's. `nbytes` is per rank (the input of all_reduce / reduce_scatter, the
         output of all_gather, the message of send). A measured fit for (op, group size, link)
         wins; otherwise the ring on the link: all_reduce 2(n-1) alpha + 2(n-1)/n B / bw,
-        all_gather and reduce_scatter (n-1) alpha + (n-1)/n B / bw, send alpha + B / bw."""
+        all_gather and reduce_scatter (n-1) alpha + (n-1)/n B / bw, send alpha + B / bw.
+        At least `min_transfer`, unless `work_only`: the transfer's own time, without that
+        wait (a wait uses no CPU: it hides wholly behind compute, the work at the overlap eta)."""
         worst = 0.0
         for kind, size in {(self.link_kind(g), len(g)) for g in groups}:
-            worst = max(worst, self._collective(op, nbytes, size, kind))
+            worst = max(worst, self._collective(op, nbytes, size, kind, work_only))
         return worst
 
-    def _collective(self, op: str, nbytes: float, size: int, kind: str) -> float:
+    def _collective(self, op: str, nbytes: float, size: int, kind: str, work_only: bool = False) -> float:
         if nbytes <= 0 or (size <= 1 and op != "send"):
             return 0.0
-        return max(self._transfer(op, nbytes, size, kind), self.min_transfer)
+        work = self._transfer(op, nbytes, size, kind)
+        return work if work_only else max(work, self.min_transfer)
 
     def _transfer(self, op: str, nbytes: float, size: int, kind: str) -> float:
         fit = next((f for f in self.collectives if (f.op, f.group_size, f.link) == (op, size, kind)), None)

@@ -60,6 +60,10 @@ class LayerWork:
     loss_fwd: tuple[float, ...] = ()  # the vocab-parallel cross-entropy's fp32 all-reduces (every dtype)
     reads: tuple[ParamRead, ...] = ()  # the ops reading parameters, in graph order
     last: bool = False  # holds the graph's last parameter read: ZeRO-3's last unit, kept for backward
+    # under sequence parallelism, the [hidden] parameters broadcast over the sequence outside the tp
+    # region (norm weights and biases, row Linears' biases): bytes of each, whose gradient is partial
+    # per rank's tokens and all-reduced over tp in backward, one call each (the sp rewrite's tp_copy)
+    sp_param_reduces: tuple[float, ...] = ()
 
 
 def example_batch(ir: IR) -> int:
@@ -197,7 +201,7 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
 
     copies = _repeats(ir, facts, (split_out, row, column, losses, embeddings))
     acc = {layer: dict(ops=[], saved=0.0, saved_sp=0.0, inputs=set(), largest=0.0, params=[], linear=0,
-                       fwd=[], bwd=[], gather=[], loss=[], reads=[]) for layer in ir.layers}
+                       fwd=[], bwd=[], gather=[], loss=[], reads=[], sp={}) for layer in ir.layers}
     last_reader = None
     seen_params: set[int] = set()
     for run, (layer, nodes) in enumerate(facts.runs()):
@@ -237,6 +241,10 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
             if is_linear:
                 weight = facts.params[op.linear.weight]
                 a["linear"] = max(a["linear"], weight.numel() // (tp if node in column | row else 1))
+            if meta.layer in tp_layers:  # the sp rewrite's broadcast operands (tp_copy, per layer)
+                broadcast = [p for _, p in op.params if p.dim() == 1 and p.is_floating_point()] if not is_linear \
+                    else [facts.params[op.linear.bias]] if node in row and op.linear.bias else []
+                a["sp"].update({id(p): float(p.numel() * p.element_size()) for p in broadcast})
             if node in row or node in embeddings:  # partial sums (an embedding's: of its vocab range)
                 a["fwd"].append(float(meta.output_bytes))
             if node in losses:
@@ -258,7 +266,7 @@ def layer_work(ir: IR, tp: int, planned: tuple | None = None, facts: NodeFacts |
                               float(sum(ir.meta(n).output_bytes for n in a["inputs"])), a["largest"],
                               tuple(a["params"]), a["linear"], max(a["params"], default=0), tuple(a["fwd"]),
                               tuple(a["bwd"]), tuple(a["gather"]), tuple(a["loss"]), tuple(a["reads"]),
-                              layer == last_reader)
+                              layer == last_reader, tuple(a["sp"].values()))
              for layer, a in acc.items() if layer not in copies}
     return {layer: works[copies.get(layer, layer)] for layer in ir.layers}
 

@@ -66,6 +66,7 @@ import numpy as np
 from pcompile.cluster import Cluster
 from pcompile.cost.layer_work import LayerWork, boundary_bytes, example_batch, layer_work
 from pcompile.cost.offload import offload_time
+from pcompile.cost.tp_comm import tp_comm
 from pcompile.errors import PcompileError
 from pcompile.ir import IR
 from pcompile.mesh import regroup_groups, stage_groups
@@ -152,13 +153,13 @@ class StageLayout:
         """The device of the lowest memory bandwidth (the tp copies' pace)."""
         return min(self.devices, key=lambda d: d.memory_bandwidth)
 
-    def collective_time(self, cluster: Cluster, op: str, nbytes: float, axis: str) -> float:
+    def collective_time(self, cluster: Cluster, op: str, nbytes: float, axis: str, work_only: bool = False) -> float:
         """cluster.collective_time of `op` over this layout's "tp" or "dp" groups."""
-        key = (op, nbytes, axis)
+        key = (op, nbytes, axis, work_only)
         got = self._times.get(key)
         if got is None:
             got = self._times[key] = cluster.collective_time(op, nbytes, self.tp_groups if axis == "tp"
-                                                             else self.dp_groups)
+                                                             else self.dp_groups, work_only)
         return got
 
 
@@ -261,61 +262,13 @@ class LayerCost:
     memory: LayerMemory
 
 
-def _exposed(comm: float, compute: float, eta: float) -> float:
-    """Comm left visible when it runs alongside `compute`: max(c, m) + (1 - eta) min(c, m) - m."""
-    return comm - eta * min(comm, compute)
-
-
-def _tp_comm(work: LayerWork, cluster: Cluster, s: Strategy, groups, scale: float,
-             act: float, fwd_compute: float = 0.0, bwd_compute: float = 0.0,
-             layout: StageLayout | None = None) -> tuple[float, float]:
-    """(forward, backward) tp collectives of one micro-batch: Megatron's all-reduces, or with
-    sequence parallelism an all-gather + reduce-scatter pair in their place (same volume).
-    Activations move in the activation dtype (x act); the cross-entropy's vectors in fp32.
-    Each call also pays the runtime's copies around it (`_tp_copy_time`) and, as it follows
-    compute, the cluster's measured wake-up cost for the group size after the layer's compute
-    of that direction shared evenly among its calls (`Cluster.wakeup_time`). `layout`: the
-    stage's StageLayout, whose tp groups are `groups` (its memo and slowest device are used)."""
-    if layout is not None:
-        device = layout.slowest_memory
-    else:
-        device = min((cluster.device_of(r) for g in groups for r in g), key=lambda d: d.memory_bandwidth)
-    n_fwd = len(work.loss_fwd) + len(work.reduce_fwd) + (len(work.reduce_bwd) if s.sp else 0)
-    n_bwd = len(work.reduce_bwd) + (len(work.reduce_fwd) if s.sp else 0) + len(work.gather_bwd)
-    wake = {"fwd": cluster.wakeup_time(s.tp, fwd_compute / max(n_fwd, 1)),
-            "bwd": cluster.wakeup_time(s.tp, bwd_compute / max(n_bwd, 1))}
-
-    def t(op, nbytes, dtype_scale=act, copies=True, direction="fwd"):
-        moved = nbytes * scale * dtype_scale
-        copy = _tp_copy_time(moved, device) if copies else 0.0
-        time = (layout.collective_time(cluster, op, moved, "tp") if layout is not None
-                else cluster.collective_time(op, moved, groups))
-        return time + copy + (wake[direction] if moved > 0 else 0.0)
-
-    # the parallel cross-entropy all-reduces its vectors in place (vocab_parallel._all_reduce)
-    fwd = sum(t("all_reduce", nbytes, 1.0, copies=False) for nbytes in work.loss_fwd)
-    bwd = 0.0
-    for nbytes in work.reduce_fwd:
-        fwd += t("reduce_scatter", nbytes) if s.sp else t("all_reduce", nbytes)
-        bwd += t("all_gather", nbytes, direction="bwd") if s.sp else 0.0
-    for nbytes in work.reduce_bwd:
-        fwd += t("all_gather", nbytes) if s.sp else 0.0
-        bwd += t("reduce_scatter", nbytes, direction="bwd") if s.sp else t("all_reduce", nbytes, direction="bwd")
-    bwd += sum(t("all_gather", nbytes, direction="bwd") for nbytes in work.gather_bwd)
-    return fwd, bwd
-
-
-def _tp_copy_time(nbytes: float, device) -> float:
-    """Seconds of the copies pcompile.runtime.collectives makes around each tp collective besides the
-    collective itself (the profile times the bare call): `_all_reduce` clones its input
-    (x.contiguous().clone(), read + write of `nbytes`), `_all_gather` concatenates the gathered
-    parts (torch.cat, read + write of the `nbytes` output), `_reduce_scatter` moves the scattered
-    dim to the front (movedim().contiguous() of the `nbytes` input). Each is 2 * nbytes at the
-    device's memory bandwidth (0.23 ms for a 1 MB all-reduce at the 9.2 GB/s profiled on 4 gloo
-    ranks)."""
-    if nbytes <= 0:
-        return 0.0
-    return 2 * nbytes / device.memory_bandwidth
+def _exposed(comm: float, compute: float, eta: float, work: float | None = None) -> float:
+    """Comm left visible when it runs alongside `compute`: its own work (`work`, the transfer's
+    time without Cluster.min_transfer's wait; all of comm by default) overlaps at efficiency eta,
+    max(w, m) + (1 - eta) min(w, m) - m, and the wait beyond it, which uses no CPU, hides wholly
+    behind compute: at least comm - m is visible."""
+    work = comm if work is None else work
+    return max(work - eta * min(work, compute), comm - compute)
 
 
 def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, batch: int,
@@ -337,7 +290,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         # compute times only pace the wake-up cost, which presets do not have)
         key = ("tp", id(work), s.sp, scale, act) + ((fwd, bwd) if cluster.wakeup else ())
         if key not in layout._times:
-            layout._times[key] = _tp_comm(work, cluster, s, layout.tp_groups, scale, act, fwd, bwd, layout)
+            layout._times[key] = tp_comm(work, cluster, s, layout.tp_groups, scale, act, fwd, bwd, layout)
         tp_fwd, tp_bwd = layout._times[key]
     p_bytes, g_bytes, o_bytes = options.state_bytes()
     elements = sum(work.param_numels)
@@ -348,31 +301,43 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         key = ("sdp", id(work), s.split, s.checkpoint, p_bytes)
         if key not in layout._times:
             units = sdp_units(work, s.split)
-            gathers = [layout.collective_time(cluster, "all_gather", n * p_bytes, "dp") for n, _ in units]
-            # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
-            regather = 0.0 if s.checkpoint else sum(t for t, (_, again) in zip(gathers, units) if again)
-            scatter = sum(layout.collective_time(cluster, "reduce_scatter", n * p_bytes, "dp") for n, _ in units)
-            layout._times[key] = (sum(gathers), regather, scatter)
-        gather, regather, scatter = layout._times[key]
-        sdp_fwd = _exposed(gather, fwd, eta)
-        sdp_bwd = _exposed(regather + scatter, bwd, eta)
+
+            def priced(work_only: bool) -> tuple[float, list[float], list[float]]:
+                gathers = [layout.collective_time(cluster, "all_gather", n * p_bytes, "dp", work_only)
+                           for n, _ in units]
+                # a checkpointed layer's ops run plainly: its recompute gathers again (charged below), no re-gather
+                regathers = [t if again and not s.checkpoint else 0.0 for t, (_, again) in zip(gathers, units)]
+                return sum(gathers), regathers, [layout.collective_time(cluster, "reduce_scatter", n * p_bytes, "dp",
+                                                                        work_only) for n, _ in units]
+            (gather, regathers, scatters), (gather_w, regathers_w, scatters_w) = priced(False), priced(True)
+            # in backward unit k's reduce-scatter is in flight while the unit before it re-gathers:
+            # their waits run at once (their work, on the same cores, one after the other)
+            layout._times[key] = (gather, gather_w, sum(max(g, r) for g, r in zip(regathers, scatters)),
+                                  sum(regathers_w) + sum(scatters_w))
+        gather, gather_w, backward_comm, backward_w = layout._times[key]
+        sdp_fwd = _exposed(gather, fwd, eta, gather_w)
+        sdp_bwd = _exposed(backward_comm, bwd, eta, backward_w)
     elif s.dp > 1 and s.zero2:
         fp32 = 4.0  # the chunks and the reduced gradients are fp32 (the masters') under mixed precision too
         bucket = float(options.bucket_bytes or GRAD_BUCKET_BYTES)
-        scatter = elements * fp32 / bucket * layout.collective_time(cluster, "reduce_scatter", bucket, "dp")
+        scatter, scatter_w = (elements * fp32 / bucket * layout.collective_time(cluster, "reduce_scatter", bucket,
+                                                                                 "dp", w) for w in (False, True))
         gather = elements * fp32 / bucket * layout.collective_time(cluster, "all_gather", bucket, "dp")
         passes = 2 * elements * fp32 * 2 / min(d.memory_bandwidth for d in devices)  # rows copy, gathered copy-out
-        sync = (_exposed(scatter, bwd, eta) if options.overlap_grad_sync else scatter) + gather + passes
+        sync = (_exposed(scatter, bwd, eta, scatter_w) if options.overlap_grad_sync else scatter) + gather + passes
     elif s.dp > 1:
-        if options.bucket_bytes:
-            # the runtime packs the whole stage's gradients into shared buckets: a layer's share
-            # of them, its bytes / bucket of one bucket's all-reduce (additive over layers, so the
-            # search's per-layer sum is the stage's, within one bucket's latency: _stage_sync)
-            comm = elements * g_bytes / options.bucket_bytes * layout.collective_time(
-                cluster, "all_reduce", float(options.bucket_bytes), "dp")
-        else:  # one in-place all-reduce per gradient tensor
-            comm = sum(layout.collective_time(cluster, "all_reduce", n * g_bytes, "dp") for n in work.param_numels if n)
-        sync = (_exposed(comm, bwd, eta) if options.overlap_grad_sync else comm) + _bucket_divide(
+        def dp_comm(work_only: bool) -> float:
+            if options.bucket_bytes:
+                # the runtime packs the whole stage's gradients into shared buckets: a layer's share
+                # of them, its bytes / bucket of one bucket's all-reduce (additive over layers, so the
+                # search's per-layer sum is the stage's, within one bucket's latency: _stage_sync)
+                return elements * g_bytes / options.bucket_bytes * layout.collective_time(
+                    cluster, "all_reduce", float(options.bucket_bytes), "dp", work_only)
+            # one in-place all-reduce per gradient tensor
+            return sum(layout.collective_time(cluster, "all_reduce", n * g_bytes, "dp", work_only)
+                       for n in work.param_numels if n)
+        comm = dp_comm(False)
+        sync = (_exposed(comm, bwd, eta, dp_comm(True)) if options.overlap_grad_sync else comm) + _bucket_divide(
             elements * g_bytes, devices, options.bucket_bytes)
     fwd_comm = tp_fwd + sdp_fwd
     recompute = (fwd + fwd_comm) if s.checkpoint else 0.0
@@ -558,7 +523,8 @@ def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: lis
     ready when backward has made its share of the gradient bytes (backward's time spread over
     them), issued then or when the previous one is done; the exposed time is what runs past
     backward's end - at least the last bucket's - blended with the unoverlapped sum by the
-    overlap efficiency eta: (1 - eta) sum + eta exposed."""
+    overlap efficiency eta: (1 - eta) sum + eta exposed, for the transfers' own work; a wait
+    beyond it (Cluster.min_transfer: no CPU) shows only past backward's end."""
     first = options.first_rank
     sizes = sync_buckets(numels, options.state_bytes()[1], options.bucket_bytes)
     groups = stage_groups(first, s.dp, s.tp)[1]
@@ -568,11 +534,16 @@ def _stage_sync(cluster: Cluster, s: Strategy, options: CostOptions, numels: lis
     exposed = comm
     if options.overlap_grad_sync:
         eta = cluster.overlap if options.overlap is None else options.overlap
-        total, made, done = sum(sizes) or 1.0, 0.0, 0.0
-        for size, time in zip(sizes, times):
-            made += size
-            done = max(done, backward * made / total) + time
-        exposed = (1 - eta) * comm + eta * max(done - backward, 0.0)
+
+        def past_backward(bucket_times: list[float]) -> float:
+            total, made, done = sum(sizes) or 1.0, 0.0, 0.0
+            for size, time in zip(sizes, bucket_times):
+                made += size
+                done = max(done, backward * made / total) + time
+            return max(done - backward, 0.0)
+        # the transfers' own work overlaps at eta; a wait beyond it (Cluster.min_transfer) hides wholly
+        work = [cluster.collective_time("all_reduce", b, groups, work_only=True) for b in sizes]
+        exposed = max((1 - eta) * sum(work) + eta * past_backward(work), past_backward(times))
     return exposed + _bucket_divide(sum(sizes), devices, options.bucket_bytes)
 
 

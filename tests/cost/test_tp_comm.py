@@ -9,8 +9,8 @@ import math
 import pcompile
 from pcompile.cluster import CollectiveFit
 from pcompile.cost.layer_work import LayerWork
-from pcompile.cost.pricing import _tp_comm
 from pcompile.cost.profile import WAKEUP_BYTES, build_cluster
+from pcompile.cost.tp_comm import tp_comm
 from pcompile.plan import Strategy
 
 
@@ -34,20 +34,20 @@ def test_tp_all_reduce_pays_clone_and_wakeup():
     cluster, groups = _cluster(WAKEUP), [[0, 1]]
     # forward: 2 calls after 8 ms of compute, 4 ms each: wake-up 2 + (4 - 1) / (9 - 1) ms = 2.375 ms;
     # backward: 1 call after 20 ms, past the last point: 3 ms
-    fwd, bwd = _tp_comm(_work(), cluster, Strategy(dp=1, tp=2), groups, 0.5, 1.0, 8e-3, 20e-3)
+    fwd, bwd = tp_comm(_work(), cluster, Strategy(dp=1, tp=2), groups, 0.5, 1.0, 8e-3, 20e-3)
     # forward: row all-reduce of 0.5 MB = 1 ms + 0.5 ms fitted, clone 2 x 0.5 MB / 10 GB/s = 0.1 ms;
     # the loss vector (2 KB, in place: no clone) 1 ms + 0.002 ms
     assert math.isclose(fwd, (1.5e-3 + 0.1e-3 + 2.375e-3) + (1e-3 + 2e3 * 1e-9 + 2.375e-3))
     # backward: column-input all-reduce of 1 MB = 1 ms + 1 ms, clone 0.2 ms
     assert math.isclose(bwd, 2e-3 + 0.2e-3 + 3e-3)
     # short compute between calls: 0.1 ms each, below the first point, no wake-up
-    fwd, _ = _tp_comm(_work(), cluster, Strategy(dp=1, tp=2), groups, 0.5, 1.0, 0.2e-3, 0.0)
+    fwd, _ = tp_comm(_work(), cluster, Strategy(dp=1, tp=2), groups, 0.5, 1.0, 0.2e-3, 0.0)
     assert math.isclose(fwd, (1.5e-3 + 0.1e-3) + (1e-3 + 2e3 * 1e-9))
 
 
 def test_sp_pairs_pay_their_copies():
     cluster, groups = _cluster(), [[0, 1]]
-    fwd, bwd = _tp_comm(dataclasses.replace(_work(), loss_fwd=()), cluster, Strategy(dp=1, tp=2, sp=True), groups,
+    fwd, bwd = tp_comm(dataclasses.replace(_work(), loss_fwd=()), cluster, Strategy(dp=1, tp=2, sp=True), groups,
                         scale=1.0, act=1.0)
     # forward: reduce-scatter of 1 MB (3 + 3 ms, movedim copy 0.2 ms) + all-gather of 2 MB (2 + 4 ms, cat 0.4 ms)
     assert math.isclose(fwd, 6.2e-3 + 6.4e-3)
@@ -103,3 +103,30 @@ def test_linear_rate_caps_a_linear_at_its_intensity():
     # a profile without a linear curve keeps the square curve
     plain = dataclasses.replace(device, linear_curve=())
     assert math.isclose(op_time(plain, flops, moved, linear=True), 1e-5 + flops / 80e9)
+
+
+def test_sp_charges_one_all_reduce_per_broadcast_parameter_the_rewrite_makes():
+    """Under sequence parallelism each [hidden] parameter a token-wise op broadcasts over the
+    sequence (norm weights and biases, row Linears' biases) gets a tp_copy whose backward
+    all-reduces its partial gradient alone: layer_work counts exactly the rewrite's, and the
+    price charges each call (under a 20 ms link, 20 ms each: the GPT's 26 are half its sp step)."""
+    from pcompile.cost.layer_work import layer_work
+    from pcompile.models import GPT, GPTConfig, gpt_inputs
+    from pcompile.runtime import collectives
+
+    cfg = GPTConfig(hidden=64, num_heads=4, num_layers=2, seq_len=32)
+    cluster = pcompile.Cluster.local(4)
+    plan = pcompile.Plan.uniform(dp=2, tp=2, sp=True)
+    ir = pcompile.compile(GPT(cfg), cluster, gpt_inputs(cfg, 8), plan=plan, stop_after="layers")
+    works = layer_work(ir, 2)
+    rewritten = pcompile.compile(GPT(cfg), cluster, gpt_inputs(cfg, 8), plan=plan, stop_after="sequence_parallel")
+    copies = [n for n in rewritten.graph.nodes if n.op == "call_function" and n.target is collectives.tp_copy
+              and n.args[0].op == "get_attr"]
+    assert sum(len(w.sp_param_reduces) for w in works.values()) == len(copies) == 2 * 6 + 2
+    block = works["blocks.0"]
+    slow = cluster.with_min_transfer(0.02)
+    groups = [[0, 1], [2, 3]]
+    _, with_sp = tp_comm(block, slow, Strategy(dp=2, tp=2, sp=True), groups, 0.5, 1.0)
+    _, without = tp_comm(dataclasses.replace(block, sp_param_reduces=()), slow, Strategy(dp=2, tp=2, sp=True),
+                          groups, 0.5, 1.0)
+    assert with_sp - without >= 6 * 0.02
