@@ -348,7 +348,9 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     gathered = 0.0
     if s.sdp and s.dp > 1:  # one FSDP unit per layer; with split k, one 1/k slice of a Linear at a time
         unit = max(work.largest_linear / s.split, elements - work.largest_linear) if s.split > 1 else elements
-        gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp)
+        # the previous unit's activations: the layer's, shared among its units
+        gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp,
+                                 freed=kept / max(len(sdp_units(work, s.split)), 1))
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
     optimizer, states = elements * o_bytes / shard, shard
     if s.zero2 and s.dp > 1:  # full gradients of the bucket being filled, two buckets' rows in flight
@@ -377,12 +379,15 @@ def _bucket_divide(grad_bytes: float, devices, bucket: int | None) -> float:
     return 2 * grad_bytes / min(d.memory_bandwidth for d in devices)
 
 
-def sdp_transient(unit: float, grads: float, dp: int) -> float:
+def sdp_transient(unit: float, grads: float, dp: int, freed: float = 0.0) -> float:
     """ZeRO-3's transient bytes around a unit of `unit` gathered parameter bytes and `grads`
     gradient bytes (pcompile.runtime.sdp's stated peak, in backward, neighbours of the same size):
     the unit's parameters and gradients, the next unit's re-gather in flight (output and flat
-    input: 1 + 1/dp) and the previous unit's reduce-scatter in flight (input and output)."""
-    return unit + grads + (unit + grads) * (1 + 1 / dp)
+    input: 1 + 1/dp) and the previous unit's reduce-scatter in flight (input and output) - less
+    `freed`, that previous unit's activations (a unit's own, as for the neighbours' sizes): its
+    backward is done, so they are gone while its gradients are reduce-scattered, though the stage
+    peak (states + every activation + the largest transient) still counts them."""
+    return unit + grads + unit * (1 + 1 / dp) + max(grads * (1 + 1 / dp) - freed, 0.0)
 
 
 def _sdp_grad_bytes(options: "CostOptions") -> float:

@@ -203,10 +203,14 @@ def test_zero3_transient_is_the_runtimes_stated_backward_peak():
     work = layer_work(ir, 1)[layer]
     unit = 4.0 * (64 * 64 + 64)  # fp32 parameters of the layer's one unit
     for dp in (2, 4):
-        sharded, plain = (layer_cost(work, cluster, s, 4, 2, CostOptions()).memory.temp
+        sharded, plain = (layer_cost(work, cluster, s, 4, 2, CostOptions()).memory
                           for s in (Strategy(dp=dp, sdp=True), Strategy(dp=dp)))
-        # U + G + (U + G)(1 + 1/dp): the unit and its gradients, the neighbours' collectives in flight
-        assert sharded - plain == sdp_transient(unit, unit, dp) == unit * (4 + 2 / dp)
+        # U + G + (U + G)(1 + 1/dp): the unit and its gradients, the neighbours' collectives in
+        # flight - less the activations of the unit whose gradients are reduce-scattered (freed)
+        kept = plain.activations
+        assert 0 < kept < unit
+        assert sharded.temp - plain.temp == sdp_transient(unit, unit, dp, kept) == unit * (4 + 2 / dp) - kept
+        assert sdp_transient(unit, unit, dp, 10 * unit) == unit * (3 + 1 / dp)  # at most the scatter's bytes
 
 
 def test_sdp_units_are_what_the_zero3_rewrite_gathers(gpt_ir):
