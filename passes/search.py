@@ -191,11 +191,13 @@ def _search_at(batch: int, runs: list[tuple], problem: dict, cost) -> tuple[list
             context = SearchContext(SearchProblem(**problem, global_batch=batch, cost=cost(pins),
                                                   space=SearchSpace(**{**SUPPORTED_SPACE, **fields})))
             bounded = not mixed and "ep" not in fields
-            queued.append((0 if bounded else 1, _promise(context) if bounded else 0.0, len(queued), context, mixed))
+            # (first the uniform runs without ep, most promising first; then the others as given)
+            order = (0, _promise(context)) if bounded else (1, 0.0)
+            queued.append((order, len(queued), context, bounded, mixed))
         except PcompileError as exc:
             errors.append(exc)
-    for bounded, _, _, context, mixed in sorted(queued, key=lambda q: q[:3]):
-        faster_than = min((r.step_time for r in results), default=math.inf) if bounded == 0 or mixed else math.inf
+    for _, _, context, bounded, mixed in sorted(queued, key=lambda q: q[:2]):
+        faster_than = min((r.step_time for r in results), default=math.inf) if bounded or mixed else math.inf
         try:
             result = run_engine(context.problem, faster_than, context)
         except PcompileError as exc:
