@@ -81,7 +81,8 @@ def cost_callback(ir: IR, costs: StageCosts, refused: dict[int, dict[str, str]],
 
     def for_run(pins: dict[str, int]):
         def cost(query: StageQuery) -> CostTable:
-            table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies)
+            table = costs.table(query.first_rank, query.devices_per_stage, query.microbatch_size, query.strategies,
+                                query.microbatches > 1)
             key = (id(table), query.pp > 1, tuple(sorted(pins.items())))
             if key not in cache:
                 # the MoE layers (found by StageCosts when first asked) only matter to ep > 1

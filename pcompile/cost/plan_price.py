@@ -78,7 +78,8 @@ def setting_of(plan: Plan) -> Setting:
 
 def _tables(ir: IR, costs: StageCosts, plan: Plan, microbatch: int, strategies: tuple) -> list[CostTable]:
     d = plan.num_devices // plan.pp
-    return [without_ends(ir, costs.table(k * d, d, microbatch, strategies)) for k in range(plan.pp)]
+    return [without_ends(ir, costs.table(k * d, d, microbatch, strategies, plan.num_microbatches > 1))
+            for k in range(plan.pp)]
 
 
 def with_stages(ir: IR, plan: Plan, costs: StageCosts, batch: int) -> Plan:
@@ -100,7 +101,7 @@ def with_stages(ir: IR, plan: Plan, costs: StageCosts, batch: int) -> Plan:
                             "blocks")
     strategies = tuple(dict.fromkeys(plan.strategy_for(layer) for layer in ir.layers))
     d = plan.num_devices // plan.pp
-    table = costs.table(0, d, batch // plan.num_microbatches, strategies)
+    table = costs.table(0, d, batch // plan.num_microbatches, strategies, plan.num_microbatches > 1)
     time = {layer: float(table.fwd_time[i, strategies.index(plan.strategy_for(layer))]
                          + table.bwd_time[i, strategies.index(plan.strategy_for(layer))])
             for i, layer in enumerate(table.layers)}

@@ -91,6 +91,10 @@ class CostOptions:
     bucket_bytes: int | None = None
     overlap: float | None = None  # overlap efficiency; None = the cluster's calibrated figure
     first_rank: int = 0  # first rank of the stage whose devices and links are charged
+    # Gradients accumulate over several micro-batches per step (num_microbatches > 1): ZeRO-2
+    # reduce-scatters only after the last one (pcompile.runtime.zero2's expected accumulations),
+    # so every full gradient of its layers is alive until then.
+    accumulating: bool = False
     # Optimizer-step transient. torch's foreach Adam (its default on GPUs) materialises sqrt(v)
     # for every parameter at once: one fp32 copy of all of them; the per-tensor loop (its
     # default on CPUs) two temporaries of one tensor at a time. None = foreach on NCCL clusters.
@@ -358,7 +362,8 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
         masters = 4.0 if options.mixed_precision else 0.0  # MasterWeights keeps every master whole
         optimizer = elements * (masters + (o_bytes - masters) / s.dp + 4.0 / s.dp)  # + the fp32 chunk
         states = s.dp
-    memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / states,
+    full_grads = s.zero2 and options.accumulating  # ZeRO-2's full gradients wait for the last micro-batch
+    memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / (1 if full_grads else states),
                          optimizer=optimizer, activations=kept, temp=temp,
                          step_temp=_step_temp(work, options, cluster) / states)
     if options.offload_optimizer:  # Plan._check_offload: sdp wherever dp > 1, so shard = the dp degree

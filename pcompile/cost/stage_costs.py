@@ -104,13 +104,16 @@ class StageCosts:
             self._classes[key] = self._class_ids.setdefault(ranks, len(self._class_ids))
         return self._classes[key]
 
-    def table(self, first: int, devices: int, microbatch: int, strategies: tuple) -> CostTable:
+    def table(self, first: int, devices: int, microbatch: int, strategies: tuple,
+              accumulating: bool = False) -> CostTable:
+        """The CostTable of the stage of `devices` ranks from `first` at this micro-batch size;
+        `accumulating`: several micro-batches per step (CostOptions.accumulating)."""
         if first + devices > self.cluster.num_devices:
             raise PcompileError(f"a stage of {devices} devices from rank {first} does not fit the cluster's "
                                 f"{self.cluster.num_devices} devices", "lower devices_per_stage or first_rank")
-        key = (self.stage_class(first, devices), microbatch, strategies)
+        key = (self.stage_class(first, devices), microbatch, strategies, accumulating)
         if key not in self._tables:
-            self._tables[key] = self._build(first, devices, microbatch, strategies)
+            self._tables[key] = self._build(first, devices, microbatch, strategies, accumulating)
         return self._tables[key]
 
     def layout(self, first: int, s) -> StageLayout:
@@ -119,8 +122,8 @@ class StageCosts:
             self._layouts[key] = stage_layout(self.cluster, first, s)
         return self._layouts[key]
 
-    def _build(self, first: int, devices: int, microbatch: int, strategies: tuple) -> CostTable:
-        options = dataclasses.replace(self.options, first_rank=first)
+    def _build(self, first: int, devices: int, microbatch: int, strategies: tuple, accumulating: bool) -> CostTable:
+        options = dataclasses.replace(self.options, first_rank=first, accumulating=accumulating)
         stage = self.stage_class(first, devices)
         L, S = len(self.layers), len(strategies)
         columns = np.zeros((S, L, 6))
@@ -128,7 +131,7 @@ class StageCosts:
             if not (s.num_devices == devices and microbatch % s.dp == 0):
                 columns[j, :, :3] = np.inf  # fwd, bwd, sync: impossible; memory 0
                 continue
-            key = (stage, microbatch, s)
+            key = (stage, microbatch, s, accumulating and s.zero2)  # accumulation changes ZeRO-2's price only
             if key not in self._columns:
                 self._columns[key] = self._column(first, s, microbatch, options)
             columns[j] = self._columns[key]

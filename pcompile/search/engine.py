@@ -51,6 +51,7 @@ class StageQuery:
     devices_per_stage: int
     microbatch_size: int  # samples per micro-batch (the whole stage's; a layer's dp ranks split it)
     strategies: tuple[Strategy, ...]
+    microbatches: int = 1  # per step: gradients accumulate over them when > 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ class SearchContext:
             strategies = _strategies(d, p.devices_per_node, mb, p.space, p.rules)
             tables = None
             if strategies:
-                tables = [p.cost(StageQuery(setting.pp, k, k * d, d, mb, strategies)) for k in range(setting.pp)]
+                tables = [p.cost(StageQuery(setting.pp, k, k * d, d, mb, strategies, setting.microbatches))
+                          for k in range(setting.pp)]
                 for t in tables:
                     if t.strategies != strategies or t.layers != p.layers:
                         raise PcompileError("the cost callback returned a table for other layers or strategies "

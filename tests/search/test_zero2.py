@@ -5,6 +5,7 @@ not overlapped); the search space lists it; and the search picks it where plain 
 fit and ZeRO-3's per-step gathers cost more, and not where dp fits."""
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -64,6 +65,35 @@ def test_zero2_layer_price():
     assert z2.memory.temp - dp.memory.temp == 3 * elements * 4  # a bucket filling, two in flight
     mixed = layer_cost(work, cluster, Strategy(dp=4, zero2=True), 8, 8, CostOptions.runtime(mixed_precision=True))
     assert mixed.memory.optimizer == elements * (4 + 8 / 4 + 4 / 4)  # fp32 masters stay whole
+
+
+def test_zero2_under_accumulation_holds_every_full_gradient():
+    """With several micro-batches per step ZeRO-2 reduce-scatters after the last one
+    (pcompile.runtime.zero2: each parameter's expected accumulations, backends/pipeline.py): until
+    then its layers hold their full gradients, as dp does, and the price says so - the table of a
+    setting with m > 1, and a plan's price (GPT-3 175B's pinned plan was 43 GB per rank short)."""
+    ir = analyse(OneLinear(64, 64), (torch.randn(8, 64), torch.randn(8, 64)))[0]
+    work = next(w for w in layer_work(ir, 1).values() if sum(w.param_numels))
+    cluster = pcompile.Cluster.local(4)
+    one, many = (layer_cost(work, cluster, Strategy(dp=4, zero2=True), 8, 8, CostOptions(accumulating=a))
+                 for a in (False, True))
+    plain = layer_cost(work, cluster, Strategy(dp=4), 8, 8, CostOptions(accumulating=True))
+    assert many.memory.grads == plain.memory.grads == 4 * one.memory.grads
+    assert many.memory.optimizer == one.memory.optimizer  # the states stay sharded
+    sharded = layer_cost(work, cluster, Strategy(dp=4, sdp=True), 8, 8, CostOptions(accumulating=True))
+    assert sharded.memory.grads == plain.memory.grads / 4  # ZeRO-3 reduce-scatters every micro-batch
+
+    from pcompile.cost.plan_price import _tables
+    from pcompile.cost.stage_costs import StageCosts
+
+    cfg = GPTConfig(num_layers=2, hidden=64, num_heads=4, seq_len=32)
+    model, inputs = GPT(cfg), gpt_inputs(cfg, 16)
+    ir = pcompile.compile(model, cluster, inputs, plan=Plan.uniform(dp=4), stop_after="layers")
+    costs, z2 = StageCosts(ir, cluster, CostOptions.runtime()), Strategy(dp=4, zero2=True)
+    states = [_tables(ir, costs, dataclasses.replace(Plan.uniform(dp=4, zero2=True), num_microbatches=m), 8, (z2,))[0]
+              .state_memory[:, 0].sum() for m in (1, 2)]  # the micro-batch size alike: only m differs
+    grads = sum(p.numel() for p in model.parameters()) * 4
+    assert math.isclose(states[1] - states[0], grads * (1 - 1 / 4), rel_tol=0.02), (states, grads)
 
 
 @pytest.fixture(scope="module")
