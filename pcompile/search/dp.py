@@ -450,7 +450,30 @@ class SettingSolver:
                 return math.inf
             low = self.fixed_lower(segments, math.nextafter(bound, math.inf))
             return math.inf if low > bound else low
+        if not self._covers(bound):
+            return math.inf
         return float(self._partition(bound, exact=False)[0][-1])
+
+    def _covers(self, bound: float) -> bool:
+        """Whether stages whose lower bounds (sends included) are each <= `bound` can cover the
+        layers when a stage may be empty: a relaxation of _partition's, decided greedily (each
+        stage reaching as far as it can is exact: a segment's bound grows with its layers, so a
+        stage starting later reaches at least as far), in one scan per stage instead of the
+        partition DP's every start - False proves lower_bound > bound (most settings it cuts)."""
+        L, start = self.indexes[0].table.num_layers, 0
+        for index, solver, p2p in zip(self.indexes, self.solvers, self.p2p_list):
+            key, reach = 0, start
+            for j in range(start + 1, L + 1):
+                key = index.child(key, j - 1, FIRST if key == 0 else j - 2)
+                low = solver.lower(key)
+                if low > bound:
+                    break
+                if low + p2p[j - 1] <= bound:
+                    reach = j
+            start = reach
+            if start == L:
+                return True
+        return False
 
     def best(self, bound: float) -> SettingPlan | None:
         """The optimal plan of this setting if its value is <= bound (min-max partition DP)."""
