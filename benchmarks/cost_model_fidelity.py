@@ -195,7 +195,10 @@ def _measure_one(name: str, plan: Plan, warmup: int, steps: int, ms: float = 0.0
     tracker = _tracker()
     # the rank's modules: its graph, or its pipeline stages' graphs
     modules = [cm.gm] if cm._pipeline is None else cm._pipeline.modules
-    tracker.track_external(*modules, optimizer)
+    # and what the optimizer steps: ZeRO-2's chunks are parameters of no module (storages are
+    # counted once, so the modules' own parameters listed again change nothing)
+    stepped = torch.nn.ParameterList(p for group in optimizer.param_groups for p in group["params"])
+    tracker.track_external(*modules, stepped, optimizer)
     with tracker:
         step()
         tracker.reset_mod_stats()

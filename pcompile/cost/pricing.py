@@ -72,6 +72,7 @@ from pcompile.ir import IR
 from pcompile.mesh import regroup_groups, stage_groups
 from pcompile.plan import Estimate, Strategy
 from pcompile.runtime.buckets import GRAD_BUCKET_BYTES, bucket_ranges
+from pcompile.runtime.zero2 import IN_FLIGHT as ZERO2_IN_FLIGHT
 from pcompile.search.costtable import CostTable
 from pcompile.search.schedules import backward_peak
 
@@ -193,6 +194,10 @@ class LayerMemory:
     activations: float  # per in-flight micro-batch
     temp: float  # while the layer runs (forward or backward)
     step_temp: float = 0.0  # during the optimizer step
+    # the gradients appear during the layer's backward, as its activations go (ZeRO-3's and
+    # ZeRO-2's reduced shards in a step of one micro-batch), not from backward's start (the
+    # dp buckets) or the first micro-batch (accumulation): table_entries
+    grads_in_backward: bool = False
 
 
 # -- compute -------------------------------------------------------------------------------------
@@ -351,21 +356,27 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     kept = work.input_bytes * scale * act / (s.tp if s.sp else 1) if s.checkpoint else saved
     gathered = 0.0
     if s.sdp and s.dp > 1:  # one FSDP unit per layer; with split k, one 1/k slice of a Linear at a time
-        unit = max(work.largest_linear / s.split, elements - work.largest_linear) if s.split > 1 else elements
+        unit = max((n for n, _ in sdp_units(work, s.split)), default=0.0)
         # the previous unit's activations: the layer's, shared among its units
         gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp,
                                  freed=kept / max(len(sdp_units(work, s.split)), 1))
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
     optimizer, states = elements * o_bytes / shard, shard
-    if s.zero2 and s.dp > 1:  # full gradients of the bucket being filled, two buckets' rows in flight
-        temp += 3 * min(elements * 4.0, float(options.bucket_bytes or GRAD_BUCKET_BYTES))
+    if s.zero2 and s.dp > 1:
+        # the layer's full fp32 gradients as backward makes them (already in `grads` when they
+        # accumulate), and pcompile.runtime.zero2's IN_FLIGHT buckets' rows being reduce-scattered:
+        # those are earlier-finished layers' gradients, whose activations are gone - less the
+        # previous layer's (a layer's own, as for the neighbours' sizes)
+        bucket = min(elements * 4.0, float(options.bucket_bytes or GRAD_BUCKET_BYTES))
+        temp += (0.0 if options.accumulating else elements * 4.0) + max(ZERO2_IN_FLIGHT * bucket - kept, 0.0)
         masters = 4.0 if options.mixed_precision else 0.0  # MasterWeights keeps every master whole
         optimizer = elements * (masters + (o_bytes - masters) / s.dp + 4.0 / s.dp)  # + the fp32 chunk
         states = s.dp
     full_grads = s.zero2 and options.accumulating  # ZeRO-2's full gradients wait for the last micro-batch
     memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / (1 if full_grads else states),
                          optimizer=optimizer, activations=kept, temp=temp,
-                         step_temp=_step_temp(work, options, cluster) / states)
+                         step_temp=_step_temp(work, options, cluster) / states,
+                         grads_in_backward=(s.sdp or s.zero2) and s.dp > 1 and not options.accumulating)
     if options.offload_optimizer:  # Plan._check_offload: sdp wherever dp > 1, so shard = the dp degree
         sync += offload_time(elements / shard, p_bytes, devices)
         # every gradient leaves for the host as backward finishes it: one parameter's at a time
@@ -500,10 +511,20 @@ def table_entries(c: LayerCost, foreach: bool) -> tuple[float, float, float, flo
     tensor at a time it is a per-layer max, folded exactly into temp. Run foreach (every layer's
     at once, torch's default on GPUs) it is a sum over the stage, which the knapsack's single
     memory constraint cannot take as a max: it is charged with the states, over-charging a plan
-    by at most min(its activations + temp, the step's transient)."""
+    by at most min(its activations + temp, the step's transient).
+
+    Gradients that appear during the layer's backward (LayerMemory.grads_in_backward: one
+    micro-batch, so one set of activations in flight) are there only once the activations of
+    the layers after it are gone: walking backward, layer l's peak holds the gradients of l and
+    the layers after it and the activations of l and the layers before it, which is at most
+    sum_i max(act_i, grads_i) + min(act_l, grads_l): charged as the activations (max) and, for
+    the layer running, the transient (min) - exactly the walk's when they are the same size, and
+    never less than the optimizer step's sum of gradients."""
     m = c.memory
-    state = m.params + m.grads + m.optimizer + (m.step_temp if foreach else 0.0)
-    return c.fwd, c.bwd, c.sync, state, m.activations, m.temp if foreach else max(m.temp, m.step_temp)
+    late = m.grads if m.grads_in_backward else 0.0
+    state = m.params + m.grads - late + m.optimizer + (m.step_temp if foreach else 0.0)
+    act, temp = max(m.activations, late), m.temp + min(m.activations, late)
+    return c.fwd, c.bwd, c.sync, state, act, temp if foreach else max(temp, m.step_temp)
 
 
 def stage_memory_budget(cluster: Cluster, first_rank: int, devices: int) -> int:

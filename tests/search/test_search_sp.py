@@ -14,13 +14,13 @@ from tests.distributed.ranks import train_side_by_side
 # so its activation savings must outweigh them
 GPT_CFG = GPTConfig(num_layers=2, hidden=128, seq_len=128)
 TIGHT = 5 * 2**20  # activations must shrink: the search picks sp
-# without pipelining and ZeRO-3 (which shrinks the states instead: on this tiny model its
-# gathers are cheaper than sp's collectives)
-NO_PP_NO_SDP = {"pp_degrees": (1,), "sdp": (False,)}
+# without pipelining, ZeRO-3 and ZeRO-2 (which shrink the states and gradients instead: on this
+# tiny model their collectives are cheaper than sp's)
+NO_PP_NO_SDP = {"pp_degrees": (1,), "sdp": (False,), "zero2": (False,)}
 
 
 # a pipeline under tighter memory: sp inside its stages
-PIPELINED = (3 * 2**20, {"pp_degrees": (2,), "sdp": (False,)})
+PIPELINED = (3 * 2**20, {"pp_degrees": (2,), "sdp": (False,), "zero2": (False,)})
 
 
 def searched_sp_vs_serial(cases=((TIGHT, NO_PP_NO_SDP), PIPELINED), steps: int = 3) -> list[dict]:
