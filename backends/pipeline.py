@@ -26,7 +26,7 @@ loss layer's dp group; the step's loss counts are summed over the first layer's.
 Exactness. The schedule splits this rank's batch into n equal micro-batches; the last
 stage's output is the loss of its micro-batch (a mean over it), so the global loss is the
 mean of the n micro-batch losses: each micro-batch's backward starts from 1/n of its loss
-(`micro_batch_share`), so the summed micro-batch gradients are the mean's: both equal the
+(`LossRelay.loss_fn`), so the summed micro-batch gradients are the mean's: both equal the
 serial model's on the whole batch (for a loss that is a mean over equally many elements per
 micro-batch). A parameter tied between stages
 on different pp ranks (GPT's embedding = LM head) gets each copy's partial gradient; their
@@ -46,6 +46,7 @@ from pcompile.backends import batch_norm as batch_norms
 from pcompile.backends import expert_groups, layer_groups
 from pcompile.backends.devices import follow_device
 from pcompile.backends.groups import bind_axes, device_mesh
+from pcompile.backends.loss_relay import LossRelay, pp_line_group
 from pcompile.errors import PcompileError
 from pcompile.ir import IR, PipelineSplit
 from pcompile.plan import Plan
@@ -55,16 +56,6 @@ from pcompile.runtime.shards import gather_shards, take_shards
 
 AXES = ("pp", "dp", "tp")
 SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B}
-
-
-def micro_batch_share(n_microbatches: int):
-    """The schedule's loss_fn: the last stage already computed its micro-batch's loss (the model's
-    forward returns it); its share of the step's loss is 1/n of it. The schedule then sums the
-    micro-batches' gradients as they are (scale_grads=False) - not dividing .grad by n after the
-    step, which under mixed precision would miss the gradients already moved to the fp32 masters."""
-    def loss_fn(output: torch.Tensor, target) -> torch.Tensor:
-        return output / n_microbatches
-    return loss_fn
 
 
 def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None, group=None,
@@ -82,19 +73,22 @@ def broadcast_coalesced(tensors: list[torch.Tensor], src_rank: int | None = None
             offset += t.numel()
 
 
-def _without_side_effects(stage: PipelineStage) -> PipelineStage:
+def _without_side_effects(stage: PipelineStage, relay: LossRelay) -> PipelineStage:
     """A stage whose metadata inference (torch's pipelining runs the stage once on uninitialised
-    tensors of the micro-batch's shapes before the first step) leaves no trace: the module's
-    buffers (batch norm's running statistics and batch count) and the random streams are put
-    back as they were. Without it the garbage inputs reach the running statistics (NaN)."""
-    for name in ("_forward_metadata_inference", "_shape_inference"):  # torch 2.13's name, older ones'
+    tensors of the micro-batch's shapes before the first step, forward then backward) leaves no
+    trace: the module's buffers (batch norm's running statistics and batch count) and the random
+    streams are put back as they were, and the loss it computes on the last stage is not a
+    micro-batch's (relay.inferring). Without it the garbage inputs reach the running statistics
+    and the step's loss (NaN)."""
+    # torch 2.13's names, then older ones'
+    for name in ("_forward_metadata_inference", "_backward_metadata_inference", "_shape_inference"):
         infer = getattr(stage, name, None)
         if infer is None:
             continue
 
         def restored(*args, _infer=infer, **kwargs):
             buffers = [(b, b.detach().clone()) for b in stage.submod.buffers()]
-            with rng.untouched():
+            with rng.untouched(), relay.inferring():
                 try:
                     return _infer(*args, **kwargs)
                 finally:
@@ -170,13 +164,15 @@ class PipelineRuntime:
         # mixed groupings: each parameter summed over its own layer's dp group after the schedule (sync_grads)
         self._dp_sync = self._overlapped_dp(plan.num_microbatches) if self.dp > 1 and self.layout is None else None
         num_stages = len(split.stages)
-        self.stages = [_without_side_effects(PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"]))
-                       for m, s in zip(self.modules, mine)]
         self.is_last = any(s.index == num_stages - 1 for s in mine)
+        self.relay = LossRelay(plan.num_microbatches, pp_line_group(self.mesh.mesh, self.coords), self.is_last,
+                               device)
+        self.stages = [_without_side_effects(PipelineStage(m, s.index, num_stages, device, group=self.groups["pp"]),
+                                             self.relay) for m, s in zip(self.modules, mine)]
         schedule = SCHEDULES[plan.schedule]
         target = self.stages if plan.schedule == "Interleaved1F1B" else self.stages[0]
-        self.schedule = schedule(target, n_microbatches=plan.num_microbatches,
-                                 loss_fn=micro_batch_share(plan.num_microbatches), scale_grads=False)
+        self.schedule = schedule(target, n_microbatches=plan.num_microbatches, loss_fn=self.relay.loss_fn,
+                                 scale_grads=False)
 
     # -- groups ----------------------------------------------------------------------------
     def _tie_groups(self) -> list[tuple[str, dist.ProcessGroup | None]]:
@@ -279,12 +275,12 @@ class PipelineRuntime:
         last micro-batch's backward finishes each bucket); then, when `sync`, the tied weights' sums."""
         batch, kwargs = self._schedule_inputs(local_inputs)
         params = dict(self.named_parameters())
-        losses: list[torch.Tensor] = []
         if self._dp_sync is not None:
             self._dp_sync.begin(sync)
         if self.zero2 is not None:
             self.zero2.begin(sync)
-        self.schedule.step(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
+        self.relay.begin()
+        self.schedule.step(target=torch.zeros(batch, device=self.device), return_outputs=False,
                            **kwargs)  # under mixed precision: accumulated in the fp32 masters (precision.py)
         if self.zero2 is not None:  # its buckets reduce-scattered during the last micro-batch's backward
             self.zero2.finish()
@@ -296,15 +292,14 @@ class PipelineRuntime:
                 layer_groups.sync_grads(self.layout, ((n, p) for n, p in params.items() if n not in z2),
                                         self.ir.sdp_shardings, self.groups)
             self._sum_tied(params)  # a zero2 weight's chunks: the same piece on every pp rank holding it
-        return self._global_loss(losses)
+        return self._global_loss()
 
     def eval_step(self, local_inputs: tuple) -> torch.Tensor:
         """The schedule's forward of every micro-batch (no backward): the global loss."""
         batch, kwargs = self._schedule_inputs(local_inputs)
-        losses: list[torch.Tensor] = []
-        self.schedule.eval(target=torch.zeros(batch, device=self.device), losses=losses, return_outputs=False,
-                           **kwargs)
-        return self._global_loss(losses)
+        self.relay.begin()
+        self.schedule.eval(target=torch.zeros(batch, device=self.device), return_outputs=False, **kwargs)
+        return self._global_loss()
 
     def _sum_tied(self, params: dict) -> None:
         """A weight tied across stages on several pp ranks: the sum of its copies' gradients. The
@@ -326,13 +321,11 @@ class PipelineRuntime:
             return layer_groups.batch_group(self.layout, self.groups)
         return self.groups["dp"] if self.dp > 1 else None
 
-    def _global_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+    def _global_loss(self) -> torch.Tensor:
         """The mean of the micro-batch losses (the sum of their 1/n shares), from the last stage to
-        every pp rank (local rank i of each stage gets that of the last stage), over the loss
-        layer's dp group (of each stage: the same parts)."""
-        loss = (torch.stack([x.detach().float() for x in losses]).sum() if self.is_last
-                else torch.zeros((), device=self.device))
-        dist.broadcast(loss, group=self.groups["pp"], group_src=self.pp - 1)
+        every pp rank (local rank i of each stage gets that of the last stage: LossRelay, sent
+        during the drain), over the loss layer's dp group (of each stage: the same parts)."""
+        loss = self.relay.loss()
         if self.layout is not None:
             return layer_groups.global_loss(self.layout, loss, self.groups)
         if self.dp > 1:

@@ -35,11 +35,13 @@ batch_isend_irecv (its isend / irecv fast path would escape the delay).
 What pcompile issues that the native programs do not: dp / ZeRO-3, the masked-mean loss-count
 all-reduce (issued before the forward, waited where the loss divides: runtime.loss_counts) and
 the global-loss all-reduce (async, behind backward); pp, the broadcast of the loss from the last
-stage (torch's schedule leaves it there, synchronous: one L exposed).
-Measured at L = 30 on 2 cores, quiet (load 0.8-1.6), one run: ddp_latency_ratio 1.125 (was 1.22
-with the loss counts reduced synchronously before the forward) - pcompile exposes 24.7 ms of 4
-all-reduces against DDP's 11.0 ms of 2; fsdp_latency_ratio 0.925; pp_latency_ratio 1.098
-(pcompile +27 ms exposed: the loss broadcast).
+stage to every pp rank (torch's schedule leaves it there), sent as soon as the last micro-batch's
+loss is computed, under the drain (backends/loss_relay.py).
+Measured at L = 30 on 2 cores, 2026-12-07 (load 1.9-3.2), one run: ddp_latency_ratio 1.080 (was
+1.22 with the loss counts reduced synchronously before the forward) - pcompile exposes 27.3 ms of
+4 all-reduces against DDP's 17.3 ms of 2; fsdp_latency_ratio 0.930; pp_latency_ratio 1.105 with
+the loss broadcast after the schedule (+40 ms exposed), 1.008 with it under the drain (`--only
+pp4`, load 3.1-3.5: 228.3 vs 226.9 ms exposed).
 
 A step is forward + backward + gradient synchronisation + AdamW step on the same global
 batch, both programs built from the same seed (their first losses are printed as a check
