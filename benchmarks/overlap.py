@@ -13,7 +13,14 @@ receives asynchronous, the dp buckets with the last micro-batch's backward).
 
 What cannot be hidden, by construction: the transfer issued last in a step (the first
 layers' gradient bucket, issued when backward ends) and the pipeline's activations on the
-critical path of the schedule (a stage waits for its input).
+critical path of the schedule (a stage waits for its input). Nor latency beyond the compute
+there is to hide it behind: ZeRO-3 gathers one unit ahead (as FSDP2), so each gather hides
+behind one block's compute (~35 ms forward, ~70 backward here), and a 1F1B stage's send behind
+one micro-batch's. Measured 2026-12-07, quiet, 3 steps: at L = 100 ms (longer than a block)
+dp_hidden_pct=91.4 sdp_hidden_pct=53.8 pp_hidden_pct=36.9 - ZeRO-3 and the pipeline are then
+latency-bound (tL ~ the chain of gathers / sends, not t0 + it); at L = 20 ms (`--ms 20`, shorter
+than a block) dp_hidden_pct=93.4 sdp_hidden_pct=104.5 pp_hidden_pct=81.7 (ZeRO-3 over 100: the
+step's own time moves by more than what is left exposed).
 
 Usage: python benchmarks/overlap.py [--ms L] [--steps N]. Last line:
 dp_hidden_pct=... sdp_hidden_pct=... pp_hidden_pct=... (target >= 80 where the schedule allows it).
