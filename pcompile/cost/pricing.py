@@ -356,10 +356,11 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     kept = work.input_bytes * scale * act / (s.tp if s.sp else 1) if s.checkpoint else saved
     gathered = 0.0
     if s.sdp and s.dp > 1:  # one FSDP unit per layer; with split k, one 1/k slice of a Linear at a time
-        unit = max((n for n, _ in sdp_units(work, s.split)), default=0.0)
+        units = sdp_units(work, s.split)
+        unit = max((n for n, _ in units), default=0.0)
         # the previous unit's activations: the layer's, shared among its units
         gathered = sdp_transient(unit * p_bytes, unit * _sdp_grad_bytes(options), s.dp,
-                                 freed=kept / max(len(sdp_units(work, s.split)), 1))
+                                 freed=kept / max(len(units), 1))
     temp = 2 * work.largest_output * scale * act + gathered + (saved if s.checkpoint else 0.0)
     optimizer, states = elements * o_bytes / shard, shard
     if s.zero2 and s.dp > 1:
