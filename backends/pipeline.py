@@ -233,8 +233,10 @@ class PipelineRuntime:
                                                               self.masters.master(p)) for p in params], self.dp)
 
     def process_groups(self) -> list[dist.ProcessGroup]:
-        """Every group this rank created and belongs to: the mesh's axes and the tied weights'."""
-        return [g for g in [*self.groups.values(), *(group for _, group in self.tie_groups)] if g is not None]
+        """Every group this rank created and belongs to: the mesh's axes, the tied weights' and
+        the loss relay's."""
+        return [g for g in [*self.groups.values(), *(group for _, group in self.tie_groups), self.relay.group]
+                if g is not None]
 
     # -- parameters ------------------------------------------------------------------------
     def named_parameters(self):
