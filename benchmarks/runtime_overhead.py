@@ -37,11 +37,10 @@ all-reduce (issued before the forward, waited where the loss divides: runtime.lo
 the global-loss all-reduce (async, behind backward); pp, the broadcast of the loss from the last
 stage to every pp rank (torch's schedule leaves it there), sent as soon as the last micro-batch's
 loss is computed, under the drain (backends/loss_relay.py).
-Measured at L = 30 on 2 cores, 2026-12-07 (load 1.9-3.2), one run: ddp_latency_ratio 1.080 (was
-1.22 with the loss counts reduced synchronously before the forward) - pcompile exposes 27.3 ms of
-4 all-reduces against DDP's 17.3 ms of 2; fsdp_latency_ratio 0.930; pp_latency_ratio 1.105 with
-the loss broadcast after the schedule (+40 ms exposed), 1.008 with it under the drain (`--only
-pp4`, load 3.1-3.5: 228.3 vs 226.9 ms exposed).
+Measured at L = 30 on 2 cores, 2026-12-07 (load 0.6-2.1), one run: ddp_latency_ratio 1.048 (was
+1.22 with the loss counts reduced synchronously before the forward) - pcompile exposes 18.8 ms of
+4 all-reduces against DDP's 16.1 ms of 2; fsdp_latency_ratio 0.922; pp_latency_ratio 0.996
+(1.105 with the loss broadcast after the schedule: +40 ms exposed).
 
 A step is forward + backward + gradient synchronisation + AdamW step on the same global
 batch, both programs built from the same seed (their first losses are printed as a check
