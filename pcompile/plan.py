@@ -52,6 +52,11 @@ class Strategy:
                                 "(the ep groups lie inside the dp group)", "choose ep among the divisors of dp")
 
     @property
+    def sharded_grads(self) -> bool:
+        """ZeRO-3 or ZeRO-2 over dp > 1: gradients reduce-scattered into this rank's shards."""
+        return (self.sdp or self.zero2) and self.dp > 1
+
+    @property
     def num_devices(self) -> int:
         return self.dp * self.tp
 

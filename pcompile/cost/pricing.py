@@ -377,7 +377,7 @@ def layer_cost(work: LayerWork, cluster: Cluster, s: Strategy, microbatch: int, 
     memory = LayerMemory(params=elements * p_bytes / shard, grads=elements * g_bytes / (1 if full_grads else states),
                          optimizer=optimizer, activations=kept, temp=temp,
                          step_temp=_step_temp(work, options, cluster) / states,
-                         grads_in_backward=(s.sdp or s.zero2) and s.dp > 1 and not options.accumulating)
+                         grads_in_backward=s.sharded_grads and not options.accumulating)
     if options.offload_optimizer:  # Plan._check_offload: sdp wherever dp > 1, so shard = the dp degree
         sync += offload_time(elements / shard, p_bytes, devices)
         # every gradient leaves for the host as backward finishes it: one parameter's at a time

@@ -131,7 +131,7 @@ class StageCosts:
             if not (s.num_devices == devices and microbatch % s.dp == 0):
                 columns[j, :, :3] = np.inf  # fwd, bwd, sync: impossible; memory 0
                 continue
-            key = (stage, microbatch, s, accumulating and (s.zero2 or s.sdp))  # it changes ZeRO's price only
+            key = (stage, microbatch, s, accumulating and s.sharded_grads)  # it changes ZeRO's price only
             if key not in self._columns:
                 self._columns[key] = self._column(first, s, microbatch, options)
             columns[j] = self._columns[key]
